@@ -1,0 +1,1 @@
+"""serving — Redis-backed per-user parameters, ONNX Runtime scoring, HTTP service."""

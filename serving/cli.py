@@ -1,0 +1,50 @@
+"""The ``lrs-rec`` command line: a thin dispatcher.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Heavy dependencies (onnxruntime, uvicorn, redis) are imported inside ``run``, not at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help). Owners: training/* by the training pipeline, serving/* by serving.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cmd_train", "train a model from rating logs into a model directory"),
+    "evaluate": ("training.cmd_evaluate", "evaluate a model directory on held-out ratings"),
+    "export": ("training.export", "export the shared weights of a model directory to ONNX"),
+    "publish": ("serving.cmd_publish", "publish a model's per-user parameters to Redis"),
+    "serve": ("serving.cmd_serve", "run the HTTP recommendation service"),
+    "quickstart": ("serving.quickstart", "train, export, publish and serve built-in sample data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrs-rec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+        print(f"lrs-rec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

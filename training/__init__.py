@@ -1,0 +1,1 @@
+"""training — rating logs to an evaluated, versioned model directory."""

@@ -1,0 +1,251 @@
+"""The versioned model directory: the contract between training, export, serving and onboarding.
+
+Layout of ``MODEL_DIR``::
+
+    manifest.json   format_version, model_version, created_at, dims, hyperparameters, data, cleaning,
+                    metrics, rating_scale (+ privacy for DP models)
+    arrays.npz      U, W, B_idx, B_val, item_features, item_bias, user_bias, global_mean,
+                    w_prior_mean, w_prior_cov, history_indptr, history_items, history_ratings
+                    (np.savez, loaded with allow_pickle=False)
+    users.json      external user ids, position = dense user index
+    items.json      external item ids, position = dense item index
+    model.onnx      written by ``lrs-rec export`` (training.export)
+
+Prediction (the offline reference every fast path is compared with)::
+
+    r̂(u, i) = clip(μ + c_u + c_i + ⟨f_i, θ_u⟩, rating_min, rating_max),   θ_u = U·w_u + b_u
+
+with f_i the item feature row, c_u / c_i the user / item biases. The population (non-personalised)
+model for an unknown user uses c_u = 0 and θ = U·w̄ (w̄ = ``w_prior_mean``); an unknown item uses
+c_i = 0 and f_i = 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrs_rec.model import LRSModel
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.npz"
+USERS = "users.json"
+ITEMS = "items.json"
+ONNX = "model.onnx"
+
+_ARRAY_FIELDS = (
+    "item_features", "item_bias", "user_bias", "w_prior_mean", "w_prior_cov",
+    "history_indptr", "history_items", "history_ratings",
+)
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, corrupt, or of another format version."""
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedModel:
+    """Everything a trained lrs-rec model releases or serves. Index spaces: users and items are dense
+    indices into ``user_ids`` / ``item_ids``."""
+
+    lrs: LRSModel
+    item_features: np.ndarray  # (n_items, d)
+    item_bias: np.ndarray  # (n_items,)
+    user_bias: np.ndarray  # (n_users,)
+    global_mean: float
+    user_ids: tuple[str, ...]
+    item_ids: tuple[str, ...]
+    w_prior_mean: np.ndarray  # (r,)  population mean of w (onboarding prior, population model)
+    w_prior_cov: np.ndarray  # (r, r) population covariance of w
+    history_indptr: np.ndarray  # (n_users + 1,) CSR of each user's training ratings
+    history_items: np.ndarray  # (nnz,) item indices
+    history_ratings: np.ndarray  # (nnz,) raw ratings
+    rating_min: float
+    rating_max: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_users, n_items = self.lrs.n_users, len(self.item_ids)
+        d, r = self.lrs.d, self.lrs.rank
+        checks = {
+            "user_ids": (len(self.user_ids), n_users),
+            "item_features rows": (self.item_features.shape[0], n_items),
+            "item_features cols": (self.item_features.shape[1], d),
+            "item_bias": (self.item_bias.shape[0], n_items),
+            "user_bias": (self.user_bias.shape[0], n_users),
+            "w_prior_mean": (self.w_prior_mean.shape[0], r),
+            "history_indptr": (self.history_indptr.shape[0], n_users + 1),
+        }
+        for name, (got, want) in checks.items():
+            if got != want:
+                raise ModelDirError(f"{name}: length {got} does not match expected {want}")
+        if self.w_prior_cov.shape != (r, r):
+            raise ModelDirError(f"w_prior_cov must be ({r}, {r}), got {self.w_prior_cov.shape}")
+        if not self.rating_min < self.rating_max:
+            raise ModelDirError(f"rating scale [{self.rating_min}, {self.rating_max}] is empty")
+
+    # -- convenience ------------------------------------------------------------------------------
+    @property
+    def n_users(self) -> int:
+        return self.lrs.n_users
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest.get("model_version", ""))
+
+    def user_index(self) -> dict[str, int]:
+        return {u: i for i, u in enumerate(self.user_ids)}
+
+    def item_index(self) -> dict[str, int]:
+        return {it: i for i, it in enumerate(self.item_ids)}
+
+    def user_history(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = int(self.history_indptr[u]), int(self.history_indptr[u + 1])
+        return self.history_items[lo:hi], self.history_ratings[lo:hi]
+
+    def population_theta(self) -> np.ndarray:
+        """θ of the non-personalised population model: U·w̄."""
+        return np.asarray(self.lrs.U @ self.w_prior_mean, dtype=np.float64)
+
+    # -- reference prediction ---------------------------------------------------------------------
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Reference predictions for (user index, item index) pairs; index -1 means unknown."""
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if users.shape != items.shape:
+            raise ValueError(f"users {users.shape} and items {items.shape} must have the same shape")
+        known_u, known_i = users >= 0, items >= 0
+        theta = np.empty((users.size, self.lrs.d))
+        theta[known_u] = self.lrs.theta_rows(users[known_u])
+        theta[~known_u] = self.population_theta()
+        feats = np.zeros((items.size, self.lrs.d))
+        feats[known_i] = self.item_features[items[known_i]]
+        pred = self.global_mean + np.einsum("nd,nd->n", feats, theta)
+        pred[known_u] += self.user_bias[users[known_u]]
+        pred[known_i] += self.item_bias[items[known_i]]
+        return np.clip(pred, self.rating_min, self.rating_max)
+
+
+def new_model_version(arrays_digest: str) -> str:
+    """A sortable, unique model version id: UTC timestamp + content digest prefix."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + arrays_digest[:10]
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> TrainedModel:
+    """Write ``model`` to ``out_dir`` atomically (a temp dir renamed into place).
+
+    Fills ``format_version``, ``model_version`` (if absent), ``created_at`` and ``dims`` in the
+    manifest; returns the model with the manifest as written. An existing ``out_dir`` is replaced.
+    """
+    out = Path(out_dir)
+    arrays: dict[str, np.ndarray] = dict(model.lrs.to_arrays())
+    for name in _ARRAY_FIELDS:
+        arrays[name] = np.asarray(getattr(model, name))
+    arrays["global_mean"] = np.asarray(model.global_mean, dtype=np.float64)
+    digest = _digest(arrays)
+    manifest = dict(model.manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest.setdefault("model_version", new_model_version(digest))
+    manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    manifest["arrays_sha256"] = digest
+    manifest["rating_scale"] = [model.rating_min, model.rating_max]
+    manifest["dims"] = {
+        "n_users": model.n_users, "n_items": model.n_items, "d": model.lrs.d,
+        "rank": model.lrs.rank, "sparsity": model.lrs.sparsity,
+        "params_per_user": model.lrs.rank + model.lrs.sparsity,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.savez(tmp / ARRAYS, **arrays)
+        (tmp / USERS).write_text(json.dumps(list(model.user_ids)))
+        (tmp / ITEMS).write_text(json.dumps(list(model.item_ids)))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TrainedModel(**{**_fields(model), "manifest": manifest})
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _fields(model: TrainedModel) -> dict[str, Any]:
+    return {f: getattr(model, f) for f in TrainedModel.__dataclass_fields__}
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: not a model directory ({MANIFEST} missing)")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{model_dir}: model directory format_version {version!r} is not supported by this "
+            f"lrs-rec (expects {FORMAT_VERSION}); retrain or convert the model"
+        )
+    return manifest
+
+
+def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
+    """Load a model directory written by :func:`save_model_dir` (format version checked)."""
+    root = Path(model_dir)
+    manifest = read_manifest(root)
+    try:
+        with np.load(root / ARRAYS, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        user_ids = tuple(str(u) for u in json.loads((root / USERS).read_text()))
+        item_ids = tuple(str(i) for i in json.loads((root / ITEMS).read_text()))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"{model_dir}: cannot read model arrays/vocabularies: {e}") from e
+    missing = ({"U", "W", "B_idx", "B_val", "global_mean"} | set(_ARRAY_FIELDS)) - set(arrays)
+    if missing:
+        raise ModelDirError(f"{root / ARRAYS}: missing arrays {sorted(missing)}")
+    lo, hi = manifest["rating_scale"]
+    return TrainedModel(
+        lrs=LRSModel.from_arrays(arrays),
+        **{name: arrays[name] for name in _ARRAY_FIELDS},
+        global_mean=float(arrays["global_mean"]),
+        user_ids=user_ids,
+        item_ids=item_ids,
+        rating_min=float(lo),
+        rating_max=float(hi),
+        manifest=manifest,
+    )

@@ -52,8 +52,9 @@ class LRSModel:
         if B_idx.shape[1] > d:
             raise ValueError(f"sparsity k={B_idx.shape[1]} exceeds dimension d={d}")
         if B_idx.size and (B_idx.min() < 0 or B_idx.max() >= d):
-            raise ValueError(f"B_idx entries must lie in [0, {d}), got range "
-                             f"[{B_idx.min()}, {B_idx.max()}]")
+            raise ValueError(
+                f"B_idx entries must lie in [0, {d}), got range [{B_idx.min()}, {B_idx.max()}]"
+            )
         for name, arr in (("U", U), ("W", W), ("B_val", B_val)):
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{name} contains NaN or inf")
@@ -96,9 +97,12 @@ class LRSModel:
         """θ_u for the given users only, shape (len(users), d)."""
         users = np.asarray(users, dtype=np.int64)
         out = self.W[users] @ self.U.T
-        np.put_along_axis(out, self.B_idx[users],
-                          np.take_along_axis(out, self.B_idx[users], axis=1) + self.B_val[users],
-                          axis=1)
+        np.put_along_axis(
+            out,
+            self.B_idx[users],
+            np.take_along_axis(out, self.B_idx[users], axis=1) + self.B_val[users],
+            axis=1,
+        )
         return out
 
     def predict(self, X: FloatArray, users: IntArray) -> FloatArray:
@@ -110,11 +114,14 @@ class LRSModel:
         if users.shape != (X.shape[0],):
             raise ValueError(f"users must be ({X.shape[0]},) to match X, got shape {users.shape}")
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
-            raise ValueError(f"user ids must lie in [0, {self.n_users}), got range "
-                             f"[{users.min()}, {users.max()}]")
+            raise ValueError(
+                f"user ids must lie in [0, {self.n_users}), got range "
+                f"[{users.min()}, {users.max()}]"
+            )
         low_rank = np.einsum("nd,dr,nr->n", X, self.U, self.W[users])
-        sparse = np.einsum("nk,nk->n", np.take_along_axis(X, self.B_idx[users], axis=1),
-                           self.B_val[users])
+        sparse = np.einsum(
+            "nk,nk->n", np.take_along_axis(X, self.B_idx[users], axis=1), self.B_val[users]
+        )
         return np.asarray(low_rank + sparse, dtype=np.float64)
 
     # -- persistence (npz, never pickle) ------------------------------------------------------------
@@ -130,15 +137,17 @@ class LRSModel:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to ``path`` as an uncompressed ``.npz`` (no pickled objects)."""
-        np.savez(path, format=np.array(NPZ_FORMAT), **self.to_arrays())
+        np.savez(path, format=np.array(NPZ_FORMAT), **self.to_arrays())  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LRSModel:
         with np.load(path, allow_pickle=False) as z:
             fmt = str(z["format"]) if "format" in z.files else "<none>"
             if fmt != NPZ_FORMAT:
-                raise ValueError(f"{os.fspath(path)}: not an LRSModel file of format {NPZ_FORMAT!r} "
-                                 f"(found {fmt!r})")
+                raise ValueError(
+                    f"{os.fspath(path)}: not an LRSModel file of format {NPZ_FORMAT!r} "
+                    f"(found {fmt!r})"
+                )
             return cls.from_arrays({name: z[name] for name in ("U", "W", "B_idx", "B_val")})
 
     @classmethod

@@ -78,9 +78,7 @@ def hard_threshold_reference(
     return np.array(out)
 
 
-def enforce_row_sparsity(
-    B_idx: IntArray, B_val: FloatArray, *, zeta: int, d: int
-) -> FloatArray:
+def enforce_row_sparsity(B_idx: IntArray, B_val: FloatArray, *, zeta: int, d: int) -> FloatArray:
     """Enforce Assumption A1's row sparsity: each coordinate j in [d] is used by at most ``zeta`` users.
 
     For every coordinate, the ``zeta`` users with the largest ``|b_u[j]|`` keep their value; the others'

@@ -13,5 +13,7 @@ ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-10
 def ml100k_dir() -> Path:
     """Path of MovieLens 100K (never copied into the project); skips when absent."""
     if not (ML100K / "u1.base").is_file():
-        pytest.skip(f"MovieLens 100K not found at {ML100K} (tests marked ml100k need ../shared/data)")
+        pytest.skip(
+            f"MovieLens 100K not found at {ML100K} (tests marked ml100k need ../shared/data)"
+        )
     return ML100K

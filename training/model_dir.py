@@ -44,8 +44,14 @@ ITEMS = "items.json"
 ONNX = "model.onnx"
 
 _ARRAY_FIELDS = (
-    "item_features", "item_bias", "user_bias", "w_prior_mean", "w_prior_cov",
-    "history_indptr", "history_items", "history_ratings",
+    "item_features",
+    "item_bias",
+    "user_bias",
+    "w_prior_mean",
+    "w_prior_cov",
+    "history_indptr",
+    "history_items",
+    "history_ratings",
 )
 
 
@@ -115,7 +121,7 @@ class TrainedModel:
 
     def user_history(self, u: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = int(self.history_indptr[u]), int(self.history_indptr[u + 1])
-        return self.history_items[lo:hi], self.history_ratings[lo:hi]
+        return np.asarray(self.history_items[lo:hi]), np.asarray(self.history_ratings[lo:hi])
 
     def population_theta(self) -> np.ndarray:
         """θ of the non-personalised population model: U·w̄."""
@@ -127,7 +133,9 @@ class TrainedModel:
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         if users.shape != items.shape:
-            raise ValueError(f"users {users.shape} and items {items.shape} must have the same shape")
+            raise ValueError(
+                f"users {users.shape} and items {items.shape} must have the same shape"
+            )
         known_u, known_i = users >= 0, items >= 0
         theta = np.empty((users.size, self.lrs.d))
         theta[known_u] = self.lrs.theta_rows(users[known_u])
@@ -175,17 +183,22 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
     manifest["arrays_sha256"] = digest
     manifest["rating_scale"] = [model.rating_min, model.rating_max]
     manifest["dims"] = {
-        "n_users": model.n_users, "n_items": model.n_items, "d": model.lrs.d,
-        "rank": model.lrs.rank, "sparsity": model.lrs.sparsity,
+        "n_users": model.n_users,
+        "n_items": model.n_items,
+        "d": model.lrs.d,
+        "rank": model.lrs.rank,
+        "sparsity": model.lrs.sparsity,
         "params_per_user": model.lrs.rank + model.lrs.sparsity,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        np.savez(tmp / ARRAYS, **arrays)
+        np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
         (tmp / USERS).write_text(json.dumps(list(model.user_ids)))
         (tmp / ITEMS).write_text(json.dumps(list(model.item_ids)))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
+        (tmp / MANIFEST).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

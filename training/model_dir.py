@@ -145,7 +145,7 @@ class TrainedModel:
         pred = self.global_mean + np.einsum("nd,nd->n", feats, theta)
         pred[known_u] += self.user_bias[users[known_u]]
         pred[known_i] += self.item_bias[items[known_i]]
-        return np.clip(pred, self.rating_min, self.rating_max)
+        return np.asarray(np.clip(pred, self.rating_min, self.rating_max), dtype=np.float64)
 
 
 def new_model_version(arrays_digest: str) -> str:

@@ -1,0 +1,360 @@
+"""User-level DP for the U-step of AMHT-LRS (paper Sec. 2.2, Eq. 7–8): clipping, sensitivities, noisy
+sufficient statistics. Pure numpy; the accounting (dp_accounting) lives in ``training.private_accounting``.
+
+Neighbouring relation (``NEIGHBOURING``): two datasets are neighbours when one is the other plus or minus
+ALL the data of one user (add/remove one user). A mechanism's L2 sensitivity below is therefore the largest
+L2 (Frobenius) norm of ONE user's whole contribution to the released statistic.
+
+Clipping (paper Sec. 2.2): covariates x̂ = clip(x, A1), responses ŷ = clip(y, A2),
+⟨x, b_u⟩ clipped to A3, ŵ_u = clip(w_u, A_w), and at most ``m = max_samples_per_user`` samples of each user
+enter the statistics (``cap_samples_per_user``; a user's other samples are still used for that user's own
+w_u, b_u, which are never released). One user's contribution to Eq. 7–8 is then
+
+    A_u = Σ_j (x̂_j x̂_jᵀ) ⊗ (ŵ ŵᵀ)        ‖A_u‖_F ≤ ‖ŵ‖² Σ_j ‖x̂_j‖²          ≤ m·A1²·A_w²
+    V_u = Σ_j x̂_j (ŷ_j − ĉ_j) ŵᵀ          ‖V_u‖_F ≤ Σ_j ‖x̂_j‖ |ŷ_j − ĉ_j| ‖ŵ‖ ≤ m·A1·(A2 + A3)·A_w
+
+(general covariates, ``u_step_sensitivities(one_hot=False)``). With one-hot item covariates x_j = e_{i_j}
+and DISTINCT items per user, X̂_uᵀX̂_u is a 0/1 diagonal with ≤ m ones, so the bounds tighten to
+‖A_u‖_F ≤ √m·A_w² and ‖V_u‖_F ≤ √m·(A2 + A3)·A_w (``one_hot=True``), and A is block-diagonal with one
+r×r block per item: only those blocks are data-dependent and noised (as in private ALS, Chien et al. 2021).
+
+Vectorisation convention: vec(U) is row-major (index i·r + a), so ⟨x, U w⟩ = ⟨vec U, x ⊗ w⟩ and
+A = Σ_j (x̂_j ⊗ ŵ_j)(x̂_j ⊗ ŵ_j)ᵀ — the paper's ŵŵᵀ ⊗ Σx̂x̂ᵀ in column-major order. A is symmetric; its
+noise N1 is drawn i.i.d. on the upper triangle (incl. diagonal) and mirrored, so the released object is
+the noised upper triangle, whose sensitivity is ≤ ‖A_u‖_F.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrs_rec._types import FloatArray, IntArray
+
+NEIGHBOURING = "add_remove_user"
+"""Neighbouring relation of every guarantee in this module: add or remove all data of one user."""
+
+
+# -- clipping (paper Sec. 2.2: clip(v, ρ) = v·min{1, ρ/‖v‖}) ---------------------------------------------
+def clip_scalar(x: FloatArray, bound: float) -> FloatArray:
+    """Elementwise clip(x, ρ) = x·min{1, ρ/|x|}, i.e. clip to [−ρ, ρ]."""
+    _check_positive(bound=bound)
+    return np.asarray(np.clip(np.asarray(x, dtype=np.float64), -bound, bound), dtype=np.float64)
+
+
+def clip_rows(X: FloatArray, bound: float) -> FloatArray:
+    """Scale each row of X (N, d) to L2 norm ≤ ``bound``: clip(x, ρ) = x·min{1, ρ/‖x‖₂}."""
+    _check_positive(bound=bound)
+    X = np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(X, axis=-1, keepdims=True)
+    scale = np.minimum(1.0, bound / np.maximum(norms, np.finfo(np.float64).tiny))
+    return np.asarray(X * scale, dtype=np.float64)
+
+
+def clip_rows_reference(X: FloatArray, bound: float) -> FloatArray:
+    """Slow, obvious twin of :func:`clip_rows` (one row at a time)."""
+    out = np.array(X, dtype=np.float64, copy=True)
+    for j in range(out.shape[0]):
+        n = float(np.sqrt(np.sum(out[j] ** 2)))
+        if n > bound:
+            out[j] = out[j] * (bound / n)
+    return out
+
+
+# -- bounds and sensitivities --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipBounds:
+    """Clipping parameters of DP-AMHT-LRS (paper Sec. 2.2) and the per-user sample cap m."""
+
+    A1: float = 1.0  # covariate L2 norm
+    A2: float = 1.0  # |response|
+    A3: float = 1.0  # |⟨x, b_u⟩|
+    A_w: float = 1.0  # ‖w_u‖₂
+    max_samples_per_user: int = 50  # m: samples of one user entering A and V
+
+    def __post_init__(self) -> None:
+        _check_positive(A1=self.A1, A2=self.A2, A3=self.A3, A_w=self.A_w)
+        if (
+            int(self.max_samples_per_user) != self.max_samples_per_user
+            or self.max_samples_per_user < 1
+        ):
+            raise ValueError(
+                f"max_samples_per_user must be a positive integer, got {self.max_samples_per_user!r}"
+            )
+
+
+def u_step_sensitivities(bounds: ClipBounds, *, one_hot: bool) -> tuple[float, float]:
+    """L2 sensitivities (Δ_A, Δ_V) of the U-step statistics A, V under add/remove-one-user.
+
+    General covariates: Δ_A = m·A1²·A_w², Δ_V = m·A1·(A2 + A3)·A_w (Eq. 7–8, the paper's noise scales).
+    One-hot item covariates with distinct items per user (A1 = 1): Δ_A = √m·A_w², Δ_V = √m·(A2 + A3)·A_w.
+    """
+    m, b = float(bounds.max_samples_per_user), bounds
+    if one_hot:
+        if b.A1 != 1.0:
+            raise ValueError(f"one-hot covariates have norm 1: A1 must be 1.0, got {b.A1}")
+        return math.sqrt(m) * b.A_w**2, math.sqrt(m) * (b.A2 + b.A3) * b.A_w
+    return m * b.A1**2 * b.A_w**2, m * b.A1 * (b.A2 + b.A3) * b.A_w
+
+
+def item_sum_sensitivities(*, A2: float, max_samples_per_user: int) -> tuple[float, float]:
+    """(Δ_S, Δ_N) of the per-item weighted residual sums S and weighted counts N of
+    :func:`item_sum_statistics` (distinct items per user): one user's vectors have L2 norms
+    ≤ s_u·√n_u·A2 ≤ √m·A2 and ≤ s_u·√n_u ≤ √m, with s_u = min(1, √(m/n_u))."""
+    _check_positive(A2=A2)
+    m = float(max_samples_per_user)
+    return math.sqrt(m) * A2, math.sqrt(m)
+
+
+# -- per-user caps -------------------------------------------------------------------------------------
+def cap_samples_per_user(users: IntArray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask keeping at most ``m`` samples of each user, chosen uniformly at random.
+
+    The choice for one user depends only on that user's own samples and ``rng``."""
+    users = np.asarray(users, dtype=np.int64)
+    order = rng.permutation(users.size)
+    # stable sort by user of a random permutation = random order within each user
+    by_user = order[np.argsort(users[order], kind="stable")]
+    u_sorted = users[by_user]
+    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1]
+    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
+    keep = np.zeros(users.size, dtype=bool)
+    keep[by_user[rank < m]] = True
+    return keep
+
+
+def user_weights(n_per_user: IntArray, m: int) -> FloatArray:
+    """s_u = min(1, √(m / n_u)): down-weights a user with n_u > m samples so that
+    s_u·√n_u ≤ √m (used instead of dropping samples by :func:`item_sum_statistics`)."""
+    n = np.asarray(n_per_user, dtype=np.float64)
+    return np.asarray(np.minimum(1.0, np.sqrt(m / np.maximum(n, 1.0))), dtype=np.float64)
+
+
+def check_samples_per_user(users: IntArray, m: int) -> None:
+    """The sensitivities assume at most m samples per user (apply :func:`cap_samples_per_user`)."""
+    counts = np.bincount(np.asarray(users, dtype=np.int64))
+    if counts.size and counts.max() > m:
+        worst = int(np.argmax(counts))
+        raise ValueError(
+            f"user index {worst} has {int(counts.max())} samples but max_samples_per_user is {m}: "
+            "cap them with cap_samples_per_user first"
+        )
+
+
+def check_distinct_user_items(users: IntArray, items: IntArray) -> None:
+    """One-hot sensitivities assume each (user, item) pair occurs at most once."""
+    pairs = np.stack([np.asarray(users, np.int64), np.asarray(items, np.int64)], axis=1)
+    uniq = np.unique(pairs, axis=0)
+    if uniq.shape[0] != pairs.shape[0]:
+        raise ValueError(
+            f"{pairs.shape[0] - uniq.shape[0]} duplicate (user, item) pairs: keep one rating per "
+            "user and item before private training"
+        )
+
+
+# -- clipped U-step statistics (Eq. 7–8 without noise) ------------------------------------------------
+def clipped_u_step_statistics(
+    X: FloatArray,
+    y: FloatArray,
+    xb: FloatArray,
+    users: IntArray,
+    W: FloatArray,
+    bounds: ClipBounds,
+) -> tuple[FloatArray, FloatArray]:
+    """A (d·r × d·r) and V (d × r) of Eq. 7–8 over the given samples (already capped to m per user),
+    before noise and before the 1/(mt) scaling (a constant that does not change the solution).
+
+    ``xb[j]`` is ⟨x_j, b_{u_j}⟩ (clipped here to A3); ``W`` is (n_users, r) (rows clipped to A_w).
+    """
+    check_samples_per_user(users, bounds.max_samples_per_user)
+    Xc = clip_rows(X, bounds.A1)
+    t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
+    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
+    N, d = Xc.shape
+    r = Wc.shape[1]
+    Z = (Xc[:, :, None] * Wc[:, None, :]).reshape(N, d * r)  # rows x̂_j ⊗ ŵ_{u_j}
+    A = Z.T @ Z
+    V = (Z.T @ t).reshape(d, r)
+    return np.asarray(A, dtype=np.float64), np.asarray(V, dtype=np.float64)
+
+
+def user_contribution_reference(
+    X: FloatArray, y: FloatArray, xb: FloatArray, w: FloatArray, bounds: ClipBounds
+) -> tuple[FloatArray, FloatArray]:
+    """Slow, obvious twin: one user's (A_u, V_u) exactly as Eq. 7–8 write them (row-major vec)."""
+    Xc = clip_rows_reference(np.atleast_2d(X), bounds.A1)
+    wc = clip_rows_reference(np.asarray(w, dtype=np.float64)[None, :], bounds.A_w)[0]
+    d, r = Xc.shape[1], wc.shape[0]
+    S = np.zeros((d, d))
+    V = np.zeros((d, r))
+    for j in range(Xc.shape[0]):
+        S += np.outer(Xc[j], Xc[j])
+        yj = min(max(float(y[j]), -bounds.A2), bounds.A2)
+        cj = min(max(float(xb[j]), -bounds.A3), bounds.A3)
+        V += np.outer(Xc[j], wc) * (yj - cj)
+    return np.asarray(np.kron(S, np.outer(wc, wc)), dtype=np.float64), V
+
+
+def clipped_item_block_statistics(
+    items: IntArray,
+    y: FloatArray,
+    xb: FloatArray,
+    users: IntArray,
+    W: FloatArray,
+    n_items: int,
+    bounds: ClipBounds,
+) -> tuple[FloatArray, FloatArray]:
+    """Eq. 7–8 for one-hot item covariates: the r×r diagonal blocks A_i = Σ_{u rated i} ŵ_u ŵ_uᵀ,
+    shape (n_items, r, r), and the rows V_i = Σ_{u rated i} (ŷ_ui − ĉ_ui) ŵ_u, shape (n_items, r).
+    All off-diagonal blocks of A are structurally zero whatever the data."""
+    items = np.asarray(items, dtype=np.int64)
+    check_samples_per_user(users, bounds.max_samples_per_user)
+    check_distinct_user_items(users, items)
+    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
+    t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
+    r = Wc.shape[1]
+    outer = (Wc[:, :, None] * Wc[:, None, :]).reshape(-1, r * r)
+    A = np.zeros((n_items, r * r))
+    np.add.at(A, items, outer)
+    V = np.zeros((n_items, r))
+    np.add.at(V, items, Wc * t[:, None])
+    return A.reshape(n_items, r, r), V
+
+
+def item_sum_statistics(
+    items: IntArray,
+    residual: FloatArray,
+    users: IntArray,
+    n_items: int,
+    *,
+    A2: float,
+    max_samples_per_user: int,
+) -> tuple[FloatArray, FloatArray]:
+    """Per-item sums S_i = Σ_u s_u·clip(res_ui, A2) and weighted counts N_i = Σ_u s_u over the users who
+    rated i, with s_u = min(1, √(m/n_u)) (see :func:`item_sum_sensitivities`). Items must be distinct
+    per user."""
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    n_u = np.bincount(users)
+    s = user_weights(n_u, max_samples_per_user)[users]
+    S = np.bincount(items, weights=s * clip_scalar(residual, A2), minlength=n_items)
+    N = np.bincount(items, weights=s, minlength=n_items)
+    return np.asarray(S, dtype=np.float64), np.asarray(N, dtype=np.float64)
+
+
+# -- Gaussian noise ------------------------------------------------------------------------------------
+def gaussian_noise(
+    shape: tuple[int, ...], *, sensitivity: float, noise_multiplier: float, rng: np.random.Generator
+) -> FloatArray:
+    """i.i.d. N(0, (z·Δ)²) noise; z = ``noise_multiplier`` = noise std / L2 sensitivity."""
+    _check_nonnegative(sensitivity=sensitivity, noise_multiplier=noise_multiplier)
+    return np.asarray(rng.normal(0.0, noise_multiplier * sensitivity, size=shape), dtype=np.float64)
+
+
+def symmetric_gaussian_noise(
+    n: int, *, sensitivity: float, noise_multiplier: float, rng: np.random.Generator, batch: int = 0
+) -> FloatArray:
+    """Symmetric (n × n) noise (or (batch, n, n) when batch > 0): i.i.d. N(0, (z·Δ)²) on the upper
+    triangle incl. the diagonal, mirrored below (N1 of Eq. 7)."""
+    shape = (batch, n, n) if batch else (n, n)
+    G = gaussian_noise(shape, sensitivity=sensitivity, noise_multiplier=noise_multiplier, rng=rng)
+    upper = np.triu(G)
+    return np.asarray(upper + np.swapaxes(np.triu(G, 1), -1, -2), dtype=np.float64)
+
+
+# -- solving the (noisy) U-step ------------------------------------------------------------------------
+def psd_project(A: FloatArray) -> FloatArray:
+    """Nearest PSD matrix (eigenvalues clipped at 0) of a symmetric matrix or a batch of them."""
+    A = 0.5 * (A + np.swapaxes(A, -1, -2))
+    vals, vecs = np.linalg.eigh(A)
+    return np.asarray((vecs * np.maximum(vals, 0.0)[..., None, :]) @ np.swapaxes(vecs, -1, -2))
+
+
+def solve_kron_u_step(
+    A: FloatArray, V: FloatArray, *, ridge: float, orthonormalize: bool = True
+) -> FloatArray:
+    """U (d, r) from vec(U) = (PSD(A) + ridge·I)⁻¹ vec(V) (row-major vec), then QR (Alg. 1)."""
+    _check_positive(ridge=ridge)
+    d, r = V.shape
+    M = psd_project(A) + ridge * np.eye(d * r)
+    U = np.asarray(np.linalg.solve(M, V.reshape(d * r)).reshape(d, r), dtype=np.float64)
+    return _orthonormalize(U) if orthonormalize else np.asarray(U, dtype=np.float64)
+
+
+def solve_item_blocks(
+    A_blocks: FloatArray, V: FloatArray, *, ridge: float, orthonormalize: bool = False
+) -> FloatArray:
+    """Row i of U from the r×r block system (PSD(A_i) + ridge·I) U_i = V_i (block-diagonal Eq. 5)."""
+    _check_positive(ridge=ridge)
+    r = V.shape[1]
+    M = psd_project(A_blocks) + ridge * np.eye(r)[None]
+    U = np.asarray(np.linalg.solve(M, V[:, :, None])[:, :, 0], dtype=np.float64)
+    return _orthonormalize(U) if orthonormalize else np.asarray(U, dtype=np.float64)
+
+
+def dp_u_step(
+    A: FloatArray,
+    V: FloatArray,
+    *,
+    sensitivity_A: float,
+    sensitivity_V: float,
+    noise_multiplier_A: float,
+    noise_multiplier_V: float,
+    ridge: float,
+    rng: np.random.Generator,
+) -> FloatArray:
+    """Private U-step (Eq. 7–8): Ã = A + N1, Ṽ = V + N2, then U from the ridge solve and QR.
+    Releases (Ã, Ṽ) once: two Gaussian mechanisms for the ledger."""
+    D = A.shape[0]
+    A_noisy = A + symmetric_gaussian_noise(
+        D, sensitivity=sensitivity_A, noise_multiplier=noise_multiplier_A, rng=rng
+    )
+    V_noisy = V + gaussian_noise(
+        V.shape, sensitivity=sensitivity_V, noise_multiplier=noise_multiplier_V, rng=rng
+    )
+    return solve_kron_u_step(A_noisy, V_noisy, ridge=ridge)
+
+
+def dp_item_block_u_step(
+    A_blocks: FloatArray,
+    V: FloatArray,
+    *,
+    sensitivity_A: float,
+    sensitivity_V: float,
+    noise_multiplier_A: float,
+    noise_multiplier_V: float,
+    ridge: float,
+    rng: np.random.Generator,
+) -> FloatArray:
+    """Private U-step for one-hot item covariates: noise only the data-dependent r×r diagonal blocks
+    of A and the rows of V, then per-item ridge solves (private ALS)."""
+    n_items, r, _ = A_blocks.shape
+    A_noisy = A_blocks + symmetric_gaussian_noise(
+        r, sensitivity=sensitivity_A, noise_multiplier=noise_multiplier_A, rng=rng, batch=n_items
+    )
+    V_noisy = V + gaussian_noise(
+        V.shape, sensitivity=sensitivity_V, noise_multiplier=noise_multiplier_V, rng=rng
+    )
+    return solve_item_blocks(A_noisy, V_noisy, ridge=ridge)
+
+
+def _orthonormalize(U: FloatArray) -> FloatArray:
+    Q, R = np.linalg.qr(U)
+    # fix signs so the result is a deterministic function of U
+    signs = np.sign(np.diag(R))
+    signs[signs == 0] = 1.0
+    return np.asarray(Q * signs[None, :], dtype=np.float64)
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+
+
+def _check_nonnegative(**values: float) -> None:
+    for name, v in values.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")

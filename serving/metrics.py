@@ -1,0 +1,104 @@
+"""Prometheus metrics of the HTTP service: request counts and latency histograms by route and
+outcome, on a registry of its own per app (so several apps in one process don't collide)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def outcome_of(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status < 500:
+        return "client_error"
+    if status == 503:
+        return "unavailable"
+    return "server_error"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lrs_http_requests_total",
+            "HTTP requests by route, method and outcome",
+            ["route", "method", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lrs_http_request_duration_seconds",
+            "HTTP request latency by route and outcome",
+            ["route", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.personalized = Counter(
+            "lrs_personalized_responses_total",
+            "score/recommend responses by whether the user had a stored record",
+            ["route", "personalized"],
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "lrs_ready", "1 when the last /readyz check passed", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: times every HTTP request; unknown paths are labelled ``other``."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in self.routes else "other"
+            outcome = outcome_of(status)
+            self.metrics.requests.labels(route, scope.get("method", ""), outcome).inc()
+            self.metrics.latency.labels(route, outcome).observe(time.perf_counter() - start)

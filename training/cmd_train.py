@@ -1,0 +1,128 @@
+"""`lrs-rec train`: rating log -> trained, evaluated, versioned model directory (+ model.onnx)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from training.cli_args import add_data_arguments, load_options
+from training.config import METHOD_HELP, METHODS, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser)
+    m = parser.add_argument_group("model")
+    m.add_argument(
+        "--method",
+        default=_DEFAULTS.method,
+        choices=METHODS,
+        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()),
+    )
+    m.add_argument("--rank", type=int, default=_DEFAULTS.rank, metavar="R", help="rank r of U")
+    m.add_argument(
+        "--sparsity", type=int, default=_DEFAULTS.sparsity, metavar="K", help="non-zeros k of b_u"
+    )
+    m.add_argument(
+        "--dim", type=int, default=_DEFAULTS.dim, metavar="D", help="item-feature dimension d"
+    )
+    m.add_argument(
+        "--item-features",
+        metavar="PATH",
+        help="plug-in item features: .npy (+ PATH.ids.txt, one item id per row) or Parquet "
+        "(id column + list column or numeric feature columns); --dim is then ignored",
+    )
+    m.add_argument("--seed", type=int, default=_DEFAULTS.seed, metavar="S", help="random seed")
+    m.add_argument("--n-iter", type=int, default=_DEFAULTS.n_iter, help="outer iterations")
+    m.add_argument("--reg-w", type=float, default=_DEFAULTS.reg_w, help="ridge on w_u (to w̄)")
+    m.add_argument("--reg-b", type=float, default=_DEFAULTS.reg_b, help="ridge on b_u")
+    m.add_argument(
+        "--reg-features", type=float, default=_DEFAULTS.reg_features, help="ridge on f_i"
+    )
+    m.add_argument("--reg-bias", type=float, default=_DEFAULTS.reg_bias, help="ridge on biases")
+    m.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=_DEFAULTS.validation_fraction,
+        help="internal hold-out of the training ratings for the per-iteration validation loss",
+    )
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
+    o.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration losses")
+    o.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        method=args.method,
+        rank=args.rank,
+        sparsity=args.sparsity,
+        dim=args.dim,
+        n_iter=args.n_iter,
+        reg_w=args.reg_w,
+        reg_b=args.reg_b,
+        reg_features=args.reg_features,
+        reg_bias=args.reg_bias,
+        refine_features=args.item_features is None,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
+    if getattr(args, "epsilon", None) is not None:
+        import importlib
+
+        return int(importlib.import_module("training.private_train").run(args))
+
+    from training.loaders import load_ratings
+    from training.model_dir import save_model_dir
+    from training.pipeline import train
+
+    cfg = config_from_args(args)
+    table = load_ratings(args.ratings, load_options(args))
+    rep = table.report
+    if not args.quiet:
+        print(
+            f"read {rep.rows_kept} ratings from {rep.source} ({rep.format}); "
+            f"cleaning: {dict(sorted(rep.counts.items())) or 'nothing to clean'}",
+            file=sys.stderr,
+        )
+    result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
+    model = save_model_dir(result.model, args.out)
+    onnx_path: str | None = None
+    if not args.no_export:
+        try:
+            from training.export import export_model_dir
+        except ModuleNotFoundError as e:  # the ONNX exporter is another component's; say so
+            if e.name != "training.export":
+                raise
+            print("warning: training.export not available; model.onnx not written", file=sys.stderr)
+        else:
+            onnx_path = str(export_model_dir(args.out))
+    summary: dict[str, Any] = {
+        "model_dir": str(args.out),
+        "model_version": model.model_version,
+        "method": cfg.method,
+        "dims": model.manifest["dims"],
+        "n_ratings": len(table),
+        "train_rmse": model.manifest["metrics"]["train_rmse"],
+        "val_rmse": model.manifest["metrics"]["val_rmse"],
+        "train_seconds": model.manifest["metrics"]["train_seconds"],
+        "onnx": onnx_path,
+        "cleaning": rep.counts,
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(
+            f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
+            f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
+            f"val RMSE {summary['val_rmse']}" + (f"; ONNX {onnx_path}" if onnx_path else "")
+        )
+    return 0

@@ -1,0 +1,66 @@
+"""The frozen, validated training configuration (every hyperparameter of `lrs-rec train`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+METHODS = ("lrs", "single", "full", "rep", "prompt")
+
+METHOD_HELP = {
+    "lrs": "AMHT-LRS: θ_u = U·w_u + b_u (rank r + k-sparse), the default",
+    "single": "one shared θ for everyone (no per-user parameters, no user bias)",
+    "full": "full fine-tuning: a free θ_u ∈ R^d per user (d parameters per user)",
+    "rep": "representation learning: θ_u = U·w_u (rank r only, no sparse part)",
+    "prompt": "prompt learning: a shared θ plus a learned per-user offset (a user bias)",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters. Defaults are the ones `lrs-rec train` uses, chosen by validation on a
+    held-out part of ML-100K u1.base only (never on a test fold); see docs/movielens.md."""
+
+    method: str = "lrs"
+    rank: int = 16  # r: dimension of the shared subspace U (d × r)
+    sparsity: int = 4  # k: non-zeros of each user's sparse correction b_u
+    dim: int = 32  # d: item-feature dimension (ignored in plug-in mode: the file decides)
+    n_iter: int = 10  # outer alternations (user step, item step)
+    reg_w: float = 20.0  # ridge on w_u, towards the population mean w̄ (a Gaussian prior)
+    reg_b: float = 20.0  # ridge on the k non-zeros of b_u
+    reg_features: float = 20.0  # ridge on item features f_i in the refinement step
+    reg_bias: float = 5.0  # ridge on user / item biases c_u, c_i
+    init_reg: float = 0.15  # ALS-WR (λ·n per row) for the initial item features
+    init_iter: int = 10
+    refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
+    validation_fraction: float = 0.05  # internal split of the training ratings for the val loss
+    final_passes: int = 1  # passes on all ratings (validation split included) after the loop
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        for name in ("rank", "dim", "n_iter", "init_iter"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparsity < 0:
+            raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
+        if self.final_passes < 0:
+            raise ValueError(f"final_passes must be >= 0, got {self.final_passes}")
+        for name in ("reg_w", "reg_b", "reg_features", "reg_bias", "init_reg"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ValueError(
+                f"validation_fraction must be in [0, 0.5), got {self.validation_fraction}"
+            )
+
+    def check_dims(self, d: int) -> None:
+        """Rank and sparsity must fit in the feature dimension d actually used."""
+        if self.method in ("lrs", "rep") and self.rank > d:
+            raise ValueError(f"rank r={self.rank} exceeds the item-feature dimension d={d}")
+        if self.method == "lrs" and self.sparsity > d:
+            raise ValueError(f"sparsity k={self.sparsity} exceeds the item-feature dimension d={d}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

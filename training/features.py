@@ -1,0 +1,231 @@
+"""Item features without leakage: biases and ALS factors from the training ratings only, or plug-in.
+
+* :func:`fit_biases` — global mean μ and regularised user / item biases c_u, c_i (alternating ridge,
+  Koren's baseline predictor).
+* :func:`als_factors` — alternating least squares with biases on the training ratings (ALS-WR:
+  ridge λ·n per row), giving d-dimensional item features F and user factors P (P initialises the
+  shared subspace U; it is never stored).
+* :func:`load_item_features` — plug-in mode: the user's own embeddings, ``.npy`` + an id list
+  (``PATH.ids.txt``/``.json`` next to it) or Parquet (an id column + a list column or feature columns).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.grouped import grouped_gram, grouped_sum
+from training.loaders import RatingFileError
+from training.vocab import Vocabulary
+
+
+def fit_biases(
+    users: np.ndarray,
+    items: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_users: int,
+    n_items: int,
+    reg_user: float,
+    reg_item: float,
+    n_iter: int = 5,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """μ, c_u, c_i minimising Σ (y - μ - c_u - c_i)² + λ_u Σ c_u² + λ_i Σ c_i² (alternating)."""
+    mu = float(np.mean(y))
+    n_u = np.bincount(users, minlength=n_users).astype(float)
+    n_i = np.bincount(items, minlength=n_items).astype(float)
+    c_u = np.zeros(n_users)
+    c_i = np.zeros(n_items)
+    for _ in range(n_iter):
+        c_i = np.bincount(items, y - mu - c_u[users], minlength=n_items) / (n_i + reg_item)
+        c_u = np.bincount(users, y - mu - c_i[items], minlength=n_users) / (n_u + reg_user)
+    return mu, c_u, c_i
+
+
+def ridge_solve_batched(G: np.ndarray, h: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Solve (G_g + diag(reg)) x_g = h_g for every group g (G: (n, p, p), h: (n, p), reg: (p,))."""
+    A = G + np.diag(reg)[None, :, :]
+    return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
+
+
+@dataclass(frozen=True)
+class ALSFactors:
+    global_mean: float
+    user_bias: np.ndarray  # (n_users,)
+    item_bias: np.ndarray  # (n_items,)
+    P: np.ndarray  # (n_users, d) user factors (initialisation only, never stored)
+    Q: np.ndarray  # (n_items, d) item features
+
+
+def als_factors(
+    users: np.ndarray,
+    items: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_users: int,
+    n_items: int,
+    dim: int,
+    reg: float,
+    reg_bias: float,
+    n_iter: int,
+    random_state: np.random.Generator,
+) -> ALSFactors:
+    """Biased ALS-WR: y ≈ μ + c_u + c_i + ⟨p_u, q_i⟩, ridge λ·n_u on p_u (λ·n_i on q_i), λ_b on biases.
+
+    Each half-step solves every row's (d+1)-dimensional ridge problem at once (batched solve over the
+    Gram matrices of :func:`training.grouped.grouped_gram`).
+    """
+    mu = float(np.mean(y))
+    P = random_state.normal(0.0, 0.1, (n_users, dim))
+    Q = random_state.normal(0.0, 0.1, (n_items, dim))
+    c_u = np.zeros(n_users)
+    c_i = np.zeros(n_items)
+    n_u = np.bincount(users, minlength=n_users).astype(float)
+    n_i = np.bincount(items, minlength=n_items).astype(float)
+
+    def half_step(
+        own: np.ndarray, n_own: int, counts: np.ndarray, other_f: np.ndarray, t: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        Z = np.hstack([np.ones((own.size, 1)), other_f])
+        G = grouped_gram(own, n_own, Z)
+        h = grouped_sum(own, n_own, Z * t[:, None])
+        reg_diag = np.zeros((n_own, dim + 1))
+        reg_diag[:, 0] = reg_bias
+        reg_diag[:, 1:] = reg * np.maximum(counts, 1.0)[:, None]
+        G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
+        sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
+        return sol[:, 0], sol[:, 1:]
+
+    for _ in range(n_iter):
+        c_u, P = half_step(users, n_users, n_u, Q[items], y - mu - c_i[items])
+        c_i, Q = half_step(items, n_items, n_i, P[users], y - mu - c_u[users])
+    return ALSFactors(mu, c_u, c_i, P, Q)
+
+
+# ------------------------------------------------------------------------------------------------
+# plug-in item features
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PluginFeatures:
+    features: np.ndarray  # (n_items of the vocabulary, d); zero rows for items without features
+    n_missing: int  # training items the file has no vector for (zero features, bias only)
+    n_unused: int  # vectors in the file for items that never occur in training
+    source: str
+
+
+def _read_id_list(path: Path) -> list[str]:
+    if path.suffix == ".json":
+        ids = json.loads(path.read_text())
+        if not isinstance(ids, list):
+            raise RatingFileError(f"{path}: expected a JSON list of item ids")
+        return [str(i) for i in ids]
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def read_item_features(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
+    """(item ids, features (n, d)) from ``.npy`` + id list or from Parquet."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such item-feature file")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == b"PAR1":
+        return _read_parquet_features(p)
+    if magic != b"\x93NUMPY":
+        raise RatingFileError(f"{p}: item features must be a .npy array or a Parquet file")
+    X = np.load(p, allow_pickle=False)
+    if X.ndim != 2:
+        raise RatingFileError(f"{p}: item features must be a 2-D array (n_items, d), got {X.shape}")
+    cands = [
+        p.with_name(p.name + ".ids.txt"),
+        p.with_name(p.name + ".ids.json"),
+        p.with_suffix(".ids.txt"),
+        p.with_suffix(".ids.json"),
+        p.with_suffix(".txt"),
+        p.with_suffix(".json"),
+    ]
+    id_path = next((c for c in cands if c.is_file()), None)
+    if id_path is None:
+        raise FileNotFoundError(
+            f"{p}: no item id list next to it (looked for {', '.join(c.name for c in cands)}); "
+            "write one id per line, in the row order of the array"
+        )
+    ids = _read_id_list(id_path)
+    if len(ids) != X.shape[0]:
+        raise RatingFileError(
+            f"{id_path}: {len(ids)} item ids but {p} has {X.shape[0]} rows; they must match"
+        )
+    return ids, np.asarray(X, dtype=np.float64)
+
+
+def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(p)
+    names = table.column_names
+    lowered = [n.lower() for n in names]
+    id_col = next(
+        (
+            names[lowered.index(c)]
+            for c in ("item", "item_id", "itemid", "movieid", "id")
+            if c in lowered
+        ),
+        None,
+    )
+    if id_col is None:
+        raise RatingFileError(
+            f"{p}: no id column (item, item_id, itemId, movieId or id) in {names}"
+        )
+    ids = [str(v) for v in table.column(id_col).to_pylist()]
+    rest = [n for n in names if n != id_col]
+    list_cols = [
+        n
+        for n in rest
+        if pa.types.is_list(table.schema.field(n).type)
+        or pa.types.is_fixed_size_list(table.schema.field(n).type)
+    ]
+    if list_cols:
+        rows = table.column(list_cols[0]).to_pylist()
+        lens = {len(r) for r in rows if r is not None}
+        if len(lens) != 1 or any(r is None for r in rows):
+            raise RatingFileError(f"{p}: vectors in column {list_cols[0]!r} have lengths {lens}")
+        X = np.array(rows, dtype=np.float64)
+    else:
+        num = [
+            n
+            for n in rest
+            if pa.types.is_floating(table.schema.field(n).type)
+            or pa.types.is_integer(table.schema.field(n).type)
+        ]
+        if not num:
+            raise RatingFileError(f"{p}: no vector (list) column and no numeric feature columns")
+        X = np.column_stack(
+            [np.asarray(table.column(n).to_pylist(), dtype=np.float64) for n in num]
+        )
+    return ids, X
+
+
+def load_item_features(path: str | os.PathLike[str], items: Vocabulary) -> PluginFeatures:
+    """Align plug-in features with the training item vocabulary (see :class:`PluginFeatures`)."""
+    ids, X = read_item_features(path)
+    if len(set(ids)) != len(ids):
+        raise RatingFileError(f"{path}: item ids in the feature file are not distinct")
+    if not np.all(np.isfinite(X)):
+        bad = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise RatingFileError(f"{path}: row {bad} (item {ids[bad]!r}) contains NaN or inf")
+    pos = {s: j for j, s in enumerate(ids)}
+    F = np.zeros((len(items), X.shape[1]))
+    missing = 0
+    for j, s in enumerate(items.ids):
+        k = pos.get(s)
+        if k is None:
+            missing += 1
+        else:
+            F[j] = X[k]
+    used = len(items) - missing
+    return PluginFeatures(F, n_missing=missing, n_unused=len(ids) - used, source=str(path))

@@ -1,0 +1,50 @@
+"""Per-group sums of sample outer products: the Gram matrices of every user's (or item's) ridge problem.
+
+``grouped_gram(groups, n_groups, A)[g] = Σ_{j: groups[j] = g} A_j A_jᵀ`` — with A the design rows of the
+samples (e.g. item features f_i of one user's ratings) this is the ``XᵀX`` of Eq. 3–4 for every user at
+once. The fast path sorts the samples by group and computes one GEMM per group; :func:`grouped_gram_reference` is the plain loop it is tested against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def _indicator(groups: np.ndarray, n_groups: int, lo: int, hi: int) -> sp.csr_matrix:
+    g = groups[lo:hi]
+    return sp.csr_matrix((np.ones(hi - lo), (g, np.arange(hi - lo))), shape=(n_groups, hi - lo))
+
+
+def grouped_sum(groups: np.ndarray, n_groups: int, V: np.ndarray) -> np.ndarray:
+    """``out[g] = Σ_{j: groups[j] = g} V_j`` for V of shape (N,) or (N, p)."""
+    V = np.asarray(V, dtype=np.float64)
+    flat = V.reshape(V.shape[0], -1)
+    out = np.asarray(_indicator(np.asarray(groups, dtype=np.int64), n_groups, 0, V.shape[0]) @ flat)
+    return out.reshape((n_groups, *V.shape[1:]))
+
+
+def grouped_gram(groups: np.ndarray, n_groups: int, A: np.ndarray) -> np.ndarray:
+    """``out[g] = Σ_{j in g} A_j A_jᵀ``, shape (n_groups, p, p), for A of shape (N, p).
+
+    Rows are sorted by group once; each group's block is then one small GEMM (``A_gᵀ A_g``)."""
+    A = np.asarray(A, dtype=np.float64)
+    groups = np.asarray(groups, dtype=np.int64)
+    p = A.shape[1]
+    order = np.argsort(groups, kind="stable")
+    As = A[order]
+    bounds = np.searchsorted(groups[order], np.arange(n_groups + 1))
+    out = np.zeros((n_groups, p, p))
+    for g in np.flatnonzero(np.diff(bounds)):
+        blk = As[bounds[g] : bounds[g + 1]]
+        out[g] = blk.T @ blk
+    return out
+
+
+def grouped_gram_reference(groups: np.ndarray, n_groups: int, A: np.ndarray) -> np.ndarray:
+    """Slow, obvious twin of :func:`grouped_gram`."""
+    A = np.asarray(A, dtype=np.float64)
+    out = np.zeros((n_groups, A.shape[1], A.shape[1]))
+    for j, g in enumerate(groups):
+        out[int(g)] += np.outer(A[j], A[j])
+    return out

@@ -1,0 +1,602 @@
+"""Rating-log loaders: MovieLens 100K / 1M / latest, generic CSV/TSV and Parquet, with cleaning.
+
+Every file is read into a :class:`RatingTable` (external ids as strings, float ratings, optional
+timestamps) plus a :class:`CleaningReport`. Real files are messy; each kind of mess has exactly one
+documented rule. Rows are either kept, repaired and counted, dropped and counted, or the load fails
+with an error naming the file, the line and the offending value. Nothing disappears silently.
+
+Cleaning rules (keys of :attr:`CleaningReport.counts`):
+
+===========================  ====================================================================
+``blank_lines``              empty / whitespace-only lines are skipped
+``comment_lines``            lines starting with ``#`` or ``%`` are skipped
+``header_lines``             a header line (first data-looking line whose rating field is not a
+                             number) is used for column names, then skipped; later repeated
+                             copies of that header (concatenated files) are skipped too
+``trailing_empty_columns``   rows ending with empty fields (``1,2,3,4,,``) are repaired
+``missing_ratings``          NaN / empty / ``null`` ratings: the row is dropped
+``ratings_clipped``          ratings outside the declared scale are clipped to it
+                             (``on_out_of_scale="clip"``, the default); with ``"drop"`` they are
+                             counted as ``ratings_out_of_scale_dropped``; ``"error"`` fails
+``duplicates_removed``       repeated (user, item) pairs: the latest by timestamp is kept (ties and
+                             missing timestamps: the later line wins)
+``non_numeric_user_ids``     ids are opaque strings (``"u17"`` is fine); counted for information
+``non_numeric_item_ids``
+===========================  ====================================================================
+
+Errors (``RatingFileError``, a ``ValueError``) name ``file:line`` and the value: a non-numeric rating
+(``"five"``), an empty user/item id, a row with too few columns, an unparsable timestamp, an unknown
+column name, an empty file (no rating rows), a Parquet file without the requested columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMATS = ("auto", "ml-100k", "ml-1m", "ml-latest", "csv", "tsv", "parquet")
+OUT_OF_SCALE_RULES = ("clip", "drop", "error")
+
+# Default rating scale per MovieLens format (a generic file declares none: its observed range is used).
+ML_SCALES = {"ml-100k": (1.0, 5.0), "ml-1m": (1.0, 5.0), "ml-latest": (0.5, 5.0)}
+
+_USER_NAMES = ("user", "userid", "user_id", "uid", "users", "customer_id", "visitorid")
+_ITEM_NAMES = ("item", "itemid", "item_id", "iid", "movieid", "movie_id", "product_id", "movie")
+_RATING_NAMES = ("rating", "ratings", "score", "value", "stars")
+_TIME_NAMES = ("timestamp", "time", "ts", "date", "datetime", "time_stamp")
+_MISSING = {"", "nan", "na", "n/a", "null", "none"}
+_PARQUET_MAGIC = b"PAR1"
+
+
+class RatingFileError(ValueError):
+    """A rating file cannot be read; the message names the file, line and value."""
+
+
+@dataclass
+class CleaningReport:
+    """What cleaning did to one file: counts per rule, plus the first few examples per rule."""
+
+    source: str
+    format: str
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    rows_read: int = 0
+    rows_kept: int = 0
+
+    def add(self, rule: str, where: str = "", n: int = 1) -> None:
+        self.counts[rule] = self.counts.get(rule, 0) + n
+        if where and len(self.examples.setdefault(rule, [])) < 5:
+            self.examples[rule].append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "counts": dict(sorted(self.counts.items())),
+            "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class RatingTable:
+    """A cleaned rating log: one row per distinct (user, item), external ids as strings."""
+
+    users: np.ndarray  # (n,) str
+    items: np.ndarray  # (n,) str
+    ratings: np.ndarray  # (n,) float64
+    timestamps: np.ndarray  # (n,) float64, NaN when the file has none
+    rating_min: float
+    rating_max: float
+    report: CleaningReport
+    fingerprint: str  # sha256 of the file bytes
+
+    def __len__(self) -> int:
+        return int(self.ratings.shape[0])
+
+    def subset(self, mask_or_index: np.ndarray) -> RatingTable:
+        return RatingTable(
+            users=self.users[mask_or_index],
+            items=self.items[mask_or_index],
+            ratings=self.ratings[mask_or_index],
+            timestamps=self.timestamps[mask_or_index],
+            rating_min=self.rating_min,
+            rating_max=self.rating_max,
+            report=self.report,
+            fingerprint=self.fingerprint,
+        )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read a file. Column options are header names or 0-based positions (as strings)."""
+
+    format: str = "auto"
+    user_col: str | None = None
+    item_col: str | None = None
+    rating_col: str | None = None
+    time_col: str | None = None
+    rating_scale: tuple[float, float] | None = None
+    on_out_of_scale: str = "clip"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.on_out_of_scale not in OUT_OF_SCALE_RULES:
+            raise ValueError(
+                f"on_out_of_scale must be one of {OUT_OF_SCALE_RULES}; got {self.on_out_of_scale!r}"
+            )
+        if self.rating_scale is not None:
+            lo, hi = self.rating_scale
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"rating scale must be finite with min < max, got {lo}..{hi}")
+
+
+# ------------------------------------------------------------------------------------------------
+# format detection
+# ------------------------------------------------------------------------------------------------
+def _head_lines(path: Path, n: int = 20) -> list[str]:
+    out: list[str] = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for line in f:
+            s = line.strip()
+            if not s or s[0] in "#%":
+                continue
+            out.append(line.rstrip("\r\n"))
+            if len(out) >= n:
+                break
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def sniff_delimiter(lines: list[str]) -> str:
+    """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent)."""
+    if lines and all("::" in ln for ln in lines[: min(5, len(lines))]):
+        return "::"
+    best, best_score = ",", -1.0
+    for delim in ("\t", ",", ";", "|"):
+        counts = [ln.count(delim) for ln in lines]
+        if not counts or min(counts) == 0:
+            continue
+        # prefer delimiters present on every line with a stable count
+        score = min(counts) + (1.0 if len(set(counts)) == 1 else 0.0)
+        if score > best_score:
+            best, best_score = delim, score
+    if best_score < 0:
+        raise RatingFileError(
+            "cannot tell the delimiter: no line has a tab, comma, semicolon, pipe or '::'"
+        )
+    return best
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """Tell the supported formats apart by content (never by file name alone)."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == _PARQUET_MAGIC:
+        return "parquet"
+    lines = _head_lines(p)
+    if not lines:
+        raise RatingFileError(f"{p}: empty file (no rating lines)")
+    delim = sniff_delimiter(lines)
+    if delim == "::":
+        return "ml-1m"
+    first = [c.strip().lower() for c in lines[0].split(delim)]
+    if first[:4] == ["userid", "movieid", "rating", "timestamp"] or first[:3] == [
+        "userid",
+        "movieid",
+        "rating",
+    ]:
+        return "ml-latest"
+    if delim == "\t":
+        fields = [ln.split("\t") for ln in lines]
+        if all(
+            len([c for c in r if c.strip()]) == 4 and all(c.strip().isdigit() for c in r[:4])
+            for r in fields
+        ):
+            return "ml-100k"
+        return "tsv"
+    return "csv"
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------------
+def _find_col(
+    spec: str | None,
+    header: list[str] | None,
+    names: tuple[str, ...],
+    default: int | None,
+    what: str,
+    where: str,
+) -> int | None:
+    if spec is not None:
+        if header is not None:
+            lowered = [h.strip().lower() for h in header]
+            if spec.strip().lower() in lowered:
+                return lowered.index(spec.strip().lower())
+        if spec.strip().lstrip("-").isdigit():
+            return int(spec)
+        raise RatingFileError(
+            f"{where}: {what} column {spec!r} not found"
+            + (f" in header {header}" if header is not None else " (the file has no header)")
+        )
+    if header is not None:
+        lowered = [h.strip().lower() for h in header]
+        for name in names:
+            if name in lowered:
+                return lowered.index(name)
+        if default is not None and default < len(header):
+            return default
+        return None
+    return default
+
+
+def _parse_time(s: str, where: str) -> float:
+    s = s.strip()
+    if s.lower() in _MISSING:
+        return math.nan
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(s).timestamp()
+    except ValueError:
+        raise RatingFileError(
+            f"{where}: timestamp {s!r} is neither a number nor an ISO-8601 date"
+        ) from None
+
+
+def _iter_rows(path: Path, delim: str) -> Iterator[tuple[int, list[str] | None, str]]:
+    """Yield (line_number, fields or None for skipped lines, raw line)."""
+    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+        try:
+            if delim == "::":
+                for n, line in enumerate(f, start=1):
+                    raw = line.rstrip("\r\n")
+                    yield n, raw.split("::"), raw
+            else:
+                for n, line in enumerate(f, start=1):
+                    raw = line.rstrip("\r\n")
+                    if '"' in raw:
+                        fields = next(csv.reader(io.StringIO(raw), delimiter=delim))
+                    else:
+                        fields = raw.split(delim)
+                    yield n, fields, raw
+        except UnicodeDecodeError as e:
+            raise RatingFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+@dataclass
+class _Collector:
+    users: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    ratings: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+
+
+def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) -> _Collector:
+    head = _head_lines(path)
+    if not head:
+        raise RatingFileError(f"{path}: empty file (no rating lines)")
+    delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
+    if delim is None:
+        delim = sniff_delimiter(head)
+    ucol = icol = rcol = tcol = None
+    header: list[str] | None = None
+    resolved = False
+    out = _Collector()
+    for n, fields, raw in _iter_rows(path, delim):
+        where = f"{path}:{n}"
+        stripped = raw.strip()
+        if not stripped:
+            report.add("blank_lines", where)
+            continue
+        if stripped[0] in "#%":
+            report.add("comment_lines", where)
+            continue
+        assert fields is not None
+        if not resolved:
+            # header: the rating-like field (3rd by default) is not a number
+            guess_r = 2
+            if opts.rating_col is not None and opts.rating_col.strip().lstrip("-").isdigit():
+                guess_r = int(opts.rating_col)
+            cand = fields[guess_r].strip() if len(fields) > guess_r else ""
+            if not _is_number(cand) and cand.lower() not in _MISSING:
+                header = [c.strip() for c in fields]
+                while header and header[-1] == "":
+                    header.pop()
+                report.add("header_lines", where)
+            ucol = _find_col(opts.user_col, header, _USER_NAMES, 0, "user", where)
+            icol = _find_col(opts.item_col, header, _ITEM_NAMES, 1, "item", where)
+            rcol = _find_col(opts.rating_col, header, _RATING_NAMES, 2, "rating", where)
+            tcol = _find_col(
+                opts.time_col, header, _TIME_NAMES, 3 if header is None else None, "time", where
+            )
+            resolved = True
+            if header is not None:
+                continue
+        if header is not None and [c.strip() for c in fields[: len(header)]] == header:
+            report.add("header_lines", where)
+            continue
+        if len(fields) > 1 and fields[-1].strip() == "":
+            while len(fields) > 1 and fields[-1].strip() == "":
+                fields.pop()
+            report.add("trailing_empty_columns", where)
+        assert ucol is not None and icol is not None and rcol is not None
+        need = max(ucol, icol, rcol) + 1
+        if len(fields) < need:
+            raise RatingFileError(
+                f"{where}: expected at least {need} {_delim_name(delim)}-separated fields "
+                f"(user, item, rating), got {len(fields)}: {raw!r}"
+            )
+        _collect(
+            out,
+            report,
+            where,
+            fields[ucol],
+            fields[icol],
+            fields[rcol],
+            fields[tcol] if tcol is not None and tcol < len(fields) else None,
+        )
+    return out
+
+
+def _delim_name(delim: str) -> str:
+    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'"}[delim]
+
+
+def _collect(
+    out: _Collector,
+    report: CleaningReport,
+    where: str,
+    user: Any,
+    item: Any,
+    rating: Any,
+    time: Any,
+) -> None:
+    report.rows_read += 1
+    u = _id_str(user)
+    it = _id_str(item)
+    if u == "":
+        raise RatingFileError(f"{where}: empty user id (row {user!r}, {item!r}, {rating!r})")
+    if it == "":
+        raise RatingFileError(f"{where}: empty item id (row {user!r}, {item!r}, {rating!r})")
+    if isinstance(rating, str):
+        rs = rating.strip()
+        if rs.lower() in _MISSING:
+            report.add("missing_ratings", where)
+            return
+        try:
+            r = float(rs)
+        except ValueError:
+            raise RatingFileError(f"{where}: rating {rating!r} is not a number") from None
+    elif rating is None:
+        report.add("missing_ratings", where)
+        return
+    else:
+        r = float(rating)
+    if math.isnan(r):
+        report.add("missing_ratings", where)
+        return
+    if math.isinf(r):
+        raise RatingFileError(f"{where}: rating {rating!r} is infinite")
+    if time is None:
+        t = math.nan
+    elif isinstance(time, str):
+        t = _parse_time(time, where)
+    else:
+        t = float(time)
+    out.users.append(u)
+    out.items.append(it)
+    out.ratings.append(r)
+    out.times.append(t)
+    out.where.append(where)
+
+
+def _id_str(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if v.is_integer():
+            return str(int(v))
+    return str(v).strip().strip('"').strip()
+
+
+def _read_parquet(path: Path, opts: LoadOptions, report: CleaningReport) -> _Collector:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several exception types for corrupt files
+        raise RatingFileError(f"{path}: cannot read Parquet: {e}") from e
+    names = list(table.column_names)
+    where = str(path)
+
+    def col(spec: str | None, cands: tuple[str, ...], what: str, required: bool) -> str | None:
+        idx = _find_col(spec, names, cands, None, what, where)
+        if idx is None:
+            if required:
+                raise RatingFileError(
+                    f"{path}: no {what} column among {names}; pass --{what}-col NAME"
+                )
+            return None
+        if not 0 <= idx < len(names):
+            raise RatingFileError(f"{path}: {what} column index {idx} out of range for {names}")
+        return str(names[idx])
+
+    uc = col(opts.user_col, _USER_NAMES, "user", True)
+    ic = col(opts.item_col, _ITEM_NAMES, "item", True)
+    rc = col(opts.rating_col, _RATING_NAMES, "rating", True)
+    tc = col(opts.time_col, _TIME_NAMES, "time", False)
+    assert uc is not None and ic is not None and rc is not None
+    cols = {c: table.column(c).to_pylist() for c in {uc, ic, rc} | ({tc} if tc else set())}
+    out = _Collector()
+    for row in range(table.num_rows):
+        t = cols[tc][row] if tc else None
+        if isinstance(t, datetime):
+            t = t.timestamp()
+        _collect(
+            out,
+            report,
+            f"{path}:row {row + 1}",
+            cols[uc][row],
+            cols[ic][row],
+            cols[rc][row],
+            t,
+        )
+    return out
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = None) -> RatingTable:
+    """Read and clean one rating file. See the module docstring for the cleaning rules."""
+    opts = options or LoadOptions()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such rating file")
+    if p.is_dir():
+        raise RatingFileError(
+            f"{p}: is a directory; pass a rating file (e.g. u1.base, ratings.dat)"
+        )
+    if p.stat().st_size == 0:
+        raise RatingFileError(f"{p}: empty file (0 bytes)")
+    fmt = detect_format(p) if opts.format == "auto" else opts.format
+    report = CleaningReport(source=str(p), format=fmt)
+    if fmt == "parquet":
+        got = _read_parquet(p, opts, report)
+    else:
+        got = _read_text(p, fmt, opts, report)
+    if not got.ratings:
+        raise RatingFileError(
+            f"{p}: no rating rows"
+            + (f" (cleaning: {dict(report.counts)})" if report.counts else " (empty file)")
+        )
+    users = np.array(got.users, dtype=str)
+    items = np.array(got.items, dtype=str)
+    ratings = np.array(got.ratings, dtype=np.float64)
+    times = np.array(got.times, dtype=np.float64)
+    where = got.where
+
+    # ---- rating scale -----------------------------------------------------------------------
+    if opts.rating_scale is not None:
+        lo, hi = opts.rating_scale
+    elif fmt in ML_SCALES:
+        lo, hi = ML_SCALES[fmt]
+    else:
+        lo, hi = float(ratings.min()), float(ratings.max())
+        if lo == hi:
+            lo, hi = lo - 1.0, hi + 1.0  # a constant file still gets a non-empty scale
+    outside = (ratings < lo) | (ratings > hi)
+    if outside.any():
+        bad = np.flatnonzero(outside)
+        if opts.on_out_of_scale == "error":
+            j = int(bad[0])
+            raise RatingFileError(
+                f"{where[j]}: rating {ratings[j]:g} is outside the scale [{lo:g}, {hi:g}] "
+                f"({bad.size} such rows; use --on-out-of-scale clip|drop)"
+            )
+        rule = (
+            "ratings_clipped" if opts.on_out_of_scale == "clip" else "ratings_out_of_scale_dropped"
+        )
+        for j in bad[:5]:
+            report.add(rule, f"{where[int(j)]} ({ratings[int(j)]:g})", n=0)
+        report.add(rule, n=int(bad.size))
+        if opts.on_out_of_scale == "clip":
+            ratings = np.clip(ratings, lo, hi)
+        else:
+            keep = ~outside
+            users, items, ratings, times = users[keep], items[keep], ratings[keep], times[keep]
+            where = [w for w, k in zip(where, keep, strict=True) if k]
+
+    # ---- duplicates: keep the latest by timestamp (ties / NaN: the later line wins) --------------
+    keep_idx = _dedup_latest(users, items, times)
+    n_dup = users.size - keep_idx.size
+    if n_dup:
+        dropped = np.setdiff1d(np.arange(users.size), keep_idx)
+        for j in dropped[:5]:
+            report.add("duplicates_removed", f"{where[int(j)]} ({users[j]}, {items[j]})", n=0)
+        report.add("duplicates_removed", n=int(n_dup))
+        users, items, ratings, times = (
+            users[keep_idx],
+            items[keep_idx],
+            ratings[keep_idx],
+            times[keep_idx],
+        )
+    if users.size == 0:
+        raise RatingFileError(f"{p}: no rating rows left after cleaning {dict(report.counts)}")
+    for name, arr in (("non_numeric_user_ids", users), ("non_numeric_item_ids", items)):
+        nn = int(np.count_nonzero(~np.char.isdigit(np.unique(arr))))
+        if nn:
+            report.add(name, n=nn)
+    report.rows_kept = int(users.size)
+    return RatingTable(
+        users=users,
+        items=items,
+        ratings=ratings,
+        timestamps=times,
+        rating_min=float(lo),
+        rating_max=float(hi),
+        report=report,
+        fingerprint=file_fingerprint(p),
+    )
+
+
+def _dedup_latest(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Row indices to keep: for each (user, item) the row with the largest timestamp; ties and
+    missing timestamps go to the later row. Returned in original row order."""
+    n = users.size
+    key_u = np.unique(users, return_inverse=True)[1]
+    key_i = np.unique(items, return_inverse=True)[1]
+    t = np.where(np.isnan(times), -np.inf, times)
+    # sort by (user, item, time, row): the last row of each group is the one to keep
+    order = np.lexsort((np.arange(n), t, key_i, key_u))
+    ku, ki = key_u[order], key_i[order]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = (ku[1:] != ku[:-1]) | (ki[1:] != ki[:-1])
+    return np.sort(order[last])
+
+
+def dedup_latest_reference(users: list[str], items: list[str], times: list[float]) -> list[int]:
+    """Slow, obvious twin of :func:`_dedup_latest` (used by the tests)."""
+    best: dict[tuple[str, str], int] = {}
+    for j, (u, i, t) in enumerate(zip(users, items, times, strict=True)):
+        tj = -math.inf if math.isnan(t) else t
+        k = best.get((u, i))
+        if k is None:
+            best[(u, i)] = j
+            continue
+        tk = -math.inf if math.isnan(times[k]) else times[k]
+        if tj >= tk:
+            best[(u, i)] = j
+    return sorted(best.values())

@@ -1,0 +1,213 @@
+"""Regularised AMHT-LRS steps on rating data (paper Sec. 2.1, Algorithm 1), with biases.
+
+Model of a rating (the reference prediction of :class:`training.model_dir.TrainedModel`)::
+
+    r̂(u, i) = μ + c_u + c_i + ⟨f_i, θ_u⟩,   θ_u = U·w_u + b_u,   ‖b_u‖₀ ≤ k
+
+Real rating data is noisy and very uneven (many users have fewer ratings than d), so every least-squares
+problem of Algorithm 1 is solved as a ridge problem:
+
+* user step (Eq. 4 then Eq. 3): ``(c_u, w_u)`` by ridge with ``w_u`` shrunk towards the population mean
+  w̄ (a Gaussian prior; λ_w), then ``b_u`` by one hard-thresholding-pursuit step: the ridge solution over
+  all d coordinates, keep its top-k support (``lrs_rec.thresholding.top_k_indices``, the HT of
+  Algorithm 2), refit on that support (λ_b). Two inner rounds.
+* U step (Eq. 5, only when item features are fixed, e.g. plug-in mode): least squares in vec(U), then QR.
+* item step (alternating refinement of the features): ``(c_i, f_i)`` by ridge given all users' θ_u —
+  still learned from the training ratings only.
+
+All per-user / per-item problems are solved together from their Gram matrices (batched solves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrs_rec.thresholding import top_k_indices
+from training.grouped import grouped_gram, grouped_sum
+
+
+@dataclass
+class Samples:
+    """Dense-index rating samples."""
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ratings.shape[0])
+
+
+@dataclass
+class LRSState:
+    """The current iterate of the alternating minimisation (mutable, owned by the training loop)."""
+
+    global_mean: float
+    user_bias: np.ndarray  # (n_users,)
+    item_bias: np.ndarray  # (n_items,)
+    F: np.ndarray  # (n_items, d) item features
+    U: np.ndarray  # (d, r) orthonormal
+    W: np.ndarray  # (n_users, r)
+    B: np.ndarray  # (n_users, d), each row at most k non-zeros
+
+    def theta(self) -> np.ndarray:
+        return np.asarray(self.W @ self.U.T + self.B)
+
+    def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        """The same formula as ``TrainedModel.predict`` on known users/items (used for losses)."""
+        theta = self.W[users] @ self.U.T + self.B[users]
+        raw = (
+            self.global_mean
+            + self.user_bias[users]
+            + self.item_bias[items]
+            + np.einsum("nd,nd->n", self.F[items], theta)
+        )
+        return np.asarray(np.clip(raw, lo, hi))
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """What the user step fits, per method."""
+
+    k: int  # sparsity of b_u (0: no sparse part)
+    per_user_w: bool  # False: one shared w for all users (single / prompt)
+    user_bias: bool  # False: c_u = 0 (single)
+    reg_w: float
+    reg_b: float
+    reg_bias: float
+    n_inner: int = 2
+
+
+@dataclass
+class _UserStats:
+    """Sufficient statistics of every user's least-squares problem: XᵀX, Xᵀt, Σx, n, Σt."""
+
+    G: np.ndarray  # (n_users, d, d)
+    h: np.ndarray  # (n_users, d)
+    s: np.ndarray  # (n_users, d)
+    n: np.ndarray  # (n_users,)
+    T: np.ndarray  # (n_users,)
+
+
+def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
+    X = state.F[data.items]
+    t = data.ratings - state.global_mean - state.item_bias[data.items]
+    return _UserStats(
+        G=grouped_gram(data.users, n_users, X),
+        h=grouped_sum(data.users, n_users, X * t[:, None]),
+        s=grouped_sum(data.users, n_users, X),
+        n=np.bincount(data.users, minlength=n_users).astype(float),
+        T=np.bincount(data.users, t, minlength=n_users),
+    )
+
+
+def user_step(state: LRSState, data: Samples, p: StepParams) -> None:
+    """Update c_u, w_u, b_u of every user given U and the item features (Eq. 4 and Eq. 3)."""
+    n_users, d = state.B.shape
+    r = state.U.shape[1]
+    st = _user_stats(state, data, n_users)
+    U = state.U
+    w_bar = state.W.mean(axis=0) if p.per_user_w else np.zeros(r)
+    for _ in range(p.n_inner):
+        Gb = np.einsum("uab,ub->ua", st.G, state.B)  # XᵀX b
+        if p.per_user_w:
+            # (c_u, w_u): design [1, X U]; ridge λ_bias on c_u, λ_w (w - w̄) on w_u
+            GU = st.G @ U  # (n, d, r)
+            A = np.zeros((n_users, r + 1, r + 1))
+            A[:, 0, 0] = st.n + (p.reg_bias if p.user_bias else 0.0)
+            sU = st.s @ U
+            A[:, 0, 1:] = sU
+            A[:, 1:, 0] = sU
+            A[:, 1:, 1:] = np.einsum("dr,nds->nrs", U, GU) + p.reg_w * np.eye(r)[None]
+            rhs = np.zeros((n_users, r + 1))
+            rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, state.B)
+            rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * w_bar[None, :]
+            if not p.user_bias:
+                A[:, 0, :] = 0.0
+                A[:, :, 0] = 0.0
+                A[:, 0, 0] = 1.0
+                rhs[:, 0] = 0.0
+            sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
+            state.user_bias = sol[:, 0]
+            state.W = sol[:, 1:]
+        else:
+            # one shared w (pooled ridge), then per-user biases given it
+            c = state.user_bias if p.user_bias else np.zeros(n_users)
+            A1 = np.einsum("dr,ds->rs", U, st.G.sum(axis=0) @ U) + p.reg_w * np.eye(r)
+            b1 = U.T @ (st.h - c[:, None] * st.s).sum(axis=0)
+            w = np.linalg.solve(A1, b1)
+            state.W = np.repeat(w[None, :], n_users, axis=0)
+            if p.user_bias:
+                pred_sum = st.s @ (U @ w)
+                state.user_bias = (st.T - pred_sum) / (st.n + p.reg_bias)
+            else:
+                state.user_bias = np.zeros(n_users)
+        if p.k > 0:
+            # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
+            xr = (
+                st.h
+                - state.user_bias[:, None] * st.s
+                - np.einsum("uab,ub->ua", st.G, state.W @ U.T)
+            )
+            full = np.linalg.solve(st.G + p.reg_b * np.eye(d)[None], xr[:, :, None])[:, :, 0]
+            idx = top_k_indices(full, p.k)  # (n, k)
+            Gs = np.take_along_axis(
+                np.take_along_axis(st.G, idx[:, :, None], axis=1), idx[:, None, :], axis=2
+            )
+            bs = np.linalg.solve(
+                Gs + p.reg_b * np.eye(p.k)[None], np.take_along_axis(xr, idx, axis=1)[:, :, None]
+            )[:, :, 0]
+            B = np.zeros((n_users, d))
+            np.put_along_axis(B, idx, bs, axis=1)
+            state.B = B
+        else:
+            state.B = np.zeros((n_users, d))
+
+
+def u_step(state: LRSState, data: Samples, *, ridge: float = 1e-6) -> None:
+    """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
+    (W absorbs R so that Θ is unchanged by the QR)."""
+    n_users, d = state.B.shape
+    r = state.U.shape[1]
+    st = _user_stats(state, data, n_users)
+    # normal equations in vec(U) (row-major, index a·r + p): A = Σ_u G_u ⊗ w_u w_uᵀ
+    WW = np.einsum("up,uq->upq", state.W, state.W).reshape(n_users, r * r)
+    A = (st.G.reshape(n_users, d * d).T @ WW).reshape(d, d, r, r).transpose(0, 2, 1, 3)
+    A = A.reshape(d * r, d * r) + ridge * np.eye(d * r)
+    resid = st.h - state.user_bias[:, None] * st.s - np.einsum("uab,ub->ua", st.G, state.B)
+    rhs = (resid.T @ state.W).reshape(d * r)
+    U = np.linalg.solve(A, rhs).reshape(d, r)
+    Q, R = np.linalg.qr(U)
+    state.U = Q
+    state.W = state.W @ R.T
+
+
+def item_step(
+    state: LRSState, data: Samples, *, reg_features: float, reg_bias: float, refine_features: bool
+) -> None:
+    """Update c_i (and f_i when refining) of every item given all users' θ_u."""
+    n_items, d = state.F.shape
+    theta = state.theta()
+    t = data.ratings - state.global_mean - state.user_bias[data.users]
+    if not refine_features:
+        resid = t - np.einsum("nd,nd->n", state.F[data.items], theta[data.users])
+        n_i = np.bincount(data.items, minlength=n_items)
+        state.item_bias = np.bincount(data.items, resid, minlength=n_items) / (n_i + reg_bias)
+        return
+    Z = np.hstack([np.ones((len(data), 1)), theta[data.users]])
+    G = grouped_gram(data.items, n_items, Z)
+    h = grouped_sum(data.items, n_items, Z * t[:, None])
+    reg = np.full(d + 1, reg_features)
+    reg[0] = reg_bias
+    sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+    state.item_bias = sol[:, 0]
+    state.F = sol[:, 1:]
+
+
+def rmse(state: LRSState, data: Samples, lo: float, hi: float) -> float:
+    if len(data) == 0:
+        return float("nan")
+    err = state.predict(data.users, data.items, lo, hi) - data.ratings
+    return float(np.sqrt(np.mean(err**2)))

@@ -50,10 +50,6 @@ class RecommendRequest(BaseModel):
     exclude_rated: StrictBool = True
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimitMiddleware:
     """413 for bodies over ``limit`` bytes, by Content-Length or while streaming (chunked)."""
 
@@ -74,29 +70,31 @@ class BodyLimitMiddleware:
                 if too_big:
                     await self._reject(send)
                     return
+        # read the (small) body up front so an oversized one is refused before any parsing
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                return  # client went away
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
                 await self._reject(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         body = b'{"error":"request body too large (limit %d bytes)"}' % self.limit

@@ -70,16 +70,18 @@ def redact(url: str) -> str:
 
 
 def _split_cluster_flag(url: str) -> tuple[str, bool | None]:
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    """Remove a ``cluster=...`` query parameter (redis-py would reject it) and return its value."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
     flag: bool | None = None
     rest = []
-    for k, v in query:
+    for k, v in parse_qsl(query, keep_blank_values=True):
         if k == "cluster":
             flag = v.lower() in ("1", "true", "yes", "on")
         else:
             rest.append((k, v))
-    return urlunsplit(parts._replace(query=urlencode(rest))), flag
+    return (f"{base}?{urlencode(rest)}" if rest else base), flag
 
 
 def embedded_socket(home: str | os.PathLike[str] | None = None) -> str:
@@ -143,6 +145,30 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         _EMBEDDED[str(root)] = server
         return sock
+
+
+def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = True) -> None:
+    """Shut the embedded server under ``home`` down (tests, quickstart). ``save=False`` skips the
+    final RDB snapshot, so a restart must recover from the append-only file alone."""
+    import redis
+
+    root = lrs_home(home).resolve()
+    sock = embedded_socket(root)
+    if _answers(sock):
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis(
+            unix_socket_path=sock, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            client.shutdown(save=save, nosave=not save)
+        except (redis.ConnectionError, OSError):
+            pass  # the server closes the connection as it exits
+        finally:
+            client.close()
+    with _EMBEDDED_LOCK:
+        _EMBEDDED.pop(str(root), None)
 
 
 @dataclass

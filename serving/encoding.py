@@ -186,10 +186,11 @@ def pack_params(fmt: RecordFormat, bias: Any, W: Any, B_idx: Any, B_val: Any) ->
     _check_params(fmt, bias, W, B_idx, B_val)
     rec = np.zeros(bias.shape[0], dtype=fmt.dtype)
     rec["header"] = fmt.header
-    rec["bias"] = bias
-    rec["w"] = W
+    with np.errstate(over="ignore"):  # overflow is reported below, as a ValueError
+        rec["bias"] = bias
+        rec["w"] = W
+        rec["b_val"] = B_val
     rec["b_idx"] = B_idx
-    rec["b_val"] = B_val
     for name in ("bias", "w", "b_val"):
         if not np.all(np.isfinite(rec[name])):
             raise ValueError(

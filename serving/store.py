@@ -191,7 +191,7 @@ class RedisStore:
         for m in self.list_versions():
             if m.version == current or m.version in keep_set:
                 continue
-            if m.status != "ready" and m.seq > cur_seq:
+            if m.status == "writing" and m.seq > cur_seq:
                 continue  # possibly a publish still in progress
             self.delete_version(m.version)
             deleted.append(m.version)
@@ -323,6 +323,7 @@ class RedisStore:
         carry_over_grace: float = 2.0,
         switch: bool = True,
         progress: bool = False,
+        pipeline_buckets: int = _PIPELINE_KEYS,
         _fail_after_buckets: int | None = None,
     ) -> VersionMeta:
         """Write every user of ``model`` into a new version namespace, carry over onboarded users
@@ -364,7 +365,7 @@ class RedisStore:
             from tqdm import tqdm
 
             buckets = tqdm(
-                range(0, n_buckets, _PIPELINE_KEYS),
+                range(0, n_buckets, pipeline_buckets),
                 desc=f"publish {version}",
                 unit="chunk",
                 disable=not progress,
@@ -373,7 +374,7 @@ class RedisStore:
                 if _fail_after_buckets is not None and start >= _fail_after_buckets:
                     raise RuntimeError("simulated failure during publish (test hook)")
                 pipe = self.r.pipeline(transaction=False)
-                for b in range(start, min(start + _PIPELINE_KEYS, n_buckets)):
+                for b in range(start, min(start + pipeline_buckets, n_buckets)):
                     lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
                     pipe.hset(
                         self.keys.params(version, b),

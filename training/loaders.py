@@ -331,21 +331,23 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
             ucol = _find_col(opts.user_col, header, _USER_NAMES, 0, "user", where)
             icol = _find_col(opts.item_col, header, _ITEM_NAMES, 1, "item", where)
             rcol = _find_col(opts.rating_col, header, _RATING_NAMES, 2, "rating", where)
-            tcol = _find_col(
-                opts.time_col, header, _TIME_NAMES, 3 if header is None else None, "time", where
-            )
+            # headerless: the 4th column is the timestamp unless other columns were placed explicitly
+            explicit = (opts.user_col, opts.item_col, opts.rating_col) != (None, None, None)
+            default_t = 3 if header is None and not explicit else None
+            tcol = _find_col(opts.time_col, header, _TIME_NAMES, default_t, "time", where)
             resolved = True
             if header is not None:
                 continue
         if header is not None and [c.strip() for c in fields[: len(header)]] == header:
             report.add("header_lines", where)
             continue
-        if len(fields) > 1 and fields[-1].strip() == "":
-            while len(fields) > 1 and fields[-1].strip() == "":
-                fields.pop()
-            report.add("trailing_empty_columns", where)
         assert ucol is not None and icol is not None and rcol is not None
         need = max(ucol, icol, rcol) + 1
+        width = len(header) if header is not None else max(need, (tcol or 0) + 1)
+        if len(fields) > width and fields[-1].strip() == "":
+            while len(fields) > width and fields[-1].strip() == "":
+                fields.pop()
+            report.add("trailing_empty_columns", where)
         if len(fields) < need:
             raise RatingFileError(
                 f"{where}: expected at least {need} {_delim_name(delim)}-separated fields "

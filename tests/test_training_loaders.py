@@ -1,0 +1,234 @@
+"""Loaders: every supported format (auto-detected) and every messy case, with small generated files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from training.loaders import (
+    LoadOptions,
+    RatingFileError,
+    _dedup_latest,
+    dedup_latest_reference,
+    detect_format,
+    load_ratings,
+)
+from training.vocab import Vocabulary
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+ROWS = [("1", "10", 4.0, 100), ("1", "20", 3.0, 101), ("2", "10", 5.0, 102), ("3", "30", 1.0, 103)]
+
+
+def as_rows(table) -> list[tuple[str, str, float]]:  # type: ignore[no-untyped-def]
+    return sorted(
+        zip(table.users.tolist(), table.items.tolist(), table.ratings.tolist(), strict=True)
+    )
+
+
+EXPECTED = sorted((u, i, r) for u, i, r, _ in ROWS)
+
+
+# -- formats ---------------------------------------------------------------------------------------
+def test_ml100k_tab_separated_detected(tmp_path: Path) -> None:
+    p = write(tmp_path, "u1.base", "".join(f"{u}\t{i}\t{int(r)}\t{t}\n" for u, i, r, t in ROWS))
+    assert detect_format(p) == "ml-100k"
+    t = load_ratings(p)
+    assert as_rows(t) == EXPECTED
+    assert (t.rating_min, t.rating_max) == (1.0, 5.0)
+    assert t.report.counts == {}
+    assert t.timestamps.tolist() == [100.0, 101.0, 102.0, 103.0]
+
+
+def test_ml1m_double_colon_detected(tmp_path: Path) -> None:
+    p = write(tmp_path, "ratings.dat", "".join(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t in ROWS))
+    assert detect_format(p) == "ml-1m"
+    assert as_rows(load_ratings(p)) == EXPECTED
+
+
+def test_ml_latest_csv_with_header_detected(tmp_path: Path) -> None:
+    body = "userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},{r},{t}\n" for u, i, r, t in ROWS
+    )
+    p = write(tmp_path, "ratings.csv", body)
+    assert detect_format(p) == "ml-latest"
+    t = load_ratings(p)
+    assert as_rows(t) == EXPECTED
+    assert (t.rating_min, t.rating_max) == (0.5, 5.0)
+    assert t.report.counts == {"header_lines": 1}
+
+
+def test_generic_csv_named_columns_in_any_order(tmp_path: Path) -> None:
+    body = "ts;score;product;customer\n" + "".join(f"{t};{r};{i};{u}\n" for u, i, r, t in ROWS)
+    p = write(tmp_path, "log.txt", body)
+    assert detect_format(p) == "csv"
+    opts = LoadOptions(user_col="customer", item_col="product", rating_col="score", time_col="ts")
+    t = load_ratings(p, opts)
+    assert as_rows(t) == EXPECTED
+    assert t.timestamps.tolist() == [100.0, 101.0, 102.0, 103.0]
+
+
+def test_generic_tsv_positional_columns(tmp_path: Path) -> None:
+    p = write(tmp_path, "x.tsv", "".join(f"{r}\t{u}\t{i}\tjunk\n" for u, i, r, _ in ROWS))
+    assert detect_format(p) == "tsv"
+    t = load_ratings(p, LoadOptions(user_col="1", item_col="2", rating_col="0", time_col=None))
+    assert as_rows(t) == EXPECTED
+
+
+def test_parquet_detected_and_read(tmp_path: Path) -> None:
+    p = tmp_path / "r.parquet"
+    cols = list(zip(*ROWS, strict=True))
+    pq.write_table(
+        pa.table({"user_id": list(cols[0]), "item_id": list(cols[1]), "rating": list(cols[2]),
+                  "timestamp": list(cols[3])}),
+        p,
+    )  # fmt: skip
+    assert detect_format(p) == "parquet"
+    t = load_ratings(p)
+    assert as_rows(t) == EXPECTED
+
+
+def test_parquet_nulls_and_missing_column(tmp_path: Path) -> None:
+    p = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"user": ["a", "b"], "item": ["x", "y"], "rating": [4.0, None]}), p)
+    t = load_ratings(p)
+    assert len(t) == 1 and t.report.counts["missing_ratings"] == 1
+    q = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"user": ["a"], "thing": ["x"], "rating": [4.0]}), q)
+    with pytest.raises(RatingFileError, match="no item column"):
+        load_ratings(q)
+
+
+# -- messy files -----------------------------------------------------------------------------------
+def test_comments_blank_lines_header_and_trailing_columns(tmp_path: Path) -> None:
+    body = (
+        "# exported 2024-01-01\n"
+        "user,item,rating,timestamp,\n"
+        "\n"
+        "1,10,4,100,,\n"
+        "% another comment\n"
+        "1,20,3,101\n"
+        "user,item,rating,timestamp\n"  # a repeated header (concatenated files)
+        "2,10,5,102,\n"
+        "3,30,1,103\n"
+        "   \n"
+    )
+    t = load_ratings(write(tmp_path, "messy.csv", body))
+    assert as_rows(t) == EXPECTED
+    c = t.report.counts
+    assert c["comment_lines"] == 2
+    assert c["blank_lines"] == 2
+    assert c["header_lines"] == 2
+    assert c["trailing_empty_columns"] == 2
+    assert t.report.rows_read == 4 and t.report.rows_kept == 4
+
+
+def test_duplicates_keep_latest_by_timestamp(tmp_path: Path) -> None:
+    body = "1\t10\t2\t200\n1\t10\t5\t100\n2\t10\t3\t50\n2\t10\t4\t50\n"
+    t = load_ratings(write(tmp_path, "d.data", body))
+    got = dict(
+        zip(zip(t.users.tolist(), t.items.tolist(), strict=True), t.ratings.tolist(), strict=True)
+    )
+    assert got == {("1", "10"): 2.0, ("2", "10"): 4.0}  # latest time wins; tie: the later line
+    assert t.report.counts["duplicates_removed"] == 2
+    assert len(t.report.examples["duplicates_removed"]) == 2
+
+
+def test_dedup_matches_reference_twin() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    users = rng.integers(0, 15, n).astype(str)
+    items = rng.integers(0, 12, n).astype(str)
+    times = rng.integers(0, 20, n).astype(float)
+    times[rng.random(n) < 0.2] = np.nan
+    fast = _dedup_latest(users, items, times).tolist()
+    assert fast == dedup_latest_reference(users.tolist(), items.tolist(), times.tolist())
+
+
+def test_out_of_scale_clip_drop_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "s.data", "1\t10\t4\t1\n1\t20\t7\t2\n2\t10\t0\t3\n")
+    t = load_ratings(p)  # default: clip to the ML-100K scale 1..5
+    assert sorted(t.ratings.tolist()) == [1.0, 4.0, 5.0]
+    assert t.report.counts["ratings_clipped"] == 2
+    assert len(t.report.examples["ratings_clipped"]) == 2
+    t = load_ratings(p, LoadOptions(on_out_of_scale="drop"))
+    assert t.ratings.tolist() == [4.0]
+    assert t.report.counts["ratings_out_of_scale_dropped"] == 2
+    with pytest.raises(RatingFileError, match=r"s\.data:2: rating 7 is outside the scale \[1, 5\]"):
+        load_ratings(p, LoadOptions(on_out_of_scale="error"))
+    t = load_ratings(p, LoadOptions(rating_scale=(0.0, 10.0)))
+    assert sorted(t.ratings.tolist()) == [0.0, 4.0, 7.0]
+
+
+def test_nan_ratings_dropped_and_counted(tmp_path: Path) -> None:
+    body = "user,item,rating\na,x,4\nb,x,NaN\nc,x,\nd,y,null\ne,y,3.5\n"
+    t = load_ratings(write(tmp_path, "n.csv", body))
+    assert len(t) == 2
+    assert t.report.counts["missing_ratings"] == 3
+    assert t.report.examples["missing_ratings"][0].endswith("n.csv:3")
+
+
+def test_string_ids_are_kept_and_counted(tmp_path: Path) -> None:
+    body = "user,item,rating\nalice,tt0111161,5\nbob,tt0068646,4\n42,7,3\n"
+    t = load_ratings(write(tmp_path, "s.csv", body))
+    assert sorted(t.users.tolist()) == ["42", "alice", "bob"]
+    assert t.report.counts["non_numeric_user_ids"] == 2
+    assert t.report.counts["non_numeric_item_ids"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("1\t10\t4\t1\n2\t20\tfive\t2\n", r"bad\.data:2: rating 'five' is not a number"),
+        ("1\t10\t4\t1\n2\t20\n", r"bad\.data:2: expected at least 3 tab-separated fields"),
+        ("1\t10\t4\t1\n\t20\t3\t2\n", r"bad\.data:2: empty user id"),
+        ("1\t10\t4\t1\n2\t20\t3\tyesterday\n", r"bad\.data:2: timestamp 'yesterday'"),
+        ("# only a comment\n\n", r"bad\.data: empty file"),
+        ("", r"bad\.data: empty file \(0 bytes\)"),
+        ("1\t10\tinf\t1\n", r"bad\.data:1: rating 'inf' is infinite"),
+    ],
+)
+def test_bad_rows_raise_with_file_line_and_value(tmp_path: Path, body: str, match: str) -> None:
+    p = write(tmp_path, "bad.data", body)
+    with pytest.raises(RatingFileError, match=match):
+        load_ratings(p, LoadOptions(format="ml-100k"))
+
+
+def test_all_rows_dropped_is_an_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "nan.csv", "user,item,rating\na,b,nan\n")
+    with pytest.raises(RatingFileError, match=r"no rating rows .*missing_ratings"):
+        load_ratings(p)
+
+
+def test_unknown_column_name_and_missing_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "c.csv", "user,item,rating\na,b,3\n")
+    with pytest.raises(RatingFileError, match=r"c\.csv:1: rating column 'stars' not found"):
+        load_ratings(p, LoadOptions(rating_col="stars"))
+    with pytest.raises(FileNotFoundError, match="no such rating file"):
+        load_ratings(tmp_path / "nope.csv")
+
+
+def test_iso_dates_and_quoted_fields(tmp_path: Path) -> None:
+    body = 'user,item,rating,date\n"a","The Matrix, 1999",4,2020-01-02\n"a","The Matrix, 1999",2,2021-01-02\n'
+    t = load_ratings(write(tmp_path, "q.csv", body))
+    assert t.items.tolist() == ["The Matrix, 1999"]
+    assert t.ratings.tolist() == [2.0]
+    assert not math.isnan(float(t.timestamps[0]))
+
+
+def test_vocabulary_natural_order_and_unknown() -> None:
+    v = Vocabulary.from_ids(["10", "2", "b", "a", "2"])
+    assert v.ids == ("2", "10", "a", "b")
+    assert v.encode(np.array(["a", "zzz", "10"])).tolist() == [2, -1, 1]
+    with pytest.raises(ValueError, match="distinct"):
+        Vocabulary(("x", "x"))

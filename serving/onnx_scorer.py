@@ -42,6 +42,10 @@ _SESSIONS: dict[str, tuple[list[str], list[str]]] = {
     "all_scores": (_PER_USER, ["all_scores"]),
 }
 
+# measured crossover (docs/export.md): C·k element gathers cost about as much as a full all-items
+# pass once C reaches ~ n_items / 32
+ALL_ITEMS_RATIO = 32
+
 ExcludeArg = np.ndarray | Sequence[Sequence[int] | np.ndarray] | Sequence[int] | None
 
 
@@ -92,7 +96,8 @@ class OnnxScorer:
             self._sessions[name] = ort.InferenceSession(
                 sub.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
-        self._all_items = np.arange(self.n_items, dtype=np.int64)[None, :]
+        # score() with at least this many candidates (none unknown) goes through the all-items graph
+        self.all_items_from = max(1, self.n_items // ALL_ITEMS_RATIO)
         self._no_exclude = np.full((1, 1), -1, dtype=np.int64)
 
     # -- the population (non-personalised) model --------------------------------------------------
@@ -109,8 +114,18 @@ class OnnxScorer:
     def score(self, w: Any, user_bias: Any, b_idx: Any, b_val: Any, items: Any) -> np.ndarray:
         """Clipped predictions of ``items`` (== ``TrainedModel.predict``), float32."""
         feeds, single = self._user_feeds(w, user_bias, b_idx, b_val)
-        feeds["items"] = self._items(items, feeds["w"].shape[0], "items")
-        (scores,) = self._sessions["score"].run(["scores"], feeds)
+        arr, lowest = self._items(items, feeds["w"].shape[0], "items")
+        if lowest >= 0 and arr.shape[1] >= self.all_items_from:
+            # many candidates: scoring every item (one MatMul + k row gathers) and picking the
+            # candidates is cheaper than C·k element gathers
+            (every,) = self._sessions["all_scores"].run(["all_scores"], feeds)
+            if arr.shape[0] == every.shape[0]:
+                scores = np.take_along_axis(every, arr, axis=1)
+            else:
+                scores = every[:, arr[0]]
+        else:
+            feeds["items"] = arr
+            (scores,) = self._sessions["score"].run(["scores"], feeds)
         return np.asarray(scores[0] if single else scores)
 
     def score_all(self, w: Any, user_bias: Any, b_idx: Any, b_val: Any) -> np.ndarray:
@@ -149,7 +164,7 @@ class OnnxScorer:
                 ["all_top_items", "all_top_scores"], feeds
             )
         else:
-            feeds["items"] = self._items(candidates, batch, "candidates")
+            feeds["items"] = self._items(candidates, batch, "candidates")[0]
             top_items, top_scores = self._sessions["topn"].run(["top_items", "top_scores"], feeds)
         if single:
             keep = top_scores[0] > -np.inf
@@ -205,7 +220,7 @@ class OnnxScorer:
             }, True
         return {"w": w_arr, "user_bias": ub, "b_idx": bi, "b_val": bv}, False
 
-    def _items(self, items: Any, batch: int, name: str) -> np.ndarray:
+    def _items(self, items: Any, batch: int, name: str) -> tuple[np.ndarray, int]:
         arr = _int_array(items, name)
         if arr.ndim == 1:
             arr = arr[None, :]
@@ -221,7 +236,7 @@ class OnnxScorer:
                 f"{name} entries must lie in [-1, {self.n_items}) (-1 = unknown item), "
                 f"got range [{lo}, {hi}]"
             )
-        return arr
+        return arr, lo
 
     def _exclude(self, exclude: ExcludeArg, batch: int, single: bool) -> np.ndarray:
         if exclude is None:

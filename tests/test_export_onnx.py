@@ -198,6 +198,29 @@ def test_edge_dimensions(tmp_path: Path, r: int, k: int) -> None:
     )
 
 
+def test_score_routes_agree(model: TrainedModel, onnx_path: Path) -> None:
+    """score() gathers candidates (few) or picks them from the all-items pass (many): same result."""
+    gather, dense = OnnxScorer(onnx_path), OnnxScorer(onnx_path)
+    gather.all_items_from, dense.all_items_from = 10**9, 1
+    rng = np.random.default_rng(11)
+    users = rng.integers(0, model.n_users, 4)
+    for items in (rng.integers(0, model.n_items, (4, 50)), rng.integers(0, model.n_items, 50)):
+        want = model.predict(
+            np.repeat(users, 50), items.ravel() if items.ndim == 2 else np.tile(items, 4)
+        ).reshape(4, 50)
+        a = gather.score(*user_params(model, users), items)
+        b = dense.score(*user_params(model, users), items)
+        assert a.shape == b.shape == (4, 50)
+        assert rel_err(a, want) <= RTOL and rel_err(b, want) <= RTOL
+    one = one_user(model, 1)
+    items = np.array([0, 5, 5, 79])
+    np.testing.assert_allclose(gather.score(*one, items), dense.score(*one, items), rtol=RTOL)
+    with_unknown = np.array([0, -1, 3])  # -1 always takes the gather route
+    assert (
+        rel_err(dense.score(*one, with_unknown), model.predict(np.full(3, 1), with_unknown)) <= RTOL
+    )
+
+
 def test_single_user_forms_and_score_all(model: TrainedModel, scorer: OnnxScorer) -> None:
     u = 7
     w, ub, bi, bv = one_user(model, u)

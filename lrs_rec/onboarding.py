@@ -6,25 +6,35 @@ The rating model is the trained one (see ``training.model_dir``)::
 
 so with ``y_j = r_j − μ − c_{i_j}``, ``z_j = Uᵀ f_{i_j}`` (precomputed per model as ``FU = F·U``) and
 ``x_j = f_{i_j}`` the user's ratings are the linear measurements of paper Eq. 1 for a *new task*
-(Theorem 1, "generalisation for a new task": U frozen, only the task's w and b are estimated).
+(Theorem 1, generalisation to a new task: U frozen, only the task's w and b are estimated).
 
 For tiny n plain least squares over-fits (n may be smaller than r + 1), so we take the MAP estimate under
-the population prior learned at training time (empirical Bayes)::
+the population distribution of the trained users (empirical Bayes, estimated from the model arrays)::
 
-    w_u ~ N(w̄, s_w·Σ_w)      (w̄, Σ_w: mean / covariance of the trained users' w)
-    c_u ~ N(0, s_c·τ_c²)     (τ_c²: mean square of the trained users' biases)
-    b_j ~ N(0, s_b·τ_b²)     on an opened coordinate j (τ_b²: mean square of trained non-zero b values)
+    t_u = (c_u, w_u) ~ N(t̄, Σ_t)      joint: w̄ / Σ_w as stored by training, c_u's variance and its
+                                       covariance with w from the trained users' biases
+    b_j ~ N(0, τ_b²)                   on an opened coordinate j (τ_b²: trained non-zero b values)
+
+Which items a user chose to rate is itself information about them (the implicit signal of asymmetric
+SVD / SVD++). The prior is therefore conditioned on the mean descriptor ``ḡ`` of the n rated items
+(``g_i = [f_i, c_i, log(1 + count_i)]``): treating (t_u, m_u) as jointly Gaussian across trained users,
+with ``m_u`` a user's mean item descriptor and ``ḡ = m_u + noise`` of covariance ``S/n``::
+
+    t_u | ḡ ~ N(t̄ + K_n (ḡ − m̄),  Σ_t − K_n C_mt),     K_n = C_tm (C_mm + S/n)⁻¹
+
+(``C_mm`` between-user, ``S`` pooled within-user covariance; one generalised eigendecomposition per
+model makes every K_n a diagonal rescaling). For n → ∞ this tends to the regression of t on m_u; for
+n = 1 it is heavily damped. ``implicit_scale = 0`` switches it off (the plain population prior).
 
 The sparse part follows the hard-thresholding-pursuit refinement of Algorithm 2 (paper Sec. 2.1, Eq. 3):
 the support is read off the thresholded gradient ``Xᵀ(y − ŷ)`` (each coordinate's score statistic,
 ``HT(·, Δ)`` with Δ = ``support_z`` standard errors, then keep-top-``k_eff``), followed by a joint
 ridge-regularised solve for (c_u, w_u, b_S). The number of opened coordinates ``k_eff(n)`` grows with n
-(0 below ``sparse_min_ratings``), matching the O(r + k) per-task sample complexity of Theorem 1: a
-coordinate is only paid for when the data can support it.
+(0 below ``sparse_min_ratings``), matching the O(r + k) per-task sample complexity of Theorem 1.
 
-Everything model-wide is precomputed once (:class:`Onboarder`); one fit is a handful of (1+r+k)-sized
-dense solves. :func:`onboard_reference` is the slow, obvious twin (augmented least squares, plain loops)
-the tests compare with.
+Everything model-wide is precomputed once (:class:`Onboarder`); one fit is a few (1+r+k)-sized dense
+solves. :func:`onboard_reference` is the slow, obvious twin (explicit inverses, augmented least squares,
+plain loops) that the tests compare with.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 
 from lrs_rec._types import FloatArray, IntArray
 from lrs_rec.model import LRSModel
@@ -44,6 +55,7 @@ __all__ = [
     "OnboardingPrior",
     "effective_sparsity",
     "estimate_prior",
+    "item_descriptors",
     "onboard_reference",
 ]
 
@@ -53,15 +65,17 @@ class OnboardingConfig:
     """Hyperparameters of onboarding (validated, immutable).
 
     The ``*_scale`` factors multiply the empirical-Bayes variances estimated from the trained users
-    (1.0 = use them as estimated). Only ratios of prior to noise variance change the MAP estimate.
-    ``k_eff(n) = 0`` for ``n < sparse_min_ratings``, else ``min(k, 1 + (n − sparse_min_ratings) //
-    ratings_per_coordinate)``.
+    (1.0 = use them as estimated); only ratios of prior to noise variance change the MAP estimate.
+    ``implicit_scale`` scales the conditioning on the rated-item set (0 = off, 1 = full Gaussian
+    conditioning). ``k_eff(n) = 0`` for ``n < sparse_min_ratings``, else
+    ``min(k, 1 + (n − sparse_min_ratings) // ratings_per_coordinate)``.
     """
 
     w_prior_scale: float = 1.0
     bias_prior_scale: float = 1.0
     b_prior_scale: float = 1.0
     noise_scale: float = 1.0
+    implicit_scale: float = 1.0
     sparse_min_ratings: int = 20
     ratings_per_coordinate: int = 10
     support_z: float = 2.5
@@ -72,55 +86,83 @@ class OnboardingConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"OnboardingConfig.{name} must be a finite number > 0, got {v!r}")
-        if not (isinstance(self.sparse_min_ratings, int) and self.sparse_min_ratings >= 1):
-            raise ValueError(
-                f"OnboardingConfig.sparse_min_ratings must be an int >= 1, got "
-                f"{self.sparse_min_ratings!r}"
-            )
-        if not (isinstance(self.ratings_per_coordinate, int) and self.ratings_per_coordinate >= 1):
-            raise ValueError(
-                f"OnboardingConfig.ratings_per_coordinate must be an int >= 1, got "
-                f"{self.ratings_per_coordinate!r}"
-            )
-        if not (math.isfinite(self.support_z) and self.support_z >= 0):
-            raise ValueError(f"OnboardingConfig.support_z must be >= 0, got {self.support_z!r}")
-        if not (isinstance(self.htp_iters, int) and self.htp_iters >= 1):
-            raise ValueError(
-                f"OnboardingConfig.htp_iters must be an int >= 1, got {self.htp_iters!r}"
-            )
+        s = self.implicit_scale
+        if not (isinstance(s, int | float) and 0.0 <= s <= 1.0):
+            raise ValueError(f"OnboardingConfig.implicit_scale must be in [0, 1], got {s!r}")
+        for name in ("sparse_min_ratings", "ratings_per_coordinate", "htp_iters"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"OnboardingConfig.{name} must be an int >= 1, got {v!r}")
+        z = self.support_z
+        if not (isinstance(z, int | float) and math.isfinite(z) and z >= 0):
+            raise ValueError(f"OnboardingConfig.support_z must be a finite number >= 0, got {z!r}")
+
+
+def _sym(a: FloatArray) -> FloatArray:
+    return np.asarray(0.5 * (a + a.T), dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)
 class OnboardingPrior:
-    """The population distribution of trained users (empirical Bayes), before config scaling."""
+    """The population distribution of the trained users (empirical Bayes), before config scaling.
 
-    w_mean: FloatArray  # (r,)  w̄
-    w_cov: FloatArray  # (r, r) Σ_w
-    bias_var: float  # τ_c²
+    ``t`` is the stacked (c_u, w_u) of length 1 + r. The implicit part (``item_desc`` … ``C_tm``)
+    may have p = 0 columns, which switches the conditioning off.
+    """
+
+    t_mean: FloatArray  # (1+r,)
+    t_cov: FloatArray  # (1+r, 1+r)
     b_var: float  # τ_b²
     noise_var: float  # σ²
+    item_desc: FloatArray  # (n_items, p)  g_i
+    m_mean: FloatArray  # (p,)  m̄
+    C_mm: FloatArray  # (p, p)  between-user covariance of m_u (PSD)
+    S_within: FloatArray  # (p, p)  pooled within-user covariance of g (positive definite)
+    C_tm: FloatArray  # (1+r, p)
 
     def __post_init__(self) -> None:
-        w_mean = np.asarray(self.w_mean, dtype=np.float64).reshape(-1)
-        r = w_mean.shape[0]
-        w_cov = np.asarray(self.w_cov, dtype=np.float64)
-        if w_cov.shape != (r, r):
-            raise ValueError(f"w_cov must be ({r}, {r}) to match w_mean, got {w_cov.shape}")
-        if not (np.all(np.isfinite(w_mean)) and np.all(np.isfinite(w_cov))):
-            raise ValueError("w_mean / w_cov contain NaN or inf")
-        for name in ("bias_var", "b_var", "noise_var"):
+        t_mean = np.asarray(self.t_mean, dtype=np.float64).reshape(-1)
+        q = t_mean.shape[0]
+        desc = np.asarray(self.item_desc, dtype=np.float64)
+        if desc.ndim != 2:
+            raise ValueError(f"item_desc must be (n_items, p), got shape {desc.shape}")
+        p = desc.shape[1]
+        shapes = {
+            "t_cov": (np.asarray(self.t_cov).shape, (q, q)),
+            "m_mean": (np.asarray(self.m_mean).shape, (p,)),
+            "C_mm": (np.asarray(self.C_mm).shape, (p, p)),
+            "S_within": (np.asarray(self.S_within).shape, (p, p)),
+            "C_tm": (np.asarray(self.C_tm).shape, (q, p)),
+        }
+        for name, (got, want) in shapes.items():
+            if got != want:
+                raise ValueError(f"OnboardingPrior.{name} must have shape {want}, got {got}")
+        for name in ("t_mean", "t_cov", "item_desc", "m_mean", "C_mm", "S_within", "C_tm"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"OnboardingPrior.{name} contains NaN or inf")
+            if name in ("t_cov", "C_mm", "S_within"):
+                arr = _sym(arr)
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        for name in ("b_var", "noise_var"):
             v = float(getattr(self, name))
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"OnboardingPrior.{name} must be finite and > 0, got {v!r}")
             object.__setattr__(self, name, v)
-        object.__setattr__(self, "w_mean", w_mean)
-        object.__setattr__(self, "w_cov", 0.5 * (w_cov + w_cov.T))
 
-    def to_json(self) -> dict[str, object]:
+    @property
+    def rank(self) -> int:
+        return int(self.t_mean.shape[0]) - 1
+
+    def summary(self) -> dict[str, float]:
+        """Scalars worth recording (e.g. in a manifest or a benchmark)."""
         return {
-            "bias_var": self.bias_var,
+            "bias_var": float(self.t_cov[0, 0]),
+            "w_var_trace": float(np.trace(self.t_cov[1:, 1:])),
             "b_var": self.b_var,
             "noise_var": self.noise_var,
+            "implicit_dim": int(self.item_desc.shape[1]),
         }
 
 
@@ -153,6 +195,20 @@ def effective_sparsity(n: int, k: int, config: OnboardingConfig) -> int:
     return min(k, 1 + (n - config.sparse_min_ratings) // config.ratings_per_coordinate)
 
 
+def item_descriptors(
+    item_features: FloatArray, item_bias: FloatArray, item_counts: IntArray
+) -> FloatArray:
+    """g_i = [f_i, c_i, log(1 + count_i)]: what choosing to rate item i says about a user."""
+    F = np.asarray(item_features, dtype=np.float64)
+    return np.column_stack(
+        [
+            F,
+            np.asarray(item_bias, dtype=np.float64),
+            np.log1p(np.asarray(item_counts, dtype=np.float64)),
+        ]
+    )
+
+
 def estimate_prior(
     *,
     lrs: LRSModel,
@@ -165,49 +221,101 @@ def estimate_prior(
     history_indptr: IntArray,
     history_items: IntArray,
     history_ratings: FloatArray,
+    implicit: bool = True,
 ) -> OnboardingPrior:
     """Empirical-Bayes prior from the trained model's arrays.
 
-    * w: ``w_prior_mean`` / ``w_prior_cov`` as stored by training, with a small ridge (1e-6·tr/r) so
-      the precision exists even when some direction of Σ_w is degenerate.
-    * c_u: τ_c² = mean of the trained users' c_u², b: τ_b² = mean of the non-zero b values squared.
+    * (c_u, w_u): mean (c̄, w̄) and covariance with the w block = ``w_prior_cov`` as stored by training,
+      the c_u variance and c–w covariances from ``user_bias`` and W; a 1e-6 relative ridge keeps it
+      positive definite.
+    * b: τ_b² = mean square of the trained non-zero b values.
     * noise: σ² = training residual sum of squares / (N − n_users·(1 + r + k)) (degrees-of-freedom
-      corrected, since training residuals are optimistic); falls back to the raw mean square.
+      corrected, training residuals are optimistic); the raw mean square if that has too few dof.
+    * implicit: m_u = mean item descriptor of each trained user's history; C_mm = their covariance
+      minus the sampling part mean(S/n_u), projected to PSD relative to S; C_tm = cov(t_u, m_u).
     """
     r = lrs.rank
-    w_cov = np.asarray(w_prior_cov, dtype=np.float64)
-    jitter = 1e-6 * max(float(np.trace(w_cov)) / max(r, 1), 1e-12)
-    w_cov = w_cov + jitter * np.eye(r)
-    user_bias = np.asarray(user_bias, dtype=np.float64)
-    bias_var = float(np.mean(user_bias**2)) if user_bias.size else 0.0
-    nz = lrs.B_val[lrs.B_val != 0.0]
-    b_var = float(np.mean(nz**2)) if nz.size else 0.0
+    n_users = lrs.n_users
+    n_items = np.asarray(item_features).shape[0]
+    ub = np.asarray(user_bias, dtype=np.float64)
+    W = lrs.W
     indptr = np.asarray(history_indptr, dtype=np.int64)
     items = np.asarray(history_items, dtype=np.int64)
     ratings = np.asarray(history_ratings, dtype=np.float64)
     counts = np.diff(indptr)
-    users = np.repeat(np.arange(lrs.n_users, dtype=np.int64), counts)
-    noise_var = 0.0
+    users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
+
+    T = np.column_stack([ub, W])  # (n_users, 1+r)
+    t_mean = np.concatenate([[float(ub.mean()) if n_users else 0.0], w_prior_mean])
+    t_cov = np.cov(T, rowvar=False) if n_users > 1 else np.eye(1 + r)
+    t_cov = np.atleast_2d(t_cov)
+    t_cov[1:, 1:] = np.asarray(w_prior_cov, dtype=np.float64)
+    t_cov[0, 0] = max(float(t_cov[0, 0]), 1e-6)
+    # make it positive definite (the stored Σ_w and the estimated cross terms may disagree slightly)
+    evals, evecs = np.linalg.eigh(_sym(t_cov))
+    floor = 1e-6 * max(float(evals.max()), 1e-6)
+    t_cov = (evecs * np.maximum(evals, floor)) @ evecs.T
+
+    nz = lrs.B_val[lrs.B_val != 0.0]
+    b_var = max(float(np.mean(nz**2)) if nz.size else 0.0, 1e-6)
+
+    noise_var = 1e-6
     if users.size:
         feats = np.asarray(item_features, dtype=np.float64)
         theta = lrs.theta()
         pred = (
             global_mean
-            + user_bias[users]
+            + ub[users]
             + np.asarray(item_bias, dtype=np.float64)[items]
             + np.einsum("nd,nd->n", feats[items], theta[users])
         )
         sse = float(np.sum((ratings - pred) ** 2))
-        dof = users.size - lrs.n_users * (1 + r + lrs.sparsity)
-        noise_var = sse / dof if dof > users.size // 4 else sse / users.size
-    # Floors keep the prior proper on degenerate models (e.g. all-zero biases in a toy model).
-    floor = 1e-6
+        dof = users.size - n_users * (1 + r + lrs.sparsity)
+        noise_var = max(sse / dof if dof > users.size // 4 else sse / users.size, 1e-6)
+
+    p = 0
+    desc = np.zeros((n_items, 0))
+    if implicit and n_users > 2 and np.all(counts > 0):
+        desc = item_descriptors(item_features, item_bias, np.bincount(items, minlength=n_items))
+        p = desc.shape[1]
+    if p == 0:
+        zeros_p = np.zeros((0, 0))
+        return OnboardingPrior(
+            t_mean=t_mean,
+            t_cov=t_cov,
+            b_var=b_var,
+            noise_var=noise_var,
+            item_desc=desc,
+            m_mean=np.zeros(0),
+            C_mm=zeros_p,
+            S_within=zeros_p,
+            C_tm=np.zeros((1 + r, 0)),
+        )
+    G = desc[items]  # (N, p)
+    M = np.zeros((n_users, p))
+    np.add.at(M, users, G)
+    M /= counts[:, None]
+    dev = G - M[users]
+    dof_w = max(int(users.size - n_users), 1)
+    S = dev.T @ dev / dof_w
+    S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
+    m_mean = M.mean(axis=0)
+    C_raw = np.cov(M, rowvar=False) - float(np.mean(1.0 / counts)) * S
+    lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))  # C Q = S Q Λ, QᵀSQ = I
+    SQ = S @ Q
+    C_mm = (SQ * np.maximum(lam, 0.0)) @ SQ.T
+    Tc = T - T.mean(axis=0)
+    C_tm = Tc.T @ (M - m_mean) / (n_users - 1)
     return OnboardingPrior(
-        w_mean=np.asarray(w_prior_mean, dtype=np.float64),
-        w_cov=w_cov,
-        bias_var=max(bias_var, floor),
-        b_var=max(b_var, floor),
-        noise_var=max(noise_var, floor),
+        t_mean=t_mean,
+        t_cov=t_cov,
+        b_var=b_var,
+        noise_var=noise_var,
+        item_desc=desc,
+        m_mean=m_mean,
+        C_mm=C_mm,
+        S_within=S,
+        C_tm=C_tm,
     )
 
 
@@ -250,9 +358,15 @@ def _check_ratings(
     return it.astype(np.int64), rt
 
 
+def _scale_diag(config: OnboardingConfig, r: int) -> FloatArray:
+    """D such that the scaled prior covariance is D·Σ_t·D (c block by bias, w block by w scale)."""
+    scales = np.concatenate([[config.bias_prior_scale], np.full(r, config.w_prior_scale)])
+    return np.asarray(np.sqrt(scales), dtype=np.float64)
+
+
 @dataclass(frozen=True, eq=False)
 class Onboarder:
-    """Fits new (or refits existing) users against a frozen model; immutable, thread-safe.
+    """Fits new (or refits existing) users against a frozen model; immutable and thread-safe.
 
     Build it with :meth:`from_arrays` (``serving.onboarding`` builds it from a ``TrainedModel``).
     """
@@ -268,47 +382,72 @@ class Onboarder:
     config: OnboardingConfig
     # precomputed per model
     FU: FloatArray = field(init=False)  # (n_items, r) = F·U
-    prior_precision: FloatArray = field(
-        init=False
-    )  # (1+r, 1+r) blockdiag(1/τ_c², Σ_w⁻¹), σ²-scaled
-    prior_rhs: FloatArray = field(init=False)  # (1+r,) prior precision · prior mean, σ²-scaled
-    b_precision: float = field(init=False)  # σ²/τ_b²
-    noise_sd: float = field(init=False)
+    _Y: FloatArray = field(init=False)  # (n_items, p) = g_i·Q  (generalised eigenbasis)
+    _y_pop: FloatArray = field(init=False)  # (p,) = m̄·Q
+    _lam: FloatArray = field(init=False)  # (p,) eigenvalues of C_mm relative to S
+    _gain: FloatArray = field(init=False)  # (1+r, p) = D·C_tm·Q
+    _t_mean: FloatArray = field(init=False)  # (1+r,)
+    _t_cov: FloatArray = field(init=False)  # (1+r, 1+r) = D·Σ_t·D
+    _noise: float = field(init=False)
+    _b_precision: float = field(init=False)  # σ²/τ_b²
 
     def __post_init__(self) -> None:
-        U = np.ascontiguousarray(self.U, dtype=np.float64)
-        F = np.ascontiguousarray(self.item_features, dtype=np.float64)
+        U = np.array(self.U, dtype=np.float64)
+        F = np.array(self.item_features, dtype=np.float64)
+        ib = np.array(self.item_bias, dtype=np.float64)
         if U.ndim != 2 or F.ndim != 2 or F.shape[1] != U.shape[0]:
             raise ValueError(
                 f"item_features {F.shape} and U {U.shape} do not match (F: n×d, U: d×r)"
             )
+        if ib.shape != (F.shape[0],):
+            raise ValueError(f"item_bias must be ({F.shape[0]},), got {ib.shape}")
         r = U.shape[1]
-        if self.prior.w_mean.shape != (r,):
-            raise ValueError(f"prior w_mean has shape {self.prior.w_mean.shape}, U has rank {r}")
+        if self.prior.rank != r:
+            raise ValueError(f"prior is for rank {self.prior.rank}, U has rank {r}")
+        if self.prior.item_desc.shape[0] != F.shape[0]:
+            raise ValueError(
+                f"prior item_desc has {self.prior.item_desc.shape[0]} items, "
+                f"item_features has {F.shape[0]}"
+            )
         if not 0 <= self.k <= U.shape[0]:
             raise ValueError(f"sparsity k={self.k} must lie in [0, d={U.shape[0]}]")
-        cfg = self.config
-        noise = self.prior.noise_var * cfg.noise_scale
-        # Everything is multiplied by σ² so the normal equations are AᵀA + σ²·P (Eq. 4 with a prior).
-        P = np.zeros((1 + r, 1 + r))
-        P[0, 0] = noise / (self.prior.bias_var * cfg.bias_prior_scale)
-        Pw = np.linalg.inv(self.prior.w_cov * cfg.w_prior_scale) * noise
-        P[1:, 1:] = 0.5 * (Pw + Pw.T)
-        rhs = np.zeros(1 + r)
-        rhs[1:] = P[1:, 1:] @ self.prior.w_mean
-        for name, arr in (("U", U), ("item_features", F)):
+        if not self.rating_min < self.rating_max:
+            raise ValueError(f"rating scale [{self.rating_min}, {self.rating_max}] is empty")
+        cfg, prior = self.config, self.prior
+        D = _scale_diag(cfg, r)
+        p = prior.item_desc.shape[1]
+        if p and cfg.implicit_scale > 0:
+            lam, Q = scipy.linalg.eigh(prior.C_mm, prior.S_within)
+            lam = np.maximum(lam, 0.0)
+            Y = prior.item_desc @ Q
+            y_pop = prior.m_mean @ Q
+            gain = (D[:, None] * prior.C_tm) @ Q
+        else:
+            lam, Y, y_pop, gain = (
+                np.zeros(0),
+                np.zeros((F.shape[0], 0)),
+                np.zeros(0),
+                np.zeros((1 + r, 0)),
+            )
+        values: dict[str, object] = {
+            "U": U,
+            "item_features": F,
+            "item_bias": ib,
+            "FU": F @ U,
+            "_Y": np.ascontiguousarray(Y),
+            "_y_pop": y_pop,
+            "_lam": lam,
+            "_gain": gain,
+            "_t_mean": prior.t_mean.copy(),
+            "_t_cov": D[:, None] * prior.t_cov * D[None, :],
+        }
+        for name, arr in values.items():
+            assert isinstance(arr, np.ndarray)
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
-        fu = F @ U
-        fu.setflags(write=False)
-        ib = np.array(self.item_bias, dtype=np.float64)
-        ib.setflags(write=False)
-        object.__setattr__(self, "item_bias", ib)
-        object.__setattr__(self, "FU", fu)
-        object.__setattr__(self, "prior_precision", P)
-        object.__setattr__(self, "prior_rhs", rhs)
-        object.__setattr__(self, "b_precision", noise / (self.prior.b_var * cfg.b_prior_scale))
-        object.__setattr__(self, "noise_sd", math.sqrt(noise))
+        noise = prior.noise_var * cfg.noise_scale
+        object.__setattr__(self, "_noise", noise)
+        object.__setattr__(self, "_b_precision", noise / (prior.b_var * cfg.b_prior_scale))
 
     @property
     def n_items(self) -> int:
@@ -321,6 +460,20 @@ class Onboarder:
     @property
     def rank(self) -> int:
         return int(self.U.shape[1])
+
+    def with_config(self, config: OnboardingConfig) -> Onboarder:
+        """The same model and prior under another config (no re-estimation of the prior)."""
+        return Onboarder(
+            U=self.U,
+            item_features=self.item_features,
+            item_bias=self.item_bias,
+            global_mean=self.global_mean,
+            rating_min=self.rating_min,
+            rating_max=self.rating_max,
+            k=self.k,
+            prior=self.prior,
+            config=config,
+        )
 
     @classmethod
     def from_arrays(
@@ -368,6 +521,18 @@ class Onboarder:
         )
 
     # -- fitting ---------------------------------------------------------------------------------
+    def conditional_prior(self, items: IntArray) -> tuple[FloatArray, FloatArray]:
+        """Prior mean and covariance of (c_u, w_u) given the rated items (scaled by the config)."""
+        it = np.asarray(items, dtype=np.int64)
+        if self._lam.size == 0:
+            return self._t_mean, self._t_cov
+        s = self.config.implicit_scale
+        inv = 1.0 / (self._lam + 1.0 / it.shape[0])  # (C_mm + S/n)⁻¹ in the eigenbasis
+        v = (self._Y[it].mean(axis=0) - self._y_pop) * inv
+        mean = self._t_mean + s * (self._gain @ v)
+        cov = self._t_cov - s * ((self._gain * inv) @ self._gain.T)
+        return mean, cov
+
     def fit(self, items: IntArray, ratings: FloatArray) -> OnboardedUser:
         """MAP fit of (c_u, w_u, b_u) from one user's ratings (item indices, raw ratings).
 
@@ -381,8 +546,11 @@ class Onboarder:
         A = np.empty((n, 1 + r))
         A[:, 0] = 1.0
         A[:, 1:] = self.FU[it]
-        H = A.T @ A + self.prior_precision
-        g = A.T @ y + self.prior_rhs
+        t0, cov = self.conditional_prior(it)
+        # normal equations of the MAP problem, multiplied by σ²: (AᵀA + σ²Σ⁻¹) t = Aᵀy + σ²Σ⁻¹t0
+        P = np.linalg.inv(cov) * self._noise
+        H = A.T @ A + P
+        g = A.T @ y + P @ t0
         sol = np.linalg.solve(H, g)
         k_eff = effective_sparsity(n, self.k, self.config)
         support: list[int] = []
@@ -390,11 +558,12 @@ class Onboarder:
         if k_eff > 0:
             X = self.item_features[it]
             col_sq = np.einsum("nd,nd->d", X, X)
+            denom = math.sqrt(self._noise) * np.sqrt(col_sq + 1e-300)
             b_full = np.zeros(self.d)
             resid = y - A @ sol
             for _ in range(self.config.htp_iters):
                 # score statistic of each coordinate given the others (thresholded gradient step)
-                stat = (X.T @ resid + b_full * col_sq) / (self.noise_sd * np.sqrt(col_sq + 1e-300))
+                stat = (X.T @ resid + b_full * col_sq) / denom
                 new_support = _select_support(stat, k_eff, self.config.support_z)
                 if new_support == support:
                     break
@@ -409,9 +578,8 @@ class Onboarder:
                 Hj[: 1 + r, : 1 + r] = H
                 Hj[: 1 + r, 1 + r :] = A.T @ XS
                 Hj[1 + r :, : 1 + r] = Hj[: 1 + r, 1 + r :].T
-                Hj[1 + r :, 1 + r :] = XS.T @ XS + self.b_precision * np.eye(s)
-                gj = np.concatenate([g, XS.T @ y])
-                full = np.linalg.solve(Hj, gj)
+                Hj[1 + r :, 1 + r :] = XS.T @ XS + self._b_precision * np.eye(s)
+                full = np.linalg.solve(Hj, np.concatenate([g, XS.T @ y]))
                 sol, b_S = full[: 1 + r], full[1 + r :]
                 b_full = np.zeros(self.d)
                 b_full[support] = b_S
@@ -448,21 +616,31 @@ def _select_support(stat: FloatArray, k_eff: int, z: float) -> list[int]:
 def onboard_reference(onboarder: Onboarder, items: IntArray, ratings: FloatArray) -> OnboardedUser:
     """Slow, obvious twin of :meth:`Onboarder.fit` (used by the tests).
 
-    Builds the MAP problem as one augmented least-squares system per support (data rows, then
-    √precision prior rows) and solves it with ``lstsq``; the support is chosen with plain Python.
+    The conditional prior uses the textbook Gaussian formula with explicit inverses; the MAP problem is
+    one augmented least-squares system per support (data rows, then Cholesky-whitened prior rows)
+    solved with ``lstsq``; the support is chosen with plain Python.
     """
     it, rt = _check_ratings(items, ratings, onboarder.n_items)
-    cfg = onboarder.config
-    prior = onboarder.prior
+    cfg, prior = onboarder.config, onboarder.prior
     U, F = onboarder.U, onboarder.item_features
     d, r = U.shape
-    sigma2 = prior.noise_var * cfg.noise_scale
     n = len(it)
+    sigma2 = prior.noise_var * cfg.noise_scale
     y = np.array([rt[j] - onboarder.global_mean - onboarder.item_bias[it[j]] for j in range(n)])
+
+    # prior of t = (c_u, w_u) given the rated items
+    D = np.diag(_scale_diag(cfg, r))
+    t0 = prior.t_mean.copy()
+    cov = D @ prior.t_cov @ D
+    if prior.item_desc.shape[1] and cfg.implicit_scale > 0:
+        g_bar = np.mean([prior.item_desc[i] for i in it], axis=0)
+        K = D @ prior.C_tm @ np.linalg.inv(prior.C_mm + prior.S_within / n)
+        t0 = t0 + cfg.implicit_scale * K @ (g_bar - prior.m_mean)
+        cov = cov - cfg.implicit_scale * K @ prior.C_tm.T @ D
+    L = np.linalg.cholesky(np.linalg.inv(cov))  # Σ⁻¹ = L Lᵀ: prior rows are Lᵀ(t − t0)
 
     def solve(support: list[int]) -> FloatArray:
         s = len(support)
-        p = 1 + r + s
         rows: list[FloatArray] = []
         rhs: list[float] = []
         for j in range(n):
@@ -470,27 +648,20 @@ def onboard_reference(onboarder: Onboarder, items: IntArray, ratings: FloatArray
             data_row = [1.0, *list(f @ U), *[f[c] for c in support]]
             rows.append(np.array(data_row) / math.sqrt(sigma2))
             rhs.append(y[j] / math.sqrt(sigma2))
-        # prior rows: c_u ~ N(0, τ_c²), w ~ N(w̄, Σ_w), b_j ~ N(0, τ_b²)
-        tau_c2 = prior.bias_var * cfg.bias_prior_scale
-        row = np.zeros(p)
-        row[0] = 1.0 / math.sqrt(tau_c2)
-        rows.append(row)
-        rhs.append(0.0)
-        L = np.linalg.cholesky(np.linalg.inv(prior.w_cov * cfg.w_prior_scale))
-        for a in range(r):
-            row = np.zeros(p)
-            row[1 : 1 + r] = L[:, a]
+        for a in range(1 + r):
+            row = np.zeros(1 + r + s)
+            row[: 1 + r] = L[:, a]
             rows.append(row)
-            rhs.append(float(L[:, a] @ prior.w_mean))
+            rhs.append(float(L[:, a] @ t0))
         for q in range(s):
-            row = np.zeros(p)
+            row = np.zeros(1 + r + s)
             row[1 + r + q] = 1.0 / math.sqrt(prior.b_var * cfg.b_prior_scale)
             rows.append(row)
             rhs.append(0.0)
         solution, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
         return np.asarray(solution, dtype=np.float64)
 
-    def residual(sol: FloatArray, support: list[int]) -> FloatArray:
+    def residual(sol: FloatArray, support: list[int]) -> list[float]:
         out = []
         for j in range(n):
             f = F[it[j]]
@@ -498,7 +669,7 @@ def onboard_reference(onboarder: Onboarder, items: IntArray, ratings: FloatArray
             for q, c in enumerate(support):
                 pred += f[c] * sol[1 + r + q]
             out.append(y[j] - pred)
-        return np.array(out)
+        return out
 
     support: list[int] = []
     sol = solve(support)
@@ -507,15 +678,15 @@ def onboard_reference(onboarder: Onboarder, items: IntArray, ratings: FloatArray
         for _ in range(cfg.htp_iters):
             res = residual(sol, support)
             b = {c: sol[1 + r + q] for q, c in enumerate(support)}
-            stats = []
+            ranked = []
             for c in range(d):
                 col = [F[it[j], c] for j in range(n)]
                 sq = sum(v * v for v in col)
                 grad = sum(col[j] * res[j] for j in range(n))
                 stat = (grad + b.get(c, 0.0) * sq) / (math.sqrt(sigma2) * math.sqrt(sq + 1e-300))
-                stats.append((-abs(stat), c, abs(stat)))
-            stats.sort()
-            new_support = sorted(c for _, c, mag in stats[:k_eff] if mag > cfg.support_z)
+                ranked.append((-abs(stat), c))
+            ranked.sort()
+            new_support = sorted(c for neg, c in ranked[:k_eff] if -neg > cfg.support_z)
             if new_support == support:
                 break
             support = new_support

@@ -99,13 +99,20 @@ def u_step_sensitivities(bounds: ClipBounds, *, one_hot: bool) -> tuple[float, f
     return m * b.A1**2 * b.A_w**2, m * b.A1 * (b.A2 + b.A3) * b.A_w
 
 
-def item_sum_sensitivities(*, A2: float, max_samples_per_user: int) -> tuple[float, float]:
+def item_sum_sensitivities(
+    *, A2: float, max_samples_per_user: int, user_norm_bound: float | None = None
+) -> tuple[float, float]:
     """(Δ_S, Δ_N) of the per-item weighted residual sums S and weighted counts N of
-    :func:`item_sum_statistics` (distinct items per user): one user's vectors have L2 norms
-    ≤ s_u·√n_u·A2 ≤ √m·A2 and ≤ s_u·√n_u ≤ √m, with s_u = min(1, √(m/n_u))."""
+    :func:`item_sum_statistics` (distinct items per user). With s_u ≤ √(m/n_u) one user's count vector
+    has L2 norm s_u·√n_u ≤ √m, and the sum vector s_u·‖clip(res_u, A2)‖ ≤ min(√m·A2, C) where
+    C = ``user_norm_bound`` (s_u ≤ C/‖clip(res_u, A2)‖ too)."""
     _check_positive(A2=A2)
     m = float(max_samples_per_user)
-    return math.sqrt(m) * A2, math.sqrt(m)
+    dS = math.sqrt(m) * A2
+    if user_norm_bound is not None:
+        _check_positive(user_norm_bound=user_norm_bound)
+        dS = min(dS, user_norm_bound)
+    return dS, math.sqrt(m)
 
 
 # -- per-user caps -------------------------------------------------------------------------------------
@@ -231,16 +238,23 @@ def item_sum_statistics(
     *,
     A2: float,
     max_samples_per_user: int,
+    user_norm_bound: float | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """Per-item sums S_i = Σ_u s_u·clip(res_ui, A2) and weighted counts N_i = Σ_u s_u over the users who
-    rated i, with s_u = min(1, √(m/n_u)) (see :func:`item_sum_sensitivities`). Items must be distinct
-    per user."""
+    rated i, with s_u = min(1, √(m/n_u), C/‖clip(res_u, A2)‖₂) (C = ``user_norm_bound``, optional); see
+    :func:`item_sum_sensitivities`. Items must be distinct per user."""
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
+    check_distinct_user_items(users, items)
+    res = clip_scalar(residual, A2)
     n_u = np.bincount(users)
-    s = user_weights(n_u, max_samples_per_user)[users]
-    S = np.bincount(items, weights=s * clip_scalar(residual, A2), minlength=n_items)
-    N = np.bincount(items, weights=s, minlength=n_items)
+    s = user_weights(n_u, max_samples_per_user)
+    if user_norm_bound is not None:
+        norms = np.sqrt(np.bincount(users, weights=res * res, minlength=n_u.size))
+        s = np.minimum(s, user_norm_bound / np.maximum(norms, np.finfo(np.float64).tiny))
+    su = s[users]
+    S = np.bincount(items, weights=su * res, minlength=n_items)
+    N = np.bincount(items, weights=su, minlength=n_items)
     return np.asarray(S, dtype=np.float64), np.asarray(N, dtype=np.float64)
 
 

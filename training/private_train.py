@@ -1,0 +1,483 @@
+"""Private training on rating data: DP-AMHT-LRS in the billboard model (paper Sec. 2.2).
+
+Model (the reference prediction of :class:`training.model_dir.TrainedModel`)::
+
+    r̂(u, i) = μ + c_u + c_i + ⟨f_i, θ_u⟩,   θ_u = U·w_u + b_u
+
+What is released (everything that leaves with the model / model.onnx) and how it is covered:
+
+* ``item_features`` f_i — PUBLIC and data-independent: either one-hot item identity (``features="onehot"``,
+  d = n_items) or plug-in features the caller declares public (e.g. ML-100K genres from ``u.item``).
+* ``global_mean`` μ — Gaussian release of (Σ_u clip(mean_u − μ0, A_μ), #users), μ0 = scale midpoint.
+* ``item_bias`` c_i — Gaussian releases of the per-item weighted residual sums S_i and weighted counts
+  N_i (``lrs_rec.privacy.item_sum_statistics``; each user's weight s_u = min(1, √(m_b/n_u))),
+  c_i = S̃_i / (max(Ñ_i, 0) + λ).
+* ``U`` — L noisy U-steps (Eq. 7–8, ``lrs_rec.privacy``): each iteration releases Ã and Ṽ (two Gaussian
+  events per iteration); with one-hot features only the r×r diagonal blocks of A are data-dependent.
+* ``w_prior_mean``, ``w_prior_cov`` (population model / onboarding prior) — one Gaussian release of
+  Σ_u (ŵ_u, ŵ_uŵ_uᵀ, 1).
+* the item vocabulary (``items.json``) — must be a public catalogue (``item_ids`` given by the caller).
+
+Per-user values — c_u, w_u, b_u, the rating history — are computed from the public releases and that
+user's own data only (billboard model / joint DP). They are NOT differentially private: they may be
+used only to serve that same user. The manifest's ``metrics`` (training / validation RMSE) are
+operator-facing aggregates that are not covered by the guarantee; they are not part of model.onnx.
+
+Neighbouring relation: add/remove all ratings of one user. Every Gaussian event is listed in
+``manifest["privacy"]["events"]`` with its noise multiplier z = noise std / L2 sensitivity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lrs_rec.model import LRSModel
+from lrs_rec.privacy import (
+    NEIGHBOURING,
+    ClipBounds,
+    cap_samples_per_user,
+    check_distinct_user_items,
+    clip_rows,
+    clip_scalar,
+    clipped_item_block_statistics,
+    clipped_u_step_statistics,
+    dp_item_block_u_step,
+    dp_u_step,
+    gaussian_noise,
+    item_sum_sensitivities,
+    item_sum_statistics,
+    psd_project,
+    u_step_sensitivities,
+)
+from lrs_rec.thresholding import top_k_indices
+from training.grouped import grouped_gram, grouped_sum
+from training.private_accounting import (
+    DEFAULT_ACCOUNTANT,
+    CalibratedLedger,
+    EventGroup,
+    calibrate_ledger,
+    ledger_manifest,
+)
+
+DEFAULT_SHARES: dict[str, float] = {
+    "global_mean": 0.01,
+    "item_bias_sum": 0.45,
+    "item_bias_count": 0.25,
+    "u_step_A": 0.09,
+    "u_step_V": 0.15,
+    "w_prior": 0.05,
+}
+"""Fractions of the (zCDP) budget per release group; see docs/privacy.md for how they were chosen."""
+
+
+@dataclass(frozen=True)
+class PrivateConfig:
+    """Hyperparameters of private training. ``epsilon=None`` runs the same pipeline without noise
+    (the ε = ∞ reference; no privacy ledger is written)."""
+
+    epsilon: float | None = 1.0
+    delta: float = 1e-6
+    features: str = "onehot"  # "onehot" (d = n_items) or "plugin" (public item_features given)
+    rank: int = 4
+    sparsity: int = 2
+    n_iters: int = 2  # L: number of noisy U-steps
+    accountant: str = DEFAULT_ACCOUNTANT
+    max_samples_per_user: int = 50  # m of the U-step statistics
+    bias_samples_per_user: int = 20  # m_b of the item-bias weights s_u
+    bias_user_norm: float | None = (
+        3.35  # C (≈ 0.75·√m_b): L2 bound of one user's clipped residual-sum vector
+    )
+    A2: float = 1.5  # |response| clip (ratings minus μ, c_u, c_i)
+    A3: float = 1.0  # |⟨x, b_u⟩| clip
+    A_w: float = 1.0  # ‖w_u‖ clip
+    mean_clip: float = 2.0  # A_μ: |user mean − μ0| clip for the global mean
+    ridge_u: float = 20.0  # ridge of the U-step solve (on top of PSD projection)
+    reg_w: float = 5.0
+    reg_b: float = 20.0
+    reg_user_bias: float = 5.0
+    item_bias_shrink: float = 5.0  # λ in c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S)
+    bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
+    u_noise_ridge: float = 2.0  # κ_u: U-step ridge += κ_u·σ_A·√(block size) (public noise std σ_A)
+    n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
+    shares: tuple[tuple[str, float], ...] = tuple(DEFAULT_SHARES.items())
+    random_state: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(
+                f"epsilon must be a positive finite number or None, got {self.epsilon!r}"
+            )
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.features not in ("onehot", "plugin"):
+            raise ValueError(f"features must be 'onehot' or 'plugin', got {self.features!r}")
+        for name in ("rank", "n_iters", "max_samples_per_user", "bias_samples_per_user", "n_inner"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.sparsity < 0:
+            raise ValueError(f"sparsity must be >= 0, got {self.sparsity!r}")
+        names = {n for n, _ in self.shares}
+        if names != set(DEFAULT_SHARES):
+            raise ValueError(
+                f"shares must name exactly {sorted(DEFAULT_SHARES)}, got {sorted(names)}"
+            )
+
+    def bounds(self) -> ClipBounds:
+        return ClipBounds(
+            A1=1.0, A2=self.A2, A3=self.A3, A_w=self.A_w,
+            max_samples_per_user=self.max_samples_per_user,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shares"] = dict(self.shares)
+        return d
+
+
+@dataclass
+class PrivateFit:
+    """Result of :func:`fit_private`: released arrays, per-user parameters and the ledger."""
+
+    lrs: LRSModel
+    item_features: np.ndarray
+    item_bias: np.ndarray
+    user_bias: np.ndarray
+    global_mean: float
+    w_prior_mean: np.ndarray
+    w_prior_cov: np.ndarray
+    privacy: dict[str, Any] | None
+    noise_multipliers: dict[str, float] = field(default_factory=dict)
+
+    def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        theta = self.lrs.theta_rows(users)
+        if self.item_features.shape[0] == self.item_features.shape[1] and _is_identity(
+            self.item_features
+        ):
+            inner = theta[np.arange(len(items)), items]
+        else:
+            inner = np.einsum("nd,nd->n", self.item_features[items], theta)
+        raw = self.global_mean + self.user_bias[users] + self.item_bias[items] + inner
+        return np.asarray(np.clip(raw, lo, hi))
+
+
+def _is_identity(F: np.ndarray) -> bool:
+    return bool(np.count_nonzero(F) == F.shape[0] and np.all(np.diag(F) == 1.0))
+
+
+# -- the ledger plan -------------------------------------------------------------------------------------
+def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
+    """L2 sensitivity of each release group under add/remove-one-user."""
+    dA, dV = u_step_sensitivities(cfg.bounds(), one_hot=one_hot)
+    dS, dN = item_sum_sensitivities(
+        A2=cfg.A2,
+        max_samples_per_user=cfg.bias_samples_per_user,
+        user_norm_bound=cfg.bias_user_norm,
+    )
+    return {
+        "global_mean": math.sqrt(cfg.mean_clip**2 + 1.0),  # (clip(mean_u − μ0), 1)
+        "item_bias_sum": dS,
+        "item_bias_count": dN,
+        "u_step_A": dA,
+        "u_step_V": dV,
+        "w_prior": math.sqrt(cfg.A_w**2 + cfg.A_w**4 + 1.0),  # (ŵ, ŵŵᵀ upper triangle, 1)
+    }
+
+
+RELEASES = {
+    "global_mean": ("global_mean",),
+    "item_bias_sum": ("item_bias",),
+    "item_bias_count": ("item_bias",),
+    "u_step_A": ("U",),
+    "u_step_V": ("U",),
+    "w_prior": ("w_prior_mean", "w_prior_cov"),
+}
+
+
+def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None:
+    """Calibrated noise multipliers for (cfg.epsilon, cfg.delta); None when epsilon is None."""
+    if cfg.epsilon is None:
+        return None
+    sens = sensitivities(cfg, one_hot=one_hot)
+    shares = dict(cfg.shares)
+    groups = [
+        EventGroup(
+            name=name,
+            count=cfg.n_iters if name.startswith("u_step") else 1,
+            share=shares[name],
+            releases=RELEASES[name],
+            sensitivity=sens[name],
+        )
+        for name in DEFAULT_SHARES
+    ]
+    return calibrate_ledger(groups, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
+
+
+# -- local (per-user) steps: only public values and the user's own ratings --------------------------------
+@dataclass
+class _Local:
+    user_bias: np.ndarray
+    W: np.ndarray
+    B_idx: np.ndarray
+    B_val: np.ndarray
+
+
+def _sparse_inner(
+    F: np.ndarray | None, users: np.ndarray, items: np.ndarray, st: _Local
+) -> np.ndarray:
+    """⟨f_i, b_u⟩ per sample."""
+    if st.B_idx.shape[1] == 0:
+        return np.zeros(users.shape[0])
+    idx, val = st.B_idx[users], st.B_val[users]
+    if F is None:  # one-hot: b_u[i]
+        return np.asarray(np.sum(np.where(idx == items[:, None], val, 0.0), axis=1))
+    return np.asarray(np.einsum("nk,nk->n", np.take_along_axis(F[items], idx, axis=1), val))
+
+
+def _low_rank_design(F: np.ndarray | None, U: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """f_iᵀ U per sample, shape (N, r)."""
+    return np.asarray(U[items] if F is None else F[items] @ U)
+
+
+def local_user_step(
+    cfg: PrivateConfig,
+    F: np.ndarray | None,
+    U: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    t: np.ndarray,
+    n_users: int,
+    st: _Local,
+) -> _Local:
+    """(c_u, w_u) by ridge on [1, f_iᵀU], then b_u by one hard-thresholding-pursuit step (top-k of the
+    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only."""
+    r, k = U.shape[1], cfg.sparsity
+    Z = np.hstack([np.ones((users.shape[0], 1)), _low_rank_design(F, U, items)])
+    G = grouped_gram(users, n_users, Z)
+    reg = np.full(r + 1, cfg.reg_w)
+    reg[0] = cfg.reg_user_bias
+    d = U.shape[0]
+    for _ in range(cfg.n_inner):
+        xb = _sparse_inner(F, users, items, st)
+        h = grouped_sum(users, n_users, Z * (t - xb)[:, None])
+        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+        st = _Local(sol[:, 0], sol[:, 1:], st.B_idx, st.B_val)
+        if k == 0:
+            continue
+        e = t - np.einsum("nr,nr->n", Z, sol[users])
+        if F is None:  # one-hot: X_uᵀX_u = diag(rated), ridge solution e_ui / (1 + λ_b)
+            C = np.zeros((n_users, d))
+            C[users, items] = e / (1.0 + cfg.reg_b)
+            idx = top_k_indices(C, k)
+            val = np.take_along_axis(C, idx, axis=1)
+        else:
+            X = F[items]
+            Gx = grouped_gram(users, n_users, X)
+            hx = grouped_sum(users, n_users, X * e[:, None])
+            full = np.linalg.solve(Gx + cfg.reg_b * np.eye(d)[None], hx[:, :, None])[:, :, 0]
+            idx = top_k_indices(full, k)
+            Gs = np.take_along_axis(
+                np.take_along_axis(Gx, idx[:, :, None], axis=1), idx[:, None, :], axis=2
+            )
+            val = np.linalg.solve(
+                Gs + cfg.reg_b * np.eye(k)[None], np.take_along_axis(hx, idx, axis=1)[:, :, None]
+            )[:, :, 0]
+        st = _Local(st.user_bias, st.W, idx.astype(np.int64), val)
+    return st
+
+
+# -- the private fit ---------------------------------------------------------------------------------------
+def fit_private(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    *,
+    n_users: int,
+    n_items: int,
+    rating_min: float,
+    rating_max: float,
+    config: PrivateConfig,
+    item_features: np.ndarray | None = None,
+) -> PrivateFit:
+    """DP-AMHT-LRS on ratings (dense user/item indices, one rating per (user, item)).
+
+    ``item_features`` must be public and data-independent (plug-in mode); with ``features="onehot"``
+    it must be None and the item identity is used."""
+    cfg = config
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    ratings = np.asarray(ratings, dtype=np.float64)
+    if not (users.shape == items.shape == ratings.shape):
+        raise ValueError("users, items and ratings must have the same length")
+    if users.size == 0:
+        raise ValueError("no ratings to train on")
+    check_distinct_user_items(users, items)
+    one_hot = cfg.features == "onehot"
+    if one_hot and item_features is not None:
+        raise ValueError("features='onehot' takes no item_features (use features='plugin')")
+    F: np.ndarray | None = None
+    if not one_hot:
+        if item_features is None:
+            raise ValueError("features='plugin' needs public item_features (n_items, d)")
+        F = clip_rows(np.asarray(item_features, dtype=np.float64), 1.0)  # A1 = 1
+        if F.shape[0] != n_items:
+            raise ValueError(f"item_features has {F.shape[0]} rows, expected n_items={n_items}")
+    d = n_items if F is None else F.shape[1]
+    r, k = cfg.rank, cfg.sparsity
+    if r > d or k > d:
+        raise ValueError(f"rank {r} and sparsity {k} must not exceed d={d}")
+    rng = np.random.default_rng(cfg.random_state)
+    ledger = plan_ledger(cfg, one_hot=one_hot)
+    sens = sensitivities(cfg, one_hot=one_hot)
+
+    def z(name: str) -> float:
+        return 0.0 if ledger is None else ledger.noise_multiplier(name)
+
+    n_u = np.bincount(users, minlength=n_users).astype(np.float64)
+    active = n_u > 0
+
+    # 1. global mean μ (release "global_mean")
+    mu0 = 0.5 * (rating_min + rating_max)
+    mean_u = np.bincount(users, ratings, minlength=n_users)[active] / n_u[active]
+    stats = np.array([clip_scalar(mean_u - mu0, cfg.mean_clip).sum(), float(active.sum())])
+    stats += gaussian_noise(
+        (2,), sensitivity=sens["global_mean"], noise_multiplier=z("global_mean"), rng=rng
+    )
+    global_mean = float(np.clip(mu0 + stats[0] / max(stats[1], 1.0), rating_min, rating_max))
+
+    # 2. local user bias, then item biases (releases "item_bias_sum", "item_bias_count")
+    c_u = np.bincount(users, ratings - global_mean, minlength=n_users) / (n_u + cfg.reg_user_bias)
+    S, N = item_sum_statistics(
+        items, ratings - global_mean - c_u[users], users, n_items,
+        A2=cfg.A2, max_samples_per_user=cfg.bias_samples_per_user,
+        user_norm_bound=cfg.bias_user_norm,
+    )  # fmt: skip
+    S = S + gaussian_noise(
+        S.shape, sensitivity=sens["item_bias_sum"], noise_multiplier=z("item_bias_sum"), rng=rng
+    )
+    N = N + gaussian_noise(
+        N.shape, sensitivity=sens["item_bias_count"], noise_multiplier=z("item_bias_count"), rng=rng
+    )
+    sigma_S = z("item_bias_sum") * sens["item_bias_sum"]
+    item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
+
+    # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local
+    t = ratings - global_mean - item_bias[items]
+    if one_hot:
+        U = 0.1 * rng.standard_normal((d, r))
+    else:
+        U = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    st = _Local(
+        c_u,
+        np.zeros((n_users, r)),
+        np.tile(np.arange(k, dtype=np.int64), (n_users, 1)),
+        np.zeros((n_users, k)),
+    )
+    keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
+    uk, ik = users[keep], items[keep]
+    bounds = cfg.bounds()
+    sigma_A = z("u_step_A") * sens["u_step_A"]
+    ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
+    for _ in range(cfg.n_iters):
+        st = local_user_step(cfg, F, U, users, items, t, n_users, st)
+        y = t[keep] - st.user_bias[uk]
+        xb = _sparse_inner(F, uk, ik, st)
+        if one_hot:
+            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, st.W, n_items, bounds)
+            U = dp_item_block_u_step(
+                A_blk, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
+                noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
+                ridge=ridge_u, rng=rng,
+            )  # fmt: skip
+        else:
+            assert F is not None
+            A, V = clipped_u_step_statistics(F[ik], y, xb, uk, st.W, bounds)
+            U = dp_u_step(
+                A, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
+                noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
+                ridge=ridge_u, rng=rng,
+            )  # fmt: skip
+    st = local_user_step(cfg, F, U, users, items, t, n_users, st)
+
+    # 4. population prior of w (release "w_prior")
+    Wc = clip_rows(st.W[active], cfg.A_w)
+    iu = np.triu_indices(r)
+    outer = np.einsum("ua,ub->uab", Wc, Wc)[:, iu[0], iu[1]]
+    vec = np.concatenate([Wc.sum(axis=0), outer.sum(axis=0), [float(active.sum())]])
+    vec += gaussian_noise(
+        vec.shape, sensitivity=sens["w_prior"], noise_multiplier=z("w_prior"), rng=rng
+    )
+    n_tilde = max(vec[-1], 1.0)
+    w_mean = vec[:r] / n_tilde
+    second = np.zeros((r, r))
+    second[iu] = vec[r : r + len(iu[0])]
+    second = (second + np.triu(second, 1).T) / n_tilde
+    w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
+
+    lrs = LRSModel(U=U, W=st.W, B_idx=st.B_idx, B_val=st.B_val)
+    feats = np.eye(n_items) if F is None else F
+    privacy = None
+    if ledger is not None:
+        privacy = ledger_manifest(ledger, extra=_ledger_extra(cfg, one_hot, sens))
+    return PrivateFit(
+        lrs=lrs,
+        item_features=feats,
+        item_bias=item_bias,
+        user_bias=st.user_bias,
+        global_mean=global_mean,
+        w_prior_mean=w_mean,
+        w_prior_cov=w_cov,
+        privacy=privacy,
+        noise_multipliers={}
+        if ledger is None
+        else {e["name"]: e["noise_multiplier"] for e in ledger.events},
+    )
+
+
+def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> dict[str, Any]:
+    feature_cover = (
+        "public: one-hot item identity (data-independent)"
+        if one_hot
+        else "public: plug-in item features declared public by the caller (not computed from ratings)"
+    )
+    return {
+        "neighbouring_description": (
+            "datasets differ by adding or removing ALL ratings of one user (user-level DP)"
+        ),
+        "model": "billboard / joint DP (paper Sec. 2.2)",
+        "iterations": cfg.n_iters,
+        "clip_bounds": {
+            "A1": 1.0,
+            "A2": cfg.A2,
+            "A3": cfg.A3,
+            "A_w": cfg.A_w,
+            "A_mu": cfg.mean_clip,
+            "max_samples_per_user": cfg.max_samples_per_user,
+            "bias_samples_per_user": cfg.bias_samples_per_user,
+        },
+        "sensitivities": sens,
+        "features": cfg.features,
+        "released_arrays": {
+            "item_features": feature_cover,
+            "item_ids": "public: the item catalogue supplied by the caller",
+            "global_mean": "private: event global_mean",
+            "item_bias": "private: events item_bias_sum, item_bias_count",
+            "U": f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)",
+            "w_prior_mean": "private: event w_prior",
+            "w_prior_cov": "private: event w_prior",
+        },
+        "per_user_not_private": {
+            "W": "w_u from public releases + the user's own ratings; serve that user only",
+            "B_idx/B_val": "b_u, likewise",
+            "user_bias": "c_u, likewise",
+            "history_*": "the user's own training ratings, likewise",
+        },
+        "not_covered": [
+            "manifest metrics (operator-facing training/validation RMSE; not in model.onnx)",
+        ],
+        "neighbouring": NEIGHBOURING,
+        "config": cfg.to_dict(),
+    }

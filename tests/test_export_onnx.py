@@ -413,6 +413,11 @@ def test_export_model_dir_round_trip(tmp_path: Path) -> None:
     assert manifest["onnx"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert manifest["onnx"]["arrays_sha256"] == manifest["arrays_sha256"]
     assert sorted(p.name for p in mdir.iterdir() if p.name.startswith(".")) == []  # no temp files
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    (mdir / "manifest.json").chmod(0o640)
+    export_model_dir(mdir)  # re-export: replaces both files, keeps the manifest's mode
+    assert (mdir / "manifest.json").stat().st_mode & 0o777 == 0o640
+    assert read_manifest(mdir)["onnx"]["sha256"] == manifest["onnx"]["sha256"]  # deterministic
     loaded = load_model_dir(mdir)  # the manifest is still a valid model directory
     scorer = OnnxScorer(out)
     assert scorer.model_version == loaded.model_version

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
 from serving.recommender import (
@@ -35,6 +35,7 @@ from serving.recommender import (
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 MAX_ID_LENGTH = 256
 ROUTES = {"/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"}
+ROUTES.add("/v1/users/{user_id}/ratings")  # onboarding (serving.onboarding)
 
 
 class ScoreRequest(BaseModel):
@@ -48,6 +49,18 @@ class RecommendRequest(BaseModel):
     user_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
     n: StrictInt = 10
     exclude_rated: StrictBool = True
+
+
+class RatingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    rating: StrictFloat | StrictInt
+    timestamp: StrictFloat | StrictInt | None = None
+
+
+class OnboardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ratings: list[RatingIn]
 
 
 class BodyLimitMiddleware:
@@ -175,6 +188,23 @@ def create_app(
             {
                 "user_id": res.user_id,
                 "items": [{"item_id": i, "score": s} for i, s in res.items],
+                "personalized": res.personalized,
+                "model_version": res.model_version,
+            }
+        )
+
+    @app.put("/v1/users/{user_id}/ratings")
+    async def onboard(user_id: str, req: OnboardRequest) -> Response:
+        from serving.onboarding import OnboardingInputError
+
+        try:
+            res = rec.onboard(user_id, [(x.item_id, x.rating, x.timestamp) for x in req.ratings])
+        except OnboardingInputError as e:
+            return _error(422, str(e))
+        return JSONResponse(
+            {
+                "user_id": res.user_id,
+                "n_ratings": res.n_ratings,
                 "personalized": res.personalized,
                 "model_version": res.model_version,
             }

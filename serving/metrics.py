@@ -98,7 +98,23 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope.get("path", "")
-            route = path if path in self.routes else "other"
+            route = path if path in self.routes else _templated(path, self.routes)
             outcome = outcome_of(status)
             self.metrics.requests.labels(route, scope.get("method", ""), outcome).inc()
             self.metrics.latency.labels(route, outcome).observe(time.perf_counter() - start)
+
+
+def _templated(path: str, routes: set[str]) -> str:
+    """The route template (``/v1/users/{user_id}/ratings``) a concrete path matches, else
+    ``other`` — so per-user paths do not become per-user metric labels."""
+    parts = path.split("/")
+    for route in routes:
+        if "{" not in route:
+            continue
+        tmpl = route.split("/")
+        if len(tmpl) == len(parts) and all(
+            t == p or (t.startswith("{") and t.endswith("}") and p)
+            for t, p in zip(tmpl, parts, strict=True)
+        ):
+            return route
+    return "other"

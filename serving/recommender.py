@@ -150,6 +150,8 @@ class Recommender:
         self.max_items = max_items
         self._loaded = _load(self.model_dir, intra_op_threads)
         self._meta: VersionMeta | None = None
+        self._state: tuple[VersionMeta, _Loaded] | None = None
+        self._warned: str | None = None
         self._checked_at = -np.inf
         self._lock = threading.Lock()
 
@@ -193,59 +195,73 @@ class Recommender:
 
     def refresh(self, *, force: bool = False) -> VersionMeta:
         """The store version to serve (re-reading ``lrs:current`` when the interval has passed)."""
-        now = time.monotonic()
-        meta = self._meta
+        return self._current(force=force)[0]
+
+    def _current(self, *, force: bool = False) -> tuple[VersionMeta, _Loaded]:
+        """(served version, its loaded model) — one consistent snapshot."""
+        state = self._state
         if (
             not force
-            and meta is not None
-            and now - self._checked_at < self.version_refresh_interval
+            and state is not None
+            and time.monotonic() - self._checked_at < self.version_refresh_interval
         ):
-            return meta
+            return state
         with self._lock:
+            state = self._state
+            loaded = state[1] if state is not None else self._loaded
             try:
                 current = self.store.current_version()
                 if current is None:
                     raise NotReadyError("no model version has been published to this Redis yet")
-                if meta is None or current != meta.version:
+                if state is None or current != state[0].version:
                     new = self.store.meta(current)
-                    if not self._matches(new, self._loaded.model):
-                        self._reload_for(new)
-                    if self._matches(new, self._loaded.model):
-                        if meta is not None:
-                            log.info("serving store version %s (was %s)", new.version, meta.version)
-                        self._meta = meta = new
-                    elif meta is None:
+                    if not self._matches(new, loaded.model):
+                        loaded = self._reload_for(new) or loaded
+                    if self._matches(new, loaded.model):
+                        if state is not None:
+                            log.info(
+                                "serving store version %s (was %s)", new.version, state[0].version
+                            )
+                        state = (new, loaded)
+                        self._meta, self._loaded, self._state = new, loaded, state
+                    elif state is None:
                         raise NotReadyError(
                             f"published version {new.version} is model {new.model_version!r} but "
-                            f"{self.model_dir} holds {self._loaded.model.model_version!r}"
+                            f"{self.model_dir} holds {loaded.model.model_version!r}"
                         )
             except _REDIS_ERRORS as e:
                 raise StoreUnavailableError(f"Redis unavailable: {e}") from e
-            self._checked_at = now
-            return meta
+            self._checked_at = time.monotonic()
+            return state
 
-    def _reload_for(self, meta: VersionMeta) -> None:
+    def _reload_for(self, meta: VersionMeta) -> _Loaded | None:
+        """The model of ``meta`` loaded from ``model_dir`` if the directory now holds it."""
         try:
             on_disk = read_manifest(self.model_dir).get("model_version")
         except (OSError, ValueError):
             on_disk = None
         if on_disk != meta.model_version:
-            log.warning(
-                "store version %s serves model %r; %s holds %r — keeping the current one",
-                meta.version,
-                meta.model_version,
-                self.model_dir,
-                on_disk,
-            )
-            return
-        self._loaded = _load(self.model_dir, self.intra_op_threads)
+            if self._warned != meta.version:
+                log.warning(
+                    "store version %s serves model %r; %s holds %r — keeping the current one",
+                    meta.version,
+                    meta.model_version,
+                    self.model_dir,
+                    on_disk,
+                )
+                self._warned = meta.version
+            return None
+        try:
+            return _load(self.model_dir, self.intra_op_threads)
+        except (OSError, ValueError) as e:  # e.g. caught mid-rewrite: try again next refresh
+            log.warning("cannot load %s for store version %s: %s", self.model_dir, meta.version, e)
+            return None
 
     # -- fetching -----------------------------------------------------------------------------------
     def _fetch(
         self, user_ids: Sequence[str], *, with_history: bool
     ) -> tuple[VersionMeta, _Loaded, UserParams, list[bool], list[np.ndarray | None]]:
-        meta = self.refresh()
-        loaded = self._loaded
+        meta, loaded = self._current()
         idx = loaded.user_index
         locs = [self.store.locate(meta, u, idx.get(u)) for u in user_ids]
         try:
@@ -316,7 +332,31 @@ class Recommender:
 
     def recommend(self, user_id: str, n: int = 10, exclude_rated: bool = True) -> RecommendResult:
         """Top-``n`` items over the whole catalogue (minus the user's rated items by default)."""
-        return self.recommend_batch([user_id], n, exclude_rated=exclude_rated)[0]
+        self._check_n(n)
+        meta, loaded = self._current()
+        loc = self.store.locate(meta, user_id, loaded.user_index.get(user_id))
+        try:
+            rec, hist = self.store.fetch([loc], with_history=exclude_rated)[0]
+        except _REDIS_ERRORS as e:
+            raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+        p = decode_record(meta.record_format, rec) if rec is not None else loaded.population
+        exclude = None
+        if hist is not None:
+            rated = decode_history(hist)[0]
+            if rated.size:
+                exclude = rated.reshape(1, -1)
+        top_items, top_scores = loaded.scorer.topn(
+            p.w, p.bias, p.b_idx, p.b_val, int(n), exclude=exclude
+        )
+        keep = top_scores[0] > -np.inf
+        items = list(
+            zip(
+                loaded.item_ids[top_items[0][keep]].tolist(),
+                top_scores[0][keep].astype(np.float64).tolist(),
+                strict=True,
+            )
+        )
+        return RecommendResult(user_id, items, rec is not None, loaded.model.model_version)
 
     def recommend_batch(
         self, user_ids: Sequence[str], n: int = 10, exclude_rated: bool = True
@@ -349,6 +389,15 @@ class Recommender:
             )
             out.append(RecommendResult(u, items, pers[b], version))
         return out
+
+    # -- onboarding (serving.onboarding) -------------------------------------------------------------
+    def onboard(self, user_id: str, ratings: Sequence[Any]) -> Any:
+        """Fit ``user_id`` from their stored history plus ``ratings`` — ``(item_id, rating[,
+        timestamp])`` tuples — with U frozen, store the record durably and return an
+        ``OnboardResult`` (``user_id``, ``n_ratings``, ``personalized``, ``model_version``)."""
+        from serving.onboarding import onboard
+
+        return onboard(self, user_id, ratings)
 
     # -- health -------------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:

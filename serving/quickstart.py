@@ -1,0 +1,158 @@
+"""``lrs-rec quickstart``: the whole path on built-in sample data, in seconds.
+
+generate sample ratings (training.sample_data) -> train -> export ONNX -> publish to the embedded
+Redis under LRS_HOME -> start the HTTP service on 127.0.0.1 -> show recommendations and scores over
+HTTP -> stop (``--serve`` keeps the service running until Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=1000, help="sample users (default %(default)s)")
+    p.add_argument("--items", type=int, default=400, help="sample items (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample data")
+    p.add_argument(
+        "--home",
+        default=None,
+        help="data directory (default $LRS_HOME, else ./.lrs-rec); the model goes to "
+        "HOME/quickstart/model, Redis data to HOME",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the service")
+    p.add_argument("--port", type=int, default=0, help="port of the service (default: a free one)")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep serving after the demo (until Ctrl-C) instead of exiting",
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _say(step: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:5.1f}s] {step}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+    import numpy as np
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.connection import connect, lrs_home
+    from serving.recommender import Recommender
+    from serving.store import RedisStore
+    from training.config import TrainConfig
+    from training.export import export_model_dir
+    from training.loaders import load_ratings
+    from training.model_dir import save_model_dir
+    from training.pipeline import train
+    from training.sample_data import make_sample_ratings, write_sample_ratings
+
+    t0 = time.perf_counter()
+    home = lrs_home(args.home).resolve()
+    work = home / "quickstart"
+    rows = make_sample_ratings(args.users, args.items, random_state=args.seed)
+    csv_path = write_sample_ratings(work / "sample_ratings.csv", rows)
+    _say(
+        f"generated {len(rows)} sample ratings of {args.users} users x {args.items} items "
+        f"-> {csv_path}",
+        t0,
+    )
+
+    table = load_ratings(csv_path)
+    cfg = TrainConfig(seed=args.seed)
+    result = train(table, cfg, progress=False)
+    model_dir = work / "model"
+    model = save_model_dir(result.model, model_dir)
+    metrics = model.manifest.get("metrics", {})
+    _say(
+        f"trained AMHT-LRS (d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}): "
+        f"train RMSE {metrics.get('train_rmse')}, val RMSE {metrics.get('val_rmse')} "
+        f"-> {model_dir}",
+        t0,
+    )
+    export_model_dir(model_dir)
+    _say(f"exported the shared weights -> {model_dir / 'model.onnx'}", t0)
+
+    handle = connect(None, home=home, socket_timeout=30.0, connect_timeout=5.0)
+    store = RedisStore(handle)
+    meta = store.publish(model, model_dir=str(model_dir))
+    pruned = store.prune(keep=2)
+    _say(
+        f"published {meta.n_users} users ({meta.record_format.size}-byte "
+        f"{meta.record_format.precision} records) as store version {meta.version} to "
+        f"{handle.describe()}" + (f"; deleted old versions {pruned}" if pruned else ""),
+        t0,
+    )
+
+    rec = Recommender(model_dir, home=home)
+    app = create_app(rec)
+    port = args.port or _free_port(args.host)
+    config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://{args.host}:{port}"
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            print("lrs-rec quickstart: error: the HTTP service did not start", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    _say(f"serving on {base}", t0)
+
+    def show(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = httpx.request(method, base + path, json=body, timeout=10)
+        payload: dict[str, Any] = r.json()
+        shown = json.dumps(body) if body is not None else ""
+        print(
+            f"\n$ curl -X {method} {base}{path}"
+            + (f" -H 'content-type: application/json' -d '{shown}'" if body else "")
+        )
+        print(f"{r.status_code} {json.dumps(payload)[:600]}")
+        return payload
+
+    try:
+        counts = np.diff(model.history_indptr)
+        order = np.argsort(counts, kind="stable")
+        heavy = model.user_ids[int(order[int(0.9 * (order.size - 1))])]  # 90th percentile
+        light = model.user_ids[int(order[0])]  # a user with only a handful of ratings
+        show("GET", "/readyz")
+        show("GET", "/v1/model")
+        top = show("POST", "/v1/recommend", {"user_id": heavy, "n": 5, "exclude_rated": True})
+        show("POST", "/v1/recommend", {"user_id": light, "n": 5})
+        show("POST", "/v1/recommend", {"user_id": "a-brand-new-user", "n": 5})
+        items = [it["item_id"] for it in top.get("items", [])[:2]] + [model.item_ids[0]]
+        show("POST", "/v1/score", {"user_id": heavy, "item_ids": items})
+        show("POST", "/v1/score", {"user_id": heavy, "item_ids": ["no-such-item"]})
+        print()
+        _say("done" + ("" if args.serve else " (use --serve to keep the service running)"), t0)
+        if args.serve:
+            print(f"serving on {base} — Ctrl-C to stop", flush=True)
+            while thread.is_alive():
+                thread.join(0.5)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        rec.close()
+        handle.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from serving.cli import main
+
+    raise SystemExit(main(["quickstart", *sys.argv[1:]]))

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
     o.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration losses")
     o.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    # privacy flags (--epsilon/--delta/...; owned by the privacy area, training/private_cli.py)
+    from training.private_cli import add_private_arguments
+
+    add_private_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -29,8 +29,11 @@ Neighbouring relation: add/remove all ratings of one user. Every Gaussian event 
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,9 +57,9 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.thresholding import top_k_indices
+from training import private_cli
 from training.grouped import grouped_gram, grouped_sum
 from training.private_accounting import (
-    DEFAULT_ACCOUNTANT,
     CalibratedLedger,
     EventGroup,
     calibrate_ledger,
@@ -80,13 +83,15 @@ class PrivateConfig:
     (the ε = ∞ reference; no privacy ledger is written)."""
 
     epsilon: float | None = 1.0
-    delta: float = 1e-6
+    delta: float = private_cli.DEFAULT_DELTA
     features: str = "onehot"  # "onehot" (d = n_items) or "plugin" (public item_features given)
-    rank: int = 4
-    sparsity: int = 2
-    n_iters: int = 2  # L: number of noisy U-steps
-    accountant: str = DEFAULT_ACCOUNTANT
-    max_samples_per_user: int = 50  # m of the U-step statistics
+    rank: int = private_cli.DEFAULT_RANK
+    sparsity: int = private_cli.DEFAULT_SPARSITY
+    n_iters: int = private_cli.DEFAULT_ITERS  # L: number of noisy U-steps
+    accountant: str = private_cli.DEFAULT_ACCOUNTANT
+    max_samples_per_user: int = (
+        private_cli.DEFAULT_MAX_SAMPLES_PER_USER
+    )  # m of the U-step statistics
     bias_samples_per_user: int = 20  # m_b of the item-bias weights s_u
     bias_user_norm: float | None = (
         3.35  # C (≈ 0.75·√m_b): L2 bound of one user's clipped residual-sum vector
@@ -481,3 +486,235 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
         "neighbouring": NEIGHBOURING,
         "config": cfg.to_dict(),
     }
+
+
+# -- public item catalogues (the item vocabulary and plug-in genre features) ------------------------------
+@dataclass(frozen=True)
+class Catalogue:
+    """A public item catalogue: ids (the released item vocabulary) and optional genre flags."""
+
+    ids: tuple[str, ...]
+    genres: np.ndarray | None  # (n, g) 0/1, or None
+    source: str
+
+
+def read_catalogue(path: str | Path) -> Catalogue:
+    """Read a public item catalogue: MovieLens ``u.item`` (100K), ``movies.dat`` (1M), ``movies.csv``
+    (latest) — ids and genres — or a plain id list (one per line, or a JSON list)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such item catalogue")
+    text = p.read_text(encoding="latin-1")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if p.suffix == ".json":
+        ids = json.loads(text)
+        if not isinstance(ids, list):
+            raise ValueError(f"{p}: expected a JSON list of item ids")
+        return Catalogue(tuple(str(i) for i in ids), None, str(p))
+    if p.name == "u.item" or (lines and lines[0].count("|") >= 23):
+        ids, rows = [], []
+        for n, ln in enumerate(lines, 1):
+            parts = ln.split("|")
+            if len(parts) < 24:
+                raise ValueError(f"{p}:{n}: expected 24 '|'-separated fields, got {len(parts)}")
+            ids.append(parts[0].strip())
+            try:
+                rows.append([int(x) for x in parts[5:24]])
+            except ValueError:
+                raise ValueError(f"{p}:{n}: genre flags must be 0/1") from None
+        return Catalogue(tuple(ids), np.asarray(rows, dtype=np.float64), str(p))
+    sep = "::" if "::" in lines[0] else ("," if p.suffix == ".csv" else None)
+    if sep is not None:
+        start = 1 if sep == "," and not lines[0].split(",")[0].strip().isdigit() else 0
+        ids, genre_lists = [], []
+        for ln in lines[start:]:
+            first = ln.split(sep, 1)[0].strip()
+            ids.append(first)
+            genre_lists.append(ln.rsplit("::" if sep == "::" else ",", 1)[-1].strip().split("|"))
+        vocab = sorted({g for gl in genre_lists for g in gl})
+        col = {g: j for j, g in enumerate(vocab)}
+        G = np.zeros((len(ids), len(vocab)))
+        for a, gl in enumerate(genre_lists):
+            G[a, [col[g] for g in gl]] = 1.0
+        return Catalogue(tuple(ids), G, str(p))
+    return Catalogue(tuple(ln.strip() for ln in lines), None, str(p))
+
+
+_CATALOGUE_NAMES = ("u.item", "movies.dat", "movies.csv")
+
+
+def find_catalogue(ratings_path: str | Path) -> Path | None:
+    """A MovieLens catalogue next to the rating file (public metadata), if any."""
+    folder = Path(ratings_path).resolve().parent
+    return next((folder / n for n in _CATALOGUE_NAMES if (folder / n).is_file()), None)
+
+
+# -- `lrs-rec train --epsilon E --delta D` (flags: training.private_cli) --------------------------------
+def _public_items(
+    args: argparse.Namespace,
+) -> tuple[tuple[str, ...], np.ndarray | None, str, str]:
+    """(item ids, plug-in features or None, features mode, provenance of the item ids)."""
+    mode = getattr(args, "dp_features", "auto")
+    cat_path = getattr(args, "item_catalog", None) or find_catalogue(args.ratings)
+    cat = read_catalogue(cat_path) if cat_path else None
+    if mode in ("auto", "plugin") and getattr(args, "item_features", None):
+        from training.features import read_item_features
+
+        ids, X = read_item_features(args.item_features)
+        if cat is not None:
+            pos = {s: j for j, s in enumerate(ids)}
+            F = np.zeros((len(cat.ids), X.shape[1]))
+            for a, s in enumerate(cat.ids):
+                if s in pos:
+                    F[a] = X[pos[s]]
+            return cat.ids, F, "plugin", f"public catalogue {cat.source}"
+        return tuple(ids), X, "plugin", f"ids of the plug-in features {args.item_features}"
+    if mode == "plugin":
+        raise ValueError("--dp-features plugin needs --item-features PATH")
+    if cat is None:
+        if mode == "genres":
+            raise ValueError("--dp-features genres needs a MovieLens catalogue (--item-catalog)")
+        return (), None, "onehot", ""
+    if mode in ("auto", "genres") and cat.genres is not None:
+        return cat.ids, cat.genres, "plugin", f"public catalogue {cat.source}"
+    if mode == "genres":
+        raise ValueError(f"{cat.source}: the catalogue has no genres")
+    return cat.ids, None, "onehot", f"public catalogue {cat.source}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
+    import sys
+    import time
+
+    from training.cli_args import load_options
+    from training.loaders import load_ratings
+    from training.lrs_als import Samples
+    from training.model_dir import TrainedModel, save_model_dir
+    from training.pipeline import history_csr
+    from training.vocab import Vocabulary
+
+    t0 = time.perf_counter()
+    table = load_ratings(args.ratings, load_options(args))
+    item_ids, feats, mode, provenance = _public_items(args)
+    dropped = 0
+    if (
+        not item_ids
+    ):  # no public catalogue: the vocabulary comes from the data (declared, not private)
+        item_ids = Vocabulary.from_ids(table.items).ids
+        provenance = (
+            "NOT covered by the guarantee: taken from the training ratings because no public "
+            "catalogue was given (pass --item-catalog)"
+        )
+        print(f"warning: item vocabulary {provenance}", file=sys.stderr)
+    user_vocab = Vocabulary.from_ids(table.users)
+    item_vocab = Vocabulary(tuple(item_ids))
+    u = user_vocab.encode(table.users)
+    i = item_vocab.encode(table.items)
+    ok = i >= 0
+    dropped = int((~ok).sum())
+    if dropped:
+        print(
+            f"warning: {dropped} ratings of items not in the catalogue were dropped",
+            file=sys.stderr,
+        )
+    data = Samples(u[ok], i[ok], table.ratings[ok])
+    cfg = PrivateConfig(
+        epsilon=float(args.epsilon),
+        delta=float(args.delta),
+        features=mode,
+        rank=int(args.dp_rank),
+        sparsity=int(args.dp_sparsity),
+        n_iters=int(args.dp_iters),
+        accountant=str(args.accountant),
+        max_samples_per_user=int(args.dp_max_samples_per_user),
+        random_state=int(getattr(args, "seed", 0)),
+    )
+    fit = fit_private(
+        data.users, data.items, data.ratings,
+        n_users=len(user_vocab), n_items=len(item_vocab),
+        rating_min=table.rating_min, rating_max=table.rating_max,
+        config=cfg, item_features=feats,
+    )  # fmt: skip
+    assert fit.privacy is not None
+    fit.privacy["released_arrays"]["item_ids"] = provenance
+    train_rmse = float(
+        np.sqrt(
+            np.mean(
+                (
+                    fit.predict(data.users, data.items, table.rating_min, table.rating_max)
+                    - data.ratings
+                )
+                ** 2
+            )
+        )
+    )
+    indptr, h_items, h_ratings = history_csr(data, len(user_vocab))
+    seconds = time.perf_counter() - t0
+    manifest: dict[str, Any] = {
+        "method": "dp-lrs",
+        "hyperparameters": cfg.to_dict(),
+        "data": {
+            "source": table.report.source,
+            "format": table.report.format,
+            "fingerprint_sha256": table.fingerprint,
+            "n_ratings": len(data),
+            "n_users": len(user_vocab),
+            "n_items": len(item_vocab),
+            "dropped_not_in_catalogue": dropped,
+        },
+        "cleaning": table.report.to_dict(),
+        "item_features": {"source": mode if mode == "onehot" else provenance, "d": fit.lrs.d},
+        "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
+        "params_per_user": fit.lrs.rank + fit.lrs.sparsity,
+        "privacy": fit.privacy,
+    }
+    model = TrainedModel(
+        lrs=fit.lrs,
+        item_features=fit.item_features,
+        item_bias=fit.item_bias,
+        user_bias=fit.user_bias,
+        global_mean=fit.global_mean,
+        user_ids=user_vocab.ids,
+        item_ids=item_vocab.ids,
+        w_prior_mean=fit.w_prior_mean,
+        w_prior_cov=fit.w_prior_cov,
+        history_indptr=indptr,
+        history_items=h_items,
+        history_ratings=h_ratings,
+        rating_min=table.rating_min,
+        rating_max=table.rating_max,
+        manifest=manifest,
+    )
+    saved = save_model_dir(model, args.out)
+    onnx_path: str | None = None
+    if not getattr(args, "no_export", False):
+        from training.export import export_model_dir
+
+        onnx_path = str(export_model_dir(args.out))
+    p = fit.privacy
+    summary = {
+        "model_dir": str(args.out),
+        "model_version": saved.model_version,
+        "method": "dp-lrs",
+        "dims": saved.manifest["dims"],
+        "n_ratings": len(data),
+        "train_rmse": train_rmse,
+        "epsilon": p["epsilon"],
+        "delta": p["delta"],
+        "accountant": p["accountant"],
+        "target_epsilon": p["target_epsilon"],
+        "epsilon_theorem2_zcdp": p["epsilon_theorem2_zcdp"],
+        "onnx": onnx_path,
+        "train_seconds": round(seconds, 3),
+    }
+    if getattr(args, "json", False):
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(
+            f"wrote {args.out} (version {saved.model_version}): user-level DP ε = {p['epsilon']:.4g} "
+            f"(target {p['target_epsilon']:g}), δ = {p['delta']:g}, {p['accountant']} accountant; "
+            f"{len(user_vocab)} users, {len(item_vocab)} items, features {mode}"
+            + (f"; ONNX {onnx_path}" if onnx_path else "")
+        )
+    return 0

@@ -1,0 +1,75 @@
+"""The privacy flags of `lrs-rec train` (light: no numpy / dp_accounting import at CLI build time).
+
+Private training runs when ``--epsilon`` is given (``training.cmd_train.run`` dispatches to
+``training.private_train.run``)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_DELTA = 1e-6
+DEFAULT_ACCOUNTANT = "rdp"
+DEFAULT_RANK = 4
+DEFAULT_SPARSITY = 2
+DEFAULT_ITERS = 2
+DEFAULT_MAX_SAMPLES_PER_USER = 50
+
+
+def add_private_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the differential-privacy option group to `lrs-rec train`."""
+    g = parser.add_argument_group(
+        "differential privacy (user-level, add/remove one user; see docs/privacy.md)"
+    )
+    g.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="train with user-level (E, D)-DP: noise is calibrated to this target epsilon",
+    )
+    g.add_argument(
+        "--delta",
+        type=float,
+        default=DEFAULT_DELTA,
+        metavar="D",
+        help="target delta (default 1e-6)",
+    )
+    g.add_argument(
+        "--accountant",
+        choices=("rdp", "pld"),
+        default=DEFAULT_ACCOUNTANT,
+        help="dp_accounting accountant for calibration and the ledger (default rdp)",
+    )
+    g.add_argument(
+        "--dp-features",
+        choices=("auto", "onehot", "genres", "plugin"),
+        default="auto",
+        help="public item features: --item-features (plugin), genres of a MovieLens catalogue, or "
+        "one-hot item identity; auto picks plugin > genres > onehot",
+    )
+    g.add_argument(
+        "--item-catalog",
+        metavar="PATH",
+        help="public item catalogue (u.item, movies.dat, movies.csv or an id list); default: a "
+        "MovieLens catalogue next to --ratings, else the ids of --item-features",
+    )
+    g.add_argument(
+        "--dp-rank", type=int, default=DEFAULT_RANK, metavar="R", help="rank r (default 4)"
+    )
+    g.add_argument(
+        "--dp-sparsity",
+        type=int,
+        default=DEFAULT_SPARSITY,
+        metavar="K",
+        help="k of b_u (default 2)",
+    )
+    g.add_argument(
+        "--dp-iters", type=int, default=DEFAULT_ITERS, metavar="L", help="noisy U-steps (default 2)"
+    )
+    g.add_argument(
+        "--dp-max-samples-per-user",
+        type=int,
+        default=DEFAULT_MAX_SAMPLES_PER_USER,
+        metavar="M",
+        help="ratings of one user entering the U-step statistics (default 50)",
+    )

@@ -212,17 +212,15 @@ def _compress_b(C: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
     return idx, np.take_along_axis(C, idx, axis=1)
 
 
-def _normalized_step(
-    data: UserData, g: FloatArray, B_idx: IntArray, B_val: FloatArray, k: int
-) -> FloatArray:
-    """Per-user step size η_u = ‖g_S‖² / ‖X_S g_S‖² (normalised IHT, Blumensath & Davies 2010).
+def _normalized_step(data: UserData, g: FloatArray, k: int) -> FloatArray:
+    """Per-user step size η_u = ‖g_S‖² / ‖X_{u,S} g_S‖² with S the top-k entries of |g_u|.
 
-    S is the current support (or the top-k of |g| for users whose b is still zero). Unlike the
-    paper's 1/m, this step is stable when m_u < d: it is the exact line-search step on the support,
-    so it never exceeds 1/σ_min²(X_S) and adapts to each user's sample count and covariates.
+    This is the exact line-search step along the thresholded gradient (normalised IHT, Blumensath &
+    Davies 2010). Unlike the paper's 1/m it is stable when m_u < d: it never exceeds
+    1/σ_min²(X_{u,S}) and adapts to each user's sample count and covariates. (After an HTP least
+    squares the gradient vanishes on the current support, so S must come from g itself.)
     """
-    has_b = np.any(B_val != 0.0, axis=1)
-    S = np.where(has_b[:, None], B_idx, top_k_indices(g, k))
+    S = top_k_indices(g, k)
     gS = gather_rows(g, S)
     num = np.sum(gS * gS, axis=1)
     Xg = np.einsum("nk,nk->n", gather_rows(data.X, S[data.user_of]), gS[data.user_of])
@@ -243,6 +241,44 @@ def _w_step(
     return _batched_ls(data, Z, t, np.full(Z.shape[1], ridge_w))
 
 
+def _objective(
+    data: UserData,
+    F: FloatArray,
+    sol: FloatArray,
+    ridge: FloatArray,
+) -> FloatArray:
+    """Per-user ``‖y_u − F_u s_u‖² + Σ_i ridge_i s_{u,i}²``."""
+    res = data.y - np.einsum("np,np->n", F, sol[data.user_of])
+    return data.segment_sum(res * res) + (sol * sol) @ ridge
+
+
+def _omp(
+    data: UserData, Z: FloatArray, k: int, ridge: FloatArray
+) -> tuple[IntArray, FloatArray, FloatArray]:
+    """Orthogonal matching pursuit for every user with U fixed: k greedy picks of the coordinate
+    most correlated (normalised by column norm) with the residual of the least squares on
+    ``[X_u U, X_u[:, S]]``. Returns (S sorted, solution (t, r + k) in S order, objective)."""
+    t, r = data.n_users, Z.shape[1]
+    colnorm = np.sqrt(data.segment_sum(data.X * data.X))
+    colnorm[colnorm == 0] = 1.0
+    S = np.zeros((t, 0), dtype=np.int64)
+    sol = _batched_ls(data, Z, data.y, ridge[:r])
+    rows = np.arange(t)
+    for i in range(k):
+        F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+        res = data.y - np.einsum("np,np->n", F, sol[data.user_of])
+        score = np.abs(data.segment_xt(res)) / colnorm
+        score[rows[:, None], S] = -1.0
+        S = np.concatenate((S, np.argmax(score, axis=1)[:, None]), axis=1)
+        F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+        sol = _batched_ls(data, F, data.y, ridge[: r + i + 1])
+    order = np.argsort(S, axis=1)
+    S = np.take_along_axis(S, order, axis=1)
+    sol = np.concatenate((sol[:, :r], np.take_along_axis(sol[:, r:], order, axis=1)), axis=1)
+    F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+    return S, sol, _objective(data, F, sol, ridge)
+
+
 def _b_step_htp(
     data: UserData,
     Z: FloatArray,
@@ -254,9 +290,11 @@ def _b_step_htp(
     n_inner: int,
     ridge_w: float,
     ridge_b: float,
+    restart: bool = True,
 ) -> tuple[FloatArray, IntArray, FloatArray]:
     r = Z.shape[1]
     ridge = np.concatenate((np.full(r, ridge_w), np.full(k, ridge_b)))
+    obj = np.zeros(0)
     for _ in range(n_inner):
         res = (
             data.y
@@ -264,12 +302,19 @@ def _b_step_htp(
             - sparse_predict(data.X, data.user_of, B_idx, B_val)
         )
         g = data.segment_xt(res)
-        eta = _normalized_step(data, g, B_idx, B_val, k)
+        eta = _normalized_step(data, g, k)
         C = _dense_b(B_idx, B_val, data.d) + eta[:, None] * g
         S = top_k_indices(C, k)
         F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
         sol = _batched_ls(data, F, data.y, ridge)
         W, B_idx, B_val = sol[:, :r], S, sol[:, r:]
+        obj = _objective(data, F, sol, ridge)
+    if restart:  # HTP can stall at a wrong support: keep OMP's answer where it fits better
+        S_o, sol_o, obj_o = _omp(data, Z, k, ridge)
+        better = obj_o < obj
+        W = np.where(better[:, None], sol_o[:, :r], W)
+        B_idx = np.where(better[:, None], S_o, B_idx)
+        B_val = np.where(better[:, None], sol_o[:, r:], B_val)
     return W, B_idx, B_val
 
 
@@ -302,7 +347,7 @@ def _b_step_iht(
         res = target - sparse_predict(data.X, data.user_of, B_idx, B_val)
         loss_old = data.segment_sum(res * res)
         g = data.segment_xt(res)
-        eta = _normalized_step(data, g, B_idx, B_val, k)
+        eta = _normalized_step(data, g, k)
         Bd = _dense_b(B_idx, B_val, data.d)
         if state.gamma is None:
             state.gamma = np.max(np.abs(Bd + eta[:, None] * g), axis=1)
@@ -356,6 +401,7 @@ def b_step(
     *,
     method: Literal["htp", "iht"] = "htp",
     n_inner: int = 1,
+    restart: bool = True,
     ridge_w: float = 0.0,
     ridge_b: float = 0.0,
     alpha: float = 0.0,
@@ -370,7 +416,9 @@ def b_step(
     stable normalised step η_u (see ``_normalized_step``) plus backtracking instead of 1/m; W is
     returned unchanged. ``method="htp"`` (hard-thresholding pursuit) takes the support S_u of the top-k
     of the same gradient step and then solves least squares jointly on ``[X_u U, X_u[:, S_u]]`` for
-    (w_u, b_u), so W is updated too.
+    (w_u, b_u), so W is updated too; with ``restart`` it also runs orthogonal matching pursuit from
+    scratch and keeps, per user, the better of the two fits. Samples need not be sorted by user, but
+    the rows of W/B are in user order whatever the sample order.
     """
     X, y, users, n_users = check_fit_inputs(X, y, users, n_users)
     data, _ = UserData.build(X, y, users, n_users)
@@ -380,7 +428,16 @@ def b_step(
         return W, B_idx, B_val
     if method == "htp":
         return _b_step_htp(
-            data, Z, W, B_idx, B_val, k, n_inner=n_inner, ridge_w=ridge_w, ridge_b=ridge_b
+            data,
+            Z,
+            W,
+            B_idx,
+            B_val,
+            k,
+            n_inner=n_inner,
+            ridge_w=ridge_w,
+            ridge_b=ridge_b,
+            restart=restart,
         )
     if method == "iht":
         idx, val = _b_step_iht(
@@ -477,6 +534,7 @@ def _joint_u_statistics(
     W: FloatArray,
     S: IntArray,
     ridge_b: float,
+    active: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Normal equations of Eq. 5 solved jointly with each user's b on its fixed support S_u.
 
@@ -484,14 +542,18 @@ def _joint_u_statistics(
     eliminating b_S (variable projection) leaves the Eq. 5 form with per-user projected Grams:
     ``A = Σ_u w_u w_uᵀ ⊗ (X_uᵀX_u − C_u G_u⁻¹ C_uᵀ)``, ``V = Σ_u (h_u − C_u G_u⁻¹ h_{u,S}) w_uᵀ`` with
     ``C_u = X_uᵀX_u[:, S_u]``, ``G_u = X_{u,S}ᵀX_{u,S} + ridge_b·I`` and ``h_u = X_uᵀ y_u``.
+    ``active: (t, k)`` (1/0) drops support slots (those zeroed by the row-sparsity constraint).
     Returns (A, V, C, G).
     """
     d, r = data.d, W.shape[1]
     C = _support_cross(data, grams, S)
-    G = _ridged(np.take_along_axis(C, S[:, :, None], axis=1), ridge_b)
+    if active is not None:
+        C = C * active[:, None, :]
+    G0 = np.take_along_axis(C, S[:, :, None], axis=1)
+    G = _ridged(G0 if active is None else G0 * active[:, :, None], ridge_b)
     L = np.linalg.cholesky(G)
     Mt = np.linalg.solve(L, C.transpose(0, 2, 1))  # (t, k, d): L⁻¹ C_uᵀ
-    hS = gather_rows(h, S)
+    hS = gather_rows(h, S) if active is None else gather_rows(h, S) * active
     q = np.linalg.solve(L, hS[..., None])[..., 0]
     V = (h - np.einsum("tkd,tk->td", Mt, q)).T @ W
     A = np.empty((d * r, d * r))
@@ -512,10 +574,17 @@ def _joint_u_statistics(
 
 
 def _refit_b(
-    C: FloatArray, G: FloatArray, h: FloatArray, S: IntArray, U: FloatArray, W: FloatArray
+    C: FloatArray,
+    G: FloatArray,
+    h: FloatArray,
+    S: IntArray,
+    U: FloatArray,
+    W: FloatArray,
+    active: FloatArray | None = None,
 ) -> FloatArray:
     """``b_S = G_u⁻¹ (h_{u,S} − C_uᵀ U w_u)``: each user's b on its support given (U, w_u)."""
-    rhs = gather_rows(h, S) - np.einsum("tdk,td->tk", C, W @ U.T)
+    hS = gather_rows(h, S) if active is None else gather_rows(h, S) * active
+    rhs = hS - np.einsum("tdk,td->tk", C, W @ U.T)
     return np.asarray(np.linalg.solve(G, rhs[..., None])[..., 0], dtype=np.float64)
 
 
@@ -526,10 +595,13 @@ def _joint_u_step_cg(
     U0: FloatArray,
     ridge_b: float,
     ridge_u: float,
+    active: FloatArray | None = None,
     rtol: float = 1e-12,
 ) -> tuple[FloatArray, FloatArray]:
     """Matrix-free version of :func:`_joint_u_statistics` + solve; returns (U_ls, B_val)."""
     XS = gather_rows(data.X, S[data.user_of])  # (N, k)
+    if active is not None:
+        XS = XS * active[data.user_of]
     G = _ridged(data.segment_sum(XS[:, :, None] * XS[:, None, :]), ridge_b)
     Wj = W[data.user_of]
 
@@ -689,6 +761,8 @@ class AMHTLRS:
 
     ``b_step``: ``"htp"`` (hard-thresholding pursuit, default) or ``"iht"`` (Algorithm 2).
     ``b_iter``: inner iterations of the b-step per outer iteration.
+    ``b_restart``: with HTP, also run orthogonal matching pursuit from scratch each b-step and keep,
+    per user, whichever fits better (HTP alone can stall at a wrong support).
     ``init``: ``"moments"`` (Appendix E), ``"random"`` or an explicit (d, r) array.
     ``u_solver``: ``"direct"`` (dr × dr normal equations), ``"cg"`` (matrix-free) or ``"auto"``.
     ``u_step``: ``"eq5"`` is the paper's U-step with b fixed; ``"joint"`` (default) solves Eq. 5 jointly
@@ -710,6 +784,7 @@ class AMHTLRS:
         tol: float = 1e-10,
         b_step: Literal["htp", "iht"] = "htp",
         b_iter: int = 1,
+        b_restart: bool = True,
         ridge_w: float = 0.0,
         ridge_b: float = 0.0,
         ridge_u: float = 0.0,
@@ -730,6 +805,7 @@ class AMHTLRS:
         self.tol = tol
         self.b_step = b_step
         self.b_iter = b_iter
+        self.b_restart = b_restart
         self.ridge_w = ridge_w
         self.ridge_b = ridge_b
         self.ridge_u = ridge_u
@@ -885,6 +961,7 @@ class AMHTLRS:
                     n_inner=int(self.b_iter),
                     ridge_w=self.ridge_w,
                     ridge_b=self.ridge_b,
+                    restart=bool(self.b_restart),
                 )
             else:
                 B_idx, B_val = _b_step_iht(
@@ -920,12 +997,15 @@ class AMHTLRS:
         W, B_idx, B_val = self._per_user_steps(data, data.X @ U, W, B_idx, B_val, iht)
         if self.u_step == "joint" and B_idx.shape[1] > 0:
             # Eq. 5 jointly with b on the supports just chosen (variable projection), then QR
+            active = None if self.zeta is None else (B_val != 0).astype(np.float64)
             if use_cg:
-                U_ls, B_val = _joint_u_step_cg(data, W, B_idx, U, self.ridge_b, self.ridge_u)
+                U_ls, B_val = _joint_u_step_cg(
+                    data, W, B_idx, U, self.ridge_b, self.ridge_u, active
+                )
             else:
-                A, V, C, G = _joint_u_statistics(data, gram, h, W, B_idx, self.ridge_b)
+                A, V, C, G = _joint_u_statistics(data, gram, h, W, B_idx, self.ridge_b, active)
                 U_ls = u_least_squares(A, V, ridge=self.ridge_u)
-                B_val = _refit_b(C, G, h, B_idx, U_ls, W)
+                B_val = _refit_b(C, G, h, B_idx, U_ls, W, active)
             U, R = orthonormalize(U_ls)
             return U, W @ R.T, B_idx, B_val
         if use_cg:  # Eq. 5, matrix-free, warm-started at the current U

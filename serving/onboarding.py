@@ -257,11 +257,7 @@ def onboard(
     import redis
 
     user_id = validate_user_id(user_id)
-    meta = rec.refresh()
-    loaded = rec._loaded  # the model served for ``meta``
-    if not rec._matches(meta, loaded.model):  # a reload raced with us: take the pair again
-        meta = rec.refresh(force=True)
-        loaded = rec._loaded
+    meta, loaded = rec._current()  # one consistent (served version, loaded model) snapshot
     model = loaded.model
     new_items, new_ratings = parse_ratings(
         ratings,

@@ -1,0 +1,86 @@
+"""Hard thresholding (both forms), row sparsity and the moments matrix against slow twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lrs_rec.amht import gather_rows
+from lrs_rec.amht_reference import enforce_row_sparsity_reference, moments_matrix_reference
+from lrs_rec.init import moments_init, moments_matrix, random_orthonormal
+from lrs_rec.thresholding import (
+    enforce_row_sparsity,
+    hard_threshold,
+    hard_threshold_reference,
+    top_k_indices,
+)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hard_threshold_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    V = rng.standard_normal((7, 20))
+    V[:, 3] = V[:, 5]  # ties
+    V[0, :4] = 0.0
+    for k in (0, 1, 4, 20):
+        fast = hard_threshold(V, k=k)
+        for i in range(V.shape[0]):
+            np.testing.assert_array_equal(fast[i], hard_threshold_reference(V[i], k=k))
+            assert np.count_nonzero(fast[i]) <= k
+    for delta in (0.0, 0.5, 1.3):
+        fast = hard_threshold(V, delta=delta)
+        for i in range(V.shape[0]):
+            np.testing.assert_array_equal(fast[i], hard_threshold_reference(V[i], delta=delta))
+        assert np.all(np.abs(fast[fast != 0]) > delta)
+
+
+def test_hard_threshold_forms_and_errors() -> None:
+    v = np.array([0.1, -3.0, 2.0, -2.0, 0.0])
+    np.testing.assert_array_equal(hard_threshold(v, k=2), [0, -3.0, 2.0, 0, 0])  # tie → lower index
+    np.testing.assert_array_equal(hard_threshold(v, delta=1.0), [0, -3.0, 2.0, -2.0, 0])
+    np.testing.assert_array_equal(top_k_indices(v[None, :], 3), [[1, 2, 3]])
+    with pytest.raises(ValueError, match="exactly one"):
+        hard_threshold(v)
+    with pytest.raises(ValueError, match="k must be in"):
+        hard_threshold(v, k=6)
+
+
+def test_enforce_row_sparsity_matches_reference() -> None:
+    rng = np.random.default_rng(1)
+    d, n_users, k = 8, 30, 3
+    idx = np.sort(np.stack([rng.choice(d, k, replace=False) for _ in range(n_users)]), axis=1)
+    val = rng.standard_normal((n_users, k))
+    val[rng.random((n_users, k)) < 0.2] = 0.0
+    for zeta in (1, 2, 5):
+        fast = enforce_row_sparsity(idx, val, zeta=zeta, d=d)
+        np.testing.assert_array_equal(
+            fast, enforce_row_sparsity_reference(idx, val, zeta=zeta, d=d)
+        )
+        assert np.bincount(idx[fast != 0], minlength=d).max() <= zeta
+
+
+def test_gather_rows_is_take_along_axis() -> None:
+    rng = np.random.default_rng(2)
+    M = rng.standard_normal((9, 6))
+    idx = rng.integers(0, 6, size=(9, 4))
+    np.testing.assert_array_equal(gather_rows(M, idx), np.take_along_axis(M, idx, axis=1))
+
+
+def test_moments_matrix_matches_reference_and_finds_subspace() -> None:
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 6, size=50)
+    users[:6] = np.arange(6)
+    X = rng.standard_normal((50, 5))
+    y = rng.standard_normal(50)
+    np.testing.assert_allclose(
+        moments_matrix(X, y, users, 6), moments_matrix_reference(X, y, users, 6), atol=1e-12
+    )
+    # population check: θ_u = u* w_u → M's top eigenvector is u*
+    d, t, m = 20, 400, 50
+    u_star = random_orthonormal(d, 1, rng)
+    w = rng.standard_normal(t)
+    users = np.repeat(np.arange(t), m)
+    X = rng.standard_normal((t * m, d))
+    y = X @ u_star[:, 0] * w[users]
+    U0 = moments_init(X, y, users, t, 1)
+    assert abs(float(U0[:, 0] @ u_star[:, 0])) > 0.95

@@ -251,7 +251,9 @@ def item_sum_statistics(
     s = user_weights(n_u, max_samples_per_user)
     if user_norm_bound is not None:
         norms = np.sqrt(np.bincount(users, weights=res * res, minlength=n_u.size))
-        s = np.minimum(s, user_norm_bound / np.maximum(norms, np.finfo(np.float64).tiny))
+        ratio = np.full(norms.shape, np.inf)
+        np.divide(user_norm_bound, norms, out=ratio, where=norms > user_norm_bound)
+        s = np.minimum(s, np.minimum(ratio, 1.0))
     su = s[users]
     S = np.bincount(items, weights=su * res, minlength=n_items)
     N = np.bincount(items, weights=su, minlength=n_items)

@@ -71,6 +71,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="delete old and interrupted versions, keeping --keep (default 2)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    # privacy budget (owned by the privacy area: training/private_accounting.py)
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="refuse a model whose privacy ledger spends more than ε = E (default: "
+        "$LRS_MAX_EPSILON; unset = no check); a model trained without DP counts as ε = ∞",
+    )
+    p.add_argument(
+        "--max-delta",
+        type=float,
+        default=None,
+        metavar="D",
+        help="refuse a model whose ledger has δ > D (default: $LRS_MAX_DELTA)",
+    )
 
 
 def _refit_hook() -> Any:
@@ -87,6 +103,16 @@ def run(args: argparse.Namespace) -> int:
 
     from serving.connection import connect
     from serving.store import RedisStore
+
+    if args.model and not (args.list or args.delete_version or args.switch_to or args.prune):
+        # privacy budget: refuse before touching Redis (training/private_accounting.py)
+        from training.model_dir import read_manifest
+        from training.private_accounting import budget_from_env, check_budget
+
+        max_eps, max_delta = budget_from_env(
+            getattr(args, "max_epsilon", None), getattr(args, "max_delta", None)
+        )
+        check_budget(read_manifest(args.model), max_epsilon=max_eps, max_delta=max_delta)
 
     handle = connect(args.redis, socket_timeout=60.0, connect_timeout=5.0)
     store = RedisStore(handle)

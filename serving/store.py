@@ -21,6 +21,7 @@ from serving.connection import RedisHandle
 from serving.encoding import (
     RecordFormat,
     decode_history,
+    decode_record,
     encode_history,
     encode_records,
     pack_params,
@@ -458,6 +459,9 @@ class RedisStore:
             idx = new_user_index.get(user_id)
             if same_model and old.record_format == fmt:
                 record = rec
+            elif same_model:  # same parameters, other precision: transcode
+                p = decode_record(old.record_format, rec)
+                record = encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0]
             elif refit is not None:
                 bias, w, b_idx, b_val = refit(model, user_id, items_new, ratings)
                 record = encode_records(fmt, [bias], [w], [b_idx], [b_val])[0]

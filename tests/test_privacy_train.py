@@ -1,0 +1,171 @@
+"""Private training on ratings: reproducible with a seed, every released array covered by the ledger,
+`lrs-rec train --epsilon/--delta` writes a ledger that recomputes from the manifest alone, and
+`lrs-rec publish` refuses an over-budget model (before touching Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from serving.cli import main as cli_main
+from training.model_dir import load_model_dir
+from training.private_train import PrivateConfig, fit_private, read_catalogue
+
+RELEASED = {"U", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov"}
+
+
+def _ratings(seed: int = 0, n_users: int = 80, n_items: int = 25):
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    for u in range(n_users):
+        its = rng.choice(n_items, size=int(rng.integers(3, 12)), replace=False)
+        users += [u] * len(its)
+        items += its.tolist()
+    u, i = np.array(users), np.array(items)
+    quality = rng.normal(0, 0.7, n_items)
+    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
+    return u, i, r.astype(float), n_users, n_items
+
+
+def _fit(cfg: PrivateConfig, features: np.ndarray | None = None):
+    u, i, r, nu, ni = _ratings()
+    return fit_private(
+        u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg,
+        item_features=features,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("features", ["onehot", "plugin"])
+def test_same_seed_same_model_and_different_seed_different_noise(features):
+    F = (
+        np.random.default_rng(5).integers(0, 2, size=(25, 6)).astype(float)
+        if features == "plugin"
+        else None
+    )
+    cfg = PrivateConfig(epsilon=2.0, features=features, rank=2, sparsity=1, random_state=7)
+    a, b = _fit(cfg, F), _fit(cfg, F)
+    for name in ("item_bias", "user_bias", "w_prior_mean", "w_prior_cov"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.lrs.U, b.lrs.U)
+    np.testing.assert_array_equal(a.lrs.W, b.lrs.W)
+    assert a.global_mean == b.global_mean
+    assert a.privacy == b.privacy
+    c = _fit(PrivateConfig(epsilon=2.0, features=features, rank=2, sparsity=1, random_state=8), F)
+    assert not np.array_equal(a.item_bias, c.item_bias)
+
+
+def test_every_released_array_is_covered_and_epsilon_meets_the_target():
+    fit = _fit(PrivateConfig(epsilon=1.0, rank=2, sparsity=1))
+    p = fit.privacy
+    assert p is not None
+    assert p["epsilon"] <= 1.0 and p["delta"] == 1e-6 and p["neighbouring"] == "add_remove_user"
+    covered = {rel for ev in p["events"] for rel in ev["releases"]}
+    assert covered == RELEASED  # each data-dependent released array has its own Gaussian events
+    listed = p["released_arrays"]
+    assert RELEASED | {"item_features", "item_ids"} <= set(listed)
+    assert listed["item_features"].startswith("public")
+    assert {"W", "B_idx/B_val", "user_bias"} <= set(p["per_user_not_private"])
+    names = {ev["name"]: ev for ev in p["events"]}
+    assert names["u_step_A"]["count"] == names["u_step_V"]["count"] == 2  # L noisy U-steps
+
+
+def test_noise_free_pipeline_learns_item_quality_and_private_one_is_noisier():
+    u, i, r, nu, ni = _ratings(seed=1, n_users=300)
+    kw = {"n_users": nu, "n_items": ni, "rating_min": 1.0, "rating_max": 5.0}
+    clean = fit_private(u, i, r, config=PrivateConfig(epsilon=None, rank=2, sparsity=1), **kw)
+    noisy = fit_private(u, i, r, config=PrivateConfig(epsilon=0.5, rank=2, sparsity=1), **kw)
+    assert clean.privacy is None
+    item_means = np.bincount(i, r, ni) / np.bincount(i, minlength=ni)
+    assert np.corrcoef(clean.item_bias, item_means)[0, 1] > 0.9
+    rmse = {
+        name: float(np.sqrt(np.mean((f.predict(u, i, 1.0, 5.0) - r) ** 2)))
+        for name, f in (("clean", clean), ("noisy", noisy))
+    }
+    assert rmse["clean"] < rmse["noisy"]
+
+
+def test_bad_inputs_are_rejected_with_clear_messages():
+    with pytest.raises(ValueError, match="epsilon"):
+        PrivateConfig(epsilon=-1.0)
+    with pytest.raises(ValueError, match="plugin"):
+        _fit(PrivateConfig(features="plugin"))
+    u, i, r, nu, ni = _ratings()
+    with pytest.raises(ValueError, match="duplicate"):
+        fit_private(
+            np.r_[u, u[:1]], np.r_[i, i[:1]], np.r_[r, r[:1]], n_users=nu, n_items=ni,
+            rating_min=1.0, rating_max=5.0, config=PrivateConfig(),
+        )  # fmt: skip
+
+
+def test_catalogue_reader_parses_movielens_100k_items(tmp_path):
+    path = tmp_path / "u.item"
+    flags = "|".join(["0"] * 18)
+    path.write_text(f"1|Toy Story (1995)|01-Jan-1995||http://x|0|{flags}\n2|B|||u|1|{flags}\n")
+    cat = read_catalogue(path)
+    assert cat.ids == ("1", "2")
+    assert cat.genres is not None and cat.genres.shape == (2, 19)
+    assert cat.genres[1, 0] == 1.0
+
+
+def _write_csv(tmp_path):
+    u, i, r, _, ni = _ratings()
+    csv = tmp_path / "ratings.csv"
+    csv.write_text(
+        "user,item,rating\n"
+        + "".join(f"u{a},i{b},{c:g}\n" for a, b, c in zip(u, i, r, strict=True))
+    )
+    catalog = tmp_path / "items.txt"
+    catalog.write_text(
+        "".join(f"i{b}\n" for b in range(ni + 3))
+    )  # the catalogue may hold unrated items
+    return csv, catalog
+
+
+def test_cli_train_with_epsilon_writes_a_ledger_recomputable_from_the_manifest(tmp_path, capsys):
+    csv, catalog = _write_csv(tmp_path)
+    out = tmp_path / "model"
+    rc = cli_main([
+        "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "1.5",
+        "--delta", "1e-6", "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out),
+        "--no-export", "--json",
+    ])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epsilon"] <= 1.5
+    model = load_model_dir(out)
+    privacy = json.loads((out / "manifest.json").read_text())["privacy"]
+    assert model.n_items == 28 and model.lrs.d == 28  # one-hot identity over the public catalogue
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(e["noise_multiplier"]), e["count"]
+        )
+        for e in privacy["events"]
+    ]
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+    eps = acc.get_epsilon(privacy["delta"])
+    assert privacy["accountant"] == "rdp"
+    assert eps == pytest.approx(privacy["epsilon"], rel=1e-9)
+    assert eps <= 1.5
+
+
+def test_publish_refuses_an_over_budget_model_before_touching_redis(tmp_path, capsys, monkeypatch):
+    csv, catalog = _write_csv(tmp_path)
+    out = tmp_path / "model"
+    assert cli_main([
+        "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "4",
+        "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out), "--no-export", "--quiet",
+    ]) == 0  # fmt: skip
+    capsys.readouterr()
+    # an unreachable Redis URL: the refusal must come first
+    bad = ["publish", "--model", str(out), "--redis", "redis://127.0.0.1:1/0"]
+    assert cli_main([*bad, "--max-epsilon", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the configured budget max ε = 1" in err and "refusing to publish" in err
+    monkeypatch.setenv("LRS_MAX_EPSILON", "2")
+    assert cli_main(bad) == 2
+    assert "max ε = 2" in capsys.readouterr().err

@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-seconds", type=float, default=4.0)
     p.add_argument("--http-connections", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ml100k",
+        default=None,
+        metavar="DIR",
+        help="also train on DIR/u1.base and report the served RMSE on u1.test with "
+        "float16 vs float32 records",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-write", action="store_true", help="do not write docs/ results")
     args = p.parse_args(argv)
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         }
         rec.close()
+        if args.ml100k:
+            out.update(_ml100k_precision(Path(args.ml100k), tmp, home))
         if not args.no_write:
             _write(out, rec_t, get_t, hget_t)
     finally:
@@ -294,6 +303,61 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps(out, indent=2))
     return 0
+
+
+def _ml100k_precision(data: Path, tmp: Path, home: Path) -> dict[str, Any]:
+    """Train on u1.base, publish with float16 and with float32 records, score u1.test through the
+    served path (Recommender.score_batch, one ONNX run per user) and compare RMSEs."""
+    from serving.connection import connect
+    from serving.recommender import Recommender
+    from serving.store import RedisStore
+    from training.config import TrainConfig
+    from training.export import export_model_dir
+    from training.loaders import load_ratings
+    from training.model_dir import save_model_dir
+    from training.pipeline import train
+
+    log("ML-100K u1: training on u1.base")
+    model_dir = tmp / "ml100k_u1"
+    trained = train(load_ratings(data / "u1.base"), TrainConfig(), progress=False).model
+    model = save_model_dir(trained, model_dir)
+    export_model_dir(model_dir)
+    test = load_ratings(data / "u1.test")
+    item_index, user_index = model.item_index(), model.user_index()
+    known = np.array([i in item_index for i in test.items])
+    users, items, ratings = test.users[known], test.items[known], test.ratings[known]
+    offline = model.predict(
+        np.array([user_index.get(u, -1) for u in users]), np.array([item_index[i] for i in items])
+    )
+    res: dict[str, Any] = {
+        "ml100k_u1_n_test": int(known.sum()),
+        "ml100k_u1_n_test_unknown_item_skipped": int((~known).sum()),
+        "ml100k_u1_rmse_offline": round(float(np.sqrt(np.mean((offline - ratings) ** 2))), 7),
+        "ml100k_u1_dims": model.manifest["dims"],
+    }
+    store = RedisStore(connect(None, home=home, socket_timeout=120.0))
+    by_user: dict[str, list[int]] = {}
+    for j, u in enumerate(users):
+        by_user.setdefault(str(u), []).append(j)
+    uids = list(by_user)
+    for precision in ("float16", "float32"):
+        store.publish(model, model_dir=str(model_dir), precision=precision)
+        rec = Recommender(model_dir, home=home, version_refresh_interval=0)
+        served = np.empty(ratings.size)
+        results = rec.score_batch(uids, [[str(items[j]) for j in by_user[u]] for u in uids])
+        for u, r in zip(uids, results, strict=True):
+            served[by_user[u]] = r.scores
+        rec.close()
+        rmse = float(np.sqrt(np.mean((served - ratings) ** 2)))
+        res[f"ml100k_u1_rmse_served_{precision}"] = round(rmse, 7)
+        res[f"ml100k_u1_max_abs_diff_{precision}_vs_offline"] = float(
+            np.max(np.abs(served - offline))
+        )
+    log(
+        f"ML-100K u1 RMSE: offline {res['ml100k_u1_rmse_offline']}, served float16 "
+        f"{res['ml100k_u1_rmse_served_float16']}, float32 {res['ml100k_u1_rmse_served_float32']}"
+    )
+    return res
 
 
 def _write(

@@ -26,7 +26,8 @@ class TrainConfig:
     sparsity: int = 4  # k: non-zeros of each user's sparse correction b_u
     dim: int = 32  # d: item-feature dimension (ignored in plug-in mode: the file decides)
     n_iter: int = 10  # outer alternations (user step, item step)
-    reg_w: float = 20.0  # ridge on w_u, towards the population mean w̄ (a Gaussian prior)
+    reg_w: float = 10.0  # ridge on w_u, towards the population prior N(w̄, Σ_w)
+    population_prior: bool = True  # Σ_w-shaped ridge on w_u (False: isotropic λ_w·I)
     reg_b: float = 20.0  # ridge on the k non-zeros of b_u
     reg_features: float = 20.0  # ridge on item features f_i in the refinement step
     reg_bias: float = 5.0  # ridge on user / item biases c_u, c_i
@@ -34,6 +35,7 @@ class TrainConfig:
     init_iter: int = 10
     refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
     validation_fraction: float = 0.05  # internal split of the training ratings for the val loss
+    patience: int = 2  # early stopping on the validation loss (0: off); the best iterate is kept
     final_passes: int = 1  # passes on all ratings (validation split included) after the loop
     seed: int = 0
 
@@ -45,6 +47,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.final_passes < 0:
             raise ValueError(f"final_passes must be >= 0, got {self.final_passes}")
         for name in ("reg_w", "reg_b", "reg_features", "reg_bias", "init_reg"):

@@ -7,8 +7,8 @@ Model of a rating (the reference prediction of :class:`training.model_dir.Traine
 Real rating data is noisy and very uneven (many users have fewer ratings than d), so every least-squares
 problem of Algorithm 1 is solved as a ridge problem:
 
-* user step (Eq. 4 then Eq. 3): ``(c_u, w_u)`` by ridge with ``w_u`` shrunk towards the population mean
-  w̄ (a Gaussian prior; λ_w), then ``b_u`` by one hard-thresholding-pursuit step: the ridge solution over
+* user step (Eq. 4 then Eq. 3): ``(c_u, w_u)`` by ridge with ``w_u`` shrunk towards the population
+  Gaussian prior N(w̄, Σ_w) (mean and trace-normalised covariance of all users' w; strength λ_w), then ``b_u`` by one hard-thresholding-pursuit step: the ridge solution over
   all d coordinates, keep its top-k support (``lrs_rec.thresholding.top_k_indices``, the HT of
   Algorithm 2), refit on that support (λ_b). Two inner rounds.
 * U step (Eq. 5, only when item features are fixed, e.g. plug-in mode): least squares in vec(U), then QR.
@@ -77,7 +77,24 @@ class StepParams:
     reg_w: float
     reg_b: float
     reg_bias: float
+    population_prior: bool = True  # shape the ridge on w_u by the population covariance Σ_w
     n_inner: int = 2
+
+
+def population_precision(W: np.ndarray) -> np.ndarray:
+    """Shape of the Gaussian prior on w_u: Σ̃⁻¹ with Σ̃ = cov(W) / mean(diag cov(W)) (trace-normalised,
+    so λ_w keeps its scale). The ridge term λ_w (w - w̄)ᵀ Σ̃⁻¹ (w - w̄) is a MAP estimate under
+    w_u ~ N(w̄, Σ_w / λ_w'), the same population prior onboarding uses. Identity when there are too few
+    users to estimate Σ_w."""
+    n, r = W.shape
+    if n <= r:
+        return np.eye(r)
+    cov = np.cov(W, rowvar=False, bias=True).reshape(r, r)
+    scale = float(np.mean(np.diag(cov)))
+    if not np.isfinite(scale) or scale <= 0:
+        return np.eye(r)
+    cov = cov / scale + 1e-6 * np.eye(r)
+    return np.asarray(np.linalg.inv(cov))
 
 
 @dataclass
@@ -110,6 +127,7 @@ def user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     st = _user_stats(state, data, n_users)
     U = state.U
     w_bar = state.W.mean(axis=0) if p.per_user_w else np.zeros(r)
+    prec = population_precision(state.W) if (p.population_prior and p.per_user_w) else np.eye(r)
     for _ in range(p.n_inner):
         Gb = np.einsum("uab,ub->ua", st.G, state.B)  # XᵀX b
         if p.per_user_w:
@@ -120,10 +138,10 @@ def user_step(state: LRSState, data: Samples, p: StepParams) -> None:
             sU = st.s @ U
             A[:, 0, 1:] = sU
             A[:, 1:, 0] = sU
-            A[:, 1:, 1:] = np.einsum("dr,nds->nrs", U, GU) + p.reg_w * np.eye(r)[None]
+            A[:, 1:, 1:] = np.einsum("dr,nds->nrs", U, GU) + p.reg_w * prec[None]
             rhs = np.zeros((n_users, r + 1))
             rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, state.B)
-            rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * w_bar[None, :]
+            rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (prec @ w_bar)[None, :]
             if not p.user_bias:
                 A[:, 0, :] = 0.0
                 A[:, :, 0] = 0.0

@@ -77,6 +77,7 @@ def method_params(cfg: TrainConfig) -> StepParams:
         reg_w=cfg.reg_w,
         reg_b=cfg.reg_b,
         reg_bias=cfg.reg_bias,
+        population_prior=cfg.population_prior,
     )
 
 
@@ -127,7 +128,20 @@ def init_state(
             np.zeros((n_users, F.shape[1])),
             np.zeros((n_users, F.shape[1])),
         )
-        user_step(full, train, StepParams(0, True, True, cfg.reg_w, cfg.reg_b, cfg.reg_bias, 1))
+        user_step(
+            full,
+            train,
+            StepParams(
+                k=0,
+                per_user_w=True,
+                user_bias=True,
+                reg_w=cfg.reg_w,
+                reg_b=cfg.reg_b,
+                reg_bias=cfg.reg_bias,
+                population_prior=False,
+                n_inner=1,
+            ),
+        )
         P, c_u = full.W, full.user_bias
     d = F.shape[1]
     cfg.check_dims(d)
@@ -157,6 +171,18 @@ def iterate(
         u_step(state, data)
     item_step(
         state, data, reg_features=cfg.reg_features, reg_bias=cfg.reg_bias, refine_features=refine
+    )
+
+
+def _snapshot(state: LRSState) -> LRSState:
+    return LRSState(
+        state.global_mean,
+        state.user_bias.copy(),
+        state.item_bias.copy(),
+        state.F.copy(),
+        state.U.copy(),
+        state.W.copy(),
+        state.B.copy(),
     )
 
 
@@ -234,7 +260,13 @@ def train(
     learn_u = (not refine) and cfg.method in ("lrs", "rep")
     lo, hi = table.rating_min, table.rating_max
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = [
+        {
+            "iteration": 0.0,  # after initialisation (biases + item features), before the LRS fit
+            "train_rmse": rmse(state, train_part, lo, hi),
+            "val_rmse": rmse(state, val_part, lo, hi),
+        }
+    ]
     bar = tqdm(
         range(1, cfg.n_iter + 1),
         desc=f"train {cfg.method}",
@@ -242,6 +274,9 @@ def train(
         disable=not progress,
         file=sys.stderr,
     )
+    early = bool(len(val_part)) and cfg.patience > 0
+    best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
+    best_state: LRSState | None = None
     for it in bar:
         iterate(state, cfg, train_part, params, learn_u=learn_u, refine=refine)
         row = {
@@ -256,6 +291,15 @@ def train(
                 f"iter {it:3d}  train RMSE {row['train_rmse']:.4f}  val RMSE {row['val_rmse']:.4f}",
                 file=sys.stderr,
             )
+        if early:
+            if row["val_rmse"] < best_val:
+                best_val, best_it, best_state = row["val_rmse"], it, _snapshot(state)
+            elif it - best_it >= cfg.patience:
+                break
+    if not early:
+        best_it = len(history) - 1
+    elif best_state is not None and best_it < len(history) - 1:
+        state = best_state  # early stopping: back to the best validation iterate
     # final passes on all ratings (the validation part included), then a last user step
     if len(val_part):
         for _ in range(cfg.final_passes):
@@ -287,9 +331,10 @@ def train(
         "cleaning": table.report.to_dict(),
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
         "metrics": {
-            "train_rmse": history[-1]["train_rmse"] if history else None,
-            "val_rmse": history[-1]["val_rmse"] if history else None,
+            "train_rmse": history[best_it]["train_rmse"],
+            "val_rmse": history[best_it]["val_rmse"],
             "history": history,
+            "best_iteration": best_it,
             "train_seconds": round(seconds, 3),
         },
         "params_per_user": {

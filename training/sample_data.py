@@ -58,7 +58,7 @@ def make_sample_data(
         B[u, rng.choice(d, size=sparsity, replace=False)] = rng.normal(0.0, 0.8, sparsity)
     theta = W @ U.T + B
     c_u = rng.normal(0.0, 0.35, n_users)
-    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.9
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 1.0
     popularity = popularity[rng.permutation(n_items)]
     popularity /= popularity.sum()
     # popular items are rated a little higher, as in real logs

@@ -398,6 +398,31 @@ def test_scorer_rejects_missing_or_foreign_onnx(tmp_path: Path) -> None:
         OnnxScorer(tmp_path / "other.onnx", intra_op_threads=0)
 
 
+def test_runner_falls_back_to_public_run(onnx_path: Path) -> None:
+    """Without the binding's private ``_sess`` the public InferenceSession.run is used."""
+    from serving.onnx_scorer import _runner
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    class PublicOnly:
+        def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return session.run(outputs, feeds)  # type: ignore[no-any-return]
+
+    feeds = {
+        "w": np.zeros((1, 4), np.float32),
+        "user_bias": np.zeros(1, np.float32),
+        "b_idx": np.array([[0, 1, 2]]),
+        "b_val": np.zeros((1, 3), np.float32),
+        "items": np.array([[-1]]),
+        "n": np.array([1]),
+        "exclude": np.array([[-1]]),
+    }
+    fast = _runner(session, ["scores"])(feeds)
+    slow = _runner(PublicOnly(), ["scores"])(feeds)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    assert fast[0][0, 0] == pytest.approx(3.5)  # unknown item, zero user: the global mean
+
+
 # -- model directory and CLI ----------------------------------------------------------------------
 def test_export_model_dir_round_trip(tmp_path: Path) -> None:
     trained = random_model(n_items=120, d=20, r=6, k=5, seed=3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -111,6 +112,20 @@ class UserData:
     def segment_sum(self, values: FloatArray) -> FloatArray:
         """Per-user sums of ``values: (N, ...)`` → ``(n_users, ...)``."""
         return np.asarray(np.add.reduceat(values, self.starts, axis=0), dtype=np.float64)
+
+    @cached_property
+    def col_norms(self) -> FloatArray:
+        """Per-user column norms ``‖X_u[:, i]‖`` → ``(n_users, d)`` (zeros replaced by 1)."""
+        c = np.sqrt(self.segment_sum(self.X * self.X))
+        c[c == 0] = 1.0
+        return c
+
+    def gather(self, S: IntArray) -> FloatArray:
+        """``X[j, S[user_of[j]]]`` for every sample: each sample's covariates on its user's support
+        ``S: (n_users, k)`` → ``(N, k)``."""
+        N, d = self.X.shape
+        flat = (np.arange(N, dtype=np.int64) * d)[:, None] + S[self.user_of]
+        return np.asarray(self.X.reshape(-1)[flat], dtype=np.float64)
 
     def user_grams(self) -> FloatArray:
         """Per-user Gram matrices ``X_uᵀ X_u`` → ``(n_users, d, d)`` (batched by count bucket)."""
@@ -223,7 +238,7 @@ def _normalized_step(data: UserData, g: FloatArray, k: int) -> FloatArray:
     S = top_k_indices(g, k)
     gS = gather_rows(g, S)
     num = np.sum(gS * gS, axis=1)
-    Xg = np.einsum("nk,nk->n", gather_rows(data.X, S[data.user_of]), gS[data.user_of])
+    Xg = np.einsum("nk,nk->n", data.gather(S), gS[data.user_of])
     den = data.segment_sum(Xg * Xg)
     eta = 1.0 / data.counts.astype(np.float64)
     ok = den > 0
@@ -259,24 +274,73 @@ def _omp(
     most correlated (normalised by column norm) with the residual of the least squares on
     ``[X_u U, X_u[:, S]]``. Returns (S sorted, solution (t, r + k) in S order, objective)."""
     t, r = data.n_users, Z.shape[1]
-    colnorm = np.sqrt(data.segment_sum(data.X * data.X))
-    colnorm[colnorm == 0] = 1.0
-    S = np.zeros((t, 0), dtype=np.int64)
-    sol = _batched_ls(data, Z, data.y, ridge[:r])
+    colnorm = data.col_norms
+    S = np.zeros((t, k), dtype=np.int64)
+    F = Z
+    sol = _batched_ls(data, F, data.y, ridge[:r])
     rows = np.arange(t)
     for i in range(k):
-        F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
         res = data.y - np.einsum("np,np->n", F, sol[data.user_of])
         score = np.abs(data.segment_xt(res)) / colnorm
-        score[rows[:, None], S] = -1.0
-        S = np.concatenate((S, np.argmax(score, axis=1)[:, None]), axis=1)
-        F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+        score[rows[:, None], S[:, :i]] = -1.0
+        S[:, i] = np.argmax(score, axis=1)
+        F = np.concatenate((F, data.gather(S[:, i : i + 1])), axis=1)
         sol = _batched_ls(data, F, data.y, ridge[: r + i + 1])
     order = np.argsort(S, axis=1)
     S = np.take_along_axis(S, order, axis=1)
     sol = np.concatenate((sol[:, :r], np.take_along_axis(sol[:, r:], order, axis=1)), axis=1)
-    F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+    F = np.concatenate((Z, data.gather(S)), axis=1)
     return S, sol, _objective(data, F, sol, ridge)
+
+
+IRLS_ITER = 30
+"""Iterations of the reweighted least-squares (ℓ0-like) support search used to rescue poorly fitted
+users (Chartrand & Yin 2008, p = 0, ε halved every iteration)."""
+
+
+def _irls_supports(data: UserData, Z: FloatArray, k: int, flag: np.ndarray[Any, Any]) -> IntArray:
+    """Sparse supports by iteratively reweighted least squares for the flagged users.
+
+    For user u with A_u = [X_u U, X_u] (m_u × (r + d), underdetermined: m_u < r + d), iterate the
+    weighted minimum-norm interpolation ``x = D A_uᵀ (A_u D A_uᵀ)⁻¹ y_u`` with weights
+    ``D = diag(big, …, (b_i² + ε))`` (w essentially unpenalised, b pushed towards ℓ0-sparsity) and
+    ε halved each iteration. Returns the top-k support of b (rows of unflagged users are zero).
+    """
+    r, d = Z.shape[1], data.d
+    p = r + d
+    S = np.zeros((data.n_users, k), dtype=np.int64)
+    for bk in data.buckets:
+        sel = flag[bk.users] & (data.counts[bk.users] < p)
+        if not sel.any():
+            continue
+        rows = bk.rows[sel]
+        n, m = rows.shape
+        A = np.concatenate((Z[rows], data.X[rows]), axis=2)  # (n, m, p)
+        y = data.y[rows]
+        pad = None
+        if bk.mask is not None:
+            mk = bk.mask[sel]
+            A = A * mk[:, :, None]
+            y = y * mk
+            pad = 1.0 - mk
+        m_u = data.counts[bk.users[sel]].astype(np.float64)
+        Dg = np.ones((n, p))
+        eps = np.zeros(n)
+        b = np.zeros((n, d))
+        for it in range(IRLS_ITER):
+            M = np.matmul(A * Dg[:, None, :], A.transpose(0, 2, 1))
+            scale = np.trace(M, axis1=1, axis2=2) / m_u
+            M = M + (JITTER * np.maximum(scale, 1e-30))[:, None, None] * np.eye(m)
+            if pad is not None:
+                M = M + pad[:, :, None] * np.eye(m)
+            lam = np.linalg.solve(M, y[..., None])[..., 0]
+            x = Dg * np.einsum("nmp,nm->np", A, lam)
+            b = x[:, r:]
+            eps = np.maximum(np.max(b * b, axis=1), 1e-300) if it == 0 else 0.5 * eps
+            wb = b * b + eps[:, None]
+            Dg = np.concatenate((np.full((n, r), 1e4), wb / np.max(wb, axis=1)[:, None]), axis=1)
+        S[bk.users[sel]] = top_k_indices(b, k)
+    return S
 
 
 def _b_step_htp(
@@ -305,7 +369,7 @@ def _b_step_htp(
         eta = _normalized_step(data, g, k)
         C = _dense_b(B_idx, B_val, data.d) + eta[:, None] * g
         S = top_k_indices(C, k)
-        F = np.concatenate((Z, gather_rows(data.X, S[data.user_of])), axis=1)
+        F = np.concatenate((Z, data.gather(S)), axis=1)
         sol = _batched_ls(data, F, data.y, ridge)
         W, B_idx, B_val = sol[:, :r], S, sol[:, r:]
         obj = _objective(data, F, sol, ridge)
@@ -315,6 +379,19 @@ def _b_step_htp(
         W = np.where(better[:, None], sol_o[:, :r], W)
         B_idx = np.where(better[:, None], S_o, B_idx)
         B_val = np.where(better[:, None], sol_o[:, r:], B_val)
+        obj = np.where(better, obj_o, obj)
+        # users fitted much worse than the typical user: try an IRLS support as well
+        ratio = obj / np.maximum(data.segment_sum(data.y * data.y), 1e-300)
+        flag = ratio > max(10.0 * float(np.median(ratio)), 1e-14)
+        if flag.any():
+            S_i = np.where(flag[:, None], _irls_supports(data, Z, k, flag), B_idx)
+            F = np.concatenate((Z, data.gather(S_i)), axis=1)
+            sol_i = _batched_ls(data, F, data.y, ridge)
+            obj_i = _objective(data, F, sol_i, ridge)
+            better = flag & (obj_i < obj)
+            W = np.where(better[:, None], sol_i[:, :r], W)
+            B_idx = np.where(better[:, None], S_i, B_idx)
+            B_val = np.where(better[:, None], sol_i[:, r:], B_val)
     return W, B_idx, B_val
 
 
@@ -515,7 +592,7 @@ def _support_cross(data: UserData, grams: FloatArray | None, S: IntArray) -> Flo
         t, d = grams.shape[0], grams.shape[1]
         base = (np.arange(t) * d * d)[:, None, None] + (np.arange(d) * d)[None, :, None]
         return np.asarray(grams.reshape(-1)[base + S[:, None, :]], dtype=np.float64)
-    XS = gather_rows(data.X, S[data.user_of])
+    XS = data.gather(S)
     return np.stack([data.segment_xt(XS[:, i]) for i in range(S.shape[1])], axis=2)
 
 
@@ -599,7 +676,7 @@ def _joint_u_step_cg(
     rtol: float = 1e-12,
 ) -> tuple[FloatArray, FloatArray]:
     """Matrix-free version of :func:`_joint_u_statistics` + solve; returns (U_ls, B_val)."""
-    XS = gather_rows(data.X, S[data.user_of])  # (N, k)
+    XS = data.gather(S)  # (N, k)
     if active is not None:
         XS = XS * active[data.user_of]
     G = _ridged(data.segment_sum(XS[:, :, None] * XS[:, None, :]), ridge_b)

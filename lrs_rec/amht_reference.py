@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.amht import JITTER
+from lrs_rec.amht import IRLS_ITER, JITTER
 from lrs_rec.model import LRSModel
 
 
@@ -90,6 +90,25 @@ def _omp_user(
     return np.array(S)[order].astype(np.int64), np.concatenate([sol[:r], sol[r:][order]])
 
 
+def _irls_user(Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: int) -> IntArray:
+    """Reweighted least squares (p = 0) support search for one underdetermined user."""
+    r, d = U.shape[1], Xu.shape[1]
+    m = Xu.shape[0]
+    A = np.hstack([Xu @ U, Xu])
+    Dg = np.ones(r + d)
+    eps = 0.0
+    b = np.zeros(d)
+    for it in range(n_iter):
+        M = (A * Dg) @ A.T
+        M = M + JITTER * max(float(np.trace(M)) / m, 1e-30) * np.eye(m)
+        x = Dg * (A.T @ np.linalg.solve(M, yu))
+        b = x[r:]
+        eps = max(float(np.max(b * b)), 1e-300) if it == 0 else 0.5 * eps
+        wb = b * b + eps
+        Dg = np.concatenate([np.full(r, 1e4), wb / np.max(wb)])
+    return _top_k(b, k)
+
+
 def fit_reference(
     X: FloatArray,
     y: FloatArray,
@@ -127,6 +146,7 @@ def fit_reference(
     W = np.zeros((n_users, r))
     gamma = np.zeros(n_users)
     gamma_set = False
+    obj = np.zeros(n_users)
 
     def w_step() -> None:
         for u in range(n_users):
@@ -158,11 +178,13 @@ def fit_reference(
                     sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
                     W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
                     if b_restart and _inner == b_iter - 1:
-                        obj = _objective(F, ys[u], sol, ridge)
+                        obj[u] = _objective(F, ys[u], sol, ridge)
                         S_o, sol_o = _omp_user(Xu, ys[u], U, k, ridge)
                         F_o = np.hstack([Xu @ U, Xu[:, S_o]])
-                        if _objective(F_o, ys[u], sol_o, ridge) < obj:
+                        obj_o = _objective(F_o, ys[u], sol_o, ridge)
+                        if obj_o < obj[u]:
                             W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
+                            obj[u] = obj_o
                 else:  # Algorithm 2 with backtracking on the step
                     if not gamma_set:
                         gamma[u] = float(np.max(np.abs(b + eta * g)))
@@ -180,6 +202,17 @@ def fit_reference(
                         iht_alpha + iht_c1 * iht_beta / np.sqrt(k)
                     )
             gamma_set = b_step == "iht"
+        if b_step == "htp" and b_restart and k > 0:  # IRLS rescue of badly fitted users
+            ratio = obj / np.array([max(float(yu @ yu), 1e-300) for yu in ys])
+            limit = max(10.0 * float(np.median(ratio)), 1e-14)
+            ridge = np.concatenate([np.full(r, ridge_w), np.full(k, ridge_b)])
+            for u in range(n_users):
+                if ratio[u] > limit and Xs[u].shape[0] < r + d:
+                    S = _irls_user(Xs[u], ys[u], U, k, IRLS_ITER)
+                    F = np.hstack([Xs[u] @ U, Xs[u][:, S]])
+                    sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
+                    if _objective(F, ys[u], sol, ridge) < obj[u]:
+                        W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
         if zeta is not None and k > 0:
             B_val = enforce_row_sparsity_reference(B_idx, B_val, zeta=zeta, d=d)
         w_step()  # Eq. 4

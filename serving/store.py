@@ -19,6 +19,7 @@ import numpy as np
 
 from serving.connection import RedisHandle
 from serving.encoding import (
+    HistoryEncoder,
     RecordFormat,
     decode_history,
     decode_record,
@@ -362,6 +363,13 @@ class RedisStore:
             self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
             packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
             rec_bytes = packed.tobytes()
+            hist = HistoryEncoder(
+                model.history_indptr,
+                model.history_items,
+                model.history_ratings,
+                n_items=model.n_items,
+                cap=history_cap,
+            )
             L = fmt.size
             from tqdm import tqdm
 
@@ -385,15 +393,10 @@ class RedisStore:
                         },
                     )
                     if with_history:
-                        hist = {}
-                        for u in range(lo, hi):
-                            items, ratings = model.user_history(u)
-                            hist[str(u - lo).encode()] = encode_history(
-                                items[-history_cap:] if history_cap else items[:0],
-                                ratings[-history_cap:] if history_cap else ratings[:0],
-                                n_items=model.n_items,
-                            )
-                        pipe.hset(self.keys.history(version, b), mapping=hist)
+                        pipe.hset(
+                            self.keys.history(version, b),
+                            mapping={str(u - lo).encode(): hist.record(u) for u in range(lo, hi)},
+                        )
                 pipe.execute()
             old = self.current_version()
             seen: dict[str, int] = {}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from serving.encoding import (
+    HistoryEncoder,
     RecordError,
     RecordFormat,
     crc32_rows,
@@ -157,3 +158,20 @@ def test_cluster_hash_tag_puts_a_users_keys_in_one_slot():
         }
         assert len(slots) == 1
     assert key_slot(keys.params("v1", 0)) != key_slot(keys.params("v1", 1))
+
+
+@pytest.mark.parametrize("cap", [None, 0, 3, 100])
+def test_fast_history_encoder_matches_reference(cap):
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 9, size=30)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    items = rng.integers(0, 300, size=indptr[-1])
+    ratings = rng.integers(1, 11, size=indptr[-1]) / 2.0
+    enc = HistoryEncoder(indptr, items, ratings, n_items=300, cap=cap)
+    for u in range(30):
+        its, rs = items[indptr[u] : indptr[u + 1]], ratings[indptr[u] : indptr[u + 1]]
+        if cap is not None:
+            its, rs = its[len(its) - min(cap, len(its)) :], rs[len(rs) - min(cap, len(rs)) :]
+        assert enc.record(u) == encode_history(its, rs, n_items=300)
+    with pytest.raises(ValueError, match="item indices"):
+        HistoryEncoder([0, 1], [300], [1.0], n_items=300)

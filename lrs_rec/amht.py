@@ -293,6 +293,10 @@ def _omp(
     return S, sol, _objective(data, F, sol, ridge)
 
 
+OMP_ALL_ITERS = 3
+"""OMP restarts run for every user in the first outer iterations, later only while some user is
+badly fitted (see ``_badly_fitted``)."""
+
 IRLS_ITER = 30
 """Iterations of the reweighted least-squares (ℓ0-like) support search used to rescue poorly fitted
 users (Chartrand & Yin 2008, p = 0, ε halved every iteration)."""
@@ -343,6 +347,11 @@ def _irls_supports(data: UserData, Z: FloatArray, k: int, flag: np.ndarray[Any, 
     return S
 
 
+def _badly_fitted(ratio: FloatArray) -> np.ndarray[Any, Any]:
+    """Users whose relative residual ‖res_u‖²/‖y_u‖² is 10× the median user's (and not ~0)."""
+    return np.asarray(ratio > max(10.0 * float(np.median(ratio)), 1e-14))
+
+
 def _b_step_htp(
     data: UserData,
     Z: FloatArray,
@@ -355,7 +364,10 @@ def _b_step_htp(
     ridge_w: float,
     ridge_b: float,
     restart: bool = True,
+    omp_all: bool = True,
 ) -> tuple[FloatArray, IntArray, FloatArray]:
+    """HTP b-step; with ``restart``, OMP candidates (always when ``omp_all``, otherwise only if some
+    user is badly fitted) and IRLS candidates for badly fitted users, each kept where it fits better."""
     r = Z.shape[1]
     ridge = np.concatenate((np.full(r, ridge_w), np.full(k, ridge_b)))
     obj = np.zeros(0)
@@ -373,7 +385,11 @@ def _b_step_htp(
         sol = _batched_ls(data, F, data.y, ridge)
         W, B_idx, B_val = sol[:, :r], S, sol[:, r:]
         obj = _objective(data, F, sol, ridge)
-    if restart:  # HTP can stall at a wrong support: keep OMP's answer where it fits better
+    if not restart:
+        return W, B_idx, B_val
+    yy = np.maximum(data.segment_sum(data.y * data.y), 1e-300)
+    if omp_all or _badly_fitted(obj / yy).any():
+        # HTP can stall at a wrong support: keep OMP's answer where it fits better
         S_o, sol_o, obj_o = _omp(data, Z, k, ridge)
         better = obj_o < obj
         W = np.where(better[:, None], sol_o[:, :r], W)
@@ -381,8 +397,7 @@ def _b_step_htp(
         B_val = np.where(better[:, None], sol_o[:, r:], B_val)
         obj = np.where(better, obj_o, obj)
         # users fitted much worse than the typical user: try an IRLS support as well
-        ratio = obj / np.maximum(data.segment_sum(data.y * data.y), 1e-300)
-        flag = ratio > max(10.0 * float(np.median(ratio)), 1e-14)
+        flag = _badly_fitted(obj / yy)
         if flag.any():
             S_i = np.where(flag[:, None], _irls_supports(data, Z, k, flag), B_idx)
             F = np.concatenate((Z, data.gather(S_i)), axis=1)
@@ -995,7 +1010,7 @@ class AMHTLRS:
             data = parts[it % n_folds]
             gram = None if grams is None else grams[it % n_folds]
             U, W, B_idx, B_val = self._iteration(
-                data, gram, hs[it % n_folds], U, W, B_idx, B_val, iht, use_cg
+                data, gram, hs[it % n_folds], U, W, B_idx, B_val, iht, use_cg, it
             )
             n_done = it + 1
             pred = _low_rank_predict(full.X @ U, W, full.user_of) + sparse_predict(
@@ -1009,7 +1024,9 @@ class AMHTLRS:
             if change <= self.tol * max(float(np.linalg.norm(pred)), 1e-300):
                 break
         if n_folds > 1:  # refit the per-user parameters on all samples
-            W, B_idx, B_val = self._per_user_steps(full, full.X @ U, W, B_idx, B_val, IHTState())
+            W, B_idx, B_val = self._per_user_steps(
+                full, full.X @ U, W, B_idx, B_val, IHTState(), n_done
+            )
         self.model_ = LRSModel(U=U, W=W, B_idx=B_idx, B_val=B_val)
         self.n_iter_ = n_done
         self.history_ = history
@@ -1024,6 +1041,7 @@ class AMHTLRS:
         B_idx: IntArray,
         B_val: FloatArray,
         iht: IHTState,
+        iteration: int,
     ) -> tuple[FloatArray, IntArray, FloatArray]:
         k = int(self.sparsity)
         if k > 0:
@@ -1039,6 +1057,7 @@ class AMHTLRS:
                     ridge_w=self.ridge_w,
                     ridge_b=self.ridge_b,
                     restart=bool(self.b_restart),
+                    omp_all=iteration < OMP_ALL_ITERS,
                 )
             else:
                 B_idx, B_val = _b_step_iht(
@@ -1070,8 +1089,9 @@ class AMHTLRS:
         B_val: FloatArray,
         iht: IHTState,
         use_cg: bool,
+        iteration: int,
     ) -> tuple[FloatArray, FloatArray, IntArray, FloatArray]:
-        W, B_idx, B_val = self._per_user_steps(data, data.X @ U, W, B_idx, B_val, iht)
+        W, B_idx, B_val = self._per_user_steps(data, data.X @ U, W, B_idx, B_val, iht, iteration)
         if self.u_step == "joint" and B_idx.shape[1] > 0:
             # Eq. 5 jointly with b on the supports just chosen (variable projection), then QR
             active = None if self.zeta is None else (B_val != 0).astype(np.float64)

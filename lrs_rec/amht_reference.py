@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.amht import IRLS_ITER, JITTER
+from lrs_rec.amht import IRLS_ITER, JITTER, OMP_ALL_ITERS
 from lrs_rec.model import LRSModel
 
 
@@ -161,7 +161,7 @@ def fit_reference(
     w_step()
     prev = np.concatenate([Xs[u] @ U @ W[u] for u in range(n_users)])
     history: list[float] = []
-    for _ in range(n_iter):
+    for iteration in range(n_iter):
         # b-step (Eq. 3)
         for _inner in range(b_iter if k > 0 else 0):
             for u in range(n_users):
@@ -177,14 +177,8 @@ def fit_reference(
                     ridge = np.concatenate([np.full(r, ridge_w), np.full(k, ridge_b)])
                     sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
                     W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
-                    if b_restart and _inner == b_iter - 1:
+                    if _inner == b_iter - 1:
                         obj[u] = _objective(F, ys[u], sol, ridge)
-                        S_o, sol_o = _omp_user(Xu, ys[u], U, k, ridge)
-                        F_o = np.hstack([Xu @ U, Xu[:, S_o]])
-                        obj_o = _objective(F_o, ys[u], sol_o, ridge)
-                        if obj_o < obj[u]:
-                            W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
-                            obj[u] = obj_o
                 else:  # Algorithm 2 with backtracking on the step
                     if not gamma_set:
                         gamma[u] = float(np.max(np.abs(b + eta * g)))
@@ -202,10 +196,23 @@ def fit_reference(
                         iht_alpha + iht_c1 * iht_beta / np.sqrt(k)
                     )
             gamma_set = b_step == "iht"
-        if b_step == "htp" and b_restart and k > 0:  # IRLS rescue of badly fitted users
-            ratio = obj / np.array([max(float(yu @ yu), 1e-300) for yu in ys])
-            limit = max(10.0 * float(np.median(ratio)), 1e-14)
+        if b_step == "htp" and b_restart and k > 0:
+            yy = np.array([max(float(yu @ yu), 1e-300) for yu in ys])
+            ratio = obj / yy
             ridge = np.concatenate([np.full(r, ridge_w), np.full(k, ridge_b)])
+            if iteration < OMP_ALL_ITERS or np.any(
+                ratio > max(10 * float(np.median(ratio)), 1e-14)
+            ):
+                for u in range(n_users):  # OMP restarts
+                    S_o, sol_o = _omp_user(Xs[u], ys[u], U, k, ridge)
+                    F_o = np.hstack([Xs[u] @ U, Xs[u][:, S_o]])
+                    obj_o = _objective(F_o, ys[u], sol_o, ridge)
+                    if obj_o < obj[u]:
+                        W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
+                        obj[u] = obj_o
+            # IRLS rescue of badly fitted users
+            ratio = obj / yy
+            limit = max(10.0 * float(np.median(ratio)), 1e-14)
             for u in range(n_users):
                 if ratio[u] > limit and Xs[u].shape[0] < r + d:
                     S = _irls_user(Xs[u], ys[u], U, k, IRLS_ITER)

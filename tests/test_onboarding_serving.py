@@ -306,3 +306,22 @@ def test_manifest_config_is_used(model_dirs):
     with pytest.raises(ValueError, match=r"onboarding\.config"):
         config_for(bad)
     assert json.dumps(config_for(m).__dict__)
+
+
+@pytest.mark.redis
+def test_lrs_rec_publish_refits_onboarded_users(model_dirs, home, monkeypatch, capsys):
+    """The CLI installs serving.onboarding.refit_for_publish: nobody onboarded loses personalisation."""
+    from serving.cli import main as cli_main
+
+    monkeypatch.setenv("LRS_HOME", str(home))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
+    assert cli_main(["publish", "--model", str(model_dirs["a"]), "--json"]) == 0
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
+    rec.onboard("dora", [("i5", 5.0), ("i6", 1.0), ("i7", 4.0)])
+    assert cli_main(["publish", "--model", str(model_dirs["b"]), "--json"]) == 0
+    capsys.readouterr()
+    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
+    got = rec_b.score("dora", ["i0", "i1"])
+    assert got.personalized and got.model_version == "model-b"
+    want = _expected_scores(rec_b.model, [5, 6, 7], [5.0, 1.0, 4.0], [0, 1])
+    np.testing.assert_allclose(got.scores, want, atol=2e-2)

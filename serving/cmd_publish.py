@@ -99,6 +99,16 @@ def _refit_hook() -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    import redis
+
+    try:
+        return _run(args)
+    except redis.RedisError as e:  # unreachable / auth / cluster trouble: one clear line
+        print(f"lrs-rec publish: error: Redis: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from serving.connection import connect

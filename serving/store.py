@@ -38,6 +38,10 @@ DEFAULT_HISTORY_CAP = 1000
 _PIPELINE_KEYS = 256  # hashes written per pipeline round trip during publish
 
 
+class UnknownVersionError(LookupError, ValueError):
+    """A store version (or its item vocabulary) that does not exist."""
+
+
 @dataclass(frozen=True)
 class VersionMeta:
     """Metadata of one store version (``lrs:versions`` field -> this, as JSON)."""
@@ -127,7 +131,7 @@ class RedisStore:
             return cached
         raw = self.r.hget(self.keys.versions, version)
         if raw is None:
-            raise KeyError(f"store version {version!r} does not exist")
+            raise UnknownVersionError(f"store version {version!r} does not exist")
         meta = VersionMeta.from_json(raw)
         self._meta_cache[version] = meta
         return meta
@@ -152,7 +156,7 @@ class RedisStore:
     def item_ids(self, version: str) -> list[str]:
         raw = self.r.get(self.keys.items(version))
         if raw is None:
-            raise KeyError(f"store version {version!r} has no item vocabulary")
+            raise UnknownVersionError(f"store version {version!r} has no item vocabulary")
         return [str(x) for x in json.loads(raw)]
 
     def version_keys(self, meta: VersionMeta) -> list[bytes]:

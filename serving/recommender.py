@@ -300,9 +300,15 @@ class Recommender:
         return self.score_batch([user_id], [item_ids])[0]
 
     def score_batch(
-        self, user_ids: Sequence[str], item_ids: Sequence[Sequence[str]]
+        self, user_ids: Sequence[str], item_ids: Sequence[Sequence[str]] | Sequence[str]
     ) -> list[ScoreResult]:
-        """Scores for several users (one pipelined Redis round trip, one ONNX run per user)."""
+        """Scores for several users (one pipelined Redis round trip, one ONNX run per user).
+
+        ``item_ids`` is one list per user, or a single list of item ids shared by every user."""
+        if isinstance(user_ids, str):
+            raise ValueError("user_ids must be a sequence of ids, not one string")
+        if not item_ids or isinstance(item_ids[0], str):
+            item_ids = [item_ids] * len(user_ids)  # type: ignore[list-item]
         if len(user_ids) != len(item_ids):
             raise ValueError(f"{len(user_ids)} user ids but {len(item_ids)} item lists")
         for items in item_ids:

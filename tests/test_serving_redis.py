@@ -88,6 +88,8 @@ def test_served_scores_equal_offline_predictions(model_dirs, home, precision):
         # ... and to the float64 model within the precision's rounding error
         tol = 2e-2 if precision == "float16" else 1e-5
         np.testing.assert_allclose(got, model.predict(np.full(15, u), items), atol=tol)
+    shared = rec.score_batch([model.user_ids[u] for u in users[:3]], item_ids)  # one shared list
+    assert [r.scores for r in shared] == [r.scores for r in res[:3]]
     # unknown user: population model, not personalised
     unknown = rec.score("nobody-xyz", item_ids)
     assert not unknown.personalized

@@ -125,7 +125,7 @@ def markdown_table(summary: dict[str, Any], folds: list[int]) -> str:
         + " | ".join(f"RMSE {b}" for b in BUCKETS)
         + " | P@10 | R@10 | NDCG@10 | train s |"
     )
-    sep = "|" + "---|" * (len(folds) + len(BUCKETS) + 8)
+    sep = "|" + "---|" * (len(folds) + len(BUCKETS) + 7)
     lines = [head, sep]
     for s in summary.values():
         lines.append(

@@ -46,6 +46,10 @@ least-squares solve well posed, e.g. for users with fewer samples than unknowns.
 DIRECT_MAX_DR = 320
 """``u_solver="auto"`` solves the (dr × dr) normal equations directly up to this d·r, else uses CG."""
 
+CG_MAXITER = 100
+"""Inside the estimator each CG U-step is warm-started and capped at this many iterations (an inexact
+U-step is fine for alternating minimisation; the outer loop keeps refining)."""
+
 GRAM_CACHE_MAX = 20_000_000
 """The direct U-step caches the per-user Grams X_uᵀX_u (t·d² floats) when t·d² is at most this;
 A = Σ_u w_u w_uᵀ ⊗ X_uᵀX_u then costs O(t·d²·r²) per iteration instead of O(N·d²·r²)."""
@@ -689,6 +693,7 @@ def _joint_u_step_cg(
     ridge_u: float,
     active: FloatArray | None = None,
     rtol: float = 1e-12,
+    maxiter: int | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """Matrix-free version of :func:`_joint_u_statistics` + solve; returns (U_ls, B_val)."""
     XS = data.gather(S)  # (N, k)
@@ -710,7 +715,7 @@ def _joint_u_step_cg(
 
     V = data.X.T @ (project(data.y)[:, None] * Wj)
     diag = (data.X * data.X).T @ (Wj * Wj) + ridge_u
-    U_ls, _ = _pcg_op(matvec, V, diag, U0, rtol, None)
+    U_ls, _ = _pcg_op(matvec, V, diag, U0, rtol, maxiter)
     z = data.y - np.einsum("nr,nr->n", data.X @ U_ls, Wj)
     return U_ls, b_of(z)
 
@@ -1097,7 +1102,7 @@ class AMHTLRS:
             active = None if self.zeta is None else (B_val != 0).astype(np.float64)
             if use_cg:
                 U_ls, B_val = _joint_u_step_cg(
-                    data, W, B_idx, U, self.ridge_b, self.ridge_u, active
+                    data, W, B_idx, U, self.ridge_b, self.ridge_u, active, maxiter=CG_MAXITER
                 )
             else:
                 A, V, C, G = _joint_u_statistics(data, gram, h, W, B_idx, self.ridge_b, active)
@@ -1107,7 +1112,15 @@ class AMHTLRS:
             return U, W @ R.T, B_idx, B_val
         if use_cg:  # Eq. 5, matrix-free, warm-started at the current U
             U_ls, _ = u_step_cg(
-                data.X, data.y, data.user_of, W, B_idx, B_val, U0=U, ridge=self.ridge_u
+                data.X,
+                data.y,
+                data.user_of,
+                W,
+                B_idx,
+                B_val,
+                U0=U,
+                ridge=self.ridge_u,
+                maxiter=CG_MAXITER,
             )
         else:  # Eq. 5, direct normal equations
             if gram is not None:

@@ -18,24 +18,24 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from lrs_rec import AMHTLRS, make_synthetic  # noqa: E402
-from lrs_rec.baselines import (  # noqa: E402
+from lrs_rec import AMHTLRS, make_synthetic
+from lrs_rec.baselines import (
     FullFineTuning,
     PromptLearning,
     RepresentationLearning,
     SingleModel,
 )
-from lrs_rec.synthetic import relative_error  # noqa: E402
+from lrs_rec.synthetic import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = 1e-6

@@ -39,7 +39,7 @@ from lrs_rec.synthetic import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = 1e-6
-PAPER = dict(n_users=500, m=100, d=150, rank=1, sparsity=10, zeta=5)
+PAPER: dict[str, Any] = dict(n_users=500, m=100, d=150, rank=1, sparsity=10, zeta=5)
 
 
 def _progress(msg: str) -> None:
@@ -56,7 +56,7 @@ def paper_setting(seeds: list[int]) -> list[dict[str, Any]]:
     """The issue's target: d=150, m=100, k=10, ζ=5, r=1, 500 users, noiseless."""
     out = []
     for seed in seeds:
-        D = make_synthetic(**PAPER, random_state=seed)  # type: ignore[arg-type]
+        D = make_synthetic(**PAPER, random_state=seed)
         est, secs = _fit(1, 10, D)
         err = relative_error(est.model_.theta(), D.theta)
         out.append(
@@ -82,7 +82,7 @@ def _test_set(D: Any, per_user: int, seed: int) -> tuple[Any, Any, Any]:
 
 def fig2(seed: int, ks: list[int], prompt_dims: list[int]) -> list[dict[str, Any]]:
     """Fig. 2: held-out RMSE against fine-tunable parameters per user (paper setting data)."""
-    D = make_synthetic(**PAPER, random_state=seed)  # type: ignore[arg-type]
+    D = make_synthetic(**PAPER, random_state=seed)
     Xt, ut, yt = _test_set(D, 20, seed)
     rows: list[dict[str, Any]] = []
 
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not write docs/ files")
     args = ap.parse_args(argv)
 
+    zetas: list[int | None]
     if args.quick:
         seeds, ms, ranks, zetas, ks, pdims = [0], [60, 40], [1], [5], [0, 10], [1]
         paper_seeds = [0]

@@ -720,7 +720,7 @@ def _joint_u_step_cg(
     return U_ls, b_of(z)
 
 
-def u_least_squares(A: FloatArray, V: FloatArray, *, ridge: float = 0.0) -> FloatArray:
+def u_least_squares(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
     """Solve ``(A + ridge·I) vec(U) = vec(V)`` (Eq. 5) → the un-orthonormalised U: (d, r)."""
     d, r = V.shape
     scale = float(np.trace(A)) / max(A.shape[0], 1)
@@ -737,7 +737,7 @@ def orthonormalize(U: FloatArray) -> tuple[FloatArray, FloatArray]:
     return np.asarray(Q * s, dtype=np.float64), np.asarray(R * s[:, None], dtype=np.float64)
 
 
-def solve_u_step(A: FloatArray, V: FloatArray, *, ridge: float = 0.0) -> FloatArray:
+def solve_u_step(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
     """Eq. 5 followed by QR (Algorithm 1): the new orthonormal U from the statistics (A, V)."""
     return orthonormalize(u_least_squares(A, V, ridge=ridge))[0]
 

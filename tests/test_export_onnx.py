@@ -131,6 +131,16 @@ def test_invalid_opset_rejected(model: TrainedModel) -> None:
         build_scoring_graph(model, opset=11)
 
 
+def test_too_large_for_one_onnx_file_is_a_clear_error(
+    model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.export
+
+    monkeypatch.setattr(training.export, "MAX_WEIGHT_BYTES", 1000)
+    with pytest.raises(ValueError, match="single-file ONNX model"):
+        build_scoring_graph(model)
+
+
 def test_full_graph_in_onnxruntime_matches_predict(model: TrainedModel, onnx_path: Path) -> None:
     """All outputs of model.onnx at once, fed directly (no OnnxScorer)."""
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -53,6 +53,7 @@ DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = (17, 18)
 IR_VERSION = 8  # opset 17/18 need IR >= 8; 8 keeps the file loadable by older onnxruntime
 GRAPH_NAME = "lrs_rec_scoring"
+MAX_WEIGHT_BYTES = 2**31 - 2**26  # protobuf's 2 GiB message limit, minus headroom for the graph
 PRODUCER = "lrs-rec"
 
 INPUT_NAMES = ("w", "user_bias", "b_idx", "b_val", "items", "n", "exclude")
@@ -107,6 +108,12 @@ def build_scoring_graph(model: TrainedModel, *, opset: int = DEFAULT_OPSET) -> o
     tables = scoring_tables(model)
     n_items, d = model.n_items, model.lrs.d
     r, k = model.lrs.rank, model.lrs.sparsity
+    size = sum(t.nbytes for t in tables.values())
+    if size > MAX_WEIGHT_BYTES:
+        raise ValueError(
+            f"the scoring tables of {n_items} items (d={d}, r={r}) take {size / 2**30:.2f} GiB, "
+            f"over the {MAX_WEIGHT_BYTES / 2**30:.2f} GiB a single-file ONNX model can hold"
+        )
 
     def const(name: str, value: Any, dtype: Any) -> TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)

@@ -72,6 +72,7 @@ class CleaningReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     rows_read: int = 0
     rows_kept: int = 0
+    parser: str = "reference"  # "fast" when the vectorised reader took the whole (clean) file
 
     def add(self, rule: str, where: str = "", n: int = 1) -> None:
         self.counts[rule] = self.counts.get(rule, 0) + n
@@ -84,6 +85,7 @@ class CleaningReport:
             "format": self.format,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
+            "parser": self.parser,
             "counts": dict(sorted(self.counts.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
         }
@@ -129,6 +131,7 @@ class LoadOptions:
     time_col: str | None = None
     rating_scale: tuple[float, float] | None = None
     on_out_of_scale: str = "clip"
+    fast: bool = True  # try the vectorised reader first (clean text files); False: reference parser
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -296,6 +299,31 @@ class _Collector:
     where: list[str] = field(default_factory=list)
 
 
+def _resolve_columns(
+    fields: list[str], opts: LoadOptions, where: str
+) -> tuple[list[str] | None, int, int, int, int | None]:
+    """From the first data-looking line: (header or None, user, item, rating, time column)."""
+    header: list[str] | None = None
+    # header: the rating-like field (3rd by default) is not a number
+    guess_r = 2
+    if opts.rating_col is not None and opts.rating_col.strip().lstrip("-").isdigit():
+        guess_r = int(opts.rating_col)
+    cand = fields[guess_r].strip() if len(fields) > guess_r else ""
+    if not _is_number(cand) and cand.lower() not in _MISSING:
+        header = [c.strip() for c in fields]
+        while header and header[-1] == "":
+            header.pop()
+    ucol = _find_col(opts.user_col, header, _USER_NAMES, 0, "user", where)
+    icol = _find_col(opts.item_col, header, _ITEM_NAMES, 1, "item", where)
+    rcol = _find_col(opts.rating_col, header, _RATING_NAMES, 2, "rating", where)
+    # headerless: the 4th column is the timestamp unless other columns were placed explicitly
+    explicit = (opts.user_col, opts.item_col, opts.rating_col) != (None, None, None)
+    default_t = 3 if header is None and not explicit else None
+    tcol = _find_col(opts.time_col, header, _TIME_NAMES, default_t, "time", where)
+    assert ucol is not None and icol is not None and rcol is not None
+    return header, ucol, icol, rcol, tcol
+
+
 def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) -> _Collector:
     head = _head_lines(path)
     if not head:
@@ -318,25 +346,10 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
             continue
         assert fields is not None
         if not resolved:
-            # header: the rating-like field (3rd by default) is not a number
-            guess_r = 2
-            if opts.rating_col is not None and opts.rating_col.strip().lstrip("-").isdigit():
-                guess_r = int(opts.rating_col)
-            cand = fields[guess_r].strip() if len(fields) > guess_r else ""
-            if not _is_number(cand) and cand.lower() not in _MISSING:
-                header = [c.strip() for c in fields]
-                while header and header[-1] == "":
-                    header.pop()
-                report.add("header_lines", where)
-            ucol = _find_col(opts.user_col, header, _USER_NAMES, 0, "user", where)
-            icol = _find_col(opts.item_col, header, _ITEM_NAMES, 1, "item", where)
-            rcol = _find_col(opts.rating_col, header, _RATING_NAMES, 2, "rating", where)
-            # headerless: the 4th column is the timestamp unless other columns were placed explicitly
-            explicit = (opts.user_col, opts.item_col, opts.rating_col) != (None, None, None)
-            default_t = 3 if header is None and not explicit else None
-            tcol = _find_col(opts.time_col, header, _TIME_NAMES, default_t, "time", where)
+            header, ucol, icol, rcol, tcol = _resolve_columns(fields, opts, where)
             resolved = True
             if header is not None:
+                report.add("header_lines", where)
                 continue
         if header is not None and [c.strip() for c in fields[: len(header)]] == header:
             report.add("header_lines", where)
@@ -363,6 +376,109 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
             fields[tcol] if tcol is not None and tcol < len(fields) else None,
         )
     return out
+
+
+class _LineLocs:
+    """Lazy ``file:line`` locations of the rows of a fast-path read (no per-row strings)."""
+
+    def __init__(self, prefix: str, lines: np.ndarray) -> None:
+        self.prefix, self.lines = prefix, lines
+
+    def __getitem__(self, j: int) -> str:
+        return f"{self.prefix}{int(self.lines[j])}"
+
+    def keep(self, mask: np.ndarray) -> _LineLocs:
+        return _LineLocs(self.prefix, self.lines[mask])
+
+
+def _read_text_fast(
+    path: Path, fmt: str, opts: LoadOptions, report: CleaningReport
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, _LineLocs] | None:
+    """Vectorised twin of :func:`_read_text` for clean files (pyarrow's CSV reader).
+
+    Returns None — and the caller falls back to the line-by-line reference parser, which applies
+    the cleaning rules and names bad lines — as soon as the file has anything to clean or report:
+    comments, blank lines, quotes, repeated headers, ragged or trailing columns, missing or
+    non-numeric ratings, empty ids, non-numeric timestamps."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    data = path.read_bytes()
+    if b'"' in data or b"\r" in data:
+        return None
+    body = data if data.endswith(b"\n") else data + b"\n"
+    if body.startswith((b"\n", b"#", b"%")) or b"\n\n" in body or b"\n#" in body or b"\n%" in body:
+        return None
+    first = body[: body.index(b"\n")].decode("utf-8", errors="replace")
+    delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
+    if delim is None:
+        delim = sniff_delimiter(_head_lines(path))
+    fields = first.split(delim)
+    header, ucol, icol, rcol, tcol = _resolve_columns(fields, opts, f"{path}:1")
+    n_fields = len(fields)
+    if fields[-1].strip() == "" or (header is not None and n_fields != len(header)):
+        return None  # trailing empty columns: the reference parser repairs and counts them
+    if delim == "::":
+        if ":" in first.replace("::", ""):
+            return None
+        pa_delim, stride = ":", 2  # "a::b" reads as "a", "", "b"
+    else:
+        pa_delim, stride = delim, 1
+    n_cols = (n_fields - 1) * stride + 1
+    names = [f"c{j}" for j in range(n_cols)]
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(body),
+            read_options=pcsv.ReadOptions(
+                column_names=names, skip_rows=1 if header is not None else 0
+            ),
+            parse_options=pcsv.ParseOptions(delimiter=pa_delim, quote_char=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in names}, strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return None
+    if table.num_rows == 0:
+        return None
+
+    def col(j: int) -> pa.ChunkedArray:
+        return pc.utf8_trim_whitespace(table.column(j * stride))
+
+    if stride == 2 and any(
+        pc.any(pc.not_equal(table.column(j), "")).as_py() for j in range(1, n_cols, 2)
+    ):
+        return None
+    if pc.any(pc.equal(col(n_fields - 1), "")).as_py():
+        return None  # an empty last field somewhere (trailing column or a missing value)
+    u, it = col(ucol), col(icol)
+    if (
+        pc.any(pc.equal(pc.utf8_length(u), 0)).as_py()
+        or pc.any(pc.equal(pc.utf8_length(it), 0)).as_py()
+    ):
+        return None
+    try:
+        ratings = pc.cast(col(rcol), pa.float64()).to_numpy()
+        times = (
+            pc.cast(col(tcol), pa.float64()).to_numpy()
+            if tcol is not None and tcol < n_fields
+            else np.full(table.num_rows, np.nan)
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if not np.all(np.isfinite(ratings)) or np.isinf(times).any():
+        return None
+    if tcol is not None and tcol < n_fields and np.isnan(times).any():
+        return None
+    if header is not None:
+        report.add("header_lines", f"{path}:1")
+    report.rows_read = table.num_rows
+    offset = 2 if header is not None else 1
+    lines = np.arange(offset, offset + table.num_rows, dtype=np.int64)
+    users = np.asarray(u.to_numpy(zero_copy_only=False), dtype=str)
+    items = np.asarray(it.to_numpy(zero_copy_only=False), dtype=str)
+    return users, items, ratings, times, _LineLocs(f"{path}:", lines)
 
 
 def _delim_name(delim: str) -> str:
@@ -495,20 +611,31 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         raise RatingFileError(f"{p}: empty file (0 bytes)")
     fmt = detect_format(p) if opts.format == "auto" else opts.format
     report = CleaningReport(source=str(p), format=fmt)
-    if fmt == "parquet":
-        got = _read_parquet(p, opts, report)
+    fast = None
+    if fmt != "parquet" and opts.fast:
+        fast = _read_text_fast(p, fmt, opts, report)
+    where: list[str] | _LineLocs
+    if fast is not None:
+        users, items, ratings, times, where = fast
+        report.parser = "fast"
     else:
-        got = _read_text(p, fmt, opts, report)
-    if not got.ratings:
-        raise RatingFileError(
-            f"{p}: no rating rows"
-            + (f" (cleaning: {dict(report.counts)})" if report.counts else " (empty file)")
-        )
-    users = np.array(got.users, dtype=str)
-    items = np.array(got.items, dtype=str)
-    ratings = np.array(got.ratings, dtype=np.float64)
-    times = np.array(got.times, dtype=np.float64)
-    where = got.where
+        report.counts.clear()
+        report.examples.clear()
+        report.rows_read = 0
+        if fmt == "parquet":
+            got = _read_parquet(p, opts, report)
+        else:
+            got = _read_text(p, fmt, opts, report)
+        if not got.ratings:
+            raise RatingFileError(
+                f"{p}: no rating rows"
+                + (f" (cleaning: {dict(report.counts)})" if report.counts else " (empty file)")
+            )
+        users = np.array(got.users, dtype=str)
+        items = np.array(got.items, dtype=str)
+        ratings = np.array(got.ratings, dtype=np.float64)
+        times = np.array(got.times, dtype=np.float64)
+        where = got.where
 
     # ---- rating scale -----------------------------------------------------------------------
     if opts.rating_scale is not None:
@@ -539,7 +666,11 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         else:
             keep = ~outside
             users, items, ratings, times = users[keep], items[keep], ratings[keep], times[keep]
-            where = [w for w, k in zip(where, keep, strict=True) if k]
+            where = (
+                where.keep(keep)
+                if isinstance(where, _LineLocs)
+                else [w for w, k in zip(where, keep, strict=True) if k]
+            )
 
     # ---- duplicates: keep the latest by timestamp (ties / NaN: the later line wins) --------------
     keep_idx = _dedup_latest(users, items, times)

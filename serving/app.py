@@ -17,13 +17,23 @@ thread-pool hop per request.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
 from serving.recommender import (
@@ -152,6 +162,37 @@ def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
 
 
+def _invalid(errors: Sequence[Any]) -> JSONResponse:
+    """422 naming the offending fields, for FastAPI's and our own pydantic validation errors."""
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+    ]
+    return _error(422, "invalid request: " + "; ".join(parts), detail=detail)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _parse(model: type[ModelT], body: bytes) -> ModelT | JSONResponse:
+    try:
+        return model.model_validate_json(body or b"null")
+    except ValidationError as e:
+        return _invalid(e.errors(include_url=False))
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
 def create_app(
     recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FastAPI:
@@ -163,16 +204,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        parts = []
-        for e in errors[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        detail = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-            for e in errors
-        ]
-        return _error(422, "invalid request: " + "; ".join(parts), detail=detail)
+        return _invalid(exc.errors())
 
     @app.exception_handler(UnknownItemsError)
     async def _unknown_items(_: Request, exc: UnknownItemsError) -> JSONResponse:
@@ -186,8 +218,14 @@ def create_app(
     async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
         return _error(503, str(exc))
 
-    @app.post("/v1/score")
-    async def score(req: ScoreRequest) -> Response:
+    # The two hot routes parse and validate their body in one pydantic-core call
+    # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
+    # the request schemas stay in the OpenAPI document through ``openapi_extra``.
+    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest))
+    async def score(request: Request) -> Response:
+        req = _parse(ScoreRequest, await request.body())
+        if isinstance(req, Response):
+            return req
         if len(req.item_ids) > rec.max_items:
             return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
         res = rec.score(req.user_id, req.item_ids)
@@ -201,8 +239,11 @@ def create_app(
             }
         )
 
-    @app.post("/v1/recommend")
-    async def recommend(req: RecommendRequest) -> Response:
+    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest))
+    async def recommend(request: Request) -> Response:
+        req = _parse(RecommendRequest, await request.body())
+        if isinstance(req, Response):
+            return req
         if not 1 <= req.n <= rec.max_n:
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
         res = rec.recommend(req.user_id, req.n, exclude_rated=req.exclude_rated)

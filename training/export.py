@@ -87,15 +87,14 @@ def scoring_tables(model: TrainedModel) -> dict[str, np.ndarray]:
     F_pad = np.vstack([F, np.zeros((1, d))])
     FU_pad = np.vstack([FU, np.zeros((1, U.shape[1]))])
     return {
-        # candidate path (row gathers)
-        "item_features": _f32(F_pad),  # (n_items + 1, d)
+        # the two big tables, shared by both paths: FU row-major (rows gathered for candidates,
+        # Gemm with transB for all items) and Fᵀ (k rows gathered for all items, flat scalar
+        # gathers at b_idx·(n_items + 1) + item for candidates)
         "item_lowrank": _f32(FU_pad),  # (n_items + 1, r)
-        "item_offset": _f32(np.append(offset, float(model.global_mean))),  # (n_items + 1,)
-        "exclude_mask_base": _f32(mask),  # (1, n_items + 1)
-        # all-items path (one MatMul + k row gathers over the item axis)
         "item_features_t": _f32(F_pad.T),  # (d, n_items + 1)
-        "item_lowrank_t": _f32(FU_pad.T),  # (r, n_items + 1)
+        "item_offset": _f32(np.append(offset, float(model.global_mean))),  # (n_items + 1,)
         "all_item_offset": _f32(np.append(offset, -np.inf)),  # (n_items + 1,)
+        "exclude_mask_base": _f32(mask),  # (1, n_items + 1)
     }
 
 
@@ -121,7 +120,7 @@ def build_scoring_graph(model: TrainedModel, *, opset: int = DEFAULT_OPSET) -> o
     inits = [numpy_helper.from_array(v, k_) for k_, v in tables.items()]
     inits += [
         const("flat_shape", [-1], np.int64),
-        const("d_const", d, np.int64),
+        const("row_stride", n_items + 1, np.int64),
         const("mask_cols", [n_items + 1], np.int64),
         const("n_items_1d", [n_items], np.int64),
         const("slice_start", [0], np.int64),
@@ -138,12 +137,13 @@ def build_scoring_graph(model: TrainedModel, *, opset: int = DEFAULT_OPSET) -> o
         N("Gather", ["item_lowrank", "items"], ["cand_lowrank"], axis=0),
         N("Unsqueeze", ["w", "axes_2"], ["w_col"]),
         N("MatMul", ["cand_lowrank", "w_col"], ["lowrank_col"]),
-        # sparse: Σ_j F[i, b_idx_j]·b_val_j by gathering from flat F at i·d + b_idx_j
-        N("Reshape", ["item_features", "flat_shape"], ["features_flat"]),
-        N("Mul", ["items", "d_const"], ["row_start"]),
-        N("Unsqueeze", ["row_start", "axes_2"], ["row_start_3d"]),
-        N("Unsqueeze", ["b_idx", "axes_1"], ["b_idx_3d"]),
-        N("Add", ["row_start_3d", "b_idx_3d"], ["flat_idx"]),
+        # sparse: Σ_j F[i, b_idx_j]·b_val_j, scalars gathered from flat Fᵀ at b_idx_j·(n+1) + i
+        # (i = -1 lands on the zero column n of row b_idx_j - 1, or wraps to the last element)
+        N("Reshape", ["item_features_t", "flat_shape"], ["features_flat"]),
+        N("Mul", ["b_idx", "row_stride"], ["b_row_start"]),
+        N("Unsqueeze", ["b_row_start", "axes_1"], ["b_row_start_3d"]),
+        N("Unsqueeze", ["items", "axes_2"], ["items_3d"]),
+        N("Add", ["items_3d", "b_row_start_3d"], ["flat_idx"]),
         N("Gather", ["features_flat", "flat_idx"], ["cand_sparse"]),
         N("Unsqueeze", ["b_val", "axes_2"], ["b_val_col"]),
         N("MatMul", ["cand_sparse", "b_val_col"], ["sparse_col"]),
@@ -175,16 +175,15 @@ def build_scoring_graph(model: TrainedModel, *, opset: int = DEFAULT_OPSET) -> o
         N("Where", ["top_is_filler", "top_ranked", "top_clipped"], ["top_scores"]),
     ]
     all_items_nodes = [
-        # every item at once: w·FUᵀ (one MatMul) + b_val·Fᵀ[b_idx] (k row gathers + MatMul)
-        N("MatMul", ["w", "item_lowrank_t"], ["all_lowrank"]),
+        # every item at once: w·FUᵀ + (μ + c) (one Gemm) + b_val·Fᵀ[b_idx] (k row gathers + MatMul)
+        N("Gemm", ["w", "item_lowrank", "all_item_offset"], ["all_dot_item"], transB=1),
         N("Gather", ["item_features_t", "b_idx"], ["all_sparse_rows"], axis=0),
         N("Unsqueeze", ["b_val", "axes_1"], ["b_val_row"]),
         N("MatMul", ["b_val_row", "all_sparse_rows"], ["all_sparse_row"]),
         N("Squeeze", ["all_sparse_row", "axes_1"], ["all_sparse"]),
-        N("Add", ["all_lowrank", "all_sparse"], ["all_dot"]),
-        N("Add", ["all_dot", "all_item_offset"], ["all_dot_item"]),
+        N("Add", ["all_dot_item", "all_sparse"], ["all_dot"]),
         N("Unsqueeze", ["user_bias", "axes_1"], ["all_user_bias_col"]),
-        N("Add", ["all_dot_item", "all_user_bias_col"], ["all_raw"]),  # [B, n_items + 1]
+        N("Add", ["all_dot", "all_user_bias_col"], ["all_raw"]),  # [B, n_items + 1]
         N("Slice", ["all_raw", "slice_start", "n_items_1d", "axes_1"], ["all_raw_items"]),
         N("Clip", ["all_raw_items", "rating_min", "rating_max"], ["all_scores"]),
         # exclusions: -inf written straight into the raw scores (-1 padding hits the sink slot)

@@ -17,6 +17,7 @@ thread-pool hop per request.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from pydantic import (
     ValidationError,
 )
 
+from serving.encoding import RecordError
 from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
 from serving.recommender import (
     NotReadyError,
@@ -65,6 +67,7 @@ class JSONResponse(StarletteJSONResponse):
         return _dumps(content)
 
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 MAX_ID_LENGTH = 256
 ROUTES = {"/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"}
@@ -213,6 +216,16 @@ def create_app(
     @app.exception_handler(StoreUnavailableError)
     async def _unavailable(_: Request, exc: StoreUnavailableError) -> JSONResponse:
         return _error(503, str(exc))
+
+    @app.exception_handler(RecordError)
+    async def _corrupt(_: Request, exc: RecordError) -> JSONResponse:
+        log.error("corrupt record in Redis: %s", exc)
+        return _error(500, f"stored record is corrupt: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, f"internal error ({type(exc).__name__})")
 
     @app.exception_handler(NotReadyError)
     async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:

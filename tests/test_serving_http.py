@@ -229,3 +229,17 @@ def test_lrs_rec_serve_over_real_uvicorn(model_dir, home):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_corrupt_record_is_a_clear_500_not_a_crash(client, home):
+    from serving.connection import connect
+    from serving.store import RedisStore
+
+    store = RedisStore(connect(home=home))
+    meta = store.meta("v1")
+    loc = store.locate(meta, "u5", 5)
+    good = store.r.hget(loc.params_key, loc.field)
+    store.r.hset(loc.params_key, loc.field, good[:-1] + bytes([good[-1] ^ 0xFF]))
+    r = client.post("/v1/score", json={"user_id": "u5", "item_ids": ["i1"]})
+    assert r.status_code == 500 and "checksum" in r.json()["error"]
+    assert client.post("/v1/score", json={"user_id": "u6", "item_ids": ["i1"]}).status_code == 200

@@ -67,12 +67,12 @@ from training.private_accounting import (
 )
 
 DEFAULT_SHARES: dict[str, float] = {
-    "global_mean": 0.01,
-    "item_bias_sum": 0.45,
-    "item_bias_count": 0.25,
-    "u_step_A": 0.09,
-    "u_step_V": 0.15,
-    "w_prior": 0.05,
+    "global_mean": 0.005,
+    "item_bias_sum": 0.544,
+    "item_bias_count": 0.306,
+    "u_step_A": 0.045,
+    "u_step_V": 0.075,
+    "w_prior": 0.025,
 }
 """Fractions of the (zCDP) budget per release group; see docs/privacy.md for how they were chosen."""
 
@@ -306,11 +306,13 @@ def fit_private(
     rating_max: float,
     config: PrivateConfig,
     item_features: np.ndarray | None = None,
+    report_pld: bool = True,
 ) -> PrivateFit:
     """DP-AMHT-LRS on ratings (dense user/item indices, one rating per (user, item)).
 
     ``item_features`` must be public and data-independent (plug-in mode); with ``features="onehot"``
-    it must be None and the item identity is used."""
+    it must be None and the item identity is used. ``report_pld=False`` skips the (slow) PLD ε in the
+    ledger when the accountant is RDP."""
     cfg = config
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -426,7 +428,9 @@ def fit_private(
     feats = np.eye(n_items) if F is None else F
     privacy = None
     if ledger is not None:
-        privacy = ledger_manifest(ledger, extra=_ledger_extra(cfg, one_hot, sens))
+        privacy = ledger_manifest(
+            ledger, extra=_ledger_extra(cfg, one_hot, sens), with_pld=report_pld
+        )
     return PrivateFit(
         lrs=lrs,
         item_features=feats,

@@ -43,7 +43,7 @@ JITTER = 1e-10
 """Relative diagonal jitter (times the mean diagonal of the Gram) that keeps every small
 least-squares solve well posed, e.g. for users with fewer samples than unknowns."""
 
-DIRECT_MAX_DR = 320
+DIRECT_MAX_DR = 1024
 """``u_solver="auto"`` solves the (dr × dr) normal equations directly up to this d·r, else uses CG."""
 
 CG_MAXITER = 100

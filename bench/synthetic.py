@@ -72,6 +72,30 @@ def paper_setting(seeds: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def ablation(seed: int, ms: list[int]) -> list[dict[str, Any]]:
+    """b-step (HTP vs the paper's Algorithm 2) and U-step (joint vs the paper's Eq. 5) variants."""
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("HTP + joint U-step (default)", {}),
+        ("HTP, no OMP/IRLS restarts", dict(b_restart=False)),
+        ("HTP + Eq. 5 U-step (b fixed)", dict(u_step="eq5")),
+        ("Algorithm 2 (IHT) + joint U-step", dict(b_step="iht")),
+        ("Algorithm 2 (IHT) + Eq. 5 U-step", dict(b_step="iht", u_step="eq5")),
+    ]
+    rows = []
+    for m in ms:
+        D = make_synthetic(500, m, 150, 1, 10, 5, random_state=seed)
+        for name, kw in variants:
+            est, secs = _fit(1, 10, D, **kw)
+            err = relative_error(est.model_.theta(), D.theta)
+            rows.append(
+                dict(
+                    variant=name, m=m, rel_error=err, iterations=est.n_iter_, seconds=round(secs, 2)
+                )
+            )
+            _progress(f"ablation m={m} {name}: rel err {err:.1e}, {est.n_iter_} it, {secs:.1f}s")
+    return rows
+
+
 def _test_set(D: Any, per_user: int, seed: int) -> tuple[Any, Any, Any]:
     rng = np.random.default_rng(10_000 + seed)
     n_users, d = D.theta.shape
@@ -239,6 +263,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += ["![frontier](img/synthetic_frontier.png)", ""]
+    lines += ["### Ablation: b-step and U-step variants (paper setting data, seed 0)", ""]
+    lines += ["| variant | m | rel. error | iterations | time (s) |", "|---|---|---|---|---|"]
+    for r in results.get("ablation", []):
+        lines.append(
+            f"| {r['variant']} | {r['m']} | {r['rel_error']:.1e} | {r['iterations']} | {r['seconds']} |"
+        )
+    lines += ["", f"Total bench time: {results.get('total_seconds')} s.", ""]
     return "\n".join(lines)
 
 
@@ -266,13 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     zetas: list[int | None]
     if args.quick:
         seeds, ms, ranks, zetas, ks, pdims = [0], [60, 40], [1], [5], [0, 10], [1]
-        paper_seeds = [0]
+        paper_seeds, ablation_ms = [0], [100]
     elif args.full:
         seeds, ms, ranks = [0, 1, 2, 3, 4], [100, 80, 60, 50, 45, 40, 35, 30], [1, 3]
         zetas, ks, pdims, paper_seeds = [5, None], [0, 1, 2, 5, 10, 15], [1, 5, 20], [0, 1, 2]
+        ablation_ms = [100, 60, 50]
     else:
-        seeds, ms, ranks = [0, 1, 2], [60, 50, 40], [1, 3]
+        seeds, ms, ranks = [0, 1, 2], [60, 50, 45, 40], [1, 3]
         zetas, ks, pdims, paper_seeds = [5], [0, 2, 5, 10], [1, 10], [0, 1, 2]
+        ablation_ms = [100, 60]
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {
@@ -284,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper_setting": paper_setting(paper_seeds),
         "fig2": fig2(0, ks, pdims),
         "frontier": frontier(ranks, ms, seeds, zetas),
+        "ablation": ablation(0, ablation_ms),
     }
     results["smallest_exact_m"] = smallest_exact_m(results["frontier"])
     results["total_seconds"] = round(time.perf_counter() - t0, 1)

@@ -82,6 +82,67 @@ async def _http_load(
     return len(latencies), latencies, errors
 
 
+async def _asgi_overhead(rec: Any, user_id: str, top_n: int, *, n: int) -> dict[str, float]:
+    """p50 of /healthz and /v1/recommend called as ASGI apps in-process (no socket, no uvicorn), next
+    to the library call: what the HTTP layer itself adds."""
+    from serving.app import create_app
+
+    app = create_app(rec)
+    body = json.dumps({"user_id": user_id, "n": top_n, "exclude_rated": True}).encode()
+
+    async def call(method: str, path: str, data: bytes) -> None:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "http_version": "1.1",
+            "scheme": "http",
+            "root_path": "",
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 1),
+            "app": app,
+        }
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"{path} answered {message['status']}")
+
+        await app(scope, receive, send)
+
+    res: dict[str, float] = {}
+    for key, method, path, data in (
+        ("asgi_healthz", "GET", "/healthz", b""),
+        ("asgi_recommend", "POST", "/v1/recommend", body),
+    ):
+        xs = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await call(method, path, data)
+            xs.append(time.perf_counter() - t)
+        res[f"{key}_p50_us"] = round(_pct(xs, 50) * 1e6, 1)
+    xs = []
+    for _ in range(n):
+        t = time.perf_counter()
+        rec.recommend(user_id, top_n)
+        xs.append(time.perf_counter() - t)
+    res["asgi_library_recommend_p50_us"] = round(_pct(xs, 50) * 1e6, 1)
+    return res
+
+
 def _post(path: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     return (
@@ -233,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"recommend p50/p99 {out['recommend_p50_us']}/{out['recommend_p99_us']} us, "
             f"GET p50/p99 {out['redis_get_p50_us']}/{out['redis_get_p99_us']} us"
+        )
+
+        # -- HTTP layer cost in-process (ASGI call, no socket) ----------------------------------
+        out.update(
+            asyncio.run(_asgi_overhead(rec, users[0], args.top_n, n=min(args.requests, 2000)))
         )
 
         # -- HTTP ---------------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 Each outer iteration ℓ (Algorithm 1):
 
 1. b-step (Eq. 3): for every user, a sparse update of b_u given U and w_u — either the paper's
-   Algorithm 2 (gradient step + hard threshold HT(·, Δ) with its Δ/γ schedule, ``b_step="iht"``) or
-   hard-thresholding pursuit (support from the thresholded gradient step, then least squares jointly
-   on ``[X_u U, X_u[:, S_u]]`` for (w_u, b_u), ``b_step="htp"``, the default).
+   Algorithm 2 (gradient step + hard threshold HT(·, Δ) with its Δ/γ schedule, ``b_step="iht"``,
+   with a stable normalised step instead of 1/m) or hard-thresholding pursuit (support from the
+   thresholded gradient step, then least squares jointly on ``[X_u U, X_u[:, S_u]]`` for (w_u, b_u),
+   ``b_step="htp"``, the default), with OMP and IRLS restarts kept per user where they fit better.
 2. w-step (Eq. 4): per-user least squares for w_u given U and b_u.
-3. U-step (Eq. 5): least squares over vec(U) given all (w_u, b_u), then a QR decomposition. The normal
-   equations are ``A vec(U) = vec(V)`` with ``A = Σ_u w_u w_uᵀ ⊗ Σ_j x_j x_jᵀ`` and
-   ``V = Σ_j x_j (y_j − x_jᵀ b_u) w_uᵀ`` (the non-private form of Eq. 7–8); they are solved directly
-   when d·r is small and by matrix-free conjugate gradients (O(N·d·r) per step) otherwise.
+3. U-step (Eq. 5): least squares over vec(U), then a QR decomposition. The normal equations are
+   ``A vec(U) = vec(V)`` with ``A = Σ_u w_u w_uᵀ ⊗ Σ_j x_j x_jᵀ`` and ``V = Σ_j x_j (y_j − x_jᵀ b_u) w_uᵀ``
+   (the non-private form of Eq. 7–8); by default (``u_step="joint"``) each b_u is re-optimised on its
+   support jointly with U (variable projection). Solved directly when d·r is small, otherwise by
+   matrix-free conjugate gradients (O(N·d·r) per step).
 
 Everything per user is vectorised across users: samples are sorted by user once, per-user sums are
 segment sums (sparse incidence products), and the small per-user least-squares systems are solved in

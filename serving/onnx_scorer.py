@@ -88,8 +88,9 @@ class OnnxScorer:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        inferred = onnx.shape_inference.infer_shapes(model)  # value_info for the extractor
-        extractor = onnx.utils.Extractor(inferred)
+        # every session's inputs and outputs are graph inputs/outputs, which carry their value_info:
+        # no shape inference (a full copy of the weights) is needed to extract the sub-graphs
+        extractor = onnx.utils.Extractor(model)
         self._sessions: dict[str, Any] = {}
         self._runs: dict[str, Callable[[dict[str, np.ndarray]], list[np.ndarray]]] = {}
         for name, (inputs, outputs) in _SESSIONS.items():

@@ -225,3 +225,28 @@ def test_config_validation() -> None:
         TrainConfig(sparsity=-1)
     with pytest.raises(ValueError, match="rank r=40 exceeds"):
         TrainConfig(rank=40, dim=32).check_dims(32)
+
+
+def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Path, Path]) -> None:
+    from training.lrs_als import StepParams, u_step, user_step
+    from training.pipeline import (
+        _snapshot,
+        build_vocabularies,
+        encode,
+        init_state,
+    )
+
+    table = load_ratings(sample_split[0])
+    uv, iv = build_vocabularies(table)
+    data = encode(table, uv, iv)
+    cfg = TrainConfig(**FAST)
+    state = init_state(cfg, data, len(uv), len(iv), None, np.random.default_rng(0))
+    params = StepParams(k=2, per_user_w=True, user_bias=True, reg_w=3.0, reg_b=2.0, reg_bias=1.0)
+    a, b = _snapshot(state), _snapshot(state)
+    user_step(a, data, params, block=10_000)
+    user_step(b, data, params, block=7)
+    u_step(a, data, block=10_000)
+    u_step(b, data, block=13)
+    for name in ("W", "B", "user_bias", "U"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-9)
+    assert np.all(np.count_nonzero(a.B, axis=1) <= 2)

@@ -20,6 +20,7 @@ All per-user / per-item problems are solved together from their Gram matrices (b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,55 +121,75 @@ def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
     )
 
 
-def user_step(state: LRSState, data: Samples, p: StepParams) -> None:
+USER_BLOCK = (
+    8192  # users per block of the user / U steps: memory O(block · d²), not O(n_users · d²)
+)
+
+
+def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
+    """(lo, hi, the samples of users lo..hi-1 with user indices shifted to start at 0)."""
+    order = np.argsort(data.users, kind="stable")
+    bounds = np.searchsorted(data.users[order], np.arange(n_users + 1))
+    for lo in range(0, n_users, block):
+        hi = min(n_users, lo + block)
+        sl = order[bounds[lo] : bounds[hi]]
+        yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
+
+
+def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int = USER_BLOCK) -> None:
     """Update c_u, w_u, b_u of every user given U and the item features (Eq. 4 and Eq. 3)."""
-    n_users, d = state.B.shape
+    if not p.per_user_w:
+        _pooled_user_step(state, data, p)
+        return
     r = state.U.shape[1]
-    st = _user_stats(state, data, n_users)
-    U = state.U
-    w_bar = state.W.mean(axis=0) if p.per_user_w else np.zeros(r)
-    prec = population_precision(state.W) if (p.population_prior and p.per_user_w) else np.eye(r)
+    w_bar = state.W.mean(axis=0)
+    prec = population_precision(state.W) if p.population_prior else np.eye(r)
+    for lo, hi, sub in _user_blocks(data, state.W.shape[0], block):
+        st = _user_stats(state, sub, hi - lo)
+        c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], w_bar, prec)
+        state.user_bias[lo:hi] = c
+        state.W[lo:hi] = W
+        state.B[lo:hi] = B
+
+
+def _fit_users(
+    U: np.ndarray,
+    st: _UserStats,
+    p: StepParams,
+    W: np.ndarray,
+    B: np.ndarray,
+    w_bar: np.ndarray,
+    prec: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-user problems of one block of users, all solved together (batched)."""
+    n_users, d = B.shape
+    r = U.shape[1]
+    B = B.copy()
+    c = np.zeros(n_users)
+    GU = st.G @ U  # (n, d, r)
+    UGU = np.einsum("dr,nds->nrs", U, GU)
+    sU = st.s @ U
     for _ in range(p.n_inner):
-        Gb = np.einsum("uab,ub->ua", st.G, state.B)  # XᵀX b
-        if p.per_user_w:
-            # (c_u, w_u): design [1, X U]; ridge λ_bias on c_u, λ_w (w - w̄) on w_u
-            GU = st.G @ U  # (n, d, r)
-            A = np.zeros((n_users, r + 1, r + 1))
-            A[:, 0, 0] = st.n + (p.reg_bias if p.user_bias else 0.0)
-            sU = st.s @ U
-            A[:, 0, 1:] = sU
-            A[:, 1:, 0] = sU
-            A[:, 1:, 1:] = np.einsum("dr,nds->nrs", U, GU) + p.reg_w * prec[None]
-            rhs = np.zeros((n_users, r + 1))
-            rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, state.B)
-            rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (prec @ w_bar)[None, :]
-            if not p.user_bias:
-                A[:, 0, :] = 0.0
-                A[:, :, 0] = 0.0
-                A[:, 0, 0] = 1.0
-                rhs[:, 0] = 0.0
-            sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
-            state.user_bias = sol[:, 0]
-            state.W = sol[:, 1:]
-        else:
-            # one shared w (pooled ridge), then per-user biases given it
-            c = state.user_bias if p.user_bias else np.zeros(n_users)
-            A1 = np.einsum("dr,ds->rs", U, st.G.sum(axis=0) @ U) + p.reg_w * np.eye(r)
-            b1 = U.T @ (st.h - c[:, None] * st.s).sum(axis=0)
-            w = np.linalg.solve(A1, b1)
-            state.W = np.repeat(w[None, :], n_users, axis=0)
-            if p.user_bias:
-                pred_sum = st.s @ (U @ w)
-                state.user_bias = (st.T - pred_sum) / (st.n + p.reg_bias)
-            else:
-                state.user_bias = np.zeros(n_users)
+        Gb = np.einsum("uab,ub->ua", st.G, B)  # XᵀX b
+        # (c_u, w_u): design [1, X U]; ridge λ_bias on c_u, λ_w (w - w̄)ᵀ Σ̃⁻¹ (w - w̄) on w_u
+        A = np.zeros((n_users, r + 1, r + 1))
+        A[:, 0, 0] = st.n + (p.reg_bias if p.user_bias else 0.0)
+        A[:, 0, 1:] = sU
+        A[:, 1:, 0] = sU
+        A[:, 1:, 1:] = UGU + p.reg_w * prec[None]
+        rhs = np.zeros((n_users, r + 1))
+        rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, B)
+        rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (prec @ w_bar)[None, :]
+        if not p.user_bias:
+            A[:, 0, :] = 0.0
+            A[:, :, 0] = 0.0
+            A[:, 0, 0] = 1.0
+            rhs[:, 0] = 0.0
+        sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
+        c, W = sol[:, 0], sol[:, 1:]
         if p.k > 0:
             # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
-            xr = (
-                st.h
-                - state.user_bias[:, None] * st.s
-                - np.einsum("uab,ub->ua", st.G, state.W @ U.T)
-            )
+            xr = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", GU, W)
             full = np.linalg.solve(st.G + p.reg_b * np.eye(d)[None], xr[:, :, None])[:, :, 0]
             idx = top_k_indices(full, p.k)  # (n, k)
             Gs = np.take_along_axis(
@@ -179,24 +200,48 @@ def user_step(state: LRSState, data: Samples, p: StepParams) -> None:
             )[:, :, 0]
             B = np.zeros((n_users, d))
             np.put_along_axis(B, idx, bs, axis=1)
-            state.B = B
         else:
-            state.B = np.zeros((n_users, d))
+            B = np.zeros((n_users, d))
+    return c, W, B
 
 
-def u_step(state: LRSState, data: Samples, *, ridge: float = 1e-6) -> None:
+def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
+    """single / prompt: one shared w for all users (pooled ridge), then per-user biases given it."""
+    n_users, d = state.B.shape
+    U = state.U
+    r = U.shape[1]
+    X = state.F[data.items]
+    t = data.ratings - state.global_mean - state.item_bias[data.items]
+    n = np.bincount(data.users, minlength=n_users).astype(float)
+    c = state.user_bias if p.user_bias else np.zeros(n_users)
+    A1 = U.T @ (X.T @ X) @ U + p.reg_w * np.eye(r)
+    w = np.zeros(r)
+    for _ in range(p.n_inner):
+        w = np.linalg.solve(A1, U.T @ (X.T @ (t - c[data.users])))
+        if p.user_bias:
+            c = np.bincount(data.users, t - X @ (U @ w), minlength=n_users) / (n + p.reg_bias)
+    state.W = np.repeat(w[None, :], n_users, axis=0)
+    state.user_bias = np.asarray(c, dtype=np.float64).copy()
+    state.B = np.zeros((n_users, d))
+
+
+def u_step(state: LRSState, data: Samples, *, ridge: float = 1e-6, block: int = USER_BLOCK) -> None:
     """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
     (W absorbs R so that Θ is unchanged by the QR)."""
     n_users, d = state.B.shape
     r = state.U.shape[1]
-    st = _user_stats(state, data, n_users)
     # normal equations in vec(U) (row-major, index a·r + p): A = Σ_u G_u ⊗ w_u w_uᵀ
-    WW = np.einsum("up,uq->upq", state.W, state.W).reshape(n_users, r * r)
-    A = (st.G.reshape(n_users, d * d).T @ WW).reshape(d, d, r, r).transpose(0, 2, 1, 3)
-    A = A.reshape(d * r, d * r) + ridge * np.eye(d * r)
-    resid = st.h - state.user_bias[:, None] * st.s - np.einsum("uab,ub->ua", st.G, state.B)
-    rhs = (resid.T @ state.W).reshape(d * r)
-    U = np.linalg.solve(A, rhs).reshape(d, r)
+    A = np.zeros((d, d, r, r))
+    rhs = np.zeros((d, r))
+    for lo, hi, sub in _user_blocks(data, n_users, block):
+        st = _user_stats(state, sub, hi - lo)
+        W, B, c = state.W[lo:hi], state.B[lo:hi], state.user_bias[lo:hi]
+        WW = np.einsum("up,uq->upq", W, W).reshape(hi - lo, r * r)
+        A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
+        resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+        rhs += resid.T @ W
+    M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r) + ridge * np.eye(d * r)
+    U = np.linalg.solve(M, rhs.reshape(d * r)).reshape(d, r)
     Q, R = np.linalg.qr(U)
     state.U = Q
     state.W = state.W @ R.T

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.amht import IRLS_ITER, JITTER, OMP_ALL_ITERS
+from lrs_rec.amht import IRLS_DECAY, IRLS_ITER, JITTER, OMP_ALL_ITERS
 from lrs_rec.model import LRSModel
 
 
@@ -103,7 +103,7 @@ def _irls_user(Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: in
         M = M + JITTER * max(float(np.trace(M)) / m, 1e-30) * np.eye(m)
         x = Dg * (A.T @ np.linalg.solve(M, yu))
         b = x[r:]
-        eps = max(float(np.max(b * b)), 1e-300) if it == 0 else 0.5 * eps
+        eps = max(float(np.max(b * b)), 1e-300) if it == 0 else IRLS_DECAY * eps
         wb = b * b + eps
         Dg = np.concatenate([np.full(r, 1e4), wb / np.max(wb)])
     return _top_k(b, k)

@@ -127,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
             f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
-            f"val RMSE {summary['val_rmse']}" + (f"; ONNX {onnx_path}" if onnx_path else "")
+            f"val RMSE {summary['val_rmse']:.4f} (best iteration "
+            f"{model.manifest['metrics']['best_iteration']})"
+            + (f"; ONNX {onnx_path}" if onnx_path else "")
         )
     return 0

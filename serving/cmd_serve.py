@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(rec, max_body_bytes=args.max_body_bytes)
     print(f"lrs-rec serve: listening on http://{args.host}:{args.port}", flush=True)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default handler that
+    # would kill the process before atexit runs (and the embedded Redis would be left running)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0

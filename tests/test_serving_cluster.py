@@ -148,7 +148,7 @@ def auth_url(tmp_path: Path):
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.05)
         r.close()
-        yield port
+        yield port, proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -157,7 +157,7 @@ def auth_url(tmp_path: Path):
 def test_password_protected_redis_over_tcp_url(auth_url, tmp_path, monkeypatch):
     import redis
 
-    port = auth_url
+    port, _ = auth_url
     model_dir = tmp_path / "model"
     write_model_dir(random_trained_model(n_users=40, n_items=20, random_state=6), model_dir)
     with pytest.raises(redis.AuthenticationError):
@@ -170,3 +170,29 @@ def test_password_protected_redis_over_tcp_url(auth_url, tmp_path, monkeypatch):
     rec = Recommender(model_dir)
     assert rec.recommend("u1", 3).personalized
     assert redis.Redis(port=port, password="s3cret", db=2).get(b"lrs:current") == b"v1"
+
+
+def test_hung_redis_fails_fast_and_recovers(auth_url, tmp_path):
+    """A Redis that stops answering (SIGSTOP) costs one socket timeout, not a hang."""
+    import os
+    import signal
+
+    from serving.recommender import StoreUnavailableError
+
+    port, proc = auth_url
+    model_dir = tmp_path / "model"
+    write_model_dir(random_trained_model(n_users=40, n_items=20, random_state=7), model_dir)
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    RedisStore(connect(url)).publish(load_model_dir(model_dir))
+    rec = Recommender(model_dir, url, socket_timeout=0.5, version_refresh_interval=0)
+    before = rec.score("u1", ["i1"])
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(StoreUnavailableError):
+            rec.score("u1", ["i1"])
+        assert time.perf_counter() - t0 < 5  # ~0.5 s timeout; generous for a loaded CI box
+        assert rec.ready()[0] is False
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert rec.score("u1", ["i1"]) == before

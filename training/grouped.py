@@ -2,7 +2,7 @@
 
 ``grouped_gram(groups, n_groups, A)[g] = Σ_{j: groups[j] = g} A_j A_jᵀ`` — with A the design rows of the
 samples (e.g. item features f_i of one user's ratings) this is the ``XᵀX`` of Eq. 3–4 for every user at
-once. The fast path sorts the samples by group and computes one GEMM per group; :func:`grouped_gram_reference` is the plain loop it is tested against.
+once. The fast path bins the groups by size and reduces each bin with one batched product; :func:`grouped_gram_reference` is the plain loop it is tested against.
 """
 
 from __future__ import annotations
@@ -24,20 +24,38 @@ def grouped_sum(groups: np.ndarray, n_groups: int, V: np.ndarray) -> np.ndarray:
     return out.reshape((n_groups, *V.shape[1:]))
 
 
+_CHUNK_FLOATS = 1 << 22  # ~32 MB of padded rows per batched product
+
+
 def grouped_gram(groups: np.ndarray, n_groups: int, A: np.ndarray) -> np.ndarray:
     """``out[g] = Σ_{j in g} A_j A_jᵀ``, shape (n_groups, p, p), for A of shape (N, p).
 
-    Rows are sorted by group once; each group's block is then one small GEMM (``A_gᵀ A_g``)."""
+    Groups are binned by size (powers of two); each bin is gathered into a zero-padded
+    (groups, length, p) block — at most twice the rows — and reduced with one batched matrix product,
+    in chunks of about 32 MB."""
     A = np.asarray(A, dtype=np.float64)
     groups = np.asarray(groups, dtype=np.int64)
     p = A.shape[1]
+    out = np.zeros((n_groups, p, p))
+    if groups.size == 0:
+        return out
     order = np.argsort(groups, kind="stable")
     As = A[order]
-    bounds = np.searchsorted(groups[order], np.arange(n_groups + 1))
-    out = np.zeros((n_groups, p, p))
-    for g in np.flatnonzero(np.diff(bounds)):
-        blk = As[bounds[g] : bounds[g + 1]]
-        out[g] = blk.T @ blk
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    nonempty = np.flatnonzero(counts)
+    bins = np.ceil(np.log2(counts[nonempty])).astype(np.int64)
+    for b in np.unique(bins):
+        sel = nonempty[bins == b]
+        L = int(counts[sel].max())
+        step = max(1, _CHUNK_FLOATS // (L * p))
+        for lo in range(0, sel.size, step):
+            g = sel[lo : lo + step]
+            pos = np.arange(L)[None, :]
+            mask = pos < counts[g][:, None]
+            blk = As[np.where(mask, starts[g][:, None] + pos, 0)]
+            blk *= mask[:, :, None]
+            out[g] = np.matmul(blk.transpose(0, 2, 1), blk)
     return out
 
 

@@ -51,6 +51,19 @@ def test_grouped_gram_matches_reference() -> None:
     )
 
 
+def test_grouped_gram_skewed_sizes_and_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.grouped as grouped
+
+    rng = np.random.default_rng(1)
+    groups = np.concatenate([np.zeros(300, np.int64), rng.integers(1, 40, 200), [45, 45, 46]])
+    rng.shuffle(groups)
+    A = rng.normal(size=(groups.size, 3))
+    monkeypatch.setattr(grouped, "_CHUNK_FLOATS", 20)  # forces one group per batched product
+    np.testing.assert_allclose(
+        grouped.grouped_gram(groups, 50, A), grouped_gram_reference(groups, 50, A), atol=1e-10
+    )
+
+
 def test_sample_data_is_skewed_and_on_scale() -> None:
     rows, truth = make_sample_data(500, 300, random_state=1)
     per_user = np.bincount([int(u[1:]) - 1 for u, *_ in rows])

@@ -271,7 +271,9 @@ def create_app(
         )
 
     @app.put("/v1/users/{user_id}/ratings")
-    async def onboard(user_id: str, req: OnboardRequest) -> Response:
+    def onboard(user_id: str, req: OnboardRequest) -> Response:
+        # a plain ``def``: FastAPI runs it in its thread pool, so the fsync'ed Redis write of one
+        # onboarding does not block the event loop serving score/recommend
         from serving.onboarding import OnboardingInputError
 
         try:

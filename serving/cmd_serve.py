@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
+import time
+from typing import Any
+
+ENV_CONFIG = "LRS_SERVE_CONFIG"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes, each with its own Recommender (default 1)",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
 
 
@@ -41,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.connection import embedded_socket
     from serving.recommender import Recommender
 
     rec = Recommender(
@@ -56,10 +69,51 @@ def run(args: argparse.Namespace) -> int:
         f"{rec.handle.describe()}; {'ready' if ok else 'NOT READY: ' + reason}",
         flush=True,
     )
-    app = create_app(rec, max_body_bytes=args.max_body_bytes)
-    print(f"lrs-rec serve: listening on http://{args.host}:{args.port}", flush=True)
     # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default handler that
     # would kill the process before atexit runs (and the embedded Redis would be left running)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    print(f"lrs-rec serve: listening on http://{args.host}:{args.port}", flush=True)
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "access_log": False,
+    }
+    if args.workers <= 1:
+        uvicorn.run(create_app(rec, max_body_bytes=args.max_body_bytes), **common)
+        return 0
+    # several processes: this one keeps the embedded Redis (if any) alive; workers build their own
+    # Recommender from the environment (uvicorn needs an import string for workers)
+    redis_url = rec.handle.url or f"unix://{embedded_socket(rec.handle.home)}"
+    rec.close()
+    os.environ[ENV_CONFIG] = json.dumps(
+        {
+            "model": str(args.model),
+            "redis": redis_url,
+            "max_n": args.max_n,
+            "threads": args.threads,
+            "redis_timeout": args.redis_timeout,
+            "max_body_bytes": args.max_body_bytes,
+        }
+    )
+    uvicorn.run("serving.cmd_serve:app_from_env", factory=True, workers=args.workers, **common)
+    # the workers are gone; give Redis a moment to notice their closed connections, so that the
+    # embedded server (stopped at exit when this is its last client) is not kept alive by them
+    time.sleep(0.5)
     return 0
+
+
+def app_from_env() -> Any:
+    """uvicorn factory of a worker process (``--workers N``): configuration from $LRS_SERVE_CONFIG."""
+    from serving.app import create_app
+    from serving.recommender import Recommender
+
+    cfg = json.loads(os.environ[ENV_CONFIG])
+    rec = Recommender(
+        cfg["model"],
+        cfg["redis"],
+        max_n=cfg["max_n"],
+        intra_op_threads=cfg["threads"],
+        socket_timeout=cfg["redis_timeout"],
+    )
+    return create_app(rec, max_body_bytes=cfg["max_body_bytes"])

@@ -121,9 +121,12 @@ def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
     )
 
 
-USER_BLOCK = (
-    8192  # users per block of the user / U steps: memory O(block · d²), not O(n_users · d²)
-)
+BLOCK_FLOATS = 1 << 23  # Gram storage per block of users (~64 MB), instead of O(n_users · d²)
+
+
+def user_block_size(d: int) -> int:
+    """Users per block of the user / U steps: their d × d Grams take about BLOCK_FLOATS floats."""
+    return max(16, BLOCK_FLOATS // max(1, d * d))
 
 
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
@@ -136,7 +139,7 @@ def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int,
         yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
 
 
-def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int = USER_BLOCK) -> None:
+def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | None = None) -> None:
     """Update c_u, w_u, b_u of every user given U and the item features (Eq. 4 and Eq. 3)."""
     if not p.per_user_w:
         _pooled_user_step(state, data, p)
@@ -144,7 +147,8 @@ def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int = USE
     r = state.U.shape[1]
     w_bar = state.W.mean(axis=0)
     prec = population_precision(state.W) if p.population_prior else np.eye(r)
-    for lo, hi, sub in _user_blocks(data, state.W.shape[0], block):
+    size = block or user_block_size(state.B.shape[1])
+    for lo, hi, sub in _user_blocks(data, state.W.shape[0], size):
         st = _user_stats(state, sub, hi - lo)
         c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], w_bar, prec)
         state.user_bias[lo:hi] = c
@@ -225,7 +229,9 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     state.B = np.zeros((n_users, d))
 
 
-def u_step(state: LRSState, data: Samples, *, ridge: float = 1e-6, block: int = USER_BLOCK) -> None:
+def u_step(
+    state: LRSState, data: Samples, *, ridge: float = 1e-6, block: int | None = None
+) -> None:
     """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
     (W absorbs R so that Θ is unchanged by the QR)."""
     n_users, d = state.B.shape
@@ -233,7 +239,7 @@ def u_step(state: LRSState, data: Samples, *, ridge: float = 1e-6, block: int = 
     # normal equations in vec(U) (row-major, index a·r + p): A = Σ_u G_u ⊗ w_u w_uᵀ
     A = np.zeros((d, d, r, r))
     rhs = np.zeros((d, r))
-    for lo, hi, sub in _user_blocks(data, n_users, block):
+    for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(d)):
         st = _user_stats(state, sub, hi - lo)
         W, B, c = state.W[lo:hi], state.B[lo:hi], state.user_bias[lo:hi]
         WW = np.einsum("up,uq->upq", W, W).reshape(hi - lo, r * r)

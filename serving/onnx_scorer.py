@@ -53,7 +53,8 @@ class OnnxScorer:
     """ONNX Runtime sessions over one exported scoring graph.
 
     One intra-op thread and sequential execution by default: a serving process scales by running
-    more processes, and single-user requests are far too small to split across threads.
+    more processes, and single-user requests are far too small to split across threads. Safe to
+    call from several threads at once (ONNX Runtime sessions are; the scorer keeps no call state).
     """
 
     def __init__(self, onnx_path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> None:

@@ -241,7 +241,7 @@ def test_config_validation() -> None:
 
 
 def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Path, Path]) -> None:
-    from training.lrs_als import StepParams, u_step, user_step
+    from training.lrs_als import StepParams, item_step, u_step, user_step
     from training.pipeline import (
         _snapshot,
         build_vocabularies,
@@ -263,3 +263,13 @@ def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Pa
     for name in ("W", "B", "user_bias", "U"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-9)
     assert np.all(np.count_nonzero(a.B, axis=1) <= 2)
+    import training.lrs_als as lrs_als
+
+    item_step(a, data, reg_features=5.0, reg_bias=1.0, refine_features=True)
+    lrs_als.BLOCK_FLOATS = 1  # 16 items per block
+    try:
+        item_step(b, data, reg_features=5.0, reg_bias=1.0, refine_features=True)
+    finally:
+        lrs_als.BLOCK_FLOATS = 1 << 23
+    np.testing.assert_allclose(a.F, b.F, atol=1e-9)
+    np.testing.assert_allclose(a.item_bias, b.item_bias, atol=1e-9)

@@ -129,13 +129,18 @@ def user_block_size(d: int) -> int:
     return max(16, BLOCK_FLOATS // max(1, d * d))
 
 
+def _blocks(keys: np.ndarray, n_keys: int, block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(lo, hi, indices of the samples whose key is in lo..hi-1) for consecutive key blocks."""
+    order = np.argsort(keys, kind="stable")
+    bounds = np.searchsorted(keys[order], np.arange(n_keys + 1))
+    for lo in range(0, n_keys, block):
+        hi = min(n_keys, lo + block)
+        yield lo, hi, order[bounds[lo] : bounds[hi]]
+
+
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
     """(lo, hi, the samples of users lo..hi-1 with user indices shifted to start at 0)."""
-    order = np.argsort(data.users, kind="stable")
-    bounds = np.searchsorted(data.users[order], np.arange(n_users + 1))
-    for lo in range(0, n_users, block):
-        hi = min(n_users, lo + block)
-        sl = order[bounds[lo] : bounds[hi]]
+    for lo, hi, sl in _blocks(data.users, n_users, block):
         yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
 
 
@@ -265,14 +270,19 @@ def item_step(
         n_i = np.bincount(data.items, minlength=n_items)
         state.item_bias = np.bincount(data.items, resid, minlength=n_items) / (n_i + reg_bias)
         return
-    Z = np.hstack([np.ones((len(data), 1)), theta[data.users]])
-    G = grouped_gram(data.items, n_items, Z)
-    h = grouped_sum(data.items, n_items, Z * t[:, None])
     reg = np.full(d + 1, reg_features)
     reg[0] = reg_bias
-    sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
-    state.item_bias = sol[:, 0]
-    state.F = sol[:, 1:]
+    F = np.empty_like(state.F)
+    c_i = np.empty(n_items)
+    for lo, hi, sl in _blocks(data.items, n_items, user_block_size(d + 1)):
+        Z = np.hstack([np.ones((sl.size, 1)), theta[data.users[sl]]])
+        G = grouped_gram(data.items[sl] - lo, hi - lo, Z)
+        h = grouped_sum(data.items[sl] - lo, hi - lo, Z * t[sl, None])
+        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+        c_i[lo:hi] = sol[:, 0]
+        F[lo:hi] = sol[:, 1:]
+    state.item_bias = c_i
+    state.F = F
 
 
 def rmse(state: LRSState, data: Samples, lo: float, hi: float) -> float:

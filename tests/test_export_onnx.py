@@ -509,7 +509,11 @@ def test_export_model_dir_round_trip(tmp_path: Path) -> None:
     check_scoring_model(onnx.load(str(out)))
 
 
-def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.export
+
     mdir = tmp_path / "m"
     save_model_dir(random_model(seed=4), mdir)
     assert cli_main(["export", "--model", str(mdir), "--opset", "18"]) == 0
@@ -517,3 +521,10 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads((mdir / "manifest.json").read_text())["onnx"]["opset"] == 18
     assert cli_main(["export", "--model", str(tmp_path / "missing")]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+    def read_only(*args: object, **kwargs: object) -> Path:
+        raise PermissionError(13, "Permission denied", str(mdir / "model.onnx"))
+
+    monkeypatch.setattr(training.export, "export_model_dir", read_only)
+    assert cli_main(["export", "--model", str(mdir)]) == 1  # environment error, not a traceback
+    assert "cannot write into" in capsys.readouterr().err

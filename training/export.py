@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,7 +326,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_model_dir(args.model, opset=args.opset)
+    try:
+        out = export_model_dir(args.model, opset=args.opset)
+    except (FileNotFoundError, ValueError):
+        raise  # bad input: the dispatcher prints the message
+    except OSError as e:  # e.g. a read-only model directory
+        print(f"lrs-rec export: error: cannot write into {args.model}: {e}", file=sys.stderr)
+        return 1
     manifest = json.loads((out.parent / "manifest.json").read_text())
     info = manifest["onnx"]
     print(

@@ -248,6 +248,22 @@ def test_single_user_forms_and_score_all(model: TrainedModel, scorer: OnnxScorer
     )
 
 
+def test_non_contiguous_and_other_dtype_inputs(model: TrainedModel, scorer: OnnxScorer) -> None:
+    """Fortran-ordered, strided, float64 and int32 inputs give the same scores."""
+    users = np.arange(0, 30, 2)
+    W = np.asfortranarray(model.lrs.W)  # float64, rows are strided views
+    B_idx = np.asfortranarray(model.lrs.B_idx.astype(np.int32))
+    items = np.asfortranarray(np.tile(np.arange(0, 20, 2), (len(users), 1)))
+    got = scorer.score(
+        W[users], model.user_bias[users], B_idx[users], model.lrs.B_val[users], items
+    )
+    want = model.predict(np.repeat(users, 10), items.ravel()).reshape(got.shape)
+    assert rel_err(got, want) <= RTOL
+    assert not W[3].flags["C_CONTIGUOUS"]
+    one = scorer.score(W[3], model.user_bias[3], B_idx[3], model.lrs.B_val[3], items[0, ::3])
+    assert rel_err(one, model.predict(np.full(4, 3), items[0, ::3])) <= RTOL
+
+
 def test_unknown_user_gets_population_model(model: TrainedModel, scorer: OnnxScorer) -> None:
     items = np.arange(-1, model.n_items)
     got = scorer.score(*scorer.population_params(), items)

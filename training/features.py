@@ -20,6 +20,7 @@ import numpy as np
 
 from training.grouped import grouped_gram, grouped_sum
 from training.loaders import RatingFileError
+from training.lrs_als import key_blocks, user_block_size
 from training.vocab import Vocabulary
 
 
@@ -90,15 +91,19 @@ def als_factors(
     def half_step(
         own: np.ndarray, n_own: int, counts: np.ndarray, other_f: np.ndarray, t: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        Z = np.hstack([np.ones((own.size, 1)), other_f])
-        G = grouped_gram(own, n_own, Z)
-        h = grouped_sum(own, n_own, Z * t[:, None])
-        reg_diag = np.zeros((n_own, dim + 1))
-        reg_diag[:, 0] = reg_bias
-        reg_diag[:, 1:] = reg * np.maximum(counts, 1.0)[:, None]
-        G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
-        sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
-        return sol[:, 0], sol[:, 1:]
+        bias = np.zeros(n_own)
+        factors = np.zeros((n_own, dim))
+        for lo, hi, sl in key_blocks(own, n_own, user_block_size(dim + 1)):
+            Z = np.hstack([np.ones((sl.size, 1)), other_f[sl]])
+            G = grouped_gram(own[sl] - lo, hi - lo, Z)
+            h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
+            reg_diag = np.zeros((hi - lo, dim + 1))
+            reg_diag[:, 0] = reg_bias
+            reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], 1.0)[:, None]
+            G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
+            sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
+            bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]
+        return bias, factors
 
     for _ in range(n_iter):
         c_u, P = half_step(users, n_users, n_u, Q[items], y - mu - c_i[items])

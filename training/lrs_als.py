@@ -129,7 +129,7 @@ def user_block_size(d: int) -> int:
     return max(16, BLOCK_FLOATS // max(1, d * d))
 
 
-def _blocks(keys: np.ndarray, n_keys: int, block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def key_blocks(keys: np.ndarray, n_keys: int, block: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(lo, hi, indices of the samples whose key is in lo..hi-1) for consecutive key blocks."""
     order = np.argsort(keys, kind="stable")
     bounds = np.searchsorted(keys[order], np.arange(n_keys + 1))
@@ -140,7 +140,7 @@ def _blocks(keys: np.ndarray, n_keys: int, block: int) -> Iterator[tuple[int, in
 
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
     """(lo, hi, the samples of users lo..hi-1 with user indices shifted to start at 0)."""
-    for lo, hi, sl in _blocks(data.users, n_users, block):
+    for lo, hi, sl in key_blocks(data.users, n_users, block):
         yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
 
 
@@ -274,7 +274,7 @@ def item_step(
     reg[0] = reg_bias
     F = np.empty_like(state.F)
     c_i = np.empty(n_items)
-    for lo, hi, sl in _blocks(data.items, n_items, user_block_size(d + 1)):
+    for lo, hi, sl in key_blocks(data.items, n_items, user_block_size(d + 1)):
         Z = np.hstack([np.ones((sl.size, 1)), theta[data.users[sl]]])
         G = grouped_gram(data.items[sl] - lo, hi - lo, Z)
         h = grouped_sum(data.items[sl] - lo, hi - lo, Z * t[sl, None])

@@ -119,6 +119,17 @@ class UserData:
         """Per-user sums of ``values: (N, ...)`` → ``(n_users, ...)``."""
         return np.asarray(np.add.reduceat(values, self.starts, axis=0), dtype=np.float64)
 
+    def subset(self, keep: np.ndarray[Any, Any]) -> tuple[UserData, IntArray]:
+        """The data of the users with ``keep[u]`` (renumbered 0.., same order) and their row indices."""
+        if keep.all():
+            return self, np.arange(self.X.shape[0], dtype=np.int64)
+        rows = np.flatnonzero(keep[self.user_of]).astype(np.int64)
+        new_id = np.cumsum(keep) - 1
+        sub, _ = UserData.build(
+            self.X[rows], self.y[rows], new_id[self.user_of[rows]], int(keep.sum())
+        )
+        return sub, rows
+
     @cached_property
     def col_norms(self) -> FloatArray:
         """Per-user column norms ``‖X_u[:, i]‖`` → ``(n_users, d)`` (zeros replaced by 1)."""
@@ -356,9 +367,11 @@ def _irls_supports(data: UserData, Z: FloatArray, k: int, flag: np.ndarray[Any, 
     return S
 
 
-def _badly_fitted(ratio: FloatArray) -> np.ndarray[Any, Any]:
-    """Users whose relative residual ‖res_u‖²/‖y_u‖² is 10× the median user's (and not ~0)."""
-    return np.asarray(ratio > max(10.0 * float(np.median(ratio)), 1e-14))
+def _badly_fitted(obj: FloatArray, counts: IntArray, y_scale: float) -> np.ndarray[Any, Any]:
+    """Users whose mean squared residual obj_u/m_u is 10× the median user's and not ~0 (relative to
+    the mean y²). With noise every well-fitted user sits near σ², so only outliers are flagged."""
+    msr = obj / counts
+    return np.asarray(msr > max(10.0 * float(np.median(msr)), 1e-12 * y_scale))
 
 
 def _b_step_htp(
@@ -396,17 +409,23 @@ def _b_step_htp(
         obj = _objective(data, F, sol, ridge)
     if not restart:
         return W, B_idx, B_val
-    yy = np.maximum(data.segment_sum(data.y * data.y), 1e-300)
-    if omp_all or _badly_fitted(obj / yy).any():
+    y_scale = float(np.mean(data.y * data.y))
+    flag = (
+        np.ones(data.n_users, dtype=bool) if omp_all else _badly_fitted(obj, data.counts, y_scale)
+    )
+    if flag.any():
         # HTP can stall at a wrong support: keep OMP's answer where it fits better
-        S_o, sol_o, obj_o = _omp(data, Z, k, ridge)
-        better = obj_o < obj
-        W = np.where(better[:, None], sol_o[:, :r], W)
-        B_idx = np.where(better[:, None], S_o, B_idx)
-        B_val = np.where(better[:, None], sol_o[:, r:], B_val)
-        obj = np.where(better, obj_o, obj)
+        sub, rows = data.subset(flag)
+        S_o, sol_o, obj_o = _omp(sub, Z[rows], k, ridge)
+        better = np.zeros(data.n_users, dtype=bool)
+        better[flag] = obj_o < obj[flag]
+        src = np.cumsum(flag) - 1  # position of each flagged user in the subset
+        W = np.where(better[:, None], sol_o[src, :r], W)
+        B_idx = np.where(better[:, None], S_o[src], B_idx)
+        B_val = np.where(better[:, None], sol_o[src, r:], B_val)
+        obj = np.where(better, obj_o[src], obj)
         # users fitted much worse than the typical user: try an IRLS support as well
-        flag = _badly_fitted(obj / yy)
+        flag = _badly_fitted(obj, data.counts, y_scale)
         if flag.any():
             S_i = np.where(flag[:, None], _irls_supports(data, Z, k, flag), B_idx)
             F = np.concatenate((Z, data.gather(S_i)), axis=1)

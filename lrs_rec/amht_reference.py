@@ -6,6 +6,8 @@ tests can check the vectorised estimator against it on small problems. Never use
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
@@ -109,6 +111,11 @@ def _irls_user(Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: in
     return _top_k(b, k)
 
 
+def _badly(obj: FloatArray, counts: FloatArray, y_scale: float) -> np.ndarray[Any, Any]:
+    msr = obj / counts
+    return np.asarray(msr > max(10.0 * float(np.median(msr)), 1e-12 * y_scale))
+
+
 def fit_reference(
     X: FloatArray,
     y: FloatArray,
@@ -147,6 +154,8 @@ def fit_reference(
     gamma = np.zeros(n_users)
     gamma_set = False
     obj = np.zeros(n_users)
+    counts = np.array([yu.shape[0] for yu in ys], dtype=float)
+    y_scale = float(np.mean(np.concatenate(ys) ** 2))
 
     def w_step() -> None:
         for u in range(n_users):
@@ -197,29 +206,29 @@ def fit_reference(
                     )
             gamma_set = b_step == "iht"
         if b_step == "htp" and b_restart and k > 0:
-            yy = np.array([max(float(yu @ yu), 1e-300) for yu in ys])
-            ratio = obj / yy
             ridge = np.concatenate([np.full(r, ridge_w), np.full(k, ridge_b)])
-            if iteration < OMP_ALL_ITERS or np.any(
-                ratio > max(10 * float(np.median(ratio)), 1e-14)
-            ):
-                for u in range(n_users):  # OMP restarts
+            flag = (
+                np.ones(n_users, dtype=bool)
+                if iteration < OMP_ALL_ITERS
+                else _badly(obj, counts, y_scale)
+            )
+            if flag.any():
+                for u in np.flatnonzero(flag).tolist():  # OMP restarts
                     S_o, sol_o = _omp_user(Xs[u], ys[u], U, k, ridge)
                     F_o = np.hstack([Xs[u] @ U, Xs[u][:, S_o]])
                     obj_o = _objective(F_o, ys[u], sol_o, ridge)
                     if obj_o < obj[u]:
                         W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
                         obj[u] = obj_o
-            # IRLS rescue of badly fitted users
-            ratio = obj / yy
-            limit = max(10.0 * float(np.median(ratio)), 1e-14)
-            for u in range(n_users):
-                if ratio[u] > limit and Xs[u].shape[0] < r + d:
-                    S = _irls_user(Xs[u], ys[u], U, k, IRLS_ITER)
-                    F = np.hstack([Xs[u] @ U, Xs[u][:, S]])
-                    sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
-                    if _objective(F, ys[u], sol, ridge) < obj[u]:
-                        W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
+                # IRLS rescue of badly fitted users
+                flag = _badly(obj, counts, y_scale)
+                for u in np.flatnonzero(flag).tolist():
+                    if Xs[u].shape[0] < r + d:
+                        S = _irls_user(Xs[u], ys[u], U, k, IRLS_ITER)
+                        F = np.hstack([Xs[u] @ U, Xs[u][:, S]])
+                        sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
+                        if _objective(F, ys[u], sol, ridge) < obj[u]:
+                            W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
         if zeta is not None and k > 0:
             B_val = enforce_row_sparsity_reference(B_idx, B_val, zeta=zeta, d=d)
         w_step()  # Eq. 4

@@ -33,6 +33,8 @@ METHOD_NAMES = {
     "rep": "representation learning",
     "prompt": "prompt learning",
     "single": "single model",
+    "lrs+iso": "lrs-rec, isotropic ridge λ_w=20 (ablation)",
+    "full+iso": "full fine-tuning, isotropic ridge λ_w=20 (ablation)",
 }
 REFERENCE = {
     "BaselineOnly (surprise)": 0.9457,
@@ -55,10 +57,13 @@ def cli(argv: list[str]) -> str:
 
 def run_one(data: Path, fold: int, method: str, work: Path, extra: list[str]) -> dict[str, Any]:
     model_dir = work / f"{method}-u{fold}"
+    base, _, variant = method.partition("+")
+    # ablation: isotropic ridge, at the λ_w chosen for it on u1.base validation (20)
+    flags = ["--prior", "isotropic", "--reg-w", "20"] if variant == "iso" else []
     t0 = time.perf_counter()
     cli(
-        ["train", "--ratings", str(data / f"u{fold}.base"), "--method", method, "--out",
-         str(model_dir), "--no-export", "--quiet", *extra]
+        ["train", "--ratings", str(data / f"u{fold}.base"), "--method", base, "--out",
+         str(model_dir), "--no-export", "--quiet", *flags, *extra]
     )  # fmt: skip
     train_s = time.perf_counter() - t0
     ev = json.loads(
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K directory")
     ap.add_argument("--folds", default="1,2,3,4,5")
-    ap.add_argument("--methods", default="lrs,full,rep,prompt,single")
+    ap.add_argument("--methods", default="lrs,full,rep,prompt,single,lrs+iso,full+iso")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
     ap.add_argument("extra", nargs="*", help="extra `lrs-rec train` flags (after --)")

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.validation_fraction,
         help="internal hold-out of the training ratings for the per-iteration validation loss",
     )
+    m.add_argument(
+        "--prior",
+        default="population" if _DEFAULTS.population_prior else "isotropic",
+        choices=("population", "isotropic"),
+        help="ridge on w_u: towards the population prior N(w̄, Σ_w) (default) or isotropic λ_w·I",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -73,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         reg_bias=args.reg_bias,
         refine_features=args.item_features is None,
         validation_fraction=args.validation_fraction,
+        population_prior=getattr(args, "prior", "population") == "population",
         seed=args.seed,
     )
 

@@ -57,7 +57,15 @@ class OnnxScorer:
     call from several threads at once (ONNX Runtime sessions are; the scorer keeps no call state).
     """
 
-    def __init__(self, onnx_path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike[str],
+        *,
+        intra_op_threads: int = 1,
+        expected_arrays_sha256: str | None = None,
+    ) -> None:
+        """Load ``onnx_path``. With ``expected_arrays_sha256`` (the model directory manifest's
+        ``arrays_sha256``), refuse a graph exported from other arrays (a stale ``model.onnx``)."""
         import onnx
         import onnxruntime as ort
 
@@ -83,6 +91,12 @@ class OnnxScorer:
             ) from e
         self.model_version = meta.get("model_version", "")
         self.arrays_sha256 = meta.get("arrays_sha256", "")
+        if expected_arrays_sha256 is not None and self.arrays_sha256 != expected_arrays_sha256:
+            raise ValueError(
+                f"{self.onnx_path} was exported from arrays {self.arrays_sha256[:12] or '?'}…, "
+                f"not {expected_arrays_sha256[:12]}…: stale export, run "
+                f"`lrs-rec export --model {self.onnx_path.parent}`"
+            )
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads

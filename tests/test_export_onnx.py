@@ -515,7 +515,9 @@ def test_export_model_dir_round_trip(tmp_path: Path) -> None:
     assert (mdir / "manifest.json").stat().st_mode & 0o777 == 0o640
     assert read_manifest(mdir)["onnx"]["sha256"] == manifest["onnx"]["sha256"]  # deterministic
     loaded = load_model_dir(mdir)  # the manifest is still a valid model directory
-    scorer = OnnxScorer(out)
+    scorer = OnnxScorer(out, expected_arrays_sha256=manifest["arrays_sha256"])
+    with pytest.raises(ValueError, match="stale export"):
+        OnnxScorer(out, expected_arrays_sha256="0" * 64)
     assert scorer.model_version == loaded.model_version
     users = np.arange(loaded.n_users)
     items = np.tile(np.arange(loaded.n_items), (len(users), 1))

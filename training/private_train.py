@@ -67,9 +67,9 @@ from training.private_accounting import (
 )
 
 DEFAULT_SHARES: dict[str, float] = {
-    "global_mean": 0.005,
+    "global_mean": 0.02,
     "item_bias_sum": 0.544,
-    "item_bias_count": 0.306,
+    "item_bias_count": 0.291,
     "u_step_A": 0.045,
     "u_step_V": 0.075,
     "w_prior": 0.025,
@@ -99,7 +99,7 @@ class PrivateConfig:
     A2: float = 1.5  # |response| clip (ratings minus μ, c_u, c_i)
     A3: float = 1.0  # |⟨x, b_u⟩| clip
     A_w: float = 1.0  # ‖w_u‖ clip
-    mean_clip: float = 2.0  # A_μ: |user mean − μ0| clip for the global mean
+    mean_clip: float = 1.5  # A_μ: |user mean − μ0| clip for the global mean
     ridge_u: float = 20.0  # ridge of the U-step solve (on top of PSD projection)
     reg_w: float = 5.0
     reg_b: float = 20.0

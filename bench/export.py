@@ -156,10 +156,12 @@ def bench_model(model: TrainedModel, name: str, *, rounds: int, work: Path) -> d
     for f in [*ops.values(), *batch_ops.values()]:  # warm-up
         for u in users[:20]:
             f(int(u))
-    for u in users:  # single-user operations round-robin, users in random order
-        for op, f in ops.items():
+    names = list(ops)
+    for u in users:  # single-user operations, users in random order, operations in a random order
+        for j in rng.permutation(len(names)):  # (what runs just before a call changes its cost)
+            op = names[j]
             t = time.perf_counter_ns()
-            f(int(u))
+            ops[op](int(u))
             times[op].append(time.perf_counter_ns() - t)
     for u in users[: max(50, rounds // 20)]:  # batches apart: they would evict the caches
         for op, f in batch_ops.items():

@@ -23,15 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrs-rec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lrs-rec",
+        description="lrs-rec: low-rank + sparse (AMHT-LRS) personalised recommendations.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a command whose module is not built yet is left out
-            if e.name != module:
-                raise
-            continue
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(_module=module)

@@ -41,7 +41,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from lrs_rec.model import LRSModel  # noqa: E402
-from lrs_rec.onboarding import Onboarder, OnboardingConfig  # noqa: E402
+from lrs_rec.onboarding import Onboarder, OnboardingConfig, ScheduledOnboarder  # noqa: E402
 from training.model_dir import TrainedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +211,9 @@ class Base:
         self.FU = self.F @ self.U
         self.wbar = np.asarray(model.w_prior_mean)
         self.theta_pop = self.U @ self.wbar
+        # the fold-in baselines shrink c_u toward the trained users' mean bias c̄ (as lrs-rec's
+        # prior does), not toward 0 — otherwise part of the comparison would be a mere re-centring
+        self.cbar = float(np.mean(model.user_bias))
         self.lo, self.hi = model.rating_min, model.rating_max
 
     def pop(self, items: np.ndarray) -> np.ndarray:
@@ -234,18 +237,19 @@ def ridge_bias_theta(
 def predict_baseline(name: str, base: Base, task: Task, params: dict[str, float]) -> np.ndarray:
     known = task.rev_items >= 0
     it = task.rev_items[known]
-    y = task.rev_ratings[known] - base.pop(it)  # residual of the population model
-    if name == "population":
+    if name == "population":  # the served fallback: c_u = 0, θ = U·w̄
         return base.clip(base.pop(task.test_items))
+    y = task.rev_ratings[known] - base.pop(it) - base.cbar  # residual around the population centre
+    pop = base.pop(task.test_items) + base.cbar
     if name == "user_bias":
         c = float(y.sum() / (y.size + params["lam_c"]))
-        return base.clip(base.pop(task.test_items) + c)
+        return base.clip(pop + c)
     if name == "full_finetune":  # θ = θ_pop + v, v ∈ R^d, ridge
         c, v = ridge_bias_theta(base.F[it], y, params["lam_c"], params["lam_v"])
-        return base.clip(base.pop(task.test_items) + c + base.F[task.test_items] @ v)
+        return base.clip(pop + c + base.F[task.test_items] @ v)
     if name == "w_only":  # θ = U(w̄ + δ), δ ∈ R^r, ridge (representation learning)
         c, dw = ridge_bias_theta(base.FU[it], y, params["lam_c"], params["lam_v"])
-        return base.clip(base.pop(task.test_items) + c + base.FU[task.test_items] @ dw)
+        return base.clip(pop + c + base.FU[task.test_items] @ dw)
     raise ValueError(name)
 
 
@@ -268,12 +272,12 @@ def rmse_of(preds: list[np.ndarray], tasks: list[Task]) -> float:
     return float(math.sqrt(np.mean(err**2)))
 
 
-def lrs_predict(onb: Onboarder, base: Base, task: Task) -> np.ndarray:
+def lrs_predict(onb: Onboarder | ScheduledOnboarder, base: Base, task: Task) -> np.ndarray:
     known = task.rev_items >= 0
     if not known.any():
         return base.clip(base.pop(task.test_items))
     user = onb.fit(task.rev_items[known], task.rev_ratings[known])
-    theta = user.theta(onb.U)
+    theta = user.theta(base.U)
     p = base.mu + user.user_bias + base.ci[task.test_items] + base.F[task.test_items] @ theta
     return base.clip(p)
 
@@ -298,13 +302,13 @@ def make_onboarder(model: TrainedModel, config: OnboardingConfig) -> Onboarder:
 
 # lrs-rec's onboarding config is searched coordinate-wise (two passes) over these values
 SEARCH_AXES: dict[str, tuple[float | int, ...]] = {
-    "w_prior_scale": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    "w_prior_scale": (0.25, 0.5, 1.0, 2.0, 4.0),
     "bias_prior_scale": (0.25, 0.5, 1.0, 2.0),
-    "implicit_scale": (0.0, 0.25, 0.5, 1.0),
-    "sparse_min_ratings": (2, 5, 10, 20, 1000),
-    "ratings_per_coordinate": (2, 5, 10),
-    "b_prior_scale": (0.5, 1.0, 2.0, 4.0, 8.0),
-    "support_z": (0.5, 1.0, 1.5, 2.5),
+    "implicit_scale": (0.0, 0.5, 1.0),
+    "sparse_min_ratings": (1, 5, 1000),
+    "ratings_per_coordinate": (1, 2, 5),
+    "b_prior_scale": (2.0, 8.0, 32.0),
+    "support_z": (0.0, 0.5, 1.5),
 }
 
 
@@ -326,51 +330,57 @@ def tune(data: Ratings, train_users: np.ndarray, seed: int, log: Any) -> dict[st
             best_baseline[name][n] = grid[min(scores)[1]]
     onb0 = make_onboarder(model, OnboardingConfig())
 
-    def score(params: dict[str, Any]) -> tuple[float, list[float]]:
+    def score(params: dict[str, Any], n: int) -> float:
         onb = onb0.with_config(OnboardingConfig(**params))
-        per_n = [rmse_of([lrs_predict(onb, base, t) for t in tasks[n]], tasks[n]) for n in NS]
-        print(f"  tune {params} -> {np.round(per_n, 4)}", file=log)
-        return float(np.mean(per_n)), per_n
+        v = rmse_of([lrs_predict(onb, base, t) for t in tasks[n]], tasks[n])
+        print(f"  tune n={n} {params} -> {v:.4f}", file=log)
+        return v
 
-    cache: dict[tuple[tuple[str, Any], ...], tuple[float, list[float]]] = {}
+    cache: dict[tuple[Any, ...], float] = {}
 
-    def cached(params: dict[str, Any]) -> tuple[float, list[float]]:
-        key = tuple(sorted(params.items()))
+    def cached(params: dict[str, Any], n: int) -> float:
+        key = (n, *sorted(params.items()))
         if key not in cache:
-            cache[key] = score(params)
+            cache[key] = score(params, n)
         return cache[key]
 
-    def search(fixed: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
-        best = {**asdict(OnboardingConfig()), **fixed}
-        best_score = cached(best)[0]
+    def search(start: dict[str, Any], n: int) -> dict[str, Any]:
+        """Coordinate-wise search (two passes) of the config for n revealed ratings."""
+        best = dict(start)
+        best_score = cached(best, n)
         for _ in range(2):
             changed = False
             for name, values in SEARCH_AXES.items():
-                if name in fixed:
-                    continue
                 for v in values:
                     cand = {**best, name: v}
-                    m = cached(cand)[0]
+                    m = cached(cand, n)
                     if m < best_score - 1e-7:
                         best, best_score, changed = cand, m, True
             if not changed:
                 break
-        return best, cached(best)[1]
+        return best
 
-    full, full_per_n = search({})
-    no_implicit, _ = search({"implicit_scale": 0.0})
-    no_sparse, _ = search({"sparse_min_ratings": 1000})
-    scored = [(float(np.mean(full_per_n)), full, full_per_n)]
+    schedule: list[tuple[int, dict[str, Any]]] = []
+    start = asdict(OnboardingConfig())
+    for n in NS:  # each n starts from the previous n's choice
+        start = search(start, n)
+        schedule.append((n, start))
     return {
-        "config": scored[0][1],
-        "config_no_implicit": no_implicit,
-        "config_no_sparse": no_sparse,
+        "schedule": schedule,
+        "val_rmse_by_n": {n: cached(cfg, n) for n, cfg in schedule},
         "n_configs_evaluated": len(cache),
-        "val_rmse_by_n": dict(zip(NS, scored[0][2], strict=True)),
         "baseline_params": best_baseline,
         "n_fit_users": int(fit_users.size),
         "n_val_users": int(val_users.size),
     }
+
+
+def scheduled(
+    model_onb: Onboarder, schedule: list[tuple[int, dict[str, Any]]], **override: Any
+) -> ScheduledOnboarder:
+    return ScheduledOnboarder.from_onboarder(
+        model_onb, [(n, OnboardingConfig(**{**cfg, **override})) for n, cfg in schedule]
+    )
 
 
 def evaluate(
@@ -378,9 +388,11 @@ def evaluate(
 ) -> dict[str, Any]:
     model, how = train_model(data.subset(np.isin(data.users, train_users)), seed)
     base = Base(model)
-    onb = make_onboarder(model, OnboardingConfig(**tuned["config"]))
-    onb_ablation = onb.with_config(OnboardingConfig(**tuned["config_no_implicit"]))
-    onb_no_sparse = onb.with_config(OnboardingConfig(**tuned["config_no_sparse"]))
+    onb0 = make_onboarder(model, OnboardingConfig())
+    onb = scheduled(onb0, tuned["schedule"])
+    # ablations switch one component off in every step of the tuned schedule (not re-tuned)
+    onb_ablation = scheduled(onb0, tuned["schedule"], implicit_scale=0.0)
+    onb_no_sparse = scheduled(onb0, tuned["schedule"], sparse_min_ratings=1000)
     table: dict[str, dict[int, float]] = {
         name: {}
         for name in [*BASELINE_GRIDS, "lrs_rec_no_implicit", "lrs_rec_no_sparse", "lrs_rec"]
@@ -445,7 +457,9 @@ def latency_synthetic(
     return _time_fits(onb, rng, reps, n_max=50)
 
 
-def _time_fits(onb: Onboarder, rng: np.random.Generator, reps: int, n_max: int) -> dict[str, float]:
+def _time_fits(
+    onb: Onboarder | ScheduledOnboarder, rng: np.random.Generator, reps: int, n_max: int
+) -> dict[str, float]:
     """Wall-clock and thread-CPU time of ``Onboarder.fit`` for n uniform in [1, n_max], and n = n_max.
 
     The wall-clock tail includes preemption by other processes on a shared machine; the CPU-time
@@ -643,17 +657,15 @@ def main(argv: list[str] | None = None) -> int:
                     str(n): 1.0 - table["lrs_rec"][n] / best[n] for n in NS
                 },
                 "tuned": {
-                    "config": tuned["config"],
-                    "config_no_implicit": tuned["config_no_implicit"],
-                    "config_no_sparse": tuned["config_no_sparse"],
-                    "n_configs_evaluated": tuned["n_configs_evaluated"],
+                    "schedule": [[n, cfg] for n, cfg in tuned["schedule"]],
                     "val_rmse_by_n": {str(n): v for n, v in tuned["val_rmse_by_n"].items()},
+                    "n_configs_evaluated": tuned["n_configs_evaluated"],
                     "baseline_params": {
                         b: {str(n): p for n, p in row.items()}
                         for b, row in tuned["baseline_params"].items()
                     },
                 },
-                "prior": res["onb"].prior.summary(),
+                "prior": res["onb"].base.prior.summary(),
                 "training": res["training"],
             }
         )

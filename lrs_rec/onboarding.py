@@ -50,10 +50,12 @@ from lrs_rec._types import FloatArray, IntArray
 from lrs_rec.model import LRSModel
 
 __all__ = [
+    "DEFAULT_SCHEDULE",
     "OnboardedUser",
     "Onboarder",
     "OnboardingConfig",
     "OnboardingPrior",
+    "ScheduledOnboarder",
     "effective_sparsity",
     "estimate_prior",
     "item_descriptors",
@@ -73,14 +75,14 @@ class OnboardingConfig:
     """
 
     # defaults: selected on ML-100K *training* users (inner validation split, bench/onboarding.py)
-    w_prior_scale: float = 2.0
+    w_prior_scale: float = 1.0
     bias_prior_scale: float = 0.5
-    b_prior_scale: float = 2.0
+    b_prior_scale: float = 8.0
     noise_scale: float = 1.0
     implicit_scale: float = 1.0
     sparse_min_ratings: int = 5
-    ratings_per_coordinate: int = 5
-    support_z: float = 1.5
+    ratings_per_coordinate: int = 2
+    support_z: float = 0.5
     htp_iters: int = 3
 
     def __post_init__(self) -> None:
@@ -608,6 +610,63 @@ class Onboarder:
             + self.item_features[it] @ user.theta(self.U)
         )
         return np.asarray(np.clip(pred, self.rating_min, self.rating_max), dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduledOnboarder:
+    """Onboarding whose config depends on n: the step with the largest ``min_n ≤ n`` is used.
+
+    The hyperparameters that suit one rating (mostly a bias) differ from those that suit twenty; a
+    schedule chosen on training users per n is the same privilege the fold-in baselines get (their
+    ridge strength tuned per n). All steps share one model and one estimated prior.
+    """
+
+    min_ns: tuple[int, ...]
+    steps: tuple[Onboarder, ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps or len(self.min_ns) != len(self.steps):
+            raise ValueError("a schedule needs one min_n per step and at least one step")
+        if self.min_ns[0] != 1 or any(
+            b <= a for a, b in zip(self.min_ns, self.min_ns[1:], strict=False)
+        ):
+            raise ValueError(f"min_ns must start at 1 and increase strictly, got {self.min_ns}")
+        if any(o.prior is not self.steps[0].prior for o in self.steps):
+            raise ValueError("all steps of a schedule must share one model and prior")
+
+    @classmethod
+    def from_onboarder(
+        cls, onboarder: Onboarder, schedule: list[tuple[int, OnboardingConfig]]
+    ) -> ScheduledOnboarder:
+        ordered = sorted(schedule, key=lambda s: s[0])
+        return cls(
+            min_ns=tuple(int(n) for n, _ in ordered),
+            steps=tuple(onboarder.with_config(cfg) for _, cfg in ordered),
+        )
+
+    def step_for(self, n: int) -> Onboarder:
+        j = 0
+        while j + 1 < len(self.min_ns) and self.min_ns[j + 1] <= n:
+            j += 1
+        return self.steps[j]
+
+    @property
+    def base(self) -> Onboarder:
+        return self.steps[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.steps[0].n_items
+
+    def fit(self, items: IntArray, ratings: FloatArray) -> OnboardedUser:
+        return self.step_for(int(np.asarray(items).shape[0])).fit(items, ratings)
+
+    def predict(self, user: OnboardedUser, items: IntArray) -> FloatArray:
+        return self.steps[0].predict(user, items)
+
+
+DEFAULT_SCHEDULE: tuple[tuple[int, OnboardingConfig], ...] = ((1, OnboardingConfig()),)
+"""Hyperparameters by number of ratings (``min_n``, config) used when a model carries none."""
 
 
 def _spd_solve(H: FloatArray, g: FloatArray) -> FloatArray:

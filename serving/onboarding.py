@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lrs_rec.onboarding import Onboarder, OnboardingConfig
+from lrs_rec.onboarding import (
+    DEFAULT_SCHEDULE,
+    Onboarder,
+    OnboardingConfig,
+    ScheduledOnboarder,
+)
 from serving.encoding import decode_history, encode_history, encode_records
 from serving.recommender import ServingError, StoreUnavailableError, UnknownItemsError
 from training.model_dir import TrainedModel
@@ -63,31 +68,38 @@ class OnboardResult:
 
 
 # -- the per-model Onboarder (prior estimation + precomputation happen once per model) ---------------
-_CACHE: dict[tuple[int, str, str], Onboarder] = {}
+_CACHE: dict[tuple[int, str, str], ScheduledOnboarder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def config_for(model: TrainedModel) -> OnboardingConfig:
-    """The onboarding config: ``manifest["onboarding"]["config"]`` if the model carries one."""
+def schedule_for(model: TrainedModel) -> list[tuple[int, OnboardingConfig]]:
+    """The onboarding hyperparameters of ``model``: ``manifest["onboarding"]["schedule"]`` (a list of
+    ``[min_n, {config}]``) or ``manifest["onboarding"]["config"]`` (one config for every n) if the
+    model carries one, else :data:`lrs_rec.onboarding.DEFAULT_SCHEDULE`."""
     raw = model.manifest.get("onboarding", {})
-    cfg = raw.get("config") if isinstance(raw, dict) else None
-    if isinstance(cfg, dict):
-        try:
-            return OnboardingConfig(**cfg)
-        except TypeError as e:
-            raise ValueError(f"manifest onboarding.config is invalid: {e}") from e
-    return OnboardingConfig()
+    if not isinstance(raw, dict):
+        raise ValueError("manifest onboarding must be an object")
+    try:
+        if "schedule" in raw:
+            return [(int(n), OnboardingConfig(**cfg)) for n, cfg in raw["schedule"]]
+        if "config" in raw:
+            return [(1, OnboardingConfig(**raw["config"]))]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"manifest onboarding.schedule/config is invalid: {e}") from e
+    return list(DEFAULT_SCHEDULE)
 
 
-def onboarder_for(model: TrainedModel, config: OnboardingConfig | None = None) -> Onboarder:
-    """The (cached) :class:`Onboarder` of ``model``; its prior is estimated from the model arrays."""
-    cfg = config or config_for(model)
-    key = (id(model), str(model.manifest.get("arrays_sha256", "")), repr(cfg))
+def onboarder_for(
+    model: TrainedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
+) -> ScheduledOnboarder:
+    """The (cached) onboarder of ``model``; its prior is estimated once from the model arrays."""
+    sched = schedule or schedule_for(model)
+    key = (id(model), str(model.manifest.get("arrays_sha256", "")), repr(sched))
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-    onb = Onboarder.from_arrays(
+    base = Onboarder.from_arrays(
         lrs=model.lrs,
         item_features=model.item_features,
         item_bias=model.item_bias,
@@ -100,8 +112,9 @@ def onboarder_for(model: TrainedModel, config: OnboardingConfig | None = None) -
         history_ratings=model.history_ratings,
         rating_min=model.rating_min,
         rating_max=model.rating_max,
-        config=cfg,
+        config=sched[0][1],
     )
+    onb = ScheduledOnboarder.from_onboarder(base, sched)
     with _CACHE_LOCK:
         if len(_CACHE) >= 4:  # a server holds one or two models at a time
             _CACHE.pop(next(iter(_CACHE)))

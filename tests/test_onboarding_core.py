@@ -237,3 +237,25 @@ def test_with_config_keeps_the_prior(arrays):
     other = onb.with_config(OnboardingConfig(implicit_scale=0.0))
     assert other.prior is onb.prior
     assert other.config.implicit_scale == 0.0
+
+
+def test_schedule_dispatches_on_n(arrays):
+    from lrs_rec.onboarding import ScheduledOnboarder
+
+    onb = _onboarder(arrays)
+    small = OnboardingConfig(w_prior_scale=0.5, sparse_min_ratings=1000)
+    large = OnboardingConfig(w_prior_scale=4.0, sparse_min_ratings=3, support_z=0.0)
+    sched = ScheduledOnboarder.from_onboarder(onb, [(5, large), (1, small)])
+    assert sched.min_ns == (1, 5) and sched.n_items == onb.n_items
+    rng = np.random.default_rng(4)
+    for n, cfg in ((1, small), (4, small), (5, large), (30, large)):
+        items = rng.choice(onb.n_items, n, replace=False)
+        ratings = rng.integers(1, 6, n).astype(float)
+        got = sched.fit(items, ratings)
+        want = onb.with_config(cfg).fit(items, ratings)
+        np.testing.assert_array_equal(got.w, want.w)
+        np.testing.assert_array_equal(got.b_idx, want.b_idx)
+    with pytest.raises(ValueError, match="start at 1"):
+        ScheduledOnboarder.from_onboarder(onb, [(2, small)])
+    with pytest.raises(ValueError, match="at least one step"):
+        ScheduledOnboarder.from_onboarder(onb, [])

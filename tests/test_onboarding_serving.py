@@ -294,34 +294,25 @@ def test_history_cap_is_respected(model_dirs, home):
     assert decode_history(hist)[0].tolist() == [7, 8, 9, 20]
 
 
-def test_manifest_config_is_used(model_dirs):
+def test_manifest_schedule_is_used(model_dirs):
     from dataclasses import replace
 
-    from serving.onboarding import config_for
+    from serving.onboarding import schedule_for
 
     m = load_model_dir(model_dirs["a"])
     m2 = replace(m, manifest={**m.manifest, "onboarding": {"config": {"w_prior_scale": 3.0}}})
-    assert config_for(m2).w_prior_scale == 3.0
+    assert [(n, c.w_prior_scale) for n, c in schedule_for(m2)] == [(1, 3.0)]
+    m3 = replace(
+        m,
+        manifest={
+            **m.manifest,
+            "onboarding": {"schedule": [[1, {"w_prior_scale": 0.5}], [10, {"support_z": 0.0}]]},
+        },
+    )
+    sched = schedule_for(m3)
+    assert [n for n, _ in sched] == [1, 10] and sched[1][1].support_z == 0.0
+    assert onboarder_for(m3).min_ns == (1, 10)
     bad = replace(m, manifest={**m.manifest, "onboarding": {"config": {"nope": 1}}})
-    with pytest.raises(ValueError, match=r"onboarding\.config"):
-        config_for(bad)
-    assert json.dumps(config_for(m).__dict__)
-
-
-@pytest.mark.redis
-def test_lrs_rec_publish_refits_onboarded_users(model_dirs, home, monkeypatch, capsys):
-    """The CLI installs serving.onboarding.refit_for_publish: nobody onboarded loses personalisation."""
-    from serving.cli import main as cli_main
-
-    monkeypatch.setenv("LRS_HOME", str(home))
-    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
-    assert cli_main(["publish", "--model", str(model_dirs["a"]), "--json"]) == 0
-    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
-    rec.onboard("dora", [("i5", 5.0), ("i6", 1.0), ("i7", 4.0)])
-    assert cli_main(["publish", "--model", str(model_dirs["b"]), "--json"]) == 0
-    capsys.readouterr()
-    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
-    got = rec_b.score("dora", ["i0", "i1"])
-    assert got.personalized and got.model_version == "model-b"
-    want = _expected_scores(rec_b.model, [5, 6, 7], [5.0, 1.0, 4.0], [0, 1])
-    np.testing.assert_allclose(got.scores, want, atol=2e-2)
+    with pytest.raises(ValueError, match=r"onboarding\.schedule/config"):
+        schedule_for(bad)
+    assert json.dumps([[n, c.__dict__] for n, c in schedule_for(m)])

@@ -258,7 +258,8 @@ def write_doc(result: dict[str, Any], folds: list[int]) -> None:
             "",
             f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on {result['dataset']} "
             f"({', '.join(result['folds'])}); every row is `lrs-rec train --method M` with default "
-            "settings, then `lrs-rec evaluate --json` on the fold's test file.",
+            "settings (ablation rows add `--prior isotropic --reg-w 20`), then `lrs-rec evaluate "
+            "--json` on the fold's test file.",
             "",
             markdown_table(result["summary"], folds),
             "",

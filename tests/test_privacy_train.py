@@ -151,6 +151,24 @@ def test_cli_train_with_epsilon_writes_a_ledger_recomputable_from_the_manifest(t
     assert privacy["accountant"] == "rdp"
     assert eps == pytest.approx(privacy["epsilon"], rel=1e-9)
     assert eps <= 1.5
+    assert privacy["noise_seed"].startswith("fresh OS entropy")
+
+
+def test_cli_noise_seed_reproduces_and_is_not_written(tmp_path, capsys):
+    csv, catalog = _write_csv(tmp_path)
+    digests = []
+    for run in ("a", "b", "c"):
+        seed = "11" if run != "c" else "12"
+        out = tmp_path / run
+        args = ["train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "2",
+                "--dp-rank", "2", "--dp-sparsity", "1", "--dp-noise-seed", seed, "--out", str(out),
+                "--no-export", "--quiet"]  # fmt: skip
+        assert cli_main(args) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert "FIXED seed" in manifest["privacy"]["noise_seed"]
+        assert manifest["hyperparameters"]["random_state"] == "fixed (not recorded)"
+        digests.append(manifest["arrays_sha256"])
+    assert digests[0] == digests[1] != digests[2]
 
 
 def test_publish_refuses_an_over_budget_model_before_touching_redis(tmp_path, capsys, monkeypatch):

@@ -67,6 +67,14 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-iters", type=int, default=DEFAULT_ITERS, metavar="L", help="noisy U-steps (default 2)"
     )
     g.add_argument(
+        "--dp-noise-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed the privacy noise (reproducible runs/tests only: anyone who knows the seed can "
+        "remove the noise); default: fresh OS entropy. --seed does not affect the noise",
+    )
+    g.add_argument(
         "--dp-max-samples-per-user",
         type=int,
         default=DEFAULT_MAX_SAMPLES_PER_USER,

@@ -109,7 +109,9 @@ class PrivateConfig:
     u_noise_ridge: float = 2.0  # κ_u: U-step ridge += κ_u·σ_A·√(block size) (public noise std σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
     shares: tuple[tuple[str, float], ...] = tuple(DEFAULT_SHARES.items())
-    random_state: int = 0
+    random_state: int | None = (
+        None  # None: fresh OS entropy (the DP default); an int reproduces the noise
+    )
 
     def __post_init__(self) -> None:
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -138,8 +140,11 @@ class PrivateConfig:
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
+        """Hyperparameters for the manifest; a fixed noise seed is never written (it would let anyone
+        regenerate and subtract the noise)."""
         d = asdict(self)
         d["shares"] = dict(self.shares)
+        d["random_state"] = None if self.random_state is None else "fixed (not recorded)"
         return d
 
 
@@ -486,7 +491,13 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
         },
         "not_covered": [
             "manifest metrics (operator-facing training/validation RMSE; not in model.onnx)",
+            "manifest data/dims counts (n_users, n_ratings; operator-facing, not in model.onnx)",
         ],
+        "noise_seed": (
+            "fresh OS entropy (not recorded)"
+            if cfg.random_state is None
+            else "FIXED seed (reproducible run): the guarantee holds only while the seed stays secret"
+        ),
         "neighbouring": NEIGHBOURING,
         "config": cfg.to_dict(),
     }
@@ -632,7 +643,7 @@ def run(args: argparse.Namespace) -> int:
         n_iters=int(args.dp_iters),
         accountant=str(args.accountant),
         max_samples_per_user=int(args.dp_max_samples_per_user),
-        random_state=int(getattr(args, "seed", 0)),
+        random_state=getattr(args, "dp_noise_seed", None),
     )
     fit = fit_private(
         data.users, data.items, data.ratings,

@@ -152,7 +152,7 @@ def plot(summary: dict[str, Any], rows: list[dict[str, Any]], img_dir: Path) -> 
 
     img_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     width = 0.8 / max(1, len(summary))
     x = np.arange(len(BUCKETS))
     for j, s in enumerate(summary.values()):
@@ -163,7 +163,7 @@ def plot(summary: dict[str, Any], rows: list[dict[str, Any]], img_dir: Path) -> 
     hi = max(max(s["by_activity_mean"].values()) for s in summary.values())
     ax.set_ylim(lo - 0.03, hi + 0.02)
     ax.set_title("MovieLens 100K: RMSE by user activity (training ratings per user)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     p = img_dir / "movielens_buckets.png"
     fig.savefig(p, dpi=110)
@@ -195,7 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
     ap.add_argument("extra", nargs="*", help="extra `lrs-rec train` flags (after --)")
+    ap.add_argument(
+        "--from-json", type=Path, help="re-render docs/ from a saved result (no training)"
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        summary = result["summary"]  # saved with sorted keys: back to the table order
+        result["summary"] = {m: summary[m] for m in METHOD_NAMES if m in summary}
+        folds = [int(f[1:]) for f in result["folds"]]
+        rows = [dict(r) for r in result["per_fold"]]
+        for r in rows:
+            if r["method"] == "lrs" and r["fold"] == folds[0]:
+                r["val_history"] = result["lrs_val_history_first_fold"]
+        result["plots"] = plot(result["summary"], rows, ROOT / "docs" / "img")
+        write_doc(result, folds)
+        return 0
     if not (args.data / "u1.base").is_file():
         print(f"MovieLens 100K not found at {args.data}", file=sys.stderr)
         return 2

@@ -109,6 +109,9 @@ def test_catalogue_reader_parses_movielens_100k_items(tmp_path):
     assert cat.ids == ("1", "2")
     assert cat.genres is not None and cat.genres.shape == (2, 19)
     assert cat.genres[1, 0] == 1.0
+    F = cat.features()
+    assert F is not None and F.shape == (2, 24)
+    assert F[0, 19:].tolist() == [0, 0, 0, 0, 1] and F[1, 19:].tolist() == [0] * 5  # 1995; unknown
 
 
 def _write_csv(tmp_path):

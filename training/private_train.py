@@ -511,6 +511,28 @@ class Catalogue:
     ids: tuple[str, ...]
     genres: np.ndarray | None  # (n, g) 0/1, or None
     source: str
+    periods: np.ndarray | None = (
+        None  # (n, 5) 0/1 release period (<1960, 60-79, 80-89, 90-94, ≥1995)
+    )
+
+    def features(self) -> np.ndarray | None:
+        """Public metadata features for ``--dp-features genres``: genre flags (+ release period)."""
+        if self.genres is None:
+            return None
+        return self.genres if self.periods is None else np.hstack([self.genres, self.periods])
+
+
+PERIOD_EDGES = (1960, 1980, 1990, 1995)
+
+
+def release_periods(years: np.ndarray) -> np.ndarray:
+    """One-hot release period of each item (all zeros when the year is unknown, i.e. 0)."""
+    years = np.asarray(years, dtype=np.int64)
+    bucket = np.searchsorted(np.asarray(PERIOD_EDGES), years, side="right")
+    out = np.zeros((years.size, len(PERIOD_EDGES) + 1))
+    known = years > 0
+    out[np.flatnonzero(known), bucket[known]] = 1.0
+    return out
 
 
 def read_catalogue(path: str | Path) -> Catalogue:
@@ -527,17 +549,21 @@ def read_catalogue(path: str | Path) -> Catalogue:
             raise ValueError(f"{p}: expected a JSON list of item ids")
         return Catalogue(tuple(str(i) for i in ids), None, str(p))
     if p.name == "u.item" or (lines and lines[0].count("|") >= 23):
-        ids, rows = [], []
+        ids, rows, years = [], [], []
         for n, ln in enumerate(lines, 1):
             parts = ln.split("|")
             if len(parts) < 24:
                 raise ValueError(f"{p}:{n}: expected 24 '|'-separated fields, got {len(parts)}")
             ids.append(parts[0].strip())
+            date = parts[2].strip()
+            years.append(int(date[-4:]) if date[-4:].isdigit() else 0)
             try:
                 rows.append([int(x) for x in parts[5:24]])
             except ValueError:
                 raise ValueError(f"{p}:{n}: genre flags must be 0/1") from None
-        return Catalogue(tuple(ids), np.asarray(rows, dtype=np.float64), str(p))
+        return Catalogue(
+            tuple(ids), np.asarray(rows, dtype=np.float64), str(p), release_periods(np.array(years))
+        )
     sep = "::" if "::" in lines[0] else ("," if p.suffix == ".csv" else None)
     if sep is not None:
         start = 1 if sep == "," and not lines[0].split(",")[0].strip().isdigit() else 0
@@ -591,7 +617,7 @@ def _public_items(
             raise ValueError("--dp-features genres needs a MovieLens catalogue (--item-catalog)")
         return (), None, "onehot", ""
     if mode in ("auto", "genres") and cat.genres is not None:
-        return cat.ids, cat.genres, "plugin", f"public catalogue {cat.source}"
+        return cat.ids, cat.features(), "plugin", f"public catalogue {cat.source}"
     if mode == "genres":
         raise ValueError(f"{cat.source}: the catalogue has no genres")
     return cat.ids, None, "onehot", f"public catalogue {cat.source}"

@@ -625,6 +625,7 @@ def _public_items(
 
 def run(args: argparse.Namespace) -> int:
     """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
+    import secrets
     import sys
     import time
 
@@ -709,6 +710,11 @@ def run(args: argparse.Namespace) -> int:
         "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
         "params_per_user": fit.lrs.rank + fit.lrs.sparsity,
         "privacy": fit.privacy,
+        # not the default digest-derived id: a hash of all arrays (per-user ones and the raw history
+        # included) would let anyone holding candidate datasets test them against the model
+        "model_version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        + "-"
+        + secrets.token_hex(5),
     }
     model = TrainedModel(
         lrs=fit.lrs,

@@ -330,44 +330,39 @@ def tune(data: Ratings, train_users: np.ndarray, seed: int, log: Any) -> dict[st
             best_baseline[name][n] = grid[min(scores)[1]]
     onb0 = make_onboarder(model, OnboardingConfig())
 
-    def score(params: dict[str, Any], n: int) -> float:
+    def score(params: dict[str, Any]) -> list[float]:
         onb = onb0.with_config(OnboardingConfig(**params))
-        v = rmse_of([lrs_predict(onb, base, t) for t in tasks[n]], tasks[n])
-        print(f"  tune n={n} {params} -> {v:.4f}", file=log)
-        return v
+        per_n = [rmse_of([lrs_predict(onb, base, t) for t in tasks[n]], tasks[n]) for n in NS]
+        print(f"  tune {params} -> {np.round(per_n, 4)}", file=log)
+        return per_n
 
-    cache: dict[tuple[Any, ...], float] = {}
+    cache: dict[tuple[Any, ...], list[float]] = {}
 
-    def cached(params: dict[str, Any], n: int) -> float:
-        key = (n, *sorted(params.items()))
+    def cached(params: dict[str, Any]) -> float:
+        key = tuple(sorted(params.items()))
         if key not in cache:
-            cache[key] = score(params, n)
-        return cache[key]
+            cache[key] = score(params)
+        return float(np.mean(cache[key]))
 
-    def search(start: dict[str, Any], n: int) -> dict[str, Any]:
-        """Coordinate-wise search (two passes) of the config for n revealed ratings."""
-        best = dict(start)
-        best_score = cached(best, n)
-        for _ in range(2):
-            changed = False
-            for name, values in SEARCH_AXES.items():
-                for v in values:
-                    cand = {**best, name: v}
-                    m = cached(cand, n)
-                    if m < best_score - 1e-7:
-                        best, best_score, changed = cand, m, True
-            if not changed:
-                break
-        return best
-
-    schedule: list[tuple[int, dict[str, Any]]] = []
-    start = asdict(OnboardingConfig())
-    for n in NS:  # each n starts from the previous n's choice
-        start = search(start, n)
-        schedule.append((n, start))
+    # ONE config for every n, chosen by the mean validation RMSE over the n's, coordinate-wise (two
+    # passes). A per-n schedule tuned the same way was measured too: on ~120 validation users per n
+    # it over-fits the validation split and does worse on the held-out users (docs/onboarding.md).
+    best = asdict(OnboardingConfig())
+    best_score = cached(best)
+    for _ in range(2):
+        changed = False
+        for name, values in SEARCH_AXES.items():
+            for v in values:
+                cand = {**best, name: v}
+                m = cached(cand)
+                if m < best_score - 1e-7:
+                    best, best_score, changed = cand, m, True
+        if not changed:
+            break
+    per_n = cache[tuple(sorted(best.items()))]
     return {
-        "schedule": schedule,
-        "val_rmse_by_n": {n: cached(cfg, n) for n, cfg in schedule},
+        "schedule": [(1, best)],
+        "val_rmse_by_n": dict(zip(NS, per_n, strict=True)),
         "n_configs_evaluated": len(cache),
         "baseline_params": best_baseline,
         "n_fit_users": int(fit_users.size),
@@ -617,7 +612,7 @@ def plot(table: dict[str, dict[int, float]], path: Path) -> None:
     ax.set_xticks(list(NS), [str(n) for n in NS])
     ax.set_xlabel("revealed ratings n (first by timestamp)")
     ax.set_ylabel("RMSE on the user's remaining ratings")
-    ax.set_title("ML-100K few-shot onboarding, 20% held-out users")
+    ax.set_title("ML-100K few-shot onboarding, 20% held-out users (mean of 3 splits)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -60,6 +60,7 @@ __all__ = [
     "estimate_prior",
     "item_descriptors",
     "onboard_reference",
+    "public_prior",
 ]
 
 
@@ -320,6 +321,43 @@ def estimate_prior(
         C_mm=C_mm,
         S_within=S,
         C_tm=C_tm,
+    )
+
+
+def public_prior(
+    *,
+    w_prior_mean: FloatArray,
+    w_prior_cov: FloatArray,
+    rating_min: float,
+    rating_max: float,
+    n_items: int,
+) -> OnboardingPrior:
+    """A prior that uses only what a differentially private model releases: w̄ and Σ_w (the
+    population prior training publishes), plus fixed public variances tied to the rating scale Δ —
+    noise (Δ/4)², user bias (Δ/10)², b coordinates (Δ/30)² — and no item-set conditioning (that
+    would be an aggregate of the trained users' histories). On a 1–5 scale this gives 1.0, 0.16 and
+    0.018, close to what ML-100K's non-private estimate finds (0.8, 0.13, 0.02)."""
+    w_mean = np.asarray(w_prior_mean, dtype=np.float64).reshape(-1)
+    r = w_mean.shape[0]
+    delta = float(rating_max) - float(rating_min)
+    if not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"rating scale [{rating_min}, {rating_max}] is empty")
+    t_cov = np.zeros((1 + r, 1 + r))
+    t_cov[0, 0] = (delta / 10.0) ** 2
+    w_cov = np.asarray(w_prior_cov, dtype=np.float64)
+    evals, evecs = np.linalg.eigh(_sym(w_cov))
+    floor = 1e-6 * max(float(evals.max()) if evals.size else 0.0, 1e-6)
+    t_cov[1:, 1:] = (evecs * np.maximum(evals, floor)) @ evecs.T
+    return OnboardingPrior(
+        t_mean=np.concatenate([[0.0], w_mean]),
+        t_cov=t_cov,
+        b_var=(delta / 30.0) ** 2,
+        noise_var=(delta / 4.0) ** 2,
+        item_desc=np.zeros((n_items, 0)),
+        m_mean=np.zeros(0),
+        C_mm=np.zeros((0, 0)),
+        S_within=np.zeros((0, 0)),
+        C_tm=np.zeros((1 + r, 0)),
     )
 
 

@@ -28,6 +28,7 @@ import math
 import threading
 import time
 import unicodedata
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from lrs_rec.onboarding import (
     Onboarder,
     OnboardingConfig,
     ScheduledOnboarder,
+    public_prior,
 )
 from serving.encoding import decode_history, encode_history, encode_records
 from serving.recommender import ServingError, StoreUnavailableError, UnknownItemsError
@@ -68,7 +70,10 @@ class OnboardResult:
 
 
 # -- the per-model Onboarder (prior estimation + precomputation happen once per model) ---------------
-_CACHE: dict[tuple[int, str, str], ScheduledOnboarder] = {}
+# per loaded model object (weak: a model that is no longer served drops its onboarder), per schedule
+_CACHE: weakref.WeakKeyDictionary[TrainedModel, dict[str, ScheduledOnboarder]] = (
+    weakref.WeakKeyDictionary()
+)
 _CACHE_LOCK = threading.Lock()
 
 
@@ -94,12 +99,24 @@ def onboarder_for(
 ) -> ScheduledOnboarder:
     """The (cached) onboarder of ``model``; its prior is estimated once from the model arrays."""
     sched = schedule or schedule_for(model)
-    key = (id(model), str(model.manifest.get("arrays_sha256", "")), repr(sched))
+    key = repr(sched)
     with _CACHE_LOCK:
-        hit = _CACHE.get(key)
+        hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
             return hit
+    prior = None
+    if model.manifest.get("privacy"):
+        # a DP model: onboard from what it releases only (w̄, Σ_w, the rating scale), never from
+        # aggregates of the trained users' per-user arrays (docs/privacy.md)
+        prior = public_prior(
+            w_prior_mean=model.w_prior_mean,
+            w_prior_cov=model.w_prior_cov,
+            rating_min=model.rating_min,
+            rating_max=model.rating_max,
+            n_items=model.n_items,
+        )
     base = Onboarder.from_arrays(
+        prior=prior,
         lrs=model.lrs,
         item_features=model.item_features,
         item_bias=model.item_bias,
@@ -116,9 +133,7 @@ def onboarder_for(
     )
     onb = ScheduledOnboarder.from_onboarder(base, sched)
     with _CACHE_LOCK:
-        if len(_CACHE) >= 4:  # a server holds one or two models at a time
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = onb
+        _CACHE.setdefault(model, {})[key] = onb
     return onb
 
 

@@ -316,3 +316,29 @@ def test_manifest_schedule_is_used(model_dirs):
     with pytest.raises(ValueError, match=r"onboarding\.schedule/config"):
         schedule_for(bad)
     assert json.dumps([[n, c.__dict__] for n, c in schedule_for(m)])
+
+
+def test_private_models_onboard_from_released_arrays_only(model_dirs):
+    """A DP model (manifest ``privacy``) must not use aggregates of per-user arrays in its prior."""
+    from dataclasses import replace
+
+    m = load_model_dir(model_dirs["a"])
+    private = replace(m, manifest={**m.manifest, "privacy": {"epsilon": 1.0}})
+    onb = onboarder_for(private).base
+    assert onb.prior.item_desc.shape[1] == 0  # no item-set conditioning
+    assert onb.prior.noise_var == pytest.approx(1.0)  # (Δ/4)² on the 1–5 scale
+    assert onb.prior.t_cov[0, 0] == pytest.approx(0.16)
+    np.testing.assert_allclose(onb.prior.t_mean[1:], m.w_prior_mean)
+    # changing the per-user arrays (not released by a DP model) changes nothing
+    rng = np.random.default_rng(0)
+    other = replace(
+        private,
+        user_bias=rng.normal(size=m.n_users),
+        history_ratings=rng.integers(1, 6, m.history_ratings.size).astype(float),
+    )
+    items, ratings = np.array([1, 2, 3]), np.array([5.0, 1.0, 4.0])
+    a, b = onboarder_for(private).fit(items, ratings), onboarder_for(other).fit(items, ratings)
+    np.testing.assert_array_equal(a.w, b.w)
+    assert a.user_bias == b.user_bias
+    # a non-private model does use them
+    assert onboarder_for(m).base.prior.item_desc.shape[1] == m.lrs.d + 2

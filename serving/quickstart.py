@@ -101,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     rec = Recommender(model_dir, home=home)
     app = create_app(rec)
     port = args.port or _free_port(args.host)
-    config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", access_log=False)
+    # log_config=None: an in-process server must not reconfigure (and close) the host's logging
+    config = uvicorn.Config(
+        app, host=args.host, port=port, log_level="warning", access_log=False, log_config=None
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -316,9 +316,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = [e for e in EPSILONS if not math.isinf(e)]
     ax = axes[0]
     ml = result["ml100k"]
+    names = {"genres": "genres+period", "onehot": "one-hot"}
     for feat, means in ml["mean_rmse"].items():
-        ax.plot(xs, [means[f"{e:g}"] for e in xs], "o-", label=f"DP-LRS, {feat} features")
-        ax.axhline(means["inf"], ls=":", color=ax.lines[-1].get_color(), label=f"{feat}, ε = ∞")
+        name = names.get(feat, feat)
+        ax.plot(xs, [means[f"{e:g}"] for e in xs], "o-", label=f"DP-LRS, {name} features")
+        color = ax.lines[-1].get_color()
+        if feat == "genres" and ml.get("goal_search"):
+            gs = ml["goal_search"]
+            ax.plot(
+                [float(k) for k in gs], list(gs.values()), "o--", mfc="none", color=color,
+                label=f"{name}, goal search ε > 8",
+            )  # fmt: skip
+        ax.axhline(means["inf"], ls=":", color=color, label=f"{name}, ε = ∞")
     ax.axhline(TARGET_RMSE, color="k", ls="--", label="non-private bias model 0.946")
     ax.axhline(ml["bias_baseline_mean"], color="gray", ls="-.", label="bias model (this bench)")
     ax.set_xscale("log", base=2)

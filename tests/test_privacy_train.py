@@ -190,3 +190,25 @@ def test_publish_refuses_an_over_budget_model_before_touching_redis(tmp_path, ca
     monkeypatch.setenv("LRS_MAX_EPSILON", "2")
     assert cli_main(bad) == 2
     assert "max ε = 2" in capsys.readouterr().err
+
+
+@pytest.mark.ml100k
+def test_ml100k_private_model_beats_its_own_population_model(ml100k_dir, tmp_path, capsys):
+    """`lrs-rec train --epsilon 1` on u1.base: the public catalogue's 1,682 items and genre + period
+    features are used, ε recomputes to ≤ 1, and the personalised predictions on u1.test beat the same
+    model's non-personalised population predictions (unknown-user path)."""
+    out = tmp_path / "dp"
+    args = ["train", "--ratings", str(ml100k_dir / "u1.base"), "--epsilon", "1", "--out", str(out),
+            "--no-export", "--quiet", "--dp-noise-seed", "0"]  # fmt: skip
+    assert cli_main(args) == 0
+    model = load_model_dir(out)
+    privacy = model.manifest["privacy"]
+    assert model.n_items == 1682 and model.lrs.d == 24
+    assert "u.item" in privacy["released_arrays"]["item_ids"]
+    test = np.loadtxt(ml100k_dir / "u1.test", dtype=np.int64)
+    users = np.array([model.user_index().get(str(u), -1) for u in test[:, 0]])
+    items = np.array([model.item_index()[str(i)] for i in test[:, 1]])
+    truth = test[:, 2].astype(float)
+    personal = np.sqrt(np.mean((model.predict(users, items) - truth) ** 2))
+    population = np.sqrt(np.mean((model.predict(np.full_like(users, -1), items) - truth) ** 2))
+    assert personal < population

@@ -243,3 +243,24 @@ def test_corrupt_record_is_a_clear_500_not_a_crash(client, home):
     r = client.post("/v1/score", json={"user_id": "u5", "item_ids": ["i1"]})
     assert r.status_code == 500 and "checksum" in r.json()["error"]
     assert client.post("/v1/score", json={"user_id": "u6", "item_ids": ["i1"]}).status_code == 200
+
+
+def test_publish_cli_versions_list_switch_delete_prune(model_dir, home, capsys):
+    def run(*argv: str) -> dict:
+        assert cli_main(["publish", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run("--model", str(model_dir))["version"] == "v1"
+    assert run("--model", str(model_dir), "--no-switch")["switched"] is False
+    listed = run("--list")
+    assert listed["current"] == "v1"
+    assert [(v["version"], v["status"], v["current"]) for v in listed["versions"]] == [
+        ("v1", "ready", True),
+        ("v2", "ready", False),
+    ]
+    assert run("--switch", "v2") == {"current": "v2"}
+    assert run("--delete-version", "v1")["deleted_keys"] > 0
+    assert cli_main(["publish", "--delete-version", "v2"]) == 2  # the served one: refused
+    assert "current" in capsys.readouterr().err
+    assert run("--model", str(model_dir), "--keep", "1")["deleted_versions"] == ["v2"]
+    assert run("--list")["current"] == "v3"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -155,3 +156,20 @@ def test_other_format_version_fails_clearly(tmp_path) -> None:
 def test_missing_model_dir_fails_clearly(tmp_path) -> None:
     with pytest.raises(ModelDirError, match="not a model directory"):
         load_model_dir(tmp_path / "nothing")
+
+
+def test_arrays_digest_covers_shared_weights_only(tmp_path) -> None:
+    """The manifest's digest must not be a function of per-user data (a DP leak otherwise)."""
+    base = tiny_trained_model(np.random.default_rng(8))
+    first = save_model_dir(base, tmp_path / "a").manifest["arrays_sha256"]
+    other_users = dataclasses.replace(
+        base,
+        lrs=LRSModel(
+            U=base.lrs.U, W=base.lrs.W + 1.0, B_idx=base.lrs.B_idx, B_val=base.lrs.B_val * 2.0
+        ),
+        user_bias=base.user_bias + 0.5,
+        history_ratings=base.history_ratings[::-1].copy(),
+    )
+    assert save_model_dir(other_users, tmp_path / "b").manifest["arrays_sha256"] == first
+    other_items = dataclasses.replace(base, item_bias=base.item_bias + 0.1)
+    assert save_model_dir(other_items, tmp_path / "c").manifest["arrays_sha256"] != first

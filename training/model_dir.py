@@ -3,6 +3,7 @@
 Layout of ``MODEL_DIR``::
 
     manifest.json   format_version, model_version, created_at, dims, hyperparameters, data, cleaning,
+                    arrays_sha256 (digest of the shared arrays only, never of per-user data),
                     metrics, rating_scale (+ privacy for DP models)
     arrays.npz      U, W, B_idx, B_val, item_features, item_bias, user_bias, global_mean,
                     w_prior_mean, w_prior_cov, history_indptr, history_items, history_ratings
@@ -42,6 +43,9 @@ ARRAYS = "arrays.npz"
 USERS = "users.json"
 ITEMS = "items.json"
 ONNX = "model.onnx"
+
+SHARED_ARRAYS = ("U", "item_features", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov")
+"""Arrays shared by all users (released in model.onnx); everything else in arrays.npz is per-user."""
 
 _ARRAY_FIELDS = (
     "item_features",
@@ -175,7 +179,10 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
     for name in _ARRAY_FIELDS:
         arrays[name] = np.asarray(getattr(model, name))
     arrays["global_mean"] = np.asarray(model.global_mean, dtype=np.float64)
-    digest = _digest(arrays)
+    # The digest identifies the *released* shared weights (what model.onnx holds) and never hashes
+    # per-user arrays or rating histories: a hash of those would be a non-private release of users'
+    # data for DP models (a membership test against candidate datasets).
+    digest = _digest({name: arrays[name] for name in SHARED_ARRAYS})
     manifest = dict(model.manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("model_version", new_model_version(digest))

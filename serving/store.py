@@ -226,6 +226,8 @@ class RedisStore:
             return []
         if len(locations) == 1 and not with_history:
             return [(self.fetch_record(locations[0]), None)]
+        if len(locations) == 1 and not self.handle.is_cluster:
+            return [self._record_and_history(locations[0])]
         pipe = self.r.pipeline(transaction=False)
         for loc in locations:
             pipe.hget(loc.params_key, loc.field)
@@ -235,6 +237,38 @@ class RedisStore:
         if with_history:
             return [(res[2 * i], res[2 * i + 1]) for i in range(len(locations))]
         return [(x, None) for x in res]
+
+    def _record_and_history(self, loc: UserLocation) -> tuple[bytes | None, bytes | None]:
+        """The serving hot path: both HGETs written at once on one pooled connection and both
+        replies read — the same single round trip as a two-command pipeline, without redis-py's
+        pipeline bookkeeping (≈ 35 µs less per call). A broken pooled connection (e.g. after a
+        Redis restart) is retried once on a fresh one; any error drops the connection so that no
+        unread reply can leak into the next request."""
+        import redis
+
+        pool = self.r.connection_pool
+        packed = None
+        for attempt in (0, 1):
+            conn = pool.get_connection()
+            try:
+                if packed is None:
+                    packed = conn.pack_commands(
+                        [("HGET", loc.params_key, loc.field), ("HGET", loc.history_key, loc.field)]
+                    )
+                conn.send_packed_command(packed)
+                record = conn.read_response()
+                history = conn.read_response()
+                return record, history
+            except redis.ConnectionError:
+                conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def put_user(
         self, meta: VersionMeta, user_id: str, index: int | None, record: bytes, history: bytes

@@ -257,3 +257,14 @@ def test_history_is_published_and_capped(model_dirs, home):
     assert items.tolist() == full_items[-4:].tolist()
     assert ratings.tolist() == full_ratings[-4:].tolist()
     assert RecordFormat.from_json(meta.record_format.to_json()) == meta.record_format
+
+
+def test_hot_path_reconnects_once_after_a_restart(model_dirs, home):
+    """The pooled connection of the record+history fetch is stale after a restart: one retry."""
+    model = load_model_dir(model_dirs["a"])
+    RedisStore(connect(home=home)).publish(model)
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=3600)
+    first = rec.recommend("u8", 5)
+    stop_embedded(home, save=False)
+    embedded_server(home)
+    assert rec.recommend("u8", 5) == first  # no Redis call before it: the fetch itself retries

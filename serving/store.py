@@ -215,8 +215,11 @@ class RedisStore:
 
     def fetch_record(self, loc: UserLocation) -> bytes | None:
         """One user's parameter record: a single HGET."""
-        out: bytes | None = self.r.hget(loc.params_key, loc.field)
-        return out
+        if self.handle.is_cluster:
+            out: bytes | None = self.r.hget(loc.params_key, loc.field)
+            return out
+        (record,) = self._one_round_trip([("HGET", loc.params_key, loc.field)])
+        return record  # type: ignore[no-any-return]
 
     def fetch(
         self, locations: Sequence[UserLocation], *, with_history: bool
@@ -239,26 +242,25 @@ class RedisStore:
         return [(x, None) for x in res]
 
     def _record_and_history(self, loc: UserLocation) -> tuple[bytes | None, bytes | None]:
-        """The serving hot path: both HGETs written at once on one pooled connection and both
-        replies read — the same single round trip as a two-command pipeline, without redis-py's
-        pipeline bookkeeping (≈ 35 µs less per call). A broken pooled connection (e.g. after a
-        Redis restart) is retried once on a fresh one; any error drops the connection so that no
-        unread reply can leak into the next request."""
+        record, history = self._one_round_trip(
+            [("HGET", loc.params_key, loc.field), ("HGET", loc.history_key, loc.field)]
+        )
+        return record, history
+
+    def _one_round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The serving hot path on a single server: all commands written at once on one pooled
+        connection, then every reply read — one round trip like a pipeline, without redis-py's
+        command/pipeline bookkeeping (≈ 35 µs less per call than a two-command pipeline). A broken
+        pooled connection (e.g. after a Redis restart) is retried once on a fresh one; any error
+        drops the connection so that no unread reply can leak into the next request."""
         import redis
 
         pool = self.r.connection_pool
-        packed = None
         for attempt in (0, 1):
             conn = pool.get_connection()
             try:
-                if packed is None:
-                    packed = conn.pack_commands(
-                        [("HGET", loc.params_key, loc.field), ("HGET", loc.history_key, loc.field)]
-                    )
-                conn.send_packed_command(packed)
-                record = conn.read_response()
-                history = conn.read_response()
-                return record, history
+                conn.send_packed_command(conn.pack_commands(commands))
+                return [conn.read_response() for _ in commands]
             except redis.ConnectionError:
                 conn.disconnect()
                 if attempt:

@@ -884,7 +884,9 @@ class AMHTLRS:
     ``b_iter``: inner iterations of the b-step per outer iteration.
     ``b_restart``: with HTP, also run orthogonal matching pursuit from scratch each b-step and keep,
     per user, whichever fits better (HTP alone can stall at a wrong support).
-    ``init``: ``"moments"`` (Appendix E), ``"random"`` or an explicit (d, r) array.
+    ``init``: ``"moments"`` (Appendix E, pairwise form: top-r eigenvectors of an unbiased estimate of
+    (1/t) Σ_u θ_u θ_uᵀ), ``"moments_y2"`` (top-r eigenvectors of (1/t) Σ_u (1/m_u) Σ_j y_j² (x_j x_jᵀ − I)),
+    ``"random"`` or an explicit (d, r) array.
     ``u_solver``: ``"direct"`` (dr × dr normal equations), ``"cg"`` (matrix-free) or ``"auto"``.
     ``u_step``: ``"eq5"`` is the paper's U-step with b fixed; ``"joint"`` (default) solves Eq. 5 jointly
     with each user's b on its current support (b eliminated by variable projection), so that b cannot
@@ -909,7 +911,7 @@ class AMHTLRS:
         ridge_w: float = 0.0,
         ridge_b: float = 0.0,
         ridge_u: float = 0.0,
-        init: Literal["moments", "random"] | FloatArray = "moments",
+        init: Literal["moments", "moments_y2", "random"] | FloatArray = "moments",
         u_solver: Literal["auto", "direct", "cg"] = "auto",
         u_step: Literal["joint", "eq5"] = "joint",
         sample_splitting: bool | int = False,
@@ -993,9 +995,13 @@ class AMHTLRS:
         if isinstance(init, str):
             if init == "moments":
                 return moments_init(X, y, users, n_users, r)
+            if init == "moments_y2":
+                return moments_init(X, y, users, n_users, r, pairwise=False)
             if init == "random":
                 return random_orthonormal(d, r, rng)
-            raise ValueError(f"init must be 'moments', 'random' or a (d, r) array, got {init!r}")
+            raise ValueError(
+                f"init must be 'moments', 'moments_y2', 'random' or a (d, r) array, got {init!r}"
+            )
         U0 = check_X(init, name="init", d=None)
         if U0.shape != (d, r):
             raise ValueError(f"init array must have shape (d={d}, r={r}), got {U0.shape}")

@@ -42,6 +42,27 @@ def moments_matrix_reference(
     return M / n_users
 
 
+def pairwise_moments_matrix_reference(
+    X: FloatArray, y: FloatArray, users: IntArray, n_users: int
+) -> FloatArray:
+    """(1/t₂) Σ_{u: m_u ≥ 2} (1/(m_u(m_u−1))) Σ_{j ≠ j'} y_j y_j' x_j x_j'ᵀ, pair by pair."""
+    d = X.shape[1]
+    M = np.zeros((d, d))
+    n_ok = 0
+    for u in range(n_users):
+        rows = np.flatnonzero(users == u)
+        if rows.size < 2:
+            continue
+        n_ok += 1
+        Mu = np.zeros((d, d))
+        for j in rows:
+            for j2 in rows:
+                if j != j2:
+                    Mu += y[j] * y[j2] * np.outer(X[j], X[j2])
+        M += Mu / (rows.size * (rows.size - 1))
+    return M / n_ok
+
+
 def enforce_row_sparsity_reference(
     B_idx: IntArray, B_val: FloatArray, *, zeta: int, d: int
 ) -> FloatArray:

@@ -187,7 +187,7 @@ def test_noisy_fit_is_close_and_ridge_keeps_it_finite() -> None:
     assert est.history_[-1] < 0.1**2
 
 
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("seed", [2, 3, 6])
 def test_fast_equals_reference_with_irls_rescue(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Underdetermined users (m=16 < r+d=31): the IRLS rescue path runs and matches the twin."""
     import lrs_rec.amht as amht

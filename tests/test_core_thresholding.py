@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from lrs_rec.amht import gather_rows
-from lrs_rec.amht_reference import enforce_row_sparsity_reference, moments_matrix_reference
-from lrs_rec.init import moments_init, moments_matrix, random_orthonormal
+from lrs_rec.amht_reference import (
+    enforce_row_sparsity_reference,
+    moments_matrix_reference,
+    pairwise_moments_matrix_reference,
+)
+from lrs_rec.init import moments_init, moments_matrix, pairwise_moments_matrix, random_orthonormal
 from lrs_rec.thresholding import (
     enforce_row_sparsity,
     hard_threshold,
@@ -75,6 +79,12 @@ def test_moments_matrix_matches_reference_and_finds_subspace() -> None:
     np.testing.assert_allclose(
         moments_matrix(X, y, users, 6), moments_matrix_reference(X, y, users, 6), atol=1e-12
     )
+    users[6] = 6  # a user with a single sample is left out of the pairwise form
+    np.testing.assert_allclose(
+        pairwise_moments_matrix(X, y, users, 7),
+        pairwise_moments_matrix_reference(X, y, users, 7),
+        atol=1e-12,
+    )
     # population check: θ_u = u* w_u → M's top eigenvector is u*
     d, t, m = 20, 400, 50
     u_star = random_orthonormal(d, 1, rng)
@@ -82,5 +92,6 @@ def test_moments_matrix_matches_reference_and_finds_subspace() -> None:
     users = np.repeat(np.arange(t), m)
     X = rng.standard_normal((t * m, d))
     y = X @ u_star[:, 0] * w[users]
-    U0 = moments_init(X, y, users, t, 1)
-    assert abs(float(U0[:, 0] @ u_star[:, 0])) > 0.95
+    for pairwise in (True, False):
+        U0 = moments_init(X, y, users, t, 1, pairwise=pairwise)
+        assert abs(float(U0[:, 0] @ u_star[:, 0])) > 0.95

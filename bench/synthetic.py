@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         ablation_ms = [100, 60, 50]
     else:
         seeds, ms, ranks = [0, 1, 2], [60, 50, 45, 40], [1, 3]
-        zetas, ks, pdims, paper_seeds = [5], [0, 2, 5, 10], [1, 10], [0, 1, 2]
-        ablation_ms = [100, 60]
+        zetas, ks, pdims, paper_seeds = [5, None], [0, 2, 5, 10], [1, 10], [0, 1, 2]
+        ablation_ms = [60]
 
     t0 = time.perf_counter()
     results: dict[str, Any] = {

@@ -1,8 +1,9 @@
 """``serving.Recommender``: fetch a user's record from Redis, reassemble θ_u = U·w_u + b_u inside the
 ONNX graph (paper Eq. 1), score items with ONNX Runtime.
 
-One request = one Redis round trip (a single HGET, or a two-command pipeline when the user's rated
-items are needed for ``exclude_rated``; batches pipeline every user at once) + one ONNX Runtime run.
+One request = one Redis round trip (a single HGET, or the record's and the history's HGET written
+together when the user's rated items are needed for ``exclude_rated``; batches pipeline every user
+at once) + one ONNX Runtime run.
 The served store version follows ``lrs:current``: it is re-read at most every
 ``version_refresh_interval`` seconds, and a new version whose model differs from the loaded one is
 served only once ``model_dir`` holds that model (it is then reloaded).

@@ -172,11 +172,14 @@ class Recommender:
     def info(self) -> dict[str, Any]:
         m = self._loaded.model
         meta = self._meta
+        private = bool(m.manifest.get("privacy"))
         return {
             "model_version": m.model_version,
             "store_version": meta.version if meta else None,
             "precision": meta.record_format.precision if meta else None,
-            "n_users": m.n_users,
+            # The exact number of training users is not covered by a DP ledger: hide it.
+            "n_users": None if private else m.n_users,
+            "differentially_private": private,
             "n_items": m.n_items,
             "d": m.lrs.d,
             "rank": m.lrs.rank,

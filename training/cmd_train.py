@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="internal hold-out of the training ratings for the per-iteration validation loss",
     )
     m.add_argument(
+        "--fixed-features",
+        action="store_true",
+        help="keep the ALS item features fixed after initialisation and learn U by Eq. 5 "
+        "(the paper's setting; default: alternate item features with the users' θ)",
+    )
+    m.add_argument(
         "--prior",
         default="population" if _DEFAULTS.population_prior else "isotropic",
         choices=("population", "isotropic"),
@@ -77,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         reg_b=args.reg_b,
         reg_features=args.reg_features,
         reg_bias=args.reg_bias,
-        refine_features=args.item_features is None,
+        refine_features=args.item_features is None and not getattr(args, "fixed_features", False),
         validation_fraction=args.validation_fraction,
         population_prior=getattr(args, "prior", "population") == "population",
         seed=args.seed,

@@ -31,6 +31,9 @@ class TrainConfig:
     reg_b: float = 20.0  # ridge on the k non-zeros of b_u
     reg_features: float = 20.0  # ridge on item features f_i in the refinement step
     reg_bias: float = 5.0  # ridge on user / item biases c_u, c_i
+    # ridge of the U step (Eq. 5, fixed features only), relative to its curvature; None = auto:
+    # 10 for ALS features fitted on the same ratings (--fixed-features), 0.01 for plug-in features
+    reg_u: float | None = None
     init_reg: float = 0.15  # ALS-WR (λ·n per row) for the initial item features
     init_iter: int = 10
     refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
@@ -51,8 +54,9 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         if self.final_passes < 0:
             raise ValueError(f"final_passes must be >= 0, got {self.final_passes}")
-        for name in ("reg_w", "reg_b", "reg_features", "reg_bias", "init_reg"):
-            if not getattr(self, name) >= 0:
+        for name in ("reg_w", "reg_b", "reg_features", "reg_bias", "reg_u", "init_reg"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(

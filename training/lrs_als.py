@@ -235,7 +235,7 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
 
 
 def u_step(
-    state: LRSState, data: Samples, *, ridge: float = 1e-6, block: int | None = None
+    state: LRSState, data: Samples, *, ridge: float = 10.0, block: int | None = None
 ) -> None:
     """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
     (W absorbs R so that Θ is unchanged by the QR)."""
@@ -251,8 +251,12 @@ def u_step(
         A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
         resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
         rhs += resid.T @ W
-    M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r) + ridge * np.eye(d * r)
-    U = np.linalg.solve(M, rhs.reshape(d * r)).reshape(d, r)
+    M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r)
+    # ridge relative to the mean curvature (its strength does not depend on the data size). Features
+    # fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base validation RMSE
+    # 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale afterwards
+    lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
+    U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
     Q, R = np.linalg.qr(U)
     state.U = Q
     state.W = state.W @ R.T

@@ -164,11 +164,12 @@ def iterate(
     *,
     learn_u: bool,
     refine: bool,
+    reg_u: float = 10.0,
 ) -> None:
     """One outer iteration of Algorithm 1: users (Eq. 3–4), U (Eq. 5, fixed features only), items."""
     user_step(state, data, params)
     if learn_u:
-        u_step(state, data)
+        u_step(state, data, ridge=reg_u)
     item_step(
         state, data, reg_features=cfg.reg_features, reg_bias=cfg.reg_bias, refine_features=refine
     )
@@ -184,6 +185,14 @@ def _snapshot(state: LRSState) -> LRSState:
         state.W.copy(),
         state.B.copy(),
     )
+
+
+def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
+    """The U-step ridge: as configured, else 0.01 for plug-in features and 10 for ALS features
+    fitted on the same ratings (which make an unregularised Eq. 5 overfit; docs/movielens.md)."""
+    if cfg.reg_u is not None:
+        return cfg.reg_u
+    return 0.01 if plugin else 10.0
 
 
 def population_prior(state: LRSState) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +267,7 @@ def train(
     params = method_params(cfg)
     refine = cfg.refine_features and plugin is None
     learn_u = (not refine) and cfg.method in ("lrs", "rep")
+    reg_u = effective_reg_u(cfg, plugin=plugin is not None)
     lo, hi = table.rating_min, table.rating_max
 
     history: list[dict[str, float]] = [
@@ -278,7 +288,7 @@ def train(
     best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
     best_state: LRSState | None = None
     for it in bar:
-        iterate(state, cfg, train_part, params, learn_u=learn_u, refine=refine)
+        iterate(state, cfg, train_part, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
         row = {
             "iteration": float(it),
             "train_rmse": rmse(state, train_part, lo, hi),
@@ -303,7 +313,7 @@ def train(
     # final passes on all ratings (the validation part included), then a last user step
     if len(val_part):
         for _ in range(cfg.final_passes):
-            iterate(state, cfg, data, params, learn_u=learn_u, refine=refine)
+            iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
         if cfg.final_passes:
             user_step(state, data, params)
 
@@ -317,7 +327,7 @@ def train(
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "method": cfg.method,
-        "hyperparameters": cfg.to_dict(),
+        "hyperparameters": {**cfg.to_dict(), "effective_reg_u": reg_u if learn_u else None},
         "data": {
             "source": table.report.source,
             "format": table.report.format,

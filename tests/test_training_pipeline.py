@@ -273,3 +273,17 @@ def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Pa
         lrs_als.BLOCK_FLOATS = 1 << 23
     np.testing.assert_allclose(a.F, b.F, atol=1e-9)
     np.testing.assert_allclose(a.item_bias, b.item_bias, atol=1e-9)
+
+
+def test_fixed_features_learn_u_by_eq5(
+    sample_split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fixed"
+    assert main(["train", "--ratings", str(sample_split[0]), "--out", str(out), "--dim", "8",
+                 "--rank", "3", "--sparsity", "2", "--n-iter", "3", "--fixed-features",
+                 "--no-export", "--quiet"]) == 0  # fmt: skip
+    m = load_model_dir(out)
+    assert m.manifest["hyperparameters"]["refine_features"] is False
+    assert m.manifest["hyperparameters"]["effective_reg_u"] == 10.0
+    np.testing.assert_allclose(m.lrs.U.T @ m.lrs.U, np.eye(3), atol=1e-8)
+    capsys.readouterr()

@@ -52,13 +52,18 @@ def run(args: argparse.Namespace) -> int:
             n = out["by_activity_n"][name]
             print(
                 f"  RMSE users {name:>6} training ratings: "
-                + (f"{v:.4f}" if v else "-")
+                + (f"{v:.4f}" if v is not None else "-")
                 + f" (n={n})"
             )
         if not args.no_ranking:
             k = args.k
+
+            def fmt(v: float | None) -> str:
+                return "-" if v is None else f"{v:.4f}"
+
             print(
-                f"  precision@{k} {out[f'precision@{k}']}  recall@{k} {out[f'recall@{k}']}  "
-                f"ndcg@{k} {out[f'ndcg@{k}']}"
+                f"  precision@{k} {fmt(out[f'precision@{k}'])}  recall@{k} "
+                f"{fmt(out[f'recall@{k}'])}  ndcg@{k} {fmt(out[f'ndcg@{k}'])} "
+                f"({out['ranking_users']} users; {out['ranking_protocol']})"
             )
     return 0

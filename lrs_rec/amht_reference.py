@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.amht import IRLS_DECAY, IRLS_ITER, JITTER, OMP_ALL_ITERS
+from lrs_rec.amht import IRLS_SCHEDULES, JITTER, OMP_ALL_ITERS
 from lrs_rec.model import LRSModel
 
 
@@ -113,7 +113,9 @@ def _omp_user(
     return np.array(S)[order].astype(np.int64), np.concatenate([sol[:r], sol[r:][order]])
 
 
-def _irls_user(Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: int) -> IntArray:
+def _irls_user(
+    Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: int, decay: float
+) -> IntArray:
     """Reweighted least squares (p = 0) support search for one underdetermined user."""
     r, d = U.shape[1], Xu.shape[1]
     m = Xu.shape[0]
@@ -126,7 +128,7 @@ def _irls_user(Xu: FloatArray, yu: FloatArray, U: FloatArray, k: int, n_iter: in
         M = M + JITTER * max(float(np.trace(M)) / m, 1e-30) * np.eye(m)
         x = Dg * (A.T @ np.linalg.solve(M, yu))
         b = x[r:]
-        eps = max(float(np.max(b * b)), 1e-300) if it == 0 else IRLS_DECAY * eps
+        eps = max(float(np.max(b * b)), 1e-300) if it == 0 else decay * eps
         wb = b * b + eps
         Dg = np.concatenate([np.full(r, 1e4), wb / np.max(wb)])
     return _top_k(b, k)
@@ -241,15 +243,18 @@ def fit_reference(
                     if obj_o < obj[u]:
                         W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
                         obj[u] = obj_o
-                # IRLS rescue of badly fitted users
-                flag = _badly(obj, counts, y_scale)
-                for u in np.flatnonzero(flag).tolist():
-                    if Xs[u].shape[0] < r + d:
-                        S = _irls_user(Xs[u], ys[u], U, k, IRLS_ITER)
-                        F = np.hstack([Xs[u] @ U, Xs[u][:, S]])
-                        sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
-                        if _objective(F, ys[u], sol, ridge) < obj[u]:
-                            W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
+                # IRLS rescues of users still badly fitted
+                for n_it, decay in IRLS_SCHEDULES:
+                    flag = _badly(obj, counts, y_scale)
+                    for u in np.flatnonzero(flag).tolist():
+                        if Xs[u].shape[0] < r + d:
+                            S = _irls_user(Xs[u], ys[u], U, k, n_it, decay)
+                            F = np.hstack([Xs[u] @ U, Xs[u][:, S]])
+                            sol = _solve_reg(F.T @ F, F.T @ ys[u], ridge)
+                            obj_i = _objective(F, ys[u], sol, ridge)
+                            if obj_i < obj[u]:
+                                W[u], B_idx[u], B_val[u] = sol[:r], S, sol[r:]
+                                obj[u] = obj_i
         if zeta is not None and k > 0:
             B_val = enforce_row_sparsity_reference(B_idx, B_val, zeta=zeta, d=d)
         w_step()  # Eq. 4

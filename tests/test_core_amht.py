@@ -195,9 +195,9 @@ def test_fast_equals_reference_with_irls_rescue(seed: int, monkeypatch: pytest.M
     calls: list[int] = []
     original = amht._irls_supports
 
-    def spy(data, Z, k, flag):  # type: ignore[no-untyped-def]
+    def spy(data, Z, k, flag, *schedule):  # type: ignore[no-untyped-def]
         calls.append(int(flag.sum()))
-        return original(data, Z, k, flag)
+        return original(data, Z, k, flag, *schedule)
 
     monkeypatch.setattr(amht, "_irls_supports", spy)
     _, X, y, users = _shuffled(seed, 40, 16, 30, 1, 4)

@@ -227,6 +227,8 @@ def estimate_prior(
     history_items: IntArray,
     history_ratings: FloatArray,
     implicit: bool = True,
+    history_timestamps: FloatArray | None = None,
+    episode_size: int = 20,
 ) -> OnboardingPrior:
     """Empirical-Bayes prior from the trained model's arrays.
 
@@ -238,6 +240,11 @@ def estimate_prior(
       corrected, training residuals are optimistic); the raw mean square if that has too few dof.
     * implicit: m_u = mean item descriptor of each trained user's history; C_mm = their covariance
       minus the sampling part mean(S/n_u), projected to PSD relative to S; C_tm = cov(t_u, m_u).
+    * episodes (meta-learning): with ``history_timestamps`` (aligned with ``history_items``) the
+      implicit moments are taken over each trained user's FIRST ``episode_size`` ratings by time
+      (ties by item index) instead of their whole history — a new user's few ratings are their
+      earliest, which on MovieLens are not a random sample of what they rate later (sign-up pages
+      show popular films), so the map from first items to (c_u, w_u) is learned on first items.
     """
     r = lrs.rank
     n_users = lrs.n_users
@@ -296,6 +303,20 @@ def estimate_prior(
             S_within=zeros_p,
             C_tm=np.zeros((1 + r, 0)),
         )
+    if history_timestamps is not None:
+        ts = np.asarray(history_timestamps, dtype=np.float64)
+        if ts.shape != items.shape or not np.all(np.isfinite(ts)):
+            raise ValueError(
+                f"history_timestamps must be finite and match history_items {items.shape}, "
+                f"got shape {ts.shape}"
+            )
+        if episode_size < 1:
+            raise ValueError(f"episode_size must be >= 1, got {episode_size}")
+        order = np.lexsort((items, ts, users))  # by user, then time, then item
+        rank = np.arange(users.size) - indptr[users[order]]
+        keep = order[rank < episode_size]
+        items, users = items[keep], users[keep]
+        counts = np.minimum(counts, episode_size)
     G = desc[items]  # (N, p)
     M = np.zeros((n_users, p))
     np.add.at(M, users, G)
@@ -539,8 +560,12 @@ class Onboarder:
         rating_max: float,
         config: OnboardingConfig | None = None,
         prior: OnboardingPrior | None = None,
+        history_timestamps: FloatArray | None = None,
     ) -> Onboarder:
-        """Estimate the prior from the trained arrays (unless given) and precompute."""
+        """Estimate the prior from the trained arrays (unless given) and precompute.
+
+        ``history_timestamps`` (aligned with ``history_items``) switches the implicit moments to
+        first-ratings episodes (see :func:`estimate_prior`)."""
         if prior is None:
             prior = estimate_prior(
                 lrs=lrs,
@@ -553,6 +578,7 @@ class Onboarder:
                 history_indptr=history_indptr,
                 history_items=history_items,
                 history_ratings=history_ratings,
+                history_timestamps=history_timestamps,
             )
         return cls(
             U=lrs.U,

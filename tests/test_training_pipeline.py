@@ -287,3 +287,20 @@ def test_fixed_features_learn_u_by_eq5(
     assert m.manifest["hyperparameters"]["effective_reg_u"] == 10.0
     np.testing.assert_allclose(m.lrs.U.T @ m.lrs.U, np.eye(3), atol=1e-8)
     capsys.readouterr()
+
+
+def test_conditional_prior_means_recover_a_linear_dependence() -> None:
+    from training.lrs_als import LRSState, Samples, conditional_prior_means
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, d, r = 60, 40, 6, 3
+    users = np.repeat(np.arange(n_users), 8)
+    items = rng.integers(0, n_items, users.size)
+    F = rng.normal(size=(n_items, d))
+    U = np.linalg.qr(rng.normal(size=(d, r)))[0]
+    Z = np.array([(F[items[users == u]] @ U).mean(0) for u in range(n_users)])
+    A = rng.normal(size=(r, r))
+    W = 0.5 + Z @ A  # w_u depends only on which items u rated
+    state = LRSState(0.0, np.zeros(n_users), np.zeros(n_items), F, U, W, np.zeros((n_users, d)))
+    means = conditional_prior_means(state, Samples(users, items, np.zeros(users.size)), ridge=1e-9)
+    np.testing.assert_allclose(means, W, atol=1e-6)

@@ -28,6 +28,7 @@ class TrainConfig:
     n_iter: int = 10  # outer alternations (user step, item step)
     reg_w: float = 10.0  # ridge on w_u, towards the population prior N(w̄, Σ_w)
     population_prior: bool = True  # Σ_w-shaped ridge on w_u (False: isotropic λ_w·I)
+    conditional_prior: bool = True  # prior mean of w_u conditioned on the set of rated items
     reg_b: float = 20.0  # ridge on the k non-zeros of b_u
     reg_features: float = 20.0  # ridge on item features f_i in the refinement step
     reg_bias: float = 5.0  # ridge on user / item biases c_u, c_i

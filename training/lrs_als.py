@@ -79,6 +79,7 @@ class StepParams:
     reg_b: float
     reg_bias: float
     population_prior: bool = True  # shape the ridge on w_u by the population covariance Σ_w
+    conditional_prior: bool = True  # prior mean of w_u conditioned on which items u rated
     n_inner: int = 2
 
 
@@ -149,13 +150,17 @@ def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | Non
     if not p.per_user_w:
         _pooled_user_step(state, data, p)
         return
-    r = state.U.shape[1]
+    n_users, r = state.W.shape
     w_bar = state.W.mean(axis=0)
     prec = population_precision(state.W) if p.population_prior else np.eye(r)
+    if p.conditional_prior:
+        means = conditional_prior_means(state, data)
+    else:
+        means = np.broadcast_to(w_bar, (n_users, r))
     size = block or user_block_size(state.B.shape[1])
-    for lo, hi, sub in _user_blocks(data, state.W.shape[0], size):
+    for lo, hi, sub in _user_blocks(data, n_users, size):
         st = _user_stats(state, sub, hi - lo)
-        c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], w_bar, prec)
+        c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec)
         state.user_bias[lo:hi] = c
         state.W[lo:hi] = W
         state.B[lo:hi] = B
@@ -167,10 +172,11 @@ def _fit_users(
     p: StepParams,
     W: np.ndarray,
     B: np.ndarray,
-    w_bar: np.ndarray,
+    w_prior: np.ndarray,
     prec: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-user problems of one block of users, all solved together (batched)."""
+    """The per-user problems of one block of users, all solved together (batched).
+    ``w_prior`` (n, r) holds each user's prior mean of w."""
     n_users, d = B.shape
     r = U.shape[1]
     B = B.copy()
@@ -188,7 +194,7 @@ def _fit_users(
         A[:, 1:, 1:] = UGU + p.reg_w * prec[None]
         rhs = np.zeros((n_users, r + 1))
         rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, B)
-        rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (prec @ w_bar)[None, :]
+        rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (w_prior @ prec)  # prec is symmetric
         if not p.user_bias:
             A[:, 0, :] = 0.0
             A[:, :, 0] = 0.0
@@ -212,6 +218,22 @@ def _fit_users(
         else:
             B = np.zeros((n_users, d))
     return c, W, B
+
+
+def conditional_prior_means(state: LRSState, data: Samples, *, ridge: float = 1e-3) -> np.ndarray:
+    """Each user's prior mean of w, conditioned on *which* items they rated (implicit feedback):
+    m_u = w̄ + (z_u - z̄) A, with z_u the mean of the rated items' projected features U ᵀ f_i and A
+    (r × r) the ridge regression of the current W on z (ridge relative to its curvature).
+    Only the training step uses it; the stored w_u already contain its effect."""
+    n_users, r = state.W.shape
+    n = np.maximum(np.bincount(data.users, minlength=n_users), 1).astype(float)
+    Z = grouped_sum(data.users, n_users, state.F[data.items] @ state.U) / n[:, None]
+    Zc = Z - Z.mean(axis=0)
+    G = Zc.T @ Zc
+    lam = ridge * max(float(np.trace(G)) / r, 1e-12)
+    w_bar = state.W.mean(axis=0)
+    A = np.linalg.solve(G + lam * np.eye(r), Zc.T @ (state.W - w_bar))
+    return np.asarray(w_bar + Zc @ A)
 
 
 def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:

@@ -78,6 +78,7 @@ def method_params(cfg: TrainConfig) -> StepParams:
         reg_b=cfg.reg_b,
         reg_bias=cfg.reg_bias,
         population_prior=cfg.population_prior,
+        conditional_prior=cfg.conditional_prior,
     )
 
 
@@ -139,6 +140,7 @@ def init_state(
                 reg_b=cfg.reg_b,
                 reg_bias=cfg.reg_bias,
                 population_prior=False,
+                conditional_prior=False,
                 n_inner=1,
             ),
         )

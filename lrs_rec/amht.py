@@ -429,8 +429,9 @@ def _b_step_htp(
         B_idx = np.where(better[:, None], S_o[src], B_idx)
         B_val = np.where(better[:, None], sol_o[src, r:], B_val)
         obj = np.where(better, obj_o[src], obj)
-        # users still fitted much worse than the typical user: try IRLS supports as well
-        for n_it, decay in IRLS_SCHEDULES:
+        # users still fitted much worse than the typical user: try IRLS supports as well (once U is
+        # past the first iterations: before that a poor fit mostly reflects the error of U)
+        for n_it, decay in IRLS_SCHEDULES if not omp_all else ():
             flag = _badly_fitted(obj, data.counts, y_scale)
             if not flag.any():
                 break

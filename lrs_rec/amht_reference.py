@@ -243,8 +243,8 @@ def fit_reference(
                     if obj_o < obj[u]:
                         W[u], B_idx[u], B_val[u] = sol_o[:r], S_o, sol_o[r:]
                         obj[u] = obj_o
-                # IRLS rescues of users still badly fitted
-                for n_it, decay in IRLS_SCHEDULES:
+                # IRLS rescues of users still badly fitted (after the first iterations)
+                for n_it, decay in IRLS_SCHEDULES if iteration >= OMP_ALL_ITERS else ():
                     flag = _badly(obj, counts, y_scale)
                     for u in np.flatnonzero(flag).tolist():
                         if Xs[u].shape[0] < r + d:

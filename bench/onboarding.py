@@ -335,26 +335,45 @@ SEARCH_AXES: dict[str, tuple[float | int, ...]] = {
 
 
 # --------------------------------------------------------------------------------------------------
+INNER_SPLITS = 2
+"""Inner 80/20 splits of the training users that hyperparameters are selected on (pooled): one split
+leaves ~150 validation users, on which the selected configs varied from seed to seed."""
+
+
 def tune(data: Ratings, train_users: np.ndarray, seed: int, log: Any) -> dict[str, Any]:
-    """All hyperparameters from the training users only (inner 80/20 user split)."""
-    fit_users, val_users = split_users(data.subset(np.isin(data.users, train_users)), 0.2, seed + 1)
-    model, _ = train_model(data.subset(np.isin(data.users, fit_users)), seed)
-    base = Base(model)
-    tasks = {n: make_tasks(data, val_users, model, n) for n in NS}
+    """All hyperparameters from the training users only (INNER_SPLITS inner 80/20 user splits, the
+    validation RMSE pooled over them)."""
+    splits = []  # (base, onboarder with the default config, tasks by n)
+    train_data = data.subset(np.isin(data.users, train_users))
+    for j in range(INNER_SPLITS):
+        fit_users, val_users = split_users(train_data, 0.2, seed + 1 + j)
+        model, _ = train_model(data.subset(np.isin(data.users, fit_users)), seed)
+        tasks_j = {n: make_tasks(data, val_users, model, n) for n in NS}
+        splits.append((Base(model), make_onboarder(model, OnboardingConfig(), data), tasks_j))
+    tasks = {n: [t for _, _, tj in splits for t in tj[n]] for n in NS}
     best_baseline: dict[str, dict[int, dict[str, float]]] = {}
     for name, grid in BASELINE_GRIDS.items():
         best_baseline[name] = {}
         for n in NS:
             scores = [
-                (rmse_of([predict_baseline(name, base, t, p) for t in tasks[n]], tasks[n]), i)
+                (
+                    rmse_of(
+                        [predict_baseline(name, b, t, p) for b, _, tj in splits for t in tj[n]],
+                        tasks[n],
+                    ),
+                    i,
+                )
                 for i, p in enumerate(grid)
             ]
             best_baseline[name][n] = grid[min(scores)[1]]
-    onb0 = make_onboarder(model, OnboardingConfig(), data)
 
     def score(params: dict[str, Any]) -> list[float]:
-        onb = onb0.with_config(OnboardingConfig(**params))
-        per_n = [rmse_of([lrs_predict(onb, base, t) for t in tasks[n]], tasks[n]) for n in NS]
+        cfg = OnboardingConfig(**params)
+        onbs = [(b, o.with_config(cfg), tj) for b, o, tj in splits]
+        per_n = [
+            rmse_of([lrs_predict(o, b, t) for b, o, tj in onbs for t in tj[n]], tasks[n])
+            for n in NS
+        ]
         print(f"  tune {params} -> {np.round(per_n, 4)}", file=log)
         return per_n
 
@@ -387,8 +406,8 @@ def tune(data: Ratings, train_users: np.ndarray, seed: int, log: Any) -> dict[st
         "val_rmse_by_n": dict(zip(NS, per_n, strict=True)),
         "n_configs_evaluated": len(cache),
         "baseline_params": best_baseline,
-        "n_fit_users": int(fit_users.size),
-        "n_val_users": int(val_users.size),
+        "inner_splits": INNER_SPLITS,
+        "n_val_tasks": len(tasks[NS[0]]),
     }
 
 

@@ -25,6 +25,8 @@ with ``m_u`` a user's mean item descriptor and ``ḡ = m_u + noise`` of covarian
 (``C_mm`` between-user, ``S`` pooled within-user covariance; one generalised eigendecomposition per
 model makes every K_n a diagonal rescaling). For n → ∞ this tends to the regression of t on m_u; for
 n = 1 it is heavily damped. ``implicit_scale = 0`` switches it off (the plain population prior).
+Given the trained ratings' timestamps, these moments are learned on few-shot *episodes* — each trained
+user's first ``episode_size`` ratings by time — since a new user's ratings are their earliest ones.
 
 The sparse part follows the hard-thresholding-pursuit refinement of Algorithm 2 (paper Sec. 2.1, Eq. 3):
 the support is read off the thresholded gradient ``Xᵀ(y − ŷ)`` (each coordinate's score statistic,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import socket
 import sys
 import threading
@@ -137,7 +138,18 @@ def run(args: argparse.Namespace) -> int:
         show("GET", "/v1/model")
         top = show("POST", "/v1/recommend", {"user_id": heavy, "n": 5, "exclude_rated": True})
         show("POST", "/v1/recommend", {"user_id": light, "n": 5})
-        show("POST", "/v1/recommend", {"user_id": "a-brand-new-user", "n": 5})
+        newcomer = f"new-user-{secrets.token_hex(3)}"  # fresh id: reruns share the store
+        show("POST", "/v1/recommend", {"user_id": newcomer, "n": 5})
+        # few-shot onboarding: three ratings, fitted with U frozen, stored, served at once
+        seen_items, seen_ratings = model.user_history(0)
+        body = {
+            "ratings": [
+                {"item_id": model.item_ids[int(j)], "rating": float(r)}
+                for j, r in zip(seen_items[:3], seen_ratings[:3], strict=True)
+            ]
+        }
+        show("PUT", f"/v1/users/{newcomer}/ratings", body)
+        show("POST", "/v1/recommend", {"user_id": newcomer, "n": 5})
         items = [it["item_id"] for it in top.get("items", [])[:2]] + [model.item_ids[0]]
         show("POST", "/v1/score", {"user_id": heavy, "item_ids": items})
         show("POST", "/v1/score", {"user_id": heavy, "item_ids": ["no-such-item"]})

@@ -239,3 +239,15 @@ def test_algorithm2_step_is_stable_when_m_below_d() -> None:
     E = make_synthetic(150, 50, 40, 1, 3, None, random_state=0)
     est = AMHTLRS(rank=1, sparsity=3, b_step="iht", random_state=0).fit(E.X, E.y, E.users)
     assert relative_error(est.model_.theta(), E.theta) <= 1e-6
+
+
+def test_uncached_gram_path_equals_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the per-user Gram cache (large t·d²) the direct joint U-step gives the same fit."""
+    import lrs_rec.amht as amht
+
+    _, X, y, users = _shuffled(9, 40, 20, 12, 2, 2)
+    kw = dict(n_iter=8, u_solver="direct", ridge_b=0.1, zeta=3)
+    cached = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
+    monkeypatch.setattr(amht, "GRAM_CACHE_MAX", 0)
+    uncached = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
+    np.testing.assert_allclose(uncached.model_.theta(), cached.model_.theta(), rtol=0, atol=1e-9)

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from lrs_rec.model import LRSModel  # noqa: E402
 from lrs_rec.onboarding import Onboarder, OnboardingConfig, ScheduledOnboarder  # noqa: E402
+from serving.onboarding import onboarder_from_model  # noqa: E402
 from training.model_dir import TrainedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,21 +305,10 @@ def make_onboarder(
 ) -> Onboarder:
     """With ``data`` the implicit moments come from the trained users' first ratings by time
     (episodes, ``estimate_prior(history_timestamps=...)``); without, from their whole histories."""
-    return Onboarder.from_arrays(
-        history_timestamps=None if data is None else history_timestamps(model, data),
-        lrs=model.lrs,
-        item_features=model.item_features,
-        item_bias=model.item_bias,
-        user_bias=model.user_bias,
-        global_mean=model.global_mean,
-        w_prior_mean=model.w_prior_mean,
-        w_prior_cov=model.w_prior_cov,
-        history_indptr=model.history_indptr,
-        history_items=model.history_items,
-        history_ratings=model.history_ratings,
-        rating_min=model.rating_min,
-        rating_max=model.rating_max,
+    return onboarder_from_model(
+        model,
         config=config,
+        history_timestamps=None if data is None else history_timestamps(model, data),
     )
 
 

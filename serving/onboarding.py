@@ -39,6 +39,7 @@ from lrs_rec.onboarding import (
     DEFAULT_SCHEDULE,
     Onboarder,
     OnboardingConfig,
+    OnboardingPrior,
     ScheduledOnboarder,
     public_prior,
 )
@@ -94,6 +95,33 @@ def schedule_for(model: TrainedModel) -> list[tuple[int, OnboardingConfig]]:
     return list(DEFAULT_SCHEDULE)
 
 
+def onboarder_from_model(
+    model: TrainedModel,
+    *,
+    config: OnboardingConfig,
+    prior: OnboardingPrior | None = None,
+    history_timestamps: np.ndarray | None = None,
+) -> Onboarder:
+    """An :class:`Onboarder` over a trained model's arrays (the prior estimated unless given)."""
+    return Onboarder.from_arrays(
+        lrs=model.lrs,
+        item_features=model.item_features,
+        item_bias=model.item_bias,
+        user_bias=model.user_bias,
+        global_mean=model.global_mean,
+        w_prior_mean=model.w_prior_mean,
+        w_prior_cov=model.w_prior_cov,
+        history_indptr=model.history_indptr,
+        history_items=model.history_items,
+        history_ratings=model.history_ratings,
+        rating_min=model.rating_min,
+        rating_max=model.rating_max,
+        config=config,
+        prior=prior,
+        history_timestamps=history_timestamps,
+    )
+
+
 def onboarder_for(
     model: TrainedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
 ) -> ScheduledOnboarder:
@@ -115,22 +143,7 @@ def onboarder_for(
             rating_max=model.rating_max,
             n_items=model.n_items,
         )
-    base = Onboarder.from_arrays(
-        prior=prior,
-        lrs=model.lrs,
-        item_features=model.item_features,
-        item_bias=model.item_bias,
-        user_bias=model.user_bias,
-        global_mean=model.global_mean,
-        w_prior_mean=model.w_prior_mean,
-        w_prior_cov=model.w_prior_cov,
-        history_indptr=model.history_indptr,
-        history_items=model.history_items,
-        history_ratings=model.history_ratings,
-        rating_min=model.rating_min,
-        rating_max=model.rating_max,
-        config=sched[0][1],
-    )
+    base = onboarder_from_model(model, config=sched[0][1], prior=prior)
     onb = ScheduledOnboarder.from_onboarder(base, sched)
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = onb

@@ -158,10 +158,17 @@ def _crc_table() -> np.ndarray:
 _CRC_TABLE = _crc_table()
 
 
+_ZLIB_MAX_ROWS = 16
+
+
 def crc32_rows(rows: np.ndarray) -> np.ndarray:
     """CRC-32 (zlib's) of every row of a ``(n, L)`` uint8 matrix: one table step per byte column,
     vectorised over rows. Equals ``zlib.crc32(row.tobytes())`` row by row."""
     rows = np.asarray(rows, dtype=np.uint8)
+    if (
+        rows.shape[0] <= _ZLIB_MAX_ROWS
+    ):  # a few rows (onboarding): zlib is cheaper than L table steps
+        return np.array([zlib.crc32(row.tobytes()) for row in rows], dtype=np.uint32)
     crc = np.full(rows.shape[0], 0xFFFFFFFF, dtype=np.uint32)
     for j in range(rows.shape[1]):
         crc = _CRC_TABLE[(crc ^ rows[:, j]) & 0xFF] ^ (crc >> np.uint32(8))

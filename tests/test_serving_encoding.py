@@ -73,9 +73,10 @@ def test_index_width():
     assert [index_width_for(n) for n in (1, 256, 257, 65536, 65537)] == [1, 1, 2, 2, 4]
 
 
-def test_crc32_rows_equals_zlib():
+@pytest.mark.parametrize("n_rows", [0, 1, 16, 17, 50])  # both the zlib and the vectorised branch
+def test_crc32_rows_equals_zlib(n_rows):
     rng = np.random.default_rng(1)
-    rows = rng.integers(0, 256, size=(50, 33), dtype=np.uint8)
+    rows = rng.integers(0, 256, size=(n_rows, 33), dtype=np.uint8)
     expect = [zlib.crc32(row.tobytes()) for row in rows]
     assert crc32_rows(rows).tolist() == expect
 

@@ -143,7 +143,9 @@ def onboarder_for(
             rating_max=model.rating_max,
             n_items=model.n_items,
         )
-    base = onboarder_from_model(model, config=sched[0][1], prior=prior)
+    base = onboarder_from_model(
+        model, config=sched[0][1], prior=prior, history_timestamps=model.history_timestamps
+    )
     onb = ScheduledOnboarder.from_onboarder(base, sched)
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = onb

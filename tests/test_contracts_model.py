@@ -173,3 +173,14 @@ def test_arrays_digest_covers_shared_weights_only(tmp_path) -> None:
     assert save_model_dir(other_users, tmp_path / "b").manifest["arrays_sha256"] == first
     other_items = dataclasses.replace(base, item_bias=base.item_bias + 0.1)
     assert save_model_dir(other_items, tmp_path / "c").manifest["arrays_sha256"] != first
+
+
+def test_history_timestamps_are_optional_and_round_trip(tmp_path) -> None:
+    base = tiny_trained_model(np.random.default_rng(9))
+    save_model_dir(base, tmp_path / "a")
+    assert load_model_dir(tmp_path / "a").history_timestamps is None
+    times = np.arange(base.history_items.size, dtype=np.float64) * 10.0
+    save_model_dir(dataclasses.replace(base, history_timestamps=times), tmp_path / "b")
+    np.testing.assert_array_equal(load_model_dir(tmp_path / "b").history_timestamps, times)
+    with pytest.raises(ModelDirError, match="history_timestamps"):
+        dataclasses.replace(base, history_timestamps=times[:-1])

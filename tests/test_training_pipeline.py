@@ -94,6 +94,13 @@ def test_train_lrs_structure_prior_history_and_reproducible(
     mask = table.users == m.user_ids[0]
     got = dict(zip(np.asarray(m.item_ids)[u0_items].tolist(), u0_ratings.tolist(), strict=True))
     assert got == dict(zip(table.items[mask].tolist(), table.ratings[mask].tolist(), strict=True))
+    # ... with each rating's time aligned (the onboarding prior learns from first ratings by time)
+    assert m.history_timestamps is not None
+    lo, hi = m.history_indptr[0], m.history_indptr[1]
+    got_t = dict(
+        zip(np.asarray(m.item_ids)[u0_items].tolist(), m.history_timestamps[lo:hi], strict=True)
+    )
+    assert got_t == dict(zip(table.items[mask].tolist(), table.timestamps[mask], strict=True))
     assert 2 <= len(res.history) <= cfg.n_iter + 1 and res.history[0]["iteration"] == 0
     best = m.manifest["metrics"]["best_iteration"]
     assert best >= 1 and res.history[best]["val_rmse"] == min(

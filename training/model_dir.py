@@ -7,7 +7,7 @@ Layout of ``MODEL_DIR``::
                     metrics, rating_scale (+ privacy for DP models)
     arrays.npz      U, W, B_idx, B_val, item_features, item_bias, user_bias, global_mean,
                     w_prior_mean, w_prior_cov, history_indptr, history_items, history_ratings
-                    (np.savez, loaded with allow_pickle=False)
+                    [, history_timestamps] (np.savez, loaded with allow_pickle=False)
     users.json      external user ids, position = dense user index
     items.json      external item ids, position = dense item index
     model.onnx      written by ``lrs-rec export`` (training.export)
@@ -83,6 +83,7 @@ class TrainedModel:
     rating_min: float
     rating_max: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    history_timestamps: np.ndarray | None = None  # (nnz,) rating times aligned with history_items
 
     def __post_init__(self) -> None:
         n_users, n_items = self.lrs.n_users, len(self.item_ids)
@@ -99,6 +100,13 @@ class TrainedModel:
         for name, (got, want) in checks.items():
             if got != want:
                 raise ModelDirError(f"{name}: length {got} does not match expected {want}")
+        if self.history_timestamps is not None and (
+            self.history_timestamps.shape != self.history_items.shape
+        ):
+            raise ModelDirError(
+                f"history_timestamps: shape {self.history_timestamps.shape} does not match "
+                f"history_items {self.history_items.shape}"
+            )
         if self.w_prior_cov.shape != (r, r):
             raise ModelDirError(f"w_prior_cov must be ({r}, {r}), got {self.w_prior_cov.shape}")
         if not self.rating_min < self.rating_max:
@@ -179,6 +187,8 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
     for name in _ARRAY_FIELDS:
         arrays[name] = np.asarray(getattr(model, name))
     arrays["global_mean"] = np.asarray(model.global_mean, dtype=np.float64)
+    if model.history_timestamps is not None:
+        arrays["history_timestamps"] = np.asarray(model.history_timestamps, dtype=np.float64)
     # The digest identifies the *released* shared weights (what model.onnx holds) and never hashes
     # per-user arrays or rating histories: a hash of those would be a non-private release of users'
     # data for DP models (a membership test against candidate datasets).
@@ -268,4 +278,5 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
         rating_min=float(lo),
         rating_max=float(hi),
         manifest=manifest,
+        history_timestamps=arrays.get("history_timestamps"),
     )

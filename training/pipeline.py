@@ -226,8 +226,13 @@ def to_lrs_model(state: LRSState, cfg: TrainConfig) -> LRSModel:
     return LRSModel.from_dense_b(state.U, state.W, state.B, k)
 
 
+def history_order(data: Samples) -> np.ndarray:
+    """The permutation of ``data`` into history-CSR order (by user, then item)."""
+    return np.lexsort((data.items, data.users))
+
+
 def history_csr(data: Samples, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.lexsort((data.items, data.users))
+    order = history_order(data)
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
     return indptr, data.items[order].astype(np.int64), data.ratings[order].astype(np.float64)
@@ -326,6 +331,8 @@ def train(
         )
     )
     indptr, h_items, h_ratings = history_csr(data, n_users)
+    # rating times in the same order (the onboarding prior learns from users' first ratings)
+    h_times = table.timestamps[history_order(data)].astype(np.float64)
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "method": cfg.method,
@@ -375,5 +382,6 @@ def train(
         rating_min=lo,
         rating_max=hi,
         manifest=manifest,
+        history_timestamps=h_times if np.isfinite(h_times).all() else None,
     )
     return TrainResult(model=model, history=history, seconds=seconds)

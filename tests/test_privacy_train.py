@@ -77,15 +77,21 @@ def test_noise_free_pipeline_learns_item_quality_and_private_one_is_noisier():
     u, i, r, nu, ni = _ratings(seed=1, n_users=300)
     kw = {"n_users": nu, "n_items": ni, "rating_min": 1.0, "rating_max": 5.0}
     clean = fit_private(u, i, r, config=PrivateConfig(epsilon=None, rank=2, sparsity=1), **kw)
-    noisy = fit_private(u, i, r, config=PrivateConfig(epsilon=0.5, rank=2, sparsity=1), **kw)
+    # seeded noise: with fresh OS entropy (the default) an unlucky draw can beat the clean fit
+    noisy = [
+        fit_private(
+            u, i, r, config=PrivateConfig(epsilon=0.5, rank=2, sparsity=1, random_state=s), **kw
+        )
+        for s in (0, 1, 2)
+    ]
     assert clean.privacy is None
     item_means = np.bincount(i, r, ni) / np.bincount(i, minlength=ni)
     assert np.corrcoef(clean.item_bias, item_means)[0, 1] > 0.9
-    rmse = {
-        name: float(np.sqrt(np.mean((f.predict(u, i, 1.0, 5.0) - r) ** 2)))
-        for name, f in (("clean", clean), ("noisy", noisy))
-    }
-    assert rmse["clean"] < rmse["noisy"]
+
+    def rmse(f) -> float:
+        return float(np.sqrt(np.mean((f.predict(u, i, 1.0, 5.0) - r) ** 2)))
+
+    assert all(rmse(clean) < rmse(f) for f in noisy)
 
 
 def test_bad_inputs_are_rejected_with_clear_messages():

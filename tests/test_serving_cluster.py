@@ -53,17 +53,20 @@ def cluster_url(tmp_path: Path):
             "--daemonize",
             "no",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=(tmp_path / "node.log").open("wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
-        r = redis.Redis(port=port, socket_timeout=2)
+        r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
         deadline = time.monotonic() + 30
         while True:
             try:
                 r.ping()
                 break
             except redis.ConnectionError:
+                if proc.poll() is not None:  # exited (e.g. the port was taken meanwhile): say why
+                    out = (tmp_path / "node.log").read_text(errors="replace")
+                    pytest.fail(f"cluster node on port {port} exited: {out[-2000:]}")
                 assert time.monotonic() < deadline, "cluster node did not start"
                 time.sleep(0.05)
         r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))

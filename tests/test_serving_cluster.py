@@ -3,6 +3,7 @@ every cross-slot command the store would send."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -21,10 +22,24 @@ from training.model_dir import load_model_dir
 pytestmark = pytest.mark.redis
 
 
-def _free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    """A free port p ≤ 55535 whose cluster bus port p + 10000 is free too (Redis Cluster needs both;
+    an ephemeral port above 55535 makes redis-server exit at start)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (p, p + 10000) found for the cluster node")
 
 
 @pytest.fixture

@@ -392,9 +392,12 @@ def _b_step_htp(
     ridge_b: float,
     restart: bool = True,
     omp_all: bool = True,
+    irls: bool | None = None,
 ) -> tuple[FloatArray, IntArray, FloatArray]:
     """HTP b-step; with ``restart``, OMP candidates (always when ``omp_all``, otherwise only if some
-    user is badly fitted) and IRLS candidates for badly fitted users, each kept where it fits better."""
+    user is badly fitted) and IRLS candidates for badly fitted users, each kept where it fits better.
+    ``irls`` (default: ``not omp_all``, the estimator's schedule) says whether IRLS candidates run."""
+    run_irls = (not omp_all) if irls is None else irls
     r = Z.shape[1]
     ridge = np.concatenate((np.full(r, ridge_w), np.full(k, ridge_b)))
     obj = np.zeros(0)
@@ -431,7 +434,7 @@ def _b_step_htp(
         obj = np.where(better, obj_o[src], obj)
         # users still fitted much worse than the typical user: try IRLS supports as well (once U is
         # past the first iterations: before that a poor fit mostly reflects the error of U)
-        for n_it, decay in IRLS_SCHEDULES if not omp_all else ():
+        for n_it, decay in IRLS_SCHEDULES if run_irls else ():
             flag = _badly_fitted(obj, data.counts, y_scale)
             if not flag.any():
                 break
@@ -546,7 +549,9 @@ def b_step(
     returned unchanged. ``method="htp"`` (hard-thresholding pursuit) takes the support S_u of the top-k
     of the same gradient step and then solves least squares jointly on ``[X_u U, X_u[:, S_u]]`` for
     (w_u, b_u), so W is updated too; with ``restart`` it also runs orthogonal matching pursuit from
-    scratch and keeps, per user, the better of the two fits. Samples need not be sorted by user, but
+    scratch and, for users still fitted badly, IRLS support searches, and keeps per user the best
+    fit (the estimator skips IRLS in its first iterations; a standalone call always runs it).
+    Samples need not be sorted by user, but
     the rows of W/B are in user order whatever the sample order.
     """
     X, y, users, n_users = check_fit_inputs(X, y, users, n_users)
@@ -567,6 +572,7 @@ def b_step(
             ridge_w=ridge_w,
             ridge_b=ridge_b,
             restart=restart,
+            irls=restart,  # a standalone call has no iteration schedule: all rescues run
         )
     if method == "iht":
         idx, val = _b_step_iht(

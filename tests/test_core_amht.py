@@ -251,3 +251,25 @@ def test_uncached_gram_path_equals_cached(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(amht, "GRAM_CACHE_MAX", 0)
     uncached = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
     np.testing.assert_allclose(uncached.model_.theta(), cached.model_.theta(), rtol=0, atol=1e-9)
+
+
+def test_standalone_b_step_runs_the_irls_rescue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers of the public b_step (DP-AMHT-LRS) get every support rescue, IRLS included: the
+    estimator's "skip IRLS in the first iterations" schedule must not leak into standalone calls."""
+    import lrs_rec.amht as amht
+
+    calls: list[int] = []
+    original = amht._irls_supports
+
+    def spy(data, Z, k, flag, *schedule):  # type: ignore[no-untyped-def]
+        calls.append(int(flag.sum()))
+        return original(data, Z, k, flag, *schedule)
+
+    monkeypatch.setattr(amht, "_irls_supports", spy)
+    # the DP benchmark's regime: few noisy samples per user, a U that is still far from U*
+    D = make_synthetic(300, 10, 10, 2, 1, None, noise=0.1, random_state=0)
+    U0 = np.linalg.qr(np.random.default_rng(0).normal(size=(10, 2)))[0]
+    B_idx, B_val = np.tile(np.arange(1), (300, 1)), np.zeros((300, 1))
+    W = w_step(D.X, D.y, D.users, U0, B_idx, B_val, n_users=300)
+    b_step(D.X, D.y, D.users, U0, W, B_idx, B_val, n_users=300)
+    assert calls and sum(calls) > 0

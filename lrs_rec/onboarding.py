@@ -73,7 +73,9 @@ class OnboardingConfig:
     The ``*_scale`` factors multiply the empirical-Bayes variances estimated from the trained users
     (1.0 = use them as estimated); only ratios of prior to noise variance change the MAP estimate.
     ``implicit_scale`` scales the conditioning on the rated-item set (0 = off, 1 = full Gaussian
-    conditioning). ``k_eff(n) = 0`` for ``n < sparse_min_ratings``, else
+    conditioning); ``implicit_max_corr`` caps the canonical correlations between (c_u, w_u) and the
+    mean item descriptor (:meth:`OnboardingPrior.with_max_correlation`), which keeps the conditional
+    prior positive definite at every n, however many ratings a user has. ``k_eff(n) = 0`` for ``n < sparse_min_ratings``, else
     ``min(k, 1 + (n − sparse_min_ratings) // ratings_per_coordinate)``.
     """
 
@@ -83,6 +85,7 @@ class OnboardingConfig:
     b_prior_scale: float = 8.0
     noise_scale: float = 1.0
     implicit_scale: float = 1.0
+    implicit_max_corr: float = 0.95
     sparse_min_ratings: int = 5
     ratings_per_coordinate: int = 2
     support_z: float = 0.5
@@ -96,6 +99,9 @@ class OnboardingConfig:
         s = self.implicit_scale
         if not (isinstance(s, int | float) and 0.0 <= s <= 1.0):
             raise ValueError(f"OnboardingConfig.implicit_scale must be in [0, 1], got {s!r}")
+        rho = self.implicit_max_corr
+        if not (isinstance(rho, int | float) and 0.0 < rho < 1.0):
+            raise ValueError(f"OnboardingConfig.implicit_max_corr must be in (0, 1), got {rho!r}")
         for name in ("sparse_min_ratings", "ratings_per_coordinate", "htp_iters"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
@@ -161,6 +167,62 @@ class OnboardingPrior:
     @property
     def rank(self) -> int:
         return int(self.t_mean.shape[0]) - 1
+
+    def with_max_correlation(self, rho: float) -> OnboardingPrior:
+        """The same prior with ``C_tm`` made consistent with ``t_cov`` and ``C_mm``.
+
+        ``t_cov``, ``C_mm`` (sampling noise removed, projected to PSD) and ``C_tm`` are estimated
+        separately, so their joint matrix need not be a covariance: measured on ML-100K, 19–22 of the
+        34 descriptor directions have no between-user variance left yet a non-zero covariance with
+        t, and the canonical correlations of the rest reach 3–7. The conditional covariance
+        ``Σ_t − C_tm (C_mm + S/n)⁻¹ C_mt`` then turns indefinite as n grows and a refit from a
+        long history diverges. Here, in the basis where ``Σ_t = LLᵀ`` and ``C_mm`` is diagonal
+        relative to S (``C_mm Q = S Q Λ``, ``QᵀSQ = I``): the cross-covariance of directions with
+        λ = 0 is set to 0 and the canonical correlations ``svd(L⁻¹ C_tm Q Λ^{-1/2})`` are capped at
+        ``rho`` < 1, so ``Σ_t − C_tm C_mm⁺ C_mt ⪰ (1 − rho²) Σ_t`` — a positive-definite conditional
+        prior for every n.
+        """
+        if not 0.0 < rho < 1.0:
+            raise ValueError(f"rho must be in (0, 1), got {rho!r}")
+        p = self.item_desc.shape[1]
+        if p == 0:
+            return self
+        lam, Q = scipy.linalg.eigh(self.C_mm, self.S_within)
+        pos = lam > 1e-10 * max(float(lam.max()), 0.0)
+        L = np.linalg.cholesky(self.t_cov)
+        X = scipy.linalg.solve_triangular(L, self.C_tm @ Q, lower=True)  # L⁻¹ C_tm Q
+        X_new = np.zeros_like(X)
+        if pos.any():
+            root = np.sqrt(lam[pos])
+            Ug, corr, Vt = np.linalg.svd(X[:, pos] / root, full_matrices=False)
+            X_new[:, pos] = ((Ug * np.minimum(corr, rho)) @ Vt) * root
+        C_tm = L @ X_new @ Q.T @ self.S_within  # Q⁻¹ = QᵀS
+        return OnboardingPrior(
+            t_mean=self.t_mean,
+            t_cov=self.t_cov,
+            b_var=self.b_var,
+            noise_var=self.noise_var,
+            item_desc=self.item_desc,
+            m_mean=self.m_mean,
+            C_mm=self.C_mm,
+            S_within=self.S_within,
+            C_tm=C_tm,
+        )
+
+    def max_canonical_correlation(self) -> float:
+        """Largest canonical correlation of (c_u, w_u) with the mean descriptor (inf if C_tm is
+        non-zero where C_mm has no variance); the joint covariance is valid iff it is ≤ 1."""
+        if self.item_desc.shape[1] == 0:
+            return 0.0
+        lam, Q = scipy.linalg.eigh(self.C_mm, self.S_within)
+        pos = lam > 1e-10 * max(float(lam.max()), 0.0)
+        L = np.linalg.cholesky(self.t_cov)
+        X = scipy.linalg.solve_triangular(L, self.C_tm @ Q, lower=True)
+        if np.any(np.abs(X[:, ~pos]) > 1e-9 * max(float(np.abs(X).max()), 1e-300)):
+            return math.inf
+        if not pos.any():
+            return 0.0
+        return float(np.linalg.svd(X[:, pos] / np.sqrt(lam[pos]), compute_uv=False).max())
 
     def summary(self) -> dict[str, float]:
         """Scalars worth recording (e.g. in a manifest or a benchmark)."""
@@ -484,11 +546,12 @@ class Onboarder:
         D = _scale_diag(cfg, r)
         p = prior.item_desc.shape[1]
         if p and cfg.implicit_scale > 0:
+            consistent = prior.with_max_correlation(cfg.implicit_max_corr)
             lam, Q = scipy.linalg.eigh(prior.C_mm, prior.S_within)
             lam = np.maximum(lam, 0.0)
             Y = prior.item_desc @ Q
             y_pop = prior.m_mean @ Q
-            gain = (D[:, None] * prior.C_tm) @ Q
+            gain = (D[:, None] * consistent.C_tm) @ Q
         else:
             lam, Y, y_pop, gain = (
                 np.zeros(0),
@@ -771,10 +834,11 @@ def onboard_reference(onboarder: Onboarder, items: IntArray, ratings: FloatArray
     t0 = prior.t_mean.copy()
     cov = D @ prior.t_cov @ D
     if prior.item_desc.shape[1] and cfg.implicit_scale > 0:
+        C_tm = prior.with_max_correlation(cfg.implicit_max_corr).C_tm
         g_bar = np.mean([prior.item_desc[i] for i in it], axis=0)
-        K = D @ prior.C_tm @ np.linalg.inv(prior.C_mm + prior.S_within / n)
+        K = D @ C_tm @ np.linalg.inv(prior.C_mm + prior.S_within / n)
         t0 = t0 + cfg.implicit_scale * K @ (g_bar - prior.m_mean)
-        cov = cov - cfg.implicit_scale * K @ prior.C_tm.T @ D
+        cov = cov - cfg.implicit_scale * K @ C_tm.T @ D
     L = np.linalg.cholesky(np.linalg.inv(cov))  # Σ⁻¹ = L Lᵀ: prior rows are Lᵀ(t − t0)
 
     def solve(support: list[int]) -> FloatArray:

@@ -75,27 +75,51 @@ def _start_redis_server(tmp_path: Path, port: int, *args: str, password: str | N
             time.sleep(0.05)
 
 
-@pytest.fixture
-def cluster_url(tmp_path: Path):
-    port = _free_port()
-    proc, r = _start_redis_server(
-        tmp_path, port, "--cluster-enabled", "yes",
-        "--cluster-config-file", str(tmp_path / "nodes.conf"), "--appendonly", "no",
-    )  # fmt: skip
+def _start_cluster(tmp_path: Path, n_nodes: int):
+    """n_nodes real redis-server processes in cluster mode, the 16384 slots split evenly, joined with
+    CLUSTER MEET; yields (url of the first node, clients of every node) once every node reports
+    cluster_state ok."""
+    procs, clients = [], []
     try:
-        deadline = time.monotonic() + 30
-        r.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
-        while r.cluster("info")["cluster_state"] != "ok":
-            assert time.monotonic() < deadline, "cluster did not become ok"
-            time.sleep(0.05)
-        r.close()
-        yield f"redis://127.0.0.1:{port}"
+        for j in range(n_nodes):
+            node_dir = tmp_path / f"node{j}"
+            node_dir.mkdir()
+            port = _free_port()
+            proc, r = _start_redis_server(
+                node_dir, port, "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"), "--appendonly", "no",
+            )  # fmt: skip
+            procs.append(proc)
+            clients.append((port, r))
+        bounds = np.linspace(0, 16384, n_nodes + 1).astype(int)
+        for j, (_, r) in enumerate(clients):
+            r.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[j], bounds[j + 1]))
+        for port, _ in clients[1:]:
+            clients[0][1].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + 60
+        for _, r in clients:
+            while r.cluster("info")["cluster_state"] != "ok" or (
+                int(r.cluster("info")["cluster_known_nodes"]) != n_nodes
+            ):
+                assert time.monotonic() < deadline, "cluster did not become ok"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{clients[0][0]}", [r for _, r in clients]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for _, r in clients:
+            r.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
 
 
-def test_store_and_recommender_on_redis_cluster(cluster_url, tmp_path):
+@pytest.fixture(params=[1, 3], ids=["one-node", "three-nodes"])
+def cluster(request, tmp_path: Path):
+    yield from _start_cluster(tmp_path, request.param)
+
+
+def test_store_and_recommender_on_redis_cluster(cluster, tmp_path):
+    cluster_url, nodes = cluster
     model_dir = tmp_path / "model"
     write_model_dir(
         random_trained_model(n_users=300, n_items=40, d=16, rank=8, sparsity=8, random_state=5),
@@ -123,11 +147,20 @@ def test_store_and_recommender_on_redis_cluster(cluster_url, tmp_path):
     store.put_user(meta, "ghost", None, record, encode_history([1], [4.0], n_items=40))
     assert rec.score("ghost", ["i1"]).personalized
     assert set(store.onboarded_users(meta.version)) == {"ghost"}
+    # the library onboarding path (validate, WATCH/MULTI per slot, marker in another slot)
+    res = rec.onboard("newbie", [("i1", 4.0), ("i2", 2.0), ("i3", 5.0)])
+    assert res.personalized and res.n_ratings == 3
+    assert rec.onboard("newbie", [("i4", 1.0)]).n_ratings == 4  # refit from the stored history
+    assert rec.score("newbie", ["i1"]).personalized
+    assert set(store.onboarded_users(meta.version)) == {"ghost", "newbie"}
     assert store.used_memory() > 0
+    if len(nodes) > 1:  # the data really is spread over the nodes
+        assert all(node.dbsize() > 0 for node in nodes)
     v2 = store.publish(model, carry_over_grace=0)
-    assert v2.n_carried_over == 1  # same model: the record is carried over verbatim
+    assert v2.n_carried_over == 2  # same model: the records are carried over verbatim
     assert store.delete_version(meta.version) > 0
     assert rec.score("ghost", ["i1"]).personalized
+    assert rec.score("newbie", ["i1"]).personalized
 
 
 @pytest.fixture

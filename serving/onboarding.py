@@ -181,6 +181,11 @@ def validate_user_id(user_id: Any) -> str:
 
 
 def _check_printable(where: str, s: str) -> None:
+    if "\ufffd" in s:  # what a decoder leaves for bytes that are not UTF-8 (e.g. "%FF" in a URL)
+        raise OnboardingInputError(
+            f"{where} contains U+FFFD at position {s.index(chr(0xFFFD))}: "
+            "ids must be valid UTF-8 (a replacement character merges distinct invalid ids)"
+        )
     for pos, ch in enumerate(s):
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
             raise OnboardingInputError(
@@ -263,7 +268,12 @@ def parse_ratings(
 def _number(where: str, x: Any) -> float:
     if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
         raise OnboardingInputError(f"{where} must be a number, got {x!r}")
-    v = float(x)
+    try:
+        v = float(x)
+    except OverflowError:  # an integer beyond float range (JSON allows any number of digits)
+        raise OnboardingInputError(
+            f"{where} must be a finite number, got an integer of {int(x).bit_length()} bits"
+        ) from None
     if not math.isfinite(v):
         raise OnboardingInputError(f"{where} must be a finite number, got {v!r}")
     return v

@@ -202,12 +202,31 @@ def test_bad_requests_are_4xx_and_write_nothing(model_dirs, home):
         )
         assert got.status_code == 422 and "finite" in got.json()["error"]
         got = c.put("/v1/users/newbie/ratings", content=b"{not json")
-        assert got.status_code == 422
+        assert got.status_code == 422 and "JSON" in got.json()["error"]
+        # integers beyond float range (JSON numbers may have any number of digits): 422, not 500
+        for field in (b'"rating": ' + b"9" * 400, b'"rating": 4, "timestamp": ' + b"9" * 400):
+            body = b'{"ratings": [{"item_id": "i1", ' + field + b"}]}"
+            got = c.put("/v1/users/newbie/ratings", content=body)
+            assert got.status_code == 422 and "finite" in got.json()["error"], got.text
+        # bytes that are not UTF-8 in the path decode to U+FFFD: distinct ids would merge
+        for raw in ("%FF", "%FE", "a%C0%AF"):
+            got = c.put(
+                f"/v1/users/{raw}/ratings", json={"ratings": [{"item_id": "i1", "rating": 4}]}
+            )
+            assert got.status_code == 422 and "UTF-8" in got.json()["error"], got.text
         # one bad entry among good ones: nothing of the request is written
         mixed = {"ratings": [{"item_id": "i1", "rating": 4}, {"item_id": "i2", "rating": 9}]}
         assert c.put("/v1/users/newbie/ratings", json=mixed).status_code == 422
     assert store.onboarded_users(rec.store_version or "v1") == {}
     assert rec.score("newbie", ["i1"]).personalized is False
+    # the body is JSON whatever the Content-Type says (as on /v1/score)
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        body = b'{"ratings": [{"item_id": "i1", "rating": 4}]}'
+        for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+            got = c.put(
+                "/v1/users/curl-user/ratings", content=body, headers={"content-type": ctype}
+            )
+            assert got.status_code == 200 and got.json()["n_ratings"] == 1, got.text
 
 
 @pytest.mark.redis

@@ -131,7 +131,13 @@ def test_malformed_and_oversized_bodies(client):
 
     r = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert client.get("/v1/nothing-here").status_code == 404
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = client.get("/v1/score")
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    assert "POST" in r.headers["allow"]
+    r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["x" * 300]})
+    assert r.status_code == 422 and "item_ids.0" in r.json()["error"]
 
 
 def test_metrics_count_requests_by_route_and_outcome(client):

@@ -44,6 +44,7 @@ from lrs_rec.onboarding import (
     public_prior,
 )
 from serving.encoding import decode_history, encode_history, encode_records
+from serving.history import merge_history
 from serving.recommender import ServingError, StoreUnavailableError, UnknownItemsError
 from training.model_dir import TrainedModel
 
@@ -279,23 +280,6 @@ def _number(where: str, x: Any) -> float:
     return v
 
 
-def merge_history(
-    old_items: np.ndarray,
-    old_ratings: np.ndarray,
-    new_items: np.ndarray,
-    new_ratings: np.ndarray,
-    cap: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Old history without the re-rated items, then the new ratings; the newest ``cap`` kept
-    (``cap`` 0: no history is kept, only this request's ratings are used)."""
-    keep = ~np.isin(old_items, new_items)
-    items = np.concatenate([old_items[keep], new_items])
-    ratings = np.concatenate([old_ratings[keep], new_ratings])
-    if cap > 0:
-        items, ratings = items[-cap:], ratings[-cap:]
-    return items.astype(np.int64), ratings.astype(np.float64)
-
-
 # -- the operation -----------------------------------------------------------------------------------
 def onboard(
     rec: Recommender,
@@ -330,7 +314,7 @@ def onboard(
         if hist is not None:
             old_items, old_ratings = decode_history(hist)
         elif index is not None and cap:
-            old_items, old_ratings = model.user_history(index)
+            old_items, old_ratings = model.user_history_by_time(index)
             old_items, old_ratings = old_items[-cap:], old_ratings[-cap:]
         else:
             old_items, old_ratings = np.zeros(0, np.int64), np.zeros(0)

@@ -27,6 +27,7 @@ from serving.encoding import (
     encode_records,
     pack_params,
 )
+from serving.history import merge_history
 from serving.keys import KeyLayout, onboarded_slot, trained_slot
 from training.model_dir import TrainedModel
 
@@ -372,8 +373,11 @@ class RedisStore:
         of the current version, then switch ``current`` to it (unless ``switch=False``)."""
         if not 1 <= bucket_size <= 4096:
             raise ValueError(f"bucket_size must be in [1, 4096], got {bucket_size}")
-        if history_cap < 0:
-            raise ValueError(f"history_cap must be >= 0, got {history_cap}")
+        if history_cap < 1:
+            raise ValueError(
+                f"history_cap must be >= 1, got {history_cap}: refits see only the stored history, so "
+                "without one a trained user's next rating would refit them from that rating alone"
+            )
         lrs = model.lrs
         fmt = RecordFormat.for_model(
             rank=lrs.rank, sparsity=lrs.sparsity, d=lrs.d, precision=precision
@@ -403,10 +407,9 @@ class RedisStore:
             self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
             packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
             rec_bytes = packed.tobytes()
-            hist = HistoryEncoder(
+            hist = HistoryEncoder(  # oldest first, so the cap keeps each user's most recent
                 model.history_indptr,
-                model.history_items,
-                model.history_ratings,
+                *model.history_by_time(),
                 n_items=model.n_items,
                 cap=history_cap,
             )
@@ -497,9 +500,17 @@ class RedisStore:
             items_new = np.array(
                 [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
             )
-            ratings = ratings[keep][-new.history_cap :] if new.history_cap else ratings[:0]
-            items_new = items_new[-new.history_cap :] if new.history_cap else items_new[:0]
+            ratings = ratings[keep]
             idx = new_user_index.get(user_id)
+            if idx is not None and not same_model:
+                # a user the new model was trained on: their new training ratings (which may cover
+                # more than the old version saw) plus what they rated through the service, which
+                # wins where both have an item
+                train_items, train_ratings = model.user_history_by_time(idx)
+                items_new, ratings = merge_history(
+                    train_items, train_ratings, items_new, ratings, new.history_cap
+                )
+            items_new, ratings = items_new[-new.history_cap :], ratings[-new.history_cap :]
             if same_model and old.record_format == fmt:
                 record = rec
             elif same_model:  # same parameters, other precision: transcode

@@ -236,7 +236,17 @@ def test_onboarding_api_put_user_and_carry_over_on_publish(model_dirs, home):
     v2 = store.publish(b, refit=refit, carry_over_grace=0)
     assert v2.n_carried_over == 2
     # item vocabularies of a and b coincide here ("i0".."i59"), so indices map 1:1
-    assert calls == {"newbie": ([3, 4], [5.0, 1.0]), "u3": ([3, 4, 7], [5.0, 1.0, 2.0])}
+    # u3 is trained in b too: b's training ratings of u3 (which may be newer than what v1 saw) plus
+    # what u3 rated through the service, which wins where both have an item
+    b_items, b_ratings = b.user_history_by_time(3)
+    keep = ~np.isin(b_items, [3, 4, 7])
+    want_u3 = (
+        [*b_items[keep].tolist(), 3, 4, 7],
+        [*b_ratings[keep].tolist(), 5.0, 1.0, 2.0],
+    )
+    assert calls == {"newbie": ([3, 4], [5.0, 1.0]), "u3": want_u3}
+    _, hist_u3 = store.fetch([store.locate(v2, "u3", b.user_index()["u3"])], with_history=True)[0]
+    assert decode_history(hist_u3)[0].tolist() == want_u3[0]
     loc = store.locate(v2, "newbie", None)
     rec_bytes, hist = store.fetch([loc], with_history=True)[0]
     assert (
@@ -260,6 +270,33 @@ def test_history_is_published_and_capped(model_dirs, home):
     assert items.tolist() == full_items[-4:].tolist()
     assert ratings.tolist() == full_ratings[-4:].tolist()
     assert RecordFormat.from_json(meta.record_format.to_json()) == meta.record_format
+
+
+def test_history_cap_keeps_the_most_recent_ratings_by_time(home):
+    """Training histories are stored by item; with rating times the published history is each
+    user's ratings oldest first, so the cap keeps the newest (not the highest item indices)."""
+    import dataclasses
+
+    model = random_trained_model(n_users=20, n_items=40, ratings_per_user=9, random_state=3)
+    rng = np.random.default_rng(4)
+    ts = rng.permutation(model.history_items.size).astype(np.float64)
+    model = dataclasses.replace(model, history_timestamps=ts)
+    store = RedisStore(connect(home=home))
+    with pytest.raises(ValueError, match="history_cap must be >= 1"):
+        store.publish(model, history_cap=0)
+    meta = store.publish(model, history_cap=4)
+    for u in (0, 7, 19):
+        lo, hi = model.history_indptr[u], model.history_indptr[u + 1]
+        rows = (ts[lo:hi], model.history_items[lo:hi], model.history_ratings[lo:hi])
+        by_time = sorted(zip(*rows, strict=True))
+        _, hist = store.fetch([store.locate(meta, f"u{u}", u)], with_history=True)[0]
+        items, ratings = decode_history(hist)
+        assert items.tolist() == [int(i) for _, i, _ in by_time[-4:]]
+        assert ratings.tolist() == [r for _, _, r in by_time[-4:]]
+        np.testing.assert_array_equal(model.user_history_by_time(u)[0], [i for _, i, _ in by_time])
+    all_items, _ = model.history_by_time()
+    lo, hi = model.history_indptr[7], model.history_indptr[8]
+    np.testing.assert_array_equal(all_items[lo:hi], model.user_history_by_time(7)[0])
 
 
 def test_hot_path_reconnects_once_after_a_restart(model_dirs, home):

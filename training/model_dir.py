@@ -135,6 +135,25 @@ class TrainedModel:
         lo, hi = int(self.history_indptr[u]), int(self.history_indptr[u + 1])
         return np.asarray(self.history_items[lo:hi]), np.asarray(self.history_ratings[lo:hi])
 
+    def user_history_by_time(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """User u's training ratings oldest first (by time, then item) when the model stores rating
+        times, else in stored order — what a "keep the most recent" cap must cut."""
+        items, ratings = self.user_history(u)
+        if self.history_timestamps is None:
+            return items, ratings
+        lo, hi = int(self.history_indptr[u]), int(self.history_indptr[u + 1])
+        order = np.lexsort((items, self.history_timestamps[lo:hi]))
+        return items[order], ratings[order]
+
+    def history_by_time(self) -> tuple[np.ndarray, np.ndarray]:
+        """(history_items, history_ratings) with every user's slice oldest first (the CSR
+        ``history_indptr`` is unchanged); as stored when the model has no rating times."""
+        if self.history_timestamps is None:
+            return np.asarray(self.history_items), np.asarray(self.history_ratings)
+        users = np.repeat(np.arange(self.n_users), np.diff(self.history_indptr))
+        order = np.lexsort((self.history_items, self.history_timestamps, users))
+        return np.asarray(self.history_items[order]), np.asarray(self.history_ratings[order])
+
     def population_theta(self) -> np.ndarray:
         """θ of the non-personalised population model: U·w̄."""
         return np.asarray(self.lrs.U @ self.w_prior_mean, dtype=np.float64)

@@ -327,17 +327,20 @@ def _irls_supports(
     flag: np.ndarray[Any, Any],
     n_iter: int = 50,
     decay: float = 0.7,
-) -> IntArray:
+) -> tuple[IntArray, np.ndarray[Any, Any]]:
     """Sparse supports by iteratively reweighted least squares for the flagged users.
 
     For user u with A_u = [X_u U, X_u] (m_u × (r + d), underdetermined: m_u < r + d), iterate the
     weighted minimum-norm interpolation ``x = D A_uᵀ (A_u D A_uᵀ)⁻¹ y_u`` with weights
     ``D = diag(big, …, (b_i² + ε))`` (w essentially unpenalised, b pushed towards ℓ0-sparsity) and
-    ε decayed each iteration. Returns the top-k support of b (rows of unflagged users are zero).
+    ε decayed each iteration. Returns the top-k support of b for the flagged users it searched and
+    the mask of those users: a flagged user with m_u ≥ r + d (not underdetermined) is skipped, and
+    their row of zeros must not be used as a support.
     """
     r, d = Z.shape[1], data.d
     p = r + d
     S = np.zeros((data.n_users, k), dtype=np.int64)
+    searched = np.zeros(data.n_users, dtype=bool)
     for bk in data.buckets:
         sel = flag[bk.users] & (data.counts[bk.users] < p)
         if not sel.any():
@@ -369,7 +372,8 @@ def _irls_supports(
             wb = b * b + eps[:, None]
             Dg = np.concatenate((np.full((n, r), 1e4), wb / np.max(wb, axis=1)[:, None]), axis=1)
         S[bk.users[sel]] = top_k_indices(b, k)
-    return S
+        searched[bk.users[sel]] = True
+    return S, searched
 
 
 def _badly_fitted(obj: FloatArray, counts: IntArray, y_scale: float) -> np.ndarray[Any, Any]:
@@ -393,10 +397,14 @@ def _b_step_htp(
     restart: bool = True,
     omp_all: bool = True,
     irls: bool | None = None,
+    local: bool = False,
 ) -> tuple[FloatArray, IntArray, FloatArray]:
     """HTP b-step; with ``restart``, OMP candidates (always when ``omp_all``, otherwise only if some
     user is badly fitted) and IRLS candidates for badly fitted users, each kept where it fits better.
-    ``irls`` (default: ``not omp_all``, the estimator's schedule) says whether IRLS candidates run."""
+    ``irls`` (default: ``not omp_all``, the estimator's schedule) says whether IRLS candidates run.
+    ``local``: every user's result depends on their own samples only — OMP and IRLS candidates are
+    tried for every user instead of those fitted 10× worse than the median user (a cross-user
+    statistic), as user-level DP needs."""
     run_irls = (not omp_all) if irls is None else irls
     r = Z.shape[1]
     ridge = np.concatenate((np.full(r, ridge_w), np.full(k, ridge_b)))
@@ -418,9 +426,8 @@ def _b_step_htp(
     if not restart:
         return W, B_idx, B_val
     y_scale = float(np.mean(data.y * data.y))
-    flag = (
-        np.ones(data.n_users, dtype=bool) if omp_all else _badly_fitted(obj, data.counts, y_scale)
-    )
+    everyone = np.ones(data.n_users, dtype=bool)
+    flag = everyone if omp_all or local else _badly_fitted(obj, data.counts, y_scale)
     if flag.any():
         # HTP can stall at a wrong support: keep OMP's answer where it fits better
         sub, rows = data.subset(flag)
@@ -435,10 +442,12 @@ def _b_step_htp(
         # users still fitted much worse than the typical user: try IRLS supports as well (once U is
         # past the first iterations: before that a poor fit mostly reflects the error of U)
         for n_it, decay in IRLS_SCHEDULES if run_irls else ():
-            flag = _badly_fitted(obj, data.counts, y_scale)
+            flag = everyone if local else _badly_fitted(obj, data.counts, y_scale)
             if not flag.any():
                 break
-            S_i = np.where(flag[:, None], _irls_supports(data, Z, k, flag, n_it, decay), B_idx)
+            S_irls, searched = _irls_supports(data, Z, k, flag, n_it, decay)
+            flag = flag & searched
+            S_i = np.where(flag[:, None], S_irls, B_idx)
             F = np.concatenate((Z, data.gather(S_i)), axis=1)
             sol_i = _batched_ls(data, F, data.y, ridge)
             obj_i = _objective(data, F, sol_i, ridge)
@@ -540,6 +549,7 @@ def b_step(
     beta: float = 0.0,
     c1: float = 0.25,
     n_users: int | None = None,
+    local: bool = False,
 ) -> tuple[FloatArray, IntArray, FloatArray]:
     """Eq. 3 for every user: the sparse update of b_u → ``(W, B_idx, B_val)``.
 
@@ -551,6 +561,8 @@ def b_step(
     (w_u, b_u), so W is updated too; with ``restart`` it also runs orthogonal matching pursuit from
     scratch and, for users still fitted badly, IRLS support searches, and keeps per user the best
     fit (the estimator skips IRLS in its first iterations; a standalone call always runs it).
+    ``local=True`` makes each user's result a function of their own samples only (rescues tried for
+    every user, not chosen by a cross-user statistic): what DP-AMHT-LRS needs for its sensitivity.
     Samples need not be sorted by user, but
     the rows of W/B are in user order whatever the sample order.
     """
@@ -573,6 +585,7 @@ def b_step(
             ridge_b=ridge_b,
             restart=restart,
             irls=restart,  # a standalone call has no iteration schedule: all rescues run
+            local=local,
         )
     if method == "iht":
         idx, val = _b_step_iht(

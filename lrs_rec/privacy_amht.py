@@ -116,7 +116,9 @@ class DPAMHTLRS:
         W = w_step(X, y, users, U, B_idx, B_val, ridge=float(self.ridge_w), n_users=n_users)
         if int(self.sparsity) == 0:
             return W, B_idx, B_val
+        # local=True: the rescues must not pick users by a cross-user statistic, or one user's data
+        # would move other users' (w, b) and so their U-step terms (sensitivity, docs/privacy.md)
         return b_step(
             X, y, users, U, W, B_idx, B_val, method="htp",
-            ridge_w=float(self.ridge_w), ridge_b=float(self.ridge_b), n_users=n_users,
+            ridge_w=float(self.ridge_w), ridge_b=float(self.ridge_b), n_users=n_users, local=True,
         )  # fmt: skip

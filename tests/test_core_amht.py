@@ -273,3 +273,25 @@ def test_standalone_b_step_runs_the_irls_rescue(monkeypatch: pytest.MonkeyPatch)
     W = w_step(D.X, D.y, D.users, U0, B_idx, B_val, n_users=300)
     b_step(D.X, D.y, D.users, U0, W, B_idx, B_val, n_users=300)
     assert calls and sum(calls) > 0
+
+
+def test_irls_rescue_never_installs_a_support_it_did_not_search() -> None:
+    """Regression: a badly fitted user with m_u >= r + d is skipped by the IRLS search, whose row of
+    zeros was still installed as the support [0, 0, 0] when its (ridge-split) fit looked better,
+    and LRSModel then refused the repeated index. The reference twin skips such users too."""
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        d, r, k = 5, 1, 3
+        counts = [4] * 20 + [40]  # the last user is over-determined and very noisy
+        users = np.repeat(np.arange(len(counts)), counts)
+        X = rng.standard_normal((len(users), d))
+        U = np.linalg.qr(rng.standard_normal((d, r)))[0]
+        theta = rng.standard_normal((len(counts), r)) @ U.T
+        noise = np.where(users == 20, 5.0, 0.01) * rng.standard_normal(len(users))
+        y = np.einsum("nd,nd->n", X, theta[users]) + noise
+        kw = {"ridge_b": 100.0, "n_iter": 6, "tol": 0}
+        est = AMHTLRS(r, k, u_solver="direct", **kw).fit(X, y, users)  # type: ignore[arg-type]
+        assert np.all(np.diff(est.model_.B_idx, axis=1) > 0), seed
+        init = moments_init(X, y, users, len(counts), r)
+        ref, _ = fit_reference(X, y, users, len(counts), init, k, **kw)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(est.model_.B_idx[20], ref.B_idx[20])

@@ -53,3 +53,49 @@ def test_bad_parameters_are_rejected():
         DPAMHTLRS(6, 1).fit(data.X, data.y, data.users)
     with pytest.raises(ValueError, match="n_iter"):
         DPAMHTLRS(2, 1, n_iter=0).fit(data.X, data.y, data.users)
+
+
+def _per_user_and_statistics(est, X, y, users, n, U, bounds):
+    from lrs_rec.amht import sparse_predict
+    from lrs_rec.privacy import clipped_u_step_statistics
+
+    k = int(est.sparsity)
+    idx, val = np.tile(np.arange(k), (n, 1)), np.zeros((n, k))
+    W, Bi, Bv = est._per_user(X, y, users, n, U, idx, val)
+    pred = sparse_predict(X, users, Bi, Bv)
+    A, V = clipped_u_step_statistics(X, y, pred, users, W, bounds)
+    return W, Bi, Bv, A, V
+
+
+def test_per_user_step_depends_on_the_users_own_data_only():
+    """User-level DP: with the released U fixed, removing one user must leave every other user's
+    (w_u, b_u) unchanged, so the clipped U-step statistics move by at most their sensitivities.
+    Regression: the b-step's rescue chose users by a cross-user statistic (10x the median user's
+    error), which moved other users' (w, b) and A by up to 1.31 Δ_A."""
+    from lrs_rec.init import random_orthonormal
+    from lrs_rec.privacy import u_step_sensitivities
+
+    t, d, r, k, m = 9, 6, 2, 1, 4
+    bounds = ClipBounds(A1=1.0, A2=1.0, A3=1.0, A_w=0.5, max_samples_per_user=m)
+    dA, dV = u_step_sensitivities(bounds, one_hot=False)
+    est = DPAMHTLRS(r, k)
+    for seed in range(40, 70):
+        rng = np.random.default_rng(seed)
+        U = random_orthonormal(d, r, rng)
+        users = np.repeat(np.arange(t), m)
+        X = rng.standard_normal((t * m, d))
+        theta = rng.standard_normal((t, r)) @ U.T
+        theta[np.arange(t), rng.integers(0, d, t)] += 2 * rng.standard_normal(t)
+        sig = np.exp(rng.uniform(np.log(1e-3), np.log(3), t))  # very unequal noise levels
+        y = np.einsum("nd,nd->n", X, theta[users]) + sig[users] * rng.standard_normal(t * m)
+
+        W, Bi, Bv, A, V = _per_user_and_statistics(est, X, y, users, t, U, bounds)
+        keep = users != 0  # user 0 removed
+        W2, Bi2, Bv2, A2, V2 = _per_user_and_statistics(
+            est, X[keep], y[keep], users[keep] - 1, t - 1, U, bounds
+        )
+        np.testing.assert_array_equal(Bi[1:], Bi2, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(W[1:], W2, rtol=0, atol=1e-9, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(Bv[1:], Bv2, rtol=0, atol=1e-9, err_msg=f"seed {seed}")
+        assert np.linalg.norm(A - A2) <= dA * (1 + 1e-9), seed
+        assert np.linalg.norm(V - V2) <= dV * (1 + 1e-9), seed

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +284,121 @@ def test_rows_are_accounted_for(tmp_path: Path) -> None:
     dropped = c.get("missing_ratings", 0) + c.get("duplicates_removed", 0)
     dropped += c.get("ratings_out_of_scale_dropped", 0)
     assert t.report.rows_read == t.report.rows_kept + dropped == 5
+
+
+# -- review fixes: column resolution, BOMs, wrong types, id order ------------------------------
+BOTH = pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("header", "missing"),
+    [("user,item,timestamp", "rating"), ("user,rating,timestamp", "item")],
+)
+def test_header_without_a_needed_column_is_an_error(
+    tmp_path: Path, fast: bool, header: str, missing: str
+) -> None:
+    # the positional fallback must not read timestamps as ratings or ratings as item ids
+    p = write(tmp_path, "h.csv", f"{header}\n1,10,100\n2,11,101\n")
+    with pytest.raises(RatingFileError, match=rf"h\.csv:1: no {missing} column in header"):
+        load_ratings(p, LoadOptions(fast=fast))
+
+
+@BOTH
+def test_same_column_for_two_roles_is_an_error(tmp_path: Path, fast: bool) -> None:
+    p = write(tmp_path, "c.csv", "userId,movieId,rating\n1,10,4\n2,11,3\n")
+    with pytest.raises(RatingFileError, match="the user and item columns are both 'userId'"):
+        load_ratings(p, LoadOptions(user_col="userId", item_col="userId", fast=fast))
+    q = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"user": ["a"], "item": ["x"], "rating": [4.0]}), q)
+    with pytest.raises(RatingFileError, match="the user and item columns are both 'user'"):
+        load_ratings(q, LoadOptions(item_col="user"))
+
+
+@BOTH
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+def test_utf8_bom_is_stripped(tmp_path: Path, fast: bool, crlf: bool) -> None:
+    nl = "\r\n" if crlf else "\n"
+    rows = [("10", "1", 4.0, 100), ("20", "1", 3.0, 101), ("10", "2", 5.0, 102)]
+    for name, head in (("hdr.csv", "item,user,rating,timestamp"), ("nohdr.csv", None)):
+        lines = ([head] if head else []) + [
+            f"{i},{u},{r},{t}" if head else f"{u},{i},{r},{t}" for i, u, r, t in rows
+        ]
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + nl.join(lines).encode() + nl.encode())
+        t = load_ratings(p, LoadOptions(fast=fast))
+        assert as_rows(t) == sorted((u, i, r) for i, u, r, _ in rows)  # no '\ufeff1' user
+        assert "duplicates_removed" not in t.report.counts
+        assert "non_numeric_user_ids" not in t.report.counts
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("name", "body", "kw", "match"),
+    [
+        ("two.csv", "1,10\n2,11\n", {}, r"expected at least 3 comma-separated fields"),
+        ("c.csv", "1,10,4\n", {"format": "ml-100k"}, r"at least 3 tab-separated fields .*, got 1"),
+        ("c.csv", "1,10,4\n", {"format": "tsv"}, r"at least 3 tab-separated fields .*, got 1"),
+        ("c.csv", "1,10,4\n", {"format": "ml-1m"}, r"at least 3 '::'-separated fields"),
+        ("t.tsv", "1\t10\t4\t5\n", {"format": "ml-latest"}, r"3 comma-separated fields .*, got 1"),
+        ("t.tsv", "1\t10\t4\t5\n", {"format": "ml-1m"}, r"3 '::'-separated fields .*, got 1"),
+        ("c.csv", "1,10,4\n", {"user_col": "9"}, r"user column 9 is out of range: .* 3 comma"),
+        ("c.csv", "1,10,4\n", {"time_col": "9"}, r"time column 9 is out of range"),
+        ("c.csv", "1,10,4\n", {"user_col": "-1"}, r"user column '-1': positions are 0 or more"),
+    ],
+)
+def test_short_lines_and_bad_positions_are_errors(
+    tmp_path: Path, fast: bool, name: str, body: str, kw: dict[str, str], match: str
+) -> None:
+    p = write(tmp_path, name, body)
+    with pytest.raises(RatingFileError, match=rf"{name.replace('.', '[.]')}:1: .*" + match):
+        load_ratings(p, LoadOptions(fast=fast, **kw))
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "typ"),
+    [
+        ("timestamp", pa.array([1, 2], pa.date32()), "date32"),
+        ("timestamp", pa.array([1, 2], pa.duration("s")), "duration"),
+        ("rating", pa.array([[4], [3]]), "list"),
+        ("rating", pa.array([1, 2], pa.timestamp("s")), "timestamp"),
+        ("rating", pa.array([True, False]), "bool"),
+    ],
+)
+def test_parquet_wrong_column_types_are_errors(
+    tmp_path: Path, column: str, values: pa.Array, typ: str
+) -> None:
+    cols = {"user": pa.array(["a", "b"]), "item": pa.array(["x", "y"])}
+    cols["rating"] = pa.array([4.0, 3.0])
+    cols[column] = values
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table(cols), p)
+    with pytest.raises(RatingFileError, match=rf"t\.parquet: \w+ column '{column}' has type {typ}"):
+        load_ratings(p)
+
+
+def test_vocabulary_order_is_the_same_in_every_process() -> None:
+    # "7", "07", "007" tie on the number: without a tie-break their order followed str hashing
+    code = (
+        "from training.vocab import Vocabulary;"
+        "print(Vocabulary.from_ids(['7', '07', '007', '10', '010', 'b', 'a']).ids)"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(1, 5)
+    }
+    assert outs == {"('007', '07', '7', '010', '10', 'a', 'b')\n"}
+
+
+@BOTH
+def test_unicode_digit_ids_do_not_crash(tmp_path: Path, fast: bool) -> None:
+    # '²'.isdigit() is True but int('²') fails: such ids are plain strings
+    p = write(tmp_path, "u.csv", "user,item,rating\n²,10,4\n1,10,3\n")
+    t = load_ratings(p, LoadOptions(fast=fast))
+    assert Vocabulary.from_ids(t.users).ids == ("1", "²")

@@ -26,11 +26,16 @@ Cleaning rules (keys of :attr:`CleaningReport.counts`):
 
 Errors (``RatingFileError``, a ``ValueError``) name ``file:line`` and the value: a non-numeric rating
 (``"five"``), an empty user/item id, a row with too few columns, an unparsable timestamp, an unknown
-column name, an empty file (no rating rows), a Parquet file without the requested columns.
+column name, an empty file (no rating rows), a Parquet file without the requested columns. Column
+choices are checked on the first line: a header lacking a user/item/rating column (no guessing by
+position onto a column named as something else), a position that is negative or beyond the line,
+one column for two roles, and Parquet columns of a type with no rating/timestamp/id meaning are
+errors. A leading UTF-8 byte-order mark is ignored.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -54,6 +59,12 @@ _USER_NAMES = ("user", "userid", "user_id", "uid", "users", "customer_id", "visi
 _ITEM_NAMES = ("item", "itemid", "item_id", "iid", "movieid", "movie_id", "product_id", "movie")
 _RATING_NAMES = ("rating", "ratings", "score", "value", "stars")
 _TIME_NAMES = ("timestamp", "time", "ts", "date", "datetime", "time_stamp")
+_ROLE_NAMES = {
+    "user": _USER_NAMES,
+    "item": _ITEM_NAMES,
+    "rating": _RATING_NAMES,
+    "time": _TIME_NAMES,
+}
 _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
 
@@ -151,7 +162,7 @@ class LoadOptions:
 # ------------------------------------------------------------------------------------------------
 def _head_lines(path: Path, n: int = 20) -> list[str]:
     out: list[str] = []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         for line in f:
             s = line.strip()
             if not s or s[0] in "#%":
@@ -224,34 +235,53 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 # parsing
 # ------------------------------------------------------------------------------------------------
+def _is_position(s: str) -> bool:
+    """A 0-based column position: ASCII digits only ("²".isdigit() is True but int() rejects it)."""
+    return s.isascii() and s.isdigit()
+
+
 def _find_col(
-    spec: str | None,
-    header: list[str] | None,
-    names: tuple[str, ...],
-    default: int | None,
-    what: str,
-    where: str,
+    spec: str | None, header: list[str] | None, default: int | None, what: str, where: str
 ) -> int | None:
+    """The column of ``what`` (user/item/rating/time): ``spec`` as a header name or a 0-based
+    position; without a spec a known header name, else the ``default`` position."""
+    lowered = [h.strip().lower() for h in header] if header is not None else None
     if spec is not None:
-        if header is not None:
-            lowered = [h.strip().lower() for h in header]
-            if spec.strip().lower() in lowered:
-                return lowered.index(spec.strip().lower())
-        if spec.strip().lstrip("-").isdigit():
-            return int(spec)
+        s = spec.strip()
+        if lowered is not None and s.lower() in lowered:
+            return lowered.index(s.lower())
+        if _is_position(s):
+            return int(s)
+        if s.startswith("-") and _is_position(s[1:]):
+            # Python's "last column" reading of -1 would silently pick a different column
+            raise RatingFileError(f"{where}: {what} column {spec!r}: positions are 0 or more")
         raise RatingFileError(
             f"{where}: {what} column {spec!r} not found"
             + (f" in header {header}" if header is not None else " (the file has no header)")
         )
-    if header is not None:
-        lowered = [h.strip().lower() for h in header]
-        for name in names:
+    if lowered is not None:
+        for name in _ROLE_NAMES[what]:
             if name in lowered:
                 return lowered.index(name)
-        if default is not None and default < len(header):
+        # fall back on the position only if the header does not name that column as another
+        # role: "user,item,timestamp" has no rating column, its timestamps are not ratings
+        others = {n for role, names in _ROLE_NAMES.items() if role != what for n in names}
+        if default is not None and default < len(lowered) and lowered[default] not in others:
             return default
         return None
     return default
+
+
+def _check_distinct(cols: dict[str, int | None], names: list[str] | None, where: str) -> None:
+    """Two roles read from one column (``--user-col x --item-col x``) is always a mistake."""
+    seen: dict[int, str] = {}
+    for what, c in cols.items():
+        if c is None:
+            continue
+        if c in seen:
+            name = repr(names[c]) if names is not None else f"position {c}"
+            raise RatingFileError(f"{where}: the {seen[c]} and {what} columns are both {name}")
+        seen[c] = what
 
 
 def _parse_time(s: str, where: str) -> float:
@@ -272,7 +302,8 @@ def _parse_time(s: str, where: str) -> float:
 
 def _iter_rows(path: Path, delim: str) -> Iterator[tuple[int, list[str] | None, str]]:
     """Yield (line_number, fields or None for skipped lines, raw line)."""
-    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+    # utf-8-sig: a leading byte-order mark is dropped, not read into the first id or column name
+    with open(path, encoding="utf-8-sig", errors="strict", newline="") as f:
         try:
             if delim == "::":
                 for n, line in enumerate(f, start=1):
@@ -300,27 +331,52 @@ class _Collector:
 
 
 def _resolve_columns(
-    fields: list[str], opts: LoadOptions, where: str
+    fields: list[str], raw: str, delim: str, opts: LoadOptions, where: str
 ) -> tuple[list[str] | None, int, int, int, int | None]:
-    """From the first data-looking line: (header or None, user, item, rating, time column)."""
+    """From the first data-looking line: (header or None, user, item, rating, time column).
+
+    Shared by both readers so that they accept and refuse the same files with the same message."""
     header: list[str] | None = None
     # header: the rating-like field (3rd by default) is not a number
     guess_r = 2
-    if opts.rating_col is not None and opts.rating_col.strip().lstrip("-").isdigit():
+    if opts.rating_col is not None and _is_position(opts.rating_col.strip()):
         guess_r = int(opts.rating_col)
     cand = fields[guess_r].strip() if len(fields) > guess_r else ""
     if not _is_number(cand) and cand.lower() not in _MISSING:
         header = [c.strip() for c in fields]
         while header and header[-1] == "":
             header.pop()
-    ucol = _find_col(opts.user_col, header, _USER_NAMES, 0, "user", where)
-    icol = _find_col(opts.item_col, header, _ITEM_NAMES, 1, "item", where)
-    rcol = _find_col(opts.rating_col, header, _RATING_NAMES, 2, "rating", where)
     # headerless: the 4th column is the timestamp unless other columns were placed explicitly
     explicit = (opts.user_col, opts.item_col, opts.rating_col) != (None, None, None)
-    default_t = 3 if header is None and not explicit else None
-    tcol = _find_col(opts.time_col, header, _TIME_NAMES, default_t, "time", where)
+    specs = {
+        "user": (opts.user_col, 0),
+        "item": (opts.item_col, 1),
+        "rating": (opts.rating_col, 2),
+        "time": (opts.time_col, 3 if header is None and not explicit else None),
+    }
+    cols = {what: _find_col(spec, header, d, what, where) for what, (spec, d) in specs.items()}
+    for what in ("user", "item", "rating"):
+        if cols[what] is None:
+            raise RatingFileError(
+                f"{where}: no {what} column in header {header}; pass --{what}-col NAME|POS"
+            )
+    ucol, icol, rcol, tcol = cols["user"], cols["item"], cols["rating"], cols["time"]
     assert ucol is not None and icol is not None and rcol is not None
+    # a position given explicitly must exist; the default timestamp column is optional
+    width = len(header) if header is not None else len(fields)
+    for what, c in cols.items():
+        if c is not None and c >= width and specs[what][0] is not None:
+            raise RatingFileError(
+                f"{where}: {what} column {c} is out of range: the line has {width} "
+                f"{_delim_name(delim)}-separated fields: {raw!r}"
+            )
+    need = max(ucol, icol, rcol) + 1
+    if need > width:  # e.g. a comma file read with --format ml-100k (tabs): one field per line
+        raise RatingFileError(
+            f"{where}: expected at least {need} {_delim_name(delim)}-separated fields "
+            f"(user, item, rating), got {len(fields)}: {raw!r}"
+        )
+    _check_distinct(cols, header, where)
     return header, ucol, icol, rcol, tcol
 
 
@@ -346,7 +402,7 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
             continue
         assert fields is not None
         if not resolved:
-            header, ucol, icol, rcol, tcol = _resolve_columns(fields, opts, where)
+            header, ucol, icol, rcol, tcol = _resolve_columns(fields, raw, delim, opts, where)
             resolved = True
             if header is not None:
                 report.add("header_lines", where)
@@ -404,7 +460,7 @@ def _read_text_fast(
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
 
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # as the reference parser (utf-8-sig)
     if b'"' in data or b"\r" in data:
         return None
     body = data if data.endswith(b"\n") else data + b"\n"
@@ -415,7 +471,7 @@ def _read_text_fast(
     if delim is None:
         delim = sniff_delimiter(_head_lines(path))
     fields = first.split(delim)
-    header, ucol, icol, rcol, tcol = _resolve_columns(fields, opts, f"{path}:1")
+    header, ucol, icol, rcol, tcol = _resolve_columns(fields, first, delim, opts, f"{path}:1")
     n_fields = len(fields)
     if fields[-1].strip() == "" or (header is not None and n_fields != len(header)):
         return None  # trailing empty columns: the reference parser repairs and counts them
@@ -544,6 +600,25 @@ def _id_str(v: Any) -> str:
     return str(v).strip().strip('"').strip()
 
 
+def _check_parquet_type(path: Path, name: str, typ: Any, what: str) -> None:
+    """Refuse column types that have no rating / timestamp / id meaning (booleans, dates,
+    durations, lists, ...) up front, naming the column, rather than failing on some row."""
+    import pyarrow.types as pt
+
+    if pt.is_dictionary(typ):  # categorical columns: judge the values
+        typ = typ.value_type
+    text = pt.is_string(typ) or pt.is_large_string(typ)  # parsed like the text formats
+    number = pt.is_integer(typ) or pt.is_floating(typ) or pt.is_decimal(typ)  # not bool
+    if what == "time":
+        ok, want = text or number or pt.is_timestamp(typ), "numbers, a timestamp or ISO-8601 text"
+    elif what == "rating":
+        ok, want = text or number, "numbers"
+    else:
+        ok, want = text or number, "text or integers"
+    if not (ok or pt.is_null(typ)):  # an all-null column is read as missing values
+        raise RatingFileError(f"{path}: {what} column {name!r} has type {typ}; expected {want}")
+
+
 def _read_parquet(path: Path, opts: LoadOptions, report: CleaningReport) -> _Collector:
     import pyarrow.parquet as pq
 
@@ -554,22 +629,23 @@ def _read_parquet(path: Path, opts: LoadOptions, report: CleaningReport) -> _Col
     names = list(table.column_names)
     where = str(path)
 
-    def col(spec: str | None, cands: tuple[str, ...], what: str, required: bool) -> str | None:
-        idx = _find_col(spec, names, cands, None, what, where)
-        if idx is None:
-            if required:
-                raise RatingFileError(
-                    f"{path}: no {what} column among {names}; pass --{what}-col NAME"
-                )
-            return None
-        if not 0 <= idx < len(names):
+    found: dict[str, int | None] = {}
+    for what, spec in (
+        ("user", opts.user_col),
+        ("item", opts.item_col),
+        ("rating", opts.rating_col),
+        ("time", opts.time_col),
+    ):
+        idx = _find_col(spec, names, None, what, where)
+        if idx is None and what != "time":
+            raise RatingFileError(f"{path}: no {what} column among {names}; pass --{what}-col NAME")
+        if idx is not None and idx >= len(names):
             raise RatingFileError(f"{path}: {what} column index {idx} out of range for {names}")
-        return str(names[idx])
-
-    uc = col(opts.user_col, _USER_NAMES, "user", True)
-    ic = col(opts.item_col, _ITEM_NAMES, "item", True)
-    rc = col(opts.rating_col, _RATING_NAMES, "rating", True)
-    tc = col(opts.time_col, _TIME_NAMES, "time", False)
+        if idx is not None:
+            _check_parquet_type(path, names[idx], table.schema.field(idx).type, what)
+        found[what] = idx
+    _check_distinct(found, names, where)
+    uc, ic, rc, tc = (None if i is None else names[i] for i in found.values())
     assert uc is not None and ic is not None and rc is not None
     cols = {c: table.column(c).to_pylist() for c in {uc, ic, rc} | ({tc} if tc else set())}
     out = _Collector()

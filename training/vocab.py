@@ -9,8 +9,12 @@ import numpy as np
 
 
 def _natural_key(s: str) -> tuple[int, int, str]:
-    """Numeric ids sort numerically ("2" < "10"), other ids lexicographically after them."""
-    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+    """Numeric ids sort numerically ("2" < "10"), other ids lexicographically after them.
+
+    A total order: "7", "07" and "007" tie on the number, so the string breaks the tie (else
+    their order would follow the set's per-process hash order and the same seed would give a
+    different model). Only ASCII digits count: "²".isdigit() is True but int("²") fails."""
+    return (0, int(s), s) if s.isascii() and s.isdigit() else (1, 0, s)
 
 
 @dataclass(frozen=True)

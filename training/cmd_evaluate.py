@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from training.loaders import load_ratings
     from training.model_dir import load_model_dir
 
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
     model = load_model_dir(args.model)
     opts = load_options(args)
     if opts.rating_scale is None:  # test ratings live on the model's scale unless told otherwise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -90,7 +91,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Flag values TrainConfig cannot name (ValueError naming the flag), and an --out that
+    save_model_dir would refuse — both before any data is read or trained on."""
+    from training.model_dir import check_out_dir
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for flag in ("reg_w", "reg_b", "reg_features", "reg_bias"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}"
+            )
+    check_out_dir(args.out)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib
@@ -134,13 +152,14 @@ def run(args: argparse.Namespace) -> int:
         "onnx": onnx_path,
         "cleaning": rep.counts,
     }
-    if args.json:
-        print(json.dumps(summary, sort_keys=True))
+    if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
+        print(json.dumps(summary, sort_keys=True, allow_nan=False))
     else:
+        val = summary["val_rmse"]
         print(
             f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
             f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
-            f"val RMSE {summary['val_rmse']:.4f} (best iteration "
+            f"val RMSE {'-' if val is None else f'{val:.4f}'} (best iteration "
             f"{model.manifest['metrics']['best_iteration']})"
             + (f"; ONNX {onnx_path}" if onnx_path else "")
         )

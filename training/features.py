@@ -215,6 +215,10 @@ def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
     return ids, X
 
 
+def _examples(ids: list[str] | tuple[str, ...], n: int = 3) -> str:
+    return ", ".join(repr(i) for i in ids[:n]) + (", ..." if len(ids) > n else "") or "none"
+
+
 def load_item_features(path: str | os.PathLike[str], items: Vocabulary) -> PluginFeatures:
     """Align plug-in features with the training item vocabulary (see :class:`PluginFeatures`)."""
     ids, X = read_item_features(path)
@@ -233,4 +237,10 @@ def load_item_features(path: str | os.PathLike[str], items: Vocabulary) -> Plugi
         else:
             F[j] = X[k]
     used = len(items) - missing
+    if used == 0:
+        raise RatingFileError(
+            f"{path}: none of its {len(ids)} item ids matches a training item "
+            f"(feature file ids: {_examples(ids)}; training item ids: {_examples(items.ids)}); "
+            "the ids must be spelled as in the rating file"
+        )
     return PluginFeatures(F, n_missing=missing, n_unused=len(ids) - used, source=str(path))

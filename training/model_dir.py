@@ -29,6 +29,8 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ ARRAYS = "arrays.npz"
 USERS = "users.json"
 ITEMS = "items.json"
 ONNX = "model.onnx"
+OWN_FILES = frozenset({MANIFEST, ARRAYS, USERS, ITEMS, ONNX})
 
 SHARED_ARRAYS = ("U", "item_features", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov")
 """Arrays shared by all users (released in model.onnx); everything else in arrays.npz is per-user."""
@@ -195,13 +198,70 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _is_own_file(name: str) -> bool:
+    """A file save_model_dir or export writes (or a leftover temp file of export's atomic write)."""
+    return name in OWN_FILES or any(
+        name.startswith(f".{own}.") and name.endswith(".tmp") for own in OWN_FILES
+    )
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`ModelDirError` unless ``out_dir`` may be (re)written by :func:`save_model_dir`:
+    it is absent, an empty directory, or an lrs-rec model directory (a manifest.json of ours and
+    only model files). Nothing else is ever replaced: not a file, the current directory, or a
+    directory holding other files."""
+    out = Path(out_dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        what = "a symbolic link" if out.is_symlink() else "not a directory"
+        raise ModelDirError(f"{out}: exists and is {what}; choose another output path")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ModelDirError(
+            f"{out}: is (or contains) the current directory; choose a new directory for the model"
+        )
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    others = [n for n in names if not _is_own_file(n)]
+    if others or not _is_own_manifest(out / MANIFEST):
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ModelDirError(
+            f"{out}: exists and is not an lrs-rec model directory"
+            + (f" (it holds {shown})" if others else f" (no lrs-rec {MANIFEST})")
+            + "; refusing to replace it: choose a new or empty directory"
+        )
+
+
+def _is_own_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format_version", "arrays_sha256"} <= set(manifest)
+
+
+def _finite_json(o: Any) -> Any:
+    """``o`` with NaN / inf floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite_json(v) for v in o]
+    if isinstance(o, float | np.floating) and not np.isfinite(o):
+        return None
+    return o
+
+
 def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> TrainedModel:
     """Write ``model`` to ``out_dir`` atomically (a temp dir renamed into place).
 
     Fills ``format_version``, ``model_version`` (if absent), ``created_at`` and ``dims`` in the
-    manifest; returns the model with the manifest as written. An existing ``out_dir`` is replaced.
+    manifest (NaN metrics become null); returns the model with the manifest as written. An existing
+    ``out_dir`` is replaced only if it is empty or an lrs-rec model directory (:func:`check_out_dir`).
     """
     out = Path(out_dir)
+    check_out_dir(out)
     arrays: dict[str, np.ndarray] = dict(model.lrs.to_arrays())
     for name in _ARRAY_FIELDS:
         arrays[name] = np.asarray(getattr(model, name))
@@ -226,21 +286,24 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
         "sparsity": model.lrs.sparsity,
         "params_per_user": model.lrs.rank + model.lrs.sparsity,
     }
+    manifest = _finite_json(json.loads(json.dumps(manifest, default=_json_default)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
         (tmp / USERS).write_text(json.dumps(list(model.user_ids)))
         (tmp / ITEMS).write_text(json.dumps(list(model.item_ids)))
-        (tmp / MANIFEST).write_text(
-            json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
-        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)  # checked above: empty or only our model files
         os.replace(tmp, out)
     except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return TrainedModel(**{**_fields(model), "manifest": manifest})
 
 
@@ -261,9 +324,13 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ModelDirError(f"{model_dir}: not a model directory ({MANIFEST} missing)")
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{path}: cannot read: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelDirError(
@@ -273,29 +340,126 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+# name -> (ndim, integer?) of every array in arrays.npz; float arrays must be finite
+_ARRAY_SPECS: dict[str, tuple[int, bool]] = {
+    "U": (2, False),
+    "W": (2, False),
+    "B_idx": (2, True),
+    "B_val": (2, False),
+    "item_features": (2, False),
+    "item_bias": (1, False),
+    "user_bias": (1, False),
+    "global_mean": (0, False),
+    "w_prior_mean": (1, False),
+    "w_prior_cov": (2, False),
+    "history_indptr": (1, True),
+    "history_items": (1, True),
+    "history_ratings": (1, False),
+    "history_timestamps": (1, False),
+}
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with npz as z:
+            return {name: z[name] for name in z.files}
+    except FileNotFoundError as e:
+        raise ModelDirError(f"{path}: missing") from e
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ModelDirError(f"{path}: damaged or not a model array file ({e})") from e
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    """Every array present with its dtype kind, rank and finite values; shared ones match the
+    manifest's arrays_sha256 (a damaged or edited file is never served under the old version)."""
+    missing = set(_ARRAY_SPECS) - {"history_timestamps"} - set(arrays)
+    if missing:
+        raise ModelDirError(f"{path}: missing arrays {sorted(missing)}")
+    want = manifest.get("arrays_sha256")
+    if _digest({name: arrays[name] for name in SHARED_ARRAYS}) != want:
+        raise ModelDirError(
+            f"{path} does not match manifest arrays_sha256 {str(want)[:16]}...: the arrays were "
+            "changed or damaged after training; retrain or restore the model directory"
+        )
+    for name, a in arrays.items():
+        if name not in _ARRAY_SPECS:
+            continue
+        ndim, integer = _ARRAY_SPECS[name]
+        kinds = "iu" if integer else "fiu"
+        if a.dtype.kind not in kinds or a.ndim != ndim:
+            raise ModelDirError(
+                f"{path}: array {name} must be {ndim}-D {'integer' if integer else 'numeric'}, "
+                f"got {a.ndim}-D {a.dtype}"
+            )
+        if not integer and not np.all(np.isfinite(a)):
+            raise ModelDirError(f"{path}: array {name} contains NaN or inf")
+
+
+def _check_history(path: Path, model: TrainedModel) -> None:
+    indptr, items = model.history_indptr, model.history_items
+    nnz = items.shape[0]
+    if model.history_ratings.shape != items.shape:
+        raise ModelDirError(f"{path}: history_ratings and history_items differ in length")
+    if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
+        raise ModelDirError(f"{path}: history_indptr is not a CSR index of {nnz} ratings")
+    if nnz and (items.min() < 0 or items.max() >= model.n_items):
+        raise ModelDirError(
+            f"{path}: history_items must lie in [0, {model.n_items}), "
+            f"got range [{items.min()}, {items.max()}]"
+        )
+
+
+def _read_ids(path: Path) -> tuple[str, ...]:
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{path}: cannot read ({e})") from e
+    if not isinstance(ids, list) or not all(
+        isinstance(i, str | int) and not isinstance(i, bool) for i in ids
+    ):
+        raise ModelDirError(f"{path}: expected a JSON list of id strings")
+    out = tuple(str(i) for i in ids)
+    if len(set(out)) != len(out):
+        raise ModelDirError(f"{path}: ids are not distinct")
+    return out
+
+
 def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
-    """Load a model directory written by :func:`save_model_dir` (format version checked)."""
+    """Load a model directory written by :func:`save_model_dir`.
+
+    Checks the format version, the arrays against the manifest's ``arrays_sha256``, every array's
+    type, shape and finiteness, and the history index ranges; anything wrong is a
+    :class:`ModelDirError` naming the file."""
     root = Path(model_dir)
     manifest = read_manifest(root)
+    scale = manifest.get("rating_scale")
+    if not (
+        isinstance(scale, list)
+        and len(scale) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
+        and all(np.isfinite(scale))
+    ):
+        raise ModelDirError(f"{root / MANIFEST}: rating_scale must be [min, max], got {scale!r}")
+    path = root / ARRAYS
+    arrays = _read_arrays(path)
+    _check_arrays(path, arrays, manifest)
+    user_ids, item_ids = _read_ids(root / USERS), _read_ids(root / ITEMS)
     try:
-        with np.load(root / ARRAYS, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-        user_ids = tuple(str(u) for u in json.loads((root / USERS).read_text()))
-        item_ids = tuple(str(i) for i in json.loads((root / ITEMS).read_text()))
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelDirError(f"{model_dir}: cannot read model arrays/vocabularies: {e}") from e
-    missing = ({"U", "W", "B_idx", "B_val", "global_mean"} | set(_ARRAY_FIELDS)) - set(arrays)
-    if missing:
-        raise ModelDirError(f"{root / ARRAYS}: missing arrays {sorted(missing)}")
-    lo, hi = manifest["rating_scale"]
-    return TrainedModel(
-        lrs=LRSModel.from_arrays(arrays),
-        **{name: arrays[name] for name in _ARRAY_FIELDS},
-        global_mean=float(arrays["global_mean"]),
-        user_ids=user_ids,
-        item_ids=item_ids,
-        rating_min=float(lo),
-        rating_max=float(hi),
-        manifest=manifest,
-        history_timestamps=arrays.get("history_timestamps"),
-    )
+        model = TrainedModel(
+            lrs=LRSModel.from_arrays(arrays),
+            **{name: arrays[name] for name in _ARRAY_FIELDS},
+            global_mean=float(arrays["global_mean"]),
+            user_ids=user_ids,
+            item_ids=item_ids,
+            rating_min=float(scale[0]),
+            rating_max=float(scale[1]),
+            manifest=manifest,
+            history_timestamps=arrays.get("history_timestamps"),
+        )
+    except ValueError as e:
+        raise ModelDirError(f"{root}: inconsistent model files: {e}") from e
+    _check_history(path, model)
+    return model

@@ -271,6 +271,15 @@ def train(
             "unused_feature_rows": pf.n_unused,
         }
     state = init_state(cfg, train_part, n_users, n_items, plugin, rng)
+    hyperparameters: dict[str, Any] = cfg.to_dict()
+    if cfg.method in ("lrs", "rep") and state.U.shape[1] < cfg.rank:
+        # U comes from an SVD of the (n_users, d) user factors: at most n_users directions
+        print(
+            f"warning: rank r={cfg.rank} exceeds the {n_users} training users; "
+            f"using r={state.U.shape[1]}",
+            file=sys.stderr,
+        )
+        hyperparameters.update(rank=state.U.shape[1], rank_requested=cfg.rank)
     params = method_params(cfg)
     refine = cfg.refine_features and plugin is None
     learn_u = (not refine) and cfg.method in ("lrs", "rep")
@@ -336,7 +345,7 @@ def train(
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "method": cfg.method,
-        "hyperparameters": {**cfg.to_dict(), "effective_reg_u": reg_u if learn_u else None},
+        "hyperparameters": {**hyperparameters, "effective_reg_u": reg_u if learn_u else None},
         "data": {
             "source": table.report.source,
             "format": table.report.format,

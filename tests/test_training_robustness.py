@@ -1,0 +1,249 @@
+"""Bad input to the model directory and the train/evaluate CLI: clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.cli import main
+from serving.testing import random_trained_model
+from training.model_dir import (
+    SHARED_ARRAYS,
+    ModelDirError,
+    _digest,
+    check_out_dir,
+    load_model_dir,
+    save_model_dir,
+)
+from training.sample_data import make_sample_ratings, write_sample_ratings
+
+FAST = ["--dim", "4", "--rank", "2", "--sparsity", "1", "--n-iter", "1", "--quiet", "--no-export"]
+
+
+@pytest.fixture(scope="module")
+def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ratings")
+    return write_sample_ratings(d / "r.csv", make_sample_ratings(40, 30, random_state=1))
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    save_model_dir(
+        random_trained_model(n_users=6, n_items=8, d=5, rank=2, sparsity=1), tmp_path / "m"
+    )
+    return tmp_path / "m"
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+# -- 1. --out never deletes what is not ours --------------------------------------------------------
+def test_out_refuses_foreign_dir_file_and_cwd(
+    ratings: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_bytes(ratings.read_bytes())
+    (data / "notes.txt").write_text("keep me")
+    _cli_error(
+        capsys,
+        ["train", "--ratings", str(data / "ratings.csv"), "--out", str(data), *FAST],
+        "not an lrs-rec model directory",
+        "notes.txt",
+    )
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "ratings.csv"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _cli_error(capsys, ["train", "--ratings", str(ratings), "--out", str(afile), *FAST], "afile")
+    assert afile.read_text() == "x"
+    monkeypatch.chdir(data)
+    for out in (".", ".."):
+        with pytest.raises(ModelDirError, match="current directory"):
+            check_out_dir(out)
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "ratings.csv"]
+
+
+def test_out_replaces_only_model_dirs(ratings: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    out.mkdir()  # an empty directory is fine
+    assert main(["train", "--ratings", str(ratings), "--out", str(out), *FAST]) == 0
+    (out / "model.onnx").write_text("stale export")  # an older model's files are replaced
+    assert main(["train", "--ratings", str(ratings), "--out", str(out), *FAST]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "arrays.npz",
+        "items.json",
+        "manifest.json",
+        "users.json",
+    ]
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(ModelDirError, match=re.escape("mine.txt")):
+        save_model_dir(load_model_dir(out), out)
+    assert (out / "mine.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
+
+
+# -- 2. damaged model directories -------------------------------------------------------------------
+def _set_arrays(mdir: Path, rehash: bool = False, **changes: np.ndarray) -> None:
+    with np.load(mdir / "arrays.npz", allow_pickle=False) as z:
+        arrays = {n: z[n] for n in z.files}
+    arrays.update(changes)
+    np.savez(mdir / "arrays.npz", **arrays)  # type: ignore[arg-type]
+    if rehash:  # a consistent digest: the array checks themselves must catch the problem
+        manifest = json.loads((mdir / "manifest.json").read_text())
+        manifest["arrays_sha256"] = _digest({n: arrays[n] for n in SHARED_ARRAYS})
+        (mdir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(m: Path) -> None:
+    data = (m / "arrays.npz").read_bytes()
+    (m / "arrays.npz").write_bytes(data[: len(data) // 2])
+
+
+def _flip(m: Path) -> None:
+    data = bytearray((m / "arrays.npz").read_bytes())
+    data[200] ^= 0xFF
+    (m / "arrays.npz").write_bytes(bytes(data))
+
+
+def _manifest(m: Path, edit: Callable[[dict], object]) -> None:
+    manifest = json.loads((m / "manifest.json").read_text())
+    (m / "manifest.json").write_text(json.dumps(edit(manifest)))
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated": (_truncate, "arrays.npz: damaged"),
+    "flipped byte": (_flip, "arrays.npz: damaged"),
+    "empty npz": (lambda m: (m / "arrays.npz").write_bytes(b""), "arrays.npz: damaged"),
+    "no rating_scale": (
+        lambda m: _manifest(m, lambda d: {k: v for k, v in d.items() if k != "rating_scale"}),
+        "rating_scale",
+    ),
+    "manifest list": (lambda m: _manifest(m, lambda d: [d]), "expected a JSON object"),
+    "global_mean vector": (
+        lambda m: _set_arrays(m, True, global_mean=np.array([3.0, 3.0])),
+        "global_mean must be 0-D",
+    ),
+    "history out of range": (
+        lambda m: _set_arrays(m, history_items=np.full(30, 1000, np.int64)),
+        "history_items must lie in [0, 8)",
+    ),
+    "NaN item_bias, digest forged": (
+        lambda m: _set_arrays(m, True, item_bias=np.full(8, np.nan)),
+        "item_bias contains NaN",
+    ),
+    "NaN user_bias": (
+        lambda m: _set_arrays(m, user_bias=np.full(6, np.nan)),
+        "user_bias contains NaN",
+    ),
+    "users.json short": (
+        lambda m: (m / "users.json").write_text('["u0"]'),
+        "user_ids: length 1",
+    ),
+    "users.json objects": (
+        lambda m: (m / "users.json").write_text(json.dumps([{}] * 6)),
+        "users.json: expected a JSON list",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_model_dir_is_a_clear_error(model_dir: Path, case: str) -> None:
+    damage, message = DAMAGE[case]
+    damage(model_dir)
+    with pytest.raises(ModelDirError, match=re.escape(message)):
+        load_model_dir(model_dir)
+
+
+# -- 3. tampering ----------------------------------------------------------------------------------
+def test_edited_shared_arrays_fail_the_digest(
+    model_dir: Path, ratings: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _set_arrays(model_dir, item_features=np.zeros((8, 5)))
+    with pytest.raises(ModelDirError, match="does not match manifest arrays_sha256"):
+        load_model_dir(model_dir)
+    _cli_error(capsys, ["export", "--model", str(model_dir)], "arrays_sha256")
+    assert not (model_dir / "model.onnx").exists()
+
+
+# -- 4. plug-in features matching no training item -------------------------------------------------
+@pytest.mark.parametrize("n_rows", [0, 3])
+def test_item_features_matching_no_item(
+    ratings: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], n_rows: int
+) -> None:
+    feats = tmp_path / "f.npy"
+    np.save(feats, np.ones((n_rows, 3)))
+    (tmp_path / "f.npy.ids.txt").write_text("".join(f"x{j}\n" for j in range(n_rows)))
+    argv = ["train", "--ratings", str(ratings), "--item-features", str(feats)]
+    _cli_error(
+        capsys,
+        [*argv, "--out", str(tmp_path / "m"), *FAST],
+        "f.npy: none of its",
+        "training item ids: 'i",
+        "'x0'" if n_rows else "feature file ids: none",
+    )
+    assert not (tmp_path / "m").exists()
+
+
+# -- 5. CLI flags ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--reg-bias", "inf"], "--reg-bias must be a finite number >= 0"),
+        (["--reg-w", "inf"], "--reg-w must be a finite number >= 0"),
+        (["--reg-b", "nan"], "--reg-b must be"),
+    ],
+)
+def test_bad_train_flags_name_the_flag(
+    ratings: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
+) -> None:
+    _cli_error(
+        capsys,
+        ["train", "--ratings", str(ratings), "--out", str(tmp_path / "m"), *FAST, *flags],
+        needle,
+    )
+
+
+@pytest.mark.parametrize("k", ["-3", "0"])
+def test_evaluate_k_must_be_positive(
+    model_dir: Path, ratings: Path, capsys: pytest.CaptureFixture[str], k: str
+) -> None:
+    argv = ["evaluate", "--model", str(model_dir), "--ratings", str(ratings), "--k", k]
+    _cli_error(capsys, argv, f"--k must be >= 1, got {k}")
+
+
+def test_json_summary_without_validation_is_strict_json_and_rank_is_the_one_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("user,item,rating\n1,10,4\n2,11,3\n3,10,5\n")
+    out = tmp_path / "m"
+    argv = ["train", "--ratings", str(tiny), "--out", str(out), "--rank", "30", "--n-iter", "1"]
+    assert main([*argv, "--quiet", "--no-export", "--validation-fraction", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert summary["val_rmse"] is None and summary["dims"]["rank"] == 3
+    assert "rank r=30 exceeds the 3 training users; using r=3" in captured.err
+    text = (out / "manifest.json").read_text()
+    assert "NaN" not in text
+    manifest = json.loads(text)
+    assert manifest["hyperparameters"]["rank"] == 3 == manifest["dims"]["rank"]
+    assert manifest["hyperparameters"]["rank_requested"] == 30
+    assert load_model_dir(out).lrs.rank == 3
+    assert not math.isnan(summary["train_rmse"]) and os.path.isdir(out)

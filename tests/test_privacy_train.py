@@ -218,3 +218,40 @@ def test_ml100k_private_model_beats_its_own_population_model(ml100k_dir, tmp_pat
     personal = np.sqrt(np.mean((model.predict(users, items) - truth) ** 2))
     population = np.sqrt(np.mean((model.predict(np.full_like(users, -1), items) - truth) ** 2))
     assert personal < population
+
+
+@pytest.mark.parametrize("features", ["onehot", "plugin"])
+def test_local_user_step_depends_on_each_users_own_ratings_only(features):
+    """The trainer's per-user step (c_u, w_u, b_u) from the released U: removing one user must not
+    move any other user's parameters (the billboard argument behind the stated sensitivities)."""
+    import training.private_train as T
+
+    rng = np.random.default_rng(1)
+    n_users, n_items, r, k = 30, 25, 3, 2
+    pairs = sorted(
+        {
+            (u, int(i))
+            for u in range(n_users)
+            for i in rng.choice(n_items, rng.integers(2, 20), False)
+        }
+    )
+    users, items = (np.array(col) for col in zip(*pairs, strict=True))
+    t = rng.standard_normal(len(users)) * 2
+    cfg = PrivateConfig(features=features, sparsity=k, rank=r)
+    F = None if features == "onehot" else rng.random((n_items, 6))
+    U = np.linalg.qr(rng.standard_normal((n_items if F is None else 6, r)))[0]
+
+    def start(n):
+        return T._Local(
+            np.zeros(n), np.zeros((n, r)), np.tile(np.arange(k), (n, 1)), np.zeros((n, k))
+        )
+
+    a = T.local_user_step(cfg, F, U, users, items, t, n_users, start(n_users))
+    keep = users != 0
+    b = T.local_user_step(
+        cfg, F, U, users[keep] - 1, items[keep], t[keep], n_users - 1, start(n_users - 1)
+    )
+    np.testing.assert_array_equal(a.B_idx[1:], b.B_idx)
+    np.testing.assert_allclose(a.W[1:], b.W, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a.user_bias[1:], b.user_bias, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a.B_val[1:], b.B_val, rtol=0, atol=1e-12)

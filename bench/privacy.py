@@ -11,8 +11,9 @@ held-out samples of the same users, and the subspace error ‖(I − ÛÛᵀ)U*�
 Every private row lists the accountant's ε (RDP, the ledger's accountant) next to the target, plus the
 paper's Theorem 2 zCDP bound for the same noise.
 
-    python bench/privacy.py              # u1 + synthetic (~3 min on 2 cores), writes docs/
-    python bench/privacy.py --all-folds  # u1..u5 (~8 min)
+    python bench/privacy.py              # u1 + synthetic (~11 min on 2 cores), writes docs/
+    python bench/privacy.py --all-folds  # u1..u5 + synthetic (~10-14 min; synthetic alone ~9 min)
+    python bench/privacy.py --no-synthetic  # ML-100K only
     python bench/privacy.py --json --no-write
 """
 

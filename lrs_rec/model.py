@@ -13,6 +13,14 @@ from lrs_rec._types import FloatArray, IntArray
 NPZ_FORMAT = "lrs_rec.LRSModel/1"
 
 
+def _int_array(name: str, a: Any) -> IntArray:
+    """``a`` as int64, refusing floats, booleans and strings (a silent cast would truncate 1.7 to 1)."""
+    arr = np.asarray(a)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
 def _frozen(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     a = np.array(a, copy=True)
     a.setflags(write=False)
@@ -21,7 +29,10 @@ def _frozen(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 @dataclass(frozen=True, eq=False)
 class LRSModel:
-    """Shared orthonormal basis ``U: (d, r)``, per-user ``W: (n_users, r)`` and k-sparse ``B``.
+    """Shared basis ``U: (d, r)``, per-user ``W: (n_users, r)`` and k-sparse ``B``.
+
+    AMHT-LRS keeps U orthonormal; the model does not require it (the DP trainer's one-hot variant
+    stores an unnormalised U), so it is not checked here.
 
     ``B`` is stored compressed, user by user: ``B_idx: (n_users, k)`` coordinate indices (sorted,
     distinct within a row) and ``B_val: (n_users, k)`` their values. A row with fewer than k non-zeros
@@ -37,7 +48,7 @@ class LRSModel:
     def __post_init__(self) -> None:
         U = np.asarray(self.U, dtype=np.float64)
         W = np.asarray(self.W, dtype=np.float64)
-        B_idx = np.asarray(self.B_idx, dtype=np.int64)
+        B_idx = _int_array("B_idx", self.B_idx)
         B_val = np.asarray(self.B_val, dtype=np.float64)
         if U.ndim != 2:
             raise ValueError(f"U must be (d, r), got shape {U.shape}")
@@ -95,7 +106,7 @@ class LRSModel:
 
     def theta_rows(self, users: IntArray) -> FloatArray:
         """θ_u for the given users only, shape (len(users), d)."""
-        users = np.asarray(users, dtype=np.int64)
+        users = self._user_ids(users)
         out = self.W[users] @ self.U.T
         np.put_along_axis(
             out,
@@ -108,21 +119,25 @@ class LRSModel:
     def predict(self, X: FloatArray, users: IntArray) -> FloatArray:
         """Predictions ⟨x_j, θ_{u_j}⟩ for samples X: (N, d) of users: (N,)."""
         X = np.asarray(X, dtype=np.float64)
-        users = np.asarray(users, dtype=np.int64)
+        users = self._user_ids(users)
         if X.ndim != 2 or X.shape[1] != self.d:
             raise ValueError(f"X must be (N, {self.d}), got shape {X.shape}")
         if users.shape != (X.shape[0],):
             raise ValueError(f"users must be ({X.shape[0]},) to match X, got shape {users.shape}")
-        if users.size and (users.min() < 0 or users.max() >= self.n_users):
-            raise ValueError(
-                f"user ids must lie in [0, {self.n_users}), got range "
-                f"[{users.min()}, {users.max()}]"
-            )
         low_rank = np.einsum("nd,dr,nr->n", X, self.U, self.W[users])
         sparse = np.einsum(
             "nk,nk->n", np.take_along_axis(X, self.B_idx[users], axis=1), self.B_val[users]
         )
         return np.asarray(low_rank + sparse, dtype=np.float64)
+
+    def _user_ids(self, users: Any) -> IntArray:
+        """Integer user indices in [0, n_users) (no float truncation, no negative wrap-around)."""
+        out = _int_array("user ids", users)
+        if out.size and (out.min() < 0 or out.max() >= self.n_users):
+            raise ValueError(
+                f"user ids must lie in [0, {self.n_users}), got range [{out.min()}, {out.max()}]"
+            )
+        return out
 
     # -- persistence (npz, never pickle) ------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray[Any, Any]]:
@@ -135,20 +150,28 @@ class LRSModel:
             raise ValueError(f"LRSModel arrays are missing {sorted(missing)}")
         return cls(U=arrays["U"], W=arrays["W"], B_idx=arrays["B_idx"], B_val=arrays["B_val"])
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write to ``path`` as an uncompressed ``.npz`` (no pickled objects)."""
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write to ``path`` as an uncompressed ``.npz`` (no pickled objects); returns the path
+        written (numpy appends ``.npz`` when ``path`` lacks it, and :meth:`load` finds it)."""
         np.savez(path, format=np.array(NPZ_FORMAT), **self.to_arrays())  # type: ignore[arg-type]
+        out = os.fspath(path)
+        return out if out.endswith(".npz") else out + ".npz"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LRSModel:
-        with np.load(path, allow_pickle=False) as z:
+        where = os.fspath(path)
+        if not os.path.exists(where) and os.path.exists(where + ".npz"):
+            where += ".npz"  # saved as save(path) without the suffix
+        with np.load(where, allow_pickle=False) as z:
             fmt = str(z["format"]) if "format" in z.files else "<none>"
             if fmt != NPZ_FORMAT:
                 raise ValueError(
-                    f"{os.fspath(path)}: not an LRSModel file of format {NPZ_FORMAT!r} "
-                    f"(found {fmt!r})"
+                    f"{where}: not an LRSModel file of format {NPZ_FORMAT!r} (found {fmt!r})"
                 )
-            return cls.from_arrays({name: z[name] for name in ("U", "W", "B_idx", "B_val")})
+            try:
+                return cls.from_arrays({name: z[name] for name in z.files if name != "format"})
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
 
     @classmethod
     def from_dense_b(cls, U: FloatArray, W: FloatArray, B: FloatArray, k: int) -> LRSModel:

@@ -10,6 +10,8 @@ Both have a vectorised row-wise form (one row per user) next to the plain single
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
@@ -29,11 +31,14 @@ def hard_threshold(
     arr = np.asarray(v, dtype=np.float64)
     if arr.ndim not in (1, 2):
         raise ValueError(f"hard_threshold expects a vector or a matrix, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError("hard_threshold: v contains NaN (its magnitude has no rank)")
     if delta is not None:
         if not np.isfinite(delta) or delta < 0:
             raise ValueError(f"delta must be a finite non-negative number, got {delta!r}")
         return np.where(np.abs(arr) > delta, arr, 0.0)
     assert k is not None
+    _check_k(k, arr.shape[-1])
     rows = arr.reshape(1, -1) if arr.ndim == 1 else arr
     idx = top_k_indices(rows, k)
     out = np.zeros_like(rows)
@@ -58,6 +63,11 @@ def top_k_indices(rows: FloatArray, k: int) -> IntArray:
     return np.sort(order, axis=1).astype(np.int64)
 
 
+def _check_k(k: Any, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer in [0, {n}], got {k!r}")
+
+
 def hard_threshold_reference(
     v: FloatArray, *, k: int | None = None, delta: float | None = None
 ) -> FloatArray:
@@ -65,13 +75,18 @@ def hard_threshold_reference(
     if (k is None) == (delta is None):
         raise ValueError("hard_threshold needs exactly one of k= or delta=")
     vec = [float(x) for x in np.asarray(v, dtype=np.float64).ravel()]
+    if any(x != x for x in vec):  # NaN is the only value unequal to itself
+        raise ValueError("hard_threshold: v contains NaN (its magnitude has no rank)")
     out = [0.0] * len(vec)
     if delta is not None:
+        if not (delta == delta and abs(delta) != float("inf") and delta >= 0):
+            raise ValueError(f"delta must be a finite non-negative number, got {delta!r}")
         for i, x in enumerate(vec):
             if abs(x) > delta:
                 out[i] = x
         return np.array(out)
     assert k is not None
+    _check_k(k, len(vec))
     ranked = sorted(range(len(vec)), key=lambda i: (-abs(vec[i]), i))
     for i in ranked[:k]:
         out[i] = vec[i]

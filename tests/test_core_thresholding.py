@@ -45,8 +45,14 @@ def test_hard_threshold_forms_and_errors() -> None:
     np.testing.assert_array_equal(top_k_indices(v[None, :], 3), [[1, 2, 3]])
     with pytest.raises(ValueError, match="exactly one"):
         hard_threshold(v)
-    with pytest.raises(ValueError, match="k must be in"):
-        hard_threshold(v, k=6)
+    bad: list[dict[str, object]] = [{"k": 6}, {"k": -1}, {"k": 2.0}, {"delta": float("nan")}]
+    for kw in bad:  # the fast path and its twin refuse the same inputs
+        for f in (hard_threshold, hard_threshold_reference):
+            with pytest.raises(ValueError, match=r"k must be an integer in|delta must be"):
+                f(v, **kw)  # type: ignore[arg-type]
+    for f in (hard_threshold, hard_threshold_reference):
+        with pytest.raises(ValueError, match="NaN"):
+            f(np.array([1.0, np.nan, 3.0]), k=2)  # NaN was silently dropped by the fast path
 
 
 def test_enforce_row_sparsity_matches_reference() -> None:

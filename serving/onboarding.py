@@ -45,7 +45,12 @@ from lrs_rec.onboarding import (
 )
 from serving.encoding import decode_history, encode_history, encode_records
 from serving.history import merge_history
-from serving.recommender import ServingError, StoreUnavailableError, UnknownItemsError
+from serving.recommender import (
+    NotReadyError,
+    ServingError,
+    StoreUnavailableError,
+    UnknownItemsError,
+)
 from training.model_dir import TrainedModel
 
 if TYPE_CHECKING:
@@ -295,6 +300,20 @@ def onboard(
 
     user_id = validate_user_id(user_id)
     meta, loaded = rec._current()  # one consistent (served version, loaded model) snapshot
+    try:
+        current = rec.store.current_version()
+    except (redis.RedisError, OSError) as e:
+        raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+    if current != meta.version:
+        meta, loaded = rec._current(force=True)  # a switch this server has not picked up yet
+        if current != meta.version:
+            # this server is pinned to an older version (the current one's model is not in its
+            # model directory): publish carries over onboarded users of the CURRENT version only,
+            # so a rating acknowledged here would be lost at the next publish — refuse it
+            raise NotReadyError(
+                f"onboarding refused: this server serves store version {meta.version} but "
+                f"{current} is current; update the model directory to serve {current}"
+            )
     model = loaded.model
     new_items, new_ratings = parse_ratings(
         ratings,

@@ -233,6 +233,15 @@ class Recommender:
                             f"published version {new.version} is model {new.model_version!r} but "
                             f"{self.model_dir} holds {loaded.model.model_version!r}"
                         )
+                    elif not self.store.version_exists(state[0].version):
+                        # still on an older version (the new model is not in model_dir yet) that
+                        # has since been deleted: its records are gone, so serving it would
+                        # silently give everyone the population model — be unready instead
+                        raise NotReadyError(
+                            f"served store version {state[0].version} was deleted and the current "
+                            f"version {new.version} is model {new.model_version!r}, which "
+                            f"{self.model_dir} does not hold ({loaded.model.model_version!r})"
+                        )
             except _REDIS_ERRORS as e:
                 raise StoreUnavailableError(f"Redis unavailable: {e}") from e
             self._checked_at = time.monotonic()

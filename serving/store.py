@@ -100,6 +100,7 @@ class UserStore(Protocol):
 
     def current_version(self) -> str | None: ...
     def meta(self, version: str) -> VersionMeta: ...
+    def version_exists(self, version: str) -> bool: ...
     def locate(self, meta: VersionMeta, user_id: str, index: int | None) -> UserLocation: ...
     def fetch(
         self, locations: Sequence[UserLocation], *, with_history: bool
@@ -125,6 +126,10 @@ class RedisStore:
     def current_version(self) -> str | None:
         v = self.r.get(self.keys.current)
         return v.decode() if v is not None else None
+
+    def version_exists(self, version: str) -> bool:
+        """Whether ``version`` is (still) registered — read from Redis, not from the meta cache."""
+        return bool(self.r.hexists(self.keys.versions, version))
 
     def meta(self, version: str) -> VersionMeta:
         cached = self._meta_cache.get(version)

@@ -173,6 +173,35 @@ def test_version_switch_follows_store_and_model_dir(model_dirs, home, tmp_path):
     assert not store.r.keys(b"lrs:v1:*")
 
 
+def test_server_pinned_to_an_old_version_refuses_writes_and_goes_unready_when_it_is_deleted(
+    model_dirs, home
+):
+    """A server whose model directory lacks the current version's model keeps serving its version
+    (reads only). Onboarding there is refused: publish carries over the CURRENT version's onboarded
+    users only, so the rating would be acknowledged and then lost. Once its version is deleted its
+    records are gone: unready (503), never the population model for everyone."""
+    from serving.recommender import NotReadyError
+
+    a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
+    store = RedisStore(connect(home=home))
+    store.publish(a)
+    rec = Recommender(model_dirs["a"], home=home, version_refresh_interval=0)
+    assert rec.score("u5", ["i3"]).personalized  # serving v1
+    store.publish(b, carry_over_grace=0)  # v2 is current; rec stays on v1 (pinned)
+    assert rec.score("u5", ["i3"]).personalized and rec.store_version == "v1"
+    with pytest.raises(NotReadyError, match="onboarding refused"):
+        rec.onboard("carol", [("i1", 4.0)])
+    assert not store.r.hexists(store.keys.onboarded("v1"), "carol")
+    assert store.delete_version("v1") > 0
+    with pytest.raises(NotReadyError, match="deleted"):
+        rec.score("u5", ["i3"])
+    with pytest.raises(NotReadyError, match="deleted"):
+        rec.onboard("u5", [("i1", 4.0)])
+    ok, reason = rec.ready()
+    assert not ok and "deleted" in reason
+    assert not store.r.keys(b"lrs:v1:*")  # nothing written into the dead namespace
+
+
 def test_interrupted_publish_is_never_visible(model_dirs, home):
     a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
     store = RedisStore(connect(home=home))

@@ -402,3 +402,22 @@ def test_unicode_digit_ids_do_not_crash(tmp_path: Path, fast: bool) -> None:
     p = write(tmp_path, "u.csv", "user,item,rating\n²,10,4\n1,10,3\n")
     t = load_ratings(p, LoadOptions(fast=fast))
     assert Vocabulary.from_ids(t.users).ids == ("1", "²")
+
+
+def test_iso_times_without_a_zone_are_utc_whatever_the_machine(tmp_path, monkeypatch):
+    """The same log must give the same times on every machine (order around DST included)."""
+    import time as _time
+
+    path = tmp_path / "r.csv"
+    path.write_text(
+        "user,item,rating,timestamp\n1,10,4,1998-03-01T12:00:00\n1,11,3,1998-03-01T12:00:00+01:00\n"
+    )
+    got = []
+    for tz in ("UTC", "America/New_York", "Asia/Tokyo"):
+        monkeypatch.setenv("TZ", tz)
+        _time.tzset()
+        got.append(load_ratings(path).timestamps.tolist())
+    monkeypatch.delenv("TZ")
+    _time.tzset()
+    assert got[0] == got[1] == got[2]
+    assert got[0] == [888753600.0, 888750000.0]  # 12:00 UTC; 12:00+01:00 = 11:00 UTC

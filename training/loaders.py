@@ -43,7 +43,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,12 @@ def _check_distinct(cols: dict[str, int | None], names: list[str] | None, where:
         seen[c] = what
 
 
+def _epoch_seconds(t: datetime) -> float:
+    """Seconds since the epoch; a time without a zone is read as UTC (not the machine's local zone,
+    which would make the same log give different times, and around DST a different order)."""
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
+
+
 def _parse_time(s: str, where: str) -> float:
     s = s.strip()
     if s.lower() in _MISSING:
@@ -293,7 +299,7 @@ def _parse_time(s: str, where: str) -> float:
     except ValueError:
         pass
     try:
-        return datetime.fromisoformat(s).timestamp()
+        return _epoch_seconds(datetime.fromisoformat(s))
     except ValueError:
         raise RatingFileError(
             f"{where}: timestamp {s!r} is neither a number nor an ISO-8601 date"
@@ -652,7 +658,7 @@ def _read_parquet(path: Path, opts: LoadOptions, report: CleaningReport) -> _Col
     for row in range(table.num_rows):
         t = cols[tc][row] if tc else None
         if isinstance(t, datetime):
-            t = t.timestamp()
+            t = _epoch_seconds(t)
         _collect(
             out,
             report,

@@ -311,3 +311,21 @@ def test_conditional_prior_means_recover_a_linear_dependence() -> None:
     state = LRSState(0.0, np.zeros(n_users), np.zeros(n_items), F, U, W, np.zeros((n_users, d)))
     means = conditional_prior_means(state, Samples(users, items, np.zeros(users.size)), ridge=1e-9)
     np.testing.assert_allclose(means, W, atol=1e-6)
+
+
+def test_rankings_use_unclipped_scores_like_the_served_top_n():
+    """Clipped predictions tie every item above the scale's top and the tie would go to the lowest
+    item index; rankings (offline metrics and the served top-n) order by the raw score."""
+    import dataclasses
+
+    from serving.testing import random_trained_model
+    from training.evaluate import score_all_items
+
+    model = random_trained_model(n_users=6, n_items=30, random_state=2)
+    model = dataclasses.replace(model, global_mean=5.5)  # most raw scores above the 5.0 clip
+    users = np.arange(6)
+    scores = score_all_items(model, users)
+    raw = np.stack([model.predict(np.full(30, u), np.arange(30), clip=False) for u in users])
+    np.testing.assert_array_equal(scores, raw)
+    clipped = np.stack([model.predict(np.full(30, u), np.arange(30)) for u in users])
+    assert (clipped == 5.0).sum(axis=1).min() >= 10 and scores.max() > 5.0

@@ -162,8 +162,9 @@ class TrainedModel:
         return np.asarray(self.lrs.U @ self.w_prior_mean, dtype=np.float64)
 
     # -- reference prediction ---------------------------------------------------------------------
-    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Reference predictions for (user index, item index) pairs; index -1 means unknown."""
+    def predict(self, users: np.ndarray, items: np.ndarray, *, clip: bool = True) -> np.ndarray:
+        """Reference predictions for (user index, item index) pairs; index -1 means unknown.
+        ``clip=False`` gives the raw score, which is what rankings use (as the served top-n does)."""
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         if users.shape != items.shape:
@@ -179,7 +180,9 @@ class TrainedModel:
         pred = self.global_mean + np.einsum("nd,nd->n", feats, theta)
         pred[known_u] += self.user_bias[users[known_u]]
         pred[known_i] += self.item_bias[items[known_i]]
-        return np.asarray(np.clip(pred, self.rating_min, self.rating_max), dtype=np.float64)
+        if clip:
+            pred = np.clip(pred, self.rating_min, self.rating_max)
+        return np.asarray(pred, dtype=np.float64)
 
 
 def new_model_version(arrays_digest: str) -> str:

@@ -92,8 +92,10 @@ class RecommendRequest(BaseModel):
 class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    rating: StrictFloat | StrictInt
-    timestamp: StrictFloat | StrictInt | None = None
+    # StrictFloat takes JSON integers too (one type: errors read "Input should be a valid number",
+    # not a message per union branch); an integer beyond float range parses as inf and is refused
+    rating: StrictFloat
+    timestamp: StrictFloat | None = None
 
 
 class OnboardRequest(BaseModel):

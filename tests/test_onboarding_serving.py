@@ -201,6 +201,14 @@ def test_bad_requests_are_4xx_and_write_nothing(model_dirs, home):
             headers={"content-type": "application/json"},
         )
         assert got.status_code == 422 and "finite" in got.json()["error"]
+        got = c.put(
+            "/v1/users/newbie/ratings", json={"ratings": [{"item_id": "i1", "rating": True}]}
+        )
+        assert got.status_code == 422
+        assert (
+            got.json()["error"]
+            == "invalid request: ratings.0.rating: Input should be a valid number"
+        )
         got = c.put("/v1/users/newbie/ratings", content=b"{not json")
         assert got.status_code == 422 and "JSON" in got.json()["error"]
         # integers beyond float range (JSON numbers may have any number of digits): 422, not 500

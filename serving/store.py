@@ -472,6 +472,42 @@ class RedisStore:
                     self._put_meta(meta)
         return meta
 
+    def _merge_user(self, new: VersionMeta, user_id: str, idx: int | None, compute: Any) -> bool:
+        """Read what ``new`` holds for the user, ``compute(history, live) -> (record, history)``
+        (record None: only the history), write them + the onboarded marker. Single server:
+        WATCH the user's hashes so a server onboarding the same user meanwhile is never overwritten
+        (retry); Redis Cluster: marker first, no cross-slot WATCH (see :meth:`put_user`)."""
+        import redis
+
+        loc = self.locate(new, user_id, idx)
+        marker = self.keys.onboarded(new.version)
+        mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
+        if self.handle.is_cluster:
+            live = bool(self.r.hexists(marker, user_id))
+            record, history = compute(self.r.hget(loc.history_key, loc.field), live)
+            if record is None:
+                self.r.hset(marker, user_id, mark)
+                self.r.hset(loc.history_key, loc.field, history)
+                return False
+            self.put_user(new, user_id, idx, record, history)
+            return True
+        for _ in range(_CARRY_RETRIES):
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(loc.history_key, loc.params_key)
+                    live = bool(pipe.hexists(marker, user_id))
+                    record, history = compute(pipe.hget(loc.history_key, loc.field), live)
+                    pipe.multi()
+                    pipe.hset(marker, user_id, mark)
+                    if record is not None:
+                        pipe.hset(loc.params_key, loc.field, record)
+                    pipe.hset(loc.history_key, loc.field, history)
+                    pipe.execute()
+                    return record is not None
+                except redis.WatchError:
+                    continue
+        raise RuntimeError(f"carry-over of {user_id!r}: {_CARRY_RETRIES} concurrent-write retries")
+
     def _carry_over(
         self,
         old_version: str,
@@ -502,50 +538,51 @@ class RedisStore:
             items_old, ratings = decode_history(hist)
             ext = [old_items[i] for i in items_old]
             keep = np.array([e in new_item_index for e in ext], dtype=bool)
-            items_new = np.array(
+            items_carried = np.array(
                 [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
             )
-            ratings = ratings[keep]
             idx = new_user_index.get(user_id)
-            if idx is not None and not same_model:
-                # a user the new model was trained on: their new training ratings (which may cover
-                # more than the old version saw) plus what they rated through the service, which
-                # wins where both have an item
-                train_items, train_ratings = model.user_history_by_time(idx)
-                items_new, ratings = merge_history(
-                    train_items, train_ratings, items_new, ratings, new.history_cap
-                )
-            items_new, ratings = items_new[-new.history_cap :], ratings[-new.history_cap :]
-            if same_model and old.record_format == fmt:
-                record = rec
-            elif same_model:  # same parameters, other precision: transcode
-                p = decode_record(old.record_format, rec)
-                record = encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0]
-            elif refit is not None:
-                bias, w, b_idx, b_val = refit(model, user_id, items_new, ratings)
-                record = encode_records(fmt, [bias], [w], [b_idx], [b_val])[0]
-            else:
-                log.warning(
-                    "user %r was onboarded in %s but no refit hook is installed: their history is "
-                    "carried over, their parameters fall back to the %s",
-                    user_id,
-                    old_version,
-                    "trained record" if idx is not None else "population model",
-                )
-                if idx is None:
-                    self.r.hset(self.keys.onboarded(new.version), user_id, f"{time.time_ns()}:-1")
-                    loc = self.locate(new, user_id, None)
-                    self.r.hset(
-                        loc.history_key,
-                        loc.field,
-                        encode_history(items_new, ratings, n_items=model.n_items),
+            carried = (items_carried, ratings[keep])
+
+            def compute(
+                new_hist: bytes | None, live: bool, user_id: str = user_id, rec: bytes = rec,
+                carried: tuple[np.ndarray, np.ndarray] = carried, idx: int | None = idx,
+            ) -> tuple[bytes | None, bytes]:  # fmt: skip
+                # what the new version already holds for the user: their new training history
+                # (published moments ago) or, once the new version is live, what servers wrote
+                # there since the switch. The service's ratings win over training data; live
+                # writes in the new version win over the old version's copy (they are newer).
+                items, ratings = carried
+                if new_hist is not None:
+                    new_items, new_ratings = decode_history(new_hist)
+                    if live:
+                        items, ratings = merge_history(items, ratings, new_items, new_ratings, 0)
+                    else:
+                        items, ratings = merge_history(new_items, new_ratings, items, ratings, 0)
+                items, ratings = items[-new.history_cap :], ratings[-new.history_cap :]
+                history = encode_history(items, ratings, n_items=model.n_items)
+                if same_model and not live:  # same parameters: carry the record as it is
+                    if old.record_format == fmt:
+                        return rec, history
+                    p = decode_record(old.record_format, rec)
+                    return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history
+                if refit is None:
+                    log.warning(
+                        "user %r was onboarded in %s but no refit hook is installed: their "
+                        "history is carried over, their parameters are not refitted",
+                        user_id,
+                        old_version,
                     )
-                continue
-            self.put_user(
-                new, user_id, idx, record, encode_history(items_new, ratings, n_items=model.n_items)
-            )
-            n += 1
+                    return None, history
+                bias, w, b_idx, b_val = refit(model, user_id, items, ratings)
+                return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history
+
+            if self._merge_user(new, user_id, idx, compute):
+                n += 1
         return n
+
+
+_CARRY_RETRIES = 50
 
 
 def trained_user_records(model: TrainedModel, precision: str) -> Iterable[bytes]:

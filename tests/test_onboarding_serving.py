@@ -272,6 +272,47 @@ def test_publish_refits_onboarded_users_with_the_new_model(model_dirs, home):
     np.testing.assert_allclose(got.scores, want, atol=2e-2)
 
 
+def test_grace_pass_merges_with_ratings_written_into_the_new_version(model_dirs, home, monkeypatch):
+    """Publish under traffic: after the switch, servers onboard into the NEW version while a
+    request that passed its check just before the switch lands in the OLD one. The grace pass
+    re-carries that user; it must merge with what the new version received meanwhile. Regression:
+    it refitted from the old version's copy and overwrote the new version's record and history
+    (a review lost 464 of 3 996 acknowledged ratings this way)."""
+    import serving.store as store_mod
+    from serving.encoding import decode_history, encode_history, encode_records
+
+    rec_a = _serve(model_dirs["a"], home)
+    rec_a.onboard("carol", [("i1", 4.0)])
+    store = rec_a.store
+    v1 = store.meta("v1")
+    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
+
+    def traffic_during_grace(_seconds: float) -> None:
+        # late write into v1 (carol's v1 marker changes: the grace pass will carry her again)
+        rec = encode_records(v1.record_format, [0.0], [np.zeros(R)], [np.arange(K)], [np.zeros(K)])
+        late = encode_history([1, 2], [4.0, 5.0], n_items=N_ITEMS)
+        store.put_user(v1, "carol", None, rec[0], late)
+        # a live write into the new version by a server that has switched
+        assert rec_b.onboard("carol", [("i3", 1.0)]).store_version == "v2"
+
+    monkeypatch.setattr(store_mod.time, "sleep", traffic_during_grace)
+    meta = store.publish(
+        load_model_dir(model_dirs["b"]),
+        model_dir=str(model_dirs["b"]),
+        refit=refit_for_publish,
+        carry_over_grace=1.0,
+    )
+    assert meta.n_carried_over == 2  # first pass + grace pass
+    _, hist = store.fetch([store.locate(meta, "carol", None)], with_history=True)[0]
+    items, ratings = decode_history(hist)
+    pairs = sorted(zip(items.tolist(), ratings.tolist(), strict=True))
+    assert pairs == [(1, 4.0), (2, 5.0), (3, 1.0)]
+    got = rec_b.score("carol", ["i0", "i4"])
+    want = _expected_scores(rec_b.model, items.tolist(), ratings.tolist(), [0, 4])
+    assert got.personalized
+    np.testing.assert_allclose(got.scores, want, atol=2e-2)
+
+
 @pytest.mark.redis
 def test_concurrent_onboarding_loses_nobody(model_dirs, home):
     rec = _serve(model_dirs["a"], home)

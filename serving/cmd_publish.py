@@ -178,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
             "precision": meta.record_format.precision,
             "record_bytes": meta.record_format.size,
             "carried_over": meta.n_carried_over,
-            "switched": not args.no_switch,
+            # a newer version made current by an overlapping publish is not switched away from
+            "switched": (not args.no_switch) and store.current_version() == meta.version,
             # INFO used_memory moves by allocator noise of a few KB: below ~1000 users the delta
             # says nothing per user (it can even be negative), so it is not reported then
             "redis_bytes_per_user_incl_history": (

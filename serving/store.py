@@ -150,14 +150,41 @@ class RedisStore:
     def _put_meta(self, meta: VersionMeta) -> None:
         self.r.hset(self.keys.versions, meta.version, meta.to_json())
 
-    def switch(self, version: str) -> None:
-        """Make ``version`` the served one (a single atomic SET). It must be fully written."""
+    def switch(self, version: str, *, only_forward: bool = False) -> bool:
+        """Make ``version`` the served one (a single atomic SET). It must be fully written.
+
+        ``only_forward`` (what publish uses): switch only if no NEWER version is current — of two
+        overlapping publishes the one started last wins, whichever finishes first — checked and set
+        atomically (WATCH on the current pointer). Returns whether it switched; an explicit
+        rollback (``lrs-rec publish --switch V``) passes ``only_forward=False``."""
+        import redis
+
         meta = self.meta(version)
         if meta.status != "ready":
             raise ValueError(
                 f"store version {version} is {meta.status!r}, not ready; not switching"
             )
-        self.r.set(self.keys.current, version)
+        if not only_forward:
+            self.r.set(self.keys.current, version)
+            return True
+        while True:
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.current)
+                    cur = pipe.get(self.keys.current)
+                    if cur is not None and _version_seq(cur.decode()) > _version_seq(version):
+                        log.warning(
+                            "not switching to %s: the newer version %s is already current",
+                            version,
+                            cur.decode(),
+                        )
+                        return False
+                    pipe.multi()
+                    pipe.set(self.keys.current, version)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def item_ids(self, version: str) -> list[str]:
         raw = self.r.get(self.keys.items(version))
@@ -459,8 +486,7 @@ class RedisStore:
             except Exception:  # Redis itself may be what failed
                 pass
             raise
-        if switch:
-            self.switch(version)
+        if switch and self.switch(version, only_forward=True):
             if old is not None and seen and carry_over_grace >= 0:
                 # users onboarded into the old version while we were publishing (servers notice
                 # the switch within their version-refresh interval): carry them over again
@@ -583,6 +609,11 @@ class RedisStore:
 
 
 _CARRY_RETRIES = 50
+
+
+def _version_seq(version: str) -> int:
+    """The sequence number of a store version name ``v<N>``."""
+    return int(version[1:]) if version[1:].isdigit() else -1
 
 
 def trained_user_records(model: TrainedModel, precision: str) -> Iterable[bytes]:

@@ -202,6 +202,20 @@ def test_server_pinned_to_an_old_version_refuses_writes_and_goes_unready_when_it
     assert not store.r.keys(b"lrs:v1:*")  # nothing written into the dead namespace
 
 
+def test_overlapping_publishes_the_one_started_last_wins(model_dirs, home):
+    """publish switches only forward: a publish that finishes after a NEWER version went live does
+    not switch back to its older one (an explicit rollback still can)."""
+    a = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    slow = store.publish(a, switch=False)  # v1: started first, still "finishing"
+    store.publish(a)  # v2: started later, done first
+    assert store.current_version() == "v2"
+    assert store.switch(slow.version, only_forward=True) is False  # the slow one finishing
+    assert store.current_version() == "v2"
+    assert store.switch(slow.version) is True  # explicit rollback
+    assert store.current_version() == "v1"
+
+
 def test_interrupted_publish_is_never_visible(model_dirs, home):
     a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
     store = RedisStore(connect(home=home))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +66,18 @@ def write_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Tra
     save_model_dir(model, out_dir)
     export_model_dir(out_dir)
     return load_model_dir(Path(out_dir))
+
+
+def write_random_model_dirs(
+    root: str | os.PathLike[str], seeds: dict[str, int], **model_kw: Any
+) -> dict[str, Path]:
+    """One model directory ``root/name`` per ``name: seed`` of ``random_trained_model(random_state=
+    seed, **model_kw)``; a ``model_version`` of ``"{name}"`` form is filled in by ``str.format``."""
+    out = {}
+    for name, seed in seeds.items():
+        kw = dict(model_kw)
+        if isinstance(kw.get("model_version"), str):
+            kw["model_version"] = kw["model_version"].format(name=name)
+        write_model_dir(random_trained_model(random_state=seed, **kw), Path(root) / name)
+        out[name] = Path(root) / name
+    return out

@@ -17,3 +17,13 @@ def ml100k_dir() -> Path:
             f"MovieLens 100K not found at {ML100K} (tests marked ml100k need ../shared/data)"
         )
     return ML100K
+
+
+@pytest.fixture
+def home(tmp_path: Path):
+    """LRS_HOME of an embedded redis-server for one test; the server is stopped afterwards."""
+    from serving.connection import stop_embedded
+
+    h = tmp_path / "h"
+    yield h
+    stop_embedded(h, save=False)

@@ -21,7 +21,7 @@ from serving.onboarding import (
 )
 from serving.recommender import Recommender, UnknownItemsError
 from serving.store import RedisStore
-from serving.testing import random_trained_model, write_model_dir
+from serving.testing import write_random_model_dirs
 from training.model_dir import TrainedModel, load_model_dir
 
 N_USERS, N_ITEMS, D, R, K = 120, 60, 16, 4, 4
@@ -29,29 +29,11 @@ N_USERS, N_ITEMS, D, R, K = 120, 60, 16, 4, 4
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("onb_models")
-    out = {}
-    for name, seed in (("a", 11), ("b", 12)):
-        m = random_trained_model(
-            n_users=N_USERS,
-            n_items=N_ITEMS,
-            d=D,
-            rank=R,
-            sparsity=K,
-            ratings_per_user=8,
-            random_state=seed,
-            model_version=f"model-{name}",
-        )
-        write_model_dir(m, root / name)
-        out[name] = root / name
-    return out
-
-
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "h"
-    yield h
-    stop_embedded(h, save=False)
+    return write_random_model_dirs(
+        tmp_path_factory.mktemp("onb_models"), {"a": 11, "b": 12},
+        n_users=N_USERS, n_items=N_ITEMS, d=D, rank=R, sparsity=K, ratings_per_user=8,
+        model_version="model-{name}",
+    )  # fmt: skip
 
 
 def _serve(model_dir: Path, home: Path, **publish: object) -> Recommender:

@@ -38,12 +38,11 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "h"
-    monkeypatch.setenv("LRS_HOME", str(h))
+def home(home, monkeypatch):
+    """The shared embedded-Redis home (conftest), also made the default through the environment."""
+    monkeypatch.setenv("LRS_HOME", str(home))
     monkeypatch.delenv("LRS_REDIS_URL", raising=False)
-    yield h
-    stop_embedded(h, save=False)
+    return home
 
 
 @pytest.fixture

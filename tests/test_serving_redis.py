@@ -13,7 +13,7 @@ from serving.connection import connect, embedded_server, stop_embedded
 from serving.encoding import RecordFormat, decode_history, encode_history, encode_records
 from serving.recommender import Recommender, StoreUnavailableError, UnknownItemsError
 from serving.store import RedisStore
-from serving.testing import random_trained_model, write_model_dir
+from serving.testing import random_trained_model, write_random_model_dirs
 from training.model_dir import TrainedModel, load_model_dir
 
 pytestmark = pytest.mark.redis
@@ -23,28 +23,10 @@ N_USERS, N_ITEMS, D, R, K = 300, 60, 16, 8, 8
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        m = random_trained_model(
-            n_users=N_USERS,
-            n_items=N_ITEMS,
-            d=D,
-            rank=R,
-            sparsity=K,
-            ratings_per_user=6,
-            random_state=seed,
-        )
-        write_model_dir(m, root / name)
-        out[name] = root / name
-    return out
-
-
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "h"
-    yield h
-    stop_embedded(h, save=False)
+    return write_random_model_dirs(
+        tmp_path_factory.mktemp("models"), {"a": 1, "b": 2},
+        n_users=N_USERS, n_items=N_ITEMS, d=D, rank=R, sparsity=K, ratings_per_user=6,
+    )  # fmt: skip
 
 
 def _rounded(model: TrainedModel, precision: str) -> TrainedModel:

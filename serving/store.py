@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -553,7 +554,7 @@ class RedisStore:
         old_items = self.item_ids(old_version)
         new_item_index = model.item_index()
         new_user_index = model.user_index()
-        fmt = new.record_format
+        job = _CarryOver(old, new, model, refit, same_model)
         n = 0
         ids = list(todo)
         locs = [self.locate(old, u, todo[u][1]) for u in ids]
@@ -568,47 +569,64 @@ class RedisStore:
                 [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
             )
             idx = new_user_index.get(user_id)
-            carried = (items_carried, ratings[keep])
-
-            def compute(
-                new_hist: bytes | None, live: bool, user_id: str = user_id, rec: bytes = rec,
-                carried: tuple[np.ndarray, np.ndarray] = carried, idx: int | None = idx,
-            ) -> tuple[bytes | None, bytes]:  # fmt: skip
-                # what the new version already holds for the user: their new training history
-                # (published moments ago) or, once the new version is live, what servers wrote
-                # there since the switch. The service's ratings win over training data; live
-                # writes in the new version win over the old version's copy (they are newer).
-                items, ratings = carried
-                if new_hist is not None:
-                    new_items, new_ratings = decode_history(new_hist)
-                    if live:
-                        items, ratings = merge_history(items, ratings, new_items, new_ratings, 0)
-                    else:
-                        items, ratings = merge_history(new_items, new_ratings, items, ratings, 0)
-                items, ratings = items[-new.history_cap :], ratings[-new.history_cap :]
-                history = encode_history(items, ratings, n_items=model.n_items)
-                if same_model and not live:  # same parameters: carry the record as it is
-                    if old.record_format == fmt:
-                        return rec, history
-                    p = decode_record(old.record_format, rec)
-                    return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history
-                if refit is None:
-                    log.warning(
-                        "user %r was onboarded in %s but no refit hook is installed: their "
-                        "history is carried over, their parameters are not refitted",
-                        user_id,
-                        old_version,
-                    )
-                    return None, history
-                bias, w, b_idx, b_val = refit(model, user_id, items, ratings)
-                return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history
-
+            compute = partial(
+                job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
+            )
             if self._merge_user(new, user_id, idx, compute):
                 n += 1
         return n
 
 
 _CARRY_RETRIES = 50
+
+
+@dataclass(frozen=True)
+class _CarryOver:
+    """One carry-over from ``old`` into ``new`` (with ``model``): turns a user's carried history
+    and what ``new`` already holds into the record + history to write (``RedisStore._merge_user``)."""
+
+    old: VersionMeta
+    new: VersionMeta
+    model: TrainedModel
+    refit: RefitHook | None
+    same_model: bool
+
+    def carried_user(
+        self,
+        new_hist: bytes | None,
+        live: bool,
+        *,
+        user_id: str,
+        rec: bytes,
+        carried: tuple[np.ndarray, np.ndarray],
+    ) -> tuple[bytes | None, bytes]:
+        # what the new version already holds for the user: their new training history (published
+        # moments ago) or, once the new version is live, what servers wrote there since the
+        # switch. The service's ratings win over training data; live writes in the new version
+        # win over the old version's copy (they are newer). merge_history: the second one wins.
+        present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
+        (old_i, old_r), (new_i, new_r) = (carried, present) if live else (present, carried)
+        items, ratings = merge_history(old_i, old_r, new_i, new_r, self.new.history_cap)
+        history = encode_history(items, ratings, n_items=self.model.n_items)
+        fmt = self.new.record_format
+        if self.same_model and not live:  # same parameters: carry the record as it is
+            if self.old.record_format == fmt:
+                return rec, history
+            p = decode_record(self.old.record_format, rec)
+            return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history
+        if self.refit is None:
+            log.warning(
+                "user %r was onboarded in %s but no refit hook is installed: their history is "
+                "carried over, their parameters are not refitted",
+                user_id,
+                self.old.version,
+            )
+            return None, history
+        bias, w, b_idx, b_val = self.refit(self.model, user_id, items, ratings)
+        return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history
+
+
+_NO_HISTORY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 
 
 def _version_seq(version: str) -> int:

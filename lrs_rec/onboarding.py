@@ -339,38 +339,59 @@ def estimate_prior(
         dof = users.size - n_users * (1 + r + lrs.sparsity)
         noise_var = max(sse / dof if dof > users.size // 4 else sse / users.size, 1e-6)
 
-    p = 0
     desc = np.zeros((n_items, 0))
     if implicit and n_users > 2 and np.all(counts > 0):
         desc = item_descriptors(item_features, item_bias, np.bincount(items, minlength=n_items))
-        p = desc.shape[1]
-    if p == 0:
-        zeros_p = np.zeros((0, 0))
-        return OnboardingPrior(
-            t_mean=t_mean,
-            t_cov=t_cov,
-            b_var=b_var,
-            noise_var=noise_var,
-            item_desc=desc,
-            m_mean=np.zeros(0),
-            C_mm=zeros_p,
-            S_within=zeros_p,
-            C_tm=np.zeros((1 + r, 0)),
+    if history_timestamps is not None and desc.shape[1]:
+        items, users, counts = _first_ratings(
+            items, users, indptr, counts, history_timestamps, episode_size
         )
-    if history_timestamps is not None:
-        ts = np.asarray(history_timestamps, dtype=np.float64)
-        if ts.shape != items.shape or not np.all(np.isfinite(ts)):
-            raise ValueError(
-                f"history_timestamps must be finite and match history_items {items.shape}, "
-                f"got shape {ts.shape}"
-            )
-        if episode_size < 1:
-            raise ValueError(f"episode_size must be >= 1, got {episode_size}")
-        order = np.lexsort((items, ts, users))  # by user, then time, then item
-        rank = np.arange(users.size) - indptr[users[order]]
-        keep = order[rank < episode_size]
-        items, users = items[keep], users[keep]
-        counts = np.minimum(counts, episode_size)
+    m_mean, C_mm, S, C_tm = _implicit_moments(T, desc, items, users, counts)
+    return OnboardingPrior(
+        t_mean=t_mean,
+        t_cov=t_cov,
+        b_var=b_var,
+        noise_var=noise_var,
+        item_desc=desc,
+        m_mean=m_mean,
+        C_mm=C_mm,
+        S_within=S,
+        C_tm=C_tm,
+    )
+
+
+def _first_ratings(
+    items: IntArray,
+    users: IntArray,
+    indptr: IntArray,
+    counts: IntArray,
+    history_timestamps: FloatArray,
+    episode_size: int,
+) -> tuple[IntArray, IntArray, IntArray]:
+    """Each user's first ``episode_size`` ratings by time (ties by item): (items, users, counts)."""
+    ts = np.asarray(history_timestamps, dtype=np.float64)
+    if ts.shape != items.shape or not np.all(np.isfinite(ts)):
+        raise ValueError(
+            f"history_timestamps must be finite and match history_items {items.shape}, "
+            f"got shape {ts.shape}"
+        )
+    if episode_size < 1:
+        raise ValueError(f"episode_size must be >= 1, got {episode_size}")
+    order = np.lexsort((items, ts, users))  # by user, then time, then item
+    rank = np.arange(users.size) - indptr[users[order]]
+    keep = order[rank < episode_size]
+    return items[keep], users[keep], np.minimum(counts, episode_size)
+
+
+def _implicit_moments(
+    T: FloatArray, desc: FloatArray, items: IntArray, users: IntArray, counts: IntArray
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """(m̄, C_mm, S, C_tm) of the users' mean descriptors m_u (empty when ``desc`` has no columns):
+    C_mm is cov(m_u) minus the sampling part mean(S/n_u), projected to PSD relative to S."""
+    n_users, q = T.shape
+    p = desc.shape[1]
+    if p == 0:
+        return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((q, 0))
     G = desc[items]  # (N, p)
     M = np.zeros((n_users, p))
     np.add.at(M, users, G)
@@ -386,17 +407,7 @@ def estimate_prior(
     C_mm = (SQ * np.maximum(lam, 0.0)) @ SQ.T
     Tc = T - T.mean(axis=0)
     C_tm = Tc.T @ (M - m_mean) / (n_users - 1)
-    return OnboardingPrior(
-        t_mean=t_mean,
-        t_cov=t_cov,
-        b_var=b_var,
-        noise_var=noise_var,
-        item_desc=desc,
-        m_mean=m_mean,
-        C_mm=C_mm,
-        S_within=S,
-        C_tm=C_tm,
-    )
+    return m_mean, C_mm, S, C_tm
 
 
 def public_prior(

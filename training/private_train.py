@@ -593,8 +593,9 @@ def find_catalogue(ratings_path: str | Path) -> Path | None:
 # -- `lrs-rec train --epsilon E --delta D` (flags: training.private_cli) --------------------------------
 def _public_items(
     args: argparse.Namespace,
-) -> tuple[tuple[str, ...], np.ndarray | None, str, str]:
-    """(item ids, plug-in features or None, features mode, provenance of the item ids)."""
+) -> tuple[tuple[str, ...], np.ndarray | None, str, str, str | None]:
+    """(item ids, plug-in features or None, features mode, provenance of the item ids, provenance
+    of the plug-in features for the ledger — None for one-hot, which the ledger describes itself)."""
     mode = getattr(args, "dp_features", "auto")
     cat_path = getattr(args, "item_catalog", None) or find_catalogue(args.ratings)
     cat = read_catalogue(cat_path) if cat_path else None
@@ -602,25 +603,39 @@ def _public_items(
         from training.features import read_item_features
 
         ids, X = read_item_features(args.item_features)
+        declared = (
+            f"public: plug-in item features from {args.item_features}, declared public by the "
+            "caller (not computed from ratings)"
+        )
         if cat is not None:
             pos = {s: j for j, s in enumerate(ids)}
             F = np.zeros((len(cat.ids), X.shape[1]))
             for a, s in enumerate(cat.ids):
                 if s in pos:
                     F[a] = X[pos[s]]
-            return cat.ids, F, "plugin", f"public catalogue {cat.source}"
-        return tuple(ids), X, "plugin", f"ids of the plug-in features {args.item_features}"
+            return cat.ids, F, "plugin", f"public catalogue {cat.source}", declared
+        return (
+            tuple(ids),
+            X,
+            "plugin",
+            f"ids of the plug-in features {args.item_features}",
+            declared,
+        )
     if mode == "plugin":
         raise ValueError("--dp-features plugin needs --item-features PATH")
     if cat is None:
         if mode == "genres":
             raise ValueError("--dp-features genres needs a MovieLens catalogue (--item-catalog)")
-        return (), None, "onehot", ""
+        return (), None, "onehot", "", None
     if mode in ("auto", "genres") and cat.genres is not None:
-        return cat.ids, cat.features(), "plugin", f"public catalogue {cat.source}"
+        genres = (
+            f"public: genre flags and release period from the catalogue {cat.source} "
+            "(item metadata, not computed from ratings)"
+        )
+        return cat.ids, cat.features(), "plugin", f"public catalogue {cat.source}", genres
     if mode == "genres":
         raise ValueError(f"{cat.source}: the catalogue has no genres")
-    return cat.ids, None, "onehot", f"public catalogue {cat.source}"
+    return cat.ids, None, "onehot", f"public catalogue {cat.source}", None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -638,7 +653,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     table = load_ratings(args.ratings, load_options(args))
-    item_ids, feats, mode, provenance = _public_items(args)
+    item_ids, feats, mode, provenance, feature_provenance = _public_items(args)
     dropped = 0
     if (
         not item_ids
@@ -680,6 +695,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     assert fit.privacy is not None
     fit.privacy["released_arrays"]["item_ids"] = provenance
+    if feature_provenance is not None:
+        fit.privacy["released_arrays"]["item_features"] = feature_provenance
     train_rmse = float(
         np.sqrt(
             np.mean(

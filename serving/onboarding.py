@@ -258,10 +258,11 @@ def parse_ratings(
     unknown = [r[0] for r in rows if r[0] not in item_index]
     if unknown:
         raise UnknownItemsError(list(dict.fromkeys(unknown)))
-    if any(r[2] is not None for r in rows) and any(r[2] is None for r in rows):
-        raise OnboardingInputError("either every rating has a timestamp or none has")
-    # time order: by timestamp when given, else list position; the latest rating of an item wins
-    rows.sort(key=lambda r: (r[2] if r[2] is not None else 0.0, r[3]))
+    # time order: by timestamp when every entry has one (ties: list position), else list position
+    # (an entry without a timestamp cannot be placed among timed ones); the latest rating of an
+    # item wins
+    if all(r[2] is not None for r in rows):
+        rows.sort(key=lambda r: (r[2], r[3]))
     latest: dict[str, float] = {}
     for item_id, rating_f, _, _ in rows:
         latest.pop(item_id, None)  # re-insert: dict order = time order of the latest rating

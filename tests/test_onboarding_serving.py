@@ -64,6 +64,14 @@ def test_parse_ratings_dedups_and_orders():
         rating_max=5,
     )
     assert items.tolist() == [1, 3] and ratings.tolist() == [2.0, 4.0]
+    # timestamps on some entries only: list order decides (the "(item_id, rating[, ts])")
+    items, ratings = parse_ratings(
+        [("i3", 4.0, 30), ("i1", 2), ("i3", 1.0, 20)],
+        item_index=index,
+        rating_min=1,
+        rating_max=5,
+    )
+    assert items.tolist() == [1, 3] and ratings.tolist() == [2.0, 1.0]
 
 
 def test_merge_history_replaces_rerated_items_and_caps():
@@ -84,7 +92,6 @@ def test_merge_history_replaces_rerated_items_and_caps():
         ([("i1", float("nan"))], "finite"),
         ([("i1", "4")], "must be a number"),
         ([("i1", True)], "must be a number"),
-        ([("i1", 4.0, 1.0), ("i2", 4.0)], "every rating has a timestamp"),
         ([("i1\n", 4.0)], "control"),
         ([("x" * 300, 4.0)], "at most 256"),
         ([("i1", 4.0)] * 1001, "too many ratings"),

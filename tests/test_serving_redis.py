@@ -216,7 +216,7 @@ def test_interrupted_publish_is_never_visible(model_dirs, home):
     assert not store.r.keys(b"lrs:v2:*")
 
 
-def test_redis_restart_keeps_data_and_outage_fails_fast(model_dirs, home):
+def test_redis_restart_keeps_data_and_outage_fails_fast(model_dirs, home, no_revive):
     model = load_model_dir(model_dirs["a"])
     store = RedisStore(connect(home=home))
     store.publish(model)

@@ -193,5 +193,6 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         for k, v in out.items():
-            print(f"{k}: {v}")
+            if v is not None:  # e.g. no per-user memory figure for < 1000 users (JSON keeps null)
+                print(f"{k}: {v}")
     return 0

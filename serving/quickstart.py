@@ -1,7 +1,7 @@
 """``lrs-rec quickstart``: the whole path on built-in sample data, in seconds.
 
-generate sample ratings (training.sample_data) -> train -> export ONNX -> publish to the embedded
-Redis under LRS_HOME -> start the HTTP service on 127.0.0.1 -> show recommendations and scores over
+generate sample ratings (training.sample_data) -> train -> export ONNX -> publish to an embedded
+Redis of its own under LRS_HOME/quickstart -> start the HTTP service on 127.0.0.1 -> show recommendations and scores over
 HTTP -> stop (``--serve`` keeps the service running until Ctrl-C).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -24,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--home",
         default=None,
-        help="data directory (default $LRS_HOME, else ./.lrs-rec); the model goes to "
-        "HOME/quickstart/model, Redis data to HOME",
+        help="data directory (default $LRS_HOME, else ./.lrs-rec); everything goes under "
+        "HOME/quickstart (sample data, model, and a separate embedded Redis), so the demo "
+        "never touches the models you published to HOME",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address of the service")
     p.add_argument("--port", type=int, default=0, help="port of the service (default: a free one)")
@@ -88,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     export_model_dir(model_dir)
     _say(f"exported the shared weights -> {model_dir / 'model.onnx'}", t0)
 
-    handle = connect(None, home=home, socket_timeout=30.0, connect_timeout=5.0)
+    # the demo's own embedded Redis under HOME/quickstart: publishing, switching and pruning
+    # there cannot touch the versions a user published to HOME's store
+    handle = connect(None, home=work, socket_timeout=30.0, connect_timeout=5.0)
     store = RedisStore(handle)
     meta = store.publish(model, model_dir=str(model_dir))
     pruned = store.prune(keep=2)
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         t0,
     )
 
-    rec = Recommender(model_dir, home=home)
+    rec = Recommender(model_dir, home=work)
     app = create_app(rec)
     port = args.port or _free_port(args.host)
     # log_config=None: an in-process server must not reconfigure (and close) the host's logging
@@ -157,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         _say("done" + ("" if args.serve else " (use --serve to keep the service running)"), t0)
         if args.serve:
             print(f"serving on {base} — Ctrl-C to stop", flush=True)
+            # uvicorn runs in a thread here and installs no signal handlers: make SIGTERM exit
+            # through the clean-up below (and atexit, which stops the embedded Redis) like Ctrl-C
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             while thread.is_alive():
                 thread.join(0.5)
     finally:

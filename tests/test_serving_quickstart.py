@@ -20,7 +20,38 @@ def test_quickstart_runs_the_whole_path_and_exits(tmp_path, capsys):
         assert '"personalized": true' in out and '"personalized": false' in out
         assert "422" in out  # the unknown item is shown as a client error
         assert (home / "quickstart" / "model" / "model.onnx").is_file()
-        store = RedisStore(connect(home=home))
+        store = RedisStore(connect(home=home / "quickstart"))
         assert store.current_version() == "v1"
     finally:
+        stop_embedded(home / "quickstart", save=False)
+
+
+def test_quickstart_leaves_the_users_own_store_alone(tmp_path, capsys):
+    """Regression: quickstart published into HOME's store, switched `current` to the demo model
+    and pruned the user's older versions."""
+    from serving.testing import random_trained_model
+    from training.model_dir import save_model_dir
+
+    home = tmp_path / "home"
+    mine = save_model_dir(
+        random_trained_model(n_users=20, n_items=10, d=6, rank=2, sparsity=1, random_state=0),
+        tmp_path / "mine",
+    )
+    try:
+        store = RedisStore(connect(home=home))
+        for _ in range(3):
+            store.publish(mine)
+        before = ([m.version for m in store.list_versions()], store.current_version())
+        store.handle.close()
+        for _ in range(2):
+            assert (
+                cli_main(["quickstart", "--home", str(home), "--users", "150", "--items", "60"])
+                == 0
+            )
+        capsys.readouterr()
+        store = RedisStore(connect(home=home))
+        after = ([m.version for m in store.list_versions()], store.current_version())
+        assert after == before == (["v1", "v2", "v3"], "v3")
+    finally:
+        stop_embedded(home / "quickstart", save=False)
         stop_embedded(home, save=False)

@@ -270,6 +270,12 @@ def budget_from_env(
     return read(MAX_EPSILON_ENV, max_epsilon), read(MAX_DELTA_ENV, max_delta)
 
 
+def _budget(max_epsilon: float | None, max_delta: float | None) -> str:
+    parts = [f"ε ≤ {max_epsilon:g}" if max_epsilon is not None else "",
+             f"δ ≤ {max_delta:g}" if max_delta is not None else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p)
+
+
 def check_budget(
     manifest: Mapping[str, Any],
     *,
@@ -288,7 +294,7 @@ def check_budget(
     if not isinstance(privacy, Mapping):
         raise PrivacyBudgetError(
             f"model {version} has no privacy ledger (trained without differential privacy, ε = ∞); "
-            f"the configured budget is ε ≤ {max_epsilon}, δ ≤ {max_delta}: train it with "
+            f"the configured budget is {_budget(max_epsilon, max_delta)}: train it with "
             "`lrs-rec train --epsilon E --delta D` or unset the budget"
         )
     try:

@@ -120,7 +120,7 @@ def test_budget_check_refuses_over_budget_missing_and_tampered_ledgers(monkeypat
     with pytest.raises(PrivacyBudgetError, match="max δ"):
         check_budget(manifest, max_epsilon=5.0, max_delta=1e-7)
     with pytest.raises(
-        PrivacyBudgetError, match="no privacy ledger.*the configured budget is ε ≤ 10:"
+        PrivacyBudgetError, match=r"no privacy ledger.*the configured budget is ε ≤ 10:"
     ):
         check_budget({"model_version": "v0"}, max_epsilon=10.0)  # (no "δ ≤ None")
     tampered = json.loads(json.dumps(manifest))

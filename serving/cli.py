@@ -7,7 +7,9 @@ Heavy dependencies (onnxruntime, uvicorn, redis) are imported inside ``run``, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,11 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def blas_threads() -> contextlib.AbstractContextManager[object]:
+    """One BLAS thread unless the environment sets a count. AMHT-LRS and the trainer run many
+    small batched solves (e.g. one 100 × 100 system per user per IRLS step), where OpenBLAS's
+    threads cost more than they give, and far more when the cores are busy: ML-100K `train` took
+    37 s wall / 19 s CPU with 2 threads vs 17 s / 4.5 s with 1 at load 2 (docs/design.md)."""
+    if any(os.environ.get(v) for v in BLAS_THREAD_VARS):
+        return contextlib.nullcontext()
+    import numpy  # noqa: F401  (threadpoolctl limits the BLAS libraries already loaded)
+    from threadpoolctl import threadpool_limits
+
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=1, user_api="blas")
+    return limits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mod = importlib.import_module(args._module)
     try:
-        return int(mod.run(args) or 0)
+        with blas_threads():
+            return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -36,3 +36,13 @@ def no_revive(monkeypatch):
     from serving.connection import RedisHandle
 
     monkeypatch.setattr(RedisHandle, "revive_embedded", lambda self: False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread():
+    """The suite runs with one BLAS thread, as the `lrs-rec` CLI does (serving.cli.blas_threads):
+    the many small batched solves are slower with OpenBLAS threads, much slower on a busy machine."""
+    from serving.cli import blas_threads
+
+    with blas_threads():
+        yield

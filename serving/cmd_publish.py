@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--history-cap",
         type=int,
         default=DEFAULT_HISTORY_CAP,
-        help="most recent ratings kept per user for exclude_rated and refits",
+        help="most recent ratings kept per user for exclude_rated and refits (default %(default)s)",
     )
     p.add_argument(
         "--no-switch",

@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    p.add_argument("--max-n", type=int, default=1000, help="largest n for /v1/recommend")
+    p.add_argument(
+        "--max-n", type=int, default=1000, help="largest n for /v1/recommend (default %(default)s)"
+    )
     p.add_argument(
         "--max-body-bytes",
         type=int,

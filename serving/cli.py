@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         print(f"lrs-rec {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. LRS_HOME is a file, a full disk: the message names the path
+        print(f"lrs-rec {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

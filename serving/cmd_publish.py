@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from serving.store import DEFAULT_BUCKET_SIZE, DEFAULT_HISTORY_CAP
+from training.cli_types import finite_float, int_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,14 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bucket-size",
-        type=int,
+        type=int_in(1),
         default=DEFAULT_BUCKET_SIZE,
         help="users per Redis hash (default %(default)s; must stay <= the server's "
         "hash-max-listpack-entries for the compact encoding)",
     )
     p.add_argument(
         "--history-cap",
-        type=int,
+        type=int_in(1),
         default=DEFAULT_HISTORY_CAP,
         help="most recent ratings kept per user for exclude_rated and refits (default %(default)s)",
     )
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep",
-        type=int,
+        type=int_in(0),
         default=0,
         metavar="N",
         help="after switching, delete older versions keeping the newest N (0: keep all)",
@@ -74,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # privacy budget (owned by the privacy area: training/private_accounting.py)
     p.add_argument(
         "--max-epsilon",
-        type=float,
+        type=finite_float(lo=0.0),
         default=None,
         metavar="E",
         help="refuse a model whose privacy ledger spends more than ε = E (default: "
@@ -82,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-delta",
-        type=float,
+        type=finite_float(lo=0.0),
         default=None,
         metavar="D",
         help="refuse a model whose ledger has δ > D (default: $LRS_MAX_DELTA)",

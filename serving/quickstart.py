@@ -17,11 +17,17 @@ import threading
 import time
 from typing import Any
 
+from training.cli_types import int_in
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--users", type=int, default=1000, help="sample users (default %(default)s)")
-    p.add_argument("--items", type=int, default=400, help="sample items (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sample data")
+    p.add_argument(
+        "--users", type=int_in(10), default=1000, help="sample users (default %(default)s)"
+    )
+    p.add_argument(
+        "--items", type=int_in(10), default=400, help="sample items (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int_in(0), default=0, help="random seed of the sample data")
     p.add_argument(
         "--home",
         default=None,
@@ -30,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "never touches the models you published to HOME",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address of the service")
-    p.add_argument("--port", type=int, default=0, help="port of the service (default: a free one)")
+    p.add_argument(
+        "--port", type=int_in(0, 65535), default=0, help="port of the service (default: a free one)"
+    )
     p.add_argument(
         "--serve",
         action="store_true",

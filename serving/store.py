@@ -221,6 +221,8 @@ class RedisStore:
     def prune(self, *, keep: int = 2) -> list[str]:
         """Delete old versions: keep the current one and the newest ``keep - 1`` other ready ones;
         half-written versions older than the current one (interrupted publishes) go too."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (the current version), got {keep}")
         current = self.current_version()
         cur_seq = int(current.lstrip("v")) if current else 0
         ready = [m for m in self.list_versions() if m.status == "ready" and m.version != current]

@@ -213,6 +213,8 @@ def test_interrupted_publish_is_never_visible(model_dirs, home):
     with pytest.raises(ValueError, match="not ready"):
         store.switch("v2")
     assert store.prune(keep=1) == ["v2"]
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        store.prune(keep=0)
     assert not store.r.keys(b"lrs:v2:*")
 
 

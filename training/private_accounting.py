@@ -263,9 +263,12 @@ def budget_from_env(
         if not raw:
             return None
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ValueError(f"{name}={raw!r} is not a number") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={raw!r} must be a finite number >= 0")
+        return value
 
     return read(MAX_EPSILON_ENV, max_epsilon), read(MAX_DELTA_ENV, max_delta)
 

@@ -77,6 +77,9 @@ DEFAULT_SHARES: dict[str, float] = {
 """Fractions of the (zCDP) budget per release group; see docs/privacy.md for how they were chosen."""
 
 
+MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
+
+
 @dataclass(frozen=True)
 class PrivateConfig:
     """Hyperparameters of private training. ``epsilon=None`` runs the same pipeline without noise
@@ -117,6 +120,12 @@ class PrivateConfig:
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ValueError(
                 f"epsilon must be a positive finite number or None, got {self.epsilon!r}"
+            )
+        if self.epsilon is not None and self.epsilon > MAX_EPSILON:
+            raise ValueError(
+                f"epsilon {self.epsilon:g} is above {MAX_EPSILON:g}: a guarantee of e^{MAX_EPSILON:g} "
+                "says nothing, and the PLD accountant's grid grows with epsilon (73 s at 1000, "
+                "out of memory at 1e7); train without --epsilon for a non-private model"
             )
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")

@@ -421,3 +421,100 @@ def test_iso_times_without_a_zone_are_utc_whatever_the_machine(tmp_path, monkeyp
     _time.tzset()
     assert got[0] == got[1] == got[2]
     assert got[0] == [888753600.0, 888750000.0]  # 12:00 UTC; 12:00+01:00 = 11:00 UTC
+
+
+# -- fuzzer findings: unreadable files, odd timestamps, extra fields, ids the service refuses --------
+@pytest.mark.parametrize(
+    ("data", "fmt", "hint"),
+    [
+        (bytes(range(256)) * 4, "auto", "looks binary"),
+        (b"PAR1" + bytes(200), "csv", "use --format parquet"),
+    ],
+)
+def test_undetectable_delimiter_names_the_file(
+    tmp_path: Path, data: bytes, fmt: str, hint: str
+) -> None:
+    p = tmp_path / "x.bin"
+    p.write_bytes(data.replace(b"\t", b"").replace(b",", b"").replace(b";", b"").replace(b"|", b""))
+    with pytest.raises(RatingFileError, match=rf"x\.bin: cannot tell the delimiter.*{hint}"):
+        load_ratings(p, LoadOptions(format=fmt))
+
+
+@BOTH
+@pytest.mark.parametrize("ts", ["inf", "-inf", "1e400"])
+def test_infinite_timestamps_are_errors_like_infinite_ratings(
+    tmp_path: Path, fast: bool, ts: str
+) -> None:
+    p = write(tmp_path, "t.data", f"1\t2\t3\t4\n5\t7\t3\t{ts}\n")
+    with pytest.raises(RatingFileError, match=rf"t\.data:2: timestamp '{ts}' is infinite"):
+        load_ratings(p, LoadOptions(fast=fast))
+
+
+@BOTH
+def test_missing_timestamps_are_kept_and_counted(tmp_path: Path, fast: bool) -> None:
+    p = write(tmp_path, "t.data", "1\t2\t3\t4\n5\t7\t3\tnan\n6\t7\t3\t\n")
+    t = load_ratings(p, LoadOptions(fast=fast))
+    assert len(t) == 3 and np.isnan(t.timestamps).sum() == 2
+    assert t.report.counts == {"missing_timestamps": 2}
+    assert t.report.examples["missing_timestamps"][0].endswith("t.data:2")
+
+
+def test_parquet_infinite_and_null_timestamps(tmp_path: Path) -> None:
+    p = tmp_path / "t.parquet"
+    cols = {"user": ["1", "2"], "item": ["3", "4"], "rating": [3.0, 4.0]}
+    pq.write_table(pa.table({**cols, "timestamp": [1.0, None]}), p)
+    assert load_ratings(p).report.counts == {"missing_timestamps": 1}
+    pq.write_table(pa.table({**cols, "timestamp": [1.0, math.inf]}), p)
+    with pytest.raises(RatingFileError, match=r"t\.parquet:row 2: timestamp inf is infinite"):
+        load_ratings(p)
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("fmt", "body", "line"),
+    [
+        ("ml-100k", "1\t2\t3\t4\n5\t7\t3\t5\t9\n", 2),
+        ("ml-100k", "1\t2\t3\t4\t9\n5\t7\t3\t5\n", 1),
+        ("ml-1m", "1::2::3::4\n5::7::3::5::9\n", 2),
+    ],
+)
+def test_movielens_line_with_an_extra_field_is_an_error(
+    tmp_path: Path, fast: bool, fmt: str, body: str, line: int
+) -> None:
+    p = write(tmp_path, "m.data", body)
+    with pytest.raises(RatingFileError, match=rf"m\.data:{line}: {fmt} lines have 4 .* got 5"):
+        load_ratings(p, LoadOptions(format=fmt, fast=fast))
+    # an empty extra field is the counted trailing-column repair; generic TSV may have more columns
+    e = write(tmp_path, "e.data", "1\t2\t3\t4\t\n")
+    t = load_ratings(e, LoadOptions(format="ml-100k", fast=fast))
+    assert t.report.counts == {"trailing_empty_columns": 1}
+    if fmt == "ml-100k":
+        assert len(load_ratings(p, LoadOptions(format="tsv", fast=fast))) == 2
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("row", "what", "problem"),
+    [
+        ("7\x00\t2\t3\t5", "user", r"control or non-printable character '\\x00' at position 1"),
+        ("u0\x01\t2\t3\t5", "user", "control or non-printable character"),
+        ("1\ti0\x7f\t3\t5", "item", "control or non-printable character"),
+        ("1\ti\u200b\t3\t5", "item", "control or non-printable character"),  # Cf: zero-width space
+        ("1\tx\ufffd\t3\t5", "item", r"contains U\+FFFD at position 1"),
+        ("1\t" + "9" * 1_000_000 + "\t3\t5", "item", "is 1000000 characters long; at most 256"),
+    ],
+)
+def test_ids_the_service_refuses_are_errors(
+    tmp_path: Path, fast: bool, row: str, what: str, problem: str
+) -> None:
+    p = tmp_path / "c.data"
+    p.write_text(f"1\t2\t3\t4\n{row}\n", encoding="utf-8")
+    with pytest.raises(RatingFileError, match=rf"c\.data:2: {what} id .* {problem}") as e:
+        load_ratings(p, LoadOptions(fast=fast))
+    assert len(str(e.value)) < 300
+
+
+def test_printable_unicode_ids_are_kept(tmp_path: Path) -> None:
+    p = tmp_path / "u.csv"
+    p.write_text("user,item,rating\nzoë,東京 タワー,4\n" + "u" * 256 + ",x\u00a0y,3\n")
+    assert len(load_ratings(p)) == 2

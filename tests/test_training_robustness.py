@@ -247,3 +247,53 @@ def test_json_summary_without_validation_is_strict_json_and_rank_is_the_one_used
     assert manifest["hyperparameters"]["rank_requested"] == 30
     assert load_model_dir(out).lrs.rank == 3
     assert not math.isnan(summary["train_rmse"]) and os.path.isdir(out)
+
+
+# -- 6. fuzzer findings: unreadable arrays never pass on numpy's advice to enable pickle -------------
+def _npy_bad_header(p: Path) -> None:
+    np.save(p, np.ones((2, 3)))
+    data = bytearray(p.read_bytes())
+    data[6:8] = b"ga"  # format version (103, 97)
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (_npy_bad_header, "f.npy: not a readable .npy array: damaged"),
+        (
+            lambda p: np.save(p, np.array([[1, "a"]], dtype=object), allow_pickle=True),
+            "f.npy: not a readable .npy array: it holds Python objects",
+        ),
+        (lambda p: np.save(p, np.array([["1", "2"]])), "f.npy: item features have dtype <U1"),
+    ],
+)
+def test_unreadable_item_features_name_the_file_and_what_is_expected(
+    ratings: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], object],
+    needle: str,
+) -> None:
+    feats = tmp_path / "f.npy"
+    make(feats)
+    (tmp_path / "f.npy.ids.txt").write_text("i0\ni1\n")
+    argv = ["train", "--ratings", str(ratings), "--item-features", str(feats)]
+    _cli_error(
+        capsys, [*argv, "--out", str(tmp_path / "m"), *FAST], needle, "expected a numeric 2-D"
+    )
+    assert "allow_pickle" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["random", "object array"])
+def test_arrays_npz_of_random_bytes_is_damaged_without_pickle_advice(
+    model_dir: Path, content: str
+) -> None:
+    path = model_dir / "arrays.npz"
+    if content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    else:
+        np.savez(path, global_mean=np.array([object()], dtype=object))
+    with pytest.raises(ModelDirError, match="damaged or not a model array file") as e:
+        load_model_dir(model_dir)
+    assert "pickle" not in str(e.value) and "numeric .npz" in str(e.value)

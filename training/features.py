@@ -142,7 +142,15 @@ def read_item_features(path: str | os.PathLike[str]) -> tuple[list[str], np.ndar
         return _read_parquet_features(p)
     if magic != b"\x93NUMPY":
         raise RatingFileError(f"{p}: item features must be a .npy array or a Parquet file")
-    X = np.load(p, allow_pickle=False)
+    want = "expected a numeric 2-D array (n_items, d) saved with np.save"
+    try:
+        X = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        # numpy's own text can advise enabling pickle, which this project never does
+        why = "it holds Python objects (pickled data)" if "pickle" in str(e) else f"damaged ({e})"
+        raise RatingFileError(f"{p}: not a readable .npy array: {why}; {want}") from None
+    if X.dtype.kind not in "biuf":
+        raise RatingFileError(f"{p}: item features have dtype {X.dtype}; {want}")
     if X.ndim != 2:
         raise RatingFileError(f"{p}: item features must be a 2-D array (n_items, d), got {X.shape}")
     cands = [
@@ -171,7 +179,10 @@ def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(p)
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several exception types for corrupt files
+        raise RatingFileError(f"{p}: cannot read Parquet: {e}") from e
     names = table.column_names
     lowered = [n.lower() for n in names]
     id_col = next(

@@ -15,6 +15,7 @@ Cleaning rules (keys of :attr:`CleaningReport.counts`):
                              copies of that header (concatenated files) are skipped too
 ``trailing_empty_columns``   rows ending with empty fields (``1,2,3,4,,``) are repaired
 ``missing_ratings``          NaN / empty / ``null`` ratings: the row is dropped
+``missing_timestamps``       NaN / empty / ``null`` timestamps: the row is kept without a time
 ``ratings_clipped``          ratings outside the declared scale are clipped to it
                              (``on_out_of_scale="clip"``, the default); with ``"drop"`` they are
                              counted as ``ratings_out_of_scale_dropped``; ``"error"`` fails
@@ -24,9 +25,12 @@ Cleaning rules (keys of :attr:`CleaningReport.counts`):
 ``non_numeric_item_ids``
 ===========================  ====================================================================
 
-Errors (``RatingFileError``, a ``ValueError``) name ``file:line`` and the value: a non-numeric rating
-(``"five"``), an empty user/item id, a row with too few columns, an unparsable timestamp, an unknown
-column name, an empty file (no rating rows), a Parquet file without the requested columns. Column
+Errors (``RatingFileError``, a ``ValueError``) name ``file:line`` and the value: a non-numeric or
+infinite rating (``"five"``, ``inf``), an empty user/item id, an id the service would refuse (longer
+than 256 characters, or with a control / non-printable character or U+FFFD: such users could never
+be onboarded or updated), a row with too few columns, an ML-100K / ML-1M line with more than its 4
+fields, an unparsable or infinite timestamp, an unknown column name, an empty file (no rating rows),
+a Parquet file without the requested columns, a file whose delimiter cannot be told. Column
 choices are checked on the first line: a header lacking a user/item/rating column (no guessing by
 position onto a column named as something else), a position that is negative or beyond the line,
 one column for two roles, and Parquet columns of a type with no rating/timestamp/id meaning are
@@ -41,6 +45,7 @@ import hashlib
 import io
 import math
 import os
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +72,12 @@ _ROLE_NAMES = {
 }
 _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
+# MovieLens formats with a fixed number of fields per line (user, item, rating, timestamp)
+_FIXED_FIELDS = {"ml-100k": 4, "ml-1m": 4}
+# The onboarding service's id rule (serving/onboarding.py: MAX_ID_LENGTH, _check_printable), copied:
+# an id it refuses could be trained on but its user never updated.
+MAX_ID_LENGTH = 256
+_NON_PRINTABLE = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
 class RatingFileError(ValueError):
@@ -181,8 +192,10 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def sniff_delimiter(lines: list[str]) -> str:
-    """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent)."""
+def sniff_delimiter(lines: list[str], source: str | os.PathLike[str] | None = None) -> str:
+    """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent).
+
+    ``source`` (the file) is named in the error."""
     if lines and all("::" in ln for ln in lines[: min(5, len(lines))]):
         return "::"
     best, best_score = ",", -1.0
@@ -196,9 +209,26 @@ def sniff_delimiter(lines: list[str]) -> str:
             best, best_score = delim, score
     if best_score < 0:
         raise RatingFileError(
-            "cannot tell the delimiter: no line has a tab, comma, semicolon, pipe or '::'"
+            (f"{source}: " if source is not None else "")
+            + "cannot tell the delimiter: no line has a tab, comma, semicolon, pipe or '::'"
         )
     return best
+
+
+def _sniff_file(path: Path) -> str:
+    """:func:`sniff_delimiter` on a file's first lines; the error says what the file looks like."""
+    try:
+        return sniff_delimiter(_head_lines(path), path)
+    except RatingFileError as e:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head[:4] == _PARQUET_MAGIC:
+            hint = "it is a Parquet file; use --format parquet or auto"
+        elif b"\0" in head:
+            hint = "it looks binary, not a text rating file"
+        else:
+            hint = "expected a text rating file with one (user, item, rating[, time]) row a line"
+        raise RatingFileError(f"{e} ({hint})") from None
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -211,7 +241,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     lines = _head_lines(p)
     if not lines:
         raise RatingFileError(f"{p}: empty file (no rating lines)")
-    delim = sniff_delimiter(lines)
+    delim = _sniff_file(p)
     if delim == "::":
         return "ml-1m"
     first = [c.strip().lower() for c in lines[0].split(delim)]
@@ -295,9 +325,13 @@ def _parse_time(s: str, where: str) -> float:
     if s.lower() in _MISSING:
         return math.nan
     try:
-        return float(s)
+        t = float(s)
     except ValueError:
         pass
+    else:
+        if math.isinf(t):  # "inf", "1e400": as an infinite rating, an error (not a missing time)
+            raise RatingFileError(f"{where}: timestamp {s!r} is infinite")
+        return t
     try:
         return _epoch_seconds(datetime.fromisoformat(s))
     except ValueError:
@@ -392,7 +426,7 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
         raise RatingFileError(f"{path}: empty file (no rating lines)")
     delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
     if delim is None:
-        delim = sniff_delimiter(head)
+        delim = _sniff_file(path)
     ucol = icol = rcol = tcol = None
     header: list[str] | None = None
     resolved = False
@@ -423,6 +457,12 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
             while len(fields) > width and fields[-1].strip() == "":
                 fields.pop()
             report.add("trailing_empty_columns", where)
+        fixed = max(_FIXED_FIELDS.get(fmt, 0), width)
+        if fmt in _FIXED_FIELDS and len(fields) > fixed:
+            raise RatingFileError(
+                f"{where}: {fmt} lines have {fixed} {_delim_name(delim)}-separated fields "
+                f"(user, item, rating, timestamp), got {len(fields)}: {_shown(raw)}"
+            )
         if len(fields) < need:
             raise RatingFileError(
                 f"{where}: expected at least {need} {_delim_name(delim)}-separated fields "
@@ -475,12 +515,14 @@ def _read_text_fast(
     first = body[: body.index(b"\n")].decode("utf-8", errors="replace")
     delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
     if delim is None:
-        delim = sniff_delimiter(_head_lines(path))
+        delim = _sniff_file(path)
     fields = first.split(delim)
     header, ucol, icol, rcol, tcol = _resolve_columns(fields, first, delim, opts, f"{path}:1")
     n_fields = len(fields)
     if fields[-1].strip() == "" or (header is not None and n_fields != len(header)):
         return None  # trailing empty columns: the reference parser repairs and counts them
+    if n_fields > _FIXED_FIELDS.get(fmt, n_fields):
+        return None  # an extra field in a fixed-width MovieLens file: the reference parser refuses
     if delim == "::":
         if ":" in first.replace("::", ""):
             return None
@@ -520,6 +562,9 @@ def _read_text_fast(
         or pc.any(pc.equal(pc.utf8_length(it), 0)).as_py()
     ):
         return None
+    for ids in (u, it):  # an id the service would refuse: the reference parser names the line
+        if any(_id_problem(s) for s in pc.unique(ids).to_pylist()):
+            return None
     try:
         ratings = pc.cast(col(rcol), pa.float64()).to_numpy()
         times = (
@@ -563,6 +608,10 @@ def _collect(
         raise RatingFileError(f"{where}: empty user id (row {user!r}, {item!r}, {rating!r})")
     if it == "":
         raise RatingFileError(f"{where}: empty item id (row {user!r}, {item!r}, {rating!r})")
+    for what, s in (("user", u), ("item", it)):
+        problem = _id_problem(s)
+        if problem:
+            raise RatingFileError(f"{where}: {what} id {_shown(s)} {problem}")
     if isinstance(rating, str):
         rs = rating.strip()
         if rs.lower() in _MISSING:
@@ -586,13 +635,38 @@ def _collect(
         t = math.nan
     elif isinstance(time, str):
         t = _parse_time(time, where)
+        if math.isnan(t):
+            report.add("missing_timestamps", where)
     else:
         t = float(time)
+        if math.isnan(t):
+            report.add("missing_timestamps", where)
+        elif math.isinf(t):
+            raise RatingFileError(f"{where}: timestamp {time!r} is infinite")
     out.users.append(u)
     out.items.append(it)
     out.ratings.append(r)
     out.times.append(t)
     out.where.append(where)
+
+
+def _id_problem(s: str) -> str | None:
+    """Why the onboarding service would refuse id ``s`` (its rule, copied), or None."""
+    if len(s) > MAX_ID_LENGTH:
+        return f"is {len(s)} characters long; at most {MAX_ID_LENGTH} allowed"
+    if "\ufffd" in s:
+        return f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8)"
+    if s.isprintable():  # the common case; printable strings have no character of _NON_PRINTABLE
+        return None
+    for pos, ch in enumerate(s):
+        if unicodedata.category(ch) in _NON_PRINTABLE:
+            return f"contains a control or non-printable character {ch!r} at position {pos}"
+    return None
+
+
+def _shown(s: str, n: int = 60) -> str:
+    """``repr(s)``, cut short for a message (a fuzzed line can be megabytes long)."""
+    return repr(s) if len(s) <= n else f"{s[:n]!r}..."
 
 
 def _id_str(v: Any) -> str:
@@ -657,6 +731,8 @@ def _read_parquet(path: Path, opts: LoadOptions, report: CleaningReport) -> _Col
     out = _Collector()
     for row in range(table.num_rows):
         t = cols[tc][row] if tc else None
+        if tc and t is None:
+            t = math.nan  # a null timestamp: counted as missing
         if isinstance(t, datetime):
             t = _epoch_seconds(t)
         _collect(

@@ -372,7 +372,9 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError as e:
         raise ModelDirError(f"{path}: missing") from e
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise ModelDirError(f"{path}: damaged or not a model array file ({e})") from e
+        # numpy's text for pickled / object data advises enabling pickle: never passed on
+        why = "not a numeric .npz archive" if "pickle" in str(e) else str(e)
+        raise ModelDirError(f"{path}: damaged or not a model array file ({why})") from None
 
 
 def _check_arrays(path: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lrs_rec.onboarding import (
-    DEFAULT_SCHEDULE,
     Onboarder,
     OnboardingConfig,
     OnboardingPrior,
@@ -51,7 +50,7 @@ from serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
-from training.model_dir import TrainedModel
+from training.model_dir import TrainedModel, onboarding_schedule
 
 if TYPE_CHECKING:
     from serving.recommender import Recommender
@@ -85,20 +84,8 @@ _CACHE_LOCK = threading.Lock()
 
 
 def schedule_for(model: TrainedModel) -> list[tuple[int, OnboardingConfig]]:
-    """The onboarding hyperparameters of ``model``: ``manifest["onboarding"]["schedule"]`` (a list of
-    ``[min_n, {config}]``) or ``manifest["onboarding"]["config"]`` (one config for every n) if the
-    model carries one, else :data:`lrs_rec.onboarding.DEFAULT_SCHEDULE`."""
-    raw = model.manifest.get("onboarding", {})
-    if not isinstance(raw, dict):
-        raise ValueError("manifest onboarding must be an object")
-    try:
-        if "schedule" in raw:
-            return [(int(n), OnboardingConfig(**cfg)) for n, cfg in raw["schedule"]]
-        if "config" in raw:
-            return [(1, OnboardingConfig(**raw["config"]))]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"manifest onboarding.schedule/config is invalid: {e}") from e
-    return list(DEFAULT_SCHEDULE)
+    """The onboarding hyperparameters of ``model`` (``training.model_dir.onboarding_schedule``)."""
+    return onboarding_schedule(model.manifest)
 
 
 def onboarder_from_model(

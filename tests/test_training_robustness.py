@@ -297,3 +297,20 @@ def test_arrays_npz_of_random_bytes_is_damaged_without_pickle_advice(
     with pytest.raises(ModelDirError, match="damaged or not a model array file") as e:
         load_model_dir(model_dir)
     assert "pickle" not in str(e.value) and "numeric .npz" in str(e.value)
+
+
+def test_a_bad_onboarding_config_in_the_manifest_fails_at_load(tmp_path):
+    """Found by fuzzing: {"onboarding": {"config": {"bogus": 1}}} published fine and then every
+    PUT /v1/users/{id}/ratings answered 500; now loading the directory names the field."""
+    from serving.testing import random_trained_model
+    from training.model_dir import ModelDirError, load_model_dir, save_model_dir
+
+    root = tmp_path / "m"
+    save_model_dir(random_trained_model(n_users=8, n_items=6, d=4, rank=2, sparsity=1), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for bad in ({"config": {"bogus": 1}}, {"schedule": [[1, {"w_prior_scale": -1}]]}, [1]):
+        (root / "manifest.json").write_text(json.dumps({**manifest, "onboarding": bad}))
+        with pytest.raises(ModelDirError, match=r"manifest.json: onboarding"):
+            load_model_dir(root)
+    (root / "manifest.json").write_text(json.dumps({**manifest, "onboarding": {"config": {}}}))
+    load_model_dir(root)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lrs_rec.model import LRSModel
+from lrs_rec.onboarding import DEFAULT_SCHEDULE, OnboardingConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -467,4 +468,26 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
     except ValueError as e:
         raise ModelDirError(f"{root}: inconsistent model files: {e}") from e
     _check_history(path, model)
+    try:
+        onboarding_schedule(manifest)
+    except ValueError as e:
+        raise ModelDirError(f"{root / MANIFEST}: {e}") from e
     return model
+
+
+def onboarding_schedule(manifest: dict[str, Any]) -> list[tuple[int, OnboardingConfig]]:
+    """The model's onboarding hyperparameters: ``manifest["onboarding"]["schedule"]`` (a list of
+    ``[min_n, {config}]``) or ``manifest["onboarding"]["config"]`` (one config for every n) if the
+    manifest carries one, else :data:`lrs_rec.onboarding.DEFAULT_SCHEDULE`. Checked when a model
+    directory is loaded, so that a bad entry fails ``publish`` / ``serve``, not an onboarding."""
+    raw = manifest.get("onboarding", {})
+    if not isinstance(raw, dict):
+        raise ValueError(f"onboarding must be an object, got {raw!r}")
+    try:
+        if "schedule" in raw:
+            return [(int(n), OnboardingConfig(**cfg)) for n, cfg in raw["schedule"]]
+        if "config" in raw:
+            return [(1, OnboardingConfig(**raw["config"]))]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"onboarding.schedule/config is invalid: {e}") from e
+    return list(DEFAULT_SCHEDULE)

@@ -71,6 +71,14 @@ def test_cli_uses_one_blas_thread_unless_the_environment_sets_it(monkeypatch):
         (["publish", "--model", "m", "--history-cap", "0"], "--history-cap: must be at least 1"),
         (["publish", "--model", "m", "--max-epsilon", "nan"], "--max-epsilon: must be a finite"),
         (["quickstart", "--seed", "-1"], "--seed: must be at least 0"),
+        (
+            ["evaluate", "--model", "m", "--ratings", "r", "--relevance-threshold", "nan"],
+            "--relevance-threshold: must be a finite number",
+        ),
+        (
+            ["train", "--ratings", "r", "--out", "o", "--epsilon", "1", "--dp-noise-seed", "-1"],
+            "--dp-noise-seed: must be at least 0",
+        ),
     ],
 )
 def test_out_of_range_options_are_usage_errors(argv, message, capsys) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from training.cli_args import add_data_arguments, load_options
+from training.cli_types import finite_float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="cut-off of the ranking metrics")
     parser.add_argument(
         "--relevance-threshold",
-        type=float,
+        type=finite_float(),
         help="a test rating is relevant when >= this (default: 4 on a 1–5 scale, i.e. "
         "min + 0.75·(max - min))",
     )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from training.cli_types import int_in
+
 DEFAULT_DELTA = 1e-6
 DEFAULT_ACCOUNTANT = "rdp"
 DEFAULT_RANK = 4
@@ -68,7 +70,7 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--dp-noise-seed",
-        type=int,
+        type=int_in(0),
         default=None,
         metavar="S",
         help="seed the privacy noise (reproducible runs/tests only: anyone who knows the seed can "

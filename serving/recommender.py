@@ -216,7 +216,12 @@ class Recommender:
             try:
                 current = self.store.current_version()
                 if current is None:
-                    raise NotReadyError("no model version has been published to this Redis yet")
+                    raise NotReadyError(
+                        f"no model version has been published to this Redis yet "
+                        f"({self.handle.describe()}): run `lrs-rec publish --model "
+                        f"{self.model_dir}` against the same Redis (--redis / $LRS_REDIS_URL, "
+                        f"or the same $LRS_HOME for the embedded one)"
+                    )
                 if state is None or current != state[0].version:
                     new = self.store.meta(current)
                     if not self._matches(new, loaded.model):

@@ -42,7 +42,9 @@ plain loops) that the tests compare with.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 import numpy as np
 import scipy.linalg
@@ -58,6 +60,7 @@ __all__ = [
     "OnboardingConfig",
     "OnboardingPrior",
     "ScheduledOnboarder",
+    "check_min_ns",
     "effective_sparsity",
     "estimate_prior",
     "item_descriptors",
@@ -742,6 +745,14 @@ class Onboarder:
         return np.asarray(np.clip(pred, self.rating_min, self.rating_max), dtype=np.float64)
 
 
+def check_min_ns(min_ns: Sequence[int]) -> None:
+    """A schedule's step thresholds: at least one, starting at 1, strictly increasing."""
+    if len(min_ns) == 0:
+        raise ValueError("a schedule needs at least one step")
+    if min_ns[0] != 1 or any(b <= a for a, b in pairwise(min_ns)):
+        raise ValueError(f"min_ns must start at 1 and increase strictly, got {tuple(min_ns)}")
+
+
 @dataclass(frozen=True, eq=False)
 class ScheduledOnboarder:
     """Onboarding whose config depends on n: the step with the largest ``min_n ≤ n`` is used.
@@ -755,12 +766,9 @@ class ScheduledOnboarder:
     steps: tuple[Onboarder, ...]
 
     def __post_init__(self) -> None:
-        if not self.steps or len(self.min_ns) != len(self.steps):
-            raise ValueError("a schedule needs one min_n per step and at least one step")
-        if self.min_ns[0] != 1 or any(
-            b <= a for a, b in zip(self.min_ns, self.min_ns[1:], strict=False)
-        ):
-            raise ValueError(f"min_ns must start at 1 and increase strictly, got {self.min_ns}")
+        if len(self.min_ns) != len(self.steps):
+            raise ValueError("a schedule needs one min_n per step")
+        check_min_ns(self.min_ns)
         if any(o.prior is not self.steps[0].prior for o in self.steps):
             raise ValueError("all steps of a schedule must share one model and prior")
 

@@ -308,7 +308,15 @@ def test_a_bad_onboarding_config_in_the_manifest_fails_at_load(tmp_path):
     root = tmp_path / "m"
     save_model_dir(random_trained_model(n_users=8, n_items=6, d=4, rank=2, sparsity=1), root)
     manifest = json.loads((root / "manifest.json").read_text())
-    for bad in ({"config": {"bogus": 1}}, {"schedule": [[1, {"w_prior_scale": -1}]]}, [1]):
+    for bad in (
+        {"config": {"bogus": 1}},
+        {"schedule": [[1, {"w_prior_scale": -1}]]},
+        [1],
+        {"schedule": []},
+        {"schedule": [[2, {}]]},
+        {"schedule": [[1, {}], [1, {}]]},
+        {"schedule": [[1]]},
+    ):
         (root / "manifest.json").write_text(json.dumps({**manifest, "onboarding": bad}))
         with pytest.raises(ModelDirError, match=r"manifest.json: onboarding"):
             load_model_dir(root)

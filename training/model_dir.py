@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from lrs_rec.model import LRSModel
-from lrs_rec.onboarding import DEFAULT_SCHEDULE, OnboardingConfig
+from lrs_rec.onboarding import DEFAULT_SCHEDULE, OnboardingConfig, check_min_ns
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -485,7 +485,12 @@ def onboarding_schedule(manifest: dict[str, Any]) -> list[tuple[int, OnboardingC
         raise ValueError(f"onboarding must be an object, got {raw!r}")
     try:
         if "schedule" in raw:
-            return [(int(n), OnboardingConfig(**cfg)) for n, cfg in raw["schedule"]]
+            schedule = sorted(
+                ((int(n), OnboardingConfig(**cfg)) for n, cfg in raw["schedule"]),
+                key=lambda step: step[0],
+            )
+            check_min_ns([n for n, _ in schedule])  # what ScheduledOnboarder will require
+            return schedule
         if "config" in raw:
             return [(1, OnboardingConfig(**raw["config"]))]
     except (TypeError, ValueError) as e:

@@ -48,7 +48,9 @@ def blas_threads() -> contextlib.AbstractContextManager[object]:
     37 s wall / 19 s CPU with 2 threads vs 17 s / 4.5 s with 1 at load 2 (docs/design.md)."""
     if any(os.environ.get(v) for v in BLAS_THREAD_VARS):
         return contextlib.nullcontext()
-    import numpy  # noqa: F401  (threadpoolctl limits the BLAS libraries already loaded)
+    # threadpoolctl limits the BLAS libraries already loaded: numpy's and scipy's own OpenBLAS
+    import numpy  # noqa: F401
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=1, user_api="blas")

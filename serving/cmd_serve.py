@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
-    from serving.connection import embedded_socket
+    from serving.cli import BLAS_THREAD_VARS
+    from serving.connection import lrs_home, release_embedded, started_here
     from serving.recommender import Recommender
 
     rec = Recommender(
@@ -95,13 +96,19 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(rec, max_body_bytes=args.max_body_bytes), **common)
         return 0
     # several processes: this one keeps the embedded Redis (if any) alive; workers build their own
-    # Recommender from the environment (uvicorn needs an import string for workers)
-    redis_url = rec.handle.url or f"unix://{embedded_socket(rec.handle.home)}"
+    # Recommender from the environment (uvicorn needs an import string for workers). An embedded
+    # server is passed on as its home, not as a unix:// URL, so that a worker, which is where the
+    # requests fail, can start it again if it dies (RedisHandle.revive_embedded)
+    home = None if rec.handle.url else str(lrs_home(rec.handle.home).resolve())
+    owner = home is not None and started_here(home)
     rec.close()
+    for var in BLAS_THREAD_VARS:  # one BLAS thread in the workers too (serving.cli.blas_threads)
+        os.environ.setdefault(var, "1")
     os.environ[ENV_CONFIG] = json.dumps(
         {
             "model": str(args.model),
-            "redis": redis_url,
+            "redis": rec.handle.url,
+            "home": home,
             "max_n": args.max_n,
             "threads": args.threads,
             "redis_timeout": args.redis_timeout,
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     # the workers are gone; give Redis a moment to notice their closed connections, so that the
     # embedded server (stopped at exit when this is its last client) is not kept alive by them
     time.sleep(0.5)
+    if owner:  # also a server a worker restarted after the first one died
+        release_embedded(home)
     return 0
 
 
@@ -124,6 +133,7 @@ def app_from_env() -> Any:
     rec = Recommender(
         cfg["model"],
         cfg["redis"],
+        home=cfg.get("home"),
         max_n=cfg["max_n"],
         intra_op_threads=cfg["threads"],
         socket_timeout=cfg["redis_timeout"],

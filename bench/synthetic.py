@@ -82,7 +82,7 @@ def ablation(seed: int, ms: list[int], *, skip_slow: bool = False) -> list[dict[
     variants: list[tuple[str, dict[str, Any]]] = [
         ("HTP + joint U-step (default)", {}),
         ("HTP, no OMP/IRLS restarts", dict(b_restart=False)),
-        ("HTP + Eq. 5 U-step (b fixed)", dict(u_step="eq5")),
+        (SLOW_ABLATION, dict(u_step="eq5")),
         ("Algorithm 2 (IHT) + joint U-step", dict(b_step="iht")),
         ("Algorithm 2 (IHT) + Eq. 5 U-step", dict(b_step="iht", u_step="eq5")),
     ]

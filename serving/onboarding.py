@@ -50,6 +50,7 @@ from serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
+from training.loaders import MAX_ID_LENGTH, NON_PRINTABLE_CATEGORIES
 from training.model_dir import TrainedModel, onboarding_schedule
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from serving.store import VersionMeta
 
 DEFAULT_MAX_RATINGS = 1000  # per request
-MAX_ID_LENGTH = 256
 _MAX_RETRIES = 50
 
 
@@ -119,12 +119,13 @@ def onboarder_for(
     model: TrainedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
 ) -> ScheduledOnboarder:
     """The (cached) onboarder of ``model``; its prior is estimated once from the model arrays."""
-    sched = schedule or schedule_for(model)
-    key = repr(sched)
+    # the model's own schedule (the per-request case) is parsed on a cache miss only
+    key = "manifest" if schedule is None else repr(schedule)
     with _CACHE_LOCK:
         hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
             return hit
+    sched = schedule or schedule_for(model)
     prior = None
     if model.manifest.get("privacy"):
         # a DP model: onboard from what it releases only (w̄, Σ_w, the rating scale), never from
@@ -180,7 +181,7 @@ def _check_printable(where: str, s: str) -> None:
             "ids must be valid UTF-8 (a replacement character merges distinct invalid ids)"
         )
     for pos, ch in enumerate(s):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+        if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
             raise OnboardingInputError(
                 f"{where} contains a control or non-printable character {ch!r} at position {pos}"
             )

@@ -79,7 +79,7 @@ class VersionMeta:
 
     @property
     def seq(self) -> int:
-        return int(self.version.lstrip("v"))
+        return _version_seq(self.version)
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ class RedisStore:
         if keep < 1:
             raise ValueError(f"keep must be at least 1 (the current version), got {keep}")
         current = self.current_version()
-        cur_seq = int(current.lstrip("v")) if current else 0
+        cur_seq = _version_seq(current) if current else 0
         ready = [m for m in self.list_versions() if m.status == "ready" and m.version != current]
         keep_set = (
             {m.version for m in ready[len(ready) - max(keep - 1, 0) :]} if keep > 1 else set()

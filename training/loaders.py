@@ -74,10 +74,10 @@ _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
 # MovieLens formats with a fixed number of fields per line (user, item, rating, timestamp)
 _FIXED_FIELDS = {"ml-100k": 4, "ml-1m": 4}
-# The onboarding service's id rule (serving/onboarding.py: MAX_ID_LENGTH, _check_printable), copied:
-# an id it refuses could be trained on but its user never updated.
+# The id rule, shared with the onboarding service (serving/onboarding.py, serving/app.py import it):
+# an id the service refuses could be trained on but its user never updated.
 MAX_ID_LENGTH = 256
-_NON_PRINTABLE = ("Cc", "Cf", "Cs", "Co", "Cn")
+NON_PRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")  # unicodedata categories refused in ids
 
 
 class RatingFileError(ValueError):
@@ -215,10 +215,11 @@ def sniff_delimiter(lines: list[str], source: str | os.PathLike[str] | None = No
     return best
 
 
-def _sniff_file(path: Path) -> str:
-    """:func:`sniff_delimiter` on a file's first lines; the error says what the file looks like."""
+def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
+    """:func:`sniff_delimiter` on a file's first ``lines`` (read if not given); the error says what
+    the file looks like."""
     try:
-        return sniff_delimiter(_head_lines(path), path)
+        return sniff_delimiter(_head_lines(path) if lines is None else lines, path)
     except RatingFileError as e:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -241,7 +242,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     lines = _head_lines(p)
     if not lines:
         raise RatingFileError(f"{p}: empty file (no rating lines)")
-    delim = _sniff_file(p)
+    delim = _sniff_file(p, lines)
     if delim == "::":
         return "ml-1m"
     first = [c.strip().lower() for c in lines[0].split(delim)]
@@ -426,7 +427,7 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
         raise RatingFileError(f"{path}: empty file (no rating lines)")
     delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
     if delim is None:
-        delim = _sniff_file(path)
+        delim = _sniff_file(path, head)
     ucol = icol = rcol = tcol = None
     header: list[str] | None = None
     resolved = False
@@ -651,15 +652,15 @@ def _collect(
 
 
 def _id_problem(s: str) -> str | None:
-    """Why the onboarding service would refuse id ``s`` (its rule, copied), or None."""
+    """Why the onboarding service would refuse id ``s`` (the shared id rule), or None."""
     if len(s) > MAX_ID_LENGTH:
         return f"is {len(s)} characters long; at most {MAX_ID_LENGTH} allowed"
     if "\ufffd" in s:
         return f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8)"
-    if s.isprintable():  # the common case; printable strings have no character of _NON_PRINTABLE
+    if s.isprintable():  # the common case: no character of NON_PRINTABLE_CATEGORIES
         return None
     for pos, ch in enumerate(s):
-        if unicodedata.category(ch) in _NON_PRINTABLE:
+        if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
             return f"contains a control or non-printable character {ch!r} at position {pos}"
     return None
 

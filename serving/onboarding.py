@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 import unicodedata
 import weakref
 from collections.abc import Sequence
@@ -50,15 +49,14 @@ from serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
+from serving.store import ConcurrentWriteError
 from training.loaders import MAX_ID_LENGTH, NON_PRINTABLE_CATEGORIES
 from training.model_dir import TrainedModel, onboarding_schedule
 
 if TYPE_CHECKING:
     from serving.recommender import Recommender
-    from serving.store import VersionMeta
 
 DEFAULT_MAX_RATINGS = 1000  # per request
-_MAX_RETRIES = 50
 
 
 class OnboardingInputError(ServingError, ValueError):
@@ -314,11 +312,10 @@ def onboard(
     onb = onboarder_for(model)
     index = loaded.user_index.get(user_id)
     store = rec.store
-    loc = store.locate(meta, user_id, index)
     fmt = meta.record_format
     cap = meta.history_cap
 
-    def compute(hist: bytes | None) -> tuple[bytes, bytes, int]:
+    def compute(hist: bytes | None, _is_live: Any) -> tuple[bytes, bytes, int]:
         if hist is not None:
             old_items, old_ratings = decode_history(hist)
         elif index is not None and cap:
@@ -333,7 +330,7 @@ def onboard(
         return record, encode_history(*stored, n_items=model.n_items), int(items.size)
 
     try:
-        n = _write_watched(store, meta, user_id, index, loc, compute)
+        n = store.update_user(meta, user_id, index, compute)
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:
@@ -341,6 +338,8 @@ def onboard(
                     f"only {acked} of {wait_replicas} replicas acknowledged the onboarding of "
                     f"{user_id!r} within {wait_timeout_ms} ms (it is stored on the primary)"
                 )
+    except ConcurrentWriteError as e:
+        raise StoreUnavailableError(f"could not store the onboarding: {e}") from e
     except (redis.RedisError, OSError) as e:
         raise rec._unavailable(e) from e
     return OnboardResult(
@@ -350,52 +349,4 @@ def onboard(
         model_version=model.model_version,
         n_new=int(new_items.size),
         store_version=meta.version,
-    )
-
-
-_LOCKS = [threading.Lock() for _ in range(64)]
-
-
-def _write_watched(
-    store: Any,
-    meta: VersionMeta,
-    user_id: str,
-    index: int | None,
-    loc: Any,
-    compute: Any,
-) -> int:
-    """Read the history, compute, and write record + history + onboarded marker atomically.
-
-    Single server: WATCH the user's two hashes, MULTI/EXEC, retry when another client wrote them in
-    between. Redis Cluster (no cross-slot WATCH in the client): a per-process lock per user stripe
-    and :meth:`RedisStore.put_user`, which writes the marker first.
-    """
-    import redis
-
-    r = store.r
-    marker = store.keys.onboarded(meta.version)
-    if store.handle.is_cluster:
-        with _LOCKS[hash(user_id) % len(_LOCKS)]:
-            hist = r.hget(loc.history_key, loc.field)
-            record, history, n = compute(hist)
-            store.put_user(meta, user_id, index, record, history)
-            return int(n)
-    for _ in range(_MAX_RETRIES):
-        with r.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(loc.history_key, loc.params_key)
-                hist = pipe.hget(loc.history_key, loc.field)
-                record, history, n = compute(hist)
-                pipe.multi()
-                pipe.hset(
-                    marker, user_id, f"{time.time_ns()}:{-1 if index is None else int(index)}"
-                )
-                pipe.hset(loc.params_key, loc.field, record)
-                pipe.hset(loc.history_key, loc.field, history)
-                pipe.execute()
-                return int(n)
-            except redis.WatchError:
-                continue
-    raise StoreUnavailableError(
-        f"could not store the onboarding of {user_id!r}: {_MAX_RETRIES} concurrent-write retries"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -42,6 +43,14 @@ _PIPELINE_KEYS = 256  # hashes written per pipeline round trip during publish
 
 class UnknownVersionError(LookupError, ValueError):
     """A store version (or its item vocabulary) that does not exist."""
+
+
+class ConcurrentWriteError(RuntimeError):
+    """A user's read-modify-write lost the race to other writers too many times in a row."""
+
+
+UserUpdate = Callable[[bytes | None, Callable[[], bool]], tuple[bytes | None, bytes, Any]]
+"""``compute(stored history, is_live) -> (record or None, history, result)`` (:meth:`RedisStore.update_user`)."""
 
 
 @dataclass(frozen=True)
@@ -501,41 +510,56 @@ class RedisStore:
                     self._put_meta(meta)
         return meta
 
-    def _merge_user(self, new: VersionMeta, user_id: str, idx: int | None, compute: Any) -> bool:
-        """Read what ``new`` holds for the user, ``compute(history, live) -> (record, history)``
-        (record None: only the history), write them + the onboarded marker. Single server:
-        WATCH the user's hashes so a server onboarding the same user meanwhile is never overwritten
-        (retry); Redis Cluster: marker first, no cross-slot WATCH (see :meth:`put_user`)."""
+    def update_user(
+        self, meta: VersionMeta, user_id: str, index: int | None, compute: UserUpdate
+    ) -> Any:
+        """Read the user's stored history in ``meta``, ``compute`` what to write, and write it with
+        the onboarded marker, atomically: the one read-modify-write of a user (onboarding and the
+        carry-over of a publish). ``compute(history, is_live)`` returns ``(record, history,
+        result)``; record None writes only the history; ``is_live()`` tells whether the user is
+        already marked onboarded in ``meta``. Returns ``result``.
+
+        Single server: WATCH the user's two hashes, MULTI/EXEC, retry when another client wrote
+        them in between, so concurrent writers never lose each other's ratings. Redis Cluster (no
+        cross-slot WATCH in the client): a per-process lock per user stripe, marker first (see
+        :meth:`put_user`)."""
         import redis
 
-        loc = self.locate(new, user_id, idx)
-        marker = self.keys.onboarded(new.version)
-        mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
+        loc = self.locate(meta, user_id, index)
+        marker = self.keys.onboarded(meta.version)
+        mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
         if self.handle.is_cluster:
-            live = bool(self.r.hexists(marker, user_id))
-            record, history = compute(self.r.hget(loc.history_key, loc.field), live)
-            if record is None:
-                self.r.hset(marker, user_id, mark)
-                self.r.hset(loc.history_key, loc.field, history)
-                return False
-            self.put_user(new, user_id, idx, record, history)
-            return True
-        for _ in range(_CARRY_RETRIES):
+            with _USER_LOCKS[hash(user_id) % len(_USER_LOCKS)]:
+                record, history, result = compute(
+                    self.r.hget(loc.history_key, loc.field),
+                    partial(_hexists, self.r, marker, user_id),
+                )
+                if record is None:
+                    self.r.hset(marker, user_id, mark)
+                    self.r.hset(loc.history_key, loc.field, history)
+                else:
+                    self.put_user(meta, user_id, index, record, history)
+                return result
+        for _ in range(_UPDATE_RETRIES):
             with self.r.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(loc.history_key, loc.params_key)
-                    live = bool(pipe.hexists(marker, user_id))
-                    record, history = compute(pipe.hget(loc.history_key, loc.field), live)
+                    record, history, result = compute(
+                        pipe.hget(loc.history_key, loc.field),
+                        partial(_hexists, pipe, marker, user_id),
+                    )
                     pipe.multi()
                     pipe.hset(marker, user_id, mark)
                     if record is not None:
                         pipe.hset(loc.params_key, loc.field, record)
                     pipe.hset(loc.history_key, loc.field, history)
                     pipe.execute()
-                    return record is not None
+                    return result
                 except redis.WatchError:
                     continue
-        raise RuntimeError(f"carry-over of {user_id!r}: {_CARRY_RETRIES} concurrent-write retries")
+        raise ConcurrentWriteError(
+            f"could not store {user_id!r}: {_UPDATE_RETRIES} concurrent-write retries"
+        )
 
     def _carry_over(
         self,
@@ -574,18 +598,19 @@ class RedisStore:
             compute = partial(
                 job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
             )
-            if self._merge_user(new, user_id, idx, compute):
+            if self.update_user(new, user_id, idx, compute):
                 n += 1
         return n
 
 
-_CARRY_RETRIES = 50
+_UPDATE_RETRIES = 50
+_USER_LOCKS = [threading.Lock() for _ in range(64)]
 
 
 @dataclass(frozen=True)
 class _CarryOver:
     """One carry-over from ``old`` into ``new`` (with ``model``): turns a user's carried history
-    and what ``new`` already holds into the record + history to write (``RedisStore._merge_user``)."""
+    and what ``new`` already holds into the record + history to write (``RedisStore.update_user``)."""
 
     old: VersionMeta
     new: VersionMeta
@@ -596,12 +621,14 @@ class _CarryOver:
     def carried_user(
         self,
         new_hist: bytes | None,
-        live: bool,
+        is_live: Callable[[], bool],
         *,
         user_id: str,
         rec: bytes,
         carried: tuple[np.ndarray, np.ndarray],
-    ) -> tuple[bytes | None, bytes]:
+    ) -> tuple[bytes | None, bytes, bool]:
+        """``(record or None, history, refitted?)`` for :meth:`RedisStore.update_user`."""
+        live = is_live()
         # what the new version already holds for the user: their new training history (published
         # moments ago) or, once the new version is live, what servers wrote there since the
         # switch. The service's ratings win over training data; live writes in the new version
@@ -613,9 +640,9 @@ class _CarryOver:
         fmt = self.new.record_format
         if self.same_model and not live:  # same parameters: carry the record as it is
             if self.old.record_format == fmt:
-                return rec, history
+                return rec, history, True
             p = decode_record(self.old.record_format, rec)
-            return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history
+            return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history, True
         if self.refit is None:
             log.warning(
                 "user %r was onboarded in %s but no refit hook is installed: their history is "
@@ -623,12 +650,16 @@ class _CarryOver:
                 user_id,
                 self.old.version,
             )
-            return None, history
+            return None, history, False
         bias, w, b_idx, b_val = self.refit(self.model, user_id, items, ratings)
-        return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history
+        return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history, True
 
 
 _NO_HISTORY = (np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
+def _hexists(client: Any, key: bytes, field: str) -> bool:
+    return bool(client.hexists(key, field))
 
 
 def _version_seq(version: str) -> int:

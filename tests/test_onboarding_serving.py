@@ -399,3 +399,22 @@ def test_private_models_onboard_from_released_arrays_only(model_dirs):
     assert a.user_bias == b.user_bias
     # a non-private model does use them
     assert onboarder_for(m).base.prior.item_desc.shape[1] == m.lrs.d + 2
+
+
+def test_onboarding_that_keeps_losing_write_races_is_a_503_and_writes_nothing(
+    model_dirs, home, monkeypatch
+):
+    from serving.store import ConcurrentWriteError
+
+    rec = _serve(model_dirs["a"], home)
+
+    def always_raced(*args, **kwargs):
+        raise ConcurrentWriteError("could not store 'busy': 50 concurrent-write retries")
+
+    monkeypatch.setattr(rec.store, "update_user", always_raced)
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        body = {"ratings": [{"item_id": "i3", "rating": 5.0}]}
+        got = c.put("/v1/users/busy/ratings", json=body)
+        assert got.status_code == 503, got.text
+        assert "concurrent-write retries" in got.json()["error"]
+    assert "busy" not in RedisStore(connect(home=home)).onboarded_users("v1")

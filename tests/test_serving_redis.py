@@ -352,3 +352,36 @@ def test_release_embedded_stops_the_server_only_when_nobody_else_uses_it(home):
     other.close()
     assert release_embedded(home) is True
     assert not os.path.exists(sock) and release_embedded(home) is False
+
+
+def test_update_user_retries_when_another_client_writes_and_gives_up_cleanly(model_dirs, home):
+    from serving.store import ConcurrentWriteError
+
+    a = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    meta = store.publish(a)
+    other = connect(home=home).client
+    loc = store.locate(meta, "racer", None)
+    fmt = meta.record_format
+    record = encode_records(fmt, [0.5], [np.zeros(R)], [np.arange(K)], [np.zeros(K)])[0]
+    seen: list[bytes | None] = []
+
+    def compute_racing_once(hist, is_live):
+        seen.append(hist)
+        if len(seen) == 1:  # another writer commits between our read and our EXEC
+            other.hset(loc.history_key, loc.field, encode_history([1], [2.0], n_items=a.n_items))
+        assert is_live() is False
+        return record, encode_history([1, 2], [2.0, 3.0], n_items=a.n_items), "done"
+
+    assert store.update_user(meta, "racer", None, compute_racing_once) == "done"
+    assert seen[0] is None and decode_history(seen[1])[0].tolist() == [1]  # re-read after the race
+    assert decode_history(store.r.hget(loc.history_key, loc.field))[0].tolist() == [1, 2]
+    assert "racer" in store.onboarded_users(meta.version)
+
+    def compute_always_raced(hist, is_live):
+        other.hset(loc.history_key, loc.field, b"\x00")
+        return record, encode_history([5], [5.0], n_items=a.n_items), None
+
+    with pytest.raises(ConcurrentWriteError, match=r"'racer'.*50 concurrent-write retries"):
+        store.update_user(meta, "racer", None, compute_always_raced)
+    assert store.r.hget(loc.history_key, loc.field) == b"\x00"  # only the other writer's bytes

@@ -260,7 +260,8 @@ def test_local_user_step_depends_on_each_users_own_ratings_only(features):
 
 def test_ledger_names_where_the_item_features_came_from(tmp_path, capsys):
     """Genre features from a MovieLens catalogue and plug-in features from a file are both passed
-    to the private fit as 'plugin' features; the ledger must still say which one was released."""
+    to the private fit as 'plugin' features; the ledger must still say which one was released
+    (``features_source``, and the released array's provenance)."""
     csv, catalog = _write_csv(tmp_path)
     ids = [line for line in catalog.read_text().splitlines() if line]
     flags = "|".join(["0"] * 18)
@@ -280,6 +281,7 @@ def test_ledger_names_where_the_item_features_came_from(tmp_path, capsys):
         assert cli_main([*common, *extra, "--out", str(out)]) == 0
         privacy = json.loads((out / "manifest.json").read_text())["privacy"]
         described[name] = privacy["released_arrays"]["item_features"]
+        assert privacy["features"] == "plugin" and privacy["features_source"] == name
     capsys.readouterr()
     assert (
         described["genres"].startswith("public: genre flags") and str(u_item) in described["genres"]

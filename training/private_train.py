@@ -603,8 +603,10 @@ def find_catalogue(ratings_path: str | Path) -> Path | None:
 def _public_items(
     args: argparse.Namespace,
 ) -> tuple[tuple[str, ...], np.ndarray | None, str, str, str | None]:
-    """(item ids, plug-in features or None, features mode, provenance of the item ids, provenance
-    of the plug-in features for the ledger — None for one-hot, which the ledger describes itself)."""
+    """(item ids, public features or None, where the features come from — "plugin" (a plug-in
+    file), "genres" (the catalogue's genre flags) or "onehot" —, provenance of the item ids,
+    provenance of the features for the ledger — None for one-hot, which the ledger describes
+    itself)."""
     mode = getattr(args, "dp_features", "auto")
     cat_path = getattr(args, "item_catalog", None) or find_catalogue(args.ratings)
     cat = read_catalogue(cat_path) if cat_path else None
@@ -641,7 +643,7 @@ def _public_items(
             f"public: genre flags and release period from the catalogue {cat.source} "
             "(item metadata, not computed from ratings)"
         )
-        return cat.ids, cat.features(), "plugin", f"public catalogue {cat.source}", genres
+        return cat.ids, cat.features(), "genres", f"public catalogue {cat.source}", genres
     if mode == "genres":
         raise ValueError(f"{cat.source}: the catalogue has no genres")
     return cat.ids, None, "onehot", f"public catalogue {cat.source}", None
@@ -662,7 +664,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     table = load_ratings(args.ratings, load_options(args))
-    item_ids, feats, mode, provenance, feature_provenance = _public_items(args)
+    item_ids, feats, source, provenance, feature_provenance = _public_items(args)
+    mode = "onehot" if source == "onehot" else "plugin"  # the algorithm: fixed public features
     dropped = 0
     if (
         not item_ids
@@ -704,6 +707,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     assert fit.privacy is not None
     fit.privacy["released_arrays"]["item_ids"] = provenance
+    fit.privacy["features_source"] = source
     if feature_provenance is not None:
         fit.privacy["released_arrays"]["item_features"] = feature_provenance
     train_rmse = float(
@@ -732,7 +736,7 @@ def run(args: argparse.Namespace) -> int:
             "dropped_not_in_catalogue": dropped,
         },
         "cleaning": table.report.to_dict(),
-        "item_features": {"source": mode if mode == "onehot" else provenance, "d": fit.lrs.d},
+        "item_features": {"source": source if source == "onehot" else provenance, "d": fit.lrs.d},
         "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
         "params_per_user": fit.lrs.rank + fit.lrs.sparsity,
         "privacy": fit.privacy,
@@ -787,7 +791,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.out} (version {saved.model_version}): user-level DP ε = {p['epsilon']:.4g} "
             f"(target {p['target_epsilon']:g}), δ = {p['delta']:g}, {p['accountant']} accountant; "
-            f"{len(user_vocab)} users, {len(item_vocab)} items, features {mode}"
+            f"{len(user_vocab)} users, {len(item_vocab)} items, features {source}"
             + (f"; ONNX {onnx_path}" if onnx_path else "")
         )
     return 0

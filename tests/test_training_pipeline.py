@@ -16,7 +16,7 @@ from training.config import TrainConfig
 from training.evaluate import evaluate_table
 from training.grouped import grouped_gram, grouped_gram_reference, grouped_sum
 from training.loaders import load_ratings
-from training.model_dir import ModelDirError, load_model_dir
+from training.model_dir import ModelDirError, load_model_dir, save_model_dir
 from training.pipeline import train
 from training.sample_data import make_sample_data, make_sample_ratings, write_sample_ratings
 
@@ -115,10 +115,14 @@ def test_train_lrs_structure_prior_history_and_reproducible(
 @pytest.mark.parametrize(
     ("method", "per_user"), [("single", 0), ("prompt", 1), ("rep", 3), ("full", 8)]
 )
-def test_baseline_methods(sample_split: tuple[Path, Path], method: str, per_user: int) -> None:
+def test_baseline_methods(
+    sample_split: tuple[Path, Path], method: str, per_user: int, tmp_path: Path
+) -> None:
     table = load_ratings(sample_split[0])
     m = train(table, TrainConfig(**FAST, method=method), progress=False).model
     assert m.manifest["params_per_user"] == per_user
+    saved = save_model_dir(m, tmp_path / method)
+    assert saved.manifest["dims"]["params_per_user"] == per_user  # not the stored r + k
     if method in ("single", "prompt"):
         assert m.lrs.rank == 1 and np.ptp(m.lrs.W) == 0.0
     if method == "single":

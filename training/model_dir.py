@@ -257,6 +257,13 @@ def _finite_json(o: Any) -> Any:
     return o
 
 
+def _params_per_user(manifest: dict[str, Any], model: TrainedModel) -> int:
+    declared = manifest.get("params_per_user")
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    return model.lrs.rank + model.lrs.sparsity
+
+
 def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> TrainedModel:
     """Write ``model`` to ``out_dir`` atomically (a temp dir renamed into place).
 
@@ -288,7 +295,8 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
         "d": model.lrs.d,
         "rank": model.lrs.rank,
         "sparsity": model.lrs.sparsity,
-        "params_per_user": model.lrs.rank + model.lrs.sparsity,
+        # the method's own count when it says (baselines: single 0, prompt 1, full d, rep r)
+        "params_per_user": _params_per_user(manifest, model),
     }
     manifest = _finite_json(json.loads(json.dumps(manifest, default=_json_default)))
     out.parent.mkdir(parents=True, exist_ok=True)

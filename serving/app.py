@@ -164,6 +164,18 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+def _bad_user_id(user_id: str) -> JSONResponse | None:
+    """A 422 for an id no user can have (the onboarding rule: control characters, U+FFFD), so
+    that score/recommend do not answer such ids with the population model."""
+    from serving.onboarding import OnboardingInputError, validate_user_id
+
+    try:
+        validate_user_id(user_id)
+    except OnboardingInputError as e:
+        return _error(422, str(e))
+    return None
+
+
 def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     headers = {"Retry-After": "1"} if code == 503 else None
     return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
@@ -255,6 +267,8 @@ def create_app(
             return req
         if len(req.item_ids) > rec.max_items:
             return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
+        if (bad := _bad_user_id(req.user_id)) is not None:
+            return bad
         res = rec.score(req.user_id, req.item_ids)
         metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
         return JSONResponse(
@@ -273,6 +287,8 @@ def create_app(
             return req
         if not 1 <= req.n <= rec.max_n:
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
+        if (bad := _bad_user_id(req.user_id)) is not None:
+            return bad
         res = rec.recommend(req.user_id, req.n, exclude_rated=req.exclude_rated)
         metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
         return JSONResponse(
@@ -284,7 +300,8 @@ def create_app(
             }
         )
 
-    @app.put("/v1/users/{user_id}/ratings", openapi_extra=_body_schema(OnboardRequest))
+    # ``:path``: a user id may contain "/" (sent as %2F, which the server decodes before routing)
+    @app.put("/v1/users/{user_id:path}/ratings", openapi_extra=_body_schema(OnboardRequest))
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
         # the fit and the fsync'ed Redis write run in the thread pool so they do not block the
@@ -316,11 +333,11 @@ def create_app(
             pass  # still describe the loaded model
         return JSONResponse(rec.info())
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         ok, reason = rec.ready()
         metrics.ready.set(1 if ok else 0)

@@ -3,6 +3,8 @@ outcome, on a registry of its own per app (so several apps in one process don't 
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -106,15 +108,19 @@ class MetricsMiddleware:
 
 def _templated(path: str, routes: set[str]) -> str:
     """The route template (``/v1/users/{user_id}/ratings``) a concrete path matches, else
-    ``other`` — so per-user paths do not become per-user metric labels."""
-    parts = path.split("/")
+    ``other`` — so per-user paths do not become per-user metric labels. A placeholder matches any
+    non-empty text, "/" included (user ids may contain "/", sent as ``%2F``)."""
     for route in routes:
-        if "{" not in route:
-            continue
-        tmpl = route.split("/")
-        if len(tmpl) == len(parts) and all(
-            t == p or (t.startswith("{") and t.endswith("}") and p)
-            for t, p in zip(tmpl, parts, strict=True)
-        ):
+        if "{" in route and _template_regex(route).fullmatch(path):
             return route
     return "other"
+
+
+@functools.lru_cache(maxsize=16)
+def _template_regex(route: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(
+            ".+" if part.startswith("{") else re.escape(part)
+            for part in re.split(r"(\{[^}]*\})", route)
+        )
+    )

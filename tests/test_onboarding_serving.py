@@ -418,3 +418,25 @@ def test_onboarding_that_keeps_losing_write_races_is_a_503_and_writes_nothing(
         assert got.status_code == 503, got.text
         assert "concurrent-write retries" in got.json()["error"]
     assert "busy" not in RedisStore(connect(home=home)).onboarded_users("v1")
+
+
+def test_user_ids_with_a_slash_onboard_over_http_and_unusable_ids_are_refused(model_dirs, home):
+    """``a/b`` is a valid user id (score/recommend take it in the body); over the onboarding route
+    it is sent as ``a%2Fb``, which the server decodes before routing. Ids no user can have
+    (control characters) are a 422 on every route, not a population answer on some."""
+    rec = _serve(model_dirs["a"], home)
+    with TestClient(create_app(rec), raise_server_exceptions=False) as c:
+        body = {"ratings": [{"item_id": "i3", "rating": 5.0}, {"item_id": "i4", "rating": 1}]}
+        got = c.put("/v1/users/a%2Fb/ratings", json=body)
+        assert got.status_code == 200, got.text
+        assert got.json()["user_id"] == "a/b" and got.json()["n_ratings"] == 2
+        scored = c.post("/v1/score", json={"user_id": "a/b", "item_ids": ["i0"]}).json()
+        assert scored["personalized"] is True
+        assert c.put("/v1/users/a%2Fratings/ratings", json=body).json()["user_id"] == "a/ratings"
+        assert 'route="/v1/users/{user_id}/ratings"' in c.get("/metrics").text
+        assert 'route="other"' not in c.get("/metrics").text
+        for route, extra in (("/v1/score", {"item_ids": ["i0"]}), ("/v1/recommend", {"n": 3})):
+            got = c.post(route, json={"user_id": "a\u0000b", **extra})
+            assert got.status_code == 422 and "control" in got.json()["error"], got.text
+        assert c.head("/healthz").status_code == 200
+    assert set(RedisStore(connect(home=home)).onboarded_users("v1")) == {"a/b", "a/ratings"}

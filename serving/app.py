@@ -36,6 +36,7 @@ from pydantic import (
     ValidationError,
 )
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.encoding import RecordError
@@ -74,6 +75,22 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 ROUTES = {"/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"}
 ROUTES.add("/v1/users/{user_id}/ratings")  # onboarding (serving.onboarding)
+
+
+class _UserIdConvertor(Convertor[str]):
+    """A user id in a path: any non-empty text, "/" (sent as %2F, decoded before routing) and
+    control characters included — those reach validation and get a 422 there, not a 404."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("lrs_user_id", _UserIdConvertor())
 
 
 class ScoreRequest(BaseModel):
@@ -300,8 +317,7 @@ def create_app(
             }
         )
 
-    # ``:path``: a user id may contain "/" (sent as %2F, which the server decodes before routing)
-    @app.put("/v1/users/{user_id:path}/ratings", openapi_extra=_body_schema(OnboardRequest))
+    @app.put("/v1/users/{user_id:lrs_user_id}/ratings", openapi_extra=_body_schema(OnboardRequest))
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
         # the fit and the fsync'ed Redis write run in the thread pool so they do not block the

@@ -109,7 +109,7 @@ class MetricsMiddleware:
 def _templated(path: str, routes: set[str]) -> str:
     """The route template (``/v1/users/{user_id}/ratings``) a concrete path matches, else
     ``other`` — so per-user paths do not become per-user metric labels. A placeholder matches any
-    non-empty text, "/" included (user ids may contain "/", sent as ``%2F``)."""
+    non-empty text, "/" and newlines included (user ids may contain "/", sent as ``%2F``)."""
     for route in routes:
         if "{" in route and _template_regex(route).fullmatch(path):
             return route
@@ -120,7 +120,7 @@ def _templated(path: str, routes: set[str]) -> str:
 def _template_regex(route: str) -> re.Pattern[str]:
     return re.compile(
         "".join(
-            ".+" if part.startswith("{") else re.escape(part)
+            r"[\s\S]+" if part.startswith("{") else re.escape(part)
             for part in re.split(r"(\{[^}]*\})", route)
         )
     )

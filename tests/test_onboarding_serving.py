@@ -433,6 +433,8 @@ def test_user_ids_with_a_slash_onboard_over_http_and_unusable_ids_are_refused(mo
         scored = c.post("/v1/score", json={"user_id": "a/b", "item_ids": ["i0"]}).json()
         assert scored["personalized"] is True
         assert c.put("/v1/users/a%2Fratings/ratings", json=body).json()["user_id"] == "a/ratings"
+        got = c.put("/v1/users/a%0Ab/ratings", json=body)  # a newline: validated, not a 404
+        assert got.status_code == 422 and "control" in got.json()["error"], got.text
         assert 'route="/v1/users/{user_id}/ratings"' in c.get("/metrics").text
         assert 'route="other"' not in c.get("/metrics").text
         for route, extra in (("/v1/score", {"item_ids": ["i0"]}), ("/v1/recommend", {"n": 3})):

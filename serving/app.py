@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.encoding import RecordError
 from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
+from serving.onboarding import OnboardingInputError, validate_user_id
 from serving.recommender import (
     NotReadyError,
     Recommender,
@@ -184,8 +185,6 @@ class BodyLimitMiddleware:
 def _bad_user_id(user_id: str) -> JSONResponse | None:
     """A 422 for an id no user can have (the onboarding rule: control characters, U+FFFD), so
     that score/recommend do not answer such ids with the population model."""
-    from serving.onboarding import OnboardingInputError, validate_user_id
-
     try:
         validate_user_id(user_id)
     except OnboardingInputError as e:
@@ -322,8 +321,6 @@ def create_app(
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
         # the fit and the fsync'ed Redis write run in the thread pool so they do not block the
         # event loop serving score/recommend
-        from serving.onboarding import OnboardingInputError
-
         req = _parse(OnboardRequest, await request.body())
         if isinstance(req, Response):
             return req

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import threading
-import unicodedata
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from serving.recommender import (
     UnknownItemsError,
 )
 from serving.store import ConcurrentWriteError
-from training.loaders import MAX_ID_LENGTH, NON_PRINTABLE_CATEGORIES
+from training.loaders import id_problem
 from training.model_dir import TrainedModel, onboarding_schedule
 
 if TYPE_CHECKING:
@@ -164,25 +163,14 @@ def validate_user_id(user_id: Any) -> str:
         raise OnboardingInputError(f"user_id must be a string, got {type(user_id).__name__}")
     if not user_id:
         raise OnboardingInputError("user_id must not be empty")
-    if len(user_id) > MAX_ID_LENGTH:
-        raise OnboardingInputError(
-            f"user_id is {len(user_id)} characters long; at most {MAX_ID_LENGTH} allowed"
-        )
-    _check_printable("user_id", user_id)
+    _check_id("user_id", user_id)
     return user_id
 
 
-def _check_printable(where: str, s: str) -> None:
-    if "\ufffd" in s:  # what a decoder leaves for bytes that are not UTF-8 (e.g. "%FF" in a URL)
-        raise OnboardingInputError(
-            f"{where} contains U+FFFD at position {s.index(chr(0xFFFD))}: "
-            "ids must be valid UTF-8 (a replacement character merges distinct invalid ids)"
-        )
-    for pos, ch in enumerate(s):
-        if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
-            raise OnboardingInputError(
-                f"{where} contains a control or non-printable character {ch!r} at position {pos}"
-            )
+def _check_id(where: str, s: str) -> None:
+    problem = id_problem(s)  # the loaders' rule: no trained id breaks it
+    if problem is not None:
+        raise OnboardingInputError(f"{where} {problem}")
 
 
 def parse_ratings(
@@ -228,11 +216,7 @@ def parse_ratings(
             raise OnboardingInputError(
                 f"{where}.item_id must be a non-empty string, got {item_id!r}"
             )
-        if len(item_id) > MAX_ID_LENGTH:
-            raise OnboardingInputError(
-                f"{where}.item_id is {len(item_id)} characters long; at most {MAX_ID_LENGTH} allowed"
-            )
-        _check_printable(f"{where}.item_id", item_id)
+        _check_id(f"{where}.item_id", item_id)
         rating_f = _number(f"{where}.rating", rating)
         if not rating_min <= rating_f <= rating_max:
             raise OnboardingInputError(

@@ -564,7 +564,7 @@ def _read_text_fast(
     ):
         return None
     for ids in (u, it):  # an id the service would refuse: the reference parser names the line
-        if any(_id_problem(s) for s in pc.unique(ids).to_pylist()):
+        if any(id_problem(s) for s in pc.unique(ids).to_pylist()):
             return None
     try:
         ratings = pc.cast(col(rcol), pa.float64()).to_numpy()
@@ -610,7 +610,7 @@ def _collect(
     if it == "":
         raise RatingFileError(f"{where}: empty item id (row {user!r}, {item!r}, {rating!r})")
     for what, s in (("user", u), ("item", it)):
-        problem = _id_problem(s)
+        problem = id_problem(s)
         if problem:
             raise RatingFileError(f"{where}: {what} id {_shown(s)} {problem}")
     if isinstance(rating, str):
@@ -651,12 +651,16 @@ def _collect(
     out.where.append(where)
 
 
-def _id_problem(s: str) -> str | None:
-    """Why the onboarding service would refuse id ``s`` (the shared id rule), or None."""
+def id_problem(s: str) -> str | None:
+    """Why the onboarding service would refuse the non-empty id ``s`` (the shared id rule: the
+    loaders and ``serving.onboarding`` call it), or None."""
     if len(s) > MAX_ID_LENGTH:
         return f"is {len(s)} characters long; at most {MAX_ID_LENGTH} allowed"
-    if "\ufffd" in s:
-        return f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8)"
+    if "\ufffd" in s:  # what a decoder leaves for bytes that are not UTF-8 (e.g. "%FF" in a URL)
+        return (
+            f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8: a "
+            "replacement character merges distinct invalid ids)"
+        )
     if s.isprintable():  # the common case: no character of NON_PRINTABLE_CATEGORIES
         return None
     for pos, ch in enumerate(s):

@@ -74,8 +74,8 @@ _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
 # MovieLens formats with a fixed number of fields per line (user, item, rating, timestamp)
 _FIXED_FIELDS = {"ml-100k": 4, "ml-1m": 4}
-# The id rule, shared with the onboarding service (serving/onboarding.py, serving/app.py import it):
-# an id the service refuses could be trained on but its user never updated.
+# The id rule (id_problem), shared with the onboarding service (serving/onboarding.py; serving/app.py
+# also uses MAX_ID_LENGTH): an id the service refuses could be trained on but its user never updated.
 MAX_ID_LENGTH = 256
 NON_PRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")  # unicodedata categories refused in ids
 

@@ -139,7 +139,7 @@ def test_cli_train_with_epsilon_writes_a_ledger_recomputable_from_the_manifest(t
     out = tmp_path / "model"
     rc = cli_main([
         "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "1.5",
-        "--delta", "1e-6", "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out),
+        "--delta", "1e-6", "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out),
         "--no-export", "--json",
     ])  # fmt: skip
     assert rc == 0
@@ -170,7 +170,7 @@ def test_cli_noise_seed_reproduces_and_is_not_written(tmp_path, capsys):
         seed = "11" if run != "c" else "12"
         out = tmp_path / run
         args = ["train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "2",
-                "--dp-rank", "2", "--dp-sparsity", "1", "--dp-noise-seed", seed, "--out", str(out),
+                "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "1", "--dp-noise-seed", seed, "--out", str(out),
                 "--no-export", "--quiet"]  # fmt: skip
         assert cli_main(args) == 0
         manifest = json.loads((out / "manifest.json").read_text())
@@ -185,7 +185,7 @@ def test_publish_refuses_an_over_budget_model_before_touching_redis(tmp_path, ca
     out = tmp_path / "model"
     assert cli_main([
         "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "4",
-        "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out), "--no-export", "--quiet",
+        "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "1", "--out", str(out), "--no-export", "--quiet",
     ]) == 0  # fmt: skip
     capsys.readouterr()
     # an unreachable Redis URL: the refusal must come first
@@ -270,7 +270,7 @@ def test_ledger_names_where_the_item_features_came_from(tmp_path, capsys):
     feats = tmp_path / "feats.npy"
     np.save(feats, np.arange(3 * len(ids), dtype=float).reshape(-1, 3) % 5)
     (tmp_path / "feats.ids.txt").write_text("".join(f"{s}\n" for s in ids))
-    common = ["train", "--ratings", str(csv), "--epsilon", "2", "--dp-rank", "2",
+    common = ["train", "--ratings", str(csv), "--epsilon", "2", "--rating-scale", "1", "5", "--dp-rank", "2",
               "--dp-sparsity", "1", "--no-export", "--quiet"]  # fmt: skip
     described = {}
     for name, extra in {
@@ -287,3 +287,20 @@ def test_ledger_names_where_the_item_features_came_from(tmp_path, capsys):
         described["genres"].startswith("public: genre flags") and str(u_item) in described["genres"]
     )
     assert described["plugin"].startswith("public: plug-in item features from " + str(feats))
+
+
+def test_private_training_refuses_a_rating_scale_read_off_the_ratings(tmp_path, capsys):
+    """The rating scale is released (model.onnx Clip bounds and metadata, GET /v1/model) and centres
+    the private global mean: on a generic file its default, the observed min/max of the ratings,
+    would release one user's most extreme rating exactly. Private training needs it declared."""
+    csv, catalog = _write_csv(tmp_path)
+    common = ["train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "2",
+              "--dp-rank", "2", "--dp-sparsity", "1", "--no-export", "--quiet"]  # fmt: skip
+    assert cli_main([*common, "--out", str(tmp_path / "refused")]) != 0
+    assert "--rating-scale" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "declared"
+    assert cli_main([*common, "--rating-scale", "1", "5", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rating_scale"] == [1.0, 5.0]
+    assert manifest["privacy"]["released_arrays"]["rating_scale"].startswith("public: declared")

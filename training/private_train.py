@@ -486,6 +486,7 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
         "released_arrays": {
             "item_features": feature_cover,
             "item_ids": "public: the item catalogue supplied by the caller",
+            "rating_scale": "public: given by the caller (must not be read off the ratings)",
             "global_mean": "private: event global_mean",
             "item_bias": "private: events item_bias_sum, item_bias_count",
             "U": f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)",
@@ -649,6 +650,25 @@ def _public_items(
     return cat.ids, None, "onehot", f"public catalogue {cat.source}", None
 
 
+def public_rating_scale(declared: tuple[float, float] | None, fmt: str) -> str:
+    """Where the rating scale comes from, for the ledger; refuses a scale read off the ratings.
+
+    The scale is released as is (model.onnx's Clip bounds and metadata, ``GET /v1/model``) and
+    centres the private global mean (μ0 = its midpoint), so it must not depend on the private data:
+    a declared ``--rating-scale`` or the fixed scale of a MovieLens format. A generic file's default
+    (the observed min/max of the ratings) would release one user's most extreme rating exactly."""
+    from training.loaders import ML_SCALES
+
+    if declared is not None:
+        return "public: declared by the caller (--rating-scale)"
+    if fmt in ML_SCALES:
+        return f"public: the fixed scale of the {fmt} format"
+    raise ValueError(
+        f"private training on a {fmt} file needs a declared rating scale (--rating-scale MIN MAX): "
+        "the default, the observed range of the ratings, would be released without privacy"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
     import secrets
@@ -663,7 +683,9 @@ def run(args: argparse.Namespace) -> int:
     from training.vocab import Vocabulary
 
     t0 = time.perf_counter()
-    table = load_ratings(args.ratings, load_options(args))
+    opts = load_options(args)
+    table = load_ratings(args.ratings, opts)
+    scale_provenance = public_rating_scale(opts.rating_scale, table.report.format)
     item_ids, feats, source, provenance, feature_provenance = _public_items(args)
     mode = "onehot" if source == "onehot" else "plugin"  # the algorithm: fixed public features
     dropped = 0
@@ -707,6 +729,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     assert fit.privacy is not None
     fit.privacy["released_arrays"]["item_ids"] = provenance
+    fit.privacy["released_arrays"]["rating_scale"] = scale_provenance
     fit.privacy["features_source"] = source
     if feature_provenance is not None:
         fit.privacy["released_arrays"]["item_features"] = feature_provenance

@@ -60,6 +60,8 @@ def pairwise_moments_matrix_reference(
                 if j != j2:
                     Mu += y[j] * y[j2] * np.outer(X[j], X[j2])
         M += Mu / (rows.size * (rows.size - 1))
+    if n_ok == 0:  # no user has two samples: the fast version falls back to moments_matrix
+        return moments_matrix_reference(X, y, users, n_users)
     return M / n_ok
 
 

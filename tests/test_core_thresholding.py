@@ -101,3 +101,14 @@ def test_moments_matrix_matches_reference_and_finds_subspace() -> None:
     for pairwise in (True, False):
         U0 = moments_init(X, y, users, t, 1, pairwise=pairwise)
         assert abs(float(U0[:, 0] @ u_star[:, 0])) > 0.95
+
+
+def test_pairwise_moments_twin_falls_back_like_the_fast_version_when_no_user_has_two_samples() -> None:
+    """Every user with one sample: the pairwise form has no pairs, the fast version falls back to
+    the y² moments matrix; the reference twin divided by zero users (NaN) instead."""
+    rng = np.random.default_rng(0)
+    users = np.arange(5)
+    X, y = rng.standard_normal((5, 4)), rng.standard_normal(5)
+    ref = pairwise_moments_matrix_reference(X, y, users, 5)
+    assert np.all(np.isfinite(ref))
+    np.testing.assert_allclose(pairwise_moments_matrix(X, y, users, 5), ref, rtol=0, atol=1e-12)

@@ -1042,6 +1042,10 @@ class AMHTLRS:
         d = Xa.shape[1]
         self._check_params(d)
         r, k = int(self.rank), int(self.sparsity)
+        if nu < r:
+            # the U-step (Eq. 5) is rank-deficient with fewer users than r: part of U would be set
+            # by rounding, not by the data
+            raise ValueError(f"a rank-{r} U needs at least {r} users, got n_users={nu}")
         rng = np.random.default_rng(self.random_state)
 
         full, _ = UserData.build(Xa, ya, ua, nu)

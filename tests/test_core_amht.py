@@ -295,3 +295,14 @@ def test_irls_rescue_never_installs_a_support_it_did_not_search() -> None:
         init = moments_init(X, y, users, len(counts), r)
         ref, _ = fit_reference(X, y, users, len(counts), init, k, **kw)  # type: ignore[arg-type]
         np.testing.assert_array_equal(est.model_.B_idx[20], ref.B_idx[20])
+
+
+def test_fit_refuses_fewer_users_than_the_rank() -> None:
+    """With one user and r = 2 the U-step is rank-deficient: the second basis column would be set
+    by rounding (the fast fit and its reference twin picked different supports)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 6))
+    y = X @ rng.standard_normal(6)
+    with pytest.raises(ValueError, match="rank-2 U needs at least 2 users, got n_users=1"):
+        AMHTLRS(2, 2).fit(X, y, np.zeros(12, dtype=int))
+    AMHTLRS(1, 2, random_state=0).fit(X, y, np.zeros(12, dtype=int))  # r = 1: one user suffices

@@ -103,7 +103,7 @@ def test_moments_matrix_matches_reference_and_finds_subspace() -> None:
         assert abs(float(U0[:, 0] @ u_star[:, 0])) > 0.95
 
 
-def test_pairwise_moments_twin_falls_back_like_the_fast_version_when_no_user_has_two_samples() -> None:
+def test_pairwise_moments_twin_falls_back_when_no_user_has_two_samples() -> None:
     """Every user with one sample: the pairwise form has no pairs, the fast version falls back to
     the y² moments matrix; the reference twin divided by zero users (NaN) instead."""
     rng = np.random.default_rng(0)

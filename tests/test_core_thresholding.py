@@ -16,6 +16,8 @@ from lrs_rec.thresholding import (
     enforce_row_sparsity,
     hard_threshold,
     hard_threshold_reference,
+    ridge_top_k_refit,
+    ridge_top_k_refit_reference,
     top_k_indices,
 )
 
@@ -112,3 +114,18 @@ def test_pairwise_moments_twin_falls_back_when_no_user_has_two_samples() -> None
     ref = pairwise_moments_matrix_reference(X, y, users, 5)
     assert np.all(np.isfinite(ref))
     np.testing.assert_allclose(pairwise_moments_matrix(X, y, users, 5), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_ridge_top_k_refit_matches_the_per_user_reference(k: int) -> None:
+    rng = np.random.default_rng(k)
+    X = rng.standard_normal((5, 9, 6))
+    G = np.einsum("uja,ujb->uab", X, X)
+    h = rng.standard_normal((5, 6))
+    idx, val = ridge_top_k_refit(G, h, k, 0.3)
+    ref_idx, ref_val = ridge_top_k_refit_reference(G, h, k, 0.3)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-10, atol=1e-12)
+    if k == 6:  # the whole support: the refit is the ridge solution itself
+        full = np.linalg.solve(G + 0.3 * np.eye(6)[None], h[:, :, None])[:, :, 0]
+        np.testing.assert_allclose(val, full, rtol=1e-10)

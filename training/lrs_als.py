@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrs_rec.thresholding import top_k_indices
+from lrs_rec.thresholding import ridge_top_k_refit
 from training.grouped import grouped_gram, grouped_sum
 
 
@@ -205,14 +205,7 @@ def _fit_users(
         if p.k > 0:
             # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
             xr = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", GU, W)
-            full = np.linalg.solve(st.G + p.reg_b * np.eye(d)[None], xr[:, :, None])[:, :, 0]
-            idx = top_k_indices(full, p.k)  # (n, k)
-            Gs = np.take_along_axis(
-                np.take_along_axis(st.G, idx[:, :, None], axis=1), idx[:, None, :], axis=2
-            )
-            bs = np.linalg.solve(
-                Gs + p.reg_b * np.eye(p.k)[None], np.take_along_axis(xr, idx, axis=1)[:, :, None]
-            )[:, :, 0]
+            idx, bs = ridge_top_k_refit(st.G, xr, p.k, p.reg_b)
             B = np.zeros((n_users, d))
             np.put_along_axis(B, idx, bs, axis=1)
         else:

@@ -56,7 +56,7 @@ from lrs_rec.privacy import (
     psd_project,
     u_step_sensitivities,
 )
-from lrs_rec.thresholding import top_k_indices
+from lrs_rec.thresholding import ridge_top_k_refit, top_k_indices
 from training import private_cli
 from training.grouped import grouped_gram, grouped_sum
 from training.private_accounting import (
@@ -295,15 +295,9 @@ def local_user_step(
         else:
             X = F[items]
             Gx = grouped_gram(users, n_users, X)
-            hx = grouped_sum(users, n_users, X * e[:, None])
-            full = np.linalg.solve(Gx + cfg.reg_b * np.eye(d)[None], hx[:, :, None])[:, :, 0]
-            idx = top_k_indices(full, k)
-            Gs = np.take_along_axis(
-                np.take_along_axis(Gx, idx[:, :, None], axis=1), idx[:, None, :], axis=2
+            idx, val = ridge_top_k_refit(
+                Gx, grouped_sum(users, n_users, X * e[:, None]), k, cfg.reg_b
             )
-            val = np.linalg.solve(
-                Gs + cfg.reg_b * np.eye(k)[None], np.take_along_axis(hx, idx, axis=1)[:, :, None]
-            )[:, :, 0]
         st = _Local(st.user_bias, st.W, idx.astype(np.int64), val)
     return st
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
+from lrs_rec.amht import orthonormalize as orthonormalize_qr
 
 NEIGHBOURING = "add_remove_user"
 """Neighbouring relation of every guarantee in this module: add or remove all data of one user."""
@@ -296,7 +297,7 @@ def solve_kron_u_step(
     d, r = V.shape
     M = psd_project(A) + ridge * np.eye(d * r)
     U = np.asarray(np.linalg.solve(M, V.reshape(d * r)).reshape(d, r), dtype=np.float64)
-    return _orthonormalize(U) if orthonormalize else np.asarray(U, dtype=np.float64)
+    return orthonormalize_qr(U)[0] if orthonormalize else np.asarray(U, dtype=np.float64)
 
 
 def solve_item_blocks(
@@ -307,7 +308,7 @@ def solve_item_blocks(
     r = V.shape[1]
     M = psd_project(A_blocks) + ridge * np.eye(r)[None]
     U = np.asarray(np.linalg.solve(M, V[:, :, None])[:, :, 0], dtype=np.float64)
-    return _orthonormalize(U) if orthonormalize else np.asarray(U, dtype=np.float64)
+    return orthonormalize_qr(U)[0] if orthonormalize else np.asarray(U, dtype=np.float64)
 
 
 def dp_u_step(
@@ -354,14 +355,6 @@ def dp_item_block_u_step(
         V.shape, sensitivity=sensitivity_V, noise_multiplier=noise_multiplier_V, rng=rng
     )
     return solve_item_blocks(A_noisy, V_noisy, ridge=ridge)
-
-
-def _orthonormalize(U: FloatArray) -> FloatArray:
-    Q, R = np.linalg.qr(U)
-    # fix signs so the result is a deterministic function of U
-    signs = np.sign(np.diag(R))
-    signs[signs == 0] = 1.0
-    return np.asarray(Q * signs[None, :], dtype=np.float64)
 
 
 def _check_positive(**values: float) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lrs_rec.amht import orthonormalize
 from lrs_rec.thresholding import ridge_top_k_refit
 from training.grouped import grouped_gram, grouped_sum
 
@@ -272,7 +273,7 @@ def u_step(
     # 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale afterwards
     lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
     U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
-    Q, R = np.linalg.qr(U)
+    Q, R = orthonormalize(U)  # U = QR with diag(R) >= 0, so U's column signs are deterministic
     state.U = Q
     state.W = state.W @ R.T
 

@@ -242,6 +242,30 @@ def test_plugin_item_features_npy_and_parquet(
         train(table, cfg, item_features_path=str(npy), progress=False)
 
 
+def test_features_without_signal_are_warned_about(
+    sample_split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Random plug-in features: the LRS fit only over-fits them, and the user is told so (the
+    model still keeps its best LRS iterate); the true features give no such warning."""
+    table = load_ratings(sample_split[0])
+    _, truth = make_sample_data(300, 120, random_state=3)
+    ids = [f"i{j + 1}" for j in range(120)]
+    cfg = TrainConfig(rank=4, sparsity=2, n_iter=3, refine_features=False)
+    for name, feats in {
+        "noise": np.random.default_rng(0).standard_normal(truth.item_features.shape),
+        "truth": truth.item_features,
+    }.items():
+        npy = tmp_path / f"{name}.npy"
+        np.save(npy, feats)
+        (tmp_path / f"{name}.npy.ids.txt").write_text("\n".join(ids) + "\n")
+        res = train(table, cfg, item_features_path=str(npy), progress=False)
+        err = capsys.readouterr().err
+        hist = res.model.manifest["metrics"]["history"]
+        best = min(h["val_rmse"] for h in hist[1:])
+        assert ("carry little signal" in err) == (hist[0]["val_rmse"] < best), (name, hist)
+        assert ("carry little signal" in err) == (name == "noise"), (name, hist)
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="method must be one of"):
         TrainConfig(method="magic")

@@ -324,6 +324,13 @@ def train(
                 break
     if not early:
         best_it = len(history) - 1
+    elif history[0]["val_rmse"] < best_val:
+        print(
+            f"warning: no {cfg.method} iteration beat the start (biases and item features only) on "
+            f"validation: val RMSE {history[0]['val_rmse']:.4f} at iteration 0, {best_val:.4f} at "
+            f"best; the item features may carry little signal about the ratings",
+            file=sys.stderr,
+        )
     elif best_state is not None and best_it < len(history) - 1:
         state = best_state  # early stopping: back to the best validation iterate
     # final passes on all ratings (the validation part included), then a last user step

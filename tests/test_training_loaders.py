@@ -518,3 +518,32 @@ def test_printable_unicode_ids_are_kept(tmp_path: Path) -> None:
     p = tmp_path / "u.csv"
     p.write_text("user,item,rating\nzoë,東京 タワー,4\n" + "u" * 256 + ",x\u00a0y,3\n")
     assert len(load_ratings(p)) == 2
+
+
+# -- audit11: a header naming neither the user nor the item column is refused -------------------
+@BOTH
+@pytest.mark.parametrize("header", ["product,customer,rating", "x,y,z", "Customer;Product;Stars"])
+def test_header_naming_neither_user_nor_item_is_an_error(
+    tmp_path: Path, fast: bool, header: str
+) -> None:
+    # read by position, "product,customer,rating" silently swapped users and items
+    delim = ";" if ";" in header else ","
+    body = f"{header}\n" + "".join(f"i{k}{delim}u{k % 3}{delim}{1 + k % 5}\n" for k in range(9))
+    p = write(tmp_path, "pc.csv", body)
+    with pytest.raises(RatingFileError, match=r"pc\.csv:1: the header .* names neither a user"):
+        load_ratings(p, LoadOptions(fast=fast))
+    # explicit columns still work, by name or position
+    first = header.split(delim)
+    t = load_ratings(p, LoadOptions(user_col=first[1], item_col=first[0], fast=fast))
+    t2 = load_ratings(p, LoadOptions(user_col="1", item_col="0", fast=fast))
+    assert as_rows(t) == as_rows(t2)
+    assert {u for u, _, _ in as_rows(t)} == {"u0", "u1", "u2"}
+
+
+@BOTH
+def test_header_naming_only_one_of_user_item_keeps_the_positional_fallback(
+    tmp_path: Path, fast: bool
+) -> None:
+    p = write(tmp_path, "one.csv", "customer,product_id,rating\nu1,i1,4\nu2,i1,3\n")
+    t = load_ratings(p, LoadOptions(fast=fast))
+    assert t.report.rows_kept == 2

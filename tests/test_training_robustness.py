@@ -322,3 +322,18 @@ def test_a_bad_onboarding_config_in_the_manifest_fails_at_load(tmp_path):
             load_model_dir(root)
     (root / "manifest.json").write_text(json.dumps({**manifest, "onboarding": {"config": {}}}))
     load_model_dir(root)
+
+
+def test_parquet_item_features_with_a_null_vector_name_the_row(tmp_path: Path) -> None:
+    # audit11: a null vector used to be reported as "have lengths {6}", naming no row
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.features import read_item_features
+    from training.loaders import RatingFileError
+
+    p = tmp_path / "emb.parquet"
+    vecs = [[1.0, 2.0], None, [3.0, 4.0]]
+    pq.write_table(pa.table({"item_id": ["a", "b", "c"], "emb": vecs}), p)
+    with pytest.raises(RatingFileError, match=r"row 1 \(item 'b'\) has no vector \(null\)"):
+        read_item_features(p)

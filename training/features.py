@@ -207,8 +207,14 @@ def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
     ]
     if list_cols:
         rows = table.column(list_cols[0]).to_pylist()
-        lens = {len(r) for r in rows if r is not None}
-        if len(lens) != 1 or any(r is None for r in rows):
+        nulls = [j for j, r in enumerate(rows) if r is None]
+        if nulls:
+            raise RatingFileError(
+                f"{p}: row {nulls[0]} (item {ids[nulls[0]]!r}) has no vector (null) in column "
+                f"{list_cols[0]!r} ({len(nulls)} such rows)"
+            )
+        lens = {len(r) for r in rows}
+        if len(lens) != 1:
             raise RatingFileError(f"{p}: vectors in column {list_cols[0]!r} have lengths {lens}")
         X = np.array(rows, dtype=np.float64)
     else:

@@ -396,6 +396,17 @@ def _resolve_columns(
         "time": (opts.time_col, 3 if header is None and not explicit else None),
     }
     cols = {what: _find_col(spec, header, d, what, where) for what, (spec, d) in specs.items()}
+    if header is not None and opts.user_col is None and opts.item_col is None:
+        # A header that names neither the user nor the item column ("product,customer,rating")
+        # would otherwise be read by position, silently swapping users and items whenever the
+        # file lists items first. Parquet already refuses unknown column names; so does this.
+        lowered = {h.lower() for h in header}
+        if not lowered & set(_USER_NAMES) and not lowered & set(_ITEM_NAMES):
+            raise RatingFileError(
+                f"{where}: the header {header} names neither a user column "
+                f"({', '.join(_USER_NAMES)}) nor an item column ({', '.join(_ITEM_NAMES)}); "
+                "pass --user-col NAME|POS and --item-col NAME|POS"
+            )
     for what in ("user", "item", "rating"):
         if cols[what] is None:
             raise RatingFileError(

@@ -231,7 +231,11 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 def create_app(
     recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FastAPI:
-    app = FastAPI(title="lrs-rec", version="1", docs_url="/docs", redoc_url=None)
+    # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
+    # an empty body that a client following redirects would replay as a second POST
+    app = FastAPI(
+        title="lrs-rec", version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False
+    )
     metrics = Metrics()
     app.state.recommender = recommender
     app.state.metrics = metrics

@@ -132,6 +132,10 @@ def test_malformed_and_oversized_bodies(client):
     assert r.status_code == 413
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    # audit11: a trailing slash was a 307 redirect with an empty body
+    for path in ("/v1/score/", "/v1/recommend/", "/healthz/"):
+        r = client.post(path, json={"user_id": "u1", "item_ids": ["i1"]}, follow_redirects=False)
+        assert r.status_code == 404 and r.json() == {"error": "Not Found"}, path
     r = client.get("/v1/score")
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
     assert "POST" in r.headers["allow"]

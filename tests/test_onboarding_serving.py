@@ -423,7 +423,8 @@ def test_onboarding_that_keeps_losing_write_races_is_a_503_and_writes_nothing(
 def test_user_ids_with_a_slash_onboard_over_http_and_unusable_ids_are_refused(model_dirs, home):
     """``a/b`` is a valid user id (score/recommend take it in the body); over the onboarding route
     it is sent as ``a%2Fb``, which the server decodes before routing. Ids no user can have
-    (control characters) are a 422 on every route, not a population answer on some."""
+    (control characters, surrounding whitespace) are a 422 on every route, not a population answer
+    on some."""
     rec = _serve(model_dirs["a"], home)
     with TestClient(create_app(rec), raise_server_exceptions=False) as c:
         body = {"ratings": [{"item_id": "i3", "rating": 5.0}, {"item_id": "i4", "rating": 1}]}
@@ -440,5 +441,10 @@ def test_user_ids_with_a_slash_onboard_over_http_and_unusable_ids_are_refused(mo
         for route, extra in (("/v1/score", {"item_ids": ["i0"]}), ("/v1/recommend", {"n": 3})):
             got = c.post(route, json={"user_id": "a\u0000b", **extra})
             assert got.status_code == 422 and "control" in got.json()["error"], got.text
+            # rating files are read with ids stripped: " u1" could never be the trained "u1"
+            got = c.post(route, json={"user_id": " u1", **extra})
+            assert got.status_code == 422 and "whitespace" in got.json()["error"], got.text
+        got = c.put("/v1/users/%20u1/ratings", json=body)
+        assert got.status_code == 422 and "whitespace" in got.json()["error"], got.text
         assert c.head("/healthz").status_code == 200
     assert set(RedisStore(connect(home=home)).onboarded_users("v1")) == {"a/b", "a/ratings"}

@@ -672,11 +672,12 @@ def id_problem(s: str) -> str | None:
             f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8: a "
             "replacement character merges distinct invalid ids)"
         )
-    if s.isprintable():  # the common case: no character of NON_PRINTABLE_CATEGORIES
-        return None
-    for pos, ch in enumerate(s):
-        if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
-            return f"contains a control or non-printable character {ch!r} at position {pos}"
+    if not s.isprintable():  # the common case is printable: no NON_PRINTABLE_CATEGORIES character
+        for pos, ch in enumerate(s):
+            if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
+                return f"contains a control or non-printable character {ch!r} at position {pos}"
+    if s != s.strip():  # rating files' ids are stripped: no trained id has this
+        return "has leading or trailing whitespace (ids in rating files are read stripped)"
     return None
 
 

@@ -350,11 +350,14 @@ def create_app(
             pass  # still describe the loaded model
         return JSONResponse(rec.info())
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    # HEAD answers like GET; out of the OpenAPI schema, where it would repeat GET's operation id
+    @app.get("/healthz")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.get("/readyz")
+    @app.head("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         ok, reason = rec.ready()
         metrics.ready.set(1 if ok else 0)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -138,6 +139,13 @@ def test_malformed_and_oversized_bodies(client):
         assert r.status_code == 404 and r.json() == {"error": "Not Found"}, path
     r = client.get("/v1/score")
     assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    # HEAD on the probes answers like GET, and stays out of the schema (no duplicate operation ids)
+    assert client.head("/healthz").status_code == 200
+    assert client.head("/readyz").status_code == client.get("/readyz").status_code
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = client.get("/openapi.json").json()["paths"]
+    assert list(paths["/healthz"]) == ["get"] and list(paths["/readyz"]) == ["get"]
     assert "POST" in r.headers["allow"]
     r = client.post("/v1/score", json={"user_id": "u1", "item_ids": ["x" * 300]})
     assert r.status_code == 422 and "item_ids.0" in r.json()["error"]

@@ -160,17 +160,48 @@ def test_dedup_matches_reference_twin() -> None:
 
 def test_out_of_scale_clip_drop_error(tmp_path: Path) -> None:
     p = write(tmp_path, "s.data", "1\t10\t4\t1\n1\t20\t7\t2\n2\t10\t0\t3\n")
-    t = load_ratings(p)  # default: clip to the ML-100K scale 1..5
+    ml = "ml-100k"  # given: an auto-detected ML-100K file off 1..5 is refused (test below)
+    t = load_ratings(p, LoadOptions(format=ml))  # default: clip to the ML-100K scale 1..5
     assert sorted(t.ratings.tolist()) == [1.0, 4.0, 5.0]
     assert t.report.counts["ratings_clipped"] == 2
     assert len(t.report.examples["ratings_clipped"]) == 2
-    t = load_ratings(p, LoadOptions(on_out_of_scale="drop"))
+    t = load_ratings(p, LoadOptions(format=ml, on_out_of_scale="drop"))
     assert t.ratings.tolist() == [4.0]
     assert t.report.counts["ratings_out_of_scale_dropped"] == 2
     with pytest.raises(RatingFileError, match=r"s\.data:2: rating 7 is outside the scale \[1, 5\]"):
-        load_ratings(p, LoadOptions(on_out_of_scale="error"))
+        load_ratings(p, LoadOptions(format=ml, on_out_of_scale="error"))
     t = load_ratings(p, LoadOptions(rating_scale=(0.0, 10.0)))
     assert sorted(t.ratings.tolist()) == [0.0, 4.0, 7.0]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("fmt", ["ml-100k", "ml-1m"])
+@pytest.mark.parametrize("rule", ["clip", "drop", "error"])
+def test_auto_detected_movielens_with_another_scale_is_refused(
+    tmp_path: Path, fast: bool, fmt: str, rule: str
+) -> None:
+    """Audit: a 1-10 log with four integer tab-separated columns was detected as ML-100K and
+    trained with 897 of 1,500 ratings clipped to 1..5, exit 0."""
+    sep, generic = ("\t", "tsv") if fmt == "ml-100k" else ("::", "csv")
+    rows = [(1, 10, 4, 1), (1, 20, 9, 2), (2, 10, 10, 3), (3, 30, 0, 4), (3, 10, 2, 5)]
+    p = write(tmp_path, "r.data", "".join(sep.join(map(str, r)) + "\n" for r in rows))
+    assert detect_format(p) == fmt
+    with pytest.raises(RatingFileError) as e:
+        load_ratings(p, LoadOptions(fast=fast, on_out_of_scale=rule))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:2: rating 9 is outside the [1, 5] scale of the {fmt} format")
+    assert "auto-detected" in msg and "3 of 5 ratings" in msg and "observed range 0..10" in msg
+    assert f"--format {generic} --rating-scale MIN MAX" in msg and f"--format {fmt}" in msg
+    # the suggested fix reads the file as it is
+    t = load_ratings(p, LoadOptions(format=generic, rating_scale=(0.0, 10.0), fast=fast))
+    assert as_rows(t) == sorted((str(u), str(i), float(r)) for u, i, r, _ in rows)
+    assert "ratings_clipped" not in t.report.counts
+    # unchanged: a declared scale, or the format given explicitly
+    t = load_ratings(p, LoadOptions(rating_scale=(1.0, 10.0), fast=fast))
+    assert t.report.format == fmt and t.report.counts["ratings_clipped"] == 1
+    t = load_ratings(p, LoadOptions(format=fmt, fast=fast))
+    assert sorted(t.ratings.tolist()) == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert t.report.counts["ratings_clipped"] == 3
 
 
 def test_nan_ratings_dropped_and_counted(tmp_path: Path) -> None:
@@ -253,7 +284,11 @@ CLEAN_FILES = {
 @pytest.mark.parametrize("name", sorted(CLEAN_FILES))
 def test_fast_reader_matches_reference_parser(tmp_path: Path, name: str) -> None:
     p = write(tmp_path, name, CLEAN_FILES[name])
-    kw = {"user_col": "customer", "item_col": "product"} if name == "named.csv" else {}
+    kw: dict[str, str] = {}
+    if name == "named.csv":
+        kw = {"user_col": "customer", "item_col": "product"}
+    elif name == "scale.data":  # out of 1..5: clipped only with the format given
+        kw = {"format": "ml-100k"}
     fast = load_ratings(p, LoadOptions(**kw))
     ref = load_ratings(p, LoadOptions(fast=False, **kw))
     assert fast.report.parser == "fast" and ref.report.parser == "reference"
@@ -279,7 +314,8 @@ def test_messy_files_take_the_reference_parser(tmp_path: Path) -> None:
 def test_rows_are_accounted_for(tmp_path: Path) -> None:
     """rows_read = rows_kept + every dropping rule: nothing disappears silently."""
     body = "1\t10\t4\t1\n1\t10\t5\t2\n2\t10\tnan\t3\n3\t10\t9\t4\n4\t11\t2\t5\n"
-    t = load_ratings(write(tmp_path, "acc.data", body), LoadOptions(on_out_of_scale="drop"))
+    opts = LoadOptions(format="ml-100k", on_out_of_scale="drop")
+    t = load_ratings(write(tmp_path, "acc.data", body), opts)
     c = t.report.counts
     dropped = c.get("missing_ratings", 0) + c.get("duplicates_removed", 0)
     dropped += c.get("ratings_out_of_scale_dropped", 0)

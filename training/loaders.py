@@ -18,7 +18,10 @@ Cleaning rules (keys of :attr:`CleaningReport.counts`):
 ``missing_timestamps``       NaN / empty / ``null`` timestamps: the row is kept without a time
 ``ratings_clipped``          ratings outside the declared scale are clipped to it
                              (``on_out_of_scale="clip"``, the default); with ``"drop"`` they are
-                             counted as ``ratings_out_of_scale_dropped``; ``"error"`` fails
+                             counted as ``ratings_out_of_scale_dropped``; ``"error"`` fails.
+                             An *auto-detected* ML-100K / ML-1M file (no ``rating_scale`` given)
+                             with a rating off 1..5 is an error whatever the rule: the format was
+                             a guess (four integer columns), the file probably has another scale
 ``duplicates_removed``       repeated (user, item) pairs: the latest by timestamp is kept (ties and
                              missing timestamps: the later line wins)
 ``non_numeric_user_ids``     ids are opaque strings (``"u17"`` is fine); counted for information
@@ -824,6 +827,8 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
     outside = (ratings < lo) | (ratings > hi)
     if outside.any():
         bad = np.flatnonzero(outside)
+        if opts.format == "auto" and opts.rating_scale is None and fmt in _FIXED_FIELDS:
+            _refuse_guessed_scale(fmt, lo, hi, ratings, bad, where)
         if opts.on_out_of_scale == "error":
             j = int(bad[0])
             raise RatingFileError(
@@ -877,6 +882,28 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         rating_max=float(hi),
         report=report,
         fingerprint=file_fingerprint(p),
+    )
+
+
+def _refuse_guessed_scale(
+    fmt: str, lo: float, hi: float, ratings: np.ndarray, bad: np.ndarray, where: Any
+) -> None:
+    """An auto-detected ML-100K / ML-1M file with ratings off that format's fixed scale.
+
+    The detection only saw four integer columns (or ``::`` separators): a 1..10 rating log looks
+    the same, and clipping it to 1..5 would silently train on different ratings. A real MovieLens
+    file never gets here; ``--format ml-100k|ml-1m`` keeps the clip / drop / error rule."""
+    j = int(bad[0])
+    shape = "tab-separated lines of 4 integers" if fmt == "ml-100k" else "'::'-separated lines"
+    generic = "tsv" if fmt == "ml-100k" else "csv"  # csv: the delimiter ('::' too) is sniffed
+    rmin, rmax = float(ratings.min()), float(ratings.max())
+    raise RatingFileError(
+        f"{where[j]}: rating {ratings[j]:g} is outside the [{lo:g}, {hi:g}] scale of the {fmt} "
+        f"format, which was auto-detected ({shape}); {bad.size} of {ratings.size} ratings are "
+        f"outside it (observed range {rmin:g}..{rmax:g}). If this is not a MovieLens file, pass "
+        f"--format {generic} --rating-scale MIN MAX (e.g. --rating-scale {rmin:g} {rmax:g}, or "
+        f"the file's real scale); to read it as {fmt} anyway (ratings clipped, or "
+        f"--on-out-of-scale drop|error), pass --format {fmt}"
     )
 
 

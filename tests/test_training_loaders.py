@@ -204,6 +204,34 @@ def test_auto_detected_movielens_with_another_scale_is_refused(
     assert t.report.counts["ratings_clipped"] == 3
 
 
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_non_utf8_file_names_the_line_and_the_byte(tmp_path: Path, eol: str) -> None:
+    """Audit: the error said only "at byte 36" (and that offset was within the reader's chunk)."""
+    head = f"user,item,rating{eol}alice,x,4{eol}"
+    p = tmp_path / "latin1.csv"
+    p.write_bytes(f"{head}bob,caf\xe9,3{eol}".encode("latin-1"))
+    for fast in (True, False):
+        with pytest.raises(RatingFileError) as e:
+            load_ratings(p, LoadOptions(fast=fast))
+        assert str(e.value).startswith(
+            f"{p}:3: not UTF-8 text (invalid continuation byte: 0xe9 at byte {len(head) + 7})"
+        )
+    # far into the file, past a multi-byte character or an end of line split by the 64 KiB reads
+    filler = ("user,item,rating" + eol + "".join(f"u{k},i{k},3{eol}" for k in range(3000))).encode()
+    for straddle in ("\u00e9", eol):
+        line = "u,\u00e9,3" + eol if straddle != eol else "u,i,3" + eol
+        at = line.index(straddle)
+        n = (1 << 16) - 1 - len(filler) - 1 - len(eol) - at  # a comment pads it to byte 65535
+        good = filler + f"#{'.' * n}{eol}{line}".encode()
+        assert good[(1 << 16) - 1 :].startswith(straddle.encode()[:1])
+        p.write_bytes(good + b"x,\xff,1" + eol.encode())
+        with pytest.raises(RatingFileError) as e:
+            load_ratings(p, LoadOptions(fast=False))
+        lineno = good.decode().count(eol) + 1
+        what = f"invalid start byte: 0xff at byte {len(good) + 2})"
+        assert str(e.value).startswith(f"{p}:{lineno}: not UTF-8 text ({what}"), str(e.value)
+
+
 def test_nan_ratings_dropped_and_counted(tmp_path: Path) -> None:
     body = "user,item,rating\na,x,4\nb,x,NaN\nc,x,\nd,y,null\ne,y,3.5\n"
     t = load_ratings(write(tmp_path, "n.csv", body))

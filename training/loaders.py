@@ -33,7 +33,8 @@ infinite rating (``"five"``, ``inf``), an empty user/item id, an id the service 
 than 256 characters, or with a control / non-printable character or U+FFFD: such users could never
 be onboarded or updated), a row with too few columns, an ML-100K / ML-1M line with more than its 4
 fields, an unparsable or infinite timestamp, an unknown column name, an empty file (no rating rows),
-a Parquet file without the requested columns, a file whose delimiter cannot be told. Column
+a Parquet file without the requested columns, a file whose delimiter cannot be told, bytes that
+are not UTF-8 (``file:line`` and the byte offset). Column
 choices are checked on the first line: a header lacking a user/item/rating column (no guessing by
 position onto a column named as something else), a position that is negative or beyond the line,
 one column for two roles, and Parquet columns of a type with no rating/timestamp/id meaning are
@@ -362,7 +363,47 @@ def _iter_rows(path: Path, delim: str) -> Iterator[tuple[int, list[str] | None, 
                         fields = raw.split(delim)
                     yield n, fields, raw
         except UnicodeDecodeError as e:
-            raise RatingFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+            # the text reader decodes ahead in chunks: e.start is within a chunk, not the file
+            found = _first_non_utf8(path)  # None: the file changed under us
+            where, what = (
+                (f"{path}:{found[0]}", f"{found[2]} at byte {found[1]}")
+                if found is not None
+                else (str(path), e.reason)
+            )
+            raise RatingFileError(
+                f"{where}: not UTF-8 text ({what}); "
+                "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from e
+
+
+def _line_breaks(data: bytes, after_cr: bool) -> int:
+    """Line ends in ``data`` as the text reader counts them (\\n, \\r\\n or a lone \\r);
+    ``after_cr``: the bytes before ``data`` ended with \\r (a \\r\\n split across reads)."""
+    n = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return n - 1 if after_cr and data.startswith(b"\n") else n
+
+
+def _first_non_utf8(path: Path) -> tuple[int, int, str] | None:
+    """(line, byte offset in the file, what) of the first bytes of ``path`` that are not UTF-8, or
+    None. Only the file up to those bytes is read (an error path: the rows before were parsed)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    line, offset, after_cr = 1, 0, False
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 16)
+            pending = len(dec.getstate()[0])  # an incomplete sequence held from the last read
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                bad = e.start - pending  # < 0: the sequence began in the previous read
+                line += _line_breaks(chunk[: max(bad, 0)], after_cr)
+                shown = " ".join(f"0x{b:02x}" for b in e.object[e.start : e.end])
+                return line, offset + bad, f"{e.reason}: {shown}"
+            if not chunk:
+                return None
+            line += _line_breaks(chunk, after_cr)
+            after_cr = chunk.endswith(b"\r")
+            offset += len(chunk)
 
 
 @dataclass

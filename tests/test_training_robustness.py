@@ -337,3 +337,30 @@ def test_parquet_item_features_with_a_null_vector_name_the_row(tmp_path: Path) -
     pq.write_table(pa.table({"item_id": ["a", "b", "c"], "emb": vecs}), p)
     with pytest.raises(RatingFileError, match=r"row 1 \(item 'b'\) has no vector \(null\)"):
         read_item_features(p)
+
+
+@pytest.mark.parametrize("id_type", ["string", "int64", "float64"])
+@pytest.mark.parametrize("layout", ["list", "columns"])
+def test_parquet_item_features_with_a_null_id_name_the_row(
+    tmp_path: Path, id_type: str, layout: str
+) -> None:
+    # audit: a null item id became the item "None" (a NaN float id the item "nan")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.features import read_item_features
+    from training.loaders import RatingFileError
+
+    p = tmp_path / "emb.parquet"
+    values = {
+        "string": ["a", "b", None, "d", None],
+        "int64": [1, 2, None, 4, None],
+        "float64": [1.0, 2.0, float("nan"), 4.0, None],  # NaN: a value to Arrow, no id either
+    }[id_type]
+    ids = pa.array(values, type=getattr(pa, id_type)())
+    vecs = [[float(j), 1.0] for j in range(5)]
+    cols = {"emb": vecs} if layout == "list" else {"f0": [v[0] for v in vecs], "f1": [1.0] * 5}
+    pq.write_table(pa.table({"item_id": ids, **cols}), p)
+    with pytest.raises(RatingFileError) as e:
+        read_item_features(p)
+    assert str(e.value).startswith(f"{p}: row 2 has no item id (null in column 'item_id'; 2 such")

@@ -197,7 +197,14 @@ def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
         raise RatingFileError(
             f"{p}: no id column (item, item_id, itemId, movieId or id) in {names}"
         )
-    ids = [str(v) for v in table.column(id_col).to_pylist()]
+    raw_ids = table.column(id_col).to_pylist()
+    nulls = [j for j, v in enumerate(raw_ids) if v is None or (isinstance(v, float) and v != v)]
+    if nulls:  # str(None) would be an item called "None"
+        raise RatingFileError(
+            f"{p}: row {nulls[0]} has no item id (null in column {id_col!r}; "
+            f"{len(nulls)} such rows); every vector needs the id of its item"
+        )
+    ids = [str(v) for v in raw_ids]
     rest = [n for n in names if n != id_col]
     list_cols = [
         n

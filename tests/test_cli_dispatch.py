@@ -80,6 +80,13 @@ def test_cli_uses_one_blas_thread_unless_the_environment_sets_it(monkeypatch):
             ["train", "--ratings", "r", "--out", "o", "--epsilon", "1", "--dp-noise-seed", "-1"],
             "--dp-noise-seed: must be at least 0",
         ),
+        # audit: was "epsilon must be a positive finite number or None, got 0.0", after reading
+        # the ratings; None is the Python API's "no privacy", not something to type
+        (["train", "--ratings", "r", "--out", "o", "--epsilon", "0"], "--epsilon: must be a fi"),
+        (["train", "--ratings", "r", "--out", "o", "--epsilon", "-2"], "> 0, got '-2'"),
+        (["train", "--ratings", "r", "--out", "o", "--epsilon", "inf"], "--epsilon: must be a fi"),
+        (["train", "--ratings", "r", "--out", "o", "--epsilon", "nan"], "--epsilon: must be a fi"),
+        (["train", "--ratings", "r", "--out", "o", "--epsilon", "x"], "expected a number, got 'x'"),
     ],
 )
 def test_out_of_range_options_are_usage_errors(argv, message, capsys) -> None:
@@ -116,6 +123,8 @@ def test_privacy_budget_and_epsilon_bounds(monkeypatch) -> None:
 
     with pytest.raises(ValueError, match="above 256"):
         PrivateConfig(epsilon=1e7)
+    with pytest.raises(ValueError, match="epsilon must be a positive finite number or None"):
+        PrivateConfig(epsilon=0.0)  # the Python API: None (no privacy) is a valid value there
     PrivateConfig(epsilon=MAX_EPSILON)
     monkeypatch.setenv("LRS_MAX_DELTA", "nan")
     with pytest.raises(ValueError, match="LRS_MAX_DELTA='nan' must be a finite number >= 0"):

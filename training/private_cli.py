@@ -33,7 +33,7 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--delta",
-        type=float,
+        type=finite_float(lo=0.0, lo_open=True, hi=1.0, hi_open=True),
         default=DEFAULT_DELTA,
         metavar="D",
         help="target delta (default 1e-6)",

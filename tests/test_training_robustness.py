@@ -364,3 +364,24 @@ def test_parquet_item_features_with_a_null_id_name_the_row(
     with pytest.raises(RatingFileError) as e:
         read_item_features(p)
     assert str(e.value).startswith(f"{p}: row 2 has no item id (null in column 'item_id'; 2 such")
+
+
+def test_item_feature_ids_are_read_like_rating_file_ids(tmp_path):
+    """A float id column (10.0) names the item "10", as in a rating file, and a JSON id list
+    with an empty or null entry is refused, naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.features import read_item_features
+    from training.loaders import RatingFileError
+
+    p = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({"item_id": [10.0, 2.0, 7.0], "emb": [[1.0, 0.0]] * 3}), p)
+    assert read_item_features(p)[0] == ["10", "2", "7"]
+    npy = tmp_path / "emb.npy"
+    np.save(npy, np.ones((3, 2)))
+    (tmp_path / "emb.ids.json").write_text(json.dumps([" a ", 5, 6.0]))
+    assert read_item_features(npy)[0] == ["a", "5", "6"]
+    (tmp_path / "emb.ids.json").write_text(json.dumps(["a", None, ""]))
+    with pytest.raises(RatingFileError, match=r"entry 1 has no item id \(null; 2 such entries\)"):
+        read_item_features(npy)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from training.grouped import grouped_gram, grouped_sum
-from training.loaders import RatingFileError
+from training.loaders import RatingFileError, id_text
 from training.lrs_als import key_blocks, user_block_size
 from training.vocab import Vocabulary
 
@@ -127,8 +127,26 @@ def _read_id_list(path: Path) -> list[str]:
         ids = json.loads(path.read_text())
         if not isinstance(ids, list):
             raise RatingFileError(f"{path}: expected a JSON list of item ids")
-        return [str(i) for i in ids]
+        return _item_ids(path, ids, "entry")
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _item_ids(where: Path, raw: list[object], what: str, column: str | None = None) -> list[str]:
+    """Item ids as the rating loaders read them (:func:`training.loaders.id_text`); an empty or
+    null id is an error naming its row (str(None) would be an item called "None")."""
+    ids = [id_text(v) for v in raw]
+    empty = [j for j, s in enumerate(ids) if not s]
+    if empty:
+        j = empty[0]
+        v = raw[j]
+        shown = "null" if v is None or (isinstance(v, float) and v != v) else repr(v)
+        col = f" in column {column!r}" if column else ""
+        raise RatingFileError(
+            f"{where}: {what} {j} has no item id ({shown}{col}; {len(empty)} such "
+            f"{'entries' if what == 'entry' else what + 's'}); "
+            "every vector needs the id of its item"
+        )
+    return ids
 
 
 def read_item_features(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
@@ -197,14 +215,7 @@ def _read_parquet_features(p: Path) -> tuple[list[str], np.ndarray]:
         raise RatingFileError(
             f"{p}: no id column (item, item_id, itemId, movieId or id) in {names}"
         )
-    raw_ids = table.column(id_col).to_pylist()
-    nulls = [j for j, v in enumerate(raw_ids) if v is None or (isinstance(v, float) and v != v)]
-    if nulls:  # str(None) would be an item called "None"
-        raise RatingFileError(
-            f"{p}: row {nulls[0]} has no item id (null in column {id_col!r}; "
-            f"{len(nulls)} such rows); every vector needs the id of its item"
-        )
-    ids = [str(v) for v in raw_ids]
+    ids = _item_ids(p, table.column(id_col).to_pylist(), "row", id_col)
     rest = [n for n in names if n != id_col]
     list_cols = [
         n

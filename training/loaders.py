@@ -658,8 +658,8 @@ def _collect(
     time: Any,
 ) -> None:
     report.rows_read += 1
-    u = _id_str(user)
-    it = _id_str(item)
+    u = id_text(user)
+    it = id_text(item)
     if u == "":
         raise RatingFileError(f"{where}: empty user id (row {user!r}, {item!r}, {rating!r})")
     if it == "":
@@ -730,7 +730,10 @@ def _shown(s: str, n: int = 60) -> str:
     return repr(s) if len(s) <= n else f"{s[:n]!r}..."
 
 
-def _id_str(v: Any) -> str:
+def id_text(v: Any) -> str:
+    """An id cell as text, the one conversion for rating files and item-feature files: integral
+    floats lose their ".0" (a Parquet/JSON 10.0 is the item "10"), surrounding whitespace and
+    quotes are stripped; None / NaN are "" (an empty id, which callers refuse)."""
     if v is None:
         return ""
     if isinstance(v, float):

@@ -48,7 +48,7 @@ from serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
-from serving.store import ConcurrentWriteError
+from serving.store import ConcurrentWriteError, VersionMovedError
 from training.loaders import id_problem
 from training.model_dir import TrainedModel, onboarding_schedule
 
@@ -267,10 +267,44 @@ def onboard(
     wait_timeout_ms: int = 1000,
 ) -> OnboardResult:
     """Fit ``user_id`` from their full history plus ``ratings`` and store them durably."""
+    user_id = validate_user_id(user_id)
+    for attempt in range(_MOVED_RETRIES):
+        try:
+            return _onboard_once(
+                rec,
+                user_id,
+                ratings,
+                max_ratings=max_ratings,
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
+                force=attempt > 0,
+            )
+        except VersionMovedError:
+            # a publish switched between our version check and the write (nothing was written):
+            # start again against the new current version (or refuse, if this server cannot
+            # serve it)
+            continue
+    raise StoreUnavailableError(
+        f"could not store the onboarding of {user_id!r}: the served store version kept changing"
+    )
+
+
+_MOVED_RETRIES = 3
+
+
+def _onboard_once(
+    rec: Recommender,
+    user_id: str,
+    ratings: Any,
+    *,
+    max_ratings: int,
+    wait_replicas: int,
+    wait_timeout_ms: int,
+    force: bool,
+) -> OnboardResult:
     import redis
 
-    user_id = validate_user_id(user_id)
-    meta, loaded = rec._current()  # one consistent (served version, loaded model) snapshot
+    meta, loaded = rec._current(force=force)  # one consistent (served version, model) snapshot
     try:
         current = rec.store.current_version()
     except (redis.RedisError, OSError) as e:
@@ -314,7 +348,7 @@ def onboard(
         return record, encode_history(*stored, n_items=model.n_items), int(items.size)
 
     try:
-        n = store.update_user(meta, user_id, index, compute)
+        n = store.update_user(meta, user_id, index, compute, require_current=True)
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:

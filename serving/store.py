@@ -49,6 +49,11 @@ class ConcurrentWriteError(RuntimeError):
     """A user's read-modify-write lost the race to other writers too many times in a row."""
 
 
+class VersionMovedError(RuntimeError):
+    """``update_user(..., require_current=True)``: the version written to is no longer current (a
+    publish switched away from it), so a write there would not be carried over: nothing written."""
+
+
 UserUpdate = Callable[[bytes | None, Callable[[], bool]], tuple[bytes | None, bytes, Any]]
 """``compute(stored history, is_live) -> (record or None, history, result)`` (:meth:`RedisStore.update_user`)."""
 
@@ -324,8 +329,19 @@ class RedisStore:
         onboarded (so the next publish carries them over). Record and history are written in one
         MULTI/EXEC (same hash slot); on the embedded server ``appendfsync always`` makes the reply
         imply an fsync'ed append-only file."""
-        loc = self.locate(meta, user_id, index)
         mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
+        self._put_user(meta, user_id, index, record, history, mark)
+
+    def _put_user(
+        self,
+        meta: VersionMeta,
+        user_id: str,
+        index: int | None,
+        record: bytes,
+        history: bytes,
+        mark: str,
+    ) -> None:
+        loc = self.locate(meta, user_id, index)
         if self.handle.is_cluster:
             # the onboarded marker lives in another slot: write it first, so a crash in between
             # leaves at worst a marker without a record (skipped by carry-over), never the reverse
@@ -340,12 +356,7 @@ class RedisStore:
 
     def onboarded_users(self, version: str) -> dict[str, tuple[int, int | None]]:
         """Users onboarded in ``version``: id -> (sequence number, trained index or None)."""
-        raw = self.r.hgetall(self.keys.onboarded(version))
-        out: dict[str, tuple[int, int | None]] = {}
-        for k, v in raw.items():
-            seq, idx = v.decode().split(":")
-            out[k.decode()] = (int(seq), None if int(idx) < 0 else int(idx))
-        return out
+        return _parse_onboarded(self.r.hgetall(self.keys.onboarded(version)))
 
     # -- memory -------------------------------------------------------------------------------------
     def used_memory(self) -> int:
@@ -487,9 +498,10 @@ class RedisStore:
                 pipe.execute()
             old = self.current_version()
             seen: dict[str, int] = {}
+            written: dict[str, str] = {}
             n_carried = 0
             if old is not None and old != version:
-                n_carried = self._carry_over(old, meta, model, refit, seen)
+                n_carried = self._carry_over(old, meta, model, refit, seen, written)
             meta = replace(meta, status="ready", published_at=time.time(), n_carried_over=n_carried)
             self._put_meta(meta)
         except BaseException:
@@ -498,55 +510,151 @@ class RedisStore:
             except Exception:  # Redis itself may be what failed
                 pass
             raise
-        if switch and self.switch(version, only_forward=True):
-            if old is not None and seen and carry_over_grace >= 0:
-                # users onboarded into the old version while we were publishing (servers notice
-                # the switch within their version-refresh interval): carry them over again
-                if carry_over_grace:
-                    time.sleep(carry_over_grace)
-                n2 = self._carry_over(old, meta, model, refit, seen)
-                if n2:
-                    meta = replace(meta, n_carried_over=meta.n_carried_over + n2)
-                    self._put_meta(meta)
+        if not switch:
+            return meta
+        switched, old, n_late = self._settle_and_switch(meta, model, refit, old, seen, written)
+        if switched and old is not None and seen and carry_over_grace >= 0:
+            # users onboarded into the old version after the switch by a server that does not
+            # guard its write with the current pointer (Redis Cluster: no cross-slot WATCH):
+            # carry them over again once the servers have noticed the switch
+            if carry_over_grace:
+                time.sleep(carry_over_grace)
+            n_late += self._carry_over(old, meta, model, refit, seen, written, switched=True)
+        if n_late:
+            meta = replace(meta, n_carried_over=meta.n_carried_over + n_late)
+            self._put_meta(meta)
         return meta
 
+    def _settle_and_switch(
+        self,
+        meta: VersionMeta,
+        model: TrainedModel,
+        refit: RefitHook | None,
+        old: str | None,
+        seen: dict[str, int],
+        written: dict[str, str],
+    ) -> tuple[bool, str | None, int]:
+        """Carry over the users onboarded into the served version since the last pass, then
+        switch forward to ``meta.version`` — on a single server atomically: the SET is made under
+        WATCH of the current pointer and of the old version's onboarded markers, so an onboarding
+        acknowledged into the old version before the switch is always carried (a later one is
+        refused by the onboarding's own WATCH on the pointer, ``update_user(require_current=True)``).
+        Returns (switched?, the version carried from, users carried by these passes)."""
+        import redis
+
+        version = meta.version
+        self.meta(version)  # must exist (and be ready: checked by switch() below)
+        n = 0
+        cluster = self.handle.is_cluster
+        while True:
+            if cluster:  # no cross-slot WATCH: pass until quiet, then switch (grace pass follows)
+                cur = self.current_version()
+                if cur is not None and _version_seq(cur) > _version_seq(version):
+                    return self.switch(version, only_forward=True), old, n
+                if cur is not None and cur != old and cur != version:
+                    old = cur
+                    seen.clear()
+                if old is not None and old != version:
+                    m = self._carry_over(old, meta, model, refit, seen, written)
+                    n += m
+                    if m:
+                        continue
+                return self.switch(version, only_forward=True), old, n
+            with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.keys.current)
+                    raw = pipe.get(self.keys.current)
+                    cur = raw.decode() if raw is not None else None
+                    if cur is not None and _version_seq(cur) > _version_seq(version):
+                        log.warning(
+                            "not switching to %s: the newer version %s is already current",
+                            version,
+                            cur,
+                        )
+                        return False, old, n
+                    if cur is not None and cur != old and cur != version:
+                        # another publish (or a rollback) switched meanwhile: carry from it
+                        pipe.reset()
+                        old = cur
+                        seen.clear()
+                        continue
+                    if old is not None and old != version:
+                        pipe.watch(self.keys.onboarded(old))
+                        marks = _parse_onboarded(pipe.hgetall(self.keys.onboarded(old)))
+                        if any(seen.get(u) != s[0] for u, s in marks.items()):
+                            pipe.reset()
+                            n += self._carry_over(old, meta, model, refit, seen, written)
+                            continue
+                    if self.meta(version).status != "ready":
+                        raise ValueError(f"store version {version} is not ready; not switching")
+                    pipe.multi()
+                    pipe.set(self.keys.current, version)
+                    pipe.execute()
+                    return True, old, n
+                except redis.WatchError:
+                    continue
+
     def update_user(
-        self, meta: VersionMeta, user_id: str, index: int | None, compute: UserUpdate
+        self,
+        meta: VersionMeta,
+        user_id: str,
+        index: int | None,
+        compute: UserUpdate,
+        *,
+        require_current: bool = False,
+        mark: str | None = None,
+        own_mark: str | None = None,
     ) -> Any:
         """Read the user's stored history in ``meta``, ``compute`` what to write, and write it with
         the onboarded marker, atomically: the one read-modify-write of a user (onboarding and the
         carry-over of a publish). ``compute(history, is_live)`` returns ``(record, history,
         result)``; record None writes only the history; ``is_live()`` tells whether the user is
-        already marked onboarded in ``meta``. Returns ``result``.
+        already marked onboarded in ``meta`` (by a marker other than ``own_mark``: a carry-over's
+        own earlier write does not make a user live). ``mark`` is the marker value to write
+        (default ``"<time_ns>:<index or -1>"``). Returns ``result``.
+
+        ``require_current`` (onboarding): write only while ``meta`` is the current version — the
+        pointer is WATCHed with the user's keys, so a publish that switches away before EXEC makes
+        the write fail with :class:`VersionMovedError` instead of landing, acknowledged, in a
+        version the publish has already carried over.
 
         Single server: WATCH the user's two hashes, MULTI/EXEC, retry when another client wrote
         them in between, so concurrent writers never lose each other's ratings. Redis Cluster (no
         cross-slot WATCH in the client): a per-process lock per user stripe, marker first (see
-        :meth:`put_user`)."""
+        :meth:`put_user`); ``require_current`` is then checked just before the write (not
+        atomically: publish's grace pass covers the rest)."""
         import redis
 
         loc = self.locate(meta, user_id, index)
         marker = self.keys.onboarded(meta.version)
-        mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
+        if mark is None:
+            mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
         if self.handle.is_cluster:
             with _USER_LOCKS[hash(user_id) % len(_USER_LOCKS)]:
                 record, history, result = compute(
                     self.r.hget(loc.history_key, loc.field),
-                    partial(_hexists, self.r, marker, user_id),
+                    partial(_is_live, self.r, marker, user_id, own_mark),
                 )
+                if require_current:
+                    self._check_current(meta, self.r.get(self.keys.current))
                 if record is None:
                     self.r.hset(marker, user_id, mark)
                     self.r.hset(loc.history_key, loc.field, history)
                 else:
-                    self.put_user(meta, user_id, index, record, history)
+                    self._put_user(meta, user_id, index, record, history, mark)
                 return result
+        watched = [loc.history_key, loc.params_key]
+        if require_current:
+            watched.append(self.keys.current)
         for _ in range(_UPDATE_RETRIES):
             with self.r.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(loc.history_key, loc.params_key)
+                    pipe.watch(*watched)
+                    if require_current:
+                        self._check_current(meta, pipe.get(self.keys.current))
                     record, history, result = compute(
                         pipe.hget(loc.history_key, loc.field),
-                        partial(_hexists, pipe, marker, user_id),
+                        partial(_is_live, pipe, marker, user_id, own_mark),
                     )
                     pipe.multi()
                     pipe.hset(marker, user_id, mark)
@@ -561,6 +669,14 @@ class RedisStore:
             f"could not store {user_id!r}: {_UPDATE_RETRIES} concurrent-write retries"
         )
 
+    @staticmethod
+    def _check_current(meta: VersionMeta, raw: bytes | None) -> None:
+        current = raw.decode() if raw is not None else None
+        if current != meta.version:
+            raise VersionMovedError(
+                f"store version {meta.version} is no longer current ({current} is)"
+            )
+
     def _carry_over(
         self,
         old_version: str,
@@ -568,9 +684,16 @@ class RedisStore:
         model: TrainedModel,
         refit: RefitHook | None,
         seen: dict[str, int],
+        written: dict[str, str],
+        *,
+        switched: bool = False,
     ) -> int:
         """Carry users onboarded in ``old_version`` (not yet in ``seen`` at that sequence number)
-        into ``new``: refit them from their full stored history with the new model."""
+        into ``new``: refit them from their full stored history with the new model. ``written``:
+        user -> the marker this publish wrote into ``new`` (filled in). Before the switch
+        (``switched`` False) nothing but this publish writes into ``new``, so the old version's
+        copy (the newer one) wins; after it, a user whose marker in ``new`` is not ours has
+        been onboarded there by a server, and what ``new`` holds wins."""
         onboarded = self.onboarded_users(old_version)
         todo = {u: s for u, s in onboarded.items() if seen.get(u) != s[0]}
         if not todo:
@@ -580,7 +703,7 @@ class RedisStore:
         old_items = self.item_ids(old_version)
         new_item_index = model.item_index()
         new_user_index = model.user_index()
-        job = _CarryOver(old, new, model, refit, same_model)
+        job = _CarryOver(old, new, model, refit, same_model, switched)
         n = 0
         ids = list(todo)
         locs = [self.locate(old, u, todo[u][1]) for u in ids]
@@ -598,7 +721,10 @@ class RedisStore:
             compute = partial(
                 job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
             )
-            if self.update_user(new, user_id, idx, compute):
+            mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
+            own = written.get(user_id)
+            written[user_id] = mark  # before the write: a retried/failed one is still ours
+            if self.update_user(new, user_id, idx, compute, mark=mark, own_mark=own):
                 n += 1
         return n
 
@@ -617,6 +743,7 @@ class _CarryOver:
     model: TrainedModel
     refit: RefitHook | None
     same_model: bool
+    switched: bool = False
 
     def carried_user(
         self,
@@ -628,7 +755,7 @@ class _CarryOver:
         carried: tuple[np.ndarray, np.ndarray],
     ) -> tuple[bytes | None, bytes, bool]:
         """``(record or None, history, refitted?)`` for :meth:`RedisStore.update_user`."""
-        live = is_live()
+        live = self.switched and is_live()
         # what the new version already holds for the user: their new training history (published
         # moments ago) or, once the new version is live, what servers wrote there since the
         # switch. The service's ratings win over training data; live writes in the new version
@@ -658,8 +785,18 @@ class _CarryOver:
 _NO_HISTORY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 
 
-def _hexists(client: Any, key: bytes, field: str) -> bool:
-    return bool(client.hexists(key, field))
+def _is_live(client: Any, key: bytes, field: str, own_mark: str | None) -> bool:
+    """Whether ``field`` is marked onboarded in ``key`` by someone else than ``own_mark``."""
+    raw = client.hget(key, field)
+    return raw is not None and (own_mark is None or raw.decode() != own_mark)
+
+
+def _parse_onboarded(raw: dict[bytes, bytes]) -> dict[str, tuple[int, int | None]]:
+    out: dict[str, tuple[int, int | None]] = {}
+    for k, v in raw.items():
+        seq, idx = v.decode().split(":")
+        out[k.decode()] = (int(seq), None if int(idx) < 0 else int(idx))
+    return out
 
 
 def _version_seq(version: str) -> int:

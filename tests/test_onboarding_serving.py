@@ -303,6 +303,110 @@ def test_grace_pass_merges_with_ratings_written_into_the_new_version(model_dirs,
 
 
 @pytest.mark.redis
+def test_rerating_between_carry_over_and_switch_is_not_reverted(model_dirs, home, monkeypatch):
+    """A re-rating acknowledged into the old version after publish's first carry-over pass but
+    before the switch (current is still the old version) must reach the new version. Regression:
+    the first pass's own onboarded marker made the user look "live" in the new version, so the
+    grace pass kept the stale first-pass copy (i1 = 4.0) over the newer rating (i1 = 1.0)."""
+    import serving.store as store_mod
+    from serving.encoding import decode_history
+
+    rec_a = _serve(model_dirs["a"], home)
+    rec_a.onboard("carol", [("i1", 4.0), ("i2", 3.0)])
+    put_meta = store_mod.RedisStore._put_meta
+    fired: list[str] = []
+
+    def between_pass_and_switch(self, meta):  # type: ignore[no-untyped-def]
+        put_meta(self, meta)
+        if meta.status == "ready" and not fired:
+            fired.append(rec_a.onboard("carol", [("i1", 1.0)]).store_version)
+
+    monkeypatch.setattr(store_mod.RedisStore, "_put_meta", between_pass_and_switch)
+    meta = rec_a.store.publish(
+        load_model_dir(model_dirs["b"]),
+        model_dir=str(model_dirs["b"]),
+        refit=refit_for_publish,
+        carry_over_grace=0,
+    )
+    assert fired == ["v1"] and meta.version == "v2"
+    assert rec_a.store.current_version() == "v2"
+    _, hist = rec_a.store.fetch([rec_a.store.locate(meta, "carol", None)], with_history=True)[0]
+    items, ratings = decode_history(hist)
+    assert sorted(zip(items.tolist(), ratings.tolist(), strict=True)) == [(1, 1.0), (2, 3.0)]
+    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
+    want = _expected_scores(rec_b.model, items.tolist(), ratings.tolist(), [0, 4])
+    np.testing.assert_allclose(rec_b.score("carol", ["i0", "i4"]).scores, want, atol=2e-2)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("new_model", ["a", "b"])
+def test_onboarding_overtaken_by_a_switch_is_never_acknowledged_into_the_old_version(
+    model_dirs, home, monkeypatch, new_model
+):
+    """An onboarding that passed its version check before a switch but writes after it (a slow
+    fit, WATCH retries, a slow Redis: longer than the grace pass) must not be acknowledged into
+    the old version, which no later publish carries over. Regression: it was stored in v1 after
+    the grace pass and lost. Now the write WATCHes the current pointer: it is redone in the new
+    version when this server serves it (same model), or refused with a 503-class error."""
+    import serving.onboarding as onb_mod
+    from serving.recommender import NotReadyError
+
+    rec_a = _serve(model_dirs["a"], home)
+    rec_a.onboard("dave", [("i1", 4.0)])  # someone onboarded: publish runs its grace pass
+    model_a = rec_a.model
+    onb = onboarder_for(model_a)
+    started, release = threading.Event(), threading.Event()
+
+    class SlowFit:
+        def __getattr__(self, name: str) -> object:
+            return getattr(onb, name)
+
+        def fit(self, *args: object, **kwargs: object) -> object:
+            if not started.is_set():
+                started.set()
+                release.wait(10)  # held until the publish (grace pass included) is over
+            return onb.fit(*args, **kwargs)
+
+    real_onboarder_for = onb_mod.onboarder_for
+    monkeypatch.setattr(
+        onb_mod,
+        "onboarder_for",
+        lambda m, s=None: SlowFit() if m is model_a else real_onboarder_for(m, s),
+    )
+    out: dict[str, object] = {}
+
+    def request() -> None:
+        try:
+            out["ok"] = rec_a.onboard("erin", [("i2", 5.0)])
+        except Exception as e:
+            out["error"] = e
+
+    t = threading.Thread(target=request)
+    t.start()
+    assert started.wait(10)
+    meta = rec_a.store.publish(
+        load_model_dir(model_dirs[new_model]),
+        model_dir=str(model_dirs[new_model]),
+        refit=refit_for_publish,
+        carry_over_grace=0.01,
+    )
+    release.set()
+    t.join(10)
+    assert meta.version == "v2" and rec_a.store.current_version() == "v2"
+    store = rec_a.store
+    in_v1 = store.fetch([store.locate(store.meta("v1"), "erin", None)], with_history=True)[0]
+    in_v2 = store.fetch([store.locate(meta, "erin", None)], with_history=True)[0]
+    assert in_v1 == (None, None)  # nothing written into the version left behind
+    if new_model == "a":  # this server serves v2 too: the onboarding was redone there
+        assert out["ok"].store_version == "v2"  # type: ignore[attr-defined]
+        assert in_v2[0] is not None and in_v2[1] is not None
+        assert rec_a.score("erin", ["i0"]).personalized
+    else:  # v2 is a model this server does not hold: refused (503), not acknowledged
+        assert isinstance(out.get("error"), NotReadyError), out
+        assert in_v2 == (None, None)
+
+
+@pytest.mark.redis
 def test_concurrent_onboarding_loses_nobody(model_dirs, home):
     rec = _serve(model_dirs["a"], home)
     errors: list[BaseException] = []

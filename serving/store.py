@@ -503,6 +503,16 @@ class RedisStore:
             if old is not None and old != version:
                 n_carried = self._carry_over(old, meta, model, refit, seen, written)
             meta = replace(meta, status="ready", published_at=time.time(), n_carried_over=n_carried)
+            raw = self.r.hget(self.keys.versions, version)
+            if raw is None or VersionMeta.from_json(raw).status != "writing":
+                # e.g. `publish --prune` took this slow publish for an interrupted one (writing and
+                # older than a version an overlapping publish has made current) and deleted keys
+                # it had written: marking it ready would register a version with holes
+                raise RuntimeError(
+                    f"store version {version} was deleted or changed by another process while "
+                    "it was being written (`publish --prune` during an overlapping publish?); "
+                    "it is marked failed, publish again"
+                )
             self._put_meta(meta)
         except BaseException:
             try:
@@ -512,11 +522,14 @@ class RedisStore:
             raise
         if not switch:
             return meta
-        switched, old, n_late = self._settle_and_switch(meta, model, refit, old, seen, written)
-        if switched and old is not None and seen and carry_over_grace >= 0:
-            # users onboarded into the old version after the switch by a server that does not
-            # guard its write with the current pointer (Redis Cluster: no cross-slot WATCH):
-            # carry them over again once the servers have noticed the switch
+        switched, old, n_late, exact = self._settle_and_switch(
+            meta, model, refit, old, seen, written
+        )
+        if switched and old is not None and (seen or not exact) and carry_over_grace >= 0:
+            # users onboarded into the old version around the switch by a server that cannot
+            # guard its write with the current pointer atomically (Redis Cluster: no cross-slot
+            # WATCH), or when the switch could not be made atomically with the last pass: carry
+            # them over again once the servers have noticed the switch
             if carry_over_grace:
                 time.sleep(carry_over_grace)
             n_late += self._carry_over(old, meta, model, refit, seen, written, switched=True)
@@ -533,24 +546,27 @@ class RedisStore:
         old: str | None,
         seen: dict[str, int],
         written: dict[str, str],
-    ) -> tuple[bool, str | None, int]:
+    ) -> tuple[bool, str | None, int, bool]:
         """Carry over the users onboarded into the served version since the last pass, then
         switch forward to ``meta.version`` — on a single server atomically: the SET is made under
         WATCH of the current pointer and of the old version's onboarded markers, so an onboarding
         acknowledged into the old version before the switch is always carried (a later one is
         refused by the onboarding's own WATCH on the pointer, ``update_user(require_current=True)``).
-        Returns (switched?, the version carried from, users carried by these passes)."""
+        Returns (switched?, the version carried from, users carried by these passes, whether the
+        switch was atomic with the last pass). Under onboarding traffic so heavy that the markers
+        change on every attempt, it switches after ``_SETTLE_ATTEMPTS`` passes without that
+        guarantee (the grace pass follows)."""
         import redis
 
         version = meta.version
         self.meta(version)  # must exist (and be ready: checked by switch() below)
         n = 0
         cluster = self.handle.is_cluster
-        while True:
+        for _ in range(_SETTLE_ATTEMPTS):
             if cluster:  # no cross-slot WATCH: pass until quiet, then switch (grace pass follows)
                 cur = self.current_version()
                 if cur is not None and _version_seq(cur) > _version_seq(version):
-                    return self.switch(version, only_forward=True), old, n
+                    return self.switch(version, only_forward=True), old, n, False
                 if cur is not None and cur != old and cur != version:
                     old = cur
                     seen.clear()
@@ -559,7 +575,7 @@ class RedisStore:
                     n += m
                     if m:
                         continue
-                return self.switch(version, only_forward=True), old, n
+                return self.switch(version, only_forward=True), old, n, False
             with self.r.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(self.keys.current)
@@ -571,7 +587,7 @@ class RedisStore:
                             version,
                             cur,
                         )
-                        return False, old, n
+                        return False, old, n, True
                     if cur is not None and cur != old and cur != version:
                         # another publish (or a rollback) switched meanwhile: carry from it
                         pipe.reset()
@@ -590,9 +606,17 @@ class RedisStore:
                     pipe.multi()
                     pipe.set(self.keys.current, version)
                     pipe.execute()
-                    return True, old, n
+                    return True, old, n, True
                 except redis.WatchError:
                     continue
+        log.warning(
+            "onboarding into %s kept changing its users during %d carry-over passes: switching to "
+            "%s without waiting for a quiet moment (the grace pass catches the rest)",
+            old,
+            _SETTLE_ATTEMPTS,
+            version,
+        )
+        return self.switch(version, only_forward=True), old, n, False
 
     def update_user(
         self,
@@ -730,6 +754,7 @@ class RedisStore:
 
 
 _UPDATE_RETRIES = 50
+_SETTLE_ATTEMPTS = 20
 _USER_LOCKS = [threading.Lock() for _ in range(64)]
 
 

@@ -407,6 +407,25 @@ def test_onboarding_overtaken_by_a_switch_is_never_acknowledged_into_the_old_ver
 
 
 @pytest.mark.redis
+def test_switch_without_a_quiet_moment_falls_back_to_the_grace_pass(model_dirs, home, monkeypatch):
+    """Onboarding traffic that changes the old version's markers on every settle attempt must not
+    keep publish from switching: after the attempts it switches and the grace pass carries."""
+    import serving.store as store_mod
+    from serving.encoding import decode_history
+
+    monkeypatch.setattr(store_mod, "_SETTLE_ATTEMPTS", 0)
+    rec_a = _serve(model_dirs["a"], home)
+    rec_a.onboard("frank", [("i5", 2.0)])
+    meta = rec_a.store.publish(
+        load_model_dir(model_dirs["b"]), refit=refit_for_publish, carry_over_grace=0.01
+    )
+    assert rec_a.store.current_version() == meta.version == "v2"
+    assert meta.n_carried_over == 1
+    _, hist = rec_a.store.fetch([rec_a.store.locate(meta, "frank", None)], with_history=True)[0]
+    assert decode_history(hist)[0].tolist() == [5]
+
+
+@pytest.mark.redis
 def test_concurrent_onboarding_loses_nobody(model_dirs, home):
     rec = _serve(model_dirs["a"], home)
     errors: list[BaseException] = []

@@ -219,6 +219,40 @@ def test_interrupted_publish_is_never_visible(model_dirs, home):
     assert not store.r.keys(b"lrs:v2:*")
 
 
+def test_publish_pruned_while_writing_ends_failed_not_ready(model_dirs, home, monkeypatch):
+    """A slow publish (v2) overtaken by a later one (v3, current) looks interrupted to `--prune`
+    (writing, older than current), which deletes what it wrote so far. Regression: the slow
+    publish then re-registered v2 as "ready" with its first buckets and item vocabulary gone
+    (a later `--switch v2` served the population model to those users, and the next publish's
+    carry-over from v2 failed on the missing vocabulary)."""
+    import serving.store as store_mod
+
+    a = load_model_dir(model_dirs["a"])
+    store = RedisStore(connect(home=home))
+    store.publish(a)  # v1
+    real_record = store_mod.HistoryEncoder.record
+    fired: list[list[str]] = []
+
+    def record(self, u):  # type: ignore[no-untyped-def]
+        if u == 40 and not fired:  # v2 has written its first chunk of buckets
+            fired.append([])
+            other = RedisStore(connect(home=home))
+            other.publish(a, carry_over_grace=0)  # v3: started later, done first
+            fired[0] = other.prune(keep=2)
+        return real_record(self, u)
+
+    monkeypatch.setattr(store_mod.HistoryEncoder, "record", record)
+    with pytest.raises(RuntimeError, match="deleted or changed by another process"):
+        store.publish(a, bucket_size=8, pipeline_buckets=4, carry_over_grace=0)
+    assert fired == [["v2"]]
+    assert store.current_version() == "v3"
+    assert {m.version: m.status for m in store.list_versions()}["v2"] == "failed"
+    with pytest.raises(ValueError, match="not ready"):
+        store.switch("v2")
+    assert "v2" in store.prune(keep=2)
+    assert not store.r.keys(b"lrs:v2:*")
+
+
 def test_redis_restart_keeps_data_and_outage_fails_fast(model_dirs, home, no_revive):
     model = load_model_dir(model_dirs["a"])
     store = RedisStore(connect(home=home))

@@ -22,6 +22,7 @@ import numpy as np
 from serving.connection import RedisHandle
 from serving.encoding import (
     HistoryEncoder,
+    RecordError,
     RecordFormat,
     decode_history,
     decode_record,
@@ -731,26 +732,57 @@ class RedisStore:
         n = 0
         ids = list(todo)
         locs = [self.locate(old, u, todo[u][1]) for u in ids]
-        for user_id, (rec, hist) in zip(ids, self.fetch(locs, with_history=True), strict=True):
+        fetched = self.fetch(locs, with_history=True)
+        for user_id, loc, (rec, hist) in zip(ids, locs, fetched, strict=True):
             seen[user_id] = todo[user_id][0]
             if rec is None or hist is None:
                 continue
-            items_old, ratings = decode_history(hist)
-            ext = [old_items[i] for i in items_old]
-            keep = np.array([e in new_item_index for e in ext], dtype=bool)
-            items_carried = np.array(
-                [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
-            )
-            idx = new_user_index.get(user_id)
-            compute = partial(
-                job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
-            )
-            mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
-            own = written.get(user_id)
-            written[user_id] = mark  # before the write: a retried/failed one is still ours
-            if self.update_user(new, user_id, idx, compute, mark=mark, own_mark=own):
-                n += 1
+            try:
+                n += self._carry_user(
+                    job,
+                    user_id,
+                    (rec, hist),
+                    old_items,
+                    (new_item_index, new_user_index),
+                    written,
+                )
+            except RecordError as e:
+                raise RecordError(
+                    f"onboarded user {user_id!r} of store version {old_version}: {e} (hash "
+                    f"{loc.history_key.decode()} / {loc.params_key.decode()}, field "
+                    f"{loc.field.decode(errors='replace')!r}); publish carries every onboarded "
+                    "user over, so it stops: repair or delete that user's field in both hashes "
+                    "(HDEL), then publish again"
+                ) from e
         return n
+
+    def _carry_user(
+        self,
+        job: _CarryOver,
+        user_id: str,
+        stored: tuple[bytes, bytes],
+        old_items: list[str],
+        new_index: tuple[dict[str, int], dict[str, int]],
+        written: dict[str, str],
+    ) -> int:
+        """Carry one onboarded user (``stored``: record, history in the old version) into
+        ``job.new`` (see :meth:`_carry_over`); 1 if refitted, else 0."""
+        rec, hist = stored
+        new_item_index, new_user_index = new_index
+        items_old, ratings = decode_history(hist)
+        ext = [old_items[i] for i in items_old]
+        keep = np.array([e in new_item_index for e in ext], dtype=bool)
+        items_carried = np.array(
+            [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
+        )
+        idx = new_user_index.get(user_id)
+        compute = partial(
+            job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
+        )
+        mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
+        own = written.get(user_id)
+        written[user_id] = mark  # before the write: a retried/failed one is still ours
+        return 1 if self.update_user(job.new, user_id, idx, compute, mark=mark, own_mark=own) else 0
 
 
 _UPDATE_RETRIES = 50

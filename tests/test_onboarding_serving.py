@@ -303,6 +303,28 @@ def test_grace_pass_merges_with_ratings_written_into_the_new_version(model_dirs,
 
 
 @pytest.mark.redis
+def test_publish_names_the_onboarded_user_whose_stored_history_is_corrupt(model_dirs, home):
+    """A corrupt history record stops publish (carrying every onboarded user over is its
+    promise), but the error names the user, the version and the keys to repair, and nothing is
+    switched."""
+    from serving.encoding import RecordError
+
+    rec = _serve(model_dirs["a"], home)
+    rec.onboard("gina", [("i1", 4.0)])
+    store = rec.store
+    loc = store.locate(store.meta("v1"), "gina", None)
+    h = store.r.hget(loc.history_key, loc.field)
+    store.r.hset(loc.history_key, loc.field, h[:-1] + bytes([h[-1] ^ 1]))
+    with pytest.raises(RecordError) as e:
+        store.publish(load_model_dir(model_dirs["b"]), refit=refit_for_publish, carry_over_grace=0)
+    msg = str(e.value)
+    assert "onboarded user 'gina' of store version v1: history checksum mismatch" in msg
+    assert loc.history_key.decode() in msg and "HDEL" in msg
+    assert store.current_version() == "v1"
+    assert {m.version: m.status for m in store.list_versions()} == {"v1": "ready", "v2": "failed"}
+
+
+@pytest.mark.redis
 def test_rerating_between_carry_over_and_switch_is_not_reverted(model_dirs, home, monkeypatch):
     """A re-rating acknowledged into the old version after publish's first carry-over pass but
     before the switch (current is still the old version) must reach the new version. Regression:

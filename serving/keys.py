@@ -6,7 +6,7 @@ With the default prefix ``lrs``::
     lrs:version_seq                 string  INCR counter that allocates version ids
     lrs:versions                    hash    version id -> JSON metadata (VersionMeta)
     lrs:v3:items                    string  JSON list of the version's external item ids
-    lrs:v3:onboarded                hash    external user id -> onboarding sequence number
+    lrs:v3:onboarded                hash    external user id -> "<time_ns>:<trained index or -1>"
     lrs:v3:{b17}:p                  hash    trained users of bucket 17: field = slot (0..bucket_size-1),
                                             value = parameter record (serving.encoding)
     lrs:v3:{b17}:h                  hash    same fields, value = rating-history record

@@ -11,8 +11,9 @@ Semantics
   which is capped to the most recent ``history_cap`` ratings of the served version (``lrs-rec publish
   --history-cap``), and the user is refitted from that FULL history — never from the new ratings alone.
 * Durability: record and history are written in one MULTI/EXEC transaction, optimistic (WATCH on the
-  user's keys, retried on a concurrent write, so two simultaneous requests for one user never lose a
-  rating). The call returns only after EXEC; the embedded server runs ``appendonly yes`` +
+  user's keys and the current-version pointer, retried on a concurrent write, so two simultaneous
+  requests for one user never lose a rating; on Redis Cluster, which has no cross-slot WATCH, only
+  requests within one process are serialised). The call returns only after EXEC; the embedded server runs ``appendonly yes`` +
   ``appendfsync always``, so an acknowledged onboarding survives a crash. On an external Redis
   configure the same (or pass ``wait_replicas`` to wait for replicas with WAIT). The very next score or
   recommend reads the new record (no cache in between).

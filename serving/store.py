@@ -356,7 +356,8 @@ class RedisStore:
         pipe.execute()
 
     def onboarded_users(self, version: str) -> dict[str, tuple[int, int | None]]:
-        """Users onboarded in ``version``: id -> (sequence number, trained index or None)."""
+        """Users onboarded in ``version``: id -> (write time in ns, the marker's sequence number;
+        trained index or None)."""
         return _parse_onboarded(self.r.hgetall(self.keys.onboarded(version)))
 
     # -- memory -------------------------------------------------------------------------------------

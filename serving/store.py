@@ -500,7 +500,7 @@ class RedisStore:
                 pipe.execute()
             old = self.current_version()
             seen: dict[str, int] = {}
-            written: dict[str, str] = {}
+            written: dict[str, _Written] = {}
             n_carried = 0
             if old is not None and old != version:
                 n_carried = self._carry_over(old, meta, model, refit, seen, written)
@@ -547,7 +547,7 @@ class RedisStore:
         refit: RefitHook | None,
         old: str | None,
         seen: dict[str, int],
-        written: dict[str, str],
+        written: dict[str, _Written],
     ) -> tuple[bool, str | None, int, bool]:
         """Carry over the users onboarded into the served version since the last pass, then
         switch forward to ``meta.version`` — on a single server atomically: the SET is made under
@@ -710,7 +710,7 @@ class RedisStore:
         model: TrainedModel,
         refit: RefitHook | None,
         seen: dict[str, int],
-        written: dict[str, str],
+        written: dict[str, _Written],
         *,
         switched: bool = False,
     ) -> int:
@@ -764,7 +764,7 @@ class RedisStore:
         stored: tuple[bytes, bytes],
         old_items: list[str],
         new_index: tuple[dict[str, int], dict[str, int]],
-        written: dict[str, str],
+        written: dict[str, _Written],
     ) -> int:
         """Carry one onboarded user (``stored``: record, history in the old version) into
         ``job.new`` (see :meth:`_carry_over`); 1 if refitted, else 0."""
@@ -777,13 +777,18 @@ class RedisStore:
             [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
         )
         idx = new_user_index.get(user_id)
-        compute = partial(
-            job.carried_user, user_id=user_id, rec=rec, carried=(items_carried, ratings[keep])
-        )
+        carried = (items_carried, ratings[keep])
         mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
-        own = written.get(user_id)
-        written[user_id] = mark  # before the write: a retried/failed one is still ours
-        return 1 if self.update_user(job.new, user_id, idx, compute, mark=mark, own_mark=own) else 0
+        before = written.get(user_id)
+        # the marker is ours before the write (a retried or failed one is still ours); the history
+        # once written: the grace pass tells the ratings servers wrote into ``new`` from it
+        written[user_id] = _Written(mark, before.history if before is not None else None)
+        compute = partial(job.carried_user, user_id=user_id, rec=rec, carried=carried, ours=before)
+        refitted, history = self.update_user(
+            job.new, user_id, idx, compute, mark=mark, own_mark=before.mark if before else None
+        )
+        written[user_id] = _Written(mark, history)
+        return 1 if refitted else 0
 
 
 _UPDATE_RETRIES = 50
@@ -811,23 +816,30 @@ class _CarryOver:
         user_id: str,
         rec: bytes,
         carried: tuple[np.ndarray, np.ndarray],
-    ) -> tuple[bytes | None, bytes, bool]:
-        """``(record or None, history, refitted?)`` for :meth:`RedisStore.update_user`."""
+        ours: _Written | None = None,
+    ) -> tuple[bytes | None, bytes, tuple[bool, bytes]]:
+        """``(record or None, history, (refitted?, history))`` for :meth:`RedisStore.update_user`;
+        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass."""
         live = self.switched and is_live()
         # what the new version already holds for the user: their new training history (published
-        # moments ago) or, once the new version is live, what servers wrote there since the
-        # switch. The service's ratings win over training data; live writes in the new version
-        # win over the old version's copy (they are newer). merge_history: the second one wins.
+        # moments ago), what this publish carried there in an earlier pass and, once the new
+        # version is live, what servers wrote there since the switch. The service's ratings win
+        # over training data and the old version's copy (the latest before the switch) over an
+        # earlier pass's; only ratings written into the new version since then win over it.
+        # merge_history: the second one wins.
+        cap = self.new.history_cap
         present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
-        (old_i, old_r), (new_i, new_r) = (carried, present) if live else (present, carried)
-        items, ratings = merge_history(old_i, old_r, new_i, new_r, self.new.history_cap)
+        items, ratings = merge_history(present[0], present[1], carried[0], carried[1], cap)
+        if live:
+            since_i, since_r = _written_since(present, ours)
+            items, ratings = merge_history(items, ratings, since_i, since_r, cap)
         history = encode_history(items, ratings, n_items=self.model.n_items)
         fmt = self.new.record_format
         if self.same_model and not live:  # same parameters: carry the record as it is
             if self.old.record_format == fmt:
-                return rec, history, True
+                return rec, history, (True, history)
             p = decode_record(self.old.record_format, rec)
-            return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history, True
+            return encode_records(fmt, p.bias, p.w, p.b_idx, p.b_val)[0], history, (True, history)
         if self.refit is None:
             log.warning(
                 "user %r was onboarded in %s but no refit hook is installed: their history is "
@@ -835,12 +847,36 @@ class _CarryOver:
                 user_id,
                 self.old.version,
             )
-            return None, history, False
+            return None, history, (False, history)
         bias, w, b_idx, b_val = self.refit(self.model, user_id, items, ratings)
-        return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history, True
+        return encode_records(fmt, [bias], [w], [b_idx], [b_val])[0], history, (True, history)
 
 
 _NO_HISTORY = (np.zeros(0, dtype=np.int64), np.zeros(0))
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What a publish wrote for one user into the new version: its onboarded marker and history."""
+
+    mark: str
+    history: bytes | None
+
+
+def _written_since(
+    present: tuple[np.ndarray, np.ndarray], ours: _Written | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of ``present`` (the new version's history of a user) that this publish did not
+    write there (``ours``): ratings servers stored into the new version since the switch. An item
+    re-rated there to the very value the publish wrote cannot be told apart and is not included."""
+    if ours is None or ours.history is None:
+        return present
+    mine = dict(zip(*(a.tolist() for a in decode_history(ours.history)), strict=True))
+    keep = np.array(
+        [mine.get(i, None) != r for i, r in zip(*(a.tolist() for a in present), strict=True)],
+        dtype=bool,
+    )
+    return present[0][keep], present[1][keep]
 
 
 def _is_live(client: Any, key: bytes, field: str, own_mark: str | None) -> bool:

@@ -596,11 +596,6 @@ def test_user_ids_with_a_slash_onboard_over_http_and_unusable_ids_are_refused(mo
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: the fallback switch's grace pass lets the new version win for every item, "
-    "including a stale carried copy (srv11 stress: 11-697 reverted re-ratings per run)",
-)
 def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
     model_dirs, home, monkeypatch
 ):
@@ -608,8 +603,9 @@ def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
     switches without the atomic guarantee and relies on the grace pass. A re-rating acknowledged
     into the old version after the last pass (i1 4.0 -> 1.0) and before the switch, followed —
     before the grace pass — by any live onboarding of the same user in the new version (i3), must
-    not revert i1 to the first pass's copy: the grace pass lets the new version win for every
-    item it holds, including the stale carried i1 = 4.0."""
+    not revert i1 to the first pass's copy. Regression: the grace pass let the new version win for
+    every item it held, including the stale carried i1 = 4.0; now only for what servers wrote
+    there since the switch (11-697 reverted re-ratings per stress run before)."""
     import serving.store as store_mod
     from serving.encoding import decode_history
 

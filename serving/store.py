@@ -866,16 +866,28 @@ class _Written:
 def _written_since(
     present: tuple[np.ndarray, np.ndarray], ours: _Written | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The entries of ``present`` (the new version's history of a user) that this publish did not
-    write there (``ours``): ratings servers stored into the new version since the switch. An item
-    re-rated there to the very value the publish wrote cannot be told apart and is not included."""
+    """The entries of ``present`` (the new version's history of a user) that servers stored there
+    after this publish wrote ``ours``. Every write is a :func:`~serving.history.merge_history`:
+    the entries kept in their order, then the request's ratings appended (a re-rated item moves
+    to the end), the oldest cut by the cap. So ``present`` is a tail of ``ours`` without the
+    items rated since, followed by those ratings: the shortest suffix of ``present`` that leaves
+    such a head is what was written since (by position, so a re-rating to the very value the
+    publish wrote counts too — unless it re-rates the publish's last entry, which then stays in
+    place and cannot be told from no write). A history of any other shape (not expected): every entry whose
+    value differs from ours."""
     if ours is None or ours.history is None:
         return present
-    mine = dict(zip(*(a.tolist() for a in decode_history(ours.history)), strict=True))
-    keep = np.array(
-        [mine.get(i, None) != r for i, r in zip(*(a.tolist() for a in present), strict=True)],
-        dtype=bool,
-    )
+    items, ratings = (a.tolist() for a in present)
+    o_items, o_ratings = (a.tolist() for a in decode_history(ours.history))
+    mine = list(zip(o_items, o_ratings, strict=True))
+    entries = list(zip(items, ratings, strict=True))
+    for k in range(len(entries), -1, -1):  # k: length of the head left from ours
+        since_items = set(items[k:])
+        head = [e for e in mine if e[0] not in since_items]
+        if k <= len(head) and entries[:k] == head[len(head) - k :]:
+            return present[0][k:], present[1][k:]
+    by_value = dict(mine)
+    keep = np.array([by_value.get(i) != r for i, r in entries], dtype=bool)
     return present[0][keep], present[1][keep]
 
 

@@ -634,3 +634,24 @@ def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
     items, ratings = decode_history(hist)
     pairs = sorted(zip(items.tolist(), ratings.tolist(), strict=True))
     assert pairs == [(1, 1.0), (2, 3.0), (3, 2.0)]
+
+
+def test_grace_pass_tells_server_writes_by_position_not_value():
+    """What servers wrote into the new version since a publish wrote its copy: a tail of the
+    publish's history (items re-rated since removed) then the appended ratings. A re-rating to the
+    very value the publish had written is still a later write (stress: i44 4.0 -> 2.0 carried, 3.5
+    in the old version, then 2.0 again in the new one, was reverted to 3.5)."""
+    from serving.encoding import encode_history
+    from serving.history import merge_history
+    from serving.store import _Written, _written_since
+
+    ours_i, ours_r = np.array([1, 44, 2]), np.array([4.0, 2.0, 3.0])
+    ours = _Written("m", encode_history(ours_i, ours_r, n_items=50))
+    present = merge_history(ours_i, ours_r, np.array([44, 7]), np.array([2.0, 5.0]), 1000)
+    since = _written_since(present, ours)
+    assert since[0].tolist() == [44, 7] and since[1].tolist() == [2.0, 5.0]
+    assert [a.tolist() for a in _written_since((ours_i, ours_r), ours)] == [[], []]
+    capped = merge_history(ours_i, ours_r, np.array([9]), np.array([1.0]), 3)  # cap cut item 1
+    # left ambiguous: the publish's LAST entry re-rated to the same value looks like no write
+    assert [a.tolist() for a in _written_since(capped, ours)] == [[9], [1.0]]
+    assert _written_since(present, None) is present

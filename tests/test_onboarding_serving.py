@@ -20,7 +20,7 @@ from serving.onboarding import (
     refit_for_publish,
 )
 from serving.recommender import Recommender, UnknownItemsError
-from serving.store import RedisStore
+from serving.store import RedisStore, VersionMeta
 from serving.testing import write_random_model_dirs
 from training.model_dir import TrainedModel, load_model_dir
 
@@ -40,6 +40,25 @@ def _serve(model_dir: Path, home: Path, **publish: object) -> Recommender:
     store = RedisStore(connect(home=home))
     store.publish(load_model_dir(model_dir), model_dir=str(model_dir), **publish)  # type: ignore[arg-type]
     return Recommender(model_dir, home=home, version_refresh_interval=0)
+
+
+def _publish_refitting(store: RedisStore, model_dir: Path, grace: float) -> VersionMeta:
+    """Publish ``model_dir`` into ``store``, refitting onboarded users (the served path's hook)."""
+    return store.publish(
+        load_model_dir(model_dir),
+        model_dir=str(model_dir),
+        refit=refit_for_publish,
+        carry_over_grace=grace,
+    )
+
+
+def _stored_pairs(store: RedisStore, meta: VersionMeta, user_id: str) -> list[tuple[int, float]]:
+    """The (item index, rating) pairs of ``user_id``'s stored history in ``meta``, sorted."""
+    from serving.encoding import decode_history
+
+    _, hist = store.fetch([store.locate(meta, user_id, None)], with_history=True)[0]
+    items, ratings = decode_history(hist)
+    return sorted(zip(items.tolist(), ratings.tolist(), strict=True))
 
 
 def _expected_scores(
@@ -331,7 +350,6 @@ def test_rerating_between_carry_over_and_switch_is_not_reverted(model_dirs, home
     the first pass's own onboarded marker made the user look "live" in the new version, so the
     grace pass kept the stale first-pass copy (i1 = 4.0) over the newer rating (i1 = 1.0)."""
     import serving.store as store_mod
-    from serving.encoding import decode_history
 
     rec_a = _serve(model_dirs["a"], home)
     rec_a.onboard("carol", [("i1", 4.0), ("i2", 3.0)])
@@ -344,19 +362,14 @@ def test_rerating_between_carry_over_and_switch_is_not_reverted(model_dirs, home
             fired.append(rec_a.onboard("carol", [("i1", 1.0)]).store_version)
 
     monkeypatch.setattr(store_mod.RedisStore, "_put_meta", between_pass_and_switch)
-    meta = rec_a.store.publish(
-        load_model_dir(model_dirs["b"]),
-        model_dir=str(model_dirs["b"]),
-        refit=refit_for_publish,
-        carry_over_grace=0,
-    )
+    meta = _publish_refitting(rec_a.store, model_dirs["b"], grace=0)
     assert fired == ["v1"] and meta.version == "v2"
     assert rec_a.store.current_version() == "v2"
-    _, hist = rec_a.store.fetch([rec_a.store.locate(meta, "carol", None)], with_history=True)[0]
-    items, ratings = decode_history(hist)
-    assert sorted(zip(items.tolist(), ratings.tolist(), strict=True)) == [(1, 1.0), (2, 3.0)]
+    pairs = _stored_pairs(rec_a.store, meta, "carol")
+    assert pairs == [(1, 1.0), (2, 3.0)]
     rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
-    want = _expected_scores(rec_b.model, items.tolist(), ratings.tolist(), [0, 4])
+    items, ratings = [i for i, _ in pairs], [v for _, v in pairs]
+    want = _expected_scores(rec_b.model, items, ratings, [0, 4])
     np.testing.assert_allclose(rec_b.score("carol", ["i0", "i4"]).scores, want, atol=2e-2)
 
 
@@ -406,12 +419,7 @@ def test_onboarding_overtaken_by_a_switch_is_never_acknowledged_into_the_old_ver
     t = threading.Thread(target=request)
     t.start()
     assert started.wait(10)
-    meta = rec_a.store.publish(
-        load_model_dir(model_dirs[new_model]),
-        model_dir=str(model_dirs[new_model]),
-        refit=refit_for_publish,
-        carry_over_grace=0.01,
-    )
+    meta = _publish_refitting(rec_a.store, model_dirs[new_model], grace=0.01)
     release.set()
     t.join(10)
     assert meta.version == "v2" and rec_a.store.current_version() == "v2"
@@ -607,7 +615,6 @@ def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
     every item it held, including the stale carried i1 = 4.0; now only for what servers wrote
     there since the switch (11-697 reverted re-ratings per stress run before)."""
     import serving.store as store_mod
-    from serving.encoding import decode_history
 
     monkeypatch.setattr(store_mod, "_SETTLE_ATTEMPTS", 0)  # as if the markers never settled
     rec_a = _serve(model_dirs["a"], home)
@@ -623,17 +630,9 @@ def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
         return out
 
     monkeypatch.setattr(store_mod.RedisStore, "_settle_and_switch", traffic)
-    meta = rec_a.store.publish(
-        load_model_dir(model_dirs["b"]),
-        model_dir=str(model_dirs["b"]),
-        refit=refit_for_publish,
-        carry_over_grace=0,
-    )
+    meta = _publish_refitting(rec_a.store, model_dirs["b"], grace=0)
     assert fired == ["v1", "v2"] and rec_a.store.current_version() == meta.version == "v2"
-    _, hist = rec_a.store.fetch([rec_a.store.locate(meta, "carol", None)], with_history=True)[0]
-    items, ratings = decode_history(hist)
-    pairs = sorted(zip(items.tolist(), ratings.tolist(), strict=True))
-    assert pairs == [(1, 1.0), (2, 3.0), (3, 2.0)]
+    assert _stored_pairs(rec_a.store, meta, "carol") == [(1, 1.0), (2, 3.0), (3, 2.0)]
 
 
 def test_grace_pass_tells_server_writes_by_position_not_value():

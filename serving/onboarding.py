@@ -269,7 +269,7 @@ def onboard(
 ) -> OnboardResult:
     """Fit ``user_id`` from their full history plus ``ratings`` and store them durably."""
     user_id = validate_user_id(user_id)
-    for attempt in range(_MOVED_RETRIES):
+    for _ in range(_MOVED_RETRIES):
         try:
             return _onboard_once(
                 rec,
@@ -278,13 +278,20 @@ def onboard(
                 max_ratings=max_ratings,
                 wait_replicas=wait_replicas,
                 wait_timeout_ms=wait_timeout_ms,
-                force=attempt > 0,
             )
-        except VersionMovedError:
-            # a publish switched between our version check and the write (nothing was written):
-            # start again against the new current version (or refuse, if this server cannot
-            # serve it)
-            continue
+        except VersionMovedError as e:
+            # the write checks the current version inside its transaction; it was not the one
+            # this server served (a switch it has not picked up yet, or one made while we fitted):
+            # nothing was written. Reload and start again against the current version
+            meta, _ = rec._current(force=True)
+            if meta.version != e.current:
+                # this server is pinned to an older version (the current one's model is not in its
+                # model directory): publish carries over onboarded users of the CURRENT version
+                # only, so a rating acknowledged here would be lost at the next publish — refuse it
+                raise NotReadyError(
+                    f"onboarding refused: this server serves store version {meta.version} but "
+                    f"{e.current} is current; update the model directory to serve {e.current}"
+                ) from e
     raise StoreUnavailableError(
         f"could not store the onboarding of {user_id!r}: the served store version kept changing"
     )
@@ -301,25 +308,10 @@ def _onboard_once(
     max_ratings: int,
     wait_replicas: int,
     wait_timeout_ms: int,
-    force: bool,
 ) -> OnboardResult:
     import redis
 
-    meta, loaded = rec._current(force=force)  # one consistent (served version, model) snapshot
-    try:
-        current = rec.store.current_version()
-    except (redis.RedisError, OSError) as e:
-        raise rec._unavailable(e) from e
-    if current != meta.version:
-        meta, loaded = rec._current(force=True)  # a switch this server has not picked up yet
-        if current != meta.version:
-            # this server is pinned to an older version (the current one's model is not in its
-            # model directory): publish carries over onboarded users of the CURRENT version only,
-            # so a rating acknowledged here would be lost at the next publish — refuse it
-            raise NotReadyError(
-                f"onboarding refused: this server serves store version {meta.version} but "
-                f"{current} is current; update the model directory to serve {current}"
-            )
+    meta, loaded = rec._current()  # one consistent (served version, model) snapshot
     model = loaded.model
     new_items, new_ratings = parse_ratings(
         ratings,

@@ -52,7 +52,12 @@ class ConcurrentWriteError(RuntimeError):
 
 class VersionMovedError(RuntimeError):
     """``update_user(..., require_current=True)``: the version written to is no longer current (a
-    publish switched away from it), so a write there would not be carried over: nothing written."""
+    publish switched away from it), so a write there would not be carried over: nothing written.
+    ``current``: the version that is current instead (None if none)."""
+
+    def __init__(self, message: str, *, current: str | None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 UserUpdate = Callable[[bytes | None, Callable[[], bool]], tuple[bytes | None, bytes, Any]]
@@ -700,7 +705,8 @@ class RedisStore:
         current = raw.decode() if raw is not None else None
         if current != meta.version:
             raise VersionMovedError(
-                f"store version {meta.version} is no longer current ({current} is)"
+                f"store version {meta.version} is no longer current ({current} is)",
+                current=current,
             )
 
     def _carry_over(

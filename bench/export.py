@@ -43,10 +43,11 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lrs_rec.serving.onnx_scorer import OnnxScorer, reference_topn  # noqa: E402
+from lrs_rec.training.export import export_onnx  # noqa: E402
+
 from lrs_rec.model import LRSModel  # noqa: E402
-from serving.onnx_scorer import OnnxScorer, reference_topn  # noqa: E402
-from training.export import export_onnx  # noqa: E402
-from training.model_dir import TrainedModel, load_model_dir  # noqa: E402
+from lrs_rec.model_dir import TrainedModel, load_model_dir  # noqa: E402
 
 OPS = ("topn_all", "score_c10", "score_all", "ort_topn", "numpy_topn", "topn_b64")
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench_model(model, f"synthetic-{n_items}", rounds=rounds, work=Path(tmp))
             )
         if args.ml100k:
-            from serving.cli import main as lrs_rec
+            from lrs_rec.serving.cli import main as lrs_rec
 
             mdir = str(Path(tmp) / "ml100k-u1")
             ratings = str(Path(args.ml100k) / "u1.base")

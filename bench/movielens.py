@@ -45,7 +45,7 @@ REFERENCE = {
 
 
 def cli(argv: list[str]) -> str:
-    from serving.cli import main
+    from lrs_rec.serving.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

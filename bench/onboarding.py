@@ -39,11 +39,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from lrs_rec.serving.onboarding import onboarder_from_model  # noqa: E402
 
 from lrs_rec.model import LRSModel  # noqa: E402
+from lrs_rec.model_dir import TrainedModel  # noqa: E402
 from lrs_rec.onboarding import Onboarder, OnboardingConfig, ScheduledOnboarder  # noqa: E402
-from serving.onboarding import onboarder_from_model  # noqa: E402
-from training.model_dir import TrainedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -80,15 +80,15 @@ def split_users(data: Ratings, frac: float, seed: int) -> tuple[np.ndarray, np.n
 # training: the project's pipeline when available, else a minimal stand-in (development only)
 def train_model(data: Ratings, seed: int) -> tuple[TrainedModel, str]:
     try:
-        from training import pipeline  # type: ignore[attr-defined]
+        from lrs_rec.training import pipeline  # type: ignore[attr-defined]
     except ImportError:
         return _fallback_train(data, seed), "bench-fallback (training.pipeline not available)"
-    return _pipeline_train(pipeline, data, seed), "training.pipeline (default settings)"
+    return _pipeline_train(pipeline, data, seed), "lrs_rec.training.pipeline (default settings)"
 
 
 def _pipeline_train(pipeline: Any, data: Ratings, seed: int) -> TrainedModel:
-    from training.config import TrainConfig
-    from training.loaders import CleaningReport, RatingTable
+    from lrs_rec.training.config import TrainConfig
+    from lrs_rec.training.loaders import CleaningReport, RatingTable
 
     table = RatingTable(
         users=np.array([str(x) for x in data.users]),
@@ -573,12 +573,12 @@ def latency_service(model: TrainedModel, seed: int, n_requests: int, log: Any) -
     import tempfile
 
     import httpx
+    from lrs_rec.serving.connection import connect, embedded_socket, stop_embedded
+    from lrs_rec.serving.recommender import Recommender
+    from lrs_rec.serving.store import RedisStore
+    from lrs_rec.training.export import export_model_dir
 
-    from serving.connection import connect, embedded_socket, stop_embedded
-    from serving.recommender import Recommender
-    from serving.store import RedisStore
-    from training.export import export_model_dir
-    from training.model_dir import load_model_dir, save_model_dir
+    from lrs_rec.model_dir import load_model_dir, save_model_dir
 
     rng = np.random.default_rng(seed)
     tmp = Path(tempfile.mkdtemp(prefix="lrs-onb-bench-"))
@@ -614,7 +614,7 @@ def latency_service(model: TrainedModel, seed: int, n_requests: int, log: Any) -
             sck.bind(("127.0.0.1", 0))
             port = int(sck.getsockname()[1])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--model", str(model_dir),
+            [sys.executable, "-m", "lrs_rec.serving.cli", "serve", "--model", str(model_dir),
              "--redis", f"unix://{embedded_socket(home)}", "--port", str(port)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

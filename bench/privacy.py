@@ -76,7 +76,7 @@ def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
 
 # -- ML-100K ------------------------------------------------------------------------------------------------
 def run_ml100k(data: Path, folds: list[int], features: list[str], log: Any) -> dict[str, Any]:
-    from training.private_train import PrivateConfig, fit_private, read_catalogue
+    from lrs_rec.training.private_train import PrivateConfig, fit_private, read_catalogue
 
     cat = read_catalogue(data / "u.item")
     n_users, n_items = 943, len(cat.ids)
@@ -140,8 +140,8 @@ def run_ml100k(data: Path, folds: list[int], features: list[str], log: Any) -> d
 
 def pld_epsilons(features: list[str]) -> dict[str, dict[str, float]]:
     """PLD ε of the same ledgers (the noise does not depend on the fold), for the table."""
-    from training.private_accounting import epsilon_for_events
-    from training.private_train import PrivateConfig, plan_ledger
+    from lrs_rec.training.private_accounting import epsilon_for_events
+    from lrs_rec.training.private_train import PrivateConfig, plan_ledger
 
     out: dict[str, dict[str, float]] = {}
     for feat in features:
@@ -160,7 +160,7 @@ def pld_epsilons(features: list[str]) -> dict[str, dict[str, float]]:
 
 def cli_check(data: Path, log: Any) -> dict[str, Any]:
     """u1 at ε = 1 through the real command line (train --epsilon, then evaluate)."""
-    from serving.cli import main
+    from lrs_rec.serving.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m"
@@ -195,10 +195,11 @@ def run_synthetic(
     noise: float = 0.1,
     n_iter: int = 3,
 ) -> dict[str, Any]:
+    from lrs_rec.training.private_accounting import EventGroup, calibrate_ledger, ledger_manifest
+
     from lrs_rec.privacy import ClipBounds
     from lrs_rec.privacy_amht import DPAMHTLRS
     from lrs_rec.synthetic import make_synthetic
-    from training.private_accounting import EventGroup, calibrate_ledger, ledger_manifest
 
     data = make_synthetic(n_users, 2 * m, d, rank, k, None, noise=noise, random_state=0)
     train = np.tile(np.r_[np.ones(m, bool), np.zeros(m, bool)], n_users)
@@ -265,7 +266,7 @@ GOAL_SEARCH = (16.0, 32.0, 64.0, 128.0, 256.0)
 
 def goal_search(data: Path, folds: list[int], log: Any) -> dict[str, float]:
     """Mean RMSE (genres features) at ε beyond the grid, to find the smallest ε meeting the goal."""
-    from training.private_train import PrivateConfig, fit_private, read_catalogue
+    from lrs_rec.training.private_train import PrivateConfig, fit_private, read_catalogue
 
     cat = read_catalogue(data / "u.item")
     out: dict[str, float] = {}

@@ -85,7 +85,7 @@ async def _http_load(
 async def _asgi_overhead(rec: Any, user_id: str, top_n: int, *, n: int) -> dict[str, float]:
     """p50 of /healthz and /v1/recommend called as ASGI apps in-process (no socket, no uvicorn), next
     to the library call: what the HTTP layer itself adds."""
-    from serving.app import create_app
+    from lrs_rec.serving.app import create_app
 
     app = create_app(rec)
     body = json.dumps({"user_id": user_id, "n": top_n, "exclude_rated": True}).encode()
@@ -182,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from serving.connection import connect, embedded_socket, stop_embedded
-    from serving.recommender import Recommender
-    from serving.store import RedisStore
-    from serving.testing import random_trained_model, write_model_dir
-    from training.export import export_model_dir
-    from training.model_dir import ONNX, load_model_dir
+    from lrs_rec.serving.connection import connect, embedded_socket, stop_embedded
+    from lrs_rec.serving.recommender import Recommender
+    from lrs_rec.serving.store import RedisStore
+    from lrs_rec.training.export import export_model_dir
+    from lrs_rec.training.testing import random_trained_model, write_model_dir
+
+    from lrs_rec.model_dir import ONNX, load_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="lrs-bench-"))
     home = tmp / "home"
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "serving.cli",
+                "lrs_rec.serving.cli",
                 "serve",
                 "--model",
                 str(model_dir),
@@ -374,14 +375,15 @@ def main(argv: list[str] | None = None) -> int:
 def _ml100k_precision(data: Path, tmp: Path, home: Path) -> dict[str, Any]:
     """Train on u1.base, publish with float16 and with float32 records, score u1.test through the
     served path (Recommender.score_batch, one ONNX run per user) and compare RMSEs."""
-    from serving.connection import connect
-    from serving.recommender import Recommender
-    from serving.store import RedisStore
-    from training.config import TrainConfig
-    from training.export import export_model_dir
-    from training.loaders import load_ratings
-    from training.model_dir import save_model_dir
-    from training.pipeline import train
+    from lrs_rec.serving.connection import connect
+    from lrs_rec.serving.recommender import Recommender
+    from lrs_rec.serving.store import RedisStore
+    from lrs_rec.training.config import TrainConfig
+    from lrs_rec.training.export import export_model_dir
+    from lrs_rec.training.loaders import load_ratings
+    from lrs_rec.training.pipeline import train
+
+    from lrs_rec.model_dir import save_model_dir
 
     log("ML-100K u1: training on u1.base")
     model_dir = tmp / "ml100k_u1"
@@ -431,7 +433,7 @@ def _write(
 ) -> None:
     results = ROOT / "docs" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results / "lrs_rec.serving.json").write_text(json.dumps(out, indent=2) + "\n")
     try:
         import matplotlib
 

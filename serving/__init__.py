@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from serving.recommender import Recommender
+    from lrs_rec.serving.recommender import Recommender
 
 __all__ = ["Recommender"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: ``import serving`` stays light for the CLI
     if name == "Recommender":
-        from serving.recommender import Recommender
+        from lrs_rec.serving.recommender import Recommender
 
         return Recommender
     raise AttributeError(f"module 'serving' has no attribute {name!r}")

@@ -25,6 +25,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.responses import Response
+from lrs_rec.serving.encoding import RecordError
+from lrs_rec.serving.metrics import (
+    ASGIApp,
+    Message,
+    Metrics,
+    MetricsMiddleware,
+    Receive,
+    Scope,
+    Send,
+)
+from lrs_rec.serving.onboarding import OnboardingInputError, validate_user_id
+from lrs_rec.serving.recommender import (
+    NotReadyError,
+    Recommender,
+    StoreUnavailableError,
+    UnknownItemsError,
+)
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,16 +56,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.encoding import RecordError
-from serving.metrics import ASGIApp, Message, Metrics, MetricsMiddleware, Receive, Scope, Send
-from serving.onboarding import OnboardingInputError, validate_user_id
-from serving.recommender import (
-    NotReadyError,
-    Recommender,
-    StoreUnavailableError,
-    UnknownItemsError,
-)
-from training.loaders import MAX_ID_LENGTH
+from lrs_rec.ids import MAX_ID_LENGTH
 
 try:  # orjson encodes a 100-item answer ~20x faster than the stdlib (~10 µs vs ~200 µs)
     import orjson

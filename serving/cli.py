@@ -15,12 +15,18 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Owners: training/* by the training pipeline, serving/* by serving.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.cmd_train", "train a model from rating logs into a model directory"),
-    "evaluate": ("training.cmd_evaluate", "evaluate a model directory on held-out ratings"),
-    "export": ("training.export", "export the shared weights of a model directory to ONNX"),
-    "publish": ("serving.cmd_publish", "publish a model's per-user parameters to Redis"),
-    "serve": ("serving.cmd_serve", "run the HTTP recommendation service"),
-    "quickstart": ("serving.quickstart", "train, export, publish and serve built-in sample data"),
+    "train": (
+        "lrs_rec.training.cmd_train",
+        "train a model from rating logs into a model directory",
+    ),
+    "evaluate": ("lrs_rec.training.cmd_evaluate", "evaluate a model directory on held-out ratings"),
+    "export": ("lrs_rec.training.export", "export the shared weights of a model directory to ONNX"),
+    "publish": ("lrs_rec.serving.cmd_publish", "publish a model's per-user parameters to Redis"),
+    "serve": ("lrs_rec.serving.cmd_serve", "run the HTTP recommendation service"),
+    "quickstart": (
+        "lrs_rec.serving.quickstart",
+        "train, export, publish and serve built-in sample data",
+    ),
 }
 
 

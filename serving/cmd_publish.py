@@ -14,8 +14,9 @@ import json
 import sys
 from typing import Any
 
-from serving.store import DEFAULT_BUCKET_SIZE, DEFAULT_HISTORY_CAP
-from training.cli_types import finite_float, int_in
+from lrs_rec.serving.store import DEFAULT_BUCKET_SIZE, DEFAULT_HISTORY_CAP
+
+from lrs_rec.cli_types import finite_float, int_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _refit_hook() -> Any:
     """Onboarding's refit hook (``serving.onboarding.refit_for_publish``), if installed."""
     try:
-        mod = importlib.import_module("serving.onboarding")
+        mod = importlib.import_module("lrs_rec.serving.onboarding")
     except ModuleNotFoundError:
         return None
     return getattr(mod, "refit_for_publish", None)
@@ -112,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.connection import connect
-    from serving.store import RedisStore
+    from lrs_rec.serving.connection import connect
+    from lrs_rec.serving.store import RedisStore
 
     if args.model and not (args.list or args.delete_version or args.switch_to or args.prune):
         # privacy budget: refuse before touching Redis (training/private_accounting.py)
-        from training.model_dir import read_manifest
-        from training.private_accounting import budget_from_env, check_budget
+        from lrs_rec.training.private_accounting import budget_from_env, check_budget
+
+        from lrs_rec.model_dir import read_manifest
 
         max_eps, max_delta = budget_from_env(
             getattr(args, "max_epsilon", None), getattr(args, "max_delta", None)
@@ -158,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.model:
             print("lrs-rec publish: error: --model MODEL_DIR is required", file=sys.stderr)
             return 2
-        from training.model_dir import load_model_dir
+        from lrs_rec.model_dir import load_model_dir
 
         model_dir = Path(args.model).resolve()
         model = load_model_dir(model_dir)

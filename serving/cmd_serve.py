@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from training.cli_types import finite_float, int_in
+from lrs_rec.cli_types import finite_float, int_in
 
 ENV_CONFIG = "LRS_SERVE_CONFIG"
 
@@ -62,11 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from serving.app import create_app
-    from serving.cli import BLAS_THREAD_VARS
-    from serving.connection import lrs_home
-    from serving.recommender import Recommender
+    from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.cli import BLAS_THREAD_VARS
+    from lrs_rec.serving.connection import lrs_home
+    from lrs_rec.serving.recommender import Recommender
 
     rec = Recommender(
         args.model,
@@ -113,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             "max_body_bytes": args.max_body_bytes,
         }
     )
-    uvicorn.run("serving.cmd_serve:app_from_env", factory=True, workers=args.workers, **common)
+    uvicorn.run(
+        "lrs_rec.serving.cmd_serve:app_from_env", factory=True, workers=args.workers, **common
+    )
     # the workers are gone; at exit this process stops the embedded server once their closed
     # connections are reaped, unless another process still uses it (serving.connection._at_exit)
     return 0
@@ -121,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 def app_from_env() -> Any:
     """uvicorn factory of a worker process (``--workers N``): configuration from $LRS_SERVE_CONFIG."""
-    from serving.app import create_app
-    from serving.recommender import Recommender
+    from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.recommender import Recommender
 
     cfg = json.loads(os.environ[ENV_CONFIG])
     rec = Recommender(

@@ -33,7 +33,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from lrs_rec.serving.encoding import decode_history, encode_history, encode_records
+from lrs_rec.serving.history import merge_history
+from lrs_rec.serving.recommender import (
+    NotReadyError,
+    ServingError,
+    StoreUnavailableError,
+    UnknownItemsError,
+)
+from lrs_rec.serving.store import ConcurrentWriteError, VersionMovedError
 
+from lrs_rec.ids import id_problem
+from lrs_rec.model_dir import TrainedModel, onboarding_schedule
 from lrs_rec.onboarding import (
     Onboarder,
     OnboardingConfig,
@@ -41,20 +52,9 @@ from lrs_rec.onboarding import (
     ScheduledOnboarder,
     public_prior,
 )
-from serving.encoding import decode_history, encode_history, encode_records
-from serving.history import merge_history
-from serving.recommender import (
-    NotReadyError,
-    ServingError,
-    StoreUnavailableError,
-    UnknownItemsError,
-)
-from serving.store import ConcurrentWriteError, VersionMovedError
-from training.loaders import id_problem
-from training.model_dir import TrainedModel, onboarding_schedule
 
 if TYPE_CHECKING:
-    from serving.recommender import Recommender
+    from lrs_rec.serving.recommender import Recommender
 
 DEFAULT_MAX_RATINGS = 1000  # per request
 

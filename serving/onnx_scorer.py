@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from training.model_dir import TrainedModel
+    from lrs_rec.model_dir import TrainedModel
 
 _PER_USER = ["w", "user_bias", "b_idx", "b_val"]
 _SESSIONS: dict[str, tuple[list[str], list[str]]] = {

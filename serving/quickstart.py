@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from training.cli_types import int_in
+from lrs_rec.cli_types import int_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,17 +60,17 @@ def run(args: argparse.Namespace) -> int:
     import httpx
     import numpy as np
     import uvicorn
+    from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.connection import connect, lrs_home
+    from lrs_rec.serving.recommender import Recommender
+    from lrs_rec.serving.store import RedisStore
+    from lrs_rec.training.config import TrainConfig
+    from lrs_rec.training.export import export_model_dir
+    from lrs_rec.training.loaders import load_ratings
+    from lrs_rec.training.pipeline import train
+    from lrs_rec.training.sample_data import make_sample_ratings, write_sample_ratings
 
-    from serving.app import create_app
-    from serving.connection import connect, lrs_home
-    from serving.recommender import Recommender
-    from serving.store import RedisStore
-    from training.config import TrainConfig
-    from training.export import export_model_dir
-    from training.loaders import load_ratings
-    from training.model_dir import save_model_dir
-    from training.pipeline import train
-    from training.sample_data import make_sample_ratings, write_sample_ratings
+    from lrs_rec.model_dir import save_model_dir
 
     t0 = time.perf_counter()
     home = lrs_home(args.home).resolve()
@@ -183,6 +183,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from serving.cli import main
+    from lrs_rec.serving.cli import main
 
     raise SystemExit(main(["quickstart", *sys.argv[1:]]))

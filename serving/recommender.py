@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lrs_rec.serving.connection import RedisHandle, connect
+from lrs_rec.serving.encoding import UserParams, decode_history, decode_record
+from lrs_rec.serving.store import RedisStore, VersionMeta
 
-from serving.connection import RedisHandle, connect
-from serving.encoding import UserParams, decode_history, decode_record
-from serving.store import RedisStore, VersionMeta
-from training.model_dir import ONNX, TrainedModel, load_model_dir, read_manifest
+from lrs_rec.model_dir import ONNX, TrainedModel, load_model_dir, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Loaded:
 
 
 def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
-    from serving.onnx_scorer import OnnxScorer
+    from lrs_rec.serving.onnx_scorer import OnnxScorer
 
     model = load_model_dir(model_dir)
     onnx_path = model_dir / ONNX
@@ -419,7 +419,7 @@ class Recommender:
         """Fit ``user_id`` from their stored history plus ``ratings`` — ``(item_id, rating[,
         timestamp])`` tuples — with U frozen, store the record durably and return an
         ``OnboardResult`` (``user_id``, ``n_ratings``, ``personalized``, ``model_version``)."""
-        from serving.onboarding import onboard
+        from lrs_rec.serving.onboarding import onboard
 
         return onboard(self, user_id, ratings)
 

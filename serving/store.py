@@ -18,9 +18,8 @@ from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
-
-from serving.connection import RedisHandle
-from serving.encoding import (
+from lrs_rec.serving.connection import RedisHandle
+from lrs_rec.serving.encoding import (
     HistoryEncoder,
     RecordError,
     RecordFormat,
@@ -30,9 +29,10 @@ from serving.encoding import (
     encode_records,
     pack_params,
 )
-from serving.history import merge_history
-from serving.keys import KeyLayout, onboarded_slot, trained_slot
-from training.model_dir import TrainedModel
+from lrs_rec.serving.history import merge_history
+from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
+
+from lrs_rec.model_dir import TrainedModel
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ def ml100k_dir() -> Path:
 @pytest.fixture
 def home(tmp_path: Path):
     """LRS_HOME of an embedded redis-server for one test; the server is stopped afterwards."""
-    from serving.connection import stop_embedded
+    from lrs_rec.serving.connection import stop_embedded
 
     h = tmp_path / "h"
     yield h
@@ -33,7 +33,7 @@ def home(tmp_path: Path):
 def no_revive(monkeypatch):
     """Keep a stopped embedded server down: a Recommender would otherwise start it again on the
     first failed request (RedisHandle.revive_embedded), and the outage could not be observed."""
-    from serving.connection import RedisHandle
+    from lrs_rec.serving.connection import RedisHandle
 
     monkeypatch.setattr(RedisHandle, "revive_embedded", lambda self: False)
 
@@ -42,7 +42,7 @@ def no_revive(monkeypatch):
 def one_blas_thread():
     """The suite runs with one BLAS thread, as the `lrs-rec` CLI does (serving.cli.blas_threads):
     the many small batched solves are slower with OpenBLAS threads, much slower on a busy machine."""
-    from serving.cli import blas_threads
+    from lrs_rec.serving.cli import blas_threads
 
     with blas_threads():
         yield

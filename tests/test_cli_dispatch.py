@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from serving.cli import COMMANDS, build_parser, main
+from lrs_rec.serving.cli import COMMANDS, build_parser, main
 
 
 def test_every_command_is_registered() -> None:
@@ -41,9 +40,8 @@ def test_missing_required_arguments_is_a_usage_error(capsys: pytest.CaptureFixtu
 
 def test_cli_uses_one_blas_thread_unless_the_environment_sets_it(monkeypatch):
     import scipy.linalg  # noqa: F401  (its own OpenBLAS must be limited too)
+    from lrs_rec.serving.cli import BLAS_THREAD_VARS, blas_threads
     from threadpoolctl import threadpool_info, threadpool_limits
-
-    from serving.cli import BLAS_THREAD_VARS, blas_threads
 
     for var in BLAS_THREAD_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -111,7 +109,7 @@ def test_an_os_error_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys) 
 
 
 def test_garbage_onnx_file_is_a_clear_error(tmp_path) -> None:
-    from serving.onnx_scorer import OnnxScorer
+    from lrs_rec.serving.onnx_scorer import OnnxScorer
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"garbage\n")
@@ -120,8 +118,8 @@ def test_garbage_onnx_file_is_a_clear_error(tmp_path) -> None:
 
 
 def test_privacy_budget_and_epsilon_bounds(monkeypatch) -> None:
-    from training.private_accounting import budget_from_env
-    from training.private_train import MAX_EPSILON, PrivateConfig
+    from lrs_rec.training.private_accounting import budget_from_env
+    from lrs_rec.training.private_train import MAX_EPSILON, PrivateConfig
 
     with pytest.raises(ValueError, match="above 256"):
         PrivateConfig(epsilon=1e7)

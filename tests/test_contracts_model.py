@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lrs_rec.model import LRSModel
-from training.model_dir import (
+from lrs_rec.model_dir import (
     FORMAT_VERSION,
     ModelDirError,
     TrainedModel,

@@ -10,11 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-from lrs_rec.model import LRSModel
-from serving.cli import main as cli_main
-from serving.onnx_scorer import OnnxScorer, reference_score, reference_topn
-from training.export import (
+from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.serving.onnx_scorer import OnnxScorer, reference_score, reference_topn
+from lrs_rec.training.export import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     build_scoring_graph,
@@ -22,7 +20,9 @@ from training.export import (
     export_model_dir,
     export_onnx,
 )
-from training.model_dir import TrainedModel, load_model_dir, read_manifest, save_model_dir
+
+from lrs_rec.model import LRSModel
+from lrs_rec.model_dir import TrainedModel, load_model_dir, read_manifest, save_model_dir
 
 RTOL = 1e-5  # issue 4: relative error <= 1e-5 in float32
 
@@ -134,9 +134,9 @@ def test_invalid_opset_rejected(model: TrainedModel) -> None:
 def test_too_large_for_one_onnx_file_is_a_clear_error(
     model: TrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.export
+    import lrs_rec.training.export
 
-    monkeypatch.setattr(training.export, "MAX_WEIGHT_BYTES", 1000)
+    monkeypatch.setattr(lrs_rec.training.export, "MAX_WEIGHT_BYTES", 1000)
     with pytest.raises(ValueError, match="single-file ONNX model"):
         build_scoring_graph(model)
 
@@ -471,7 +471,7 @@ def test_scorer_rejects_missing_or_foreign_onnx(tmp_path: Path) -> None:
 
 def test_runner_falls_back_to_public_run(onnx_path: Path) -> None:
     """Without the binding's private ``_sess`` the public InferenceSession.run is used."""
-    from serving.onnx_scorer import _runner
+    from lrs_rec.serving.onnx_scorer import _runner
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
@@ -530,7 +530,7 @@ def test_export_model_dir_round_trip(tmp_path: Path) -> None:
 def test_cli_export(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.export
+    import lrs_rec.training.export
 
     mdir = tmp_path / "m"
     save_model_dir(random_model(seed=4), mdir)
@@ -543,6 +543,6 @@ def test_cli_export(
     def read_only(*args: object, **kwargs: object) -> Path:
         raise PermissionError(13, "Permission denied", str(mdir / "model.onnx"))
 
-    monkeypatch.setattr(training.export, "export_model_dir", read_only)
+    monkeypatch.setattr(lrs_rec.training.export, "export_model_dir", read_only)
     assert cli_main(["export", "--model", str(mdir)]) == 1  # environment error, not a traceback
     assert "cannot write into" in capsys.readouterr().err

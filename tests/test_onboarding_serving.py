@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
-from serving.app import create_app
-from serving.connection import connect, embedded_server, stop_embedded
-from serving.onboarding import (
+from lrs_rec.serving.app import create_app
+from lrs_rec.serving.connection import connect, embedded_server, stop_embedded
+from lrs_rec.serving.onboarding import (
     OnboardingInputError,
     merge_history,
     onboarder_for,
     parse_ratings,
     refit_for_publish,
 )
-from serving.recommender import Recommender, UnknownItemsError
-from serving.store import RedisStore, VersionMeta
-from serving.testing import write_random_model_dirs
-from training.model_dir import TrainedModel, load_model_dir
+from lrs_rec.serving.recommender import Recommender, UnknownItemsError
+from lrs_rec.serving.store import RedisStore, VersionMeta
+from lrs_rec.training.testing import write_random_model_dirs
+
+from lrs_rec.model_dir import TrainedModel, load_model_dir
 
 N_USERS, N_ITEMS, D, R, K = 120, 60, 16, 4, 4
 
@@ -54,7 +54,7 @@ def _publish_refitting(store: RedisStore, model_dir: Path, grace: float) -> Vers
 
 def _stored_pairs(store: RedisStore, meta: VersionMeta, user_id: str) -> list[tuple[int, float]]:
     """The (item index, rating) pairs of ``user_id``'s stored history in ``meta``, sorted."""
-    from serving.encoding import decode_history
+    from lrs_rec.serving.encoding import decode_history
 
     _, hist = store.fetch([store.locate(meta, user_id, None)], with_history=True)[0]
     items, ratings = decode_history(hist)
@@ -286,8 +286,8 @@ def test_grace_pass_merges_with_ratings_written_into_the_new_version(model_dirs,
     re-carries that user; it must merge with what the new version received meanwhile. Regression:
     it refitted from the old version's copy and overwrote the new version's record and history
     (a review lost 464 of 3 996 acknowledged ratings this way)."""
-    import serving.store as store_mod
-    from serving.encoding import decode_history, encode_history, encode_records
+    import lrs_rec.serving.store as store_mod
+    from lrs_rec.serving.encoding import decode_history, encode_history, encode_records
 
     rec_a = _serve(model_dirs["a"], home)
     rec_a.onboard("carol", [("i1", 4.0)])
@@ -326,7 +326,7 @@ def test_publish_names_the_onboarded_user_whose_stored_history_is_corrupt(model_
     """A corrupt history record stops publish (carrying every onboarded user over is its
     promise), but the error names the user, the version and the keys to repair, and nothing is
     switched."""
-    from serving.encoding import RecordError
+    from lrs_rec.serving.encoding import RecordError
 
     rec = _serve(model_dirs["a"], home)
     rec.onboard("gina", [("i1", 4.0)])
@@ -349,7 +349,7 @@ def test_rerating_between_carry_over_and_switch_is_not_reverted(model_dirs, home
     before the switch (current is still the old version) must reach the new version. Regression:
     the first pass's own onboarded marker made the user look "live" in the new version, so the
     grace pass kept the stale first-pass copy (i1 = 4.0) over the newer rating (i1 = 1.0)."""
-    import serving.store as store_mod
+    import lrs_rec.serving.store as store_mod
 
     rec_a = _serve(model_dirs["a"], home)
     rec_a.onboard("carol", [("i1", 4.0), ("i2", 3.0)])
@@ -383,8 +383,8 @@ def test_onboarding_overtaken_by_a_switch_is_never_acknowledged_into_the_old_ver
     the old version, which no later publish carries over. Regression: it was stored in v1 after
     the grace pass and lost. Now the write WATCHes the current pointer: it is redone in the new
     version when this server serves it (same model), or refused with a 503-class error."""
-    import serving.onboarding as onb_mod
-    from serving.recommender import NotReadyError
+    import lrs_rec.serving.onboarding as onb_mod
+    from lrs_rec.serving.recommender import NotReadyError
 
     rec_a = _serve(model_dirs["a"], home)
     rec_a.onboard("dave", [("i1", 4.0)])  # someone onboarded: publish runs its grace pass
@@ -440,8 +440,8 @@ def test_onboarding_overtaken_by_a_switch_is_never_acknowledged_into_the_old_ver
 def test_switch_without_a_quiet_moment_falls_back_to_the_grace_pass(model_dirs, home, monkeypatch):
     """Onboarding traffic that changes the old version's markers on every settle attempt must not
     keep publish from switching: after the attempts it switches and the grace pass carries."""
-    import serving.store as store_mod
-    from serving.encoding import decode_history
+    import lrs_rec.serving.store as store_mod
+    from lrs_rec.serving.encoding import decode_history
 
     monkeypatch.setattr(store_mod, "_SETTLE_ATTEMPTS", 0)
     rec_a = _serve(model_dirs["a"], home)
@@ -482,7 +482,7 @@ def test_concurrent_onboarding_loses_nobody(model_dirs, home):
             assert rec.score(f"user-{t}-{j}", ["i0"]).personalized
     # WATCH/MULTI: no lost update on the shared user, every thread's rating is in the history
     loc = rec.store.locate(rec.refresh(), "shared", None)
-    from serving.encoding import decode_history
+    from lrs_rec.serving.encoding import decode_history
 
     _, hist = rec.store.fetch([loc], with_history=True)[0]
     assert hist is not None
@@ -496,7 +496,7 @@ def test_history_cap_is_respected(model_dirs, home):
     assert res.n_ratings == 4
     res = rec.onboard("carol", [("i20", 5.0)])
     assert res.n_ratings == 4
-    from serving.encoding import decode_history
+    from lrs_rec.serving.encoding import decode_history
 
     loc = rec.store.locate(rec.refresh(), "carol", None)
     _, hist = rec.store.fetch([loc], with_history=True)[0]
@@ -507,7 +507,7 @@ def test_history_cap_is_respected(model_dirs, home):
 def test_manifest_schedule_is_used(model_dirs):
     from dataclasses import replace
 
-    from serving.onboarding import schedule_for
+    from lrs_rec.serving.onboarding import schedule_for
 
     m = load_model_dir(model_dirs["a"])
     m2 = replace(m, manifest={**m.manifest, "onboarding": {"config": {"w_prior_scale": 3.0}}})
@@ -557,7 +557,7 @@ def test_private_models_onboard_from_released_arrays_only(model_dirs):
 def test_onboarding_that_keeps_losing_write_races_is_a_503_and_writes_nothing(
     model_dirs, home, monkeypatch
 ):
-    from serving.store import ConcurrentWriteError
+    from lrs_rec.serving.store import ConcurrentWriteError
 
     rec = _serve(model_dirs["a"], home)
 
@@ -614,7 +614,7 @@ def test_rerating_before_a_fallback_switch_is_not_reverted_by_a_live_write(
     not revert i1 to the first pass's copy. Regression: the grace pass let the new version win for
     every item it held, including the stale carried i1 = 4.0; now only for what servers wrote
     there since the switch (11-697 reverted re-ratings per stress run before)."""
-    import serving.store as store_mod
+    import lrs_rec.serving.store as store_mod
 
     monkeypatch.setattr(store_mod, "_SETTLE_ATTEMPTS", 0)  # as if the markers never settled
     rec_a = _serve(model_dirs["a"], home)
@@ -640,9 +640,9 @@ def test_grace_pass_tells_server_writes_by_position_not_value():
     publish's history (items re-rated since removed) then the appended ratings. A re-rating to the
     very value the publish had written is still a later write (stress: i44 4.0 -> 2.0 carried, 3.5
     in the old version, then 2.0 again in the new one, was reverted to 3.5)."""
-    from serving.encoding import encode_history
-    from serving.history import merge_history
-    from serving.store import _Written, _written_since
+    from lrs_rec.serving.encoding import encode_history
+    from lrs_rec.serving.history import merge_history
+    from lrs_rec.serving.store import _Written, _written_since
 
     ours_i, ours_r = np.array([1, 44, 2]), np.array([4.0, 2.0, 3.0])
     ours = _Written("m", encode_history(ours_i, ours_r, n_items=50))

@@ -10,8 +10,7 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-
-from training.private_accounting import (
+from lrs_rec.training.private_accounting import (
     EventGroup,
     PrivacyBudgetError,
     budget_from_env,

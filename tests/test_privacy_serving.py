@@ -6,13 +6,12 @@ import dataclasses
 
 import pytest
 from fastapi.testclient import TestClient
-
-from serving.app import create_app
-from serving.cli import main as cli_main
-from serving.connection import stop_embedded
-from serving.recommender import Recommender
-from serving.testing import random_trained_model, write_model_dir
-from training.private_accounting import EventGroup, calibrate_ledger, ledger_manifest
+from lrs_rec.serving.app import create_app
+from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.serving.connection import stop_embedded
+from lrs_rec.serving.recommender import Recommender
+from lrs_rec.training.private_accounting import EventGroup, calibrate_ledger, ledger_manifest
+from lrs_rec.training.testing import random_trained_model, write_model_dir
 
 pytestmark = pytest.mark.redis
 

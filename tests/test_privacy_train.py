@@ -10,10 +10,10 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
+from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.training.private_train import PrivateConfig, fit_private, read_catalogue
 
-from serving.cli import main as cli_main
-from training.model_dir import load_model_dir
-from training.private_train import PrivateConfig, fit_private, read_catalogue
+from lrs_rec.model_dir import load_model_dir
 
 RELEASED = {"U", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov"}
 
@@ -225,7 +225,7 @@ def test_ml100k_private_model_beats_its_own_population_model(ml100k_dir, tmp_pat
 def test_local_user_step_depends_on_each_users_own_ratings_only(features):
     """The trainer's per-user step (c_u, w_u, b_u) from the released U: removing one user must not
     move any other user's parameters (the billboard argument behind the stated sensitivities)."""
-    import training.private_train as T
+    import lrs_rec.training.private_train as T
 
     rng = np.random.default_rng(1)
     n_users, n_items, r, k = 30, 25, 3, 2

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lrs_rec.serving.connection import connect
+from lrs_rec.serving.encoding import encode_history, encode_records
+from lrs_rec.serving.recommender import Recommender
+from lrs_rec.serving.store import RedisStore
+from lrs_rec.training.testing import random_trained_model, write_model_dir
 
-from serving.connection import connect
-from serving.encoding import encode_history, encode_records
-from serving.recommender import Recommender
-from serving.store import RedisStore
-from serving.testing import random_trained_model, write_model_dir
-from training.model_dir import load_model_dir
+from lrs_rec.model_dir import load_model_dir
 
 pytestmark = pytest.mark.redis
 
@@ -214,7 +214,7 @@ def test_hung_redis_fails_fast_and_recovers(auth_url, tmp_path):
     import os
     import signal
 
-    from serving.recommender import StoreUnavailableError
+    from lrs_rec.serving.recommender import StoreUnavailableError
 
     port, proc = auth_url
     model_dir = tmp_path / "model"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from serving.connection import _split_cluster_flag, embedded_socket, redact, resolve_url
+from lrs_rec.serving.connection import _split_cluster_flag, embedded_socket, redact, resolve_url
 
 
 def test_resolve_url_prefers_argument_then_environment(monkeypatch):
@@ -49,7 +48,7 @@ def test_a_listening_but_silent_socket_is_not_a_gone_server(tmp_path):
     busy server (loading its AOF, slow fsync) must not get a second server on its data."""
     import socket
 
-    from serving.connection import _server_gone
+    from lrs_rec.serving.connection import _server_gone
 
     path = str(tmp_path / "s.sock")
     assert _server_gone(path)  # no file

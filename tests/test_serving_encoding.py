@@ -7,8 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-
-from serving.encoding import (
+from lrs_rec.serving.encoding import (
     HistoryEncoder,
     RecordError,
     RecordFormat,
@@ -22,7 +21,7 @@ from serving.encoding import (
     encode_records,
     index_width_for,
 )
-from serving.keys import KeyLayout, onboarded_slot, trained_slot
+from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
 
 
 def _params(rng: np.random.Generator, n: int, r: int, k: int, d: int):

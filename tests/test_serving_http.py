@@ -15,13 +15,13 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from lrs_rec.serving.app import create_app
+from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.serving.connection import embedded_server, embedded_socket, stop_embedded
+from lrs_rec.serving.recommender import Recommender
+from lrs_rec.training.testing import random_trained_model, write_model_dir
 
-from serving.app import create_app
-from serving.cli import main as cli_main
-from serving.connection import embedded_server, embedded_socket, stop_embedded
-from serving.recommender import Recommender
-from serving.testing import random_trained_model, write_model_dir
-from training.model_dir import load_model_dir
+from lrs_rec.model_dir import load_model_dir
 
 pytestmark = pytest.mark.redis
 
@@ -227,7 +227,7 @@ def test_lrs_rec_serve_over_real_uvicorn(model_dir, home):
         [
             sys.executable,
             "-m",
-            "serving.cli",
+            "lrs_rec.serving.cli",
             "serve",
             "--model",
             str(model_dir),
@@ -269,8 +269,8 @@ def test_lrs_rec_serve_over_real_uvicorn(model_dir, home):
 
 
 def test_corrupt_record_is_a_clear_500_not_a_crash(client, home):
-    from serving.connection import connect
-    from serving.store import RedisStore
+    from lrs_rec.serving.connection import connect
+    from lrs_rec.serving.store import RedisStore
 
     store = RedisStore(connect(home=home))
     meta = store.meta("v1")

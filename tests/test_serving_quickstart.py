@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from serving.cli import main as cli_main
-from serving.connection import connect, stop_embedded
-from serving.store import RedisStore
+from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.serving.connection import connect, stop_embedded
+from lrs_rec.serving.store import RedisStore
 
 pytestmark = pytest.mark.redis
 
@@ -29,8 +28,9 @@ def test_quickstart_runs_the_whole_path_and_exits(tmp_path, capsys):
 def test_quickstart_leaves_the_users_own_store_alone(tmp_path, capsys):
     """Regression: quickstart published into HOME's store, switched `current` to the demo model
     and pruned the user's older versions."""
-    from serving.testing import random_trained_model
-    from training.model_dir import save_model_dir
+    from lrs_rec.training.testing import random_trained_model
+
+    from lrs_rec.model_dir import save_model_dir
 
     home = tmp_path / "home"
     mine = save_model_dir(

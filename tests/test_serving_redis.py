@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lrs_rec.serving.connection import connect, embedded_server, stop_embedded
+from lrs_rec.serving.encoding import RecordFormat, decode_history, encode_history, encode_records
+from lrs_rec.serving.recommender import Recommender, StoreUnavailableError, UnknownItemsError
+from lrs_rec.serving.store import RedisStore
+from lrs_rec.training.testing import random_trained_model, write_random_model_dirs
 
-from serving.connection import connect, embedded_server, stop_embedded
-from serving.encoding import RecordFormat, decode_history, encode_history, encode_records
-from serving.recommender import Recommender, StoreUnavailableError, UnknownItemsError
-from serving.store import RedisStore
-from serving.testing import random_trained_model, write_random_model_dirs
-from training.model_dir import TrainedModel, load_model_dir
+from lrs_rec.model_dir import TrainedModel, load_model_dir
 
 pytestmark = pytest.mark.redis
 
@@ -163,7 +163,7 @@ def test_server_pinned_to_an_old_version_refuses_writes_and_goes_unready_when_it
     (reads only). Onboarding there is refused: publish carries over the CURRENT version's onboarded
     users only, so the rating would be acknowledged and then lost. Once its version is deleted its
     records are gone: unready (503), never the population model for everyone."""
-    from serving.recommender import NotReadyError
+    from lrs_rec.serving.recommender import NotReadyError
 
     a, b = load_model_dir(model_dirs["a"]), load_model_dir(model_dirs["b"])
     store = RedisStore(connect(home=home))
@@ -225,7 +225,7 @@ def test_publish_pruned_while_writing_ends_failed_not_ready(model_dirs, home, mo
     publish then re-registered v2 as "ready" with its first buckets and item vocabulary gone
     (a later `--switch v2` served the population model to those users, and the next publish's
     carry-over from v2 failed on the missing vocabulary)."""
-    import serving.store as store_mod
+    import lrs_rec.serving.store as store_mod
 
     a = load_model_dir(model_dirs["a"])
     store = RedisStore(connect(home=home))
@@ -376,8 +376,7 @@ def test_release_embedded_stops_the_server_only_when_nobody_else_uses_it(home):
     """Every lrs-rec process calls it at exit for each embedded server it used: the last one to
     leave stops the server, whoever started it (another service, a worker that restarted it)."""
     import redis
-
-    from serving.connection import release_embedded
+    from lrs_rec.serving.connection import release_embedded
 
     sock = embedded_server(home)
     other = redis.Redis(unix_socket_path=sock)
@@ -389,7 +388,7 @@ def test_release_embedded_stops_the_server_only_when_nobody_else_uses_it(home):
 
 
 def test_update_user_retries_when_another_client_writes_and_gives_up_cleanly(model_dirs, home):
-    from serving.store import ConcurrentWriteError
+    from lrs_rec.serving.store import ConcurrentWriteError
 
     a = load_model_dir(model_dirs["a"])
     store = RedisStore(connect(home=home))

@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from training.loaders import (
+from lrs_rec.training.loaders import (
     LoadOptions,
     RatingFileError,
     _dedup_latest,
@@ -21,7 +20,7 @@ from training.loaders import (
     detect_format,
     load_ratings,
 )
-from training.vocab import Vocabulary
+from lrs_rec.training.vocab import Vocabulary
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -444,7 +443,7 @@ def test_parquet_wrong_column_types_are_errors(
 def test_vocabulary_order_is_the_same_in_every_process() -> None:
     # "7", "07", "007" tie on the number: without a tie-break their order followed str hashing
     code = (
-        "from training.vocab import Vocabulary;"
+        "from lrs_rec.training.vocab import Vocabulary;"
         "print(Vocabulary.from_ids(['7', '07', '007', '10', '010', 'b', 'a']).ids)"
     )
     outs = {

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.evaluate import evaluate_table
+from lrs_rec.training.loaders import load_ratings
+from lrs_rec.training.pipeline import train
 
-from training.config import TrainConfig
-from training.evaluate import evaluate_table
-from training.loaders import load_ratings
-from training.model_dir import TrainedModel
-from training.pipeline import train
+from lrs_rec.model_dir import TrainedModel
 
 
 @pytest.mark.ml100k
@@ -51,7 +51,7 @@ def test_refit_of_every_trained_user_from_full_history(ml100k_dir: Path, u1_mode
     with the served onboarder, for all 943 users of u1.base (up to 685 ratings each), scored on
     u1.test. Regression: before the implicit moments were made a valid joint covariance, the
     conditional prior turned indefinite for long histories and heavy users' refits diverged."""
-    from serving.onboarding import onboarder_for
+    from lrs_rec.serving.onboarding import onboarder_for
 
     model = u1_model
     onb = onboarder_for(model)

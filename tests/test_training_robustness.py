@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lrs_rec.serving.cli import main
+from lrs_rec.training.sample_data import make_sample_ratings, write_sample_ratings
+from lrs_rec.training.testing import random_trained_model
 
-from serving.cli import main
-from serving.testing import random_trained_model
-from training.model_dir import (
+from lrs_rec.model_dir import (
     SHARED_ARRAYS,
     ModelDirError,
     _digest,
@@ -22,7 +23,6 @@ from training.model_dir import (
     load_model_dir,
     save_model_dir,
 )
-from training.sample_data import make_sample_ratings, write_sample_ratings
 
 FAST = ["--dim", "4", "--rank", "2", "--sparsity", "1", "--n-iter", "1", "--quiet", "--no-export"]
 
@@ -302,8 +302,9 @@ def test_arrays_npz_of_random_bytes_is_damaged_without_pickle_advice(
 def test_a_bad_onboarding_config_in_the_manifest_fails_at_load(tmp_path):
     """Found by fuzzing: {"onboarding": {"config": {"bogus": 1}}} published fine and then every
     PUT /v1/users/{id}/ratings answered 500; now loading the directory names the field."""
-    from serving.testing import random_trained_model
-    from training.model_dir import ModelDirError, load_model_dir, save_model_dir
+    from lrs_rec.training.testing import random_trained_model
+
+    from lrs_rec.model_dir import ModelDirError, load_model_dir, save_model_dir
 
     root = tmp_path / "m"
     save_model_dir(random_trained_model(n_users=8, n_items=6, d=4, rank=2, sparsity=1), root)
@@ -328,9 +329,8 @@ def test_parquet_item_features_with_a_null_vector_name_the_row(tmp_path: Path) -
     # audit11: a null vector used to be reported as "have lengths {6}", naming no row
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from training.features import read_item_features
-    from training.loaders import RatingFileError
+    from lrs_rec.training.features import read_item_features
+    from lrs_rec.training.loaders import RatingFileError
 
     p = tmp_path / "emb.parquet"
     vecs = [[1.0, 2.0], None, [3.0, 4.0]]
@@ -347,9 +347,8 @@ def test_parquet_item_features_with_a_null_id_name_the_row(
     # audit: a null item id became the item "None" (a NaN float id the item "nan")
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from training.features import read_item_features
-    from training.loaders import RatingFileError
+    from lrs_rec.training.features import read_item_features
+    from lrs_rec.training.loaders import RatingFileError
 
     p = tmp_path / "emb.parquet"
     values = {
@@ -371,9 +370,8 @@ def test_item_feature_ids_are_read_like_rating_file_ids(tmp_path):
     with an empty or null entry is refused, naming it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from training.features import read_item_features
-    from training.loaders import RatingFileError
+    from lrs_rec.training.features import read_item_features
+    from lrs_rec.training.loaders import RatingFileError
 
     p = tmp_path / "emb.parquet"
     pq.write_table(pa.table({"item_id": [10.0, 2.0, 7.0], "emb": [[1.0, 0.0]] * 3}), p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.loaders import FORMATS, OUT_OF_SCALE_RULES, LoadOptions
+from lrs_rec.training.loaders import FORMATS, OUT_OF_SCALE_RULES, LoadOptions
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from training.cli_args import add_data_arguments, load_options
-from training.cli_types import finite_float
+from lrs_rec.training.cli_args import add_data_arguments, load_options
+
+from lrs_rec.cli_types import finite_float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_table
-    from training.loaders import load_ratings
-    from training.model_dir import load_model_dir
+    from lrs_rec.training.evaluate import evaluate_table
+    from lrs_rec.training.loaders import load_ratings
+
+    from lrs_rec.model_dir import load_model_dir
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")

@@ -8,8 +8,8 @@ import math
 import sys
 from typing import Any
 
-from training.cli_args import add_data_arguments, load_options
-from training.config import METHOD_HELP, METHODS, TrainConfig
+from lrs_rec.training.cli_args import add_data_arguments, load_options
+from lrs_rec.training.config import METHOD_HELP, METHODS, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration losses")
     o.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     # privacy flags (--epsilon/--delta/...; owned by the privacy area, training/private_cli.py)
-    from training.private_cli import add_private_arguments
+    from lrs_rec.training.private_cli import add_private_arguments
 
     add_private_arguments(parser)
 
@@ -94,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def check_arguments(args: argparse.Namespace) -> None:
     """Flag values TrainConfig cannot name (ValueError naming the flag), and an --out that
     save_model_dir would refuse — both before any data is read or trained on."""
-    from training.model_dir import check_out_dir
+    from lrs_rec.model_dir import check_out_dir
 
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
@@ -113,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "epsilon", None) is not None:
         import importlib
 
-        return int(importlib.import_module("training.private_train").run(args))
+        return int(importlib.import_module("lrs_rec.training.private_train").run(args))
 
-    from training.loaders import load_ratings
-    from training.model_dir import save_model_dir
-    from training.pipeline import train
+    from lrs_rec.training.loaders import load_ratings
+    from lrs_rec.training.pipeline import train
+
+    from lrs_rec.model_dir import save_model_dir
 
     cfg = config_from_args(args)
     table = load_ratings(args.ratings, load_options(args))
@@ -133,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     onnx_path: str | None = None
     if not args.no_export:
         try:
-            from training.export import export_model_dir
+            from lrs_rec.training.export import export_model_dir
         except ModuleNotFoundError as e:  # the ONNX exporter is another component's; say so
-            if e.name != "training.export":
+            if e.name != "lrs_rec.training.export":
                 raise
             print("warning: training.export not available; model.onnx not written", file=sys.stderr)
         else:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from lrs_rec.training.loaders import RatingTable
+from lrs_rec.training.vocab import Vocabulary
 
-from training.loaders import RatingTable
-from training.model_dir import TrainedModel
-from training.vocab import Vocabulary
+from lrs_rec.model_dir import TrainedModel
 
 BUCKETS = (("<=20", 0, 20), ("21-50", 21, 50), ("51-100", 51, 100), (">100", 101, None))
 

@@ -48,7 +48,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-    from training.model_dir import TrainedModel
+    from lrs_rec.model_dir import TrainedModel
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = (17, 18)
@@ -291,7 +291,7 @@ def export_model_dir(model_dir: str | os.PathLike[str], *, opset: int = DEFAULT_
     Both files are replaced atomically (write to a temp file, then rename), so a reader sees either
     the old or the new version, never a partial file.
     """
-    from training.model_dir import MANIFEST, ONNX, load_model_dir
+    from lrs_rec.model_dir import MANIFEST, ONNX, load_model_dir
 
     root = Path(model_dir)
     model = load_model_dir(root)

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from training.grouped import grouped_gram, grouped_sum
-from training.loaders import RatingFileError, id_text
-from training.lrs_als import key_blocks, user_block_size
-from training.vocab import Vocabulary
+from lrs_rec.training.grouped import grouped_gram, grouped_sum
+from lrs_rec.training.loaders import RatingFileError, id_text
+from lrs_rec.training.lrs_als import key_blocks, user_block_size
+from lrs_rec.training.vocab import Vocabulary
 
 
 def fit_biases(

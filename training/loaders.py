@@ -49,7 +49,6 @@ import hashlib
 import io
 import math
 import os
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lrs_rec.ids import id_problem
 
 FORMATS = ("auto", "ml-100k", "ml-1m", "ml-latest", "csv", "tsv", "parquet")
 OUT_OF_SCALE_RULES = ("clip", "drop", "error")
@@ -78,10 +79,6 @@ _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
 # MovieLens formats with a fixed number of fields per line (user, item, rating, timestamp)
 _FIXED_FIELDS = {"ml-100k": 4, "ml-1m": 4}
-# The id rule (id_problem), shared with the onboarding service (serving/onboarding.py; serving/app.py
-# also uses MAX_ID_LENGTH): an id the service refuses could be trained on but its user never updated.
-MAX_ID_LENGTH = 256
-NON_PRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")  # unicodedata categories refused in ids
 
 
 class RatingFileError(ValueError):
@@ -704,25 +701,6 @@ def _collect(
     out.ratings.append(r)
     out.times.append(t)
     out.where.append(where)
-
-
-def id_problem(s: str) -> str | None:
-    """Why the onboarding service would refuse the non-empty id ``s`` (the shared id rule: the
-    loaders and ``serving.onboarding`` call it), or None."""
-    if len(s) > MAX_ID_LENGTH:
-        return f"is {len(s)} characters long; at most {MAX_ID_LENGTH} allowed"
-    if "\ufffd" in s:  # what a decoder leaves for bytes that are not UTF-8 (e.g. "%FF" in a URL)
-        return (
-            f"contains U+FFFD at position {s.index(chr(0xFFFD))} (ids must be valid UTF-8: a "
-            "replacement character merges distinct invalid ids)"
-        )
-    if not s.isprintable():  # the common case is printable: no NON_PRINTABLE_CATEGORIES character
-        for pos, ch in enumerate(s):
-            if unicodedata.category(ch) in NON_PRINTABLE_CATEGORIES:
-                return f"contains a control or non-printable character {ch!r} at position {pos}"
-    if s != s.strip():  # rating files' ids are stripped: no trained id has this
-        return "has leading or trailing whitespace (ids in rating files are read stripped)"
-    return None
 
 
 def _shown(s: str, n: int = 60) -> str:

@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from lrs_rec.model import LRSModel
-from training.config import TrainConfig
-from training.features import als_factors, fit_biases, load_item_features
-from training.loaders import RatingTable
-from training.lrs_als import (
+from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.features import als_factors, fit_biases, load_item_features
+from lrs_rec.training.loaders import RatingTable
+from lrs_rec.training.lrs_als import (
     LRSState,
     Samples,
     StepParams,
@@ -30,8 +28,10 @@ from training.lrs_als import (
     u_step,
     user_step,
 )
-from training.model_dir import TrainedModel
-from training.vocab import Vocabulary
+from lrs_rec.training.vocab import Vocabulary
+
+from lrs_rec.model import LRSModel
+from lrs_rec.model_dir import TrainedModel
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli_types import finite_float, int_in
+from lrs_rec.cli_types import finite_float, int_in
 
 DEFAULT_DELTA = 1e-6
 DEFAULT_ACCOUNTANT = "rdp"

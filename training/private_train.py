@@ -37,6 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lrs_rec.training import private_cli
+from lrs_rec.training.grouped import grouped_gram, grouped_sum
+from lrs_rec.training.private_accounting import (
+    CalibratedLedger,
+    EventGroup,
+    calibrate_ledger,
+    ledger_manifest,
+)
 
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
@@ -57,14 +65,6 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.thresholding import ridge_top_k_refit, top_k_indices
-from training import private_cli
-from training.grouped import grouped_gram, grouped_sum
-from training.private_accounting import (
-    CalibratedLedger,
-    EventGroup,
-    calibrate_ledger,
-    ledger_manifest,
-)
 
 DEFAULT_SHARES: dict[str, float] = {
     "global_mean": 0.02,
@@ -606,7 +606,7 @@ def _public_items(
     cat_path = getattr(args, "item_catalog", None) or find_catalogue(args.ratings)
     cat = read_catalogue(cat_path) if cat_path else None
     if mode in ("auto", "plugin") and getattr(args, "item_features", None):
-        from training.features import read_item_features
+        from lrs_rec.training.features import read_item_features
 
         ids, X = read_item_features(args.item_features)
         declared = (
@@ -651,7 +651,7 @@ def public_rating_scale(declared: tuple[float, float] | None, fmt: str) -> str:
     centres the private global mean (μ0 = its midpoint), so it must not depend on the private data:
     a declared ``--rating-scale`` or the fixed scale of a MovieLens format. A generic file's default
     (the observed min/max of the ratings) would release one user's most extreme rating exactly."""
-    from training.loaders import ML_SCALES
+    from lrs_rec.training.loaders import ML_SCALES
 
     if declared is not None:
         return "public: declared by the caller (--rating-scale)"
@@ -669,12 +669,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from training.cli_args import load_options
-    from training.loaders import load_ratings
-    from training.lrs_als import Samples
-    from training.model_dir import TrainedModel, save_model_dir
-    from training.pipeline import history_csr
-    from training.vocab import Vocabulary
+    from lrs_rec.training.cli_args import load_options
+    from lrs_rec.training.loaders import load_ratings
+    from lrs_rec.training.lrs_als import Samples
+    from lrs_rec.training.pipeline import history_csr
+    from lrs_rec.training.vocab import Vocabulary
+
+    from lrs_rec.model_dir import TrainedModel, save_model_dir
 
     t0 = time.perf_counter()
     opts = load_options(args)
@@ -783,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
     saved = save_model_dir(model, args.out)
     onnx_path: str | None = None
     if not getattr(args, "no_export", False):
-        from training.export import export_model_dir
+        from lrs_rec.training.export import export_model_dir
 
         onnx_path = str(export_model_dir(args.out))
     p = fit.privacy

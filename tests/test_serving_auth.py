@@ -152,10 +152,10 @@ def test_uvicorn_debug_log_never_shows_a_secret(model_dir, tmp_path, keys_file):
     env = {**os.environ, "LRS_HOME": str(home)}
     env.pop("LRS_REDIS_URL", None)
     port = _free_port()
-    subprocess.run(
-        [sys.executable, "-m", "lrs_rec.serving.cli", "publish", "--model", str(model_dir)],
-        env=env, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    from lrs_rec.serving.connection import connect
+
+    handle = connect(home=home)  # published in-process: one interpreter start less
+    RedisStore(handle).publish(load_model_dir(model_dir), model_dir=str(model_dir))
     log = tmp_path / "serve.log"
     with log.open("wb") as f:
         proc = subprocess.Popen(

@@ -78,7 +78,8 @@ _VOCAB_MAX = 4
 def _vocabulary(rec: Recommender, loaded: Any, meta: VersionMeta) -> dict[str, int] | None:
     """User id -> dense index of ``meta``'s model, or None when it is not available."""
     if rec._matches(meta, loaded.model):
-        return loaded.user_index
+        served: dict[str, int] = loaded.user_index
+        return served
     if not meta.model_dir:
         return None
     key = (meta.model_dir, meta.model_version, meta.arrays_sha256)

@@ -689,8 +689,7 @@ class RedisStore:
                     if hist is _ERASED:
                         return _ERASED
                 record, history, result = compute(
-                    hist,  # type: ignore[arg-type]
-                    partial(_is_live, self.r, marker, user_id, own_mark),
+                    hist, partial(_is_live, self.r, marker, user_id, own_mark)
                 )
                 if require_current:
                     self._check_current(meta, self.r.get(self.keys.current))

@@ -80,6 +80,12 @@ def _vocabulary(rec: Recommender, loaded: Any, meta: VersionMeta) -> dict[str, i
     if rec._matches(meta, loaded.model):
         served: dict[str, int] = loaded.user_index
         return served
+    return vocabulary_from_dir(meta)
+
+
+def vocabulary_from_dir(meta: VersionMeta) -> dict[str, int] | None:
+    """User id -> index from ``users.json`` of ``meta.model_dir`` if it still holds ``meta``'s
+    model (same model version and shared-array digest), else None."""
     if not meta.model_dir:
         return None
     key = (meta.model_dir, meta.model_version, meta.arrays_sha256)
@@ -187,6 +193,33 @@ def _remove(
             part.execute()
     if pipe is not None:
         pipe.execute()
+
+
+def scrub_version(store: RedisStore, meta: VersionMeta, vocab: dict[str, int]) -> int:
+    """Remove from ``meta`` the trained rows of erased users (``vocab``: its model's users) that
+    were not onboarded there after their erasure; returns how many users were scrubbed. What a
+    rollback (``lrs-rec publish --switch V``) runs first, for the versions an erasure could not
+    locate the user in (``unscrubbed_versions``)."""
+    marks = store.erased_marks()
+    if not marks:
+        return 0
+    onboarded = store.onboarded_users(meta.version)
+    users = []
+    for user_id, mark in marks.items():
+        if user_id not in vocab:
+            continue
+        since = onboarded.get(user_id)
+        if since is not None and since[0] > int(mark):
+            continue  # onboarded again after the erasure: their new data
+        users.append(user_id)
+    pipe = store.r.pipeline(transaction=False)
+    for user_id in users:
+        loc = store.locate(meta, user_id, vocab[user_id])
+        pipe.hdel(loc.params_key, loc.field)
+        pipe.hdel(loc.history_key, loc.field)
+    if users:
+        pipe.execute()
+    return len(users)
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -189,12 +189,20 @@ def test_erasure_during_a_carry_over_is_not_undone(served, model_dirs):
     assert "racer" not in store.onboarded_users(v3.version)
 
 
-def test_unresolvable_version_is_reported(served, model_dirs, tmp_path):
+def test_unresolvable_version_is_reported_and_scrubbed_on_rollback(
+    served, model_dirs, tmp_path, monkeypatch, capsys
+):
     """A version whose model directory no longer holds its model: its trained rows cannot be
-    located, the response says so (the onboarded data there is still removed)."""
+    located, the response says so (the onboarded data there is still removed); a rollback to it
+    (`publish --switch`) removes them first, or refuses while the directory is missing."""
+    import json
     import shutil
 
+    from lrs_rec.serving.cli import main as cli_main
+
     store, _, c = served
+    monkeypatch.setenv("LRS_HOME", str(store.handle.home))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
     moved = tmp_path / "gone"
     shutil.copytree(model_dirs["b"], moved)
     _publish(store, moved)  # v3: model b, not the served one
@@ -205,6 +213,16 @@ def test_unresolvable_version_is_reported(served, model_dirs, tmp_path):
     assert sorted(body["store_versions"]) == ["v1", "v2", "v3", "v4"]
     for v in ("v1", "v2", "v4"):
         assert _slot(store, v, "u3", 3) == (None, None)
+    index_b = load_model_dir(model_dirs["b"]).user_index()["u3"]
+    assert _slot(store, "v3", "u3", index_b)[0] is not None  # what "unscrubbed" means
+    assert cli_main(["publish", "--switch", "v3"]) == 2
+    assert "users were erased since" in capsys.readouterr().err
+    assert store.current_version() == "v4"
+    shutil.copytree(model_dirs["b"], moved)  # the directory is back: the rollback scrubs first
+    assert cli_main(["publish", "--switch", "v3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"current": "v3", "erased_users_scrubbed": 1}
+    assert _slot(store, "v3", "u3", index_b) == (None, None)
+    assert _slot(store, "v3", "u4", load_model_dir(moved).user_index()["u4"])[0] is not None
 
 
 def test_no_copy_survives_an_aof_rewrite(served, home):

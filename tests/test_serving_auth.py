@@ -322,3 +322,22 @@ def test_serve_refuses_a_public_address_without_keys(
     ]
     assert cli_main(args) == 2
     assert "--log-level trace" in capsys.readouterr().err
+
+
+def test_worker_processes_load_the_keys_too(model_dir, home, keys_file, monkeypatch):
+    """`serve --workers N`: each worker builds its app from $LRS_SERVE_CONFIG, keys included."""
+    import json
+
+    from lrs_rec.serving.cmd_serve import ENV_CONFIG, app_from_env
+    from lrs_rec.serving.connection import connect
+
+    RedisStore(connect(home=home)).publish(load_model_dir(model_dir), model_dir=str(model_dir))
+    cfg = {
+        "model": str(model_dir), "redis": None, "home": str(home), "max_n": 10, "threads": 1,
+        "redis_timeout": 1.0, "max_body_bytes": 4096, "api_keys": str(keys_file),
+    }  # fmt: skip
+    monkeypatch.setenv(ENV_CONFIG, json.dumps(cfg))
+    with TestClient(app_from_env()) as c:
+        assert c.get("/v1/model").status_code == 401
+        ok = c.get("/v1/model", headers={"Authorization": "Bearer " + SECRETS["read"]})
+        assert ok.status_code == 200

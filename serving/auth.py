@@ -147,7 +147,20 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-def check_bind(host: str, *, authenticated: bool, allow_unauthenticated: bool) -> str | None:
+SERVE_REMEDY = (
+    "pass --api-keys FILE (create keys with `lrs-rec keys add`) or, on a trusted network only, "
+    "--allow-unauthenticated"
+)
+
+
+def check_bind(
+    host: str,
+    *,
+    authenticated: bool,
+    allow_unauthenticated: bool,
+    command: str = "serve",
+    remedy: str = SERVE_REMEDY,
+) -> str | None:
     """Without API keys only a loopback address may be bound: raises ValueError for any other
     unless ``allow_unauthenticated``, and then returns the warning to print."""
     if authenticated or is_loopback(host):
@@ -155,11 +168,10 @@ def check_bind(host: str, *, authenticated: bool, allow_unauthenticated: bool) -
     if not allow_unauthenticated:
         raise ValueError(
             f"refusing to listen on {host!r} without authentication: anyone who can reach it "
-            "could read and rewrite every user's ratings; pass --api-keys FILE (create keys "
-            "with `lrs-rec keys add`) or, on a trusted network only, --allow-unauthenticated"
+            f"could read and rewrite every user's ratings; {remedy}"
         )
     return (
-        f"lrs-rec serve: WARNING: listening on {host} WITHOUT authentication "
+        f"lrs-rec {command}: WARNING: listening on {host} WITHOUT authentication "
         "(--allow-unauthenticated): anyone who can reach this address can read and rewrite "
         "every user's ratings"
     )

@@ -341,3 +341,10 @@ def test_worker_processes_load_the_keys_too(model_dir, home, keys_file, monkeypa
         assert c.get("/v1/model").status_code == 401
         ok = c.get("/v1/model", headers={"Authorization": "Bearer " + SECRETS["read"]})
         assert ok.status_code == 200
+
+
+def test_quickstart_refuses_a_public_address_too(tmp_path, capsys):
+    args = ["quickstart", "--home", str(tmp_path), "--host", "0.0.0.0", "--serve"]
+    assert cli_main(args) == 2
+    assert "refusing to listen on '0.0.0.0' without authentication" in capsys.readouterr().err
+    assert not (tmp_path / "quickstart").exists()  # refused before any work

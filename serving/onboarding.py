@@ -19,6 +19,8 @@ Semantics
   recommend reads the new record (no cache in between).
 * Publishing a new model version refits every onboarded user from their stored history with the new
   model (:func:`refit_for_publish`, the store's carry-over hook), so nobody loses personalisation.
+* A user erased before (``DELETE /v1/users/{id}``, :mod:`serving.erasure`) is onboarded as a new
+  user: from an empty history, never from the training history of the model directory.
 * Bad input (unknown items, ratings off the scale, NaN, empty or oversized lists, bad ids) raises
   :class:`OnboardingInputError` / ``UnknownItemsError`` before anything is written.
 """

@@ -70,6 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="without --api-keys, listen on a non-loopback --host anyway (warns)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int_in(1, 65535),
+        default=None,
+        help="serve the Prometheus metrics on this port instead of the service's /metrics "
+        "(only with --workers 1)",
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="bind address of --metrics-port (default: --host)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.serving.recommender import Recommender
 
     keyring = _check_auth(args)
+    if args.metrics_port is not None and args.workers > 1:
+        raise ValueError(
+            "--metrics-port needs --workers 1 (each worker process counts its own requests)"
+        )
     rec = Recommender(
         args.model,
         args.redis,
@@ -105,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.workers <= 1:
         app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring)
+        if args.metrics_port is not None:
+            _metrics_elsewhere(app, args.metrics_host or args.host, args.metrics_port)
         uvicorn.run(app, **common)
         return 0
     # several processes: this one keeps the embedded Redis (if any) alive; workers build their own
@@ -153,6 +169,20 @@ def app_from_env() -> Any:
     keys = cfg.get("api_keys")
     keyring = load_api_keys(keys) if keys else None
     return create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring)
+
+
+def _metrics_elsewhere(app: Any, host: str, port: int) -> None:
+    """``--metrics-port``: the app's metrics on their own HTTP server (prometheus_client, a
+    thread), and no /metrics route on the service port."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(port, addr=host, registry=app.state.metrics.registry)
+    except OSError as e:
+        raise OSError(f"--metrics-port {port}: cannot listen on {host}: {e.strerror}") from None
+    app.state.metrics_server = server
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") != "/metrics"]
+    print(f"lrs-rec serve: metrics on http://{host}:{port}/metrics", flush=True)
 
 
 def _check_auth(args: argparse.Namespace) -> Any:

@@ -348,3 +348,28 @@ def test_quickstart_refuses_a_public_address_too(tmp_path, capsys):
     assert cli_main(args) == 2
     assert "refusing to listen on '0.0.0.0' without authentication" in capsys.readouterr().err
     assert not (tmp_path / "quickstart").exists()  # refused before any work
+
+
+def test_metrics_on_a_separate_port(model_dir, home, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setenv("LRS_HOME", str(home))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **k: apps.append(app))
+    args = ["serve", "--model", str(model_dir), "--metrics-port", "1", "--workers", "2"]
+    assert cli_main(args) == 2
+    assert "--metrics-port needs --workers 1" in capsys.readouterr().err
+    port = _free_port()
+    assert cli_main(["serve", "--model", str(model_dir), "--metrics-port", str(port)]) == 0
+    (app,) = apps
+    try:
+        with TestClient(app) as c:
+            assert c.get("/metrics").status_code == 404  # not on the service port any more
+            assert c.get("/healthz").status_code == 200
+            assert "/metrics" not in c.get("/openapi.json").json()["paths"]
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'lrs_http_requests_total{method="GET",outcome="ok",route="/healthz"} 1.0' in scraped
+    finally:
+        app.state.metrics_server.shutdown()
+        app.state.metrics_server.server_close()

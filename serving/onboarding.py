@@ -19,6 +19,8 @@ Semantics
   recommend reads the new record (no cache in between).
 * Publishing a new model version refits every onboarded user from their stored history with the new
   model (:func:`refit_for_publish`, the store's carry-over hook), so nobody loses personalisation.
+* A user erased before (``DELETE /v1/users/{id}``, :mod:`serving.erasure`) is onboarded as a new
+  user: from an empty history, never from the training history of the model directory.
 * Bad input (unknown items, ratings off the scale, NaN, empty or oversized lists, bad ids) raises
   :class:`OnboardingInputError` / ``UnknownItemsError`` before anything is written.
 """
@@ -341,7 +343,10 @@ def _onboard_once(
         return record, encode_history(*stored, n_items=model.n_items), int(items.size)
 
     try:
-        n = store.update_user(meta, user_id, index, compute, require_current=True)
+        # check_erased: an erased trained user starts from an empty history, not the training one
+        n = store.update_user(
+            meta, user_id, index, compute, require_current=True, check_erased=True
+        )
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:

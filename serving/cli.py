@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lrs_rec.training.export", "export the shared weights of a model directory to ONNX"),
     "publish": ("lrs_rec.serving.cmd_publish", "publish a model's per-user parameters to Redis"),
     "serve": ("lrs_rec.serving.cmd_serve", "run the HTTP recommendation service"),
+    "keys": ("lrs_rec.serving.cmd_keys", "create and list the API keys of `serve --api-keys`"),
     "quickstart": (
         "lrs_rec.serving.quickstart",
         "train, export, publish and serve built-in sample data",

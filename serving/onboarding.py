@@ -24,6 +24,8 @@ Semantics
   (history record format 2, :mod:`serving.encoding`), carried over by publish (and fitted once a
   published model knows the item), never used by the fit, and reported as ``ignored_item_ids``.
   With ``unknown_items="error"`` (``lrs-rec serve --unknown-items error``) they are refused as before.
+* A user erased before (``DELETE /v1/users/{id}``, :mod:`serving.erasure`) is onboarded as a new
+  user: from an empty history, never from the training history of the model directory.
 * Bad input (ratings off the scale, NaN, empty or oversized lists, bad ids) raises
   :class:`OnboardingInputError` before anything is written.
 """
@@ -390,7 +392,10 @@ def _onboard_once(
         return record, history, int(items.size)
 
     try:
-        n = store.update_user(meta, user_id, index, compute, require_current=True)
+        # check_erased: an erased trained user starts from an empty history, not the training one
+        n = store.update_user(
+            meta, user_id, index, compute, require_current=True, check_erased=True
+        )
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:

@@ -172,6 +172,15 @@ def test_onboarding_keeps_unknown_items_in_the_history_but_not_in_the_fit(dirs, 
         assert r["n_ratings"] == 3 and r["ignored_item_ids"] == ["brand-new"]
         hist = _stored(rec, "newbie")
         assert decode_history_unknown(hist) == [("i45", 4.0), ("brand-new", 5.0)]
+        # the stored-history export (GET, serving.erasure) lists them too, after the known ones
+        got = c.get("/v1/users/newbie/ratings").json()["ratings"]
+        assert got == [
+            {"item_id": "i3", "rating": 5.0},
+            {"item_id": "i4", "rating": 1.0},
+            {"item_id": "i9", "rating": 3.0},
+            {"item_id": "i45", "rating": 4.0},
+            {"item_id": "brand-new", "rating": 5.0},
+        ]
         # only unknown items, new user: stored, answered with the population model
         r = c.put("/v1/users/fresh/ratings", json={"ratings": [{"item_id": "q", "rating": 3}]})
         assert r.status_code == 200

@@ -12,8 +12,9 @@
 
 Everything equals what ``lrs-rec evaluate`` and the service compute for the same user and items:
 
-* ``predict`` is :meth:`TrainedModel.predict` (the reference ``evaluate`` scores with), run in blocks
-  of :data:`PREDICT_BLOCK` pairs: clip(μ + c_u + c_i + ⟨f_i, θ_u⟩) with θ_u = U·w_u + b_u.
+* ``predict`` is :meth:`TrainedModel.predict`'s formula (the reference ``evaluate`` scores with; the
+  tests compare the two), run in blocks of :data:`PREDICT_BLOCK` pairs: clip(μ + c_u + c_i +
+  ⟨f_i, θ_u⟩) with θ_u = U·w_u + b_u, each pair's result independent of the block it is in.
 * An unknown user gets the population model (θ = U·w̄, c_u = 0, b = 0), an unknown item the
   population prediction without the item bias (c_i = 0, f_i = 0): never an exception. Ids are
   matched as text; integers (and integral floats) are read as their decimal digits (``196`` is
@@ -210,10 +211,21 @@ class OfflineModel:
                 f"predict: {users.size} user ids but {items.size} item ids (pairs need equal "
                 "lengths, or one id on either side)"
             )
+        m = self.model
+        population = m.population_theta()
         out = np.empty(items.size, dtype=np.float64)
         for lo in range(0, items.size, PREDICT_BLOCK):
-            hi = lo + PREDICT_BLOCK
-            out[lo:hi] = self.model.predict(users[lo:hi], items[lo:hi])
+            u, it = users[lo : lo + PREDICT_BLOCK], items[lo : lo + PREDICT_BLOCK]
+            known_u, known_i = u >= 0, it >= 0
+            theta = np.empty((u.size, m.lrs.d))
+            theta[known_u] = _theta_rows(m, u[known_u])
+            theta[~known_u] = population
+            feats = np.zeros((it.size, m.lrs.d))
+            feats[known_i] = m.item_features[it[known_i]]
+            pred = m.global_mean + np.einsum("nd,nd->n", feats, theta)
+            pred[known_u] += m.user_bias[u[known_u]]
+            pred[known_i] += m.item_bias[it[known_i]]
+            out[lo : lo + u.size] = np.clip(pred, m.rating_min, m.rating_max)
         return out
 
     def _predict_params(self, user: UserParameters, items: IntArray) -> FloatArray:
@@ -225,7 +237,7 @@ class OfflineModel:
             it = items[lo : lo + PREDICT_BLOCK]
             known = it >= 0
             pred = np.full(it.size, m.global_mean)
-            pred[known] += m.item_features[it[known]] @ theta
+            pred[known] += np.einsum("nd,d->n", m.item_features[it[known]], theta)
             pred += user.user_bias
             pred[known] += m.item_bias[it[known]]
             out[lo : lo + it.size] = np.clip(pred, m.rating_min, m.rating_max)
@@ -282,14 +294,14 @@ class OfflineModel:
         known = idx >= 0
         theta = np.empty((len(users), m.lrs.d))
         theta[:] = m.population_theta()
-        theta[known] = m.lrs.theta_rows(idx[known])
+        theta[known] = _theta_rows(m, idx[known])
         bias = np.zeros(len(users))
         bias[known] = m.user_bias[idx[known]]
         for b, u in params.items():
             self._check_params(u)
             theta[b], bias[b] = u.theta(m.lrs.U), u.user_bias
         # the order of TrainedModel.predict: μ + ⟨f_i, θ⟩, then c_u, then c_i
-        scores = m.global_mean + theta @ m.item_features.T
+        scores = m.global_mean + np.einsum("bd,nd->bn", theta, m.item_features)
         scores += bias[:, None]
         scores += m.item_bias[None, :]
         return np.asarray(scores, dtype=np.float64)
@@ -355,6 +367,17 @@ class OfflineModel:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _theta_rows(model: TrainedModel, users: IntArray) -> FloatArray:
+    """θ_u = U·w_u + b_u for the given user indices, each row computed on its own (numpy's einsum
+    loops, not BLAS, whose blocking makes a row's rounding depend on the batch it is in): the same
+    pair gives the same bits in any block, so streamed output does not depend on the chunk size."""
+    lrs = model.lrs
+    out = np.einsum("nr,dr->nd", lrs.W[users], lrs.U)
+    b_idx = lrs.B_idx[users]
+    np.put_along_axis(out, b_idx, np.take_along_axis(out, b_idx, axis=1) + lrs.B_val[users], axis=1)
+    return np.asarray(out, dtype=np.float64)
+
+
 def top_n(scores: FloatArray, n: int) -> IntArray:
     """Indices of the ``n`` largest finite-or-+inf scores (``-inf`` = ineligible), best first, ties
     to the lower index: a stable descending sort's first n, without sorting every item."""

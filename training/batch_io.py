@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,11 +239,10 @@ class TableWriter:
 
         fmt = table_format(self.path, "output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        # a fresh name next to the output (created by the writer with the usual permissions)
+        self._tmp = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         )
-        os.close(fd)
-        self._tmp = Path(tmp)
         if fmt == "parquet":
             self._writer = pq.ParquetWriter(self._tmp, self.schema)
         else:

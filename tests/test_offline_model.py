@@ -66,14 +66,12 @@ def test_predict_by_ids_equals_the_reference_with_unknown_fallbacks(om):
     f0 = model.item_features[0]
     pop_known_item = model.global_mean + model.item_bias[0] + f0 @ theta_pop
     np.testing.assert_allclose(om.predict(["nobody"], ["i0"]), [pop_known_item], rtol=1e-12)
-    u3 = model.lrs.theta_rows(np.array([3]))[0]
     # unknown item: population prediction without the item bias (c_i = 0, f_i = 0)
     np.testing.assert_allclose(
         om.predict(["u3", "nobody"], ["nope", "nope"]),
         np.clip([model.global_mean + model.user_bias[3], model.global_mean], 1, 5),
         rtol=1e-12,
     )
-    assert u3.shape == (D,)
 
 
 def test_predict_accepts_arrays_scalars_and_integer_ids(om, tmp_path):
@@ -240,8 +238,7 @@ def test_fold_in_is_the_services_onboarding_fit(om):
         cand = np.arange(N_ITEMS)
         got = om.predict(user, [model.item_ids[i] for i in cand])
         np.testing.assert_allclose(got, onb.predict(want, cand), rtol=1e-12)
-        # recommend a folded-in user: the reference sort, the fitted items excluded
-        s = onb.predict(want, cand)  # clipped: compare on the unclipped scores instead
+        # recommend a folded-in user: a stable sort of the unclipped scores, its items excluded
         raw = (
             model.global_mean
             + want.user_bias
@@ -251,7 +248,6 @@ def test_fold_in_is_the_services_onboarding_fit(om):
         raw[items] = -np.inf
         ref = [model.item_ids[i] for i in np.argsort(-raw, kind="stable")[:5]]
         assert [i for i, _ in om.recommend(user, n=5)] == ref
-        assert s.shape == (N_ITEMS,)
 
 
 def test_fold_in_input_rules():

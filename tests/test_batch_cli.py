@@ -85,6 +85,19 @@ def test_predict_writes_the_offline_predictions(model_dir, om, tmp_path, inp, ou
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_the_summary_counts_unknown_ids(model_dir, om, tmp_path, capsys):
+    src = _write_csv(tmp_path / "p.csv", ["user", "item"], [["u1", "i1"], ["x", "i2"], ["x", "y"], ["u2", "y"]])  # fmt: skip
+    assert _run("predict", "--model", model_dir, "--pairs", src, "--out", tmp_path / "o.csv", "--quiet") == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        "wrote 4 predictions" in err and "(2 rows with a user and 2 with an item the model" in err
+    )
+    users = _write_csv(tmp_path / "u.csv", ["user"], [["u1"], ["x"], ["x"], ["z"]])
+    assert _run("recommend", "--model", model_dir, "--users", users, "--n", 2, "--out", tmp_path / "r.csv", "--quiet") == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "wrote 8 rows" in err and "(3 users the model does not know" in err
+
+
 def test_predict_streams_in_chunks_with_identical_output(model_dir, tmp_path):
     users, items = _pairs(2000, seed=1)
     src = _write_csv(tmp_path / "pairs.csv", ["user", "item"], [[u, i] for u, i in zip(users, items, strict=True)])  # fmt: skip
@@ -261,6 +274,6 @@ def test_help_shows_every_default(command, capsys):
     with pytest.raises(SystemExit):
         _run(command, "--help")
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 100000)" in text and "(default: show one on stderr)" in text
+    assert "(default: 100000)" in text and "(default: show one on stderr;" in text
     if command == "recommend":
         assert "(default: 10)" in text and "(default: exclude them)" in text

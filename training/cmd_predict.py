@@ -55,7 +55,10 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, item_col: bool) -> N
         help="rows read, scored and written at a time (default: %(default)s)",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="no progress bar (default: show one on stderr)"
+        "--quiet",
+        action="store_true",
+        help="no progress bar (default: show one on stderr; the closing one-line summary is "
+        "always printed)",
     )
 
 
@@ -67,6 +70,7 @@ def progress(total: int | None, quiet: bool, what: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import pyarrow as pa
     from lrs_rec.training.batch_io import TableWriter, check_paths, read_id_columns
 
@@ -80,10 +84,16 @@ def run(args: argparse.Namespace) -> int:
     )
     bar = progress(None, args.quiet, "predict")
     with TableWriter(Path(args.out), schema) as out, bar as b:
+        unknown_users = unknown_items = 0
         for chunk in chunks:
             users, items = chunk.ids["user"], chunk.ids["item"]
             out.write({"user": users, "item": items, "prediction": model.predict(users, items)})
+            unknown_users += int(np.count_nonzero(model.user_indices(users) < 0))
+            unknown_items += int(np.count_nonzero(model.item_indices(items) < 0))
             b.update(chunk.rows)
-    if not args.quiet:
-        print(f"wrote {out.rows} predictions to {args.out}", file=sys.stderr)
+    print(
+        f"wrote {out.rows} predictions to {args.out} ({unknown_users} rows with a user and "
+        f"{unknown_items} with an item the model does not know: population fallbacks)",
+        file=sys.stderr,
+    )
     return 0

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import pyarrow as pa
     from lrs_rec.training.batch_io import TableWriter, check_paths, read_id_columns
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     )
     chunks = read_id_columns(args.users, {"user": args.user_col}, chunk_rows=args.chunk_size)
     with TableWriter(Path(args.out), schema) as out, progress(None, args.quiet, "recommend") as b:
+        unknown = 0
         for chunk in chunks:
             users = chunk.ids["user"]
             tops = model.recommend_batch(users, n=args.n, exclude_rated=not args.include_rated)
@@ -69,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
                     cols["item"].append(item)
                     cols["score"].append(score)
             out.write(cols)
+            unknown += int(np.count_nonzero(model.user_indices(users) < 0))
             b.update(chunk.rows)
-    if not args.quiet:
-        print(f"wrote {out.rows} rows to {args.out}", file=sys.stderr)
+    print(
+        f"wrote {out.rows} rows to {args.out} ({unknown} users the model does not know: the "
+        "population ranking)",
+        file=sys.stderr,
+    )
     return 0

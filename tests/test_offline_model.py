@@ -346,3 +346,24 @@ def test_offline_equals_the_service(model_dir, om, home):
         served = rec.recommend(user_id, n=8).items
         assert [i for i, _ in served] == [i for i, _ in om.recommend(folded, n=8)]
     assert model.n_items == N_ITEMS
+
+
+def test_unknown_item_fallback_equals_the_onnx_graphs(model_dir, om):
+    """The ONNX graph scores item index -1 as c_i = 0, f_i = 0: what the service returns for an
+    unknown item is what the offline model predicts (trained, unknown and folded-in users)."""
+    from lrs_rec.serving.onnx_scorer import OnnxScorer
+
+    scorer = OnnxScorer(str(model_dir / "model.onnx"))
+    model = om.model
+    cand = np.array([-1, 0, 5, -1])
+    names = ["nope", "i0", "i5", "also-nope"]
+    lrs = model.lrs
+    for u in (0, 17):
+        got = scorer.score(lrs.W[u], model.user_bias[u], lrs.B_idx[u], lrs.B_val[u], cand)
+        np.testing.assert_allclose(got, om.predict(model.user_ids[u], names), atol=2e-5)
+    np.testing.assert_allclose(
+        scorer.score(*scorer.population_params(), cand), om.predict("nobody", names), atol=2e-5
+    )
+    user = om.fold_in([("i1", 5.0), ("i2", 1.0), ("i3", 4.0)])
+    got = scorer.score(user.w, user.user_bias, user.b_idx, user.b_val, cand)
+    np.testing.assert_allclose(got, om.predict(user, names), atol=2e-5)

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("lrs_rec.training.cmd_evaluate", "evaluate a model directory on held-out ratings"),
     "export": ("lrs_rec.training.export", "export the shared weights of a model directory to ONNX"),
+    "predict": ("lrs_rec.training.cmd_predict", "predict ratings for (user, item) pairs of a file"),
+    "recommend": ("lrs_rec.training.cmd_recommend", "top-n items for every user of a file"),
     "publish": ("lrs_rec.serving.cmd_publish", "publish a model's per-user parameters to Redis"),
     "serve": ("lrs_rec.serving.cmd_serve", "run the HTTP recommendation service"),
     "keys": ("lrs_rec.serving.cmd_keys", "create and list the API keys of `serve --api-keys`"),

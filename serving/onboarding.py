@@ -57,13 +57,9 @@ from lrs_rec.serving.store import ConcurrentWriteError, VersionMovedError
 
 from lrs_rec.ids import id_problem
 from lrs_rec.model_dir import TrainedModel, onboarding_schedule
-from lrs_rec.onboarding import (
-    Onboarder,
-    OnboardingConfig,
-    OnboardingPrior,
-    ScheduledOnboarder,
-    public_prior,
-)
+from lrs_rec.model_onboarding import build_onboarder
+from lrs_rec.model_onboarding import onboarder_from_model as onboarder_from_model  # re-export
+from lrs_rec.onboarding import OnboardingConfig, ScheduledOnboarder
 
 if TYPE_CHECKING:
     from lrs_rec.serving.recommender import Recommender
@@ -100,33 +96,6 @@ def schedule_for(model: TrainedModel) -> list[tuple[int, OnboardingConfig]]:
     return onboarding_schedule(model.manifest)
 
 
-def onboarder_from_model(
-    model: TrainedModel,
-    *,
-    config: OnboardingConfig,
-    prior: OnboardingPrior | None = None,
-    history_timestamps: np.ndarray | None = None,
-) -> Onboarder:
-    """An :class:`Onboarder` over a trained model's arrays (the prior estimated unless given)."""
-    return Onboarder.from_arrays(
-        lrs=model.lrs,
-        item_features=model.item_features,
-        item_bias=model.item_bias,
-        user_bias=model.user_bias,
-        global_mean=model.global_mean,
-        w_prior_mean=model.w_prior_mean,
-        w_prior_cov=model.w_prior_cov,
-        history_indptr=model.history_indptr,
-        history_items=model.history_items,
-        history_ratings=model.history_ratings,
-        rating_min=model.rating_min,
-        rating_max=model.rating_max,
-        config=config,
-        prior=prior,
-        history_timestamps=history_timestamps,
-    )
-
-
 def onboarder_for(
     model: TrainedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
 ) -> ScheduledOnboarder:
@@ -137,22 +106,7 @@ def onboarder_for(
         hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
             return hit
-    sched = schedule or schedule_for(model)
-    prior = None
-    if model.manifest.get("privacy"):
-        # a DP model: onboard from what it releases only (w̄, Σ_w, the rating scale), never from
-        # aggregates of the trained users' per-user arrays (docs/privacy.md)
-        prior = public_prior(
-            w_prior_mean=model.w_prior_mean,
-            w_prior_cov=model.w_prior_cov,
-            rating_min=model.rating_min,
-            rating_max=model.rating_max,
-            n_items=model.n_items,
-        )
-    base = onboarder_from_model(
-        model, config=sched[0][1], prior=prior, history_timestamps=model.history_timestamps
-    )
-    onb = ScheduledOnboarder.from_onboarder(base, sched)
+    onb = build_onboarder(model, schedule)
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = onb
     return onb

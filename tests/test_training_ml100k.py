@@ -74,3 +74,41 @@ def test_refit_of_every_trained_user_from_full_history(ml100k_dir: Path, u1_mode
     # measured: refit 0.9150 vs trained 0.9158 (1.0212 before the fix). The refit sees each user's
     # own ratings with U, F and the item biases frozen, so it need not match training exactly
     assert refit_rmse < trained_rmse + 0.01, (refit_rmse, trained_rmse)
+
+
+@pytest.mark.ml100k
+def test_offline_model_on_u1_test_equals_lrs_rec_evaluate(
+    ml100k_dir: Path, u1_model, tmp_path, capsys
+) -> None:
+    """lrs_rec.load_model(...).predict on u1.test (ids read as plain integers) gives `lrs-rec
+    evaluate`'s RMSE to 1e-9 (measured: equal to ~1e-16)."""
+    import json
+
+    from lrs_rec.serving.cli import main
+
+    import lrs_rec
+    from lrs_rec.model_dir import save_model_dir
+
+    save_model_dir(u1_model, tmp_path / "m")
+    test = ml100k_dir / "u1.test"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "m"),
+                "--ratings",
+                str(test),
+                "--json",
+                "--no-ranking",
+            ]
+        )
+        == 0
+    )
+    ev = json.loads(capsys.readouterr().out)
+    raw = np.loadtxt(test, dtype=np.int64)  # user, item, rating, timestamp
+    pred = lrs_rec.load_model(tmp_path / "m").predict(raw[:, 0], raw[:, 1])
+    rmse = float(np.sqrt(np.mean((pred - raw[:, 2]) ** 2)))
+    print(f"offline {rmse!r} evaluate {ev['rmse']!r}")
+    assert ev["n"] == raw.shape[0] == 20_000
+    assert abs(rmse - ev["rmse"]) <= 1e-9

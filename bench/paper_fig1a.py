@@ -13,7 +13,8 @@ docs/paper.md (ML-100K runs only; an ``--ml-1m`` run prints and writes nothing u
 
     {"dataset", "n_tasks", "samples_per_task": {...}, "protocol": {...},
      "methods": {"single_model" | "full_fine_tuning" | "full_fine_tuning_no_ridge" | "rep_learning" |
-                 "prompt_learning" | "amht_lrs": {"label", "params_per_task", "params_pct",
+                 "prompt_learning" | "amht_lrs" | "full_fine_tuning_bias_feature" |
+                 "amht_lrs_bias_feature": {"label", "params_per_task", "params_pct", "d",
                  "rmse", "rmse_std", "rmse_starved", "rmse_starved_std", "rmse_rest",
                  "rmse_rest_std", "per_seed": [...]}},
      "amht_lrs_sweep": [{"k", "params_per_task", "params_pct", "rmse", ...}, ...],
@@ -35,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -45,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from lrs_rec import AMHTLRS, FullFineTuning, PromptLearning, RepresentationLearning, SingleModel
 from lrs_rec.training.demographic import (
     TaskProblem,
     demographic_tasks,
@@ -55,6 +55,8 @@ from lrs_rec.training.demographic import (
     task_samples,
 )
 from lrs_rec.training.movielens import load_movielens
+
+from lrs_rec import AMHTLRS, FullFineTuning, PromptLearning, RepresentationLearning, SingleModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -66,6 +68,10 @@ EMB_REG = 0.15  # ALS-WR strength of the embedding (the project's init_reg defau
 EMB_ITER = 10
 HEADLINE_PCT = 10.0  # the paper's "10 % (= 5) additional parameters per task"
 PROMPT_DIM = 50  # the paper counts 50 prompt parameters per task
+N_ITER, TOL = 20, 1e-4  # alternating fits (AMHT-LRS, rep. learning); RMSEs equal to 4 decimals
+# with 30 iterations / tol 1e-6 in a first run, at half the time
+RIDGE_B = (10, 30, 100)  # AMHT-LRS's tuned ridge on b_u (3 was never chosen in a first run)
+ABLATION_K = 4
 
 
 def _progress(msg: str) -> None:
@@ -80,6 +86,11 @@ class Method:
     make: Callable[[float, int], Any]  # (hyper-parameter, seed) -> unfitted estimator
     hyper: str  # name of the tuned hyper-parameter
     grid: tuple[float, ...]
+    bias_feature: bool = False  # ablation: features [x ‖ 1] (d = 51)
+
+    @property
+    def d(self) -> int:
+        return DIM + int(self.bias_feature)
 
 
 def methods(ks: list[int]) -> list[Method]:
@@ -108,7 +119,7 @@ def methods(ks: list[int]) -> list[Method]:
             f"Rep. learning (r={RANK})",
             RANK,
             lambda h, s: RepresentationLearning(
-                RANK, ridge_w=h, n_iter=30, tol=1e-6, random_state=s
+                RANK, ridge_w=h, n_iter=N_ITER, tol=TOL, random_state=s
             ),
             "ridge_w",
             (0.0, 1.0),
@@ -129,12 +140,36 @@ def methods(ks: list[int]) -> list[Method]:
                 f"AMHT-LRS (r={RANK}, k={k})",
                 RANK + k,
                 lambda h, s, k=k: AMHTLRS(
-                    RANK, k, ridge_w=0.1, ridge_b=h, n_iter=30, tol=1e-6, random_state=s
+                    RANK, k, ridge_w=0.1, ridge_b=h, n_iter=N_ITER, tol=TOL, random_state=s
                 ),
                 "ridge_b",
-                (3, 10, 30, 100),
+                RIDGE_B,
             )
         )
+    # ablation (not in the paper): a constant feature, so that a sparse b_u can hold a per-task bias
+    # — the paper's remark that prompt learning's per-task bias "can be easily modeled" by LRS
+    out += [
+        Method(
+            "full_fine_tuning_bias_feature",
+            "Full fine-tuning on [x ‖ 1] (ablation)",
+            DIM + 1,
+            lambda h, s: FullFineTuning(ridge=h),
+            "ridge",
+            (1, 3, 10, 30, 100),
+            bias_feature=True,
+        ),
+        Method(
+            "amht_lrs_bias_feature",
+            f"AMHT-LRS (r={RANK}, k={ABLATION_K}) on [x ‖ 1] (ablation)",
+            RANK + ABLATION_K,
+            lambda h, s: AMHTLRS(
+                RANK, ABLATION_K, ridge_w=0.1, ridge_b=h, n_iter=N_ITER, tol=TOL, random_state=s
+            ),
+            "ridge_b",
+            RIDGE_B,
+            bias_feature=True,
+        ),
+    ]
     return out
 
 
@@ -149,10 +184,15 @@ def scores(P: TaskProblem, pred: np.ndarray) -> dict[str, float]:
     }
 
 
+def _with_one(X: np.ndarray, bias_feature: bool) -> np.ndarray:
+    return np.hstack([X, np.ones((X.shape[0], 1))]) if bias_feature else X
+
+
 def fit_predict(m: Method, h: float, seed: int, P: TaskProblem) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
-    est = m.make(h, seed).fit(P.X_train, P.y_train, P.task_train, P.n_tasks)
-    return np.asarray(est.predict(P.X_val, P.task_val)), time.perf_counter() - t0
+    X_train, X_val = _with_one(P.X_train, m.bias_feature), _with_one(P.X_val, m.bias_feature)
+    est = m.make(h, seed).fit(X_train, P.y_train, P.task_train, P.n_tasks)
+    return np.asarray(est.predict(X_val, P.task_val)), time.perf_counter() - t0
 
 
 def run_seed(ratings: Any, seed: int, ms: list[Method]) -> dict[str, dict[str, Any]]:
@@ -202,7 +242,8 @@ def summarise(m: Method, rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "label": m.label,
         "params_per_task": m.params_per_task,
-        "params_pct": round(100.0 * m.params_per_task / DIM, 2),
+        "params_pct": round(100.0 * m.params_per_task / m.d, 2),
+        "d": m.d,
     }
     for key in ("rmse", "rmse_starved", "rmse_rest"):
         v = np.array([r[key] for r in rows])
@@ -222,7 +263,7 @@ def sample_distribution(ratings: Any) -> dict[str, Any]:
     edges = [0, 25, 50, 100, 200, 500, 1000, 10**9]
     hist = {
         (f"{lo}-{hi - 1}" if hi < 10**9 else f">={lo}"): int(np.sum((c >= lo) & (c < hi)))
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        for lo, hi in itertools.pairwise(edges)
     }
     q = np.percentile(c, [25, 50, 75])
     return {
@@ -234,8 +275,11 @@ def sample_distribution(ratings: Any) -> dict[str, Any]:
         "total": int(c.sum()),
         "tasks_below_100": int(np.sum(c < STARVED)),
         "histogram": hist,
-        "users_per_task": {"min": int(users.min()), "median": float(np.median(users)),
-                           "max": int(users.max())},
+        "users_per_task": {
+            "min": int(users.min()),
+            "median": float(np.median(users)),
+            "max": int(users.max()),
+        },
     }
 
 
@@ -258,11 +302,19 @@ def claims(res: dict[str, Any]) -> dict[str, Any]:
             "holds_vs_tuned": a["rmse"] < f["rmse"],
             "seeds_amht_lower_vs_tuned": seeds_where("amht_lrs", "full_fine_tuning", "rmse"),
             "holds_vs_no_ridge": a["rmse"] < f0["rmse"],
+            "ablation_bias_feature": {
+                "amht_lrs": M["amht_lrs_bias_feature"]["rmse"],
+                "full_fine_tuning": M["full_fine_tuning_bias_feature"]["rmse"],
+            },
         },
         "2_rep_prompt_personalise_poorly": {
             "gain_over_single_model": gain,
             "rep_holds": rep["rmse"] > a["rmse"],
             "prompt_holds": pr["rmse"] > a["rmse"],
+            "prompt_vs_amht_lrs_bias_feature": {
+                "prompt_learning": pr["rmse"],
+                "amht_lrs_bias_feature": M["amht_lrs_bias_feature"]["rmse"],
+            },
         },
         "3_full_ft_overfits_starved_amht_not": {
             "single_model_starved": s["rmse_starved"],
@@ -282,14 +334,15 @@ def run(data_dir: Path, seeds: list[int], ks: list[int]) -> dict[str, Any]:
     ml = load_movielens(data_dir)
     tasks = demographic_tasks(ml.users)
     ratings = task_ratings(ml, tasks)
-    _progress(f"{ml.name}: {len(ml.users)} users, {len(ml.movies)} movies, {len(ratings.rating)} "
-              f"ratings, {tasks.n_tasks} tasks")
+    _progress(
+        f"{ml.name}: {len(ml.users)} users, {len(ml.movies)} movies, {len(ratings.rating)} "
+        f"ratings, {tasks.n_tasks} tasks"
+    )
     ms = methods(ks)
     per_seed = [run_seed(ratings, seed, ms) for seed in seeds]
     summary = {m.key: summarise(m, [r[m.key] for r in per_seed]) for m in ms}
     sweep = [
-        {"k": k, **{x: v for x, v in summary[f"amht_lrs_k{k}"].items() if x != "label"}}
-        for k in ks
+        {"k": k, **{x: v for x, v in summary[f"amht_lrs_k{k}"].items() if x != "label"}} for k in ks
     ]
     head_k = min(ks, key=lambda k: abs(100.0 * (RANK + k) / DIM - HEADLINE_PCT))
     res: dict[str, Any] = {
@@ -298,7 +351,7 @@ def run(data_dir: Path, seeds: list[int], ks: list[int]) -> dict[str, Any]:
         "n_tasks": tasks.n_tasks,
         "n_users": len(ml.users),
         "n_movies": len(ml.movies),
-        "n_ratings": int(len(ratings.rating)),
+        "n_ratings": len(ratings.rating),
         "samples_per_task": sample_distribution(ratings),
         "protocol": {
             "val_fraction": VAL_FRACTION,
@@ -337,14 +390,20 @@ def plot(res: dict[str, Any], img_dir: Path, suffix: str = "") -> list[str]:
         capsize=3,
         label=f"AMHT-LRS (r={RANK}, k swept)",
     )
-    markers = {"single_model": "s", "full_fine_tuning": "D", "full_fine_tuning_no_ridge": "x",
-               "rep_learning": "^", "prompt_learning": "v"}
+    markers = {
+        "single_model": "s",
+        "full_fine_tuning": "D",
+        "full_fine_tuning_no_ridge": "x",
+        "rep_learning": "^",
+        "prompt_learning": "v",
+    }
     for key, mk in markers.items():
         m = M[key]
         if key == "full_fine_tuning_no_ridge" and m["rmse"] > 1.5 * M["single_model"]["rmse"]:
             continue  # off the scale; reported in the table
-        ax.errorbar(m["params_pct"], m["rmse"], yerr=m["rmse_std"], fmt=mk, capsize=3,
-                    label=m["label"])
+        ax.errorbar(
+            m["params_pct"], m["rmse"], yerr=m["rmse_std"], fmt=mk, capsize=3, label=m["label"]
+        )
     ax.set_xlabel("fine-tunable parameters per task (% of d = 50)")
     ax.set_ylabel("validation RMSE (task-average rating)")
     ax.set_title(f"Fig. 1a analogue: {res['dataset']}, {res['n_tasks']} demographic tasks")
@@ -354,16 +413,41 @@ def plot(res: dict[str, Any], img_dir: Path, suffix: str = "") -> list[str]:
     fig.savefig(img_dir / names[0], dpi=120)
     plt.close(fig)
 
-    keys = ["single_model", "full_fine_tuning", "full_fine_tuning_no_ridge", "rep_learning",
-            "prompt_learning", "amht_lrs"]
+    keys = [
+        "single_model",
+        "full_fine_tuning",
+        "full_fine_tuning_no_ridge",
+        "rep_learning",
+        "prompt_learning",
+        "amht_lrs",
+    ]
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     x = np.arange(len(keys))
-    for off, (col, lab) in zip((-0.2, 0.2), (("rmse_starved", "starved tasks (< 100 samples)"),
-                                             ("rmse_rest", "other tasks")), strict=True):
-        ax.bar(x + off, [M[k][col] for k in keys], 0.4, yerr=[M[k][col + "_std"] for k in keys],
-               capsize=3, label=lab)
-    ax.set_xticks(x, ["single", "full FT", "full FT\nno ridge", "rep.", "prompt",
-                      f"AMHT-LRS\nk={M['amht_lrs']['k']}"], fontsize=8)
+    for off, (col, lab) in zip(
+        (-0.2, 0.2),
+        (("rmse_starved", "starved tasks (< 100 samples)"), ("rmse_rest", "other tasks")),
+        strict=True,
+    ):
+        ax.bar(
+            x + off,
+            [M[k][col] for k in keys],
+            0.4,
+            yerr=[M[k][col + "_std"] for k in keys],
+            capsize=3,
+            label=lab,
+        )
+    ax.set_xticks(
+        x,
+        [
+            "single",
+            "full FT",
+            "full FT\nno ridge",
+            "rep.",
+            "prompt",
+            f"AMHT-LRS\nk={M['amht_lrs']['k']}",
+        ],
+        fontsize=8,
+    )
     top = max(max(M[k]["rmse_starved"], M[k]["rmse_rest"]) for k in keys if k != keys[2])
     ax.set_ylim(0.8, 1.25 * top)
     ax.set_ylabel("validation RMSE")
@@ -382,8 +466,13 @@ def _f(x: float) -> str:
 def markdown(res: dict[str, Any], imgs: list[str]) -> str:
     M = res["methods"]
     S = res["samples_per_task"]
-    lines = ["## Results", "", f"Run: `{res['command']}` on {res['machine']}, "
-             f"{res['seconds']} s (measured under shared load).", ""]
+    lines = [
+        "## Results",
+        "",
+        f"Run: `{res['command']}` on {res['machine']}, "
+        f"{res['seconds']} s (measured under shared load).",
+        "",
+    ]
     lines += [
         f"{res['dataset']}: {res['n_users']} users, {res['n_movies']} movies, {res['n_ratings']} "
         f"ratings → **{res['n_tasks']} tasks**. Samples per task (distinct movies its users rated, "
@@ -413,19 +502,32 @@ def markdown(res: dict[str, Any], imgs: list[str]) -> str:
             f"{_f(m['rmse_rest'])} ± {m['rmse_rest_std']:.4f} | {hyper} {tuned} |"
         )
 
-    hypers = {"single_model": "ridge", "full_fine_tuning": "ridge",
-              "full_fine_tuning_no_ridge": "ridge", "rep_learning": "ridge_w",
-              "prompt_learning": "ridge"}
+    hypers = {
+        "single_model": "ridge",
+        "full_fine_tuning": "ridge",
+        "full_fine_tuning_no_ridge": "ridge",
+        "rep_learning": "ridge_w",
+        "prompt_learning": "ridge",
+    }
     for key, hyper in hypers.items():
         lines.append(row(M[key]["label"], M[key], hyper))
     for r in res["amht_lrs_sweep"]:
-        label = f"AMHT-LRS (r={RANK}, k={r['k']})" + (" ← 10 %" if r["k"] == M["amht_lrs"]["k"]
-                                                       else "")
+        label = f"AMHT-LRS (r={RANK}, k={r['k']})" + (
+            " ← 10 %" if r["k"] == M["amht_lrs"]["k"] else ""
+        )
         lines.append(row(label, r, "ridge_b"))
+    for key, hyper in (
+        ("full_fine_tuning_bias_feature", "ridge"),
+        ("amht_lrs_bias_feature", "ridge_b"),
+    ):
+        lines.append(row(M[key]["label"], M[key], hyper))
     lines += ["", f"![Fig. 1a analogue](img/{imgs[0]})", "", f"![starved](img/{imgs[1]})", ""]
     C = res["claims"]
-    c1, c2, c3 = (C["1_amht10_beats_full_ft"], C["2_rep_prompt_personalise_poorly"],
-                  C["3_full_ft_overfits_starved_amht_not"])
+    c1, c2, c3 = (
+        C["1_amht10_beats_full_ft"],
+        C["2_rep_prompt_personalise_poorly"],
+        C["3_full_ft_overfits_starved_amht_not"],
+    )
     g = c2["gain_over_single_model"]
     yes = {True: "holds", False: "**does not hold**"}
     lines += [
@@ -471,20 +573,28 @@ def write_docs(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ml-1m", metavar="DIR", help="MovieLens 1M directory (users.dat, ...)")
-    ap.add_argument("--data", metavar="DIR", default=str(DEFAULT_DATA),
-                    help="MovieLens 100K directory (default: %(default)s)")
+    ap.add_argument(
+        "--data",
+        metavar="DIR",
+        default=str(DEFAULT_DATA),
+        help="MovieLens 100K directory (default: %(default)s)",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     ap.add_argument("--quick", action="store_true", help="2 seeds, short k sweep (smoke run)")
-    ap.add_argument("--seeds", type=int, default=5, help="number of seeded splits (default 5)")
+    ap.add_argument(
+        "--seeds", type=int, default=None, help="number of seeded splits (default 5; --quick: 2)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not write docs/ files")
     ap.add_argument("--out", metavar="JSON", help="also write the result object to this file")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
+    n_seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+    if n_seeds < 1:
         ap.error(f"--seeds must be at least 1, got {args.seeds}")
 
     data = Path(args.ml_1m) if args.ml_1m else Path(args.data)
-    needed = ("users.dat", "ratings.dat", "movies.dat") if args.ml_1m else ("u.user", "u.data",
-                                                                            "u.item")
+    needed = (
+        ("users.dat", "ratings.dat", "movies.dat") if args.ml_1m else ("u.user", "u.data", "u.item")
+    )
     missing = [f for f in needed if not (data / f).is_file()]
     if missing:
         msg = f"skipped: {data} has no {', '.join(missing)} (MovieLens data not available)"
@@ -494,14 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"skipped": msg}))
         return 0
-    seeds = list(range(2 if args.quick else args.seeds))
-    ks = [1, 4, 9] if args.quick else [1, 2, 4, 9, 14, 24, 49]
+    seeds = list(range(n_seeds))
+    ks = [1, 4, 9] if args.quick else [1, 2, 4, 9, 24, 49]
     res = run(data, seeds, ks)
-    res["command"] = "python bench/paper_fig1a.py" + (f" --ml-1m {data}" if args.ml_1m else "") + (
-        " --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds != 5 else "")
-    res["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                      f"{platform.python_version()}, numpy {np.__version__}, BLAS threads "
-                      f"{os.environ.get('OPENBLAS_NUM_THREADS')}")
+    res["command"] = (
+        "python bench/paper_fig1a.py"
+        + (f" --ml-1m {data}" if args.ml_1m else "")
+        + (" --quick" if args.quick else "")
+        + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+    )
+    res["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, numpy {np.__version__}, BLAS threads "
+        f"{os.environ.get('OPENBLAS_NUM_THREADS')}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     if not args.no_write and not args.ml_1m:

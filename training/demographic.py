@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.movielens import MovieLens, Users
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from lrs_rec.training.loaders import LoadOptions, RatingTable, load_ratings
 
 ML1M_OCCUPATIONS = (
@@ -206,7 +205,9 @@ def _movies(rows: list[tuple[str, str, tuple[str, ...]]], wheres: list[str]) -> 
     seen: dict[str, str] = {}
     for (mid, _t, _g), where in zip(rows, wheres, strict=True):
         if mid in seen:
-            raise MovieLensFormatError(f"{where}: duplicate movie id {mid!r} (first at {seen[mid]})")
+            raise MovieLensFormatError(
+                f"{where}: duplicate movie id {mid!r} (first at {seen[mid]})"
+            )
         seen[mid] = where
     return Movies(
         ids=np.array([r[0] for r in rows], dtype=str),

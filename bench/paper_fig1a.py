@@ -400,7 +400,9 @@ def plot(res: dict[str, Any], img_dir: Path, suffix: str = "") -> list[str]:
     for key, mk in markers.items():
         m = M[key]
         if key == "full_fine_tuning_no_ridge" and m["rmse"] > 1.5 * M["single_model"]["rmse"]:
-            continue  # off the scale; reported in the table
+            off = f"{m['label']}: {m['rmse']:.2f} ± {m['rmse_std']:.2f} (off the scale)"
+            ax.annotate(off, (0.02, 0.02), xycoords="axes fraction", fontsize=7)
+            continue
         ax.errorbar(
             m["params_pct"], m["rmse"], yerr=m["rmse_std"], fmt=mk, capsize=3, label=m["label"]
         )
@@ -450,6 +452,16 @@ def plot(res: dict[str, Any], img_dir: Path, suffix: str = "") -> list[str]:
     )
     top = max(max(M[k]["rmse_starved"], M[k]["rmse_rest"]) for k in keys if k != keys[2])
     ax.set_ylim(0.8, 1.25 * top)
+    for i, k in enumerate(keys):
+        for off, col in ((-0.2, "rmse_starved"), (0.2, "rmse_rest")):
+            if M[k][col] > 1.25 * top:  # clipped bar: print its value
+                ax.annotate(
+                    f"{M[k][col]:.2f}",
+                    (i + off, 1.2 * top),
+                    ha="center",
+                    fontsize=7,
+                    bbox={"fc": "white"},
+                )
     ax.set_ylabel("validation RMSE")
     ax.set_title("Data-starved vs other tasks")
     ax.legend(fontsize=8)

@@ -241,7 +241,7 @@ def test_bench_runs_on_an_ml1m_directory(tmp_path: Path, monkeypatch: pytest.Mon
     spec.loader.exec_module(bench)
     out = tmp_path / "res.json"
     assert bench.main(["--ml-1m", str(d), "--quick", "--seeds", "2", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert res["dataset"] == "ml-1m" and res["n_tasks"] == 12
     for key in ("single_model", "full_fine_tuning", "rep_learning", "prompt_learning", "amht_lrs"):
         m = res["methods"][key]
@@ -253,6 +253,11 @@ def test_bench_runs_on_an_ml1m_directory(tmp_path: Path, monkeypatch: pytest.Mon
     assert [r["k"] for r in res["amht_lrs_sweep"]] == [1, 4, 9]
     # every task has < 100 training samples here: the starved RMSE is the overall one
     assert res["methods"]["single_model"]["rmse_starved"] == res["methods"]["single_model"]["rmse"]
+    assert res["methods"]["single_model"]["rmse_rest"] is None  # no other tasks: null, not NaN
+    assert res["claims"]["3_full_ft_overfits_starved_amht_not"]["amht_better_than_single"] in (
+        True,
+        False,
+    )
     with pytest.raises(SystemExit):
         bench.main(["--ml-1m", str(tmp_path / "nowhere")])
 

@@ -156,7 +156,7 @@ def test_embedding_matches_the_row_by_row_reference() -> None:
         R.user, R.movie, R.rating, n_users=R.n_users, n_movies=R.n_movies, dim=5, n_iter=1, seed=7
     )
     Q0 = np.random.default_rng(7).normal(0.0, 0.1, (R.n_movies, 5))
-    P, Q = als_reference(R.user, R.movie, R.rating, R.n_users, R.n_movies, Q0, 0.1)
+    P, Q = als_reference(R.user, R.movie, R.rating, R.n_users, R.n_movies, Q0, 0.15)
     np.testing.assert_allclose(emb.P, P, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(emb.Q, Q, rtol=1e-9, atol=1e-12)
     assert emb.mean == pytest.approx(R.rating.mean())

@@ -165,8 +165,8 @@ def fit_movie_embedding(
     n_users: int,
     n_movies: int,
     dim: int = 50,
-    reg: float = 0.1,
-    n_iter: int = 15,
+    reg: float = 0.15,
+    n_iter: int = 10,
     seed: int = 0,
 ) -> MovieEmbedding:
     """ALS-WR without biases on the given (training) ratings: r_ui − μ ≈ ⟨p_u, q_i⟩ with ridge
@@ -228,8 +228,8 @@ def make_task_problem(
     seed: int,
     val_fraction: float = 0.2,
     dim: int = 50,
-    reg: float = 0.1,
-    n_iter: int = 15,
+    reg: float = 0.15,
+    n_iter: int = 10,
 ) -> TaskProblem:
     """Split per task, fit the embedding on the training ratings only, build the samples."""
     rng = np.random.default_rng(seed)

@@ -112,6 +112,37 @@ def test_split_moves_20_percent_of_each_tasks_movies_with_all_their_ratings() ->
     assert any(f == {True, False} for f in per_movie.values())
 
 
+def split_reference(
+    task: np.ndarray, movie: np.ndarray, n_tasks: int, val_fraction: float, seed: int
+) -> np.ndarray:
+    """The split one task at a time: the same random key per (task, movie) pair (drawn in sorted
+    pair order), the task's n_val lowest keys go to validation."""
+    pairs = sorted(set(zip(task.tolist(), movie.tolist(), strict=True)))
+    keys = dict(zip(pairs, np.random.default_rng(seed).random(len(pairs)).tolist(), strict=True))
+    val: set[tuple[int, int]] = set()
+    for t in range(n_tasks):
+        ranked = sorted((keys[p], p) for p in pairs if p[0] == t)
+        n_val = min(int(np.floor(val_fraction * len(ranked) + 0.5)), max(len(ranked) - 1, 0))
+        val |= {p for _, p in ranked[:n_val]}
+    return np.array([p in val for p in zip(task.tolist(), movie.tolist(), strict=True)])
+
+
+@pytest.mark.parametrize("val_fraction", [0.2, 0.5, 0.0])
+def test_split_matches_the_per_task_reference(val_fraction: float) -> None:
+    R = generated_ratings(2)
+    fast = split_task_movies(
+        R.task,
+        R.movie,
+        R.n_tasks,
+        R.n_movies,
+        val_fraction=val_fraction,
+        rng=np.random.default_rng(9),
+    )
+    np.testing.assert_array_equal(
+        fast, split_reference(R.task, R.movie, R.n_tasks, val_fraction, 9)
+    )
+
+
 def test_split_keeps_a_training_movie_per_task() -> None:
     task = np.array([0, 0, 1])
     movie = np.array([0, 0, 1])  # task 0: one movie (rated twice), task 1: one movie

@@ -9,10 +9,13 @@ Routes (a contract — outside checks call them)::
     GET  /readyz     503 unless Redis answers and a servable version is published
     GET  /metrics    Prometheus text format
 
-Client mistakes (malformed JSON, wrong types, unknown items, n out of range, oversized body) are 4xx
-with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else is expected to 5xx.
-Handlers are ``async`` and call the (fast, bounded by socket timeouts) Recommender directly: no
-thread-pool hop per request.
+Client mistakes (malformed JSON, duplicate keys, wrong types, unknown items, n out of range,
+oversized body) are 4xx with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else
+is expected to 5xx. Handlers parse on the event loop and run everything that touches Redis or ONNX
+in a bounded pool of worker threads (``serving.offload``), so a slow or paused Redis never blocks the
+loop: ``/healthz`` and ``/metrics`` answer at once, and requests fail with 503 within their timeout.
+Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI document:
+``serving.openapi``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
+from lrs_rec.serving import openapi
 from lrs_rec.serving.encoding import RecordError
+from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
     ASGIApp,
     Message,
@@ -35,6 +40,7 @@ from lrs_rec.serving.metrics import (
     Scope,
     Send,
 )
+from lrs_rec.serving.offload import Offload
 from lrs_rec.serving.onboarding import OnboardingInputError, validate_user_id
 from lrs_rec.serving.recommender import (
     NotReadyError,
@@ -42,6 +48,7 @@ from lrs_rec.serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
+from lrs_rec.serving.strict_json import duplicate_key
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -52,7 +59,6 @@ from pydantic import (
     StrictStr,
     ValidationError,
 )
-from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -222,22 +228,23 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 def _parse(model: type[ModelT], body: bytes) -> ModelT | JSONResponse:
     try:
-        return model.model_validate_json(body or b"null")
+        parsed = model.model_validate_json(body or b"null")
     except ValidationError as e:
         return _invalid(e.errors(include_url=False))
+    if (dup := duplicate_key(body)) is not None:  # valid JSON, but which value did the client mean?
+        return _error(422, f"invalid request: duplicate key {dup!r} in a JSON object")
+    return parsed
 
 
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
+_body_schema = openapi.body_schema
+_ERRORS = openapi.errors(400, 408, 413, 422, 503)
 
 
 def create_app(
-    recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    recommender: Recommender,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
     # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
     # an empty body that a client following redirects would replay as a second POST
@@ -245,16 +252,23 @@ def create_app(
         title="lrs-rec", version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False
     )
     metrics = Metrics()
+    limits = limits or ServeLimits()
+    # Redis / ONNX / onboarding work: worker threads, a request waits for one at most as long as
+    # a Redis call may take
+    offload = Offload(limits.threads, queue_timeout=recommender.handle.socket_timeout)
+    app.state.offload = offload
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown routes (404) and methods (405) answer in the same {"error": ...} shape
         response = _error(exc.status_code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:  # every method of every route of this path, not the first's
+            response.headers["allow"] = _allowed(app, request.url.path)
         return response
 
     # no route declares a body FastAPI validates (they parse it themselves, below): this keeps any
@@ -288,7 +302,7 @@ def create_app(
     # The routes with a body parse and validate it in one pydantic-core call
     # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
     # the request schemas stay in the OpenAPI document through ``openapi_extra``.
-    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest))
+    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest), responses=_ERRORS)
     async def score(request: Request) -> Response:
         req = _parse(ScoreRequest, await request.body())
         if isinstance(req, Response):
@@ -297,7 +311,7 @@ def create_app(
             return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = rec.score(req.user_id, req.item_ids)
+        res = await offload(rec.score, req.user_id, req.item_ids)
         metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
         return JSONResponse(
             {
@@ -308,7 +322,7 @@ def create_app(
             }
         )
 
-    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest))
+    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest), responses=_ERRORS)
     async def recommend(request: Request) -> Response:
         req = _parse(RecommendRequest, await request.body())
         if isinstance(req, Response):
@@ -317,7 +331,7 @@ def create_app(
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = rec.recommend(req.user_id, req.n, exclude_rated=req.exclude_rated)
+        res = await offload(rec.recommend, req.user_id, req.n, req.exclude_rated)
         metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
         return JSONResponse(
             {
@@ -328,7 +342,11 @@ def create_app(
             }
         )
 
-    @app.put("/v1/users/{user_id:lrs_user_id}/ratings", openapi_extra=_body_schema(OnboardRequest))
+    @app.put(
+        "/v1/users/{user_id:lrs_user_id}/ratings",
+        openapi_extra=_body_schema(OnboardRequest),
+        responses=_ERRORS,
+    )
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
         # the fit and the fsync'ed Redis write run in the thread pool so they do not block the
@@ -338,7 +356,7 @@ def create_app(
             return req
         ratings = [(x.item_id, x.rating, x.timestamp) for x in req.ratings]
         try:
-            res = await run_in_threadpool(rec.onboard, user_id, ratings)
+            res = await offload(rec.onboard, user_id, ratings)
         except OnboardingInputError as e:
             return _error(422, str(e))
         return JSONResponse(
@@ -352,10 +370,16 @@ def create_app(
 
     @app.get("/v1/model")
     async def model_info() -> Response:
+        def refresh() -> None:
+            try:
+                rec.refresh()
+            except (StoreUnavailableError, NotReadyError):
+                pass  # still describe the loaded model
+
         try:
-            rec.refresh()
-        except (StoreUnavailableError, NotReadyError):
-            pass  # still describe the loaded model
+            await offload(refresh)
+        except StoreUnavailableError:
+            pass  # every worker busy: describe what is loaded
         return JSONResponse(rec.info())
 
     # HEAD answers like GET; out of the OpenAPI schema, where it would repeat GET's operation id
@@ -364,10 +388,13 @@ def create_app(
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=openapi.errors(503))
     @app.head("/readyz", include_in_schema=False)
     async def readyz() -> Response:
-        ok, reason = rec.ready()
+        try:
+            ok, reason = await offload(rec.ready)
+        except StoreUnavailableError as e:  # every worker busy
+            ok, reason = False, str(e)
         metrics.ready.set(1 if ok else 0)
         if not ok:
             return _error(503, reason, status="unavailable")
@@ -379,11 +406,31 @@ def create_app(
             }
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # the last added is the outermost: metrics also see the 413s of the body limit
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(
+        RequestGuardMiddleware,
+        body_timeout=limits.body_timeout,
+        max_concurrency=limits.max_concurrency,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
+    openapi.install(app)
     return app
+
+
+def _allowed(app: FastAPI, path: str) -> str:
+    """The ``Allow`` header of a 405: the methods of every route matching ``path``."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    scope = {"type": "http", "path": path, "method": ""}
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return ", ".join(sorted(methods, key=lambda m: (order.index(m) if m in order else 99, m)))

@@ -126,6 +126,11 @@ def _run(args: argparse.Namespace) -> int:
             getattr(args, "max_epsilon", None), getattr(args, "max_delta", None)
         )
         check_budget(read_manifest(args.model), max_epsilon=max_eps, max_delta=max_delta)
+        # a missing, truncated or foreign model.onnx: refused before anything is written (servers
+        # would switch to a version they cannot serve)
+        from lrs_rec.serving.model_check import load_checked_scorer
+
+        load_checked_scorer(args.model)
 
     handle = connect(args.redis, socket_timeout=60.0, connect_timeout=5.0)
     store = RedisStore(handle)

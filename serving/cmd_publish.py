@@ -106,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except redis.RedisError as e:  # unreachable / auth / cluster trouble: one clear line
-        print(f"lrs-rec publish: error: Redis: {type(e).__name__}: {e}", file=sys.stderr)
+        from lrs_rec.serving.connection import resolve_url
+        from lrs_rec.serving.diskspace import disk_full
+
+        full = disk_full() if resolve_url(args.redis) is None else None
+        print(
+            f"lrs-rec publish: error: Redis: {full or f'{type(e).__name__}: {e}'}", file=sys.stderr
+        )
         return 1
 
 

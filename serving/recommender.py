@@ -562,6 +562,11 @@ class Recommender:
         """The error (HTTP 503) for a failed Redis call. In embedded mode a vanished server is
         started again (rate-limited), so a later request succeeds without an operator."""
         self.handle.revive_embedded()
+        if self.handle.embedded:
+            from lrs_rec.serving.diskspace import disk_full
+
+            if (full := disk_full(self.handle.home)) is not None:
+                return StoreUnavailableError(f"Redis unavailable: {full}")
         return StoreUnavailableError(f"Redis unavailable: {e}")
 
     def close(self) -> None:

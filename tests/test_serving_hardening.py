@@ -212,9 +212,7 @@ def test_concurrent_first_onboardings_build_the_prior_once(models, home):
 
 
 # -- D2: slow clients, idle connections, logs ---------------------------------------------------------
-SMALL = ServeLimits(
-    header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5, max_connections=8
-)
+SMALL = ServeLimits(header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5, max_connections=8)
 
 
 @pytest.fixture
@@ -383,8 +381,9 @@ def test_junk_methods_do_not_grow_the_metrics(models, home):
             assert c.request(f"JUNK{k}", "/healthz").status_code == 405
         text = c.get("/metrics").text
     assert "JUNK" not in text
-    assert 'lrs_http_requests_total{method="other",outcome="client_error",route="/healthz"} 300.0' in (
-        text
+    assert (
+        'lrs_http_requests_total{method="other",outcome="client_error",route="/healthz"} 300.0'
+        in (text)
     )
     assert len(text) < before + 4000
 

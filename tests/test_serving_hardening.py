@@ -419,7 +419,7 @@ def test_publish_refuses_a_truncated_missing_or_foreign_onnx(models, home, tmp_p
 
 def test_serve_refuses_to_start_with_an_unloadable_onnx(models, home, tmp_path, capsys):
     for case, d in _broken_copies(models, tmp_path).items():
-        with pytest.raises(ModelCheckError, match="model.onnx"):
+        with pytest.raises(ModelCheckError, match=r"model\.onnx"):
             Recommender(d)
         assert cli_main(["serve", "--model", str(d), "--port", str(_port())]) == 2, case
         err = capsys.readouterr().err

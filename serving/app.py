@@ -11,9 +11,11 @@ Routes (a contract — outside checks call them)::
 
 Client mistakes (malformed JSON, duplicate keys, wrong types, unknown items, n out of range,
 oversized body) are 4xx with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else
-is expected to 5xx. Handlers parse on the event loop and run everything that touches Redis or ONNX
-in a bounded pool of worker threads (``serving.offload``), so a slow or paused Redis never blocks the
-loop: ``/healthz`` and ``/metrics`` answer at once, and requests fail with 503 within their timeout.
+is expected to 5xx. score and recommend read Redis
+asynchronously on the event loop (``serving.async_front``), onboarding, readiness and version checks
+run in a bounded pool of worker threads (``serving.offload``); every Redis call has a timeout, so a
+slow or paused Redis never blocks the loop: ``/healthz`` and ``/metrics`` answer at once, and
+requests fail with 503 within their timeout.
 Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI document:
 ``serving.openapi``.
 """
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.responses import PlainTextResponse, Response
 from lrs_rec.serving import openapi
+from lrs_rec.serving.async_front import AsyncFront
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
@@ -257,6 +260,7 @@ def create_app(
     # a Redis call may take
     offload = Offload(limits.threads, queue_timeout=recommender.handle.socket_timeout)
     app.state.offload = offload
+    front = AsyncFront(recommender, offload)  # score / recommend: Redis read on the loop
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender
@@ -311,7 +315,7 @@ def create_app(
             return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = await offload(rec.score, req.user_id, req.item_ids)
+        res = await front.score(req.user_id, req.item_ids)
         metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
         return JSONResponse(
             {
@@ -331,7 +335,7 @@ def create_app(
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = await offload(rec.recommend, req.user_id, req.n, req.exclude_rated)
+        res = await front.recommend(req.user_id, req.n, req.exclude_rated)
         metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
         return JSONResponse(
             {

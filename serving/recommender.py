@@ -465,9 +465,22 @@ class Recommender:
         meta, loaded = self._current()
         loc = self.store.locate(meta, user_id, loaded.user_index.get(user_id))
         try:
-            rec, hist = self.store.fetch([loc], with_history=exclude_rated)[0]
+            row = self.store.fetch([loc], with_history=exclude_rated)[0]
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from e
+        return self.recommend_from((meta, loaded), user_id, int(n), row)
+
+    def recommend_from(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        user_id: str,
+        n: int,
+        row: tuple[bytes | None, bytes | None],
+    ) -> RecommendResult:
+        """:meth:`recommend` after the Redis read: ``row`` = (record, history) of ``user_id`` in
+        ``snapshot`` (served version, loaded model). No I/O (the asynchronous front's second half)."""
+        meta, loaded = snapshot
+        rec, hist = row
         p = decode_record(meta.record_format, rec) if rec is not None else loaded.population
         exclude = None
         if hist is not None:
@@ -486,6 +499,44 @@ class Recommender:
             )
         )
         return RecommendResult(user_id, items, rec is not None, loaded.model.model_version)
+
+    def score_from(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        user_id: str,
+        item_ids: Sequence[str],
+        record: bytes | None,
+    ) -> ScoreResult:
+        """:meth:`score` after the Redis read of ``user_id``'s ``record`` in ``snapshot``."""
+        meta, loaded = snapshot
+        c = self._item_indices(loaded, item_ids)
+        p = decode_record(meta.record_format, record) if record is not None else loaded.population
+        scores: list[float] = []
+        if c.size:
+            s = loaded.scorer.score(p.w, p.bias, p.b_idx, p.b_val, c.reshape(1, -1))
+            scores = np.asarray(s, dtype=np.float64).reshape(-1).tolist()
+        return ScoreResult(user_id, scores, record is not None, loaded.model.model_version)
+
+    def check_items(self, item_ids: Sequence[str]) -> None:
+        """Raise :class:`UnknownItemsError` / ValueError for a score request's items (before Redis)."""
+        if len(item_ids) > self.max_items:
+            raise ValueError(f"at most {self.max_items} item ids per request, got {len(item_ids)}")
+        self._item_indices(self._loaded, item_ids)
+
+    def snapshot(self) -> tuple[VersionMeta, _Loaded]:
+        """(served version, its loaded model), re-reading ``lrs:current`` when the refresh interval
+        has passed (Redis I/O then)."""
+        return self._current()
+
+    def fresh_snapshot(self) -> tuple[VersionMeta, _Loaded] | None:
+        """The snapshot if no version check is due (no I/O), else None."""
+        state = self._state
+        if (
+            state is not None
+            and time.monotonic() - self._checked_at < self.version_refresh_interval
+        ):
+            return state
+        return None
 
     def recommend_batch(
         self, user_ids: Sequence[str], n: int = 10, exclude_rated: bool = True

@@ -37,6 +37,7 @@ from lrs_rec.serving.guards import (
     RateLimitFilter,
     RequestGuardMiddleware,
     ServeLimits,
+    log_config,
 )
 from lrs_rec.serving.model_check import ModelCheckError
 from lrs_rec.serving.recommender import Recommender
@@ -362,6 +363,10 @@ def test_repeated_log_lines_are_rate_limited():
         logger.exception("socket.accept() out of system resource")
     finally:
         logger.removeHandler(handler)
+    # `lrs-rec serve` puts the filter on every handler, the root one included (asyncio's errors)
+    cfg = log_config("warning")
+    assert cfg["root"]["handlers"] == ["default"]
+    assert all(h["filters"] == ["rate_limit"] for h in cfg["handlers"].values())
     messages = [r.getMessage() for r in records]
     assert messages == [
         "socket.accept() out of system resource",

@@ -247,6 +247,7 @@ def _parse(model: type[ModelT], body: bytes) -> ModelT | JSONResponse:
 
 _body_schema = openapi.body_schema
 _ERRORS = openapi.errors(400, 408, 413, 422, 503)
+_USER_ERRORS = openapi.errors(400, 404, 422, 503)  # the stored-ratings and erasure routes
 
 
 def create_app(
@@ -274,6 +275,10 @@ def create_app(
     rec = recommender
     # route dependencies of the API keys (serving.auth): none at all without --api-keys
     read, write = auth.guard(api_keys, "read"), auth.guard(api_keys, "write")
+
+    def _with_auth(errors: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+        # with --api-keys a route may also answer 401 / 403: documented only then
+        return errors if api_keys is None else {**errors, **openapi.errors(401, 403)}
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -321,7 +326,10 @@ def create_app(
     # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
     # the request schemas stay in the OpenAPI document through ``openapi_extra``.
     @app.post(
-        "/v1/score", openapi_extra=_body_schema(ScoreRequest), dependencies=read, responses=_ERRORS
+        "/v1/score",
+        openapi_extra=_body_schema(ScoreRequest),
+        dependencies=read,
+        responses=_with_auth(_ERRORS),
     )
     async def score(request: Request) -> Response:
         req = _parse(ScoreRequest, await request.body())
@@ -347,7 +355,7 @@ def create_app(
         "/v1/recommend",
         openapi_extra=_body_schema(RecommendRequest),
         dependencies=read,
-        responses=_ERRORS,
+        responses=_with_auth(_ERRORS),
     )
     async def recommend(request: Request) -> Response:
         req = _parse(RecommendRequest, await request.body())
@@ -372,7 +380,7 @@ def create_app(
         "/v1/users/{user_id:lrs_user_id}/ratings",
         openapi_extra=_body_schema(OnboardRequest),
         dependencies=write,
-        responses=_ERRORS,
+        responses=_with_auth(_ERRORS),
     )
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
@@ -396,7 +404,11 @@ def create_app(
             }
         )
 
-    @app.get("/v1/users/{user_id:lrs_user_id}/ratings", dependencies=write)
+    @app.get(
+        "/v1/users/{user_id:lrs_user_id}/ratings",
+        dependencies=write,
+        responses=_with_auth(_USER_ERRORS),
+    )
     async def stored_ratings(user_id: str) -> Response:
         try:
             res = await offload(user_ratings, rec, user_id)
@@ -413,7 +425,9 @@ def create_app(
             }
         )
 
-    @app.delete("/v1/users/{user_id:lrs_user_id}", dependencies=write)
+    @app.delete(
+        "/v1/users/{user_id:lrs_user_id}", dependencies=write, responses=_with_auth(_USER_ERRORS)
+    )
     async def erase(user_id: str) -> Response:
         try:
             res = await offload(erase_user, rec, user_id)
@@ -429,7 +443,7 @@ def create_app(
             }
         )
 
-    @app.get("/v1/model", dependencies=read)
+    @app.get("/v1/model", dependencies=read, responses=_with_auth({}))
     async def model_info() -> Response:
         def refresh() -> None:
             try:

@@ -261,7 +261,7 @@ def app_from_env() -> Any:
     from lrs_rec.serving.recommender import Recommender
 
     cfg = json.loads(os.environ[ENV_CONFIG])
-    limits = ServeLimits(**cfg["limits"])
+    limits = ServeLimits(**cfg.get("limits", {}))
     GuardedH11Protocol.configure(limits)
     rec = Recommender(
         cfg["model"],

@@ -25,6 +25,9 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 _DESCRIPTIONS = {
     400: "Malformed request (e.g. both Content-Length and Transfer-Encoding)",
+    401: "Missing or invalid credentials (with --api-keys: 'Authorization: Bearer <secret>')",
+    403: "The API key's scope does not allow this route",
+    404: "No data is stored for this user",
     408: "The request body did not arrive in time",
     413: "Request body too large",
     422: "Invalid request: the message names the field (or the unknown ids)",

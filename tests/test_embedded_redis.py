@@ -95,7 +95,9 @@ def test_publish_in_one_folder_serve_in_another_then_kill9_leaves_no_orphan(tmp_
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["version"] == "v1"
     assert (store / "appendonly.aof").is_file() and not (a / ".lrs-rec").exists()
-    assert list(tmp.iterdir()) == []  # D15: no temporary redis directory after a clean exit
+    # D15: no temporary redis directory after a clean exit (publish checks model.onnx with ONNX
+    # Runtime, whose import leaves its one fixed-name '.ses' file in TMPDIR: not ours)
+    assert {p.name for p in tmp.iterdir()} <= {".ses"}
     assert not os.path.exists(store / "redis.sock")  # the last user stopped the server
     port = _free_port()
     proc = subprocess.Popen(

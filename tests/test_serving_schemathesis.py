@@ -62,8 +62,8 @@ def test_api_conforms_to_its_openapi_document(api_schema):
     n = 0
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
-                continue  # no parameters, no body: nothing to make invalid
+            if mode is GenerationMode.NEGATIVE and operation.method.upper() in ("GET", "DELETE"):
+                continue  # no body, at most a free-text path id: nothing to make invalid
 
             @seed(16)  # the number: the same cases every run
             @given(case=operation.as_strategy(generation_mode=mode))

@@ -42,6 +42,11 @@ class TrainConfig:
     patience: int = 2  # early stopping on the validation loss (0: off); the best iterate is kept
     final_passes: int = 1  # passes on all ratings (validation split included) after the loop
     seed: int = 0
+    # data-scaled regularisation and model choice (docs/accuracy.md)
+    standardize: bool = True  # work in units of the ratings' spread (strengths scale-free)
+    keep_best: bool = True  # keep the start when no LRS iteration beats it on validation
+    tune: bool = True  # choose the strengths on the validation split (within tune_seconds)
+    tune_seconds: float = 8.0  # wall-clock budget of the extra tuning fits
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +64,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.tune_seconds >= 0:
+            raise ValueError(f"tune_seconds must be >= 0, got {self.tune_seconds}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(
                 f"validation_fraction must be in [0, 0.5), got {self.validation_fraction}"

@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_data import SCALES, SUITE, DataSpec, generate, split  # noqa: E402
 
-DEFAULT_ML = ROOT.parent / "shared" / "data" / "ml-100k"
+DEFAULT_ML = next(
+    (p for p in (ROOT.parent / "shared" / "data" / "ml-100k", ROOT.parents[1] / "shared" / "data" / "ml-100k")
+     if p.is_dir()),
+    ROOT.parent / "shared" / "data" / "ml-100k",
+)  # fmt: skip
 PEERS = ("baseline", "svd", "svdpp", "lenskit")
 PEER_NAMES = {
     "baseline": "Surprise BaselineOnly",

@@ -111,7 +111,7 @@ SUITE = (
     DataSpec("mf-sparse-1to5", "mf", 20000, 5000, 12, "1-5"),
     DataSpec("mf-very-sparse-half", "mf", 20000, 2000, 3, "0.5-5", seed=1),
     DataSpec("mf-dense-1to10", "mf", 1500, 1000, 200, "1-10", pareto=2.0, seed=2),
-    DataSpec("lrs-planted-1to5", "lrs", 10000, 1000, 30, "1-5", seed=3),
+    DataSpec("lrs-planted-1to5", "lrs", 6000, 1000, 30, "1-5", seed=3),
     DataSpec("cont-100-items", "mf", 10000, 100, 30, "-10..10", pareto=3.0, seed=4),
     DataSpec("mf-50k-items", "mf", 10000, 50000, 20, "1-5", pareto=1.0, seed=5),
     DataSpec("popularity-skewed", "mf", 15000, 3000, 10, "1-5", pareto=0.8, popular_liked=0.6,

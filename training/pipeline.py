@@ -246,6 +246,39 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     return Fit(best_state, history, best_it)
 
 
+OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
+
+
+def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
+    """Whether one more alternation after the best iterate raised the validation RMSE by more than
+    0.1 %: then the final pass on all ratings refits only the users (θ_u, c_u with the validation
+    ratings included) instead of repeating an item step that is known to overfit (sparse data:
+    the item features of items with a handful of ratings follow their noise)."""
+    if best_it + 1 >= len(history) or best_it == 0:
+        return False
+    before, after = history[best_it]["val_rmse"], history[best_it + 1]["val_rmse"]
+    return bool(after > before * (1 + OVERFIT_RISE))
+
+
+def biases_only(start: LRSState, data: Samples, reg_bias: float) -> LRSState:
+    """μ + c_u + c_i (ridge λ_bias) with zero item features: the model the trainer keeps when
+    neither the LRS fit nor its start beats biases alone on validation. U, W stay the start's (the
+    population prior keeps its shape for onboarding; with F = 0 they do not change a prediction)."""
+    mu, c_u, c_i = fit_biases(
+        data.users,
+        data.items,
+        data.ratings,
+        n_users=start.user_bias.size,
+        n_items=start.item_bias.size,
+        reg_user=reg_bias,
+        reg_item=reg_bias,
+        n_iter=10,
+    )
+    return LRSState(
+        mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), start.W.copy(), start.B.copy()
+    )
+
+
 def _snapshot(state: LRSState) -> LRSState:
     return LRSState(
         state.global_mean,
@@ -394,23 +427,42 @@ def train(
         fit = fit_lrs(_snapshot(start), cfg, fit_data, progress=progress)
     state, history, best_it = fit.state, fit.history, fit.best_iteration
     params = method_params(cfg)
-    # keep the better of the start (biases + item features) and the best LRS iterate, on validation
+    # keep the best on validation of: the best LRS iterate, its start (biases + item features), and
+    # biases alone (the population model without item features: μ + c_u + c_i)
+    candidates = {"lrs": history[best_it]["val_rmse"], "start": history[0]["val_rmse"]}
+    biases = biases_only(start, train_part, cfg.reg_bias)
+    if len(val_part):
+        candidates["biases"] = unit * rmse(biases, val_part, lo, hi)
     selected = "lrs"
-    start_val, best_val = history[0]["val_rmse"], history[best_it]["val_rmse"]
-    if len(val_part) and cfg.keep_best and not best_val < start_val:
-        selected, state, best_it = "start", start, 0
+    if len(val_part) and cfg.keep_best:
+        selected = min(candidates, key=lambda k: (candidates[k], k != "lrs"))
+    if selected != "lrs":
         print(
-            f"note: no {cfg.method} iteration beat the start (biases and item features) on "
-            f"validation (val RMSE {start_val:.4f} at the start, {best_val:.4f} at the best "
-            f"iteration); keeping the start",
+            f"note: no {cfg.method} iteration beat the "
+            + ("start (biases and item features)" if selected == "start" else "biases alone")
+            + " on validation (val RMSE "
+            + ", ".join(f"{k} {v:.4f}" for k, v in candidates.items())
+            + f"); keeping the {selected} model",
             file=sys.stderr,
         )
+        state, best_it = (start, 0) if selected == "start" else (biases, 0)
+    train_rmse = (
+        unit * rmse(biases, train_part, lo, hi)
+        if selected == "biases"
+        else history[best_it]["train_rmse"]
+    )
+    val_rmse = candidates[selected] if len(val_part) else history[best_it]["val_rmse"]
     # final passes on all ratings (the validation part included), then a last user step
-    if len(val_part) and selected == "lrs":
-        for _ in range(cfg.final_passes):
-            iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
-        if cfg.final_passes:
-            user_step(state, data, params)
+    final_pass = "none"
+    if len(val_part) and selected == "lrs" and cfg.final_passes:
+        final_pass = "users"
+        if not item_step_overfits(history, best_it):
+            final_pass = "items and users"
+            for _ in range(cfg.final_passes):
+                iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
+        user_step(state, data, params)
+    elif len(val_part) and selected == "biases":
+        state = biases_only(start, data, cfg.reg_bias)
     unscale(state, unit)
     data = raw
 
@@ -445,11 +497,13 @@ def train(
         "cleaning": table.report.to_dict(),
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
         "metrics": {
-            "train_rmse": history[best_it]["train_rmse"],
-            "val_rmse": history[best_it]["val_rmse"],
+            "train_rmse": train_rmse,
+            "val_rmse": val_rmse,
             "history": history,
             "best_iteration": best_it,
             "selected": selected,
+            "final_pass": final_pass,
+            "candidates_val_rmse": candidates if len(val_part) else None,
             "start_val_rmse": history[0]["val_rmse"],
             "train_seconds": round(seconds, 3),
         },

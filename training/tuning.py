@@ -1,0 +1,93 @@
+"""Hyperparameters chosen on the internal validation split, within a time budget (`--tune`).
+
+Greedy coordinate search over the ridge strengths, in the order they matter on the accuracy suite
+(docs/accuracy.md): each strength is multiplied by 3, then divided by 3 if that did not help, and a
+move that helped is repeated while it keeps helping. Every trial is a full LRS fit (early stopping
+included) from the same start (biases + item features, fitted once), so a trial costs one LRS loop,
+not one training run. The search stops when the next trial would exceed the budget (by default the
+time already spent on the start and the default fit: tuning at most about doubles training time).
+
+Only the non-private trainer tunes: the private trainer's data use is accounted for one fit
+(docs/privacy.md), and a search over its validation split would be further, unaccounted use.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.lrs_als import LRSState
+from lrs_rec.training.pipeline import Fit, FitData, _snapshot, fit_lrs
+
+SEARCH = ("reg_features", "reg_w", "reg_b")  # in this order
+FACTOR = 3.0
+MAX_STEPS = 2  # repeated moves in one direction per strength
+
+
+def best_val(fit: Fit) -> float:
+    return float(fit.history[fit.best_iteration]["val_rmse"])
+
+
+def tune(
+    start: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool, t0: float
+) -> tuple[Fit, dict[str, Any]]:
+    """(the best fit found, the tuning record for the manifest: chosen values, trials, budget)."""
+    t_fit = time.perf_counter()
+    best = fit_lrs(_snapshot(start), cfg, fd)
+    best_cfg = cfg
+    now = time.perf_counter()
+    budget = cfg.tune_seconds if cfg.tune_seconds is not None else now - t0
+    trial_seconds = now - t_fit
+    trials: list[dict[str, Any]] = [
+        {"changed": {}, "val_rmse": best_val(best), "seconds": round(trial_seconds, 3)}
+    ]
+    spent, stopped = 0.0, "searched every strength"
+
+    def attempt(c: TrainConfig, changed: dict[str, float]) -> Fit | None:
+        nonlocal spent, trial_seconds
+        if spent + trial_seconds > budget:
+            return None
+        t = time.perf_counter()
+        fit = fit_lrs(_snapshot(start), c, fd)
+        trial_seconds = time.perf_counter() - t
+        spent += trial_seconds
+        trials.append(
+            {"changed": changed, "val_rmse": best_val(fit), "seconds": round(trial_seconds, 3)}
+        )
+        if progress:
+            print(
+                f"tune {changed}: val RMSE {best_val(fit):.4f} (best so far {best_val(best):.4f})",
+                file=sys.stderr,
+            )
+        return fit
+
+    for name in SEARCH:
+        for factor in (FACTOR, 1.0 / FACTOR):
+            moved = False
+            for _ in range(MAX_STEPS):
+                value = float(getattr(best_cfg, name)) * factor
+                c = replace(best_cfg, **{name: value})
+                fit = attempt(c, {name: value})
+                if fit is None:
+                    stopped = "time budget"
+                    break
+                if best_val(fit) < best_val(best):
+                    best, best_cfg, moved = fit, c, True
+                else:
+                    break
+            if stopped == "time budget" or moved:
+                break
+        if stopped == "time budget":
+            break
+    chosen = {n: float(getattr(best_cfg, n)) for n in SEARCH}
+    record = {
+        "chosen": chosen,
+        "budget_seconds": round(budget, 3),
+        "tuning_seconds": round(spent, 3),
+        "stopped": stopped,
+        "trials": trials,
+    }
+    return best, record

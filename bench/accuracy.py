@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lrs_rec.training.synthetic_ratings import SCALES, DataSpec, generate, split
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_data import SCALES, SUITE, DataSpec, generate, split  # noqa: E402
 
 DEFAULT_ML = next(
     (p for p in (ROOT.parent / "shared" / "data" / "ml-100k", ROOT.parents[1] / "shared" / "data" / "ml-100k")
@@ -43,6 +42,21 @@ PEER_NAMES = {
     "svdpp": "Surprise SVD++",
     "lenskit": "LensKit BiasedMF (ALS)",
 }
+SUITE = (
+    DataSpec("mf-sparse-1to5", "mf", 20000, 5000, 12, "1-5"),
+    DataSpec("mf-very-sparse-half", "mf", 20000, 2000, 3, "0.5-5", seed=1),
+    DataSpec("mf-dense-1to10", "mf", 1500, 1000, 200, "1-10", pareto=2.0, seed=2),
+    DataSpec("lrs-planted-1to5", "lrs", 6000, 1000, 30, "1-5", seed=3),
+    DataSpec("cont-100-items", "mf", 10000, 100, 30, "-10..10", pareto=3.0, seed=4),
+    DataSpec("mf-50k-items", "mf", 10000, 50000, 20, "1-5", pareto=1.0, seed=5),
+    DataSpec(
+        "popularity-skewed", "mf", 15000, 3000, 10, "1-5", pareto=0.8, popular_liked=0.6, seed=6
+    ),
+    # --quick: small versions of the three shapes that matter most
+    DataSpec("quick-sparse", "mf", 4000, 1500, 5, "1-5", seed=10, quick=True),
+    DataSpec("quick-cont", "mf", 3000, 100, 20, "-10..10", pareto=3.0, seed=11, quick=True),
+    DataSpec("quick-lrs-1to10", "lrs", 3000, 500, 25, "1-10", seed=12, quick=True),
+)
 TOLERANCE = 0.005  # lrs-rec may be at most 0.5 % above the best peer
 
 
@@ -83,9 +97,21 @@ def run_lrs(
     seconds = time.perf_counter() - t0
     ev = json.loads(
         cli(
-            ["evaluate", "--model", str(model), "--ratings", str(te), "--format", "csv",
-             "--rating-scale", repr(lo), repr(hi), "--json", "--no-ranking"]
-        )  # fmt: skip
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--ratings",
+                str(te),
+                "--format",
+                "csv",
+                "--rating-scale",
+                repr(lo),
+                repr(hi),
+                "--json",
+                "--no-ranking",
+            ]
+        )
     )
     man = json.loads((model / "manifest.json").read_text())
     metrics = man["metrics"]
@@ -128,9 +154,7 @@ def run_surprise(
     return {"rmse": float(np.sqrt(np.mean((pred - test[2]) ** 2))), "seconds": round(seconds, 2)}
 
 
-def run_lenskit(
-    train: Split, test: Split, scale: tuple[float, float], seed: int
-) -> dict[str, Any]:
+def run_lenskit(train: Split, test: Split, scale: tuple[float, float], seed: int) -> dict[str, Any]:
     """LensKit BiasedMF (defaults) scored in one vectorised pass from its learned parameters;
     unknown users / items fall back to its bias model's global and known terms."""
     import pandas as pd
@@ -288,7 +312,9 @@ def run_ml100k(
                 q["peers"][p].get("skipped") for q in per if q["peers"][p].get("rmse") is None
             )
     row.update(verdict(row))
-    row["ml100k_mean_rmse_max_0.906"] = row["lrs"]["rmse"] is not None and row["lrs"]["rmse"] <= 0.906
+    row["ml100k_mean_rmse_max_0.906"] = (
+        row["lrs"]["rmse"] is not None and row["lrs"]["rmse"] <= 0.906
+    )
     row["ml100k_fit_under_15s"] = row["lrs"]["seconds_max"] < 15.0
     return row
 
@@ -335,7 +361,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             base = r["peers"].get("baseline", {}).get("rmse") or r["lrs"]["rmse"]
             v = r["lrs"]["rmse"] if s == "lrs" else r["peers"].get(s, {}).get("rmse")
             vals.append(np.nan if v is None else v / base)
-        ax.bar(x + j * width, vals, width, label="lrs-rec (defaults)" if s == "lrs" else PEER_NAMES[s])
+        ax.bar(
+            x + j * width, vals, width, label="lrs-rec (defaults)" if s == "lrs" else PEER_NAMES[s]
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(x + width * (len(series) - 1) / 2, names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test RMSE / Surprise BaselineOnly's")
@@ -426,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         if p not in PEERS:
             ap.error(f"--peers: unknown peer {p!r} (one of {', '.join(PEERS)})")
     only = set(args.only.split(",")) if args.only else None
-    specs = [s for s in SUITE if (only is None and s.quick == args.quick) or (only and s.name in only)]
+    specs = [
+        s for s in SUITE if (only is None and s.quick == args.quick) or (only and s.name in only)
+    ]
     t0 = time.perf_counter()
     datasets: dict[str, Any] = {}
     for spec in specs:

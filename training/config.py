@@ -37,6 +37,7 @@ class TrainConfig:
     reg_u: float | None = None
     init_reg: float = 0.15  # ALS-WR (λ·n per row) for the initial item features
     init_iter: int = 10
+    init_reg_count: float = 20.0  # ALS-WR ridge λ·max(n, this) per row: a floor for sparse rows
     refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
     validation_fraction: float = 0.05  # internal split of the training ratings for the val loss
     patience: int = 2  # early stopping on the validation loss (0: off); the best iterate is kept

@@ -107,6 +107,7 @@ def init_state(
             reg_bias=cfg.reg_bias,
             n_iter=cfg.init_iter,
             random_state=rng,
+            min_count=cfg.init_reg_count,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:
@@ -224,9 +225,7 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
     best_state: LRSState | None = None
     for it in bar:
-        iterate(
-            state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u
-        )
+        iterate(state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u)
         row = losses(it)
         history.append(row)
         bar.set_postfix(train=f"{row['train_rmse']:.4f}", val=f"{row['val_rmse']:.4f}")
@@ -251,9 +250,9 @@ OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after
 
 def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
     """Whether one more alternation after the best iterate raised the validation RMSE by more than
-    0.1 %: then the final pass on all ratings refits only the users (θ_u, c_u with the validation
-    ratings included) instead of repeating an item step that is known to overfit (sparse data:
-    the item features of items with a handful of ratings follow their noise)."""
+    0.1 %: then the final pass on all ratings (one more alternation, which would continue the
+    overfitting: sparse data, where the features of items with a handful of ratings and the θ_u of
+    users with a handful follow their noise) is skipped, and the best iterate is written as it is."""
     if best_it + 1 >= len(history) or best_it == 0:
         return False
     before, after = history[best_it]["val_rmse"], history[best_it + 1]["val_rmse"]
@@ -299,7 +298,9 @@ def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
     return 0.01 if plugin else 10.0
 
 
-REFERENCE_STD = 1.126  # spread of the MovieLens 100K ratings, on which the default strengths were chosen
+REFERENCE_STD = (
+    1.126  # spread of the MovieLens 100K ratings, on which the default strengths were chosen
+)
 
 
 def rating_unit(ratings: np.ndarray) -> float:
@@ -455,12 +456,13 @@ def train(
     # final passes on all ratings (the validation part included), then a last user step
     final_pass = "none"
     if len(val_part) and selected == "lrs" and cfg.final_passes:
-        final_pass = "users"
-        if not item_step_overfits(history, best_it):
-            final_pass = "items and users"
+        if item_step_overfits(history, best_it):
+            final_pass = "skipped: the iteration after the best overfitted on validation"
+        else:
+            final_pass = "all ratings"
             for _ in range(cfg.final_passes):
                 iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
-        user_step(state, data, params)
+            user_step(state, data, params)
     elif len(val_part) and selected == "biases":
         state = biases_only(start, data, cfg.reg_bias)
     unscale(state, unit)

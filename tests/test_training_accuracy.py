@@ -66,7 +66,7 @@ def test_continuous_minus_10_to_10_beats_the_bias_baseline() -> None:
     rmse, base, manifest = _fit_and_score(spec, TrainConfig(**SMALL, tune=False))
     assert rmse < 0.95 * base, (rmse, base)
     assert manifest["hyperparameters"]["rating_unit"] > 3.0  # std ≈ 5 vs MovieLens' 1.13
-    assert manifest["metrics"]["selected"] == "lrs"
+    assert manifest["metrics"]["val_rmse"] <= manifest["metrics"]["start_val_rmse"]
 
 
 def test_trainer_keeps_its_start_when_lrs_iterations_cannot_help() -> None:
@@ -117,14 +117,15 @@ def test_tuning_is_recorded_and_no_tune_trains_once(tmp_path: Path) -> None:
     u, i, y = generate(spec)
     path = tmp_path / "r.csv"
     path.write_text(
-        "user,item,rating\n" + "".join(f"u{a},i{b},{c:g}\n" for a, b, c in zip(u, i, y, strict=True))
+        "user,item,rating\n"
+        + "".join(f"u{a},i{b},{c:g}\n" for a, b, c in zip(u, i, y, strict=True))
     )
     common = ["train", "--ratings", str(path), "--rating-scale", "1", "10", "--dim", "8",
               "--rank", "4", "--sparsity", "2", "--n-iter", "3", "--no-export", "--quiet", "--json"]  # fmt: skip
-    assert main([*common, "--out", str(tmp_path / "t"), "--tune-seconds", "30"]) == 0
+    assert main([*common, "--out", str(tmp_path / "t"), "--tune-trials", "2"]) == 0
     man = json.loads((tmp_path / "t" / "manifest.json").read_text())
     tuning = man["tuning"]
-    assert len(tuning["trials"]) >= 2 and tuning["tuning_seconds"] <= 30 + 1e-9
+    assert len(tuning["trials"]) == 3  # the default fit and two more
     best = min(t["val_rmse"] for t in tuning["trials"])
     for name, value in tuning["chosen"].items():
         assert man["hyperparameters"][name] == value
@@ -140,6 +141,8 @@ def test_tuning_is_recorded_and_no_tune_trains_once(tmp_path: Path) -> None:
 def test_tune_seconds_flag_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.csv"
     path.write_text("user,item,rating\na,x,1\nb,y,2\n")
-    code = main(["train", "--ratings", str(path), "--out", str(tmp_path / "m"), "--tune-seconds", "-1"])
+    code = main(
+        ["train", "--ratings", str(path), "--out", str(tmp_path / "m"), "--tune-seconds", "-1"]
+    )
     assert code != 0
     assert "--tune-seconds" in capsys.readouterr().err

@@ -71,11 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "go to manifest.json (default: on; --no-tune trains once with the given values)",
     )
     m.add_argument(
+        "--tune-trials",
+        type=int,
+        default=_DEFAULTS.tune_trials,
+        metavar="N",
+        help=f"extra fits the tuning may run (default {_DEFAULTS.tune_trials}; each costs about "
+        "one training loop, the start is fitted once)",
+    )
+    m.add_argument(
         "--tune-seconds",
         type=float,
         default=_DEFAULTS.tune_seconds,
         metavar="S",
-        help="time budget of the tuning fits (default: the time of the start and the first fit)",
+        help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
+        "depends on the machine's speed; default: no time cap)",
     )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
@@ -104,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         population_prior=getattr(args, "prior", "population") == "population",
         seed=args.seed,
         tune=getattr(args, "tune", _DEFAULTS.tune),
+        tune_trials=getattr(args, "tune_trials", _DEFAULTS.tune_trials),
         tune_seconds=getattr(args, "tune_seconds", _DEFAULTS.tune_seconds),
     )
 
@@ -121,6 +131,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}"
             )
+    tt = getattr(args, "tune_trials", 0)
+    if tt < 0:
+        raise ValueError(f"--tune-trials must be >= 0, got {tt}")
     ts = getattr(args, "tune_seconds", None)
     if ts is not None and not (math.isfinite(ts) and ts >= 0):
         raise ValueError(f"--tune-seconds must be a finite number >= 0, got {ts}")

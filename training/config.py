@@ -47,8 +47,8 @@ class TrainConfig:
     standardize: bool = True  # work in units of the ratings' spread (strengths scale-free)
     keep_best: bool = True  # keep the start when no LRS iteration beats it on validation
     tune: bool = True  # choose the ridge strengths on the validation split (training/tuning.py)
-    # wall-clock budget of the extra tuning fits; None = the time spent on the start and default fit
-    tune_seconds: float | None = None
+    tune_trials: int = 3  # extra LRS fits the tuning may run (reproducible budget)
+    tune_seconds: float | None = None  # optional wall-clock cap on them (machine-dependent)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,6 +66,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tune_trials < 0:
+            raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
         if self.tune_seconds is not None and not self.tune_seconds >= 0:
             raise ValueError(f"tune_seconds must be >= 0, got {self.tune_seconds}")
         if not 0.0 <= self.validation_fraction < 0.5:

@@ -422,7 +422,7 @@ def train(
     if cfg.tune and len(val_part) and cfg.method in ("lrs", "rep", "full"):
         from lrs_rec.training.tuning import tune
 
-        fit, tuning = tune(start, cfg, fit_data, progress=progress, t0=t0)
+        fit, tuning = tune(start, cfg, fit_data, progress=progress)
         cfg = replace(cfg, **tuning["chosen"])
     else:
         fit = fit_lrs(_snapshot(start), cfg, fit_data, progress=progress)
@@ -435,7 +435,8 @@ def train(
     if len(val_part):
         candidates["biases"] = unit * rmse(biases, val_part, lo, hi)
     selected = "lrs"
-    if len(val_part) and cfg.keep_best:
+    # (single / prompt: the start has per-user factors and biases, not that method's form)
+    if len(val_part) and cfg.keep_best and cfg.method in ("lrs", "rep", "full"):
         selected = min(candidates, key=lambda k: (candidates[k], k != "lrs"))
     if selected != "lrs":
         print(
@@ -443,7 +444,8 @@ def train(
             + ("start (biases and item features)" if selected == "start" else "biases alone")
             + " on validation (val RMSE "
             + ", ".join(f"{k} {v:.4f}" for k, v in candidates.items())
-            + f"); keeping the {selected} model",
+            + f"); keeping the {selected} model; the item features may carry little signal about"
+            " the ratings",
             file=sys.stderr,
         )
         state, best_it = (start, 0) if selected == "start" else (biases, 0)

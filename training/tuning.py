@@ -4,8 +4,9 @@ Greedy coordinate search over the ridge strengths, in the order they matter on t
 (docs/accuracy.md): each strength is multiplied by 3, then divided by 3 if that did not help, and a
 move that helped is repeated while it keeps helping. Every trial is a full LRS fit (early stopping
 included) from the same start (biases + item features, fitted once), so a trial costs one LRS loop,
-not one training run. The search stops when the next trial would exceed the budget (by default the
-time already spent on the start and the default fit: tuning at most about doubles training time).
+not one training run. The budget is a number of trials (``tune_trials``, default 3: reproducible,
+the same choice on every machine); ``tune_seconds`` adds an optional wall-clock cap (the choice then
+depends on the machine's speed).
 
 Only the non-private trainer tunes: the private trainer's data use is accounted for one fit
 (docs/privacy.md), and a search over its validation split would be further, unaccounted use.
@@ -32,15 +33,14 @@ def best_val(fit: Fit) -> float:
 
 
 def tune(
-    start: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool, t0: float
+    start: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool
 ) -> tuple[Fit, dict[str, Any]]:
     """(the best fit found, the tuning record for the manifest: chosen values, trials, budget)."""
     t_fit = time.perf_counter()
     best = fit_lrs(_snapshot(start), cfg, fd)
     best_cfg = cfg
-    now = time.perf_counter()
-    budget = cfg.tune_seconds if cfg.tune_seconds is not None else now - t0
-    trial_seconds = now - t_fit
+    budget = cfg.tune_seconds if cfg.tune_seconds is not None else float("inf")
+    trial_seconds = time.perf_counter() - t_fit
     trials: list[dict[str, Any]] = [
         {"changed": {}, "val_rmse": best_val(best), "seconds": round(trial_seconds, 3)}
     ]
@@ -48,7 +48,7 @@ def tune(
 
     def attempt(c: TrainConfig, changed: dict[str, float]) -> Fit | None:
         nonlocal spent, trial_seconds
-        if spent + trial_seconds > budget:
+        if len(trials) > cfg.tune_trials or spent + trial_seconds > budget:
             return None
         t = time.perf_counter()
         fit = fit_lrs(_snapshot(start), c, fd)
@@ -69,23 +69,25 @@ def tune(
             moved = False
             for _ in range(MAX_STEPS):
                 value = float(getattr(best_cfg, name)) * factor
-                c = replace(best_cfg, **{name: value})
+                changes: dict[str, Any] = {name: value}
+                c = replace(best_cfg, **changes)
                 fit = attempt(c, {name: value})
                 if fit is None:
-                    stopped = "time budget"
+                    stopped = "budget"
                     break
                 if best_val(fit) < best_val(best):
                     best, best_cfg, moved = fit, c, True
                 else:
                     break
-            if stopped == "time budget" or moved:
+            if stopped == "budget" or moved:
                 break
-        if stopped == "time budget":
+        if stopped == "budget":
             break
     chosen = {n: float(getattr(best_cfg, n)) for n in SEARCH}
     record = {
         "chosen": chosen,
-        "budget_seconds": round(budget, 3),
+        "budget_trials": cfg.tune_trials,
+        "budget_seconds": cfg.tune_seconds,
         "tuning_seconds": round(spent, 3),
         "stopped": stopped,
         "trials": trials,

@@ -64,7 +64,13 @@ def tune(
             )
         return fit
 
-    for name in SEARCH:
+    # strengths that act in this fit: item features only when refined, b_u only for lrs
+    names = [
+        n
+        for n in SEARCH
+        if (n != "reg_features" or fd.refine) and (n != "reg_b" or cfg.method == "lrs")
+    ]
+    for name in names:
         for factor in (FACTOR, 1.0 / FACTOR):
             moved = False
             for _ in range(MAX_STEPS):
@@ -83,7 +89,7 @@ def tune(
                 break
         if stopped == "budget":
             break
-    chosen = {n: float(getattr(best_cfg, n)) for n in SEARCH}
+    chosen = {n: float(getattr(best_cfg, n)) for n in names}
     record = {
         "chosen": chosen,
         "budget_trials": cfg.tune_trials,

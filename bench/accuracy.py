@@ -121,6 +121,7 @@ def run_lrs(
         "val_rmse": metrics.get("val_rmse"),
         "start_val_rmse": metrics["history"][0]["val_rmse"],
         "selected": metrics.get("selected"),
+        "final_pass": metrics.get("final_pass"),
         "candidates_val_rmse": metrics.get("candidates_val_rmse"),
         "tuning": man.get("tuning"),
     }

@@ -2,9 +2,11 @@
 
 Steps (each a function, so that a variant — e.g. the private trainer — can swap one):
 
-    load (training.loaders) -> build_vocabularies -> split_validation -> init_features (biases + item
-    features, from training ratings only) -> init_state -> fit (alternating user / U / item steps,
-    per-iteration train and validation RMSE) -> final_passes (all ratings) -> population_prior ->
+    load (training.loaders) -> build_vocabularies -> split_validation -> standardise (rating_unit)
+    -> init_features (biases + item features, from training ratings only) -> init_state -> fit
+    (alternating user / U / item steps, per-iteration train and validation RMSE; with --tune several
+    fits, training.tuning) -> keep the best on validation of the fit, its start and biases alone ->
+    final_passes (all ratings, unless the loop overfitted) -> unscale -> population_prior ->
     assemble_model (history CSR, manifest)
 """
 
@@ -298,9 +300,8 @@ def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
     return 0.01 if plugin else 10.0
 
 
-REFERENCE_STD = (
-    1.126  # spread of the MovieLens 100K ratings, on which the default strengths were chosen
-)
+# spread (std) of the MovieLens 100K ratings, on which the default strengths were chosen
+REFERENCE_STD = 1.126
 
 
 def rating_unit(ratings: np.ndarray) -> float:
@@ -379,7 +380,6 @@ def train(
     extra_manifest: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on a cleaned rating table; returns the model (not yet saved) and the loss history."""
-
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     user_vocab, item_vocab = build_vocabularies(table)

@@ -62,6 +62,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("population", "isotropic"),
         help="ridge on w_u: towards the population prior N(w̄, Σ_w) (default) or isotropic λ_w·I",
     )
+    m.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.tune,
+        help="choose the ridge strengths (--reg-features, --reg-w, --reg-b) on the internal "
+        "validation split within a time budget, starting from the given values; the chosen values "
+        "go to manifest.json (default: on; --no-tune trains once with the given values)",
+    )
+    m.add_argument(
+        "--tune-trials",
+        type=int,
+        default=_DEFAULTS.tune_trials,
+        metavar="N",
+        help=f"extra fits the tuning may run (default {_DEFAULTS.tune_trials}; each costs about "
+        "one training loop, the start is fitted once)",
+    )
+    m.add_argument(
+        "--tune-seconds",
+        type=float,
+        default=_DEFAULTS.tune_seconds,
+        metavar="S",
+        help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
+        "depends on the machine's speed; default: no time cap)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -88,6 +112,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         validation_fraction=args.validation_fraction,
         population_prior=getattr(args, "prior", "population") == "population",
         seed=args.seed,
+        tune=getattr(args, "tune", _DEFAULTS.tune),
+        tune_trials=getattr(args, "tune_trials", _DEFAULTS.tune_trials),
+        tune_seconds=getattr(args, "tune_seconds", _DEFAULTS.tune_seconds),
     )
 
 
@@ -104,6 +131,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}"
             )
+    tt = getattr(args, "tune_trials", 0)
+    if tt < 0:
+        raise ValueError(f"--tune-trials must be >= 0, got {tt}")
+    ts = getattr(args, "tune_seconds", None)
+    if ts is not None and not (math.isfinite(ts) and ts >= 0):
+        raise ValueError(f"--tune-seconds must be a finite number >= 0, got {ts}")
     check_out_dir(args.out)
 
 
@@ -152,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": model.manifest["metrics"]["train_seconds"],
         "onnx": onnx_path,
         "cleaning": rep.counts,
+        "selected": model.manifest["metrics"].get("selected"),
+        "start_val_rmse": model.manifest["metrics"].get("start_val_rmse"),
+        "tuned": (model.manifest.get("tuning") or {}).get("chosen"),
     }
     if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
         print(json.dumps(summary, sort_keys=True, allow_nan=False))
@@ -161,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
             f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
             f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
             f"val RMSE {'-' if val is None else f'{val:.4f}'} (best iteration "
-            f"{model.manifest['metrics']['best_iteration']})"
+            f"{model.manifest['metrics']['best_iteration']}, kept: {summary['selected']})"
+            + (f"; tuned {summary['tuned']}" if summary["tuned"] else "")
             + (f"; ONNX {onnx_path}" if onnx_path else "")
         )
     return 0

@@ -37,11 +37,18 @@ class TrainConfig:
     reg_u: float | None = None
     init_reg: float = 0.15  # ALS-WR (λ·n per row) for the initial item features
     init_iter: int = 10
+    init_reg_count: float = 20.0  # ALS-WR ridge λ·max(n, this) per row: a floor for sparse rows
     refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
     validation_fraction: float = 0.05  # internal split of the training ratings for the val loss
     patience: int = 2  # early stopping on the validation loss (0: off); the best iterate is kept
     final_passes: int = 1  # passes on all ratings (validation split included) after the loop
     seed: int = 0
+    # data-scaled regularisation and model choice (docs/accuracy.md)
+    standardize: bool = True  # work in units of the ratings' spread (strengths scale-free)
+    keep_best: bool = True  # keep the start when no LRS iteration beats it on validation
+    tune: bool = True  # choose the ridge strengths on the validation split (training/tuning.py)
+    tune_trials: int = 3  # extra LRS fits the tuning may run (reproducible budget)
+    tune_seconds: float | None = None  # optional wall-clock cap on them (machine-dependent)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +66,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tune_trials < 0:
+            raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
+        if self.tune_seconds is not None and not self.tune_seconds >= 0:
+            raise ValueError(f"tune_seconds must be >= 0, got {self.tune_seconds}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(
                 f"validation_fraction must be in [0, 0.5), got {self.validation_fraction}"

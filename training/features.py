@@ -73,6 +73,7 @@ def als_factors(
     reg_bias: float,
     n_iter: int,
     random_state: np.random.Generator,
+    min_count: float = 1.0,
 ) -> ALSFactors:
     """Biased ALS-WR: y ≈ μ + c_u + c_i + ⟨p_u, q_i⟩, ridge λ·n_u on p_u (λ·n_i on q_i), λ_b on biases.
 
@@ -98,7 +99,7 @@ def als_factors(
             h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
             reg_diag = np.zeros((hi - lo, dim + 1))
             reg_diag[:, 0] = reg_bias
-            reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], 1.0)[:, None]
+            reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], max(min_count, 1.0))[:, None]
             G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
             sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
             bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]

@@ -2,9 +2,11 @@
 
 Steps (each a function, so that a variant — e.g. the private trainer — can swap one):
 
-    load (training.loaders) -> build_vocabularies -> split_validation -> init_features (biases + item
-    features, from training ratings only) -> init_state -> fit (alternating user / U / item steps,
-    per-iteration train and validation RMSE) -> final_passes (all ratings) -> population_prior ->
+    load (training.loaders) -> build_vocabularies -> split_validation -> standardise (rating_unit)
+    -> init_features (biases + item features, from training ratings only) -> init_state -> fit
+    (alternating user / U / item steps, per-iteration train and validation RMSE; with --tune several
+    fits, training.tuning) -> keep the best on validation of the fit, its start and biases alone ->
+    final_passes (all ratings, unless the loop overfitted) -> unscale -> population_prior ->
     assemble_model (history CSR, manifest)
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -107,6 +109,7 @@ def init_state(
             reg_bias=cfg.reg_bias,
             n_iter=cfg.init_iter,
             random_state=rng,
+            min_count=cfg.init_reg_count,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:
@@ -177,6 +180,106 @@ def iterate(
     )
 
 
+@dataclass(frozen=True)
+class FitData:
+    """What every LRS fit of one training run shares (standardised units)."""
+
+    train: Samples
+    val: Samples
+    lo: float
+    hi: float
+    unit: float  # the rating unit; losses are reported in the ratings' own units
+    learn_u: bool
+    refine: bool
+    reg_u: float
+
+
+@dataclass
+class Fit:
+    state: LRSState  # the best validation iterate (the last one without a validation part)
+    history: list[dict[str, float]]
+    best_iteration: int
+
+
+def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = False) -> Fit:
+    """The alternating loop from ``state`` (modified): per-iteration train / validation RMSE,
+    early stopping with patience, back to the best validation iterate."""
+    from tqdm import tqdm
+
+    params = method_params(cfg)
+
+    def losses(it: int) -> dict[str, float]:
+        return {
+            "iteration": float(it),
+            "train_rmse": fd.unit * rmse(state, fd.train, fd.lo, fd.hi),
+            "val_rmse": fd.unit * rmse(state, fd.val, fd.lo, fd.hi),
+        }
+
+    history = [losses(0)]  # after initialisation (biases + item features), before the LRS fit
+    bar = tqdm(
+        range(1, cfg.n_iter + 1),
+        desc=f"train {cfg.method}",
+        unit="iter",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    early = bool(len(fd.val)) and cfg.patience > 0
+    best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
+    best_state: LRSState | None = None
+    for it in bar:
+        iterate(state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u)
+        row = losses(it)
+        history.append(row)
+        bar.set_postfix(train=f"{row['train_rmse']:.4f}", val=f"{row['val_rmse']:.4f}")
+        if progress:
+            tqdm.write(
+                f"iter {it:3d}  train RMSE {row['train_rmse']:.4f}  val RMSE {row['val_rmse']:.4f}",
+                file=sys.stderr,
+            )
+        if early:
+            if row["val_rmse"] < best_val:
+                best_val, best_it, best_state = row["val_rmse"], it, _snapshot(state)
+            elif it - best_it >= cfg.patience:
+                break
+    if not early:
+        return Fit(state, history, len(history) - 1)
+    assert best_state is not None
+    return Fit(best_state, history, best_it)
+
+
+OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
+
+
+def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
+    """Whether one more alternation after the best iterate raised the validation RMSE by more than
+    0.1 %: then the final pass on all ratings (one more alternation, which would continue the
+    overfitting: sparse data, where the features of items with a handful of ratings and the θ_u of
+    users with a handful follow their noise) is skipped, and the best iterate is written as it is."""
+    if best_it + 1 >= len(history) or best_it == 0:
+        return False
+    before, after = history[best_it]["val_rmse"], history[best_it + 1]["val_rmse"]
+    return bool(after > before * (1 + OVERFIT_RISE))
+
+
+def biases_only(start: LRSState, data: Samples, reg_bias: float) -> LRSState:
+    """μ + c_u + c_i (ridge λ_bias) with zero item features: the model the trainer keeps when
+    neither the LRS fit nor its start beats biases alone on validation. U, W stay the start's (the
+    population prior keeps its shape for onboarding; with F = 0 they do not change a prediction)."""
+    mu, c_u, c_i = fit_biases(
+        data.users,
+        data.items,
+        data.ratings,
+        n_users=start.user_bias.size,
+        n_items=start.item_bias.size,
+        reg_user=reg_bias,
+        reg_item=reg_bias,
+        n_iter=10,
+    )
+    return LRSState(
+        mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), start.W.copy(), start.B.copy()
+    )
+
+
 def _snapshot(state: LRSState) -> LRSState:
     return LRSState(
         state.global_mean,
@@ -195,6 +298,33 @@ def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
     if cfg.reg_u is not None:
         return cfg.reg_u
     return 0.01 if plugin else 10.0
+
+
+# spread (std) of the MovieLens 100K ratings, on which the default strengths were chosen
+REFERENCE_STD = 1.126
+
+
+def rating_unit(ratings: np.ndarray) -> float:
+    """The rating unit the trainer works in: the training ratings' standard deviation relative to
+    MovieLens 100K's. Dividing the ratings by it makes every ridge strength independent of the rating
+    scale (a bilinear ⟨f_i, θ_u⟩ term with ridge λ on both factors behaves as λ / scale in the
+    ratings' own units), while the defaults keep the meaning they were chosen with on MovieLens."""
+    s = float(np.std(ratings)) if ratings.size > 1 else 0.0
+    return s / REFERENCE_STD if np.isfinite(s) and s > 0 else 1.0
+
+
+def scaled(data: Samples, unit: float) -> Samples:
+    return Samples(data.users, data.items, data.ratings / unit)
+
+
+def unscale(state: LRSState, unit: float) -> None:
+    """Back to the ratings' own units: μ, biases and θ_u (W, B) times the unit; F unchanged
+    (so plug-in features are stored exactly as given)."""
+    state.global_mean *= unit
+    state.user_bias *= unit
+    state.item_bias *= unit
+    state.W *= unit
+    state.B *= unit
 
 
 def population_prior(state: LRSState) -> tuple[np.ndarray, np.ndarray]:
@@ -250,14 +380,15 @@ def train(
     extra_manifest: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on a cleaned rating table; returns the model (not yet saved) and the loss history."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     user_vocab, item_vocab = build_vocabularies(table)
     n_users, n_items = len(user_vocab), len(item_vocab)
-    data = encode(table, user_vocab, item_vocab)
-    train_part, val_part = split_validation(data, cfg.validation_fraction, rng)
+    raw = encode(table, user_vocab, item_vocab)
+    raw_train, raw_val = split_validation(raw, cfg.validation_fraction, rng)
+    # work in standardised rating units (ridge strengths independent of the rating scale)
+    unit = rating_unit(raw_train.ratings) if cfg.standardize else 1.0
+    data, train_part, val_part = (scaled(x, unit) for x in (raw, raw_train, raw_val))
 
     plugin = None
     plugin_info: dict[str, Any] = {}
@@ -280,65 +411,64 @@ def train(
             file=sys.stderr,
         )
         hyperparameters.update(rank=state.U.shape[1], rank_requested=cfg.rank)
-    params = method_params(cfg)
     refine = cfg.refine_features and plugin is None
     learn_u = (not refine) and cfg.method in ("lrs", "rep")
     reg_u = effective_reg_u(cfg, plugin=plugin is not None)
-    lo, hi = table.rating_min, table.rating_max
+    lo, hi = table.rating_min / unit, table.rating_max / unit
+    fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
 
-    history: list[dict[str, float]] = [
-        {
-            "iteration": 0.0,  # after initialisation (biases + item features), before the LRS fit
-            "train_rmse": rmse(state, train_part, lo, hi),
-            "val_rmse": rmse(state, val_part, lo, hi),
-        }
-    ]
-    bar = tqdm(
-        range(1, cfg.n_iter + 1),
-        desc=f"train {cfg.method}",
-        unit="iter",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    early = bool(len(val_part)) and cfg.patience > 0
-    best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
-    best_state: LRSState | None = None
-    for it in bar:
-        iterate(state, cfg, train_part, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
-        row = {
-            "iteration": float(it),
-            "train_rmse": rmse(state, train_part, lo, hi),
-            "val_rmse": rmse(state, val_part, lo, hi),
-        }
-        history.append(row)
-        bar.set_postfix(train=f"{row['train_rmse']:.4f}", val=f"{row['val_rmse']:.4f}")
-        if progress:
-            tqdm.write(
-                f"iter {it:3d}  train RMSE {row['train_rmse']:.4f}  val RMSE {row['val_rmse']:.4f}",
-                file=sys.stderr,
-            )
-        if early:
-            if row["val_rmse"] < best_val:
-                best_val, best_it, best_state = row["val_rmse"], it, _snapshot(state)
-            elif it - best_it >= cfg.patience:
-                break
-    if not early:
-        best_it = len(history) - 1
-    elif history[0]["val_rmse"] < best_val:
+    start = _snapshot(state)
+    tuning: dict[str, Any] | None = None
+    if cfg.tune and len(val_part) and cfg.method in ("lrs", "rep", "full"):
+        from lrs_rec.training.tuning import tune
+
+        fit, tuning = tune(start, cfg, fit_data, progress=progress)
+        cfg = replace(cfg, **tuning["chosen"])
+    else:
+        fit = fit_lrs(_snapshot(start), cfg, fit_data, progress=progress)
+    state, history, best_it = fit.state, fit.history, fit.best_iteration
+    params = method_params(cfg)
+    # keep the best on validation of: the best LRS iterate, its start (biases + item features), and
+    # biases alone (the population model without item features: μ + c_u + c_i)
+    candidates = {"lrs": history[best_it]["val_rmse"], "start": history[0]["val_rmse"]}
+    biases = biases_only(start, train_part, cfg.reg_bias)
+    if len(val_part):
+        candidates["biases"] = unit * rmse(biases, val_part, lo, hi)
+    selected = "lrs"
+    # (single / prompt: the start has per-user factors and biases, not that method's form)
+    if len(val_part) and cfg.keep_best and cfg.method in ("lrs", "rep", "full"):
+        selected = min(candidates, key=lambda k: (candidates[k], k != "lrs"))
+    if selected != "lrs":
         print(
-            f"warning: no {cfg.method} iteration beat the start (biases and item features only) on "
-            f"validation: val RMSE {history[0]['val_rmse']:.4f} at iteration 0, {best_val:.4f} at "
-            f"best; the item features may carry little signal about the ratings",
+            f"note: no {cfg.method} iteration beat the "
+            + ("start (biases and item features)" if selected == "start" else "biases alone")
+            + " on validation (val RMSE "
+            + ", ".join(f"{k} {v:.4f}" for k, v in candidates.items())
+            + f"); keeping the {selected} model; the item features may carry little signal about"
+            " the ratings",
             file=sys.stderr,
         )
-    elif best_state is not None and best_it < len(history) - 1:
-        state = best_state  # early stopping: back to the best validation iterate
+        state, best_it = (start, 0) if selected == "start" else (biases, 0)
+    train_rmse = (
+        unit * rmse(biases, train_part, lo, hi)
+        if selected == "biases"
+        else history[best_it]["train_rmse"]
+    )
+    val_rmse = candidates[selected] if len(val_part) else history[best_it]["val_rmse"]
     # final passes on all ratings (the validation part included), then a last user step
-    if len(val_part):
-        for _ in range(cfg.final_passes):
-            iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
-        if cfg.final_passes:
+    final_pass = "none"
+    if len(val_part) and selected == "lrs" and cfg.final_passes:
+        if item_step_overfits(history, best_it):
+            final_pass = "skipped: the iteration after the best overfitted on validation"
+        else:
+            final_pass = "all ratings"
+            for _ in range(cfg.final_passes):
+                iterate(state, cfg, data, params, learn_u=learn_u, refine=refine, reg_u=reg_u)
             user_step(state, data, params)
+    elif len(val_part) and selected == "biases":
+        state = biases_only(start, data, cfg.reg_bias)
+    unscale(state, unit)
+    data = raw
 
     lrs = to_lrs_model(state, cfg)
     w_mean, w_cov = population_prior(
@@ -352,7 +482,12 @@ def train(
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "method": cfg.method,
-        "hyperparameters": {**hyperparameters, "effective_reg_u": reg_u if learn_u else None},
+        "hyperparameters": {
+            **hyperparameters,
+            **(tuning["chosen"] if tuning else {}),
+            "effective_reg_u": reg_u if learn_u else None,
+            "rating_unit": unit,
+        },
         "data": {
             "source": table.report.source,
             "format": table.report.format,
@@ -366,10 +501,14 @@ def train(
         "cleaning": table.report.to_dict(),
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
         "metrics": {
-            "train_rmse": history[best_it]["train_rmse"],
-            "val_rmse": history[best_it]["val_rmse"],
+            "train_rmse": train_rmse,
+            "val_rmse": val_rmse,
             "history": history,
             "best_iteration": best_it,
+            "selected": selected,
+            "final_pass": final_pass,
+            "candidates_val_rmse": candidates if len(val_part) else None,
+            "start_val_rmse": history[0]["val_rmse"],
             "train_seconds": round(seconds, 3),
         },
         "params_per_user": {
@@ -380,6 +519,8 @@ def train(
             "rep": lrs.rank,
         }[cfg.method],
     }
+    if tuning is not None:
+        manifest["tuning"] = tuning
     if extra_manifest:
         manifest.update(extra_manifest)
     model = TrainedModel(
@@ -395,8 +536,8 @@ def train(
         history_indptr=indptr,
         history_items=h_items,
         history_ratings=h_ratings,
-        rating_min=lo,
-        rating_max=hi,
+        rating_min=table.rating_min,
+        rating_max=table.rating_max,
         manifest=manifest,
         history_timestamps=h_times if np.isfinite(h_times).all() else None,
     )

@@ -160,3 +160,31 @@ def test_private_model_stores_no_prior(tmp_path):
     with np.load(tmp_path / "p" / ARRAYS, allow_pickle=False) as z:
         assert not set(PRIOR_ARRAYS) & set(z.files)
     assert "onboarding_prior_sha256" not in json.loads((tmp_path / "p" / MANIFEST).read_text())
+
+
+# -- publish: RESP packed here, compact histories ------------------------------------------------------
+def test_resp_hset_equals_redis_py_packing():
+    from lrs_rec.serving.store import resp_hset
+    from redis.connection import Connection
+
+    conn = Connection()
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 128):
+        fields = [str(i).encode() for i in range(n)]
+        values = [rng.bytes(int(rng.integers(0, 300))) for _ in range(n)]
+        args = ["HSET", b"lrs:v1:{b7}:h"]
+        for f, v in zip(fields, values, strict=True):
+            args += [f, v]
+        want = b"".join(conn.pack_command(*args))
+        assert resp_hset(b"lrs:v1:{b7}:h", fields, values) == want
+
+
+def test_history_encoder_max_size_is_the_longest_record():
+    from lrs_rec.serving.encoding import HistoryEncoder
+
+    indptr = np.array([0, 3, 3, 10, 12])
+    items = np.arange(12) % 5
+    ratings = np.ones(12)
+    for cap in (None, 2, 5, 100):
+        enc = HistoryEncoder(indptr, items, ratings, n_items=300, cap=cap)
+        assert enc.max_size() == max(len(enc.record(u)) for u in range(4))

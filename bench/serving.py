@@ -10,7 +10,12 @@ One run, one (embedded, fresh) Redis:
    plain string key) and the ``HGET`` the Recommender really does;
 3. ``lrs-rec serve`` in a subprocess on 127.0.0.1 and a small asyncio keep-alive HTTP/1.1 client with a
    fixed number of connections (bounded load) for ``--http-seconds`` against ``/v1/recommend`` and
-   then the trivial ``/healthz`` of the same server.
+   then the trivial ``/healthz`` of the same server; then the same at 1, 16 and 64 concurrent
+   clients (``http_by_clients``: req/s and p50/p99 of both, and recommend's share of the constant
+   endpoint's req/s; target >= 0.8);
+4. Redis paused (SIGSTOP of the embedded redis-server for ``--pause-seconds``) while 16 clients ask
+   for recommendations: latency of ``/healthz`` meanwhile and what the Redis-bound requests got
+   (``redis_paused``; target: /healthz <= 50 ms, recommend 503 within the Redis timeout).
 
 ``python bench/serving.py --json`` prints one JSON object; results go to docs/results/serving.json
 and docs/img/serving_latency.png.
@@ -52,20 +57,24 @@ def _free_port() -> int:
 
 
 async def _http_load(
-    port: int, request: bytes, *, connections: int, seconds: float
+    port: int, request: bytes | list[bytes], *, connections: int, seconds: float
 ) -> tuple[int, list[float], int]:
-    """Closed-loop load: each connection sends the next request when the previous answer is in."""
+    """Closed-loop load: each connection sends the next request when the previous answer is in
+    (cycling through ``request`` when it is a list, each connection from its own offset)."""
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
+    requests = request if isinstance(request, list) else [request]
 
-    async def worker() -> None:
+    async def worker(offset: int) -> None:
         nonlocal errors
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = offset
         try:
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                writer.write(request)
+                writer.write(requests[k % len(requests)])
+                k += 1
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
@@ -78,8 +87,90 @@ async def _http_load(
         finally:
             writer.close()
 
-    await asyncio.gather(*(worker() for _ in range(connections)))
+    await asyncio.gather(*(worker(97 * i) for i in range(connections)))
     return len(latencies), latencies, errors
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_idle(pid: int, *, limit: float = 300.0) -> float:
+    """Seconds until process ``pid`` uses < 5 % of a core over half a second (or ``limit``)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        cpu = _cpu_seconds(pid)
+        time.sleep(0.5)
+        if _cpu_seconds(pid) - cpu < 0.025:
+            break
+    return round(time.perf_counter() - t0, 1)
+
+
+async def _status_of(port: int, request: bytes, timeout: float) -> tuple[int, float]:
+    """One request on a new connection: (status, seconds); status 0 if no answer in ``timeout``."""
+    t = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        finally:
+            writer.close()
+    except (TimeoutError, OSError, asyncio.IncompleteReadError):
+        return 0, time.perf_counter() - t
+    return int(head.split(b" ", 2)[1]), time.perf_counter() - t
+
+
+async def _paused_redis(
+    port: int, pid: int, recommend: list[bytes], *, seconds: float, clients: int
+) -> dict[str, Any]:
+    """SIGSTOP the redis-server ``pid`` for ``seconds`` while ``clients`` loops ask for
+    recommendations; probe /healthz every 20 ms meanwhile; SIGCONT; time until recommend is 200."""
+    import signal
+
+    health: list[float] = []
+    answers: list[tuple[int, float]] = []
+    os.kill(pid, signal.SIGSTOP)
+    stop = time.perf_counter() + seconds
+    try:
+
+        async def client(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop:
+                answers.append(await _status_of(port, recommend[k % len(recommend)], 30))
+                k += 1
+
+        async def prober() -> None:
+            while time.perf_counter() < stop:
+                status, took = await _status_of(port, _get("/healthz"), 30)
+                health.append(took if status == 200 else float("inf"))
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(prober(), *(client(i) for i in range(clients)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t = time.perf_counter()
+    while (await _status_of(port, recommend[0], 30))[0] != 200 and time.perf_counter() - t < 30:
+        await asyncio.sleep(0.01)
+    recovered = time.perf_counter() - t
+    statuses = [s for s, _ in answers]
+    return {
+        "pause_seconds": seconds,
+        "clients": clients,
+        "healthz_probes": len(health),
+        "healthz_p50_ms": round(_pct(health, 50) * 1e3, 2),
+        "healthz_max_ms": round(max(health) * 1e3, 2),
+        "recommend_answers": len(answers),
+        "recommend_503": statuses.count(503),
+        "recommend_other": len(statuses) - statuses.count(503),
+        "recommend_503_max_s": round(max((d for s, d in answers if s == 503), default=0.0), 3),
+        "recovered_after_resume_s": round(recovered, 3),
+    }
 
 
 async def _asgi_overhead(rec: Any, user_id: str, top_n: int, *, n: int) -> dict[str, float]:
@@ -169,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5000, help="latency samples per method")
     p.add_argument("--http-seconds", type=float, default=4.0)
     p.add_argument("--http-connections", type=int, default=4)
+    p.add_argument(
+        "--http-clients",
+        default="1,16,64",
+        help="concurrent clients of the recommend vs constant endpoint comparison",
+    )
+    p.add_argument("--pause-seconds", type=float, default=3.0, help="0: no Redis pause")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--ml100k",
@@ -346,10 +443,71 @@ def main(argv: list[str] | None = None) -> int:
             log(f"HTTP {path}: {out[f'{key}_rps']} req/s, p99 {out[f'{key}_p99_ms']} ms")
         out["http_connections"] = args.http_connections
         out["http_seconds"] = args.http_seconds
+        # recommend (many users) next to the constant endpoint, at several client counts
+        recs = [
+            _post("/v1/recommend", {"user_id": u, "n": args.top_n, "exclude_rated": True})
+            for u in users[:500]
+        ]
+        by_clients: dict[str, dict[str, float]] = {}
+        # the server builds the onboarding prior in the background when it starts: let it finish
+        out["server_idle_after_s"] = _wait_idle(proc.pid)
+        endpoints = {"recommend": recs, "constant": [_get("/healthz")]}
+        rounds = 4  # the two endpoints alternate in short slices: a busy machine hits both alike
+        for clients in (int(c) for c in args.http_clients.split(",")):
+            row: dict[str, float] = {}
+            acc: dict[str, tuple[int, list[float], int, float]] = {
+                key: (0, [], 0, 0.0) for key in endpoints
+            }
+            for req in endpoints.values():  # warm-up
+                asyncio.run(_http_load(port, req, connections=clients, seconds=0.3))
+            for _ in range(rounds):
+                for key, req in endpoints.items():
+                    cpu = _cpu_seconds(proc.pid)
+                    n, lat, errors = asyncio.run(
+                        _http_load(
+                            port, req, connections=clients, seconds=args.http_seconds / rounds
+                        )
+                    )
+                    used = _cpu_seconds(proc.pid) - cpu
+                    a = acc[key]
+                    acc[key] = (a[0] + n, a[1] + lat, a[2] + errors, a[3] + used)
+            for key, (n, lat, errors, used) in acc.items():
+                row[f"{key}_rps"] = round(n / args.http_seconds, 1)
+                row[f"{key}_p50_ms"] = round(_pct(lat, 50) * 1e3, 3)
+                row[f"{key}_p99_ms"] = round(_pct(lat, 99) * 1e3, 3)
+                row[f"{key}_errors"] = errors
+                # the server's own CPU per request: less sensitive to a busy machine than req/s
+                row[f"{key}_server_cpu_us"] = round(used / n * 1e6, 1)
+            row["recommend_over_constant_rps"] = round(
+                row["recommend_rps"] / row["constant_rps"], 3
+            )
+            by_clients[str(clients)] = row
+            log(
+                f"{clients} clients: recommend {row['recommend_rps']} req/s "
+                f"(p99 {row['recommend_p99_ms']} ms), constant {row['constant_rps']} req/s: "
+                f"{row['recommend_over_constant_rps']}x"
+            )
+        out["http_by_clients"] = by_clients
+        if args.pause_seconds > 0:
+            pid = int(store.r.info("server")["process_id"])
+            out["redis_paused"] = asyncio.run(
+                _paused_redis(port, pid, recs, seconds=args.pause_seconds, clients=16)
+            )
+            out["redis_paused"]["redis_timeout_s"] = 1.0  # lrs-rec serve --redis-timeout default
+            log(f"Redis paused: {out['redis_paused']}")
         out["targets"] = {
             "recommend_p99_le_1.5x_get_p99": out["recommend_p99_over_get_p99"] <= 1.5,
             "redis_bytes_per_user_le_64": out["redis_bytes_per_user"] <= 64,
+            "recommend_ge_0.8x_constant_rps_at_16_and_64_clients": all(
+                row["recommend_over_constant_rps"] >= 0.8
+                for clients, row in by_clients.items()
+                if int(clients) >= 16
+            ),
         }
+        if "redis_paused" in out:
+            out["targets"]["healthz_le_50ms_while_redis_paused"] = (
+                out["redis_paused"]["healthz_max_ms"] <= 50
+            )
         out["machine"] = {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -433,7 +591,7 @@ def _write(
 ) -> None:
     results = ROOT / "docs" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "lrs_rec.serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
     try:
         import matplotlib
 

@@ -12,10 +12,15 @@ Routes (a contract — outside checks call them)::
     GET  /readyz     503 unless Redis answers and a servable version is published
     GET  /metrics    Prometheus text format
 
-Client mistakes (malformed JSON, wrong types, unknown items, n out of range, oversized body) are 4xx
-with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else is expected to 5xx.
-Handlers are ``async`` and call the (fast, bounded by socket timeouts) Recommender directly: no
-thread-pool hop per request.
+Client mistakes (malformed JSON, duplicate keys, wrong types, unknown items, n out of range,
+oversized body) are 4xx with a message; Redis trouble is a fast 503 with ``Retry-After``; nothing else
+is expected to 5xx. score and recommend read Redis
+asynchronously on the event loop (``serving.async_front``), onboarding, readiness and version checks
+run in a bounded pool of worker threads (``serving.offload``); every Redis call has a timeout, so a
+slow or paused Redis never blocks the loop: ``/healthz`` and ``/metrics`` answer at once, and
+requests fail with 503 within their timeout.
+Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI document:
+``serving.openapi``.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Annotated, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
-from fastapi.responses import Response
-from lrs_rec.serving import auth
+from fastapi.responses import PlainTextResponse, Response
+from lrs_rec.serving import auth, openapi
+from lrs_rec.serving.async_front import AsyncFront
 from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
+from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
     ASGIApp,
     Message,
@@ -41,6 +48,7 @@ from lrs_rec.serving.metrics import (
     Scope,
     Send,
 )
+from lrs_rec.serving.offload import Offload
 from lrs_rec.serving.onboarding import OnboardingInputError, validate_user_id
 from lrs_rec.serving.recommender import (
     NotReadyError,
@@ -48,6 +56,7 @@ from lrs_rec.serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
+from lrs_rec.serving.strict_json import duplicate_key
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -58,7 +67,6 @@ from pydantic import (
     StrictStr,
     ValidationError,
 )
-from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -229,18 +237,16 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 def _parse(model: type[ModelT], body: bytes) -> ModelT | JSONResponse:
     try:
-        return model.model_validate_json(body or b"null")
+        parsed = model.model_validate_json(body or b"null")
     except ValidationError as e:
         return _invalid(e.errors(include_url=False))
+    if (dup := duplicate_key(body)) is not None:  # valid JSON, but which value did the client mean?
+        return _error(422, f"invalid request: duplicate key {dup!r} in a JSON object")
+    return parsed
 
 
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
+_body_schema = openapi.body_schema
+_ERRORS = openapi.errors(400, 408, 413, 422, 503)
 
 
 def create_app(
@@ -248,6 +254,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_keys: auth.KeyRing | None = None,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
     # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
     # an empty body that a client following redirects would replay as a second POST
@@ -256,6 +263,12 @@ def create_app(
     )
     add_offline_docs(app)  # /docs with Swagger UI served locally (no CDN: serving.docs)
     metrics = Metrics()
+    limits = limits or ServeLimits()
+    # Redis / ONNX / onboarding work: worker threads, a request waits for one at most as long as
+    # a Redis call may take
+    offload = Offload(limits.threads, queue_timeout=recommender.handle.socket_timeout)
+    app.state.offload = offload
+    front = AsyncFront(recommender, offload)  # score / recommend: Redis read on the loop
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender
@@ -263,11 +276,13 @@ def create_app(
     read, write = auth.guard(api_keys, "read"), auth.guard(api_keys, "write")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # unknown routes (404) and methods (405) answer in the same {"error": ...} shape
         response = _error(exc.status_code, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
+        if exc.status_code == 405:  # every method of every route of this path, not the first's
+            response.headers["allow"] = _allowed(app, request.url.path)
         return response
 
     # no route declares a body FastAPI validates (they parse it themselves, below): this keeps any
@@ -305,7 +320,9 @@ def create_app(
     # The routes with a body parse and validate it in one pydantic-core call
     # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
     # the request schemas stay in the OpenAPI document through ``openapi_extra``.
-    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest), dependencies=read)
+    @app.post(
+        "/v1/score", openapi_extra=_body_schema(ScoreRequest), dependencies=read, responses=_ERRORS
+    )
     async def score(request: Request) -> Response:
         req = _parse(ScoreRequest, await request.body())
         if isinstance(req, Response):
@@ -314,7 +331,7 @@ def create_app(
             return _error(422, f"item_ids: at most {rec.max_items} ids, got {len(req.item_ids)}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = rec.score(req.user_id, req.item_ids)
+        res = await front.score(req.user_id, req.item_ids)
         metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
         return JSONResponse(
             {
@@ -326,7 +343,12 @@ def create_app(
             }
         )
 
-    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest), dependencies=read)
+    @app.post(
+        "/v1/recommend",
+        openapi_extra=_body_schema(RecommendRequest),
+        dependencies=read,
+        responses=_ERRORS,
+    )
     async def recommend(request: Request) -> Response:
         req = _parse(RecommendRequest, await request.body())
         if isinstance(req, Response):
@@ -335,7 +357,7 @@ def create_app(
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = rec.recommend(req.user_id, req.n, exclude_rated=req.exclude_rated)
+        res = await front.recommend(req.user_id, req.n, req.exclude_rated)
         metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
         return JSONResponse(
             {
@@ -350,6 +372,7 @@ def create_app(
         "/v1/users/{user_id:lrs_user_id}/ratings",
         openapi_extra=_body_schema(OnboardRequest),
         dependencies=write,
+        responses=_ERRORS,
     )
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
@@ -360,7 +383,7 @@ def create_app(
             return req
         ratings = [(x.item_id, x.rating, x.timestamp) for x in req.ratings]
         try:
-            res = await run_in_threadpool(rec.onboard, user_id, ratings)
+            res = await offload(rec.onboard, user_id, ratings)
         except OnboardingInputError as e:
             return _error(422, str(e))
         return JSONResponse(
@@ -376,7 +399,7 @@ def create_app(
     @app.get("/v1/users/{user_id:lrs_user_id}/ratings", dependencies=write)
     async def stored_ratings(user_id: str) -> Response:
         try:
-            res = await run_in_threadpool(user_ratings, rec, user_id)
+            res = await offload(user_ratings, rec, user_id)
         except OnboardingInputError as e:
             return _error(422, str(e))
         return JSONResponse(
@@ -393,7 +416,7 @@ def create_app(
     @app.delete("/v1/users/{user_id:lrs_user_id}", dependencies=write)
     async def erase(user_id: str) -> Response:
         try:
-            res = await run_in_threadpool(erase_user, rec, user_id)
+            res = await offload(erase_user, rec, user_id)
         except OnboardingInputError as e:
             return _error(422, str(e))
         return JSONResponse(
@@ -408,10 +431,16 @@ def create_app(
 
     @app.get("/v1/model", dependencies=read)
     async def model_info() -> Response:
+        def refresh() -> None:
+            try:
+                rec.refresh()
+            except (StoreUnavailableError, NotReadyError):
+                pass  # still describe the loaded model
+
         try:
-            rec.refresh()
-        except (StoreUnavailableError, NotReadyError):
-            pass  # still describe the loaded model
+            await offload(refresh)
+        except StoreUnavailableError:
+            pass  # every worker busy: describe what is loaded
         return JSONResponse(rec.info())
 
     # HEAD answers like GET; out of the OpenAPI schema, where it would repeat GET's operation id
@@ -420,10 +449,13 @@ def create_app(
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=openapi.errors(503))
     @app.head("/readyz", include_in_schema=False)
     async def readyz() -> Response:
-        ok, reason = rec.ready()
+        try:
+            ok, reason = await offload(rec.ready)
+        except StoreUnavailableError as e:  # every worker busy
+            ok, reason = False, str(e)
         metrics.ready.set(1 if ok else 0)
         if not ok:
             return _error(503, reason, status="unavailable")
@@ -435,11 +467,31 @@ def create_app(
             }
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # the last added is the outermost: metrics also see the 413s of the body limit
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(
+        RequestGuardMiddleware,
+        body_timeout=limits.body_timeout,
+        max_concurrency=limits.max_concurrency,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
+    openapi.install(app)
     return app
+
+
+def _allowed(app: FastAPI, path: str) -> str:
+    """The ``Allow`` header of a 405: the methods of every route matching ``path``."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    scope = {"type": "http", "path": path, "method": ""}
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return ", ".join(sorted(methods, key=lambda m: (order.index(m) if m in order else 99, m)))

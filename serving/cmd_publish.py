@@ -125,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except redis.RedisError as e:  # unreachable / auth / cluster trouble: one clear line
-        print(f"lrs-rec publish: error: Redis: {type(e).__name__}: {e}", file=sys.stderr)
+        from lrs_rec.serving.connection import resolve_url
+        from lrs_rec.serving.diskspace import disk_full
+
+        full = disk_full() if resolve_url(args.redis) is None else None
+        print(
+            f"lrs-rec publish: error: Redis: {full or f'{type(e).__name__}: {e}'}", file=sys.stderr
+        )
         return 1
 
 
@@ -145,6 +151,11 @@ def _run(args: argparse.Namespace) -> int:
             getattr(args, "max_epsilon", None), getattr(args, "max_delta", None)
         )
         check_budget(read_manifest(args.model), max_epsilon=max_eps, max_delta=max_delta)
+        # a missing, truncated or foreign model.onnx: refused before anything is written (servers
+        # would switch to a version they cannot serve)
+        from lrs_rec.serving.model_check import load_checked_scorer
+
+        load_checked_scorer(args.model)
 
     handle = connect(args.redis, socket_timeout=60.0, connect_timeout=5.0)
     store = RedisStore(handle)

@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="uvicorn worker processes, each with its own Recommender (default 1)",
     )
+    add_limit_arguments(p)
     p.add_argument(
         "--unknown-items",
         choices=("fallback", "error"),
@@ -90,11 +91,93 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """Connection, timeout and concurrency limits (serving.guards.ServeLimits)."""
+    from lrs_rec.serving.guards import ServeLimits
+
+    d = ServeLimits()
+    seconds = finite_float(lo=0.0, lo_open=True)
+    p.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=d.header_timeout,
+        metavar="S",
+        help="close a connection that sends no complete request header within S seconds "
+        "(408 if it sent part of one; default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=d.body_timeout,
+        metavar="S",
+        help="answer 408 and close when a request body is not complete S seconds after its "
+        "header (default %(default)s)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=seconds,
+        default=d.keep_alive_timeout,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int_in(1),
+        default=d.max_connections,
+        metavar="N",
+        help="open connections per process; a new one beyond N gets 503 and is closed "
+        "(default %(default)s; lowered to fit the open-file limit)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int_in(1),
+        default=d.max_concurrency,
+        metavar="N",
+        help="requests in flight per process; beyond N a request gets 503 at once "
+        "(/healthz exempt; default %(default)s)",
+    )
+    p.add_argument(
+        "--io-threads",
+        type=int_in(1),
+        default=d.threads,
+        metavar="N",
+        help="worker threads for Redis, ONNX and onboarding work per process (default %(default)s)",
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    from lrs_rec.serving.guards import ServeLimits
+
+    return ServeLimits(
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        max_concurrency=args.max_concurrency,
+        threads=args.io_threads,
+    )
+
+
+def uvicorn_options(limits: Any, log_level: str) -> dict[str, Any]:
+    """uvicorn settings for ``limits``: the guarded h11 protocol, keep-alive timeout, logging with
+    rate-limited lines."""
+    from lrs_rec.serving.guards import GuardedH11Protocol, log_config
+
+    GuardedH11Protocol.configure(limits)
+    return {
+        "http": GuardedH11Protocol,
+        "timeout_keep_alive": limits.keep_alive_timeout,
+        "log_config": log_config(log_level),
+        "backlog": min(2048, max(128, limits.max_connections)),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from lrs_rec.serving.app import create_app
     from lrs_rec.serving.cli import BLAS_THREAD_VARS
     from lrs_rec.serving.connection import lrs_home
+    from lrs_rec.serving.guards import fit_to_fd_limit
     from lrs_rec.serving.recommender import Recommender
 
     keyring = _check_auth(args)
@@ -102,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "--metrics-port needs --workers 1 (each worker process counts its own requests)"
         )
+    limits = fit_to_fd_limit(limits_from_args(args))
+
     rec = Recommender(
         args.model,
         args.redis,
@@ -125,9 +210,12 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port,
         "log_level": args.log_level,
         "access_log": False,
+        **uvicorn_options(limits, args.log_level),
     }
     if args.workers <= 1:
-        app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring)
+        rec.warm_onboarding = True  # every model it serves: the onboarding prior built off-request
+        rec.warm()
+        app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring, limits=limits)
         if args.metrics_port is not None:
             _metrics_elsewhere(app, args.metrics_host or args.host, args.metrics_port)
         uvicorn.run(app, **common)
@@ -154,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             "max_body_bytes": args.max_body_bytes,
             "unknown_items": args.unknown_items,
             "api_keys": str(args.api_keys) if args.api_keys else None,
+            "limits": limits.__dict__,
         }
     )
     uvicorn.run(
@@ -168,9 +257,12 @@ def app_from_env() -> Any:
     """uvicorn factory of a worker process (``--workers N``): configuration from $LRS_SERVE_CONFIG."""
     from lrs_rec.serving.app import create_app
     from lrs_rec.serving.auth import load_api_keys
+    from lrs_rec.serving.guards import GuardedH11Protocol, ServeLimits
     from lrs_rec.serving.recommender import Recommender
 
     cfg = json.loads(os.environ[ENV_CONFIG])
+    limits = ServeLimits(**cfg["limits"])
+    GuardedH11Protocol.configure(limits)
     rec = Recommender(
         cfg["model"],
         cfg["redis"],
@@ -182,7 +274,9 @@ def app_from_env() -> Any:
     )
     keys = cfg.get("api_keys")
     keyring = load_api_keys(keys) if keys else None
-    return create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring)
+    rec.warm_onboarding = True
+    rec.warm()
+    return create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring, limits=limits)
 
 
 def _metrics_elsewhere(app: Any, host: str, port: int) -> None:

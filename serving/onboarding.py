@@ -88,8 +88,11 @@ class OnboardResult:
 _CACHE: weakref.WeakKeyDictionary[TrainedModel | SharedModel, dict[str, ScheduledOnboarder]] = (
     weakref.WeakKeyDictionary()
 )
-
 _CACHE_LOCK = threading.Lock()
+_BUILD_LOCKS: weakref.WeakKeyDictionary[TrainedModel | SharedModel, dict[str, threading.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+BUILDS = 0  # onboarders built in this process (the tests count them)
 
 
 def schedule_for(model: TrainedModel | SharedModel) -> list[tuple[int, OnboardingConfig]]:
@@ -108,6 +111,22 @@ def onboarder_for(
         hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
             return hit
+        build_lock = _BUILD_LOCKS.setdefault(model, {}).setdefault(key, threading.Lock())
+    # single flight: concurrent first requests wait for one build (its memory peak once, not once
+    # per request) instead of each estimating the prior
+    with build_lock:
+        with _CACHE_LOCK:
+            hit = _CACHE.get(model, {}).get(key)
+            if hit is not None:
+                return hit
+        return _build_onboarder(model, key, schedule)
+
+
+def _build_onboarder(
+    model: TrainedModel | SharedModel, key: str, schedule: list[tuple[int, OnboardingConfig]] | None
+) -> ScheduledOnboarder:
+    global BUILDS
+    BUILDS += 1
     if isinstance(model, SharedModel):
         onb = shared_onboarder(model, schedule)
     else:

@@ -31,6 +31,7 @@ from lrs_rec.serving.encoding import UserParams, decode_history, decode_record
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
 from lrs_rec.model_dir import (
+    MANIFEST,
     ONNX,
     SharedModel,
     TrainedModel,
@@ -100,15 +101,13 @@ class _Loaded:
 
 
 def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
-    from lrs_rec.serving.onnx_scorer import OnnxScorer
+    from lrs_rec.serving.model_check import load_checked_scorer
 
     model = load_shared_model_dir(model_dir)
-    onnx_path = model_dir / ONNX
-    if not onnx_path.is_file():
-        raise FileNotFoundError(
-            f"{onnx_path} not found: run `lrs-rec export --model {model_dir}` first"
-        )
-    scorer = OnnxScorer(str(onnx_path), intra_op_threads=intra_op_threads)
+    # refuses a missing, truncated or foreign model.onnx (serving.model_check)
+    scorer = load_checked_scorer(
+        model_dir, manifest=model.manifest, intra_op_threads=intra_op_threads
+    )
     r, k = model.rank, model.sparsity
     population = UserParams(  # paper's population model: θ = U·w̄, c_u = 0, b = 0
         bias=np.zeros(1, dtype=np.float32),
@@ -124,6 +123,84 @@ def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
         item_ids=np.asarray(model.item_ids, dtype=object),
         population=population,
     )
+
+
+RELOAD_BACKOFF_MIN = 1.0  # seconds before a failed model reload is tried again ...
+RELOAD_BACKOFF_MAX = 60.0  # ... doubling up to this
+
+
+class _Reloader:
+    """Loads the model directory for a newly published store version. The first attempt for a
+    given directory content runs in the caller (so a request right after a good publish already
+    sees the new model); after a failure (a missing, truncated or foreign model.onnx) the directory
+    is tried again only in a background thread, after a back-off doubling from
+    ``RELOAD_BACKOFF_MIN`` to ``RELOAD_BACKOFF_MAX`` seconds, never on the request path; a rewrite
+    of the directory is tried at once. Meanwhile the server keeps serving what it served."""
+
+    def __init__(self, owner: Recommender) -> None:
+        self.owner = owner
+        self.failed: tuple[Any, float, float, str] | None = None  # key, retry at, delay, error
+        self.done: tuple[Any, _Loaded] | None = None  # a background retry's result
+        self.running = False
+        self.attempts = 0  # loads tried (tests count them)
+        self.lock = threading.Lock()
+
+    def why(self, version: str) -> str:
+        failed = self.failed
+        if failed is None or failed[0][0] != version:
+            return ""
+        return f" (its model directory does not load: {failed[3]})"
+
+    def load(self, version: str, signature: tuple[Any, ...]) -> _Loaded | None:
+        key = (version, signature)
+        with self.lock:
+            done, failed = self.done, self.failed
+            if done is not None and done[0] == key:
+                self.done = None
+                return done[1]
+            if failed is not None and failed[0] == key:
+                if time.monotonic() >= failed[1] and not self.running:
+                    self.running = True
+                    threading.Thread(
+                        target=self._retry, args=(key,), name="lrs-rec-reload", daemon=True
+                    ).start()
+                return None
+        return self._attempt(key)
+
+    def _attempt(self, key: tuple[Any, ...]) -> _Loaded | None:
+        owner = self.owner
+        self.attempts += 1
+        try:
+            loaded = _load(owner.model_dir, owner.intra_op_threads)
+        except Exception as e:  # any load failure: keep serving, try again later
+            with self.lock:
+                failed = self.failed
+                delay = RELOAD_BACKOFF_MIN
+                if failed is not None and failed[0] == key:
+                    delay = min(RELOAD_BACKOFF_MAX, failed[2] * 2)
+                self.failed = (key, time.monotonic() + delay, delay, str(e))
+            log.error(
+                "cannot load %s for store version %s: %s (next attempt in %g s)",
+                owner.model_dir,
+                key[0],
+                e,
+                delay,
+            )
+            return None
+        with self.lock:
+            self.failed = None
+        return loaded
+
+    def _retry(self, key: tuple[Any, ...]) -> None:
+        try:
+            loaded = self._attempt(key)
+            if loaded is not None:
+                with self.lock:
+                    self.done = (key, loaded)
+                self.owner._checked_at = -np.inf  # the next request picks it up
+        finally:
+            with self.lock:
+                self.running = False
 
 
 def _stack(parts: Sequence[UserParams]) -> UserParams:
@@ -175,6 +252,8 @@ class Recommender:
         self._warned: str | None = None
         self._checked_at = -np.inf
         self._lock = threading.Lock()
+        self._reloader = _Reloader(self)
+        self.warm_onboarding = False  # serve: build each loaded model's onboarding prior at once
 
     # -- introspection ------------------------------------------------------------------------------
     @property
@@ -232,7 +311,18 @@ class Recommender:
             and time.monotonic() - self._checked_at < self.version_refresh_interval
         ):
             return state
-        with self._lock:
+        # one refresh at a time; while one runs (a slow or paused Redis: up to a socket timeout),
+        # requests of a server that already serves a version go on with it instead of queueing
+        # behind the lock one timeout after another
+        if state is not None and not force:
+            if not self._lock.acquire(blocking=False):
+                return state
+        elif not self._lock.acquire(timeout=self._lock_wait()):
+            raise StoreUnavailableError(
+                f"Redis is slow: the served version could not be checked within "
+                f"{self._lock_wait():g} s ({self.handle.describe()})"
+            )
+        try:
             state = self._state
             loaded = state[1] if state is not None else self._loaded
             try:
@@ -254,11 +344,14 @@ class Recommender:
                                 "serving store version %s (was %s)", new.version, state[0].version
                             )
                         state = (new, loaded)
+                        if self.warm_onboarding and loaded is not self._loaded:
+                            self.warm(loaded.model)
                         self._meta, self._loaded, self._state = new, loaded, state
                     elif state is None:
                         raise NotReadyError(
                             f"published version {new.version} is model {new.model_version!r} but "
                             f"{self.model_dir} holds {loaded.model.model_version!r}"
+                            + self._reloader.why(new.version)
                         )
                     elif not self.store.version_exists(state[0].version):
                         # still on an older version (the new model is not in model_dir yet) that
@@ -273,6 +366,12 @@ class Recommender:
                 raise self._unavailable(e) from e
             self._checked_at = time.monotonic()
             return state
+        finally:
+            self._lock.release()
+
+    def _lock_wait(self) -> float:
+        """How long a request waits for another's version check (a Redis round trip or two)."""
+        return 2 * self.handle.socket_timeout + self.handle.connect_timeout
 
     def _reload_for(self, meta: VersionMeta) -> _Loaded | None:
         """The model of ``meta`` loaded from ``model_dir`` if the directory now holds it."""
@@ -291,11 +390,18 @@ class Recommender:
                 )
                 self._warned = meta.version
             return None
-        try:
-            return _load(self.model_dir, self.intra_op_threads)
-        except (OSError, ValueError) as e:  # e.g. caught mid-rewrite: try again next refresh
-            log.warning("cannot load %s for store version %s: %s", self.model_dir, meta.version, e)
-            return None
+        return self._reloader.load(meta.version, self._dir_signature())
+
+    def _dir_signature(self) -> tuple[Any, ...]:
+        """What identifies the model directory's content (a rewrite changes it)."""
+        sig: list[Any] = []
+        for name in (MANIFEST, ONNX):
+            try:
+                st = (self.model_dir / name).stat()
+                sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
 
     # -- fetching -----------------------------------------------------------------------------------
     def _fetch(
@@ -387,9 +493,22 @@ class Recommender:
         meta, loaded = self._current()
         loc = self.store.locate(meta, user_id, loaded.user_index.get(user_id))
         try:
-            rec, hist = self.store.fetch([loc], with_history=exclude_rated)[0]
+            row = self.store.fetch([loc], with_history=exclude_rated)[0]
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from e
+        return self.recommend_from((meta, loaded), user_id, int(n), row)
+
+    def recommend_from(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        user_id: str,
+        n: int,
+        row: tuple[bytes | None, bytes | None],
+    ) -> RecommendResult:
+        """:meth:`recommend` after the Redis read: ``row`` = (record, history) of ``user_id`` in
+        ``snapshot`` (served version, loaded model). No I/O (the asynchronous front's second half)."""
+        meta, loaded = snapshot
+        rec, hist = row
         p = decode_record(meta.record_format, rec) if rec is not None else loaded.population
         exclude = None
         if hist is not None:
@@ -408,6 +527,45 @@ class Recommender:
             )
         )
         return RecommendResult(user_id, items, rec is not None, loaded.model.model_version)
+
+    def score_from(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        user_id: str,
+        item_ids: Sequence[str],
+        record: bytes | None,
+    ) -> ScoreResult:
+        """:meth:`score` after the Redis read of ``user_id``'s ``record`` in ``snapshot``."""
+        meta, loaded = snapshot
+        c = self._item_indices(loaded, item_ids)
+        p = decode_record(meta.record_format, record) if record is not None else loaded.population
+        scores: list[float] = []
+        if c.size:
+            s = loaded.scorer.score(p.w, p.bias, p.b_idx, p.b_val, c.reshape(1, -1))
+            scores = np.asarray(s, dtype=np.float64).reshape(-1).tolist()
+        unknown = [i for i, j in zip(item_ids, c.tolist(), strict=True) if j < 0]
+        return ScoreResult(user_id, scores, record is not None, loaded.model.model_version, unknown)
+
+    def check_items(self, item_ids: Sequence[str]) -> None:
+        """Raise :class:`UnknownItemsError` / ValueError for a score request's items (before Redis)."""
+        if len(item_ids) > self.max_items:
+            raise ValueError(f"at most {self.max_items} item ids per request, got {len(item_ids)}")
+        self._item_indices(self._loaded, item_ids)
+
+    def snapshot(self) -> tuple[VersionMeta, _Loaded]:
+        """(served version, its loaded model), re-reading ``lrs:current`` when the refresh interval
+        has passed (Redis I/O then)."""
+        return self._current()
+
+    def fresh_snapshot(self) -> tuple[VersionMeta, _Loaded] | None:
+        """The snapshot if no version check is due (no I/O), else None."""
+        state = self._state
+        if (
+            state is not None
+            and time.monotonic() - self._checked_at < self.version_refresh_interval
+        ):
+            return state
+        return None
 
     def recommend_batch(
         self, user_ids: Sequence[str], n: int = 10, exclude_rated: bool = True
@@ -450,6 +608,24 @@ class Recommender:
 
         return onboard(self, user_id, ratings)
 
+    def warm(self, model: SharedModel | TrainedModel | None = None) -> threading.Thread:
+        """Build the onboarding prior of ``model`` (default: the loaded one) in a background
+        thread, so that no request pays for it (``serve`` does this for every model it loads;
+        ``serving.onboarding.onboarder_for`` builds once however many threads ask)."""
+        from lrs_rec.serving.onboarding import onboarder_for
+
+        target = model if model is not None else self._loaded.model
+
+        def build() -> None:
+            try:
+                onboarder_for(target)
+            except Exception as e:  # the first onboarding request reports it
+                log.warning("could not prepare onboarding for %s: %s", self.model_dir, e)
+
+        t = threading.Thread(target=build, name="lrs-rec-warm-onboarding", daemon=True)
+        t.start()
+        return t
+
     # -- health -------------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
         """(ready?, reason): Redis answers PING, a version is published and servable."""
@@ -466,6 +642,11 @@ class Recommender:
         """The error (HTTP 503) for a failed Redis call. In embedded mode a vanished server is
         started again (rate-limited), so a later request succeeds without an operator."""
         self.handle.revive_embedded()
+        if self.handle.embedded:
+            from lrs_rec.serving.diskspace import disk_full
+
+            if (full := disk_full(self.handle.home)) is not None:
+                return StoreUnavailableError(f"Redis unavailable: {full}")
         return StoreUnavailableError(f"Redis unavailable: {e}")
 
     def close(self) -> None:

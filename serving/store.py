@@ -530,7 +530,7 @@ class RedisStore:
             # a single server: each chunk of buckets is packed into RESP here and written on one
             # connection (one round trip, without redis-py's per-argument encoding); a Cluster
             # routes every bucket's keys through redis-py's cluster pipeline
-            packed = not self.handle.is_cluster
+            single = not self.handle.is_cluster
             fields = [str(s).encode() for s in range(bucket_size)]
             for start in buckets:
                 if _fail_after_buckets is not None and start >= _fail_after_buckets:
@@ -547,7 +547,7 @@ class RedisStore:
                     if with_history:
                         hists = [hist.record(u) for u in users]
                         commands.append((self.keys.history(version, b), names, hists))
-                if packed:
+                if single:
                     self._hset_packed(commands)
                 else:
                     pipe = self.r.pipeline(transaction=False)

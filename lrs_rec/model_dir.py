@@ -315,7 +315,9 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
     digest = _digest({name: arrays[name] for name in SHARED_ARRAYS})
     manifest = dict(model.manifest)
     manifest.pop("onboarding_prior_sha256", None)
-    prior = None if manifest.get("privacy") else (model.onboarding_prior or _estimate_prior(model))
+    # always estimated from the arrays being written (a prior carried by ``model`` could be stale
+    # after a dataclasses.replace of its arrays)
+    prior = None if manifest.get("privacy") else _estimate_prior(model)
     if prior is not None:
         prior_arrays = _prior_to_arrays(prior)
         arrays.update(prior_arrays)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="an external Redis instead of the embedded one (e.g. one without persistence)",
     )
+    p.add_argument("--cli", action="store_true", help="also time `lrs-rec publish` end to end")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -125,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
             bare_s.append(time.perf_counter() - t0)
             r.delete(*[f"bare:{rep}:{{b{b}}}:{s}" for b in range(len(buckets)) for s in "ph"])
             log(f"repeat {rep}: publish {publish_s[-1]:.2f} s, bare HSET {bare_s[-1]:.2f} s")
+        cli_s = None
+        if (
+            args.cli
+        ):  # `lrs-rec publish` end to end: interpreter start, imports, model load, publish
+            env = {**os.environ, "LRS_HOME": str(home)}
+            cmd = [
+                sys.executable,
+                "-m",
+                "lrs_rec.serving.cli",
+                "publish",
+                "--model",
+                str(model_dir),
+            ]
+            cmd += ["--no-switch", "--json"] + (["--redis", args.redis] if args.redis else [])
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            cli_s = time.perf_counter() - t0
+            log(f"lrs-rec publish (CLI): {cli_s:.2f} s")
         pub = n / statistics.median(publish_s)
         bare = n / statistics.median(bare_s)
         report = {
@@ -144,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             "bare_hset_users_per_s": round(bare),
             "publish_vs_bare": round(pub / bare, 3),
             "publish_vs_bare_target": 0.5,
+            "cli_publish_s": None if cli_s is None else round(cli_s, 2),
+            "cli_publish_users_per_s": None if cli_s is None else round(n / cli_s),
             "params_bytes_per_user": round(params_mem / n, 1),
             "history_bytes_per_user": round((both_mem - params_mem) / n, 1),
             "params_encoding": enc_p.decode() if isinstance(enc_p, bytes) else enc_p,

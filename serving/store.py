@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Protocol
@@ -319,20 +319,32 @@ class RedisStore:
         )
         return record, history
 
-    def _hset_packed(self, commands: Sequence[tuple[bytes, list[bytes], list[bytes]]]) -> None:
-        """``HSET key field value ...`` for every ``(key, fields, values)`` in one round trip on a
-        single server: RESP built here with one ``bytes.join`` per command (tested equal to
-        redis-py's ``pipeline().hset(key, mapping=...)``), every reply read and checked."""
+    def _hset_packed(
+        self, chunks: Iterable[Sequence[tuple[bytes, list[bytes], list[bytes]]]]
+    ) -> None:
+        """``HSET key field value ...`` for every ``(key, fields, values)`` of every chunk on one
+        connection of a single server: RESP built here with one ``bytes.join`` per command (tested
+        equal to redis-py's ``pipeline().hset(key, mapping=...)``); a chunk is written, then the
+        previous chunk's replies are read and checked (at most two chunks in flight; the replies
+        are a few bytes each, so neither side can block the other)."""
         import redis
 
-        packed = [resp_hset(key, names, values) for key, names, values in commands]
-        conn = self.r.connection_pool.get_connection()
-        try:
-            conn.send_packed_command(packed)
-            for _ in packed:
+        def check(n: int) -> None:
+            for _ in range(n):
                 reply = conn.read_response()
                 if isinstance(reply, redis.ResponseError):
                     raise reply
+
+        conn = self.r.connection_pool.get_connection()
+        try:
+            pending = 0
+            for commands in chunks:
+                packed = [resp_hset(key, names, values) for key, names, values in commands]
+                if packed:
+                    conn.send_packed_command(packed)
+                check(pending)
+                pending = len(packed)
+            check(pending)
         except BaseException:
             conn.disconnect()  # no unread reply may reach the next command on this connection
             raise
@@ -527,29 +539,35 @@ class RedisStore:
                 unit="chunk",
                 disable=not progress,
             )
-            # a single server: each chunk of buckets is packed into RESP here and written on one
-            # connection (one round trip, without redis-py's per-argument encoding); a Cluster
-            # routes every bucket's keys through redis-py's cluster pipeline
-            single = not self.handle.is_cluster
             fields = [str(s).encode() for s in range(bucket_size)]
-            for start in buckets:
-                if _fail_after_buckets is not None and start >= _fail_after_buckets:
-                    raise RuntimeError("simulated failure during publish (test hook)")
-                commands: list[tuple[bytes, list[bytes], list[bytes]]] = []
-                for b in range(start, min(start + pipeline_buckets, n_buckets)):
-                    lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
-                    users = [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
-                    if not users:
-                        continue
-                    names = [fields[u - lo] for u in users]
-                    recs = [rec_bytes[u * L : (u + 1) * L] for u in users]
-                    commands.append((self.keys.params(version, b), names, recs))
-                    if with_history:
-                        hists = [hist.record(u) for u in users]
-                        commands.append((self.keys.history(version, b), names, hists))
-                if single:
-                    self._hset_packed(commands)
-                else:
+
+            def chunks() -> Iterator[list[tuple[bytes, list[bytes], list[bytes]]]]:
+                """``(key, fields, values)`` of every HSET, by chunks of ``pipeline_buckets``."""
+                for start in buckets:
+                    if _fail_after_buckets is not None and start >= _fail_after_buckets:
+                        raise RuntimeError("simulated failure during publish (test hook)")
+                    commands = []
+                    for b in range(start, min(start + pipeline_buckets, n_buckets)):
+                        lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
+                        users = (
+                            [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
+                        )
+                        if not users:
+                            continue
+                        names = [fields[u - lo] for u in users]
+                        recs = [rec_bytes[u * L : (u + 1) * L] for u in users]
+                        commands.append((self.keys.params(version, b), names, recs))
+                        if with_history:
+                            hists = [hist.record(u) for u in users]
+                            commands.append((self.keys.history(version, b), names, hists))
+                    yield commands
+
+            if not self.handle.is_cluster:
+                # a single server: RESP packed here, one connection, the next chunk sent before
+                # the previous one's replies are read (the encoding overlaps Redis's work)
+                self._hset_packed(chunks())
+            else:  # a Cluster routes every bucket's keys through redis-py's cluster pipeline
+                for commands in chunks():
                     pipe = self.r.pipeline(transaction=False)
                     for key, names, values in commands:
                         pipe.hset(key, mapping=dict(zip(names, values, strict=True)))

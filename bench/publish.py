@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             "note": "measured under shared load (other jobs on the same 2 cores)",
         }
         store.handle.close()
+        if not args.redis:  # stop the embedded server before its directory goes away
+            from lrs_rec.serving.connection import release_embedded
+
+            release_embedded(home, grace=0.0)
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 

@@ -7,7 +7,9 @@ Layout of ``MODEL_DIR``::
                     metrics, rating_scale (+ privacy for DP models)
     arrays.npz      U, W, B_idx, B_val, item_features, item_bias, user_bias, global_mean,
                     w_prior_mean, w_prior_cov, history_indptr, history_items, history_ratings
-                    [, history_timestamps] (np.savez, loaded with allow_pickle=False)
+                    [, history_timestamps] [, onboarding_prior_* (the onboarding prior's statistics,
+                    shared; non-private models saved since issue 15; digest in the manifest's
+                    onboarding_prior_sha256)] (np.savez, loaded with allow_pickle=False)
     users.json      external user ids, position = dense user index
     items.json      external item ids, position = dense item index
     model.onnx      written by ``lrs-rec export`` (training.export)
@@ -38,7 +40,14 @@ from typing import Any
 import numpy as np
 
 from lrs_rec.model import LRSModel
-from lrs_rec.onboarding import DEFAULT_SCHEDULE, OnboardingConfig, check_min_ns
+from lrs_rec.onboarding import (
+    DEFAULT_SCHEDULE,
+    OnboardingConfig,
+    OnboardingPrior,
+    check_min_ns,
+    estimate_prior,
+)
+from lrs_rec.user_index import UserIndex
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,7 +58,26 @@ ONNX = "model.onnx"
 OWN_FILES = frozenset({MANIFEST, ARRAYS, USERS, ITEMS, ONNX})
 
 SHARED_ARRAYS = ("U", "item_features", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov")
-"""Arrays shared by all users (released in model.onnx); everything else in arrays.npz is per-user."""
+"""Arrays shared by all users (released in model.onnx); everything else in arrays.npz is per-user
+(except the onboarding prior's statistics, :data:`PRIOR_ARRAYS`)."""
+
+PRIOR_PREFIX = "onboarding_prior_"
+PRIOR_FIELDS = (
+    "t_mean",
+    "t_cov",
+    "b_var",
+    "noise_var",
+    "item_desc",
+    "m_mean",
+    "C_mm",
+    "S_within",
+    "C_tm",
+)
+PRIOR_ARRAYS = tuple(PRIOR_PREFIX + f for f in PRIOR_FIELDS)
+"""The onboarding prior (:class:`lrs_rec.onboarding.OnboardingPrior`) estimated at save time from the
+per-user arrays: shared statistics (sizes 1 + r and n_items × p), so that a server onboards without
+loading any user's parameters. Absent in older directories and in private models (which onboard from
+:func:`lrs_rec.onboarding.public_prior`, never from aggregates of per-user arrays)."""
 
 _ARRAY_FIELDS = (
     "item_features",
@@ -88,6 +116,8 @@ class TrainedModel:
     rating_max: float
     manifest: dict[str, Any] = field(default_factory=dict)
     history_timestamps: np.ndarray | None = None  # (nnz,) rating times aligned with history_items
+    # the onboarding prior estimated from the arrays above (stored by save_model_dir; None: not yet)
+    onboarding_prior: OnboardingPrior | None = None
 
     def __post_init__(self) -> None:
         n_users, n_items = self.lrs.n_users, len(self.item_ids)
@@ -284,6 +314,14 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
     # data for DP models (a membership test against candidate datasets).
     digest = _digest({name: arrays[name] for name in SHARED_ARRAYS})
     manifest = dict(model.manifest)
+    manifest.pop("onboarding_prior_sha256", None)
+    # always estimated from the arrays being written (a prior carried by ``model`` could be stale
+    # after a dataclasses.replace of its arrays)
+    prior = None if manifest.get("privacy") else _estimate_prior(model)
+    if prior is not None:
+        prior_arrays = _prior_to_arrays(prior)
+        arrays.update(prior_arrays)
+        manifest["onboarding_prior_sha256"] = _digest(prior_arrays)
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("model_version", new_model_version(digest))
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -316,7 +354,57 @@ def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> Trai
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return TrainedModel(**{**_fields(model), "manifest": manifest})
+    return TrainedModel(**{**_fields(model), "manifest": manifest, "onboarding_prior": prior})
+
+
+def _estimate_prior(model: TrainedModel) -> OnboardingPrior | None:
+    """The onboarding prior of a non-private model, exactly as the service would estimate it from
+    the arrays (:func:`lrs_rec.model_onboarding.build_onboarder`); None if it cannot be estimated
+    (the service then tries again when it first onboards, and reports the error there)."""
+    try:
+        return estimate_prior(
+            lrs=model.lrs,
+            item_features=model.item_features,
+            item_bias=model.item_bias,
+            user_bias=model.user_bias,
+            global_mean=model.global_mean,
+            w_prior_mean=model.w_prior_mean,
+            w_prior_cov=model.w_prior_cov,
+            history_indptr=model.history_indptr,
+            history_items=model.history_items,
+            history_ratings=model.history_ratings,
+            history_timestamps=model.history_timestamps,
+        )
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+
+
+def _prior_to_arrays(prior: OnboardingPrior) -> dict[str, np.ndarray]:
+    return {PRIOR_PREFIX + f: np.asarray(getattr(prior, f), dtype=np.float64) for f in PRIOR_FIELDS}
+
+
+def _prior_from_arrays(
+    path: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]
+) -> OnboardingPrior | None:
+    """The stored onboarding prior (checked against the manifest's digest), or None if the
+    directory has none (older format, private model)."""
+    present = [name for name in PRIOR_ARRAYS if name in arrays]
+    want = manifest.get("onboarding_prior_sha256")
+    if not present and want is None:
+        return None
+    if len(present) != len(PRIOR_ARRAYS) or want is None:
+        raise ModelDirError(f"{path}: incomplete onboarding prior ({sorted(present)})")
+    if _digest({name: arrays[name] for name in PRIOR_ARRAYS}) != want:
+        raise ModelDirError(
+            f"{path} does not match manifest onboarding_prior_sha256 {str(want)[:16]}...: the "
+            "arrays were changed or damaged after training; retrain or restore the model directory"
+        )
+    try:
+        return OnboardingPrior(
+            **{f: arrays[PRIOR_PREFIX + f] for f in PRIOR_FIELDS}  # type: ignore[arg-type]
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"{path}: invalid onboarding prior: {e}") from None
 
 
 def _json_default(o: Any) -> Any:
@@ -449,14 +537,7 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
     :class:`ModelDirError` naming the file."""
     root = Path(model_dir)
     manifest = read_manifest(root)
-    scale = manifest.get("rating_scale")
-    if not (
-        isinstance(scale, list)
-        and len(scale) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
-        and all(np.isfinite(scale))
-    ):
-        raise ModelDirError(f"{root / MANIFEST}: rating_scale must be [min, max], got {scale!r}")
+    scale = _rating_scale(root, manifest)
     path = root / ARRAYS
     arrays = _read_arrays(path)
     _check_arrays(path, arrays, manifest)
@@ -472,8 +553,11 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
             rating_max=float(scale[1]),
             manifest=manifest,
             history_timestamps=arrays.get("history_timestamps"),
+            onboarding_prior=_prior_from_arrays(path, arrays, manifest),
         )
     except ValueError as e:
+        if isinstance(e, ModelDirError):
+            raise
         raise ModelDirError(f"{root}: inconsistent model files: {e}") from e
     _check_history(path, model)
     try:
@@ -481,6 +565,194 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
     except ValueError as e:
         raise ModelDirError(f"{root / MANIFEST}: {e}") from e
     return model
+
+
+def _rating_scale(root: Path, manifest: dict[str, Any]) -> list[float]:
+    scale = manifest.get("rating_scale")
+    if not (
+        isinstance(scale, list)
+        and len(scale) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
+        and all(np.isfinite(scale))
+    ):
+        raise ModelDirError(f"{root / MANIFEST}: rating_scale must be [min, max], got {scale!r}")
+    return [float(scale[0]), float(scale[1])]
+
+
+_PER_USER_ATTRS = frozenset(
+    {
+        "lrs",
+        "user_bias",
+        "user_ids",
+        "history_indptr",
+        "history_items",
+        "history_ratings",
+        "history_timestamps",
+        "user_history",
+        "user_history_by_time",
+        "history_by_time",
+        "population_theta",
+        "predict",
+    }
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedModel:
+    """The part of a model directory a server needs (:func:`load_shared_model_dir`): the shared
+    arrays (U, item features and biases, μ, the population prior), the item ids, the manifest, the
+    stored onboarding prior and a compact user-id index — no user's parameters or rating history.
+    Its size does not depend on the number of users except for ``users`` ((longest id + 4) bytes
+    per user).
+
+    The per-user attributes of :class:`TrainedModel` (``lrs``, ``user_bias``, ``user_ids``, the
+    histories, ``user_history``, ``predict``, ...) are there too for tools and tests: the first one
+    read loads the whole directory (:func:`load_model_dir`, checked to be the same model) and keeps
+    it. The service never reads them (except the training history of a version published without
+    histories)."""
+
+    root: Path
+    U: np.ndarray  # (d, r)
+    item_features: np.ndarray  # (n_items, d)
+    item_bias: np.ndarray  # (n_items,)
+    global_mean: float
+    w_prior_mean: np.ndarray  # (r,)
+    w_prior_cov: np.ndarray  # (r, r)
+    item_ids: tuple[str, ...]
+    users: UserIndex
+    sparsity: int  # k
+    rating_min: float
+    rating_max: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+    onboarding_prior: OnboardingPrior | None = None
+    _full: list[TrainedModel] = field(default_factory=list, init=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _PER_USER_ATTRS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.full(), name)
+
+    def full(self) -> TrainedModel:
+        """The whole model directory (per-user arrays included), loaded once on first call."""
+        if not self._full:
+            model = load_model_dir(self.root)
+            if model.manifest.get("arrays_sha256") != self.manifest.get("arrays_sha256"):
+                raise ModelDirError(f"{self.root}: no longer holds model {self.model_version!r}")
+            self._full[:] = [model]
+        return self._full[0]
+
+    def user_index(self) -> UserIndex:
+        return self.users
+
+    @property
+    def d(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest.get("model_version", ""))
+
+    def item_index(self) -> dict[str, int]:
+        return {it: i for i, it in enumerate(self.item_ids)}
+
+
+def load_shared_model_dir(model_dir: str | os.PathLike[str]) -> SharedModel:
+    """The shared part of a model directory, read without any per-user array: only the members
+    :data:`SHARED_ARRAYS` and :data:`PRIOR_ARRAYS` of arrays.npz are read (an .npz member is read
+    on access), users.json becomes a compact :class:`~lrs_rec.user_index.UserIndex`. The same checks
+    as :func:`load_model_dir` on what it reads (format version, arrays_sha256 and
+    onboarding_prior_sha256, dtypes, shapes, finiteness)."""
+    root = Path(model_dir)
+    manifest = read_manifest(root)
+    scale = _rating_scale(root, manifest)
+    path = root / ARRAYS
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with npz as z:
+            names = [n for n in (*SHARED_ARRAYS, *PRIOR_ARRAYS, "B_idx") if n in z.files]
+            arrays = {n: z[n] for n in names if n != "B_idx"}
+            k = _sparsity(z, manifest) if "B_idx" in names else None
+    except FileNotFoundError as e:
+        raise ModelDirError(f"{path}: missing") from e
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        why = "not a numeric .npz archive" if "pickle" in str(e) else str(e)
+        raise ModelDirError(f"{path}: damaged or not a model array file ({why})") from None
+    missing = [n for n in SHARED_ARRAYS if n not in arrays]
+    if missing or k is None:
+        raise ModelDirError(f"{path}: missing arrays {sorted(missing or ['B_idx'])}")
+    want = manifest.get("arrays_sha256")
+    if _digest({name: arrays[name] for name in SHARED_ARRAYS}) != want:
+        raise ModelDirError(
+            f"{path} does not match manifest arrays_sha256 {str(want)[:16]}...: the arrays were "
+            "changed or damaged after training; retrain or restore the model directory"
+        )
+    for name in SHARED_ARRAYS:
+        a = arrays[name]
+        ndim, _ = _ARRAY_SPECS[name]
+        if a.dtype.kind not in "fiu" or a.ndim != ndim or not np.all(np.isfinite(a)):
+            raise ModelDirError(
+                f"{path}: array {name} must be {ndim}-D numeric and finite, got {a.ndim}-D {a.dtype}"
+            )
+    item_ids = _read_ids(root / ITEMS)
+    try:
+        user_index = UserIndex.read(root / USERS)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{root / USERS}: cannot read ({e})") from e
+    U, F = arrays["U"], arrays["item_features"]
+    r = U.shape[1]
+    checks = {
+        "item_features rows": (F.shape[0], len(item_ids)),
+        "item_features cols": (F.shape[1], U.shape[0]),
+        "item_bias": (arrays["item_bias"].shape[0], len(item_ids)),
+        "w_prior_mean": (arrays["w_prior_mean"].shape[0], r),
+        "w_prior_cov rows": (arrays["w_prior_cov"].shape[0], r),
+    }
+    for name, (got, want_n) in checks.items():
+        if got != want_n:
+            raise ModelDirError(f"{root}: {name}: length {got} does not match expected {want_n}")
+    shared = SharedModel(
+        root=root,
+        U=U,
+        item_features=F,
+        item_bias=arrays["item_bias"],
+        global_mean=float(arrays["global_mean"]),
+        w_prior_mean=arrays["w_prior_mean"],
+        w_prior_cov=arrays["w_prior_cov"],
+        item_ids=item_ids,
+        users=user_index,
+        sparsity=k,
+        rating_min=scale[0],
+        rating_max=scale[1],
+        manifest=manifest,
+        onboarding_prior=_prior_from_arrays(path, arrays, manifest),
+    )
+    try:
+        onboarding_schedule(manifest)
+    except ValueError as e:
+        raise ModelDirError(f"{root / MANIFEST}: {e}") from e
+    return shared
+
+
+def _sparsity(z: Any, manifest: dict[str, Any]) -> int:
+    """k without reading B_idx's data: the manifest's dims, else the .npy header of B_idx."""
+    dims = manifest.get("dims")
+    if isinstance(dims, dict) and isinstance(dims.get("sparsity"), int):
+        return int(dims["sparsity"])
+    return int(z["B_idx"].shape[1])  # a directory without dims (none is written so): read it
 
 
 def onboarding_schedule(manifest: dict[str, Any]) -> list[tuple[int, OnboardingConfig]]:

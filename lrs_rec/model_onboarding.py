@@ -4,14 +4,25 @@ parameters the service would store.
 
 * schedule: the model's own (:func:`lrs_rec.model_dir.onboarding_schedule`) unless one is given;
 * prior: estimated from the trained arrays (first-ratings episodes when the model stores rating
-  times); for a differentially private model only what it releases (:func:`public_prior`).
+  times) — stored in the model directory at save time (``onboarding_prior_*``), estimated here for a
+  model saved before that; for a differentially private model only what it releases
+  (:func:`public_prior`).
+
+:func:`shared_onboarder` builds the same onboarder from a :class:`~lrs_rec.model_dir.SharedModel`
+(what ``lrs-rec serve`` loads: no per-user arrays).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lrs_rec.model_dir import TrainedModel, onboarding_schedule
+from lrs_rec.model_dir import (
+    ModelDirError,
+    SharedModel,
+    TrainedModel,
+    load_model_dir,
+    onboarding_schedule,
+)
 from lrs_rec.onboarding import (
     Onboarder,
     OnboardingConfig,
@@ -53,7 +64,7 @@ def build_onboarder(
 ) -> ScheduledOnboarder:
     """The onboarder the service uses for ``model`` (not cached: the prior is estimated here)."""
     sched = schedule or onboarding_schedule(model.manifest)
-    prior = None
+    prior = model.onboarding_prior  # stored at save time (None: a private or older model)
     if model.manifest.get("privacy"):
         # a DP model: onboard from what it releases only (w̄, Σ_w, the rating scale), never from
         # aggregates of the trained users' per-user arrays (docs/privacy.md)
@@ -68,3 +79,51 @@ def build_onboarder(
         model, config=sched[0][1], prior=prior, history_timestamps=model.history_timestamps
     )
     return ScheduledOnboarder.from_onboarder(base, sched)
+
+
+def shared_onboarder(
+    model: SharedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
+) -> ScheduledOnboarder:
+    """:func:`build_onboarder` for the shared part of a model directory, with the same result: the
+    stored prior (or the public one of a private model). A directory saved before the prior was
+    stored has its prior estimated here once, from a full load of the directory that is dropped
+    right after (the per-user arrays are in memory for that moment only)."""
+    sched = schedule or onboarding_schedule(model.manifest)
+    prior = model.onboarding_prior
+    if model.manifest.get("privacy"):
+        prior = public_prior(
+            w_prior_mean=model.w_prior_mean,
+            w_prior_cov=model.w_prior_cov,
+            rating_min=model.rating_min,
+            rating_max=model.rating_max,
+            n_items=model.n_items,
+        )
+    elif prior is None:
+        prior = _legacy_prior(model)
+    base = Onboarder(
+        U=model.U,
+        item_features=model.item_features,
+        item_bias=model.item_bias,
+        global_mean=float(model.global_mean),
+        rating_min=float(model.rating_min),
+        rating_max=float(model.rating_max),
+        k=model.sparsity,
+        prior=prior,
+        config=sched[0][1],
+    )
+    return ScheduledOnboarder.from_onboarder(base, sched)
+
+
+def _legacy_prior(model: SharedModel) -> OnboardingPrior:
+    full = load_model_dir(model.root)
+    if full.model_version != model.model_version or full.manifest.get(
+        "arrays_sha256"
+    ) != model.manifest.get("arrays_sha256"):
+        raise ModelDirError(
+            f"{model.root}: now holds model {full.model_version!r}, not the loaded "
+            f"{model.model_version!r}: cannot estimate the onboarding prior"
+        )
+    onb = onboarder_from_model(
+        full, config=OnboardingConfig(), history_timestamps=full.history_timestamps
+    )
+    return onb.prior

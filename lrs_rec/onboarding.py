@@ -331,14 +331,15 @@ def estimate_prior(
     noise_var = 1e-6
     if users.size:
         feats = np.asarray(item_features, dtype=np.float64)
-        theta = lrs.theta()
-        pred = (
-            global_mean
-            + ub[users]
-            + np.asarray(item_bias, dtype=np.float64)[items]
-            + np.einsum("nd,nd->n", feats[items], theta[users])
-        )
-        sse = float(np.sum((ratings - pred) ** 2))
+        ib = np.asarray(item_bias, dtype=np.float64)
+        sse = 0.0
+        # by blocks of users (CSR order), so memory stays bounded: O(block × d), never O(N × d)
+        for a, b in _user_blocks(indptr):
+            lo, hi = int(indptr[a]), int(indptr[b])
+            theta = lrs.theta_rows(np.arange(a, b))
+            it, us = items[lo:hi], users[lo:hi] - a
+            pred = global_mean + ub[a:b][us] + ib[it] + np.einsum("nd,nd->n", feats[it], theta[us])
+            sse += float(np.sum((ratings[lo:hi] - pred) ** 2))
         dof = users.size - n_users * (1 + r + lrs.sparsity)
         noise_var = max(sse / dof if dof > users.size // 4 else sse / users.size, 1e-6)
 
@@ -361,6 +362,21 @@ def estimate_prior(
         S_within=S,
         C_tm=C_tm,
     )
+
+
+_BLOCK_RATINGS = 1 << 17  # ratings per block of the prior's passes over the histories
+
+
+def _user_blocks(indptr: IntArray, per_block: int = _BLOCK_RATINGS) -> list[tuple[int, int]]:
+    """Consecutive user ranges [a, b) of at most ``per_block`` ratings each (or one user)."""
+    n = indptr.shape[0] - 1
+    out, a = [], 0
+    while a < n:
+        b = int(np.searchsorted(indptr, indptr[a] + per_block, side="right")) - 1
+        b = min(max(b, a + 1), n)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _first_ratings(
@@ -395,13 +411,20 @@ def _implicit_moments(
     p = desc.shape[1]
     if p == 0:
         return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((q, 0))
-    G = desc[items]  # (N, p)
+    # g_i of every rating, in blocks of ratings: memory O(block × p), never O(N × p)
+    blocks = [
+        (s, min(s + _BLOCK_RATINGS, users.size)) for s in range(0, users.size, _BLOCK_RATINGS)
+    ]
     M = np.zeros((n_users, p))
-    np.add.at(M, users, G)
+    for s, e in blocks:
+        np.add.at(M, users[s:e], desc[items[s:e]])
     M /= counts[:, None]
-    dev = G - M[users]
+    S = np.zeros((p, p))
+    for s, e in blocks:
+        dev = desc[items[s:e]] - M[users[s:e]]
+        S += dev.T @ dev
     dof_w = max(int(users.size - n_users), 1)
-    S = dev.T @ dev / dof_w
+    S = S / dof_w
     S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
     m_mean = M.mean(axis=0)
     C_raw = np.cov(M, rowvar=False) - float(np.mean(1.0 / counts)) * S

@@ -70,7 +70,9 @@ EMBEDDED_CONFIG: dict[str, Any] = {
     "appendonly": "yes",  # every write goes to the append-only file ...
     "appendfsync": "always",  # ... fsync'ed before the reply: acknowledged writes survive a crash
     "hash-max-ziplist-entries": "512",  # buckets of <= 512 users stay listpack/ziplist-encoded
-    "hash-max-ziplist-value": "128",  # records up to 128 bytes stay in the compact encoding
+    # records and rating histories up to 4 KiB stay in the compact encoding (store.HISTORY_LISTPACK_VALUE;
+    # set here too so that hashes reloaded from the append-only file after a restart stay compact)
+    "hash-max-ziplist-value": "4096",
     "unixsocketperm": "700",  # only this user may connect
 }
 

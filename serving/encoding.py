@@ -444,6 +444,14 @@ class HistoryEncoder:
         self._items = items.astype(_UINT[self.iw]).tobytes()
         self._ratings = ratings.astype("<f4").tobytes()
 
+    def max_size(self) -> int:
+        """Bytes of the longest record."""
+        counts = np.diff(self.indptr)
+        longest = int(counts.max()) if counts.size else 0
+        if self.cap is not None:
+            longest = min(longest, self.cap)
+        return 9 + longest * (self.iw + 4)
+
     def record(self, u: int) -> bytes:
         lo, hi = int(self.indptr[u]), int(self.indptr[u + 1])
         if self.cap is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from lrs_rec.serving.recommender import ServingError
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
 from lrs_rec.model_dir import USERS, read_manifest
+from lrs_rec.user_index import UserIndex
 
 if TYPE_CHECKING:
     from lrs_rec.serving.recommender import Recommender
@@ -70,20 +72,20 @@ class ErasureResult:
 
 
 # -- a version's user vocabulary -----------------------------------------------------------------------
-_VOCAB: dict[tuple[str, str, str], dict[str, int]] = {}
+_VOCAB: dict[tuple[str, str, str], Mapping[str, int]] = {}
 _VOCAB_LOCK = threading.Lock()
 _VOCAB_MAX = 4
 
 
-def _vocabulary(rec: Recommender, loaded: Any, meta: VersionMeta) -> dict[str, int] | None:
+def _vocabulary(rec: Recommender, loaded: Any, meta: VersionMeta) -> Mapping[str, int] | None:
     """User id -> dense index of ``meta``'s model, or None when it is not available."""
     if rec._matches(meta, loaded.model):
-        served: dict[str, int] = loaded.user_index
+        served: Mapping[str, int] = loaded.user_index
         return served
     return vocabulary_from_dir(meta)
 
 
-def vocabulary_from_dir(meta: VersionMeta) -> dict[str, int] | None:
+def vocabulary_from_dir(meta: VersionMeta) -> Mapping[str, int] | None:
     """User id -> index from ``users.json`` of ``meta.model_dir`` if it still holds ``meta``'s
     model (same model version and shared-array digest), else None."""
     if not meta.model_dir:
@@ -103,7 +105,9 @@ def vocabulary_from_dir(meta: VersionMeta) -> dict[str, int] | None:
         ids = json.loads((root / USERS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    index = {str(u): i for i, u in enumerate(ids)}
+    if not isinstance(ids, list):
+        return None
+    index = UserIndex(str(u) for u in ids)  # compact: (longest id + 4) bytes per user
     with _VOCAB_LOCK:
         while len(_VOCAB) >= _VOCAB_MAX:
             _VOCAB.pop(next(iter(_VOCAB)))
@@ -168,7 +172,7 @@ def _remove(
     store: RedisStore,
     user_id: str,
     now_ns: int,
-    plans: list[tuple[VersionMeta, dict[str, int] | None]],
+    plans: list[tuple[VersionMeta, Mapping[str, int] | None]],
 ) -> None:
     """The marker, then the user's fields in each version: one transaction on a single server."""
     cluster = store.handle.is_cluster
@@ -196,7 +200,7 @@ def _remove(
         pipe.execute()
 
 
-def scrub_version(store: RedisStore, meta: VersionMeta, vocab: dict[str, int]) -> int:
+def scrub_version(store: RedisStore, meta: VersionMeta, vocab: Mapping[str, int]) -> int:
     """Remove from ``meta`` the trained rows of erased users (``vocab``: its model's users) that
     were not onboarded there after their erasure; returns how many users were scrubbed. What a
     rollback (``lrs-rec publish --switch V``) runs first, for the versions an erasure could not

@@ -56,8 +56,8 @@ from lrs_rec.serving.recommender import (
 from lrs_rec.serving.store import ConcurrentWriteError, VersionMovedError
 
 from lrs_rec.ids import id_problem
-from lrs_rec.model_dir import TrainedModel, onboarding_schedule
-from lrs_rec.model_onboarding import build_onboarder
+from lrs_rec.model_dir import SharedModel, TrainedModel, onboarding_schedule
+from lrs_rec.model_onboarding import build_onboarder, shared_onboarder
 from lrs_rec.model_onboarding import onboarder_from_model as onboarder_from_model  # re-export
 from lrs_rec.onboarding import OnboardingConfig, ScheduledOnboarder
 
@@ -85,25 +85,26 @@ class OnboardResult:
 
 # -- the per-model Onboarder (prior estimation + precomputation happen once per model) ---------------
 # per loaded model object (weak: a model that is no longer served drops its onboarder), per schedule
-_CACHE: weakref.WeakKeyDictionary[TrainedModel, dict[str, ScheduledOnboarder]] = (
+_CACHE: weakref.WeakKeyDictionary[TrainedModel | SharedModel, dict[str, ScheduledOnboarder]] = (
     weakref.WeakKeyDictionary()
 )
 _CACHE_LOCK = threading.Lock()
-_BUILD_LOCKS: weakref.WeakKeyDictionary[TrainedModel, dict[str, threading.Lock]] = (
+_BUILD_LOCKS: weakref.WeakKeyDictionary[TrainedModel | SharedModel, dict[str, threading.Lock]] = (
     weakref.WeakKeyDictionary()
 )
 BUILDS = 0  # onboarders built in this process (the tests count them)
 
 
-def schedule_for(model: TrainedModel) -> list[tuple[int, OnboardingConfig]]:
+def schedule_for(model: TrainedModel | SharedModel) -> list[tuple[int, OnboardingConfig]]:
     """The onboarding hyperparameters of ``model`` (``training.model_dir.onboarding_schedule``)."""
     return onboarding_schedule(model.manifest)
 
 
 def onboarder_for(
-    model: TrainedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
+    model: TrainedModel | SharedModel, schedule: list[tuple[int, OnboardingConfig]] | None = None
 ) -> ScheduledOnboarder:
-    """The (cached) onboarder of ``model``; its prior is estimated once from the model arrays."""
+    """The (cached) onboarder of ``model``: its stored prior (estimated once from the model arrays
+    when the directory predates the stored prior)."""
     # the model's own schedule (the per-request case) is parsed on a cache miss only
     key = "manifest" if schedule is None else repr(schedule)
     with _CACHE_LOCK:
@@ -122,11 +123,14 @@ def onboarder_for(
 
 
 def _build_onboarder(
-    model: TrainedModel, key: str, schedule: list[tuple[int, OnboardingConfig]] | None
+    model: TrainedModel | SharedModel, key: str, schedule: list[tuple[int, OnboardingConfig]] | None
 ) -> ScheduledOnboarder:
     global BUILDS
     BUILDS += 1
-    onb = build_onboarder(model, schedule)
+    if isinstance(model, SharedModel):
+        onb = shared_onboarder(model, schedule)
+    else:
+        onb = build_onboarder(model, schedule)
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = onb
     return onb
@@ -141,13 +145,16 @@ def refit_for_publish(
 
 
 def _fit_or_population(
-    onb: ScheduledOnboarder, model: TrainedModel, items: np.ndarray, ratings: np.ndarray
+    onb: ScheduledOnboarder,
+    model: TrainedModel | SharedModel,
+    items: np.ndarray,
+    ratings: np.ndarray,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """``(c_u, w_u, b_idx, b_val)`` fitted from ``items``/``ratings``; the population model
     (c_u = 0, w̄, b = 0) when there is no rating of a known item to fit."""
     items = np.asarray(items, dtype=np.int64)
     if items.size == 0:
-        k = model.lrs.sparsity
+        k = model.sparsity if isinstance(model, SharedModel) else model.lrs.sparsity
         return 0.0, np.asarray(model.w_prior_mean, dtype=np.float64), np.arange(k), np.zeros(k)
     user = onb.fit(items, np.asarray(ratings, dtype=np.float64))
     return user.user_bias, user.w, user.b_idx, user.b_val
@@ -350,7 +357,9 @@ def _onboard_once(
         if hist is not None:
             old_items, old_ratings = decode_history(hist)
             old_unknown = decode_history_unknown(hist)
-        elif index is not None and cap:
+        elif index is not None and cap and not meta.with_history:
+            # published without histories: the training history from the model directory (the one
+            # case where the server reads per-user arrays: the whole directory, on first need)
             old_items, old_ratings = model.user_history_by_time(index)
             old_items, old_ratings = old_items[-cap:], old_ratings[-cap:]
         else:

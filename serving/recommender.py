@@ -7,6 +7,11 @@ at once) + one ONNX Runtime run.
 The served store version follows ``lrs:current``: it is re-read at most every
 ``version_refresh_interval`` seconds, and a new version whose model differs from the loaded one is
 served only once ``model_dir`` holds that model (it is then reloaded).
+
+Only the shared part of the model directory is loaded (:func:`lrs_rec.model_dir.load_shared_model_dir`:
+U, item features and biases, the population and onboarding priors, item ids, a compact user-id
+index): every user's parameters and rating history are read from Redis, so a server's memory does not
+grow with the users' parameters (issue 15).
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ from lrs_rec.serving.connection import RedisHandle, connect
 from lrs_rec.serving.encoding import UserParams, decode_history, decode_record
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
-from lrs_rec.model_dir import MANIFEST, ONNX, TrainedModel, load_model_dir, read_manifest
+from lrs_rec.model_dir import (
+    MANIFEST,
+    ONNX,
+    SharedModel,
+    TrainedModel,
+    load_shared_model_dir,
+    read_manifest,
+)
+from lrs_rec.user_index import UserIndex
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +90,11 @@ class RecommendResult:
 
 @dataclass(frozen=True, eq=False)
 class _Loaded:
-    """A loaded model and everything derived from it."""
+    """A loaded model (its shared part) and everything derived from it."""
 
-    model: TrainedModel
+    model: SharedModel
     scorer: Any
-    user_index: dict[str, int]
+    user_index: UserIndex
     item_index: dict[str, int]
     item_ids: np.ndarray  # object array of external item ids
     population: UserParams
@@ -90,12 +103,12 @@ class _Loaded:
 def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
     from lrs_rec.serving.model_check import load_checked_scorer
 
-    model = load_model_dir(model_dir)
+    model = load_shared_model_dir(model_dir)
     # refuses a missing, truncated or foreign model.onnx (serving.model_check)
     scorer = load_checked_scorer(
         model_dir, manifest=model.manifest, intra_op_threads=intra_op_threads
     )
-    r, k = model.lrs.rank, model.lrs.sparsity
+    r, k = model.rank, model.sparsity
     population = UserParams(  # paper's population model: θ = U·w̄, c_u = 0, b = 0
         bias=np.zeros(1, dtype=np.float32),
         w=np.asarray(model.w_prior_mean, dtype=np.float32).reshape(1, r),
@@ -105,7 +118,7 @@ def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
     return _Loaded(
         model=model,
         scorer=scorer,
-        user_index=model.user_index(),
+        user_index=model.users,
         item_index=model.item_index(),
         item_ids=np.asarray(model.item_ids, dtype=object),
         population=population,
@@ -244,7 +257,9 @@ class Recommender:
 
     # -- introspection ------------------------------------------------------------------------------
     @property
-    def model(self) -> TrainedModel:
+    def model(self) -> SharedModel:
+        """The served model's shared part (its per-user attributes load the whole directory on
+        first access: for tools and tests, see :class:`lrs_rec.model_dir.SharedModel`)."""
         return self._loaded.model
 
     @property
@@ -267,9 +282,9 @@ class Recommender:
             "n_users": None if private else m.n_users,
             "differentially_private": private,
             "n_items": m.n_items,
-            "d": m.lrs.d,
-            "rank": m.lrs.rank,
-            "sparsity": m.lrs.sparsity,
+            "d": m.d,
+            "rank": m.rank,
+            "sparsity": m.sparsity,
             "rating_scale": [m.rating_min, m.rating_max],
             "n_onboarded_buckets": meta.n_onb_buckets if meta else None,
             "redis": self.handle.describe(),
@@ -277,7 +292,7 @@ class Recommender:
         }
 
     # -- version following --------------------------------------------------------------------------
-    def _matches(self, meta: VersionMeta, model: TrainedModel) -> bool:
+    def _matches(self, meta: VersionMeta, model: SharedModel | TrainedModel) -> bool:
         sha = str(model.manifest.get("arrays_sha256", ""))
         return meta.model_version == model.model_version and (
             not meta.arrays_sha256 or not sha or meta.arrays_sha256 == sha
@@ -593,7 +608,7 @@ class Recommender:
 
         return onboard(self, user_id, ratings)
 
-    def warm(self, model: TrainedModel | None = None) -> threading.Thread:
+    def warm(self, model: SharedModel | TrainedModel | None = None) -> threading.Thread:
         """Build the onboarding prior of ``model`` (default: the loaded one) in a background
         thread, so that no request pays for it (``serve`` does this for every model it loads;
         ``serving.onboarding.onboarder_for`` builds once however many threads ask)."""

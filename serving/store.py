@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Protocol
@@ -41,6 +41,10 @@ DEFAULT_BUCKET_SIZE = 128
 DEFAULT_ONB_BUCKETS = 1024
 DEFAULT_HISTORY_CAP = 1000
 _PIPELINE_KEYS = 256  # hashes written per pipeline round trip during publish
+# history records up to this size keep a bucket's history hash listpack-encoded (issue 15: 20 ratings
+# cost 196 B/user as a hashtable entry, ~135 B in a listpack); larger ones (long histories) leave
+# that bucket's hash a hashtable, as before
+HISTORY_LISTPACK_VALUE = 4096
 
 
 _UNSET: Any = object()  # RedisStore.update_user(erased_mark=...) not given
@@ -133,6 +137,14 @@ class UserStore(Protocol):
     def put_user(
         self, meta: VersionMeta, user_id: str, index: int | None, record: bytes, history: bytes
     ) -> None: ...
+
+
+def resp_hset(key: bytes, fields: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    """The RESP encoding of ``HSET key f1 v1 f2 v2 ...`` (bulk strings, as redis-py packs them)."""
+    parts = [b"*%d\r\n$4\r\nHSET\r\n$%d\r\n" % (2 + 2 * len(fields), len(key)), key, b"\r\n"]
+    for f, v in zip(fields, values, strict=True):
+        parts += (b"$%d\r\n" % len(f), f, b"\r\n$%d\r\n" % len(v), v, b"\r\n")
+    return b"".join(parts)
 
 
 class RedisStore:
@@ -307,6 +319,38 @@ class RedisStore:
         )
         return record, history
 
+    def _hset_packed(
+        self, chunks: Iterable[Sequence[tuple[bytes, list[bytes], list[bytes]]]]
+    ) -> None:
+        """``HSET key field value ...`` for every ``(key, fields, values)`` of every chunk on one
+        connection of a single server: RESP built here with one ``bytes.join`` per command (tested
+        equal to redis-py's ``pipeline().hset(key, mapping=...)``); a chunk is written, then the
+        previous chunk's replies are read and checked (at most two chunks in flight; the replies
+        are a few bytes each, so neither side can block the other)."""
+        import redis
+
+        def check(n: int) -> None:
+            for _ in range(n):
+                reply = conn.read_response()
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+
+        conn = self.r.connection_pool.get_connection()
+        try:
+            pending = 0
+            for commands in chunks:
+                packed = [resp_hset(key, names, values) for key, names, values in commands]
+                if packed:
+                    conn.send_packed_command(packed)
+                check(pending)
+                pending = len(packed)
+            check(pending)
+        except BaseException:
+            conn.disconnect()  # no unread reply may reach the next command on this connection
+            raise
+        finally:
+            self.r.connection_pool.release(conn)
+
     def _one_round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The serving hot path on a single server: all commands written at once on one pooled
         connection, then every reply read — one round trip like a pipeline, without redis-py's
@@ -469,16 +513,19 @@ class RedisStore:
         )
         self._put_meta(meta)  # first, so an interrupted publish can be found and deleted
         try:
-            self.ensure_compact_encoding(entries=bucket_size, value_bytes=fmt.size)
-            self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
-            packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
-            rec_bytes = packed.tobytes()
             hist = HistoryEncoder(  # oldest first, so the cap keeps each user's most recent
                 model.history_indptr,
                 *model.history_by_time(),
                 n_items=model.n_items,
                 cap=history_cap,
             )
+            value_bytes = fmt.size
+            if with_history:
+                value_bytes = max(value_bytes, min(hist.max_size(), HISTORY_LISTPACK_VALUE))
+            self.ensure_compact_encoding(entries=bucket_size, value_bytes=value_bytes)
+            self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
+            packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
+            rec_bytes = packed.tobytes()
             L = fmt.size
             # erased users (serving.erasure): their rows of the model directory are never written
             erased = self.erased_marks()
@@ -492,27 +539,39 @@ class RedisStore:
                 unit="chunk",
                 disable=not progress,
             )
-            for start in buckets:
-                if _fail_after_buckets is not None and start >= _fail_after_buckets:
-                    raise RuntimeError("simulated failure during publish (test hook)")
-                pipe = self.r.pipeline(transaction=False)
-                for b in range(start, min(start + pipeline_buckets, n_buckets)):
-                    lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
-                    users = [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
-                    if not users:
-                        continue
-                    pipe.hset(
-                        self.keys.params(version, b),
-                        mapping={
-                            str(u - lo).encode(): rec_bytes[u * L : (u + 1) * L] for u in users
-                        },
-                    )
-                    if with_history:
-                        pipe.hset(
-                            self.keys.history(version, b),
-                            mapping={str(u - lo).encode(): hist.record(u) for u in users},
+            fields = [str(s).encode() for s in range(bucket_size)]
+
+            def chunks() -> Iterator[list[tuple[bytes, list[bytes], list[bytes]]]]:
+                """``(key, fields, values)`` of every HSET, by chunks of ``pipeline_buckets``."""
+                for start in buckets:
+                    if _fail_after_buckets is not None and start >= _fail_after_buckets:
+                        raise RuntimeError("simulated failure during publish (test hook)")
+                    commands = []
+                    for b in range(start, min(start + pipeline_buckets, n_buckets)):
+                        lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
+                        users = (
+                            [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
                         )
-                pipe.execute()
+                        if not users:
+                            continue
+                        names = [fields[u - lo] for u in users]
+                        recs = [rec_bytes[u * L : (u + 1) * L] for u in users]
+                        commands.append((self.keys.params(version, b), names, recs))
+                        if with_history:
+                            hists = [hist.record(u) for u in users]
+                            commands.append((self.keys.history(version, b), names, hists))
+                    yield commands
+
+            if not self.handle.is_cluster:
+                # a single server: RESP packed here, one connection, the next chunk sent before
+                # the previous one's replies are read (the encoding overlaps Redis's work)
+                self._hset_packed(chunks())
+            else:  # a Cluster routes every bucket's keys through redis-py's cluster pipeline
+                for commands in chunks():
+                    pipe = self.r.pipeline(transaction=False)
+                    for key, names, values in commands:
+                        pipe.hset(key, mapping=dict(zip(names, values, strict=True)))
+                    pipe.execute()
             # users erased while the buckets were written: a bucket written after their erasure
             # removed them from this version holds them again (nothing else writes here yet)
             self._scrub_trained(meta, model, erased)

@@ -33,8 +33,12 @@ infinite rating (``"five"``, ``inf``), an empty user/item id, an id the service 
 than 256 characters, or with a control / non-printable character or U+FFFD: such users could never
 be onboarded or updated), a row with too few columns, an ML-100K / ML-1M line with more than its 4
 fields, an unparsable or infinite timestamp, an unknown column name, an empty file (no rating rows),
-a Parquet file without the requested columns, a file whose delimiter cannot be told, bytes that
-are not UTF-8 (``file:line`` and the byte offset). Column
+a Parquet file without the requested columns, a file whose delimiter cannot be told (no delimiter,
+or lines with different ones: each named), bytes that are not UTF-8 (``file:line`` and the byte
+offset), a line longer than 1 MiB (memory stays bounded: no line is ever read whole). Without a
+declared scale the observed range becomes the rating scale, so a rating beyond ±1e12, or one or two
+ratings more than 100 interquartile ranges from the median (a 1e6 among 1..5 stars), are errors
+naming ``file:line`` and ``--rating-scale``. Column
 choices are checked on the first line: a header lacking a user/item/rating column (no guessing by
 position onto a column named as something else), a position that is negative or beyond the line,
 one column for two roles, and Parquet columns of a type with no rating/timestamp/id meaning are
@@ -87,7 +91,7 @@ _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
 # Without a declared scale: |rating| above this is an error (squares and sums would overflow)
 MAX_ABS_RATING = 1e12
-# ... and so are a few ratings (at most this fraction) farther than this many interquartile
+# ... and so are a few ratings (at most 2, or this fraction) farther than this many interquartile
 # ranges from the median: they would silently become the observed rating scale
 OUTLIER_SPREADS = 100.0
 OUTLIER_MAX_FRACTION = 0.001
@@ -1069,7 +1073,7 @@ def _check_observed_scale(ratings: np.ndarray, where: Any) -> None:
         return
     far = np.abs(ratings - med) > limit
     n_far = int(np.count_nonzero(far))
-    if n_far == 0 or n_far > OUTLIER_MAX_FRACTION * ratings.size:
+    if n_far == 0 or n_far > max(2.0, OUTLIER_MAX_FRACTION * ratings.size):
         return
     j = int(np.flatnonzero(far)[0])
     rest = ratings[~far]

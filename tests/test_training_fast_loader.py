@@ -237,3 +237,55 @@ def test_generator_is_seeded_and_shaped() -> None:
     assert np.unique(key).size == len(a)  # distinct (user, item) pairs
     tr, te = a.split(0.1, random_state=0)
     assert len(tr) + len(te) == len(a) and 0.08 < len(te) / len(a) < 0.12
+
+
+# -- blockwise memory: blocks by ratings give the same model -----------------------------------
+def test_key_blocks_cover_every_sample_once_within_the_budgets() -> None:
+    from lrs_rec.training.lrs_als import key_blocks
+
+    rng = np.random.default_rng(2)
+    keys = np.concatenate([rng.integers(0, 50, 400), np.full(120, 7)])  # key 7: a heavy one
+    seen: list[int] = []
+    prev_hi = 0
+    for lo, hi, sl in key_blocks(keys, 60, block=9, max_samples=40):
+        assert lo == prev_hi and hi - lo <= 9
+        assert np.all((keys[sl] >= lo) & (keys[sl] < hi))
+        assert sl.size <= 40 or hi - lo == 1  # only a single heavy key exceeds the budget
+        seen.extend(sl.tolist())
+        prev_hi = hi
+    assert prev_hi == 60 and sorted(seen) == list(range(keys.size))
+
+
+def test_training_is_the_same_whatever_the_block_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrs_rec.training import lrs_als
+    from lrs_rec.training.config import TrainConfig
+    from lrs_rec.training.loaders import CleaningReport, RatingTable
+    from lrs_rec.training.pipeline import train
+
+    log = make_biased_mf(400, 150, random_state=3)
+    table = RatingTable(
+        users=np.char.add("u", log.users.astype(str)),
+        items=np.char.add("i", log.items.astype(str)),
+        ratings=log.ratings.astype(np.float64),
+        timestamps=log.timestamps.astype(np.float64),
+        rating_min=1.0,
+        rating_max=5.0,
+        report=CleaningReport(source="synthetic", format="csv"),
+        fingerprint="synthetic",
+    )
+    models = []
+    for block_floats, row_chunk in ((1 << 23, 1 << 20), (3000, 97)):
+        monkeypatch.setattr(lrs_als, "BLOCK_FLOATS", block_floats)
+        monkeypatch.setattr(lrs_als, "ROW_CHUNK", row_chunk)
+        for refine in (True, False):
+            cfg = TrainConfig(seed=0, n_iter=2, dim=8, rank=4, sparsity=2, refine_features=refine)
+            models.append(train(table, cfg, progress=False).model)
+    for a, b in ((models[0], models[2]), (models[1], models[3])):
+        for x, y in (
+            (a.item_features, b.item_features),
+            (a.lrs.W, b.lrs.W),
+            (a.lrs.U, b.lrs.U),
+            (a.user_bias, b.user_bias),
+            (a.item_bias, b.item_bias),
+        ):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-10)

@@ -222,7 +222,9 @@ def bench_model(model: TrainedModel, name: str, *, rounds: int, work: Path) -> d
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    from lrs_rec.extras import require_extra
+
+    matplotlib = require_extra("matplotlib", "the benchmark's figures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

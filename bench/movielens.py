@@ -145,7 +145,9 @@ def markdown_table(summary: dict[str, Any], folds: list[int]) -> str:
 
 
 def plot(summary: dict[str, Any], rows: list[dict[str, Any]], img_dir: Path) -> list[str]:
-    import matplotlib
+    from lrs_rec.extras import require_extra
+
+    matplotlib = require_extra("matplotlib", "the benchmark's figures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

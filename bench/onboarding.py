@@ -659,7 +659,9 @@ def latency_service(model: TrainedModel, seed: int, n_requests: int, log: Any) -
 
 # --------------------------------------------------------------------------------------------------
 def plot(table: dict[str, dict[int, float]], path: Path) -> None:
-    import matplotlib
+    from lrs_rec.extras import require_extra
+
+    matplotlib = require_extra("matplotlib", "the benchmark's figures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -309,7 +309,9 @@ def goal(ml: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from lrs_rec.extras import require_extra
+
+    matplotlib = require_extra("matplotlib", "the benchmark's figures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

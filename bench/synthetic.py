@@ -216,7 +216,9 @@ def smallest_exact_m(rows: list[dict[str, Any]]) -> dict[str, int | None]:
 
 
 def plot(results: dict[str, Any], img_dir: Path) -> None:
-    import matplotlib
+    from lrs_rec.extras import require_extra
+
+    matplotlib = require_extra("matplotlib", "the benchmark's figures")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -2,9 +2,12 @@
 
 Routes (a contract — outside checks call them)::
 
-    POST /v1/score      {"user_id", "item_ids"}            -> {"user_id", "scores", "personalized", "model_version"}
+    POST /v1/score      {"user_id", "item_ids"}            -> {"user_id", "scores", "personalized", "model_version",
+                                                               "unknown_item_ids"}
     POST /v1/recommend  {"user_id", "n", "exclude_rated"}  -> {"user_id", "items": [{"item_id", "score"}],
                                                                "personalized", "model_version"}
+    PUT  /v1/users/{user_id}/ratings   onboarding       GET  /v1/users/{user_id}/ratings  stored history
+    DELETE /v1/users/{user_id}         erasure (serving.erasure)
     GET  /v1/model   version, dims, counts        GET /healthz   process is up
     GET  /readyz     503 unless Redis answers and a servable version is published
     GET  /metrics    Prometheus text format
@@ -25,7 +28,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as StarletteJSONResponse
 from fastapi.responses import Response
+from lrs_rec.serving import auth
+from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
+from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
 from lrs_rec.serving.metrics import (
     ASGIApp,
     Message,
@@ -84,6 +90,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
 ROUTES = {"/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"}
 ROUTES.add("/v1/users/{user_id}/ratings")  # onboarding (serving.onboarding)
+ROUTES.add("/v1/users/{user_id}")  # erasure (serving.erasure)
 
 
 class _UserIdConvertor(Convertor[str]):
@@ -237,17 +244,23 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def create_app(
-    recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    recommender: Recommender,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_keys: auth.KeyRing | None = None,
 ) -> FastAPI:
     # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
     # an empty body that a client following redirects would replay as a second POST
     app = FastAPI(
-        title="lrs-rec", version="1", docs_url="/docs", redoc_url=None, redirect_slashes=False
+        title="lrs-rec", version="1", docs_url=None, redoc_url=None, redirect_slashes=False
     )
+    add_offline_docs(app)  # /docs with Swagger UI served locally (no CDN: serving.docs)
     metrics = Metrics()
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender
+    # route dependencies of the API keys (serving.auth): none at all without --api-keys
+    read, write = auth.guard(api_keys, "read"), auth.guard(api_keys, "write")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -281,6 +294,10 @@ def create_app(
         log.exception("unhandled error")
         return _error(500, f"internal error ({type(exc).__name__})")
 
+    @app.exception_handler(UnknownUserError)
+    async def _unknown_user(_: Request, exc: UnknownUserError) -> JSONResponse:
+        return _error(404, str(exc))
+
     @app.exception_handler(NotReadyError)
     async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
         return _error(503, str(exc))
@@ -288,7 +305,7 @@ def create_app(
     # The routes with a body parse and validate it in one pydantic-core call
     # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
     # the request schemas stay in the OpenAPI document through ``openapi_extra``.
-    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest))
+    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest), dependencies=read)
     async def score(request: Request) -> Response:
         req = _parse(ScoreRequest, await request.body())
         if isinstance(req, Response):
@@ -305,10 +322,11 @@ def create_app(
                 "scores": res.scores,
                 "personalized": res.personalized,
                 "model_version": res.model_version,
+                "unknown_item_ids": res.unknown_item_ids,
             }
         )
 
-    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest))
+    @app.post("/v1/recommend", openapi_extra=_body_schema(RecommendRequest), dependencies=read)
     async def recommend(request: Request) -> Response:
         req = _parse(RecommendRequest, await request.body())
         if isinstance(req, Response):
@@ -328,7 +346,11 @@ def create_app(
             }
         )
 
-    @app.put("/v1/users/{user_id:lrs_user_id}/ratings", openapi_extra=_body_schema(OnboardRequest))
+    @app.put(
+        "/v1/users/{user_id:lrs_user_id}/ratings",
+        openapi_extra=_body_schema(OnboardRequest),
+        dependencies=write,
+    )
     async def onboard(user_id: str, request: Request) -> Response:
         # the body is parsed like the other routes (any Content-Type, errors as {"error": ...});
         # the fit and the fsync'ed Redis write run in the thread pool so they do not block the
@@ -347,10 +369,44 @@ def create_app(
                 "n_ratings": res.n_ratings,
                 "personalized": res.personalized,
                 "model_version": res.model_version,
+                "ignored_item_ids": res.ignored_item_ids,
             }
         )
 
-    @app.get("/v1/model")
+    @app.get("/v1/users/{user_id:lrs_user_id}/ratings", dependencies=write)
+    async def stored_ratings(user_id: str) -> Response:
+        try:
+            res = await run_in_threadpool(user_ratings, rec, user_id)
+        except OnboardingInputError as e:
+            return _error(422, str(e))
+        return JSONResponse(
+            {
+                "user_id": res.user_id,
+                "ratings": [{"item_id": i, "rating": r} for i, r in res.ratings],
+                "n_ratings": len(res.ratings),
+                "updated_at": res.updated_at,
+                "store_version": res.store_version,
+                "model_version": res.model_version,
+            }
+        )
+
+    @app.delete("/v1/users/{user_id:lrs_user_id}", dependencies=write)
+    async def erase(user_id: str) -> Response:
+        try:
+            res = await run_in_threadpool(erase_user, rec, user_id)
+        except OnboardingInputError as e:
+            return _error(422, str(e))
+        return JSONResponse(
+            {
+                "user_id": res.user_id,
+                "erased": True,
+                "erased_at": res.erased_at,
+                "store_versions": res.store_versions,
+                "unscrubbed_versions": res.unscrubbed_versions,
+            }
+        )
+
+    @app.get("/v1/model", dependencies=read)
     async def model_info() -> Response:
         try:
             rec.refresh()

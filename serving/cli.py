@@ -10,8 +10,10 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # name -> (module, one-line help). Owners: training/* by the training pipeline, serving/* by serving.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lrs_rec.training.export", "export the shared weights of a model directory to ONNX"),
     "publish": ("lrs_rec.serving.cmd_publish", "publish a model's per-user parameters to Redis"),
     "serve": ("lrs_rec.serving.cmd_serve", "run the HTTP recommendation service"),
+    "keys": ("lrs_rec.serving.cmd_keys", "create and list the API keys of `serve --api-keys`"),
     "quickstart": (
         "lrs_rec.serving.quickstart",
         "train, export, publish and serve built-in sample data",
@@ -30,10 +33,55 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default in ``--help``: `` (default: X)`` is appended to an option's
+    help unless it already says ``default X`` / ``default: X`` (or uses ``%(default)s``). Options
+    without a value by default (None, False: flags) and required ones are left as they are."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "%(default)" in text
+        ):
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        if re.search(r"default:?\s*" + re.escape(shown), text):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """The CLI's parsers (sub-commands inherit the class, hence the formatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lrs-rec")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lrs-rec",
         description="lrs-rec: low-rank + sparse (AMHT-LRS) personalised recommendations.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"lrs-rec {version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
@@ -65,8 +113,8 @@ def blas_threads() -> contextlib.AbstractContextManager[object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    mod = importlib.import_module(args._module)
     try:
+        mod = importlib.import_module(args._module)
         with blas_threads():
             return int(mod.run(args) or 0)
     except KeyboardInterrupt:
@@ -78,6 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. LRS_HOME is a file, a full disk: the message names the path
         print(f"lrs-rec {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional dependency: name the extra that installs it
+        from lrs_rec.extras import missing_extra_message
+
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"lrs-rec {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

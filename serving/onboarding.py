@@ -19,8 +19,15 @@ Semantics
   recommend reads the new record (no cache in between).
 * Publishing a new model version refits every onboarded user from their stored history with the new
   model (:func:`refit_for_publish`, the store's carry-over hook), so nobody loses personalisation.
-* Bad input (unknown items, ratings off the scale, NaN, empty or oversized lists, bad ids) raises
-  :class:`OnboardingInputError` / ``UnknownItemsError`` before anything is written.
+* Unknown items (not in the served model's vocabulary, e.g. added to the catalogue since the last
+  training run) are accepted: their ratings are kept in the user's stored history by external item id
+  (history record format 2, :mod:`serving.encoding`), carried over by publish (and fitted once a
+  published model knows the item), never used by the fit, and reported as ``ignored_item_ids``.
+  With ``unknown_items="error"`` (``lrs-rec serve --unknown-items error``) they are refused as before.
+* A user erased before (``DELETE /v1/users/{id}``, :mod:`serving.erasure`) is onboarded as a new
+  user: from an empty history, never from the training history of the model directory.
+* Bad input (ratings off the scale, NaN, empty or oversized lists, bad ids) raises
+  :class:`OnboardingInputError` before anything is written.
 """
 
 from __future__ import annotations
@@ -29,12 +36,17 @@ import math
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from lrs_rec.serving.encoding import decode_history, encode_history, encode_records
-from lrs_rec.serving.history import merge_history
+from lrs_rec.serving.encoding import (
+    decode_history,
+    decode_history_unknown,
+    encode_history,
+    encode_records,
+)
+from lrs_rec.serving.history import merge_history, merge_unknown
 from lrs_rec.serving.recommender import (
     NotReadyError,
     ServingError,
@@ -71,6 +83,8 @@ class OnboardResult:
     model_version: str
     n_new: int = 0  # ratings of this request (after de-duplication)
     store_version: str = ""
+    # items of this request outside the served vocabulary: stored in the history, not fitted
+    ignored_item_ids: list[str] = field(default_factory=list)
 
 
 # -- the per-model Onboarder (prior estimation + precomputation happen once per model) ---------------
@@ -149,7 +163,14 @@ def refit_for_publish(
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """The store's carry-over hook: refit one onboarded user with the NEW model from their full
     stored history (item indices of the new model). An empty history gives the population model."""
-    onb = onboarder_for(model)
+    return _fit_or_population(onboarder_for(model), model, items, ratings)
+
+
+def _fit_or_population(
+    onb: ScheduledOnboarder, model: TrainedModel, items: np.ndarray, ratings: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """``(c_u, w_u, b_idx, b_val)`` fitted from ``items``/``ratings``; the population model
+    (c_u = 0, w̄, b = 0) when there is no rating of a known item to fit."""
     items = np.asarray(items, dtype=np.int64)
     if items.size == 0:
         k = model.lrs.sparsity
@@ -182,7 +203,30 @@ def parse_ratings(
     rating_max: float,
     max_ratings: int = DEFAULT_MAX_RATINGS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validated, de-duplicated (item index, rating) arrays of one request, in time order."""
+    """Validated, de-duplicated (item index, rating) arrays of one request, in time order;
+    :class:`UnknownItemsError` for items outside ``item_index`` (the strict rule)."""
+    items, values, unknown = parse_ratings_split(
+        ratings,
+        item_index=item_index,
+        rating_min=rating_min,
+        rating_max=rating_max,
+        max_ratings=max_ratings,
+    )
+    if unknown:
+        raise UnknownItemsError([i for i, _ in unknown])
+    return items, values
+
+
+def parse_ratings_split(
+    ratings: Any,
+    *,
+    item_index: dict[str, int],
+    rating_min: float,
+    rating_max: float,
+    max_ratings: int = DEFAULT_MAX_RATINGS,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
+    """:func:`parse_ratings` that keeps items outside ``item_index`` apart instead of refusing
+    them: ``(item indices, ratings, [(unknown item id, rating)])``, each in time order."""
     if isinstance(ratings, str | bytes) or not isinstance(ratings, Sequence):
         raise OnboardingInputError(
             "ratings must be a list of (item_id, rating[, timestamp]) entries, got "
@@ -226,9 +270,6 @@ def parse_ratings(
             )
         ts_f = None if ts is None else _number(f"{where}.timestamp", ts)
         rows.append((item_id, rating_f, ts_f, pos))
-    unknown = [r[0] for r in rows if r[0] not in item_index]
-    if unknown:
-        raise UnknownItemsError(list(dict.fromkeys(unknown)))
     # time order: by timestamp when every entry has one (ties: list position), else list position
     # (an entry without a timestamp cannot be placed among timed ones); the latest rating of an
     # item wins
@@ -238,9 +279,11 @@ def parse_ratings(
     for item_id, rating_f, _, _ in rows:
         latest.pop(item_id, None)  # re-insert: dict order = time order of the latest rating
         latest[item_id] = rating_f
-    items = np.fromiter((item_index[i] for i in latest), dtype=np.int64, count=len(latest))
-    values = np.fromiter(latest.values(), dtype=np.float64, count=len(latest))
-    return items, values
+    known = [(item_index[i], r) for i, r in latest.items() if i in item_index]
+    unknown = [(i, r) for i, r in latest.items() if i not in item_index]
+    items = np.fromiter((i for i, _ in known), dtype=np.int64, count=len(known))
+    values = np.fromiter((r for _, r in known), dtype=np.float64, count=len(known))
+    return items, values, unknown
 
 
 def _number(where: str, x: Any) -> float:
@@ -313,13 +356,15 @@ def _onboard_once(
 
     meta, loaded = rec._current()  # one consistent (served version, model) snapshot
     model = loaded.model
-    new_items, new_ratings = parse_ratings(
+    new_items, new_ratings, new_unknown = parse_ratings_split(
         ratings,
         item_index=loaded.item_index,
         rating_min=model.rating_min,
         rating_max=model.rating_max,
         max_ratings=max_ratings,
     )
+    if new_unknown and getattr(rec, "unknown_items", "fallback") == "error":
+        raise UnknownItemsError([i for i, _ in new_unknown])
     onb = onboarder_for(model)
     index = loaded.user_index.get(user_id)
     store = rec.store
@@ -327,21 +372,30 @@ def _onboard_once(
     cap = meta.history_cap
 
     def compute(hist: bytes | None, _is_live: Any) -> tuple[bytes, bytes, int]:
+        old_unknown: list[tuple[str, float]] = []
         if hist is not None:
             old_items, old_ratings = decode_history(hist)
+            old_unknown = decode_history_unknown(hist)
         elif index is not None and cap:
             old_items, old_ratings = model.user_history_by_time(index)
             old_items, old_ratings = old_items[-cap:], old_ratings[-cap:]
         else:
             old_items, old_ratings = np.zeros(0, np.int64), np.zeros(0)
         items, values = merge_history(old_items, old_ratings, new_items, new_ratings, cap)
-        user = onb.fit(items, values)
-        record = encode_records(fmt, [user.user_bias], [user.w], [user.b_idx], [user.b_val])[0]
+        # ratings of items outside the vocabulary: stored (by external id) for the next training
+        # run and carried over by publish, never used by the fit
+        unknown = merge_unknown(old_unknown, new_unknown, cap)
+        bias, w, b_idx, b_val = _fit_or_population(onb, model, items, values)
+        record = encode_records(fmt, [bias], [w], [b_idx], [b_val])[0]
         stored = (items, values) if cap else (items[:0], values[:0])
-        return record, encode_history(*stored, n_items=model.n_items), int(items.size)
+        history = encode_history(*stored, n_items=model.n_items, unknown=unknown)
+        return record, history, int(items.size)
 
     try:
-        n = store.update_user(meta, user_id, index, compute, require_current=True)
+        # check_erased: an erased trained user starts from an empty history, not the training one
+        n = store.update_user(
+            meta, user_id, index, compute, require_current=True, check_erased=True
+        )
         if wait_replicas > 0:
             acked = int(store.r.wait(wait_replicas, wait_timeout_ms))
             if acked < wait_replicas:
@@ -356,8 +410,9 @@ def _onboard_once(
     return OnboardResult(
         user_id=user_id,
         n_ratings=n,
-        personalized=True,
+        personalized=n > 0,
         model_version=model.model_version,
         n_new=int(new_items.size),
         store_version=meta.version,
+        ignored_item_ids=[i for i, _ in new_unknown],
     )

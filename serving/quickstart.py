@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--home",
         default=None,
-        help="data directory (default $LRS_HOME, else ./.lrs-rec); everything goes under "
+        help="data directory (default $LRS_HOME, else the per-user data directory); everything goes under "
         "HOME/quickstart (sample data, model, and a separate embedded Redis), so the demo "
         "never touches the models you published to HOME",
     )
@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--serve",
         action="store_true",
         help="keep serving after the demo (until Ctrl-C) instead of exiting",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback --host anyway (the demo has no API keys; warns)",
     )
 
 
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import uvicorn
     from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.auth import check_bind
     from lrs_rec.serving.connection import connect, lrs_home
     from lrs_rec.serving.recommender import Recommender
     from lrs_rec.serving.store import RedisStore
@@ -72,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
 
     from lrs_rec.model_dir import save_model_dir
 
+    # the demo service has no API keys: the bind rule of `serve` (serving.auth)
+    warning = check_bind(
+        args.host,
+        authenticated=False,
+        allow_unauthenticated=args.allow_unauthenticated,
+        command="quickstart",
+        remedy="the demo has no API keys: keep it on 127.0.0.1 (or, on a trusted network only, "
+        "pass --allow-unauthenticated); `lrs-rec serve --api-keys FILE` serves with keys",
+    )
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     home = lrs_home(args.home).resolve()
     work = home / "quickstart"

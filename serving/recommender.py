@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_N = 1000
 DEFAULT_MAX_ITEMS = 10_000
+UNKNOWN_ITEMS = ("fallback", "error")  # what score does with item ids outside the vocabulary
 
 
 class ServingError(Exception):
@@ -61,6 +62,9 @@ class ScoreResult:
     scores: list[float]
     personalized: bool
     model_version: str
+    # requested ids outside the model's vocabulary, scored with the fallback μ + c_u (c_i = 0,
+    # f_i = 0: the population prediction without the item's bias and features)
+    unknown_item_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,11 @@ class Recommender:
         connect_timeout: float = 0.5,
         max_n: int = DEFAULT_MAX_N,
         max_items: int = DEFAULT_MAX_ITEMS,
+        unknown_items: str = "fallback",
     ) -> None:
+        if unknown_items not in UNKNOWN_ITEMS:
+            raise ValueError(f"unknown_items must be one of {UNKNOWN_ITEMS}, got {unknown_items!r}")
+        self.unknown_items = unknown_items
         self.model_dir = Path(model_dir)
         self.handle = handle or connect(
             redis_url, home=home, socket_timeout=socket_timeout, connect_timeout=connect_timeout
@@ -302,9 +310,11 @@ class Recommender:
         return meta, loaded, params, personalized, histories
 
     def _item_indices(self, loaded: _Loaded, item_ids: Sequence[str]) -> np.ndarray:
+        """Item indices, -1 for an unknown id (the ONNX graph's fallback row) unless
+        ``unknown_items="error"``, which raises :class:`UnknownItemsError`."""
         index = loaded.item_index
         out = np.fromiter((index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
-        if out.size and out.min() < 0:
+        if self.unknown_items == "error" and out.size and out.min() < 0:
             raise UnknownItemsError([i for i, j in zip(item_ids, out, strict=True) if j < 0])
         return out
 
@@ -314,7 +324,9 @@ class Recommender:
 
     # -- public API ---------------------------------------------------------------------------------
     def score(self, user_id: str, item_ids: Sequence[str]) -> ScoreResult:
-        """Predicted ratings of ``item_ids`` for ``user_id`` (unknown user: population model)."""
+        """Predicted ratings of ``item_ids`` for ``user_id`` (unknown user: population model;
+        unknown item: μ + c_u, listed in ``unknown_item_ids``, or an error with
+        ``unknown_items="error"``)."""
         return self.score_batch([user_id], [item_ids])[0]
 
     def score_batch(
@@ -351,7 +363,8 @@ class Recommender:
                     c.reshape(1, -1),
                 )
                 scores = np.asarray(s, dtype=np.float64).reshape(-1).tolist()
-            out.append(ScoreResult(u, scores, pers[b], loaded.model.model_version))
+            unknown = [i for i, j in zip(item_ids[b], c.tolist(), strict=True) if j < 0]
+            out.append(ScoreResult(u, scores, pers[b], loaded.model.model_version, unknown))
         return out
 
     def recommend(self, user_id: str, n: int = 10, exclude_rated: bool = True) -> RecommendResult:

@@ -24,12 +24,13 @@ from lrs_rec.serving.encoding import (
     RecordError,
     RecordFormat,
     decode_history,
+    decode_history_unknown,
     decode_record,
     encode_history,
     encode_records,
     pack_params,
 )
-from lrs_rec.serving.history import merge_history
+from lrs_rec.serving.history import merge_history, merge_unknown
 from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
 
 from lrs_rec.model_dir import TrainedModel
@@ -40,6 +41,9 @@ DEFAULT_BUCKET_SIZE = 128
 DEFAULT_ONB_BUCKETS = 1024
 DEFAULT_HISTORY_CAP = 1000
 _PIPELINE_KEYS = 256  # hashes written per pipeline round trip during publish
+
+
+_UNSET: Any = object()  # RedisStore.update_user(erased_mark=...) not given
 
 
 class UnknownVersionError(LookupError, ValueError):
@@ -476,6 +480,10 @@ class RedisStore:
                 cap=history_cap,
             )
             L = fmt.size
+            # erased users (serving.erasure): their rows of the model directory are never written
+            erased = self.erased_marks()
+            user_index = model.user_index() if erased else {}
+            skip = {user_index[u] for u in erased if u in user_index}
             from tqdm import tqdm
 
             buckets = tqdm(
@@ -490,19 +498,24 @@ class RedisStore:
                 pipe = self.r.pipeline(transaction=False)
                 for b in range(start, min(start + pipeline_buckets, n_buckets)):
                     lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
+                    users = [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
+                    if not users:
+                        continue
                     pipe.hset(
                         self.keys.params(version, b),
                         mapping={
-                            str(u - lo).encode(): rec_bytes[u * L : (u + 1) * L]
-                            for u in range(lo, hi)
+                            str(u - lo).encode(): rec_bytes[u * L : (u + 1) * L] for u in users
                         },
                     )
                     if with_history:
                         pipe.hset(
                             self.keys.history(version, b),
-                            mapping={str(u - lo).encode(): hist.record(u) for u in range(lo, hi)},
+                            mapping={str(u - lo).encode(): hist.record(u) for u in users},
                         )
                 pipe.execute()
+            # users erased while the buckets were written: a bucket written after their erasure
+            # removed them from this version holds them again (nothing else writes here yet)
+            self._scrub_trained(meta, model, erased)
             old = self.current_version()
             seen: dict[str, int] = {}
             written: dict[str, _Written] = {}
@@ -635,6 +648,8 @@ class RedisStore:
         require_current: bool = False,
         mark: str | None = None,
         own_mark: str | None = None,
+        check_erased: bool = False,
+        erased_mark: Any = _UNSET,
     ) -> Any:
         """Read the user's stored history in ``meta``, ``compute`` what to write, and write it with
         the onboarded marker, atomically: the one read-modify-write of a user (onboarding and the
@@ -653,18 +668,29 @@ class RedisStore:
         them in between, so concurrent writers never lose each other's ratings. Redis Cluster (no
         cross-slot WATCH in the client): a per-process lock per user stripe, marker first (see
         :meth:`put_user`); ``require_current`` is then checked just before the write (not
-        atomically: publish's grace pass covers the rest)."""
+        atomically: publish's grace pass covers the rest).
+
+        Erasure (serving.erasure; the marker hash is WATCHed too on a single server):
+        ``check_erased`` (onboarding): a user marked erased without a stored history starts from
+        an empty one — never from the training history of the model directory.
+        ``erased_mark`` (carry-over): the user's marker as it was when the data to write was read;
+        if it differs now, the user was erased since: nothing is written, returns ``_ERASED``."""
         import redis
 
         loc = self.locate(meta, user_id, index)
         marker = self.keys.onboarded(meta.version)
         if mark is None:
             mark = f"{time.time_ns()}:{-1 if index is None else int(index)}"
+        guard = check_erased or erased_mark is not _UNSET
         if self.handle.is_cluster:
             with _USER_LOCKS[hash(user_id) % len(_USER_LOCKS)]:
+                hist = self.r.hget(loc.history_key, loc.field)
+                if guard:
+                    hist = self._erasure_guard(meta, user_id, hist, self.r, erased_mark)
+                    if hist is _ERASED:
+                        return _ERASED
                 record, history, result = compute(
-                    self.r.hget(loc.history_key, loc.field),
-                    partial(_is_live, self.r, marker, user_id, own_mark),
+                    hist, partial(_is_live, self.r, marker, user_id, own_mark)
                 )
                 if require_current:
                     self._check_current(meta, self.r.get(self.keys.current))
@@ -677,15 +703,21 @@ class RedisStore:
         watched = [loc.history_key, loc.params_key]
         if require_current:
             watched.append(self.keys.current)
+        if guard:
+            watched.append(self.keys.erased)
         for _ in range(_UPDATE_RETRIES):
             with self.r.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*watched)
                     if require_current:
                         self._check_current(meta, pipe.get(self.keys.current))
+                    hist = pipe.hget(loc.history_key, loc.field)
+                    if guard:
+                        hist = self._erasure_guard(meta, user_id, hist, pipe, erased_mark)
+                        if hist is _ERASED:
+                            return _ERASED
                     record, history, result = compute(
-                        pipe.hget(loc.history_key, loc.field),
-                        partial(_is_live, pipe, marker, user_id, own_mark),
+                        hist, partial(_is_live, pipe, marker, user_id, own_mark)
                     )
                     pipe.multi()
                     pipe.hset(marker, user_id, mark)
@@ -699,6 +731,38 @@ class RedisStore:
         raise ConcurrentWriteError(
             f"could not store {user_id!r}: {_UPDATE_RETRIES} concurrent-write retries"
         )
+
+    def _erasure_guard(
+        self, meta: VersionMeta, user_id: str, hist: bytes | None, client: Any, erased_mark: object
+    ) -> Any:
+        """``hist`` as :meth:`update_user` passes it on under its erasure options, or _ERASED."""
+        now = client.hget(self.keys.erased, user_id)
+        if erased_mark is not _UNSET and now != erased_mark:
+            return _ERASED
+        if now is not None and hist is None:
+            return encode_history(_NO_HISTORY[0], _NO_HISTORY[1], n_items=meta.n_items)
+        return hist
+
+    def erased_marks(self) -> dict[str, bytes]:
+        """Erased user id -> marker (erasure time in ns, ASCII), from ``lrs:erased``."""
+        return {k.decode(): v for k, v in self.r.hgetall(self.keys.erased).items()}
+
+    def _scrub_trained(
+        self, meta: VersionMeta, model: TrainedModel, before: dict[str, bytes]
+    ) -> None:
+        """Remove from ``meta`` (being written) the trained rows of users erased since ``before``
+        (the markers read when the rows were chosen)."""
+        late = [u for u, m in self.erased_marks().items() if before.get(u) != m]
+        if not late:
+            return
+        index = model.user_index()
+        pipe = self.r.pipeline(transaction=False)
+        for u in late:
+            if u in index:
+                loc = self.locate(meta, u, index[u])
+                pipe.hdel(loc.params_key, loc.field)
+                pipe.hdel(loc.history_key, loc.field)
+        pipe.execute()
 
     @staticmethod
     def _check_current(meta: VersionMeta, raw: bytes | None) -> None:
@@ -739,8 +803,11 @@ class RedisStore:
         n = 0
         ids = list(todo)
         locs = [self.locate(old, u, todo[u][1]) for u in ids]
+        # each user's erasure marker as it was before their data was read: one erased since is
+        # not written into ``new`` (RedisStore.update_user, ``erased_mark``)
+        marks = self.r.hmget(self.keys.erased, ids)
         fetched = self.fetch(locs, with_history=True)
-        for user_id, loc, (rec, hist) in zip(ids, locs, fetched, strict=True):
+        for user_id, loc, mark, (rec, hist) in zip(ids, locs, marks, fetched, strict=True):
             seen[user_id] = todo[user_id][0]
             if rec is None or hist is None:
                 continue
@@ -752,6 +819,7 @@ class RedisStore:
                     old_items,
                     (new_item_index, new_user_index),
                     written,
+                    erased_mark=mark,
                 )
             except RecordError as e:
                 raise RecordError(
@@ -771,6 +839,8 @@ class RedisStore:
         old_items: list[str],
         new_index: tuple[dict[str, int], dict[str, int]],
         written: dict[str, _Written],
+        *,
+        erased_mark: bytes | None = None,
     ) -> int:
         """Carry one onboarded user (``stored``: record, history in the old version) into
         ``job.new`` (see :meth:`_carry_over`); 1 if refitted, else 0."""
@@ -784,20 +854,56 @@ class RedisStore:
         )
         idx = new_user_index.get(user_id)
         carried = (items_carried, ratings[keep])
+        # ratings of items outside a vocabulary are kept by external id: those the new model knows
+        # join the fitted history, items it no longer knows move to the unknown-item list
+        cap = job.new.history_cap
+        unknown_old = decode_history_unknown(hist)
+        now_known = [(new_item_index[i], r) for i, r in unknown_old if i in new_item_index]
+        if now_known:
+            carried = merge_history(
+                *carried,
+                np.array([i for i, _ in now_known], dtype=np.int64),
+                np.array([r for _, r in now_known]),
+                cap,
+            )
+        dropped = [(e, float(r)) for e, r, k in zip(ext, ratings, keep, strict=True) if not k]
+        still_unknown = [(i, r) for i, r in unknown_old if i not in new_item_index]
+        carried_unknown = merge_unknown(dropped, still_unknown, cap)
         mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
         before = written.get(user_id)
         # the marker is ours before the write (a retried or failed one is still ours); the history
         # once written: the grace pass tells the ratings servers wrote into ``new`` from it
         written[user_id] = _Written(mark, before.history if before is not None else None)
-        compute = partial(job.carried_user, user_id=user_id, rec=rec, carried=carried, ours=before)
-        refitted, history = self.update_user(
-            job.new, user_id, idx, compute, mark=mark, own_mark=before.mark if before else None
+        compute = partial(
+            job.carried_user,
+            user_id=user_id,
+            rec=rec,
+            carried=carried,
+            ours=before,
+            carried_unknown=carried_unknown,
         )
+        out = self.update_user(
+            job.new,
+            user_id,
+            idx,
+            compute,
+            mark=mark,
+            own_mark=before.mark if before else None,
+            erased_mark=erased_mark,
+        )
+        if out is _ERASED:  # erased since its data was read: nothing written
+            if before is None:
+                written.pop(user_id, None)
+            else:
+                written[user_id] = before
+            return 0
+        refitted, history = out
         written[user_id] = _Written(mark, history)
         return 1 if refitted else 0
 
 
 _UPDATE_RETRIES = 50
+_ERASED = object()  # RedisStore.update_user: the user was erased meanwhile, nothing written
 _SETTLE_ATTEMPTS = 20
 _USER_LOCKS = [threading.Lock() for _ in range(64)]
 
@@ -823,9 +929,11 @@ class _CarryOver:
         rec: bytes,
         carried: tuple[np.ndarray, np.ndarray],
         ours: _Written | None = None,
+        carried_unknown: list[tuple[str, float]] | None = None,
     ) -> tuple[bytes | None, bytes, tuple[bool, bytes]]:
         """``(record or None, history, (refitted?, history))`` for :meth:`RedisStore.update_user`;
-        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass."""
+        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass;
+        ``carried_unknown``: the user's ratings of items outside the new vocabulary (by id)."""
         live = self.switched and is_live()
         # what the new version already holds for the user: their new training history (published
         # moments ago), what this publish carried there in an earlier pass and, once the new
@@ -836,10 +944,16 @@ class _CarryOver:
         cap = self.new.history_cap
         present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
         items, ratings = merge_history(present[0], present[1], carried[0], carried[1], cap)
+        # unknown-item ratings (never fitted) merge the same way, by id
+        present_unknown = decode_history_unknown(new_hist) if new_hist is not None else []
+        unknown = merge_unknown(present_unknown, list(carried_unknown or ()), cap)
         if live:
             since_i, since_r = _written_since(present, ours)
             items, ratings = merge_history(items, ratings, since_i, since_r, cap)
-        history = encode_history(items, ratings, n_items=self.model.n_items)
+            # what servers wrote since ours, by value (order aside, exact: these are never fitted)
+            mine = set(decode_history_unknown(ours.history)) if ours and ours.history else set()
+            unknown = merge_unknown(unknown, [e for e in present_unknown if e not in mine], cap)
+        history = encode_history(items, ratings, n_items=self.model.n_items, unknown=unknown)
         fmt = self.new.record_format
         if self.same_model and not live:  # same parameters: carry the record as it is
             if self.old.record_format == fmt:

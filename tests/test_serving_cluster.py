@@ -339,3 +339,38 @@ def test_tls_redis_url_publishes_serves_and_onboards(tls_redis, tmp_path):
     with pytest.raises(redis.ConnectionError, match=r"(?i)certificate"):
         RedisStore(connect(untrusted)).current_version()
     assert proxy.handshakes_failed > 0
+
+
+@pytest.mark.parametrize("cluster", [3], ids=["three-nodes"], indirect=True)
+def test_erasure_on_redis_cluster(cluster, tmp_path):
+    """DELETE's path on a cluster (marker first, then each version's fields, slot by slot): the
+    user is gone from every version and a publish of the old model does not bring them back."""
+    from lrs_rec.serving.erasure import erase_user, user_ratings
+
+    cluster_url, _ = cluster
+    model_dir = tmp_path / "model"
+    write_model_dir(random_trained_model(n_users=50, n_items=20, random_state=8), model_dir)
+    model = load_model_dir(model_dir)
+    store = RedisStore(connect(cluster_url))
+    store.publish(model, model_dir=str(model_dir))
+    v2 = store.publish(model, model_dir=str(model_dir), carry_over_grace=0)
+    rec = Recommender(model_dir, cluster_url, version_refresh_interval=0)
+    rec.onboard("newbie", [("i1", 4.0), ("i2", 2.0)])
+    assert [r for _, r in user_ratings(rec, "newbie").ratings] == [4.0, 2.0]
+    for user in ("u3", "newbie"):
+        res = erase_user(rec, user)
+        assert sorted(res.store_versions) == ["v1", "v2"] and res.unscrubbed_versions == []
+        assert not rec.score(user, ["i1"]).personalized
+    for v in ("v1", "v2"):
+        meta = store.meta(v)
+        for user, idx in (("u3", 3), ("newbie", None)):
+            loc = store.locate(meta, user, idx)
+            assert store.r.hget(loc.params_key, loc.field) is None
+            assert store.r.hget(loc.history_key, loc.field) is None
+    assert store.onboarded_users(v2.version) == {}
+    v3 = store.publish(model, model_dir=str(model_dir), carry_over_grace=0)
+    loc = store.locate(v3, "u3", 3)
+    assert store.r.hget(loc.params_key, loc.field) is None and v3.n_carried_over == 0
+    assert not rec.score("u3", ["i1"]).personalized and rec.score("u4", ["i1"]).personalized
+    # re-onboarding after the erasure: a new user, not the training history
+    assert rec.onboard("u3", [("i5", 5.0)]).n_ratings == 1

@@ -17,7 +17,8 @@ def test_quickstart_runs_the_whole_path_and_exits(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "/v1/recommend" in out and "/v1/score" in out
         assert '"personalized": true' in out and '"personalized": false' in out
-        assert "422" in out  # the unknown item is shown as a client error
+        # the unknown item gets the documented fallback score and is named (issue 12)
+        assert '"unknown_item_ids": ["no-such-item"]' in out
         assert (home / "quickstart" / "model" / "model.onnx").is_file()
         store = RedisStore(connect(home=home / "quickstart"))
         assert store.current_version() == "v1"

@@ -77,8 +77,16 @@ def test_served_scores_equal_offline_predictions(model_dirs, home, precision):
     unknown = rec.score("nobody-xyz", item_ids)
     assert not unknown.personalized
     np.testing.assert_allclose(unknown.scores, model.predict(np.full(15, -1), items), atol=2e-5)
+    # an unknown item: the fallback μ + c_u (model.predict's item -1), named in the result
+    res = rec.score("u1", ["i1", "nope"])
+    assert res.unknown_item_ids == ["nope"]
+    np.testing.assert_allclose(
+        res.scores, stored.predict(np.array([1, 1]), np.array([1, -1])), atol=2e-5
+    )
+    assert model.user_ids[1] == "u1" and model.item_ids[1] == "i1"
+    strict = Recommender(model_dirs["a"], home=home, unknown_items="error")
     with pytest.raises(UnknownItemsError, match="'nope'"):
-        rec.score("u1", ["i1", "nope"])
+        strict.score("u1", ["i1", "nope"])
     assert rec.score("u1", []).scores == []
 
 

@@ -24,6 +24,13 @@ Cleaning rules (keys of :attr:`CleaningReport.counts`):
                              a guess (four integer columns), the file probably has another scale
 ``duplicates_removed``       repeated (user, item) pairs: the latest by timestamp is kept (ties and
                              missing timestamps: the later line wins)
+``timestamps_ms_converted``  a timestamp in milliseconds among seconds: in a column whose numeric
+                             timestamps are mostly (at least half) at most 1e11 — seconds; 1e11 s
+                             is the year 5138, while every millisecond time after March 1973 is
+                             above 1e11 — a value in (1e11, 1e14] is read as milliseconds and
+                             divided by 1000 (kept, counted, examples named). MovieLens
+                             latest-small has one such row. A column mostly above 1e11 (all
+                             milliseconds) is left as it is: only the order of times is used
 ``non_numeric_user_ids``     ids are opaque strings (``"u17"`` is fine); counted for information
 ``non_numeric_item_ids``
 ===========================  ====================================================================
@@ -839,6 +846,34 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+MS_THRESHOLD = 1e11  # seconds above this are after the year 5138; ms above it after March 1973
+MS_MAX = 1e14  # beyond: not milliseconds of a plausible date either (left alone)
+
+
+def _seconds_from_mixed_units(
+    times: np.ndarray, where: list[str] | _LineLocs, report: CleaningReport
+) -> np.ndarray:
+    """The ``timestamps_ms_converted`` rule (module docstring): in a column of mostly-second
+    timestamps, values in (1e11, 1e14] are milliseconds: divided by 1000 and counted."""
+    finite = np.isfinite(times)
+    n = int(np.count_nonzero(finite))
+    if n == 0:
+        return times
+    seconds = finite & (times <= MS_THRESHOLD)
+    if 2 * int(np.count_nonzero(seconds)) < n:
+        return times  # a column in milliseconds (or another unit) throughout: left as it is
+    ms = finite & (times > MS_THRESHOLD) & (times <= MS_MAX)
+    if not ms.any():
+        return times
+    idx = np.flatnonzero(ms)
+    for j in idx[:5]:
+        report.add("timestamps_ms_converted", f"{where[int(j)]} ({times[int(j)]:.0f})", n=0)
+    report.add("timestamps_ms_converted", n=int(idx.size))
+    out = times.copy()
+    out[ms] = times[ms] / 1000.0
+    return out
+
+
 def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = None) -> RatingTable:
     """Read and clean one rating file. See the module docstring for the cleaning rules."""
     opts = options or LoadOptions()
@@ -886,6 +921,8 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         ratings = np.array(got.ratings, dtype=np.float64)
         times = np.array(got.times, dtype=np.float64)
         where = got.where
+
+    times = _seconds_from_mixed_units(times, where, report)
 
     # ---- rating scale -----------------------------------------------------------------------
     if opts.rating_scale is not None:

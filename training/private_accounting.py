@@ -20,14 +20,22 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import mechanism_calibration
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
+from lrs_rec.extras import require_extra
 from lrs_rec.privacy import NEIGHBOURING
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+_PURPOSE = "differentially private training and privacy accounting"
+
+
+def _dp(module: str = "dp_accounting") -> Any:
+    """dp_accounting (the ``privacy`` extra), imported when a ledger is computed or checked: a
+    serving host without it still publishes and serves models that carry no privacy ledger."""
+    return require_extra(module, _PURPOSE)
+
 
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_ACCOUNTANT = "rdp"  # fast and exact-in-form for Gaussians; "pld" is tighter but slower
@@ -64,18 +72,21 @@ class EventGroup:
 
 def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     """A fresh dp_accounting accountant for the add/remove neighbouring relation."""
-    rel = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    rel = _dp().NeighboringRelation.ADD_OR_REMOVE_ONE
     if accountant == "pld":
-        return pld_privacy_accountant.PLDAccountant(
+        return _dp("dp_accounting.pld.pld_privacy_accountant").PLDAccountant(
             neighboring_relation=rel, value_discretization_interval=PLD_DISCRETIZATION
         )
     if accountant == "rdp":
-        return rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
+        return _dp("dp_accounting.rdp.rdp_privacy_accountant").RdpAccountant(
+            neighboring_relation=rel
+        )
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
 def dp_event_from_ledger(events: Sequence[Mapping[str, Any]]) -> dp_accounting.DpEvent:
     """The composed dp_accounting event of a ledger's ``events`` list (keys as in the manifest)."""
+    dp = _dp()
     parts: list[dp_accounting.DpEvent] = []
     for k, ev in enumerate(events):
         if ev.get("mechanism") != "gaussian":
@@ -83,8 +94,8 @@ def dp_event_from_ledger(events: Sequence[Mapping[str, Any]]) -> dp_accounting.D
         z, c = float(ev["noise_multiplier"]), int(ev["count"])
         if not (math.isfinite(z) and z > 0) or c < 1:
             raise ValueError(f"privacy.events[{k}]: bad noise_multiplier {z!r} or count {c!r}")
-        parts.append(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), c))
-    return dp_accounting.ComposedDpEvent(parts)
+        parts.append(dp.SelfComposedDpEvent(dp.GaussianDpEvent(z), c))
+    return dp.ComposedDpEvent(parts)
 
 
 def epsilon_for_events(
@@ -122,10 +133,12 @@ def calibrate_single_gaussian(
 ) -> float:
     """Smallest noise multiplier s of one Gaussian release with ε(s) ≤ ``epsilon`` at ``delta``."""
     _check_target(epsilon, delta)
+    dp = _dp()
+    mechanism_calibration = _dp("dp_accounting.mechanism_calibration")
 
     def eps_of(s: float) -> float:
         acc = make_accountant(accountant)
-        acc.compose(dp_accounting.GaussianDpEvent(s))
+        acc.compose(dp.GaussianDpEvent(s))
         return float(acc.get_epsilon(delta))
 
     lo, hi = 0.05, 1.0
@@ -138,7 +151,7 @@ def calibrate_single_gaussian(
     s = float(
         mechanism_calibration.calibrate_dp_mechanism(
             lambda: make_accountant(accountant),
-            dp_accounting.GaussianDpEvent,
+            dp.GaussianDpEvent,
             epsilon,
             delta,
             bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),

@@ -281,6 +281,7 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     # lrs-rec train (defaults) + test RMSE through the library
     model_dir = work / "model"
     argv = [*lrs_cli, "train", "--ratings", str(train_csv), "--out", str(model_dir)]
+    argv += ["--threads", str(args.threads)]
     r = measure([*argv, "--quiet", "--json"], time_limit=args.time_limit, **caps)
     row["lrs_train_s"] = r["wall_s"] if r["ok"] else None
     row["lrs_cpu_s"] = r["cpu_s"] if r["ok"] else None

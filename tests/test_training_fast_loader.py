@@ -289,3 +289,38 @@ def test_training_is_the_same_whatever_the_block_sizes(monkeypatch: pytest.Monke
             (a.item_bias, b.item_bias),
         ):
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-10)
+
+
+def test_threads_and_memory_budget_take_effect_and_keep_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lrs_rec.serving.cli import main
+    from lrs_rec.training import lrs_als, parallel
+
+    for mod, name in ((lrs_als, "BLOCK_FLOATS"), (lrs_als, "ROW_CHUNK"), (parallel, "_threads")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
+    calls: list[int] = []
+    real = parallel._ordered_pool_map
+
+    def counting(fn, blocks, n):  # type: ignore[no-untyped-def]
+        calls.append(n)
+        return real(fn, blocks, n)
+
+    monkeypatch.setattr(parallel, "_ordered_pool_map", counting)
+    data = write_csv(make_biased_mf(1500, 300, random_state=4), tmp_path / "r.csv")
+    arrays = []
+    for n in (1, 2):
+        out = tmp_path / f"m{n}"
+        argv = ["train", "--ratings", str(data), "--out", str(out), "--quiet", "--no-export"]
+        assert main([*argv, "--n-iter", "2", "--threads", str(n), "--memory-budget", "16"]) == 0
+        assert parallel.threads() == n and lrs_als.BLOCK_FLOATS == (16 << 20) // 32
+        arrays.append(np.load(out / "arrays.npz"))
+    assert calls and set(calls) == {2}  # the pool ran only with --threads 2
+    assert lrs_als.user_block_size(32) < 1500  # several user blocks
+    a, b = arrays
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit
+    with pytest.raises(SystemExit):
+        main(["train", "--ratings", str(data), "--out", str(tmp_path / "x"), "--threads", "x"])
+    assert main(["train", "--ratings", str(data), "--out", str(tmp_path / "y"), "--threads", "0"])

@@ -62,6 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("population", "isotropic"),
         help="ridge on w_u: towards the population prior N(w̄, Σ_w) (default) or isotropic λ_w·I",
     )
+    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB, default_threads
+
+    e = parser.add_argument_group("resources")
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        metavar="N",
+        help="worker threads for the per-block user/item solves and the CSV reader (default: "
+        "all cores); the model is the same for any N",
+    )
+    e.add_argument(
+        "--memory-budget",
+        type=float,
+        default=DEFAULT_MEMORY_BUDGET_MB,
+        metavar="MB",
+        help="memory for each thread's block temporaries: blocks of users/items are sized by "
+        "ratings to fit it (the rating arrays themselves come on top)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -109,6 +128,12 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    from lrs_rec.training.parallel import configure
+
+    configure(
+        n_threads=getattr(args, "threads", None),
+        memory_budget_mb=getattr(args, "memory_budget", None),
+    )
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib

@@ -20,6 +20,7 @@ import numpy as np
 from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.loaders import RatingFileError, id_text
 from lrs_rec.training.lrs_als import key_blocks, sample_budget, user_block_size
+from lrs_rec.training.parallel import block_map
 from lrs_rec.training.vocab import Vocabulary
 
 
@@ -99,7 +100,9 @@ def als_factors(
         bias = np.zeros(n_own)
         factors = np.zeros((n_own, dim))
         blocks = key_blocks(own, n_own, user_block_size(dim + 1), sample_budget(dim + 1))
-        for lo, hi, sl in blocks:
+
+        def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
+            lo, hi, sl = blk
             Z = np.hstack([np.ones((sl.size, 1)), other_f[other[sl]]])
             G = grouped_gram(own[sl] - lo, hi - lo, Z)
             h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
@@ -107,7 +110,9 @@ def als_factors(
             reg_diag[:, 0] = reg_bias
             reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], 1.0)[:, None]
             G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
-            sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
+            return lo, hi, np.linalg.solve(G, h[:, :, None])[:, :, 0]
+
+        for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
             bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]
         return bias, factors
 

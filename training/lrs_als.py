@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from lrs_rec.training.grouped import grouped_gram, grouped_sum
+from lrs_rec.training.parallel import block_map
 
 from lrs_rec.amht import orthonormalize
 from lrs_rec.thresholding import ridge_top_k_refit
@@ -178,9 +179,18 @@ def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | Non
     else:
         means = np.broadcast_to(w_bar, (n_users, r))
     size = block or user_block_size(state.B.shape[1])
-    for lo, hi, sub in _user_blocks(data, n_users, size):
+
+    def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
+        lo, hi, sub = blk
         st = _user_stats(state, sub, hi - lo)
-        c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec)
+        return (
+            lo,
+            hi,
+            _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec),
+        )
+
+    # blocks are independent: each reads and writes only its own users' rows
+    for lo, hi, (c, W, B) in block_map(fit_block, _user_blocks(data, n_users, size)):
         state.user_bias[lo:hi] = c
         state.W[lo:hi] = W
         state.B[lo:hi] = B
@@ -322,11 +332,16 @@ def item_step(
     reg[0] = reg_bias
     F = np.empty_like(state.F)
     c_i = np.empty(n_items)
-    for lo, hi, sl in key_blocks(data.items, n_items, user_block_size(d + 1), sample_budget(d + 1)):
+
+    def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
+        lo, hi, sl = blk
         Z = np.hstack([np.ones((sl.size, 1)), theta[data.users[sl]]])
         G = grouped_gram(data.items[sl] - lo, hi - lo, Z)
         h = grouped_sum(data.items[sl] - lo, hi - lo, Z * t[sl, None])
-        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+        return lo, hi, np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+
+    blocks = key_blocks(data.items, n_items, user_block_size(d + 1), sample_budget(d + 1))
+    for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
         c_i[lo:hi] = sol[:, 0]
         F[lo:hi] = sol[:, 1:]
     state.item_bias = c_i

@@ -62,16 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("population", "isotropic"),
         help="ridge on w_u: towards the population prior N(w̄, Σ_w) (default) or isotropic λ_w·I",
     )
-    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB, default_threads
+    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB
 
     e = parser.add_argument_group("resources")
     e.add_argument(
         "--threads",
         type=int,
-        default=default_threads(),
+        default=1,
         metavar="N",
-        help="worker threads for the per-block user/item solves and the CSV reader (default: "
-        "all cores); the model is the same for any N",
+        help="worker threads for the per-block user/item solves and the CSV reader; the model is "
+        "the same for any N (2 threads were slower than 1 at 100k users: docs/scale.md)",
     )
     e.add_argument(
         "--memory-budget",

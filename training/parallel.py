@@ -7,12 +7,13 @@ order**, so the caller combines them exactly as the one-thread loop does: the mo
 for bit whatever the thread count. BLAS itself stays at one thread (serving.cli.blas_threads).
 
 ``lrs-rec train --threads N --memory-budget MB`` set both knobs for the command (:func:`configure`);
-library callers get one thread and the default block budget unless they call it.
+library callers get one thread and the default block budget unless they call it. Measured at 100k
+users, 2 threads were slower than 1 (116.6 s against 81.6 s wall, docs/scale.md): the blocks are
+many short numpy calls and the GIL between them serialises the threads, hence the default of 1.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -27,10 +28,6 @@ BYTES_PER_BLOCK_FLOAT = 32  # a block's float is held ~4 times (gather, padded c
 
 def threads() -> int:
     return _threads
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
 def configure(*, n_threads: int | None = None, memory_budget_mb: float | None = None) -> None:

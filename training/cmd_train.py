@@ -86,6 +86,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
         "depends on the machine's speed; default: no time cap)",
     )
+    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB
+
+    e = parser.add_argument_group("resources")
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker threads for the per-block user/item solves and the CSV reader; the model is "
+        "the same for any N (2 threads were slower than 1 at 100k users: docs/scale.md)",
+    )
+    e.add_argument(
+        "--memory-budget",
+        type=float,
+        default=DEFAULT_MEMORY_BUDGET_MB,
+        metavar="MB",
+        help="memory for each thread's block temporaries: blocks of users/items are sized by "
+        "ratings to fit it (the rating arrays themselves come on top)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -142,6 +161,12 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    from lrs_rec.training.parallel import configure
+
+    configure(
+        n_threads=getattr(args, "threads", None),
+        memory_budget_mb=getattr(args, "memory_budget", None),
+    )
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.loaders import RatingFileError, id_text
-from lrs_rec.training.lrs_als import key_blocks, user_block_size
+from lrs_rec.training.lrs_als import key_blocks, sample_budget, user_block_size
+from lrs_rec.training.parallel import block_map
 from lrs_rec.training.vocab import Vocabulary
 
 
@@ -89,25 +90,36 @@ def als_factors(
     n_i = np.bincount(items, minlength=n_items).astype(float)
 
     def half_step(
-        own: np.ndarray, n_own: int, counts: np.ndarray, other_f: np.ndarray, t: np.ndarray
+        own: np.ndarray,
+        n_own: int,
+        counts: np.ndarray,
+        other: np.ndarray,
+        other_f: np.ndarray,
+        t: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        # the other side's factor rows are gathered per block of ratings (never for all at once)
         bias = np.zeros(n_own)
         factors = np.zeros((n_own, dim))
-        for lo, hi, sl in key_blocks(own, n_own, user_block_size(dim + 1)):
-            Z = np.hstack([np.ones((sl.size, 1)), other_f[sl]])
+        blocks = key_blocks(own, n_own, user_block_size(dim + 1), sample_budget(dim + 1))
+
+        def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
+            lo, hi, sl = blk
+            Z = np.hstack([np.ones((sl.size, 1)), other_f[other[sl]]])
             G = grouped_gram(own[sl] - lo, hi - lo, Z)
             h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
             reg_diag = np.zeros((hi - lo, dim + 1))
             reg_diag[:, 0] = reg_bias
             reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], max(min_count, 1.0))[:, None]
             G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
-            sol = np.linalg.solve(G, h[:, :, None])[:, :, 0]
+            return lo, hi, np.linalg.solve(G, h[:, :, None])[:, :, 0]
+
+        for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
             bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]
         return bias, factors
 
     for _ in range(n_iter):
-        c_u, P = half_step(users, n_users, n_u, Q[items], y - mu - c_i[items])
-        c_i, Q = half_step(items, n_items, n_i, P[users], y - mu - c_u[users])
+        c_u, P = half_step(users, n_users, n_u, items, Q, y - mu - c_i[items])
+        c_i, Q = half_step(items, n_items, n_i, users, P, y - mu - c_u[users])
     return ALSFactors(mu, c_u, c_i, P, Q)
 
 

@@ -40,8 +40,12 @@ infinite rating (``"five"``, ``inf``), an empty user/item id, an id the service 
 than 256 characters, or with a control / non-printable character or U+FFFD: such users could never
 be onboarded or updated), a row with too few columns, an ML-100K / ML-1M line with more than its 4
 fields, an unparsable or infinite timestamp, an unknown column name, an empty file (no rating rows),
-a Parquet file without the requested columns, a file whose delimiter cannot be told, bytes that
-are not UTF-8 (``file:line`` and the byte offset). Column
+a Parquet file without the requested columns, a file whose delimiter cannot be told (no delimiter,
+or lines with different ones: each named), bytes that are not UTF-8 (``file:line`` and the byte
+offset), a line longer than 1 MiB (memory stays bounded: no line is ever read whole). Without a
+declared scale the observed range becomes the rating scale, so a rating beyond ±1e12, or one or two
+ratings more than 100 interquartile ranges from the median (a 1e6 among 1..5 stars), are errors
+naming ``file:line`` and ``--rating-scale``. Column
 choices are checked on the first line: a header lacking a user/item/rating column (no guessing by
 position onto a column named as something else), a position that is negative or beyond the line,
 one column for two roles, and Parquet columns of a type with no rating/timestamp/id meaning are
@@ -63,6 +67,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lrs_rec.training.fast_text import (
+    MAX_LINE_BYTES,
+    IdCodes,
+    LineTooLongError,
+    line_too_long,
+    read_text_fast,
+    scan_text,
+)
 
 from lrs_rec.ids import id_problem
 
@@ -84,6 +96,12 @@ _ROLE_NAMES = {
 }
 _MISSING = {"", "nan", "na", "n/a", "null", "none"}
 _PARQUET_MAGIC = b"PAR1"
+# Without a declared scale: |rating| above this is an error (squares and sums would overflow)
+MAX_ABS_RATING = 1e12
+# ... and so are a few ratings (at most 2, or this fraction) farther than this many interquartile
+# ranges from the median: they would silently become the observed rating scale
+OUTLIER_SPREADS = 100.0
+OUTLIER_MAX_FRACTION = 0.001
 # MovieLens formats with a fixed number of fields per line (user, item, rating, timestamp)
 _FIXED_FIELDS = {"ml-100k": 4, "ml-1m": 4}
 
@@ -121,32 +139,87 @@ class CleaningReport:
         }
 
 
-@dataclass(frozen=True, eq=False)
 class RatingTable:
-    """A cleaned rating log: one row per distinct (user, item), external ids as strings."""
+    """A cleaned rating log: one row per distinct (user, item), external ids as strings.
 
-    users: np.ndarray  # (n,) str
-    items: np.ndarray  # (n,) str
-    ratings: np.ndarray  # (n,) float64
-    timestamps: np.ndarray  # (n,) float64, NaN when the file has none
-    rating_min: float
-    rating_max: float
-    report: CleaningReport
-    fingerprint: str  # sha256 of the file bytes
+    ``users`` / ``items`` are (n,) str arrays. A table from the fast reader holds them
+    dictionary-encoded (``user_codes`` / ``item_codes``) and builds the string arrays only when
+    they are asked for; :meth:`user_ids` / :meth:`item_ids` hand the encoded form to the
+    vocabularies. Immutable by convention (no setters)."""
+
+    __slots__ = (
+        "_items",
+        "_users",
+        "fingerprint",
+        "item_codes",
+        "rating_max",
+        "rating_min",
+        "ratings",
+        "report",
+        "timestamps",
+        "user_codes",
+    )
+
+    def __init__(
+        self,
+        users: np.ndarray | None = None,
+        items: np.ndarray | None = None,
+        *,
+        ratings: np.ndarray,
+        timestamps: np.ndarray,  # (n,) float64, NaN when the file has none
+        rating_min: float,
+        rating_max: float,
+        report: CleaningReport,
+        fingerprint: str,  # sha256 of the file bytes
+        user_codes: IdCodes | None = None,
+        item_codes: IdCodes | None = None,
+    ) -> None:
+        if (users is None and user_codes is None) or (items is None and item_codes is None):
+            raise ValueError("RatingTable needs users and items (as strings or as codes)")
+        self._users, self._items = users, items
+        self.ratings, self.timestamps = ratings, timestamps  # (n,) float64
+        self.rating_min, self.rating_max = rating_min, rating_max
+        self.report, self.fingerprint = report, fingerprint
+        self.user_codes, self.item_codes = user_codes, item_codes
+
+    @property
+    def users(self) -> np.ndarray:
+        if self._users is None:
+            assert self.user_codes is not None
+            self._users = self.user_codes.values()
+        return self._users
+
+    @property
+    def items(self) -> np.ndarray:
+        if self._items is None:
+            assert self.item_codes is not None
+            self._items = self.item_codes.values()
+        return self._items
 
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
 
+    def user_ids(self) -> np.ndarray | IdCodes:
+        """The user column for :class:`training.vocab.Vocabulary` (``from_ids``, ``encode``): the
+        dictionary-encoded form when there is one (fast), else the strings."""
+        return self.user_codes if self.user_codes is not None else self.users
+
+    def item_ids(self) -> np.ndarray | IdCodes:
+        return self.item_codes if self.item_codes is not None else self.items
+
     def subset(self, mask_or_index: np.ndarray) -> RatingTable:
+        uc, ic = self.user_codes, self.item_codes
         return RatingTable(
-            users=self.users[mask_or_index],
-            items=self.items[mask_or_index],
+            users=None if uc is not None else self.users[mask_or_index],
+            items=None if ic is not None else self.items[mask_or_index],
             ratings=self.ratings[mask_or_index],
             timestamps=self.timestamps[mask_or_index],
             rating_min=self.rating_min,
             rating_max=self.rating_max,
             report=self.report,
             fingerprint=self.fingerprint,
+            user_codes=None if uc is None else uc.take(mask_or_index),
+            item_codes=None if ic is None else ic.take(mask_or_index),
         )
 
 
@@ -174,22 +247,39 @@ class LoadOptions:
             lo, hi = self.rating_scale
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"rating scale must be finite with min < max, got {lo}..{hi}")
+            if max(abs(lo), abs(hi)) > MAX_ABS_RATING:
+                raise ValueError(
+                    f"rating scale {lo:g}..{hi:g} is beyond ±{MAX_ABS_RATING:g} (--rating-scale)"
+                )
 
 
 # ------------------------------------------------------------------------------------------------
 # format detection
 # ------------------------------------------------------------------------------------------------
 def _head_lines(path: Path, n: int = 20) -> list[str]:
-    out: list[str] = []
+    """The first ``n`` data lines (no blank or comment line), without their line ends."""
+    return [text for _, text in _head_numbered(path, n)]
+
+
+def _head_numbered(path: Path, n: int = 20) -> list[tuple[int, str]]:
+    """(line number, text) of the first ``n`` data lines. Memory is bounded: a line longer than
+    :data:`MAX_LINE_BYTES` is an error naming ``file:line`` (never read whole)."""
+    out: list[tuple[int, str]] = []
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        for line in f:
-            s = line.strip()
-            if not s or s[0] in "#%":
-                continue
-            out.append(line.rstrip("\r\n"))
-            if len(out) >= n:
+        number = 0
+        while len(out) < n:
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
                 break
-    return out
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise RatingFileError(line_too_long(path, number, len(line.encode())))
+            # newline="": readline ends a line at \n, \r\n or a lone \r, as the reference parser
+            text = line.rstrip("\r\n")
+            s = text.strip()
+            if s and s[0] not in "#%":
+                out.append((number, text))
+    return out[:n]
 
 
 def _is_number(s: str) -> bool:
@@ -200,10 +290,14 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def sniff_delimiter(lines: list[str], source: str | os.PathLike[str] | None = None) -> str:
+def sniff_delimiter(
+    lines: list[str],
+    source: str | os.PathLike[str] | None = None,
+    numbers: list[int] | None = None,
+) -> str:
     """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent).
 
-    ``source`` (the file) is named in the error."""
+    ``source`` (the file) and ``numbers`` (the lines' numbers in it) are named in the error."""
     if lines and all("::" in ln for ln in lines[: min(5, len(lines))]):
         return "::"
     best, best_score = ",", -1.0
@@ -216,28 +310,71 @@ def sniff_delimiter(lines: list[str], source: str | os.PathLike[str] | None = No
         if score > best_score:
             best, best_score = delim, score
     if best_score < 0:
-        raise RatingFileError(
-            (f"{source}: " if source is not None else "")
-            + "cannot tell the delimiter: no line has a tab, comma, semicolon, pipe or '::'"
-        )
+        raise RatingFileError(_no_common_delimiter(lines, source, numbers))
     return best
+
+
+_DELIMS = ("\t", ",", ";", "|", "::")
+
+
+def _no_common_delimiter(
+    lines: list[str], source: str | os.PathLike[str] | None, numbers: list[int] | None
+) -> str:
+    """Why no delimiter is common to the first lines: none has any, one line has none, or the
+    lines use different ones (each line and its delimiters named)."""
+    prefix = f"{source}" if source is not None else ""
+    nums = numbers if numbers is not None else list(range(1, len(lines) + 1))
+    found = [tuple(d for d in _DELIMS if d in ln) for ln in lines]
+    if not any(found):
+        return (
+            f"{prefix}: " if prefix else ""
+        ) + "cannot tell the delimiter: no line has a tab, comma, semicolon, pipe or '::'"
+    names = {d: _delim_name(d) for d in _DELIMS}
+    bare = [j for j, f in enumerate(found) if not f]
+    if bare:
+        j = bare[0]
+        k = next(k for k, f in enumerate(found) if f)
+        return (
+            f"{prefix}:{nums[j]}: cannot tell the delimiter: this line has no tab, comma, "
+            f"semicolon, pipe or '::' ({_shown(lines[j])}), line {nums[k]} has "
+            f"{' and '.join(names[d] for d in found[k])}"
+        )
+    shown: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for j, f in enumerate(found):
+        if f not in seen and len(shown) < 4:
+            seen.add(f)
+            shown.append(f"line {nums[j]} has {' and '.join(names[d] for d in f)}")
+    return (
+        (f"{prefix}: " if prefix else "")
+        + "cannot tell the delimiter: the lines use different delimiters ("
+        + "; ".join(shown)
+        + "); every line must use the same one: tab, comma, semicolon, pipe or '::'"
+    )
 
 
 def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
     """:func:`sniff_delimiter` on a file's first ``lines`` (read if not given); the error says what
     the file looks like."""
+    head = _head_numbered(path)
+    numbers = [n for n, _ in head] if lines is None or lines == [t for _, t in head] else None
     try:
-        return sniff_delimiter(_head_lines(path) if lines is None else lines, path)
+        return sniff_delimiter([t for _, t in head] if lines is None else lines, path, numbers)
     except RatingFileError as e:
         with open(path, "rb") as f:
-            head = f.read(4096)
-        if head[:4] == _PARQUET_MAGIC:
+            raw = f.read(4096)
+        if raw[:4] == _PARQUET_MAGIC:
             hint = "it is a Parquet file; use --format parquet or auto"
-        elif b"\0" in head:
+        elif b"\0" in raw:
             hint = "it looks binary, not a text rating file"
         else:
             hint = "expected a text rating file with one (user, item, rating[, time]) row a line"
         raise RatingFileError(f"{e} ({hint})") from None
+
+
+def _is_parquet(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == _PARQUET_MAGIC
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -553,101 +690,6 @@ class _LineLocs:
         return _LineLocs(self.prefix, self.lines[mask])
 
 
-def _read_text_fast(
-    path: Path, fmt: str, opts: LoadOptions, report: CleaningReport
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, _LineLocs] | None:
-    """Vectorised twin of :func:`_read_text` for clean files (pyarrow's CSV reader).
-
-    Returns None — and the caller falls back to the line-by-line reference parser, which applies
-    the cleaning rules and names bad lines — as soon as the file has anything to clean or report:
-    comments, blank lines, quotes, repeated headers, ragged or trailing columns, missing or
-    non-numeric ratings, empty ids, non-numeric timestamps."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pcsv
-
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # as the reference parser (utf-8-sig)
-    if b'"' in data or b"\r" in data:
-        return None
-    body = data if data.endswith(b"\n") else data + b"\n"
-    if body.startswith((b"\n", b"#", b"%")) or b"\n\n" in body or b"\n#" in body or b"\n%" in body:
-        return None
-    first = body[: body.index(b"\n")].decode("utf-8", errors="replace")
-    delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
-    if delim is None:
-        delim = _sniff_file(path)
-    fields = first.split(delim)
-    header, ucol, icol, rcol, tcol = _resolve_columns(fields, first, delim, opts, f"{path}:1")
-    n_fields = len(fields)
-    if fields[-1].strip() == "" or (header is not None and n_fields != len(header)):
-        return None  # trailing empty columns: the reference parser repairs and counts them
-    if n_fields > _FIXED_FIELDS.get(fmt, n_fields):
-        return None  # an extra field in a fixed-width MovieLens file: the reference parser refuses
-    if delim == "::":
-        if ":" in first.replace("::", ""):
-            return None
-        pa_delim, stride = ":", 2  # "a::b" reads as "a", "", "b"
-    else:
-        pa_delim, stride = delim, 1
-    n_cols = (n_fields - 1) * stride + 1
-    names = [f"c{j}" for j in range(n_cols)]
-    try:
-        table = pcsv.read_csv(
-            pa.BufferReader(body),
-            read_options=pcsv.ReadOptions(
-                column_names=names, skip_rows=1 if header is not None else 0
-            ),
-            parse_options=pcsv.ParseOptions(delimiter=pa_delim, quote_char=False),
-            convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in names}, strings_can_be_null=False
-            ),
-        )
-    except (pa.ArrowInvalid, UnicodeDecodeError):
-        return None
-    if table.num_rows == 0:
-        return None
-
-    def col(j: int) -> pa.ChunkedArray:
-        return pc.utf8_trim_whitespace(table.column(j * stride))
-
-    if stride == 2 and any(
-        pc.any(pc.not_equal(table.column(j), "")).as_py() for j in range(1, n_cols, 2)
-    ):
-        return None
-    if pc.any(pc.equal(col(n_fields - 1), "")).as_py():
-        return None  # an empty last field somewhere (trailing column or a missing value)
-    u, it = col(ucol), col(icol)
-    if (
-        pc.any(pc.equal(pc.utf8_length(u), 0)).as_py()
-        or pc.any(pc.equal(pc.utf8_length(it), 0)).as_py()
-    ):
-        return None
-    for ids in (u, it):  # an id the service would refuse: the reference parser names the line
-        if any(id_problem(s) for s in pc.unique(ids).to_pylist()):
-            return None
-    try:
-        ratings = pc.cast(col(rcol), pa.float64()).to_numpy()
-        times = (
-            pc.cast(col(tcol), pa.float64()).to_numpy()
-            if tcol is not None and tcol < n_fields
-            else np.full(table.num_rows, np.nan)
-        )
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return None
-    if not np.all(np.isfinite(ratings)) or np.isinf(times).any():
-        return None
-    if tcol is not None and tcol < n_fields and np.isnan(times).any():
-        return None
-    if header is not None:
-        report.add("header_lines", f"{path}:1")
-    report.rows_read = table.num_rows
-    offset = 2 if header is not None else 1
-    lines = np.arange(offset, offset + table.num_rows, dtype=np.int64)
-    users = np.asarray(u.to_numpy(zero_copy_only=False), dtype=str)
-    items = np.asarray(it.to_numpy(zero_copy_only=False), dtype=str)
-    return users, items, ratings, times, _LineLocs(f"{path}:", lines)
-
-
 def _delim_name(delim: str) -> str:
     return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'"}[delim]
 
@@ -844,14 +886,22 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         )
     if p.stat().st_size == 0:
         raise RatingFileError(f"{p}: empty file (0 bytes)")
+    scan = None
+    if opts.format != "parquet" and not _is_parquet(p):
+        try:  # one bounded pass: fingerprint, line-length limit, what the fast reader can take
+            scan = scan_text(p)
+        except LineTooLongError as e:
+            raise RatingFileError(str(e)) from None
     fmt = detect_format(p) if opts.format == "auto" else opts.format
     report = CleaningReport(source=str(p), format=fmt)
     fast = None
-    if fmt != "parquet" and opts.fast:
-        fast = _read_text_fast(p, fmt, opts, report)
+    if fmt != "parquet" and opts.fast and scan is not None:
+        fast = read_text_fast(p, fmt, opts, report, scan)
     where: list[str] | _LineLocs
+    codes: tuple[IdCodes, IdCodes] | None = None
     if fast is not None:
-        users, items, ratings, times, where = fast
+        ucodes, icodes, ratings, times, where = fast
+        codes = (ucodes, icodes)
         report.parser = "fast"
     else:
         report.counts.clear()
@@ -880,10 +930,12 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
     elif fmt in ML_SCALES:
         lo, hi = ML_SCALES[fmt]
     else:
+        _check_observed_scale(ratings, where)
         lo, hi = float(ratings.min()), float(ratings.max())
         if lo == hi:
             lo, hi = lo - 1.0, hi + 1.0  # a constant file still gets a non-empty scale
     outside = (ratings < lo) | (ratings > hi)
+    keep_rows: np.ndarray | None = None  # row indices kept (None: all)
     if outside.any():
         bad = np.flatnonzero(outside)
         if opts.format == "auto" and opts.rating_scale is None and fmt in _FIXED_FIELDS:
@@ -903,14 +955,56 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         if opts.on_out_of_scale == "clip":
             ratings = np.clip(ratings, lo, hi)
         else:
-            keep = ~outside
-            users, items, ratings, times = users[keep], items[keep], ratings[keep], times[keep]
-            where = (
-                where.keep(keep)
-                if isinstance(where, _LineLocs)
-                else [w for w, k in zip(where, keep, strict=True) if k]
-            )
+            keep_rows = np.flatnonzero(~outside)
 
+    if codes is not None:
+        table = _finish_fast(p, codes, ratings, times, where, keep_rows, report, scan)
+    else:
+        if keep_rows is not None:
+            users, items, ratings, times = (
+                users[keep_rows],
+                items[keep_rows],
+                ratings[keep_rows],
+                times[keep_rows],
+            )
+            where = [where[int(j)] for j in keep_rows]
+        table = _finish_reference(p, users, items, ratings, times, where, report, scan)
+    return RatingTable(
+        users=table[0],
+        items=table[1],
+        ratings=table[2],
+        timestamps=table[3],
+        rating_min=float(lo),
+        rating_max=float(hi),
+        report=report,
+        fingerprint=table[4],
+        user_codes=table[5],
+        item_codes=table[6],
+    )
+
+
+_Finished = tuple[
+    np.ndarray | None,
+    np.ndarray | None,
+    np.ndarray,
+    np.ndarray,
+    str,
+    IdCodes | None,
+    IdCodes | None,
+]
+
+
+def _finish_reference(
+    p: Path,
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    times: np.ndarray,
+    where: Any,
+    report: CleaningReport,
+    scan: Any,
+) -> _Finished:
+    """Duplicates and id counts on the string columns (the reference parser's rows)."""
     # ---- duplicates: keep the latest by timestamp (ties / NaN: the later line wins) --------------
     keep_idx = _dedup_latest(users, items, times)
     n_dup = users.size - keep_idx.size
@@ -932,15 +1026,100 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         if nn:
             report.add(name, n=nn)
     report.rows_kept = int(users.size)
-    return RatingTable(
-        users=users,
-        items=items,
-        ratings=ratings,
-        timestamps=times,
-        rating_min=float(lo),
-        rating_max=float(hi),
-        report=report,
-        fingerprint=file_fingerprint(p),
+    fingerprint = scan.fingerprint if scan is not None else file_fingerprint(p)
+    return users, items, ratings, times, fingerprint, None, None
+
+
+def _finish_fast(
+    p: Path,
+    codes: tuple[IdCodes, IdCodes],
+    ratings: np.ndarray,
+    times: np.ndarray,
+    where: Any,
+    keep_rows: np.ndarray | None,
+    report: CleaningReport,
+    scan: Any,
+) -> _Finished:
+    """:func:`_finish_reference` on dictionary-encoded ids (integers, never sorting strings)."""
+    uc, ic = codes
+    if keep_rows is not None:
+        uc, ic = uc.take(keep_rows), ic.take(keep_rows)
+        ratings, times = ratings[keep_rows], times[keep_rows]
+        where = where.keep(keep_rows)
+    keep_idx = _dedup_latest_codes(uc.codes, ic.codes, ic.uniques.size, times)
+    if keep_idx is not None:
+        dropped = np.setdiff1d(np.arange(uc.codes.size), keep_idx)
+        for j in dropped[:5]:
+            u, i = uc.uniques[uc.codes[j]], ic.uniques[ic.codes[j]]
+            report.add("duplicates_removed", f"{where[int(j)]} ({u}, {i})", n=0)
+        report.add("duplicates_removed", n=int(dropped.size))
+        uc, ic = uc.take(keep_idx), ic.take(keep_idx)
+        ratings, times = ratings[keep_idx], times[keep_idx]
+    if uc.codes.size == 0:
+        raise RatingFileError(f"{p}: no rating rows left after cleaning {dict(report.counts)}")
+    for name, col in (("non_numeric_user_ids", uc), ("non_numeric_item_ids", ic)):
+        present = col.uniques[np.bincount(col.codes, minlength=col.uniques.size) > 0]
+        nn = int(np.count_nonzero(~np.char.isdigit(present)))
+        if nn:
+            report.add(name, n=nn)
+    report.rows_kept = int(uc.codes.size)
+    return None, None, ratings, times, scan.fingerprint, uc, ic
+
+
+def _dedup_latest_codes(
+    ucodes: np.ndarray, icodes: np.ndarray, n_items: int, times: np.ndarray
+) -> np.ndarray | None:
+    """:func:`_dedup_latest` on integer ids; None when there is no duplicate (the common case,
+    told by building the sparse user × item matrix, which merges repeated pairs, in linear time)."""
+    import scipy.sparse as sp
+
+    n_users = int(ucodes.max()) + 1 if ucodes.size else 0
+    m = sp.csr_matrix(
+        (np.ones(ucodes.size, dtype=np.int8), (ucodes, icodes)), shape=(n_users, max(n_items, 1))
+    )
+    m.sum_duplicates()
+    if m.nnz == ucodes.size:
+        return None
+    return _dedup_latest(ucodes, icodes, times)
+
+
+def _check_observed_scale(ratings: np.ndarray, where: Any) -> None:
+    """No declared scale: the observed range becomes the rating scale. Refuse ratings that would
+    make it absurd — beyond ±:data:`MAX_ABS_RATING` (training's squares and sums overflow), or a few
+    extreme outliers far outside the bulk of the ratings (a 1e6 among 1..5 ratings would make
+    the scale 1..1e6, and every prediction clipped to it) — naming ``file:line`` and the flag."""
+    big = np.flatnonzero(np.abs(ratings) > MAX_ABS_RATING)
+    if big.size:
+        j = int(big[0])
+        raise RatingFileError(
+            f"{where[j]}: rating {ratings[j]:g} is beyond the ±{MAX_ABS_RATING:g} a rating may "
+            f"have ({big.size} such rows); fix the file, or pass --rating-scale MIN MAX to clip "
+            "(or --on-out-of-scale drop) such rows"
+        )
+    if ratings.size < 4:
+        return
+    # quantiles of a fixed stride sample (at most ~1M values): deterministic, and linear time
+    sample = ratings[:: max(1, ratings.size // 1_000_000)]
+    q1, med, q3 = np.quantile(sample, [0.25, 0.5, 0.75], method="inverted_cdf")
+    spread = float(q3 - q1)
+    if spread == 0.0:
+        a, b = np.quantile(sample, [0.01, 0.99], method="inverted_cdf")
+        spread = float(b - a) or max(abs(float(med)), 1.0)
+    limit = OUTLIER_SPREADS * spread
+    if float(ratings.max()) - med <= limit and med - float(ratings.min()) <= limit:
+        return
+    far = np.abs(ratings - med) > limit
+    n_far = int(np.count_nonzero(far))
+    if n_far == 0 or n_far > max(2.0, OUTLIER_MAX_FRACTION * ratings.size):
+        return
+    j = int(np.flatnonzero(far)[0])
+    rest = ratings[~far]
+    a, b = float(rest.min()), float(rest.max())
+    raise RatingFileError(
+        f"{where[j]}: rating {ratings[j]:g} is far outside the other ratings ({n_far} of "
+        f"{ratings.size} rows; the others lie in [{a:g}, {b:g}]): without a declared scale it "
+        f"would become the rating scale; pass --rating-scale MIN MAX (e.g. --rating-scale "
+        f"{a:g} {b:g}, rows outside clipped, or --on-out-of-scale drop|error), or fix the file"
     )
 
 

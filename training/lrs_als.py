@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from lrs_rec.training.grouped import grouped_gram, grouped_sum
+from lrs_rec.training.parallel import block_map
 
 from lrs_rec.amht import orthonormalize
 from lrs_rec.thresholding import ridge_top_k_refit
@@ -58,15 +59,19 @@ class LRSState:
         return np.asarray(self.W @ self.U.T + self.B)
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        """The same formula as ``TrainedModel.predict`` on known users/items (used for losses)."""
-        theta = self.W[users] @ self.U.T + self.B[users]
-        raw = (
-            self.global_mean
-            + self.user_bias[users]
-            + self.item_bias[items]
-            + np.einsum("nd,nd->n", self.F[items], theta)
-        )
-        return np.asarray(np.clip(raw, lo, hi))
+        """The same formula as ``TrainedModel.predict`` on known users/items (used for losses).
+        Row chunks of :data:`ROW_CHUNK` (no per-rating d-vectors for all ratings at once)."""
+        out = np.empty(users.shape[0])
+        for a in range(0, users.shape[0], ROW_CHUNK):
+            u, i = users[a : a + ROW_CHUNK], items[a : a + ROW_CHUNK]
+            theta = self.W[u] @ self.U.T + self.B[u]
+            out[a : a + ROW_CHUNK] = (
+                self.global_mean
+                + self.user_bias[u]
+                + self.item_bias[i]
+                + np.einsum("nd,nd->n", self.F[i], theta)
+            )
+        return np.asarray(np.clip(out, lo, hi))
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
 
 
 BLOCK_FLOATS = 1 << 23  # Gram storage per block of users (~64 MB), instead of O(n_users · d²)
+ROW_CHUNK = 1 << 20  # ratings per chunk where every rating needs a d-vector (losses, residuals)
 
 
 def user_block_size(d: int) -> int:
@@ -131,13 +137,27 @@ def user_block_size(d: int) -> int:
     return max(16, BLOCK_FLOATS // max(1, d * d))
 
 
-def key_blocks(keys: np.ndarray, n_keys: int, block: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(lo, hi, indices of the samples whose key is in lo..hi-1) for consecutive key blocks."""
+def key_blocks(
+    keys: np.ndarray, n_keys: int, block: int, max_samples: int | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(lo, hi, indices of the samples whose key is in lo..hi-1) for consecutive key blocks of at
+    most ``block`` keys and (when given) at most ``max_samples`` samples — a key with more samples
+    than that is a block of its own. Within a key the samples keep their order."""
     order = np.argsort(keys, kind="stable")
     bounds = np.searchsorted(keys[order], np.arange(n_keys + 1))
-    for lo in range(0, n_keys, block):
+    lo = 0
+    while lo < n_keys:
         hi = min(n_keys, lo + block)
+        if max_samples is not None:  # the last key whose samples still fit, at least one key
+            fit = int(np.searchsorted(bounds, bounds[lo] + max_samples, side="right")) - 1
+            hi = max(lo + 1, min(hi, fit))
         yield lo, hi, order[bounds[lo] : bounds[hi]]
+        lo = hi
+
+
+def sample_budget(width: int) -> int:
+    """Samples per block when each sample carries ``width`` floats: about BLOCK_FLOATS floats."""
+    return max(1, BLOCK_FLOATS // max(1, width))
 
 
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
@@ -159,9 +179,18 @@ def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | Non
     else:
         means = np.broadcast_to(w_bar, (n_users, r))
     size = block or user_block_size(state.B.shape[1])
-    for lo, hi, sub in _user_blocks(data, n_users, size):
+
+    def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
+        lo, hi, sub = blk
         st = _user_stats(state, sub, hi - lo)
-        c, W, B = _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec)
+        return (
+            lo,
+            hi,
+            _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec),
+        )
+
+    # blocks are independent: each reads and writes only its own users' rows
+    for lo, hi, (c, W, B) in block_map(fit_block, _user_blocks(data, n_users, size)):
         state.user_bias[lo:hi] = c
         state.W[lo:hi] = W
         state.B[lo:hi] = B
@@ -221,7 +250,11 @@ def conditional_prior_means(state: LRSState, data: Samples, *, ridge: float = 1e
     Only the training step uses it; the stored w_u already contain its effect."""
     n_users, r = state.W.shape
     n = np.maximum(np.bincount(data.users, minlength=n_users), 1).astype(float)
-    Z = grouped_sum(data.users, n_users, state.F[data.items] @ state.U) / n[:, None]
+    Z = np.empty((n_users, r))
+    size = user_block_size(state.F.shape[1])
+    for lo, hi, sl in key_blocks(data.users, n_users, size, sample_budget(state.F.shape[1])):
+        Z[lo:hi] = grouped_sum(data.users[sl] - lo, hi - lo, state.F[data.items[sl]] @ state.U)
+    Z /= n[:, None]
     Zc = Z - Z.mean(axis=0)
     G = Zc.T @ Zc
     lam = ridge * max(float(np.trace(G)) / r, 1e-12)
@@ -286,7 +319,12 @@ def item_step(
     theta = state.theta()
     t = data.ratings - state.global_mean - state.user_bias[data.users]
     if not refine_features:
-        resid = t - np.einsum("nd,nd->n", state.F[data.items], theta[data.users])
+        resid = np.empty_like(t)
+        for a in range(0, t.size, ROW_CHUNK):
+            i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
+            resid[a : a + ROW_CHUNK] = t[a : a + ROW_CHUNK] - np.einsum(
+                "nd,nd->n", state.F[i], theta[u]
+            )
         n_i = np.bincount(data.items, minlength=n_items)
         state.item_bias = np.bincount(data.items, resid, minlength=n_items) / (n_i + reg_bias)
         return
@@ -294,11 +332,16 @@ def item_step(
     reg[0] = reg_bias
     F = np.empty_like(state.F)
     c_i = np.empty(n_items)
-    for lo, hi, sl in key_blocks(data.items, n_items, user_block_size(d + 1)):
+
+    def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
+        lo, hi, sl = blk
         Z = np.hstack([np.ones((sl.size, 1)), theta[data.users[sl]]])
         G = grouped_gram(data.items[sl] - lo, hi - lo, Z)
         h = grouped_sum(data.items[sl] - lo, hi - lo, Z * t[sl, None])
-        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+        return lo, hi, np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+
+    blocks = key_blocks(data.items, n_items, user_block_size(d + 1), sample_budget(d + 1))
+    for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
         c_i[lo:hi] = sol[:, 0]
         F[lo:hi] = sol[:, 1:]
     state.item_bias = c_i

@@ -47,11 +47,13 @@ class TrainResult:
 # steps
 # ------------------------------------------------------------------------------------------------
 def build_vocabularies(table: RatingTable) -> tuple[Vocabulary, Vocabulary]:
-    return Vocabulary.from_ids(table.users), Vocabulary.from_ids(table.items)
+    return Vocabulary.from_ids(table.user_ids()), Vocabulary.from_ids(table.item_ids())
 
 
 def encode(table: RatingTable, users: Vocabulary, items: Vocabulary) -> Samples:
-    return Samples(users.encode(table.users), items.encode(table.items), table.ratings.copy())
+    return Samples(
+        users.encode(table.user_ids()), items.encode(table.item_ids()), table.ratings.copy()
+    )
 
 
 def split_validation(

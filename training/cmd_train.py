@@ -86,16 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
         "depends on the machine's speed; default: no time cap)",
     )
-    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB
+    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB, available_cores
 
     e = parser.add_argument_group("resources")
     e.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=available_cores(),
         metavar="N",
         help="worker threads for the per-block user/item solves and the CSV reader; the model is "
-        "the same for any N (2 threads were slower than 1 at 100k users: docs/scale.md)",
+        "the same for any N (default %(default)s: the cores this process may use)",
     )
     e.add_argument(
         "--memory-budget",

@@ -7,9 +7,11 @@ order**, so the caller combines them exactly as the one-thread loop does: the mo
 for bit whatever the thread count. BLAS itself stays at one thread (serving.cli.blas_threads).
 
 ``lrs-rec train --threads N --memory-budget MB`` set both knobs for the command (:func:`configure`);
-library callers get one thread and the default block budget unless they call it. Measured at 100k
-users, 2 threads were slower than 1 (116.6 s against 81.6 s wall, docs/scale.md): the blocks are
-many short numpy calls and the GIL between them serialises the threads, hence the default of 1.
+the command's default is every core the process may use (:func:`available_cores`); library callers
+get one thread and the default block budget unless they call it. Measured at 100k users on 2 cores
+the gain is modest (124 s / 110 s wall with 2 threads against 150 s / 144 s with 1, two runs in
+either order; an earlier run under heavier shared load had 2 threads slower: docs/scale.md): the
+blocks are many short numpy calls and the GIL between them serialises part of the work.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ R = TypeVar("R")
 _threads = 1
 DEFAULT_MEMORY_BUDGET_MB = 256  # per worker thread: about 64 MB of block floats + their copies
 BYTES_PER_BLOCK_FLOAT = 32  # a block's float is held ~4 times (gather, padded copy, product)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
 
 
 def threads() -> int:

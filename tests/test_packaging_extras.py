@@ -164,3 +164,21 @@ def test_the_cli_parser_needs_no_extra(tmp_path):
         "lrs-rec train: error: this needs the package 'pyarrow', which is not installed: "
         'pip install "lrs-rec[train]"\n'
     ), done.stderr[-2000:]
+
+
+def test_every_optional_module_is_in_the_extra_its_message_names():
+    # regression: quickstart needs httpx, whose message said `pip install "lrs-rec[serve]"`, but
+    # the serve extra did not list it: installing the named extra did not fix the error
+    import re
+    import tomllib
+
+    from lrs_rec.extras import EXTRAS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+
+    missing = [(m, extra, dist) for m, (extra, dist) in EXTRAS.items() if dist not in names(extra)]
+    assert not missing, missing

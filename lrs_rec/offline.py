@@ -197,9 +197,17 @@ class OfflineModel:
         ``user_ids`` and ``item_ids`` are sequences (lists, tuples, numpy arrays) of equal length;
         a single id on either side (or a :class:`UserParameters` from :meth:`fold_in` for the user)
         is used for every element of the other."""
-        if isinstance(user_ids, UserParameters):
-            return self._predict_params(user_ids, self.item_indices(_as_seq(item_ids)))
         users_scalar, items_scalar = _is_scalar(user_ids), _is_scalar(item_ids)
+        if isinstance(user_ids, UserParameters):
+            items_ = [item_ids] if items_scalar else _as_seq(item_ids)
+            return self._predict_params(user_ids, self.item_indices(items_))
+        if isinstance(user_ids, list | tuple) and any(
+            isinstance(u, UserParameters) for u in user_ids
+        ):
+            raise TypeError(
+                "predict: a folded-in user (UserParameters) goes alone as user_ids, not inside a "
+                "sequence; call predict once per folded-in user"
+            )
         items = self.item_indices([item_ids] if items_scalar else _as_seq(item_ids))
         users = self.user_indices([user_ids] if users_scalar else _as_seq(user_ids))
         if users_scalar and not items_scalar:

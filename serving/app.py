@@ -25,8 +25,9 @@ Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI docu
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -270,6 +271,18 @@ def create_app(
     offload = Offload(limits.threads, queue_timeout=recommender.handle.socket_timeout)
     app.state.offload = offload
     front = AsyncFront(recommender, offload)  # score / recommend: Redis read on the loop
+    app.state.front = front
+    inner_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner_lifespan(a) as state:
+            try:
+                yield state
+            finally:
+                await front.aclose()  # its connections would outlive the process's exit hook
+
+    app.router.lifespan_context = _lifespan
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender

@@ -42,6 +42,13 @@ class AsyncFront:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._direct: bool | None = None  # None: not decided yet (needs the sync client)
 
+    async def aclose(self) -> None:
+        """Close the asyncio Redis client (at the app's shutdown): a connection left open would
+        keep the embedded server from being stopped by the last process leaving it."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.aclose()
+
     async def _snapshot(self) -> Any:
         return self.rec.fresh_snapshot() or await self.offload(self.rec.snapshot)
 

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         for key in parse_keys(_read_lines(path), str(path)).keys:
             print(f"{key.scope:<6} {key.key_id}")
         return 0
+    if path.is_dir():
+        raise ValueError(f"--file {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--file {path}: directory {path.parent} does not exist")
     ring = parse_keys(_read_lines(path), str(path))  # a broken file is reported, not appended to
     key_id = args.key_id if args.key_id is not None else f"key-{secrets.token_hex(4)}"
     if not KEY_ID_RE.fullmatch(key_id):

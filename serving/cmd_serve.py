@@ -92,8 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """Connection, timeout and concurrency limits (serving.guards.ServeLimits)."""
-    from lrs_rec.serving.guards import ServeLimits
+    """Connection, timeout and concurrency limits (serving.serve_limits.ServeLimits)."""
+    from lrs_rec.serving.serve_limits import ServeLimits
 
     d = ServeLimits()
     seconds = finite_float(lo=0.0, lo_open=True)

@@ -199,7 +199,12 @@ def ensure_private_dir(path: Path, *, what: str) -> Path:
     """``path`` as a directory only this user can use: created 0700; an existing one must be a
     real directory owned by this user (its group/other permissions are then removed), else
     :class:`UnsafeRedisPathError` with a one-line message."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # it, or a parent, is a file
+        raise UnsafeRedisPathError(
+            f"{what} {path} is not a directory (a file is in the way)"
+        ) from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeRedisPathError(f"{what} {path} is not a directory (a symlink?): refusing it")

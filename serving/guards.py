@@ -22,25 +22,15 @@ import logging
 import resource
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import anyio
 import h11
 from lrs_rec.serving.metrics import ASGIApp, Message, Receive, Scope, Send
+from lrs_rec.serving.serve_limits import ServeLimits as ServeLimits  # re-exported
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    header_timeout: float = 10.0  # s to send a complete request header
-    body_timeout: float = 10.0  # s from the header to the end of the body
-    keep_alive_timeout: float = 5.0  # s an idle keep-alive connection stays open
-    max_connections: int = 1000  # open connections; beyond: 503 and close
-    max_concurrency: int = 256  # requests in flight; beyond: 503
-    threads: int = 32  # worker threads for Redis / ONNX / onboarding work (serving.offload)
 
 
 def raise_fd_limit(needed: int) -> int:

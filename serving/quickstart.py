@@ -37,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address of the service")
     p.add_argument(
-        "--port", type=int_in(0, 65535), default=0, help="port of the service (default: a free one)"
+        "--port",
+        type=int_in(0, 65535),
+        default=0,
+        help="port of the service (default 0: a free one)",
     )
     p.add_argument(
         "--serve",

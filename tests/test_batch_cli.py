@@ -277,3 +277,16 @@ def test_help_shows_every_default(command, capsys):
     assert "(default: 100000)" in text and "(default: show one on stderr;" in text
     if command == "recommend":
         assert "(default: 10)" in text and "(default: exclude them)" in text
+
+
+@pytest.mark.parametrize("command", ["predict", "recommend"])
+def test_a_bad_file_is_one_line_even_with_the_progress_bar(model_dir, tmp_path, capsys, command):
+    # regression: without --quiet the tqdm bar was drawn (twice) before the error line
+    flag = "--pairs" if command == "predict" else "--users"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name\nu1\n")
+    for src, match in [(tmp_path / "nope.csv", "nope.csv: no such file"), (bad, "no user column")]:
+        assert _run(command, "--model", model_dir, flag, src, "--out", tmp_path / "o.csv") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"lrs-rec {command}: error: "), err
+        assert match in err and "rows" not in err

@@ -60,3 +60,16 @@ def test_every_option_with_a_default_shows_it_in_help():
             assert re.search(r"default:?\s*" + re.escape(shown), block), (name, block)
             checked += 1
     assert checked >= 40  # every command's valued options were seen
+
+
+def test_no_option_shows_its_default_twice():
+    # regression: "target delta (default 1e-6) (default: 1e-06)", "clip (default, counted), ...
+    # (default: clip)": a help text that named its default got it appended once more
+    twice = []
+    for name, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            block = " ".join(formatter._format_action(action).split())
+            if len(re.findall(r"\(default\b", block)) > 1:
+                twice.append((name, block))
+    assert not twice, twice

@@ -210,3 +210,17 @@ def test_a_socket_directory_or_socket_of_someone_else_is_refused(tmp_path, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not by you" in err and str(sock.parent) in err
     assert not sock.exists()  # nothing was started there
+
+
+def test_lrs_home_that_is_a_file_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    # regression: "[Errno 17] File exists: '...'" named the path but not what was wrong with it
+    home = tmp_path / "afile"
+    home.write_text("")
+    monkeypatch.setenv("LRS_HOME", str(home))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
+    assert cli_main(["publish", "--list"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"lrs-rec publish: error: LRS_HOME {home} is not a directory (a file is in the way)\n"
+    )

@@ -367,3 +367,15 @@ def test_unknown_item_fallback_equals_the_onnx_graphs(model_dir, om):
     user = om.fold_in([("i1", 5.0), ("i2", 1.0), ("i3", 4.0)])
     got = scorer.score(user.w, user.user_bias, user.b_idx, user.b_val, cand)
     np.testing.assert_allclose(got, om.predict(user, names), atol=2e-5)
+
+
+def test_predict_of_a_folded_in_user_takes_one_item_id_as_one_item(om):
+    # regression: a single item id was iterated as its characters ("i1" -> "i", "1")
+    user = om.fold_in([("i1", 5.0), ("i2", 1.0)])
+    for item in ("i1", "i10", np.str_("i3")):
+        got = om.predict(user, item)
+        assert got.shape == (1,)
+        np.testing.assert_array_equal(got, om.predict(user, [str(item)]))
+    # ... and a folded-in user inside a sequence of ids is refused, not scored as unknown
+    with pytest.raises(TypeError, match="goes alone as user_ids"):
+        om.predict([user, "u1"], "i1")

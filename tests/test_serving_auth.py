@@ -235,6 +235,18 @@ def test_keys_add_prints_the_secret_once_and_stores_its_hash(tmp_path, capsys):
     assert path.read_text() == before
 
 
+def test_keys_add_to_a_missing_directory_or_a_directory_is_one_clear_line(tmp_path, capsys):
+    # regression: "[Errno 2] No such file or directory" / "[Errno 21] Is a directory"
+    missing = tmp_path / "nodir" / "keys"
+    for target, message in [
+        (missing, f"--file {missing}: directory {missing.parent} does not exist"),
+        (tmp_path, f"--file {tmp_path} is a directory; give a file name"),
+    ]:
+        assert cli_main(["keys", "add", "--scope", "read", "--file", str(target)]) == 2
+        assert capsys.readouterr().err == f"lrs-rec keys: error: {message}\n"
+    assert not missing.parent.exists()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -56,3 +56,27 @@ def test_quickstart_leaves_the_users_own_store_alone(tmp_path, capsys):
     finally:
         stop_embedded(home / "quickstart", save=False)
         stop_embedded(home, save=False)
+
+
+def test_quickstart_stops_its_embedded_redis_when_it_exits(tmp_path):
+    # regression: the service's asyncio Redis client (serving.async_front) was never closed, so at
+    # exit the process saw a client still connected and left the server to the 30 s watchdog
+    import os
+    import subprocess
+    import sys
+
+    from lrs_rec.serving.connection import _server_gone, embedded_socket
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "LRS_REDIS_URL"}
+    env["LRS_REDIS_IDLE_EXIT"] = "600"  # the watchdog must not be what stops it
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lrs_rec.serving.cli", "quickstart", "--home", str(home),
+             "--users", "150", "--items", "60"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert _server_gone(embedded_socket(home / "quickstart"))
+    finally:
+        stop_embedded(home / "quickstart", save=False)

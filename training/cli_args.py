@@ -36,7 +36,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--on-out-of-scale",
         default="clip",
         choices=OUT_OF_SCALE_RULES,
-        help="ratings outside the scale: clip (default, counted), drop (counted) or error",
+        help="ratings outside the scale: clip (counted), drop (counted) or error",
     )
 
 

@@ -9,9 +9,11 @@ time: 10M pairs never hold 10M rows in memory. Predictions are :meth:`lrs_rec.Of
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lrs_rec.training.batch_io import DEFAULT_CHUNK_ROWS
 
@@ -69,6 +71,16 @@ def progress(total: int | None, quiet: bool, what: str) -> Any:
     return tqdm(total=total, unit=" rows", desc=what, disable=quiet, file=sys.stderr)
 
 
+_T = TypeVar("_T")
+
+
+def primed(chunks: Iterator[_T]) -> Iterator[_T]:
+    """``chunks`` with its first element read now: a missing file or a bad header is reported
+    before the progress bar is drawn, so such an error stays one line on stderr."""
+    first = list(itertools.islice(chunks, 1))
+    return itertools.chain(first, chunks)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow as pa
@@ -79,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     check_paths(args.pairs, args.out)
     model = lrs_rec.load_model(args.model)
     schema = pa.schema([("user", pa.string()), ("item", pa.string()), ("prediction", pa.float64())])
-    chunks = read_id_columns(
-        args.pairs, {"user": args.user_col, "item": args.item_col}, chunk_rows=args.chunk_size
+    chunks = primed(
+        read_id_columns(
+            args.pairs, {"user": args.user_col, "item": args.item_col}, chunk_rows=args.chunk_size
+        )
     )
     bar = progress(None, args.quiet, "predict")
     with TableWriter(Path(args.out), schema) as out, bar as b:

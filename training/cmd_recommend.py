@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lrs_rec.training.cmd_predict import add_batch_arguments, progress
+from lrs_rec.training.cmd_predict import add_batch_arguments, primed, progress
 
 from lrs_rec.cli_types import int_in
 
@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             ("score", pa.float64()),
         ]
     )
-    chunks = read_id_columns(args.users, {"user": args.user_col}, chunk_rows=args.chunk_size)
+    chunks = primed(
+        read_id_columns(args.users, {"user": args.user_col}, chunk_rows=args.chunk_size)
+    )
     with TableWriter(Path(args.out), schema) as out, progress(None, args.quiet, "recommend") as b:
         unknown = 0
         for chunk in chunks:

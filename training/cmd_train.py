@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prior",
         default="population" if _DEFAULTS.population_prior else "isotropic",
         choices=("population", "isotropic"),
-        help="ridge on w_u: towards the population prior N(w̄, Σ_w) (default) or isotropic λ_w·I",
+        help="ridge on w_u: towards the population prior N(w̄, Σ_w) or isotropic λ_w·I",
     )
     m.add_argument(
         "--tune",
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.tune,
         help="choose the ridge strengths (--reg-features, --reg-w, --reg-b) on the internal "
         "validation split within a time budget, starting from the given values; the chosen values "
-        "go to manifest.json (default: on; --no-tune trains once with the given values)",
+        "go to manifest.json; --no-tune trains once with the given values",
     )
     m.add_argument(
         "--tune-trials",

@@ -36,7 +36,7 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
         type=finite_float(lo=0.0, lo_open=True, hi=1.0, hi_open=True),
         default=DEFAULT_DELTA,
         metavar="D",
-        help="target delta (default 1e-6)",
+        help="target delta",
     )
     g.add_argument(
         "--accountant",

@@ -357,3 +357,18 @@ def test_rankings_use_unclipped_scores_like_the_served_top_n():
     np.testing.assert_array_equal(scores, raw)
     clipped = np.stack([model.predict(np.full(30, u), np.arange(30)) for u in users])
     assert (clipped == 5.0).sum(axis=1).min() >= 10 and scores.max() > 5.0
+
+
+def test_cli_summary_names_the_kept_model_by_its_method(
+    sample_split: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the manifest's internal candidate name "lrs" is shown as the fit of the --method that ran
+    code = main(
+        ["train", "--ratings", str(sample_split[0]), "--out", str(tmp_path / "m"), "--method",
+         "single", "--dim", "8", "--n-iter", "2", "--no-tune", "--no-export", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    selected = json.loads((tmp_path / "m" / "manifest.json").read_text())["metrics"]["selected"]
+    shown = {"lrs": "the single fit", "start": "its start", "biases": "biases alone"}[selected]
+    assert f"kept: {shown})" in line and "kept: lrs" not in line

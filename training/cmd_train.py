@@ -218,11 +218,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True, allow_nan=False))
     else:
         val = summary["val_rmse"]
+        # manifest value "lrs" = the trained iterate of whichever --method ran
+        kept = {"lrs": f"the {cfg.method} fit", "start": "its start", "biases": "biases alone"}
         print(
             f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
             f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
             f"val RMSE {'-' if val is None else f'{val:.4f}'} (best iteration "
-            f"{model.manifest['metrics']['best_iteration']}, kept: {summary['selected']})"
+            f"{model.manifest['metrics']['best_iteration']}, kept: {kept.get(summary['selected'], summary['selected'])})"
             + (f"; tuned {summary['tuned']}" if summary["tuned"] else "")
             + (f"; ONNX {onnx_path}" if onnx_path else "")
         )

@@ -64,17 +64,7 @@ def build_onboarder(
 ) -> ScheduledOnboarder:
     """The onboarder the service uses for ``model`` (not cached: the prior is estimated here)."""
     sched = schedule or onboarding_schedule(model.manifest)
-    prior = model.onboarding_prior  # stored at save time (None: a private or older model)
-    if model.manifest.get("privacy"):
-        # a DP model: onboard from what it releases only (w̄, Σ_w, the rating scale), never from
-        # aggregates of the trained users' per-user arrays (docs/privacy.md)
-        prior = public_prior(
-            w_prior_mean=model.w_prior_mean,
-            w_prior_cov=model.w_prior_cov,
-            rating_min=model.rating_min,
-            rating_max=model.rating_max,
-            n_items=model.n_items,
-        )
+    prior = _released_prior(model)  # None: estimated from the arrays by the Onboarder
     base = onboarder_from_model(
         model, config=sched[0][1], prior=prior, history_timestamps=model.history_timestamps
     )
@@ -89,16 +79,8 @@ def shared_onboarder(
     stored has its prior estimated here once, from a full load of the directory that is dropped
     right after (the per-user arrays are in memory for that moment only)."""
     sched = schedule or onboarding_schedule(model.manifest)
-    prior = model.onboarding_prior
-    if model.manifest.get("privacy"):
-        prior = public_prior(
-            w_prior_mean=model.w_prior_mean,
-            w_prior_cov=model.w_prior_cov,
-            rating_min=model.rating_min,
-            rating_max=model.rating_max,
-            n_items=model.n_items,
-        )
-    elif prior is None:
+    prior = _released_prior(model)
+    if prior is None:  # saved before priors were stored: estimated once from a full load
         prior = _legacy_prior(model)
     base = Onboarder(
         U=model.U,
@@ -112,6 +94,21 @@ def shared_onboarder(
         config=sched[0][1],
     )
     return ScheduledOnboarder.from_onboarder(base, sched)
+
+
+def _released_prior(model: TrainedModel | SharedModel) -> OnboardingPrior | None:
+    """The prior a model directory provides: for a DP model only what it releases (w̄, Σ_w, the
+    rating scale), never aggregates of the trained users' per-user arrays (docs/privacy.md);
+    otherwise the one stored at save time (None for a directory saved before priors were stored)."""
+    if model.manifest.get("privacy"):
+        return public_prior(
+            w_prior_mean=model.w_prior_mean,
+            w_prior_cov=model.w_prior_cov,
+            rating_min=model.rating_min,
+            rating_max=model.rating_max,
+            n_items=model.n_items,
+        )
+    return model.onboarding_prior
 
 
 def _legacy_prior(model: SharedModel) -> OnboardingPrior:

@@ -464,8 +464,9 @@ class Recommender:
         for items in item_ids:
             if len(items) > self.max_items:
                 raise ValueError(f"at most {self.max_items} item ids per request, got {len(items)}")
-        for items in item_ids:  # fail on unknown items before touching Redis
-            self._item_indices(self._loaded, items)
+        if self.unknown_items == "error":  # fail on unknown items before touching Redis
+            for items in item_ids:
+                self._item_indices(self._loaded, items)
         if not user_ids:
             return []
         _, loaded, p, pers, _ = self._fetch(user_ids, with_history=False)
@@ -550,7 +551,8 @@ class Recommender:
         """Raise :class:`UnknownItemsError` / ValueError for a score request's items (before Redis)."""
         if len(item_ids) > self.max_items:
             raise ValueError(f"at most {self.max_items} item ids per request, got {len(item_ids)}")
-        self._item_indices(self._loaded, item_ids)
+        if self.unknown_items == "error":  # the fallback never refuses: no lookup twice
+            self._item_indices(self._loaded, item_ids)
 
     def snapshot(self) -> tuple[VersionMeta, _Loaded]:
         """(served version, its loaded model), re-reading ``lrs:current`` when the refresh interval

@@ -241,7 +241,7 @@ def test_generator_is_seeded_and_shaped() -> None:
 
 # -- blockwise memory: blocks by ratings give the same model -----------------------------------
 def test_key_blocks_cover_every_sample_once_within_the_budgets() -> None:
-    from lrs_rec.training.lrs_als import key_blocks
+    from lrs_rec.engine.steps import key_blocks
 
     rng = np.random.default_rng(2)
     keys = np.concatenate([rng.integers(0, 50, 400), np.full(120, 7)])  # key 7: a heavy one
@@ -257,10 +257,11 @@ def test_key_blocks_cover_every_sample_once_within_the_budgets() -> None:
 
 
 def test_training_is_the_same_whatever_the_block_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lrs_rec.training import lrs_als
     from lrs_rec.training.config import TrainConfig
     from lrs_rec.training.loaders import CleaningReport, RatingTable
     from lrs_rec.training.pipeline import train
+
+    from lrs_rec.engine import steps as lrs_als
 
     log = make_biased_mf(400, 150, random_state=3)
     table = RatingTable(
@@ -295,7 +296,9 @@ def test_threads_and_memory_budget_take_effect_and_keep_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lrs_rec.serving.cli import main
-    from lrs_rec.training import lrs_als, parallel
+
+    from lrs_rec.engine import parallel
+    from lrs_rec.engine import steps as lrs_als
 
     for mod, name in ((lrs_als, "BLOCK_FLOATS"), (lrs_als, "ROW_CHUNK"), (parallel, "_threads")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test

@@ -13,11 +13,11 @@ import pytest
 from lrs_rec.serving.cli import main
 from lrs_rec.training.config import TrainConfig
 from lrs_rec.training.evaluate import evaluate_table
-from lrs_rec.training.grouped import grouped_gram, grouped_gram_reference, grouped_sum
 from lrs_rec.training.loaders import load_ratings
 from lrs_rec.training.pipeline import train
 from lrs_rec.training.sample_data import make_sample_data, make_sample_ratings, write_sample_ratings
 
+from lrs_rec.engine.grouped import grouped_gram, grouped_gram_reference, grouped_sum
 from lrs_rec.model_dir import ModelDirError, load_model_dir, save_model_dir
 
 FAST: dict[str, Any] = {"n_iter": 4, "init_iter": 4, "dim": 8, "rank": 3, "sparsity": 2}
@@ -52,7 +52,7 @@ def test_grouped_gram_matches_reference() -> None:
 
 
 def test_grouped_gram_skewed_sizes_and_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lrs_rec.training.grouped as grouped
+    import lrs_rec.engine.grouped as grouped
 
     rng = np.random.default_rng(1)
     groups = np.concatenate([np.zeros(300, np.int64), rng.integers(1, 40, 200), [45, 45, 46]])
@@ -276,13 +276,14 @@ def test_config_validation() -> None:
 
 
 def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Path, Path]) -> None:
-    from lrs_rec.training.lrs_als import StepParams, item_step, u_step, user_step
     from lrs_rec.training.pipeline import (
         _snapshot,
         build_vocabularies,
         encode,
         init_state,
     )
+
+    from lrs_rec.engine.steps import StepParams, item_step, u_step, user_step
 
     table = load_ratings(sample_split[0])
     uv, iv = build_vocabularies(table)
@@ -298,7 +299,7 @@ def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Pa
     for name in ("W", "B", "user_bias", "U"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-9)
     assert np.all(np.count_nonzero(a.B, axis=1) <= 2)
-    import lrs_rec.training.lrs_als as lrs_als
+    import lrs_rec.engine.steps as lrs_als
 
     item_step(a, data, reg_features=5.0, reg_bias=1.0, refine_features=True)
     lrs_als.BLOCK_FLOATS = 1  # 16 items per block
@@ -325,7 +326,7 @@ def test_fixed_features_learn_u_by_eq5(
 
 
 def test_conditional_prior_means_recover_a_linear_dependence() -> None:
-    from lrs_rec.training.lrs_als import LRSState, Samples, conditional_prior_means
+    from lrs_rec.engine.steps import LRSState, Samples, conditional_prior_means
 
     rng = np.random.default_rng(0)
     n_users, n_items, d, r = 60, 40, 6, 3

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
         "depends on the machine's speed; default: no time cap)",
     )
-    from lrs_rec.training.parallel import DEFAULT_MEMORY_BUDGET_MB, available_cores
+    from lrs_rec.engine.parallel import DEFAULT_MEMORY_BUDGET_MB, available_cores
 
     e = parser.add_argument_group("resources")
     e.add_argument(
@@ -161,7 +161,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    from lrs_rec.training.parallel import configure
+    from lrs_rec.engine.parallel import configure
 
     configure(
         n_threads=getattr(args, "threads", None),

@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.movielens import MovieLens, Users
+
+from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 
 AGE_GROUPS: tuple[tuple[int, str], ...] = (
     (1, "under 18"),

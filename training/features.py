@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.loaders import RatingFileError, id_text
-from lrs_rec.training.lrs_als import key_blocks, sample_budget, user_block_size
-from lrs_rec.training.parallel import block_map
 from lrs_rec.training.vocab import Vocabulary
+
+from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+from lrs_rec.engine.parallel import block_map
+from lrs_rec.engine.steps import key_blocks, sample_budget, user_block_size
 
 
 def fit_biases(

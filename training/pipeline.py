@@ -21,7 +21,9 @@ import numpy as np
 from lrs_rec.training.config import TrainConfig
 from lrs_rec.training.features import als_factors, fit_biases, load_item_features
 from lrs_rec.training.loaders import RatingTable
-from lrs_rec.training.lrs_als import (
+from lrs_rec.training.vocab import Vocabulary
+
+from lrs_rec.engine.steps import (
     LRSState,
     Samples,
     StepParams,
@@ -30,8 +32,6 @@ from lrs_rec.training.lrs_als import (
     u_step,
     user_step,
 )
-from lrs_rec.training.vocab import Vocabulary
-
 from lrs_rec.model import LRSModel
 from lrs_rec.model_dir import TrainedModel
 

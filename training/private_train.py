@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training import private_cli
-from lrs_rec.training.grouped import grouped_gram, grouped_sum
 from lrs_rec.training.private_accounting import (
     CalibratedLedger,
     EventGroup,
@@ -46,6 +45,7 @@ from lrs_rec.training.private_accounting import (
     ledger_manifest,
 )
 
+from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
     NEIGHBOURING,
@@ -671,10 +671,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lrs_rec.training.cli_args import load_options
     from lrs_rec.training.loaders import load_ratings
-    from lrs_rec.training.lrs_als import Samples
     from lrs_rec.training.pipeline import history_csr
     from lrs_rec.training.vocab import Vocabulary
 
+    from lrs_rec.engine.steps import Samples
     from lrs_rec.model_dir import TrainedModel, save_model_dir
 
     t0 = time.perf_counter()

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training.config import TrainConfig
-from lrs_rec.training.lrs_als import LRSState
 from lrs_rec.training.pipeline import Fit, FitData, _snapshot, fit_lrs
+
+from lrs_rec.engine.steps import LRSState
 
 SEARCH = ("reg_features", "reg_w", "reg_b")  # in this order
 FACTOR = 3.0

@@ -45,7 +45,7 @@ def threads() -> int:
 def configure(*, n_threads: int | None = None, memory_budget_mb: float | None = None) -> None:
     """Set the worker-thread count and the per-thread memory budget of block temporaries."""
     global _threads
-    from lrs_rec.training import lrs_als
+    from lrs_rec.engine import steps
 
     if n_threads is not None:
         if n_threads < 1:
@@ -60,8 +60,8 @@ def configure(*, n_threads: int | None = None, memory_budget_mb: float | None = 
     if memory_budget_mb is not None:
         if not memory_budget_mb >= 16:
             raise ValueError(f"--memory-budget must be at least 16 (MB), got {memory_budget_mb}")
-        lrs_als.BLOCK_FLOATS = int(memory_budget_mb * (1 << 20) / BYTES_PER_BLOCK_FLOAT)
-        lrs_als.ROW_CHUNK = max(1 << 12, lrs_als.BLOCK_FLOATS // 8)
+        steps.BLOCK_FLOATS = int(memory_budget_mb * (1 << 20) / BYTES_PER_BLOCK_FLOAT)
+        steps.ROW_CHUNK = max(1 << 12, steps.BLOCK_FLOATS // 8)
 
 
 def block_map(fn: Callable[[T], R], blocks: Iterable[T]) -> Iterable[R]:

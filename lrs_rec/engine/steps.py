@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from lrs_rec.training.grouped import grouped_gram, grouped_sum
-from lrs_rec.training.parallel import block_map
 
 from lrs_rec.amht import orthonormalize
+from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+from lrs_rec.engine.parallel import block_map
 from lrs_rec.thresholding import ridge_top_k_refit
 
 

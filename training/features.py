@@ -90,38 +90,64 @@ def als_factors(
     n_u = np.bincount(users, minlength=n_users).astype(float)
     n_i = np.bincount(items, minlength=n_items).astype(float)
 
-    def half_step(
-        own: np.ndarray,
-        n_own: int,
-        counts: np.ndarray,
-        other: np.ndarray,
-        other_f: np.ndarray,
-        t: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        # the other side's factor rows are gathered per block of ratings (never for all at once)
-        bias = np.zeros(n_own)
-        factors = np.zeros((n_own, dim))
-        blocks = key_blocks(own, n_own, user_block_size(dim + 1), sample_budget(dim + 1))
-
-        def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
-            lo, hi, sl = blk
-            Z = np.hstack([np.ones((sl.size, 1)), other_f[other[sl]]])
-            G = grouped_gram(own[sl] - lo, hi - lo, Z)
-            h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
-            reg_diag = np.zeros((hi - lo, dim + 1))
-            reg_diag[:, 0] = reg_bias
-            reg_diag[:, 1:] = reg * np.maximum(counts[lo:hi], max(min_count, 1.0))[:, None]
-            G = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
-            return lo, hi, np.linalg.solve(G, h[:, :, None])[:, :, 0]
-
-        for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
-            bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]
-        return bias, factors
-
+    kw = {"reg": reg, "reg_bias": reg_bias, "min_count": min_count}
     for _ in range(n_iter):
-        c_u, P = half_step(users, n_users, n_u, items, Q, y - mu - c_i[items])
-        c_i, Q = half_step(items, n_items, n_i, users, P, y - mu - c_u[users])
+        c_u, P = als_half_step(users, n_users, n_u, items, Q, y - mu - c_i[items], **kw)
+        c_i, Q = als_half_step(items, n_items, n_i, users, P, y - mu - c_u[users], **kw)
     return ALSFactors(mu, c_u, c_i, P, Q)
+
+
+def als_solve(
+    G: np.ndarray,
+    h: np.ndarray,
+    counts: np.ndarray,
+    *,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+) -> np.ndarray:
+    """One block of an ALS-WR half-step from its normal equations (design [1, other factors]):
+    G (n, d+1, d+1), h (n, d+1), counts (n,) the rows' rating counts; returns [bias, factors]
+    (n, d+1). Ridge λ_b on the bias, λ·max(n, min_count) on the factors."""
+    dim = G.shape[1] - 1
+    reg_diag = np.zeros((G.shape[0], dim + 1))
+    reg_diag[:, 0] = reg_bias
+    reg_diag[:, 1:] = reg * np.maximum(counts, max(min_count, 1.0))[:, None]
+    A = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
+    return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
+
+
+def als_half_step(
+    own: np.ndarray,
+    n_own: int,
+    counts: np.ndarray,
+    other: np.ndarray,
+    other_f: np.ndarray,
+    t: np.ndarray,
+    *,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The biases and factors of the ``own`` side (users or items) given the other side's
+    factors ``other_f`` and the targets ``t`` (ratings minus μ and the other side's bias)."""
+    # the other side's factor rows are gathered per block of ratings (never for all at once)
+    dim = other_f.shape[1]
+    bias = np.zeros(n_own)
+    factors = np.zeros((n_own, dim))
+    blocks = key_blocks(own, n_own, user_block_size(dim + 1), sample_budget(dim + 1))
+
+    def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
+        lo, hi, sl = blk
+        Z = np.hstack([np.ones((sl.size, 1)), other_f[other[sl]]])
+        G = grouped_gram(own[sl] - lo, hi - lo, Z)
+        h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
+        sol = als_solve(G, h, counts[lo:hi], reg=reg, reg_bias=reg_bias, min_count=min_count)
+        return lo, hi, sol
+
+    for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
+        bias[lo:hi], factors[lo:hi] = sol[:, 0], sol[:, 1:]
+    return bias, factors
 
 
 # ------------------------------------------------------------------------------------------------

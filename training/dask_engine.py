@@ -1,0 +1,760 @@
+"""`lrs-rec train --engine dask`: the training loop of :mod:`training.pipeline` on a Dask cluster.
+
+The rating files are read by the workers (:mod:`training.dask_input`), the users are cut into
+partitions of consecutive dense indices (the local engine's vocabulary order), and each partition's
+ratings and its users' parameters live on a worker as a :class:`training.dask_parts.Part`. Each step
+of the local pipeline becomes: broadcast the shared arrays (μ, item biases, item features F, U),
+run the engine's per-user function on every partition (a task returning the new Part), reduce the
+engine's additive statistics on the cluster (a tree of additions) and solve the small shared
+problems (prior, U-step, item blocks) — the same functions as the local engine
+(``lrs_rec.engine.steps``), so the same seed and data give the same model within float tolerance.
+
+The driver holds the shared arrays, the id vocabularies and the loss history; never the ratings or
+the per-user arrays, except at the end: until the sharded model format is in, the model is
+gathered on the driver and written with ``save_model_dir`` (a temporary step; docs/scale.md).
+
+A worker lost mid-run: every task is a pure function of its inputs, so Dask recomputes what was lost
+(the same values); if it cannot, the run stops with :class:`ClusterError`, never with a different
+model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from lrs_rec.training import dask_parts as dp
+from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.dask_input import (
+    build_partition,
+    expand_inputs,
+    file_summary,
+    load_file,
+    merge_sorted_ids,
+    split_by_user,
+)
+from lrs_rec.training.features import als_solve, load_item_features
+from lrs_rec.training.loaders import LoadOptions
+from lrs_rec.training.pipeline import (
+    OVERFIT_RISE,
+    REFERENCE_STD,
+    TrainResult,
+    effective_reg_u,
+    method_params,
+)
+from lrs_rec.training.vocab import Vocabulary
+
+from lrs_rec.engine.steps import (
+    PriorStatistics,
+    StepParams,
+    UserPrior,
+    solve_items,
+    solve_u,
+    user_block_size,
+)
+from lrs_rec.extras import require_extra
+from lrs_rec.model import LRSModel
+from lrs_rec.model_dir import TrainedModel
+
+METHODS = ("lrs", "rep", "full")  # single / prompt pool one w over all users: not partitioned yet
+USERS_PER_PARTITION = 250_000
+
+
+class ClusterError(OSError):
+    """The Dask cluster failed in a way Dask could not recover from (e.g. workers lost)."""
+
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
+    """A client of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` processes
+    (one thread each; no dashboard; ports chosen by the OS)."""
+    distributed = require_extra("distributed", "--engine dask")
+    if scheduler:
+        with distributed.Client(scheduler, timeout="20s") as client:
+            yield client
+        return
+    from lrs_rec.engine.parallel import available_cores
+
+    n = workers or available_cores()
+    with (
+        distributed.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            scheduler_port=0,
+            dashboard_address=None,
+            silence_logs=50,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster helpers
+# ------------------------------------------------------------------------------------------------
+class Run:
+    """The driver's handle on the cluster: submit/gather with byte accounting, and the futures
+    that must stay alive so that a lost partition can be recomputed (its lineage)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.keep: list[Any] = []  # broadcast shared arrays: lineage of every partition
+        self.bytes_to_driver = 0
+        self.bytes_broadcast = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False)
+
+    def map(self, fn: Callable[..., Any], parts: list[Any], *args: Any) -> list[Any]:
+        return [self.submit(fn, p, *args) for p in parts]
+
+    def gather(self, futs: Any) -> Any:
+        out = self.client.gather(futs)
+        self.bytes_to_driver += _nbytes(out)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        self.keep.append(fut)
+        self.bytes_broadcast += _nbytes(obj) * max(1, len(self.client.scheduler_info()["workers"]))
+        return fut
+
+    def reduce(self, futs: list[Any]) -> Any:
+        """Sum of additive statistics as a tree of additions on the cluster (a future)."""
+        while len(futs) > 1:
+            nxt = [self.submit(dp.add, futs[i], futs[i + 1]) for i in range(0, len(futs) - 1, 2)]
+            if len(futs) % 2:
+                nxt.append(futs[-1])
+            futs = nxt
+        return futs[0]
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(x) for x in obj.values())
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 8
+
+
+def _solve_item_block(
+    stats: tuple[np.ndarray, np.ndarray], reg_features: float, reg_bias: float
+) -> np.ndarray:
+    G, h = stats
+    return solve_items(G, h, reg_features=reg_features, reg_bias=reg_bias)
+
+
+def _solve_als_block(
+    stats: tuple[np.ndarray, np.ndarray], reg: float, reg_bias: float, min_count: float
+) -> np.ndarray:
+    G, h = stats
+    return als_solve(G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count)
+
+
+# ------------------------------------------------------------------------------------------------
+# the distributed loop
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Cluster:
+    """The run's partitions (futures of Parts) and the current shared arrays (on the driver)."""
+
+    run: Run
+    parts: list[Any]
+    n_items: int
+    lo: float
+    hi: float
+    unit: float
+
+    def each(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.parts = self.run.map(fn, self.parts, *args)
+
+    def total(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.run.gather(self.run.reduce(self.run.map(fn, self.parts, *args)))
+
+    def item_blocks(self, d: int) -> list[tuple[int, int]]:
+        size = user_block_size(d + 1)
+        return [(a, min(self.n_items, a + size)) for a in range(0, self.n_items, size)]
+
+    # -- biases ---------------------------------------------------------------------------------
+    def fit_biases(self, which: str, reg: float, n_iter: int) -> tuple[float, np.ndarray]:
+        """training.features.fit_biases over the partitions: μ, c_i (c_u on the partitions)."""
+        s, n = self.total(dp.mean_sums, which)
+        mu = s / n
+        self.each(dp.with_bias_zero)
+        c_i = np.zeros(self.n_items)
+        for _ in range(n_iter):
+            tot, n_i = self.total(dp.bias_item_sums, mu, which, self.n_items)
+            c_i = tot / (n_i + reg)
+            self.each(dp.bias_users, mu, self.run.broadcast(c_i), reg, which)
+        return mu, c_i
+
+    # -- the LRS steps --------------------------------------------------------------------------
+    def prior(self, sh: Any, p: StepParams, which: str) -> Any:
+        st: PriorStatistics = self.total(dp.prior_stats, sh, which)
+        prior = UserPrior.from_statistics(
+            st, population_prior=p.population_prior, conditional_prior=p.conditional_prior
+        )
+        return self.run.broadcast(prior)
+
+    def user_step(self, shared: dp.Shared, p: StepParams, which: str) -> None:
+        sh = self.run.broadcast(shared)
+        self.each(dp.user_update, sh, self.prior(sh, p, which), p, which)
+
+    def iterate(
+        self,
+        shared: dp.Shared,
+        cfg: TrainConfig,
+        p: StepParams,
+        which: str,
+        *,
+        learn_u: bool,
+        refine: bool,
+        reg_u: float,
+    ) -> dp.Shared:
+        """One outer iteration (pipeline.iterate): users, U (fixed features), items."""
+        self.user_step(shared, p, which)
+        if learn_u:
+            sh = self.run.broadcast(shared)
+            A, rhs = self.total(dp.u_stats, sh, which)
+            Q, R = solve_u(A, rhs, ridge=reg_u)
+            self.each(dp.apply_r, R)
+            shared = replace(shared, U=Q)
+        sh = self.run.broadcast(shared)
+        if not refine:
+            total, n_i = self.total(dp.item_bias_stats, sh, which)
+            return replace(shared, item_bias=total / (n_i + cfg.reg_bias))
+        F = np.empty_like(shared.F)
+        c_i = np.empty(self.n_items)
+        sols = []
+        for a, b in self.item_blocks(shared.F.shape[1]):
+            stats = self.run.reduce(self.run.map(dp.item_stats, self.parts, sh, which, a, b))
+            sols.append(
+                (a, b, self.run.submit(_solve_item_block, stats, cfg.reg_features, cfg.reg_bias))
+            )
+        for a, b, fut in sols:
+            sol = self.run.gather(fut)
+            c_i[a:b], F[a:b] = sol[:, 0], sol[:, 1:]
+        return replace(shared, item_bias=c_i, F=F)
+
+    def rmse(self, shared: dp.Shared | Any, which: str) -> float:
+        sh = shared if not isinstance(shared, dp.Shared) else self.run.broadcast(shared)
+        sse, n = self.total(dp.sq_error, sh, which, self.lo, self.hi)
+        return float(np.sqrt(sse / n)) if n else float("nan")
+
+
+@dataclass
+class DaskFit:
+    shared: dp.Shared
+    history: list[dict[str, float]]
+    best_iteration: int
+
+
+def fit_lrs(
+    cl: Cluster,
+    shared: dp.Shared,
+    cfg: TrainConfig,
+    *,
+    learn_u: bool,
+    refine: bool,
+    reg_u: float,
+    has_val: bool,
+    progress: bool,
+) -> DaskFit:
+    """pipeline.fit_lrs on the cluster: the partitions end at the best validation iterate."""
+    params = method_params(cfg)
+
+    def losses(it: int, sh: dp.Shared) -> dict[str, float]:
+        f = cl.run.broadcast(sh)
+        return {
+            "iteration": float(it),
+            "train_rmse": cl.unit * cl.rmse(f, "train"),
+            "val_rmse": cl.unit * cl.rmse(f, "val"),
+        }
+
+    history = [losses(0, shared)]
+    early = has_val and cfg.patience > 0
+    best_val, best_it, best_shared = float("inf"), 0, shared
+    for it in range(1, cfg.n_iter + 1):
+        shared = cl.iterate(
+            shared, cfg, params, "train", learn_u=learn_u, refine=refine, reg_u=reg_u
+        )
+        row = losses(it, shared)
+        history.append(row)
+        if progress:
+            print(
+                f"iter {it:3d}  train RMSE {row['train_rmse']:.4f}  val RMSE {row['val_rmse']:.4f}",
+                file=sys.stderr,
+            )
+        if early:
+            if row["val_rmse"] < best_val:
+                best_val, best_it, best_shared = row["val_rmse"], it, shared
+                cl.each(dp.save, "best")
+            elif it - best_it >= cfg.patience:
+                break
+    if not early:
+        return DaskFit(shared, history, len(history) - 1)
+    if best_it != len(history) - 1:
+        cl.each(dp.restore, "best")
+    cl.each(dp.drop, "best")
+    return DaskFit(best_shared, history, best_it)
+
+
+def _init_shared(
+    cl: Cluster,
+    cfg: TrainConfig,
+    plugin: np.ndarray | None,
+    rng: np.random.Generator,
+    n_users: int,
+) -> dp.Shared:
+    """pipeline.init_state on the cluster: ALS (or plug-in features + per-user ridge), then U."""
+    run = cl.run
+    if plugin is None:
+        d = cfg.dim
+        s, n = cl.total(dp.mean_sums, "train")
+        mu = s / n
+        # the local engine draws P (never used: the first half-step overwrites it), then Q
+        left = n_users * d
+        while left:
+            step = min(left, 1 << 22)
+            rng.normal(0.0, 0.1, step)
+            left -= step
+        Q = rng.normal(0.0, 0.1, (cl.n_items, d))
+        c_i = np.zeros(cl.n_items)
+        for _ in range(cfg.init_iter):
+            cl.each(
+                dp.als_users,
+                mu,
+                run.broadcast(c_i),
+                run.broadcast(Q),
+                cfg.init_reg,
+                cfg.reg_bias,
+                cfg.init_reg_count,
+            )
+            sols = []
+            for a, b in cl.item_blocks(d):
+                stats = run.reduce(run.map(dp.als_item_stats, cl.parts, mu, a, b))
+                sols.append(
+                    (
+                        a,
+                        b,
+                        run.submit(
+                            _solve_als_block, stats, cfg.init_reg, cfg.reg_bias, cfg.init_reg_count
+                        ),
+                    )
+                )
+            c_i, Q = np.empty(cl.n_items), np.empty((cl.n_items, d))
+            for a, b, fut in sols:
+                sol = run.gather(fut)
+                c_i[a:b], Q[a:b] = sol[:, 0], sol[:, 1:]
+        F = Q
+    else:
+        F = plugin
+        d = F.shape[1]
+        mu, c_i = cl.fit_biases("train", cfg.reg_bias, 5)
+        cl.each(dp.zero_w, d)
+        ridge = StepParams(
+            k=0,
+            per_user_w=True,
+            user_bias=True,
+            reg_w=cfg.reg_w,
+            reg_b=cfg.reg_b,
+            reg_bias=cfg.reg_bias,
+            population_prior=False,
+            conditional_prior=False,
+            n_inner=1,
+        )
+        cl.user_step(dp.Shared(mu, c_i, F, np.eye(d)), ridge, "train")
+        cl.each(dp.w_as_p)
+    cfg.check_dims(d)
+    if cfg.method == "full":
+        U = np.eye(d)
+    else:
+        gram = cl.total(dp.gram_p)
+        vals, vecs = np.linalg.eigh(gram)  # PᵀP = V S² Vᵀ: the right singular vectors of P
+        r = min(cfg.rank, n_users, d)
+        U = vecs[:, np.argsort(vals)[::-1][:r]].copy()
+    cl.each(dp.start_from_p, U)
+    return dp.Shared(float(mu), c_i, np.array(F, dtype=np.float64), U)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def train_dask(
+    spec: str,
+    opts: LoadOptions,
+    cfg: TrainConfig,
+    client: Any,
+    *,
+    item_features_path: str | None = None,
+    progress: bool = True,
+    partitions: int | None = None,
+    stats: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on the rating file(s) ``spec`` (file, directory or glob) on the cluster of
+    ``client``; returns the model (gathered on the driver, not yet saved) and the loss history.
+    ``stats`` (when given) receives the run's byte counts and partition count."""
+    try:
+        return _train(spec, opts, cfg, client, item_features_path, progress, partitions, stats)
+    except Exception as e:
+        if _is_cluster_failure(e):
+            raise ClusterError(
+                f"the Dask cluster could not finish the run ({type(e).__name__}: {e}); no model "
+                "was written — check the workers and rerun"
+            ) from e
+        raise
+
+
+def _is_cluster_failure(e: BaseException) -> bool:
+    from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
+
+    names = {"CommClosedError", "FutureCancelledError", "KilledWorker", "CancelledError"}
+    return isinstance(e, (KilledWorker, FutureCancelledError)) or type(e).__name__ in names
+
+
+def _train(
+    spec: str,
+    opts: LoadOptions,
+    cfg: TrainConfig,
+    client: Any,
+    item_features_path: str | None,
+    progress: bool,
+    partitions: int | None,
+    stats: dict[str, Any] | None,
+) -> TrainResult:
+    if cfg.method not in METHODS:
+        raise ValueError(
+            f"--method {cfg.method} is not supported with --engine dask yet (one shared w over "
+            f"all users); use {', '.join(METHODS)} or --engine local"
+        )
+    t0 = time.perf_counter()
+    run = Run(client)
+    files = expand_inputs(spec)
+    loads = [run.submit(load_file, f, opts) for f in files]
+    summaries = run.gather(
+        [run.submit(file_summary, f, t) for f, t in zip(files, loads, strict=True)]
+    )
+    users = merge_sorted_ids([s.user_ids for s in summaries])
+    items = merge_sorted_ids([s.item_ids for s in summaries])
+    n_users, n_items = int(users.size), int(items.size)
+    n_rows = [s.n_rows for s in summaries]
+    offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(int)
+    rating_min = min(s.rating_min for s in summaries)
+    rating_max = max(s.rating_max for s in summaries)
+
+    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    n_parts = partitions or max(n_workers, math.ceil(n_users / USERS_PER_PARTITION))
+    n_parts = max(1, min(n_parts, n_users))
+    bounds = np.round(np.linspace(0, n_users, n_parts + 1)).astype(int)
+    splitters = users[bounds[1:-1]]
+    item_ids = tuple(items.tolist())
+    fraction = cfg.validation_fraction
+    item_fut = run.broadcast(item_ids)
+    splits = [
+        run.submit(split_by_user, t, splitters, item_fut, int(o), cfg.seed, fraction)
+        for t, o in zip(loads, offsets, strict=True)
+    ]
+    import operator
+
+    datas = [
+        run.submit(
+            build_partition,
+            int(bounds[p]),
+            int(bounds[p + 1]),
+            fraction,
+            *[run.submit(operator.getitem, s, p) for s in splits],
+        )
+        for p in range(n_parts)
+    ]
+    del loads, splits
+    # standardise by the training ratings' spread (pipeline.rating_unit, two passes)
+    s, n_train = run.gather(run.reduce(run.map(dp.raw_train_sums, datas)))
+    unit = 1.0
+    if cfg.standardize and n_train > 1:
+        mean = s / n_train
+        sq = run.gather(run.reduce(run.map(dp.raw_train_sq_dev, datas, mean)))
+        std = math.sqrt(sq / n_train)
+        unit = std / REFERENCE_STD if math.isfinite(std) and std > 0 else 1.0
+
+    plugin = None
+    plugin_info: dict[str, Any] = {}
+    item_vocab = Vocabulary(item_ids)
+    if item_features_path is not None:
+        pf = load_item_features(item_features_path, item_vocab)
+        plugin = pf.features
+        plugin_info = {
+            "source": pf.source,
+            "d": int(plugin.shape[1]),
+            "items_without_features": pf.n_missing,
+            "unused_feature_rows": pf.n_unused,
+        }
+    d0 = cfg.dim if plugin is None else plugin.shape[1]
+    parts = [run.submit(dp.make_part, dt, unit, n_items, d0) for dt in datas]
+    del datas
+    lo, hi = rating_min / unit, rating_max / unit
+    cl = Cluster(run, parts, n_items, lo, hi, unit)
+    n_total = int(sum(n_rows))
+    counts = run.gather([run.submit(_part_counts, p) for p in cl.parts])
+    n_train_part = sum(c[0] for c in counts)
+    n_val_part = sum(c[1] for c in counts)
+    dups = sum(c[2] for c in counts)
+
+    rng = np.random.default_rng(cfg.seed)
+    if fraction > 0:
+        rng.bit_generator.advance(n_total)  # the validation draws (pipeline.split_validation)
+    shared = _init_shared(cl, cfg, plugin, rng, n_users)
+    hyperparameters: dict[str, Any] = cfg.to_dict()
+    if cfg.method in ("lrs", "rep") and shared.U.shape[1] < cfg.rank:
+        print(
+            f"warning: rank r={cfg.rank} exceeds the {n_users} training users; "
+            f"using r={shared.U.shape[1]}",
+            file=sys.stderr,
+        )
+        hyperparameters.update(rank=shared.U.shape[1], rank_requested=cfg.rank)
+    refine = cfg.refine_features and plugin is None
+    learn_u = (not refine) and cfg.method in ("lrs", "rep")
+    reg_u = effective_reg_u(cfg, plugin=plugin is not None)
+    has_val = n_val_part > 0
+    start = shared
+    cl.each(dp.save, "start")
+
+    tuning: dict[str, Any] | None = None
+    if cfg.tune and has_val:
+        from lrs_rec.training.dask_tuning import tune_on_sample
+
+        chosen, tuning = tune_on_sample(
+            cl,
+            start,
+            cfg,
+            n_users=n_users,
+            learn_u=learn_u,
+            refine=refine,
+            reg_u=reg_u,
+            progress=progress,
+        )
+        cfg = replace(cfg, **chosen)
+        cl.each(dp.restore, "start")
+    fit = fit_lrs(
+        cl,
+        start,
+        cfg,
+        learn_u=learn_u,
+        refine=refine,
+        reg_u=reg_u,
+        has_val=has_val,
+        progress=progress,
+    )
+    shared, history, best_it = fit.shared, fit.history, fit.best_iteration
+    params = method_params(cfg)
+    candidates = {"lrs": history[best_it]["val_rmse"], "start": history[0]["val_rmse"]}
+    # biases alone (pipeline.biases_only): μ + c_u + c_i, zero item features, the start's U, W
+    cl.each(dp.save, "fit")
+    cl.each(dp.restore, "start")
+    cl.each(dp.zero_b)
+    mu_b, c_b = cl.fit_biases("train", cfg.reg_bias, 10)
+    biases = dp.Shared(mu_b, c_b, np.zeros_like(start.F), start.U)
+    cl.each(dp.save, "biases")
+    if has_val:
+        candidates["biases"] = unit * cl.rmse(biases, "val")
+    biases_train = unit * cl.rmse(biases, "train")
+    selected = "lrs"
+    if has_val and cfg.keep_best:
+        selected = min(candidates, key=lambda k: (candidates[k], k != "lrs"))
+    if selected != "lrs":
+        print(
+            f"note: no {cfg.method} iteration beat the "
+            + ("start (biases and item features)" if selected == "start" else "biases alone")
+            + " on validation (val RMSE "
+            + ", ".join(f"{k} {v:.4f}" for k, v in candidates.items())
+            + f"); keeping the {selected} model",
+            file=sys.stderr,
+        )
+    cl.each(dp.restore, {"lrs": "fit", "start": "start", "biases": "biases"}[selected])
+    if selected != "lrs":
+        shared, best_it = (start if selected == "start" else biases), 0
+    cl.each(dp.drop, "fit", "start", "biases")
+    train_rmse = biases_train if selected == "biases" else history[best_it]["train_rmse"]
+    val_rmse = candidates[selected] if has_val else history[best_it]["val_rmse"]
+    final_pass = "none"
+    if has_val and selected == "lrs" and cfg.final_passes:
+        if _overfits(history, best_it):
+            final_pass = "skipped: the iteration after the best overfitted on validation"
+        else:
+            final_pass = "all ratings"
+            for _ in range(cfg.final_passes):
+                shared = cl.iterate(
+                    shared, cfg, params, "all", learn_u=learn_u, refine=refine, reg_u=reg_u
+                )
+            cl.user_step(shared, params, "all")
+    elif has_val and selected == "biases":
+        mu_b, c_b = cl.fit_biases("all", cfg.reg_bias, 10)
+        shared = replace(biases, global_mean=mu_b, item_bias=c_b)
+
+    # the model: per-partition stored form, then (temporarily) gathered on the driver
+    k = cfg.sparsity if cfg.method == "lrs" else 0
+    pieces: list[dp.PartModel] = run.gather(run.map(dp.model_part, cl.parts, shared.U, k))
+    seconds = time.perf_counter() - t0
+    model = _assemble(
+        pieces,
+        shared,
+        unit,
+        cfg,
+        users,
+        item_ids,
+        rating_min,
+        rating_max,
+        manifest_parts={
+            "hyperparameters": {
+                **hyperparameters,
+                **(tuning["chosen"] if tuning else {}),
+                "effective_reg_u": reg_u if learn_u else None,
+                "rating_unit": unit,
+            },
+            "data": {
+                "source": spec,
+                "format": summaries[0].report["format"] if len(files) == 1 else "multiple",
+                "fingerprint_sha256": summaries[0].fingerprint
+                if len(files) == 1
+                else hashlib.sha256("".join(s.fingerprint for s in summaries).encode()).hexdigest(),
+                "n_ratings": n_total - dups,
+                "n_users": n_users,
+                "n_items": n_items,
+                "n_train_part": n_train_part,
+                "n_validation_part": n_val_part,
+                "files": len(files),
+            },
+            "cleaning": _merged_report(summaries, spec, dups),
+            "item_features": plugin_info or {"source": "als", "d": int(shared.F.shape[1])},
+            "metrics": {
+                "train_rmse": train_rmse,
+                "val_rmse": val_rmse,
+                "history": history,
+                "best_iteration": best_it,
+                "selected": selected,
+                "final_pass": final_pass,
+                "candidates_val_rmse": candidates if has_val else None,
+                "start_val_rmse": history[0]["val_rmse"],
+                "train_seconds": round(seconds, 3),
+            },
+            "engine": {
+                "name": "dask",
+                "workers": n_workers,
+                "partitions": n_parts,
+                "bytes_to_driver": run.bytes_to_driver,
+                "bytes_broadcast": run.bytes_broadcast,
+            },
+            **({"tuning": tuning} if tuning is not None else {}),
+        },
+    )
+    if stats is not None:
+        stats.update(
+            partitions=n_parts,
+            workers=n_workers,
+            bytes_to_driver=run.bytes_to_driver,
+            bytes_broadcast=run.bytes_broadcast,
+        )
+    return TrainResult(model=model, history=history, seconds=seconds)
+
+
+def _part_counts(part: dp.Part) -> tuple[int, int, int]:
+    return len(part.train), len(part.val), part.data.duplicates_removed
+
+
+def _overfits(history: list[dict[str, float]], best_it: int) -> bool:
+    from lrs_rec.training.pipeline import item_step_overfits
+
+    assert OVERFIT_RISE > 0
+    return item_step_overfits(history, best_it)
+
+
+def _merged_report(summaries: list[Any], spec: str, dups: int) -> dict[str, Any]:
+    if len(summaries) == 1 and not dups:
+        return dict(summaries[0].report)
+    counts: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for s in summaries:
+        for key, v in s.report["counts"].items():
+            counts[key] = counts.get(key, 0) + int(v)
+        for key, v in s.report["examples"].items():
+            examples.setdefault(key, []).extend(v)
+    if dups:
+        counts["duplicates_removed"] = counts.get("duplicates_removed", 0) + dups
+    return {
+        "source": spec,
+        "format": "multiple" if len(summaries) > 1 else summaries[0].report["format"],
+        "rows_read": sum(s.report["rows_read"] for s in summaries),
+        "rows_kept": sum(s.report["rows_kept"] for s in summaries) - dups,
+        "parser": ",".join(sorted({s.report["parser"] for s in summaries})),
+        "counts": dict(sorted(counts.items())),
+        "examples": {k: v[:5] for k, v in sorted(examples.items())},
+        "files": [s.path for s in summaries],
+    }
+
+
+def _assemble(
+    pieces: list[dp.PartModel],
+    shared: dp.Shared,
+    unit: float,
+    cfg: TrainConfig,
+    users: np.ndarray,
+    item_ids: tuple[str, ...],
+    rating_min: float,
+    rating_max: float,
+    manifest_parts: dict[str, Any],
+) -> TrainedModel:
+    """The TrainedModel from the partitions' shares (in user order) — the temporary gather."""
+    n = sum(p.w_sums[0] for p in pieces)
+    sw = sum(p.w_sums[1] for p in pieces)
+    sww = sum(p.w_sums[2] for p in pieces)
+    w_mean = sw / n
+    w_cov = sww / n - np.outer(w_mean, w_mean) if n > 1 else np.zeros_like(sww)
+    w_cov = np.atleast_2d((w_cov + w_cov.T) / 2)
+    W = np.concatenate([p.W for p in pieces])
+    lrs = LRSModel(
+        U=shared.U,
+        W=W,
+        B_idx=np.concatenate([p.B_idx for p in pieces]),
+        B_val=np.concatenate([p.B_val for p in pieces]),
+    )
+    counts = np.concatenate([np.diff(p.indptr) for p in pieces])
+    indptr = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    h_times = np.concatenate([p.h_times for p in pieces])
+    manifest: dict[str, Any] = {
+        "method": cfg.method,
+        **manifest_parts,
+        "params_per_user": {"lrs": lrs.rank + lrs.sparsity, "full": lrs.d, "rep": lrs.rank}[
+            cfg.method
+        ],
+    }
+    return TrainedModel(
+        lrs=lrs,
+        item_features=shared.F,
+        item_bias=shared.item_bias * unit,
+        user_bias=np.concatenate([p.user_bias for p in pieces]),
+        global_mean=shared.global_mean * unit,
+        user_ids=tuple(users.tolist()),
+        item_ids=item_ids,
+        w_prior_mean=w_mean,
+        w_prior_cov=w_cov,
+        history_indptr=indptr,
+        history_items=np.concatenate([p.h_items for p in pieces]),
+        history_ratings=np.concatenate([p.h_ratings for p in pieces]),
+        rating_min=rating_min,
+        rating_max=rating_max,
+        manifest=manifest,
+        history_timestamps=h_times if np.isfinite(h_times).all() else None,
+    )

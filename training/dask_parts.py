@@ -1,0 +1,334 @@
+"""The worker side of `lrs-rec train --engine dask`: one user partition's state and its steps.
+
+A :class:`Part` holds a partition's ratings (local user indices) and its users' parameters
+(c_u, W, B; the ALS factors P during initialisation; named copies such as the start and the best
+iterate). Every function here is a Dask task: it takes a Part and the broadcast shared arrays
+(:class:`Shared`: μ, item biases, item features F, U) and returns either a new Part (the inputs are
+never modified, so a task Dask recomputes after a lost worker gives the same result) or additive
+statistics that the driver reduces. The maths is the engine's (``lrs_rec.engine.steps``) and the
+ALS half-step's (``training.features``), applied to the partition's users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from lrs_rec.training.dask_input import PartitionData
+from lrs_rec.training.features import als_half_step
+
+from lrs_rec.engine.steps import (
+    LRSState,
+    PriorStatistics,
+    Samples,
+    StepParams,
+    UserPrior,
+    item_bias_statistics,
+    item_block_statistics,
+    prior_statistics,
+    squared_error,
+    u_step_statistics,
+    user_step,
+)
+from lrs_rec.model import LRSModel
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The arrays every partition needs (broadcast once per change)."""
+
+    global_mean: float
+    item_bias: np.ndarray  # (n_items,)
+    F: np.ndarray  # (n_items, d)
+    U: np.ndarray  # (d, r)
+
+
+@dataclass(frozen=True)
+class Part:
+    data: PartitionData
+    unit: float
+    train: Samples  # standardised units
+    val: Samples
+    train_order: np.ndarray  # train samples sorted by item (stable)
+    train_bounds: np.ndarray  # (n_items + 1,) item boundaries in train_order
+    c_u: np.ndarray
+    W: np.ndarray
+    B: np.ndarray
+    P: np.ndarray | None = None  # ALS user factors (initialisation only)
+    saved: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return self.data.hi - self.data.lo
+
+
+def _item_index(items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(items, kind="stable")
+    return order, np.searchsorted(items[order], np.arange(n_items + 1))
+
+
+def make_part(data: PartitionData, unit: float, n_items: int, d: int) -> Part:
+    train = data.samples(~data.val, unit)
+    order, bounds = _item_index(train.items, n_items)
+    n = data.hi - data.lo
+    return Part(
+        data,
+        unit,
+        train,
+        data.samples(data.val, unit),
+        order,
+        bounds,
+        np.zeros(n),
+        np.zeros((n, 0)),
+        np.zeros((n, d)),
+    )
+
+
+def samples(part: Part, which: str) -> Samples:
+    if which == "train":
+        return part.train
+    if which == "val":
+        return part.val
+    return part.data.samples(None, part.unit)  # "all" (the final pass), in global row order
+
+
+def state(part: Part, sh: Shared, *, copy: bool = False) -> LRSState:
+    c_u, W, B = (
+        (part.c_u.copy(), part.W.copy(), part.B.copy()) if copy else (part.c_u, part.W, part.B)
+    )
+    return LRSState(sh.global_mean, c_u, sh.item_bias, sh.F, sh.U, W, B)
+
+
+# ---- standardisation ---------------------------------------------------------------------------
+def raw_train_sums(data: PartitionData) -> tuple[float, int]:
+    r = data.ratings[~data.val]
+    return float(r.sum()), int(r.size)
+
+
+def raw_train_sq_dev(data: PartitionData, mean: float) -> float:
+    r = data.ratings[~data.val] - mean
+    return float(np.dot(r, r))
+
+
+def mean_sums(part: Part, which: str) -> tuple[float, int]:
+    s = samples(part, which)
+    return float(s.ratings.sum()), len(s)
+
+
+# ---- biases (training.features.fit_biases, split) --------------------------------------------
+def bias_item_sums(
+    part: Part, mu: float, which: str, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    s = samples(part, which)
+    return (
+        np.bincount(s.items, s.ratings - mu - part.c_u[s.users], minlength=n_items),
+        np.bincount(s.items, minlength=n_items).astype(float),
+    )
+
+
+def bias_users(part: Part, mu: float, c_i: np.ndarray, reg: float, which: str) -> Part:
+    s = samples(part, which)
+    n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
+    c_u = np.bincount(s.users, s.ratings - mu - c_i[s.items], minlength=part.n_users) / (n_u + reg)
+    return replace(part, c_u=c_u)
+
+
+# ---- ALS initialisation (training.features.als_factors, split) --------------------------------
+def als_users(
+    part: Part,
+    mu: float,
+    c_i: np.ndarray,
+    Q: np.ndarray,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+) -> Part:
+    s = part.train
+    n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
+    t = s.ratings - mu - c_i[s.items]
+    c_u, P = als_half_step(
+        s.users, part.n_users, n_u, s.items, Q, t, reg=reg, reg_bias=reg_bias, min_count=min_count
+    )
+    return replace(part, c_u=c_u, P=P)
+
+
+def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ALS item half-step's normal equations of items lo..hi-1: the engine's item statistics
+    with U = I, W = P, B = 0 (design [1, p_u], target y - μ - c_u)."""
+    assert part.P is not None
+    d = part.P.shape[1]
+    st = LRSState(
+        mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, np.zeros_like(part.P)
+    )
+    sl = part.train_order[part.train_bounds[lo] : part.train_bounds[hi]]
+    return item_block_statistics(st, part.train, lo, hi, sl)
+
+
+def gram_p(part: Part) -> np.ndarray:
+    assert part.P is not None
+    return np.asarray(part.P.T @ part.P)
+
+
+def start_from_p(part: Part, U: np.ndarray) -> Part:
+    """W = P U, B = 0 (the start of the LRS fit); P is dropped."""
+    assert part.P is not None
+    return replace(part, W=part.P @ U, B=np.zeros_like(part.P), P=None)
+
+
+def w_as_p(part: Part) -> Part:
+    """Plug-in start: the per-user ridge solutions θ̂_u (W with U = I) become P."""
+    return replace(part, P=part.W, W=np.zeros((part.n_users, 0)))
+
+
+def zero_w(part: Part, d: int) -> Part:
+    return replace(part, W=np.zeros((part.n_users, d)), B=np.zeros((part.n_users, d)))
+
+
+# ---- the LRS steps --------------------------------------------------------------------------
+def prior_stats(part: Part, sh: Shared, which: str) -> PriorStatistics:
+    return prior_statistics(state(part, sh), samples(part, which))
+
+
+def user_update(part: Part, sh: Shared, prior: UserPrior, p: StepParams, which: str) -> Part:
+    st = state(part, sh, copy=True)
+    user_step(st, samples(part, which), p, prior=prior)
+    return replace(part, c_u=st.user_bias, W=st.W, B=st.B)
+
+
+def u_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:
+    return u_step_statistics(state(part, sh), samples(part, which))
+
+
+def apply_r(part: Part, R: np.ndarray) -> Part:
+    return replace(part, W=part.W @ R.T)
+
+
+def item_stats(
+    part: Part, sh: Shared, which: str, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    s = samples(part, which)
+    if which == "train":
+        order, bounds = part.train_order, part.train_bounds
+    else:
+        order, bounds = _item_index(s.items, sh.F.shape[0])
+    sl = order[bounds[lo] : bounds[hi]]
+    return item_block_statistics(state(part, sh), s, lo, hi, sl)
+
+
+def item_bias_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:
+    return item_bias_statistics(state(part, sh), samples(part, which))
+
+
+def sq_error(part: Part, sh: Shared, which: str, lo: float, hi: float) -> tuple[float, int]:
+    return squared_error(state(part, sh), samples(part, which), lo, hi)
+
+
+def sq_errors_val(part: Part, sh: Shared, lo: float, hi: float) -> np.ndarray:
+    s = part.val
+    err = state(part, sh).predict(s.users, s.items, lo, hi) - s.ratings
+    return np.asarray(err * err)
+
+
+# ---- copies ---------------------------------------------------------------------------------
+def save(part: Part, name: str) -> Part:
+    return replace(
+        part, saved={**part.saved, name: (part.c_u.copy(), part.W.copy(), part.B.copy())}
+    )
+
+
+def restore(part: Part, name: str) -> Part:
+    c_u, W, B = part.saved[name]
+    return replace(part, c_u=c_u.copy(), W=W.copy(), B=B.copy())
+
+
+def drop(part: Part, *names: str) -> Part:
+    return replace(part, saved={k: v for k, v in part.saved.items() if k not in names})
+
+
+def with_bias(part: Part, c_u: np.ndarray) -> Part:
+    return replace(part, c_u=c_u)
+
+
+def zero_b(part: Part) -> Part:
+    return replace(part, B=np.zeros_like(part.B))
+
+
+# ---- the stored model -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PartModel:
+    """A partition's share of the model (users lo..hi-1), in the ratings' own units."""
+
+    lo: int
+    hi: int
+    user_bias: np.ndarray
+    W: np.ndarray  # stored form (rank r)
+    B_idx: np.ndarray
+    B_val: np.ndarray
+    indptr: np.ndarray  # (n + 1,) local history CSR
+    h_items: np.ndarray
+    h_ratings: np.ndarray
+    h_times: np.ndarray
+    w_sums: tuple[float, np.ndarray, np.ndarray]  # n, Σw, Σwwᵀ (population prior)
+
+
+def model_part(part: Part, U: np.ndarray, k: int) -> PartModel:
+    unit = part.unit
+    lrs = LRSModel.from_dense_b(U, part.W * unit, part.B * unit, k)
+    d = part.data
+    order = np.lexsort((d.items, d.users))
+    n = part.n_users
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(d.users, minlength=n), out=indptr[1:])
+    W = np.asarray(lrs.W)
+    return PartModel(
+        d.lo,
+        d.hi,
+        part.c_u * unit,
+        W,
+        np.asarray(lrs.B_idx),
+        np.asarray(lrs.B_val),
+        indptr,
+        d.items[order].astype(np.int64),
+        d.ratings[order].astype(np.float64),
+        d.times[order].astype(np.float64),
+        (float(n), W.sum(axis=0), W.T @ W),
+    )
+
+
+def add(a: Any, b: Any) -> Any:
+    """The reduction of additive statistics: tuples elementwise, everything else by ``+``."""
+    if isinstance(a, tuple):
+        return tuple(add(x, y) for x, y in zip(a, b, strict=True))
+    return a + b
+
+
+def with_bias_zero(part: Part) -> Part:
+    return replace(part, c_u=np.zeros(part.n_users))
+
+
+@dataclass(frozen=True)
+class UserSample:
+    """A partition's share of the tuning sample, renumbered to positions in the whole sample."""
+
+    c_u: np.ndarray
+    W: np.ndarray
+    B: np.ndarray
+    train: Samples
+    val: Samples
+
+
+def sample_users(part: Part, sample: np.ndarray) -> UserSample:
+    """The rows of the (sorted, global-index) ``sample`` users of this partition."""
+    lo, hi = part.data.lo, part.data.hi
+    a, b = np.searchsorted(sample, [lo, hi])
+    local = sample[a:b] - lo
+    remap = np.full(part.n_users, -1, np.int64)
+    remap[local] = a + np.arange(local.size)
+
+    def sub(s: Samples) -> Samples:
+        new = remap[s.users]
+        keep = new >= 0
+        return Samples(new[keep].astype(s.users.dtype), s.items[keep], s.ratings[keep])
+
+    return UserSample(part.c_u[local], part.W[local], part.B[local], sub(part.train), sub(part.val))

@@ -105,6 +105,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory for each thread's block temporaries: blocks of users/items are sized by "
         "ratings to fit it (the rating arrays themselves come on top)",
     )
+    dk = parser.add_argument_group("engine")
+    dk.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "dask"),
+        help="local: this process; dask: a Dask cluster (the `dask` extra) — the workers read "
+        "--ratings (a file, a directory or a glob of CSV/Parquet files) and hold the users' "
+        "partitions; the same model as local for the same seed and data",
+    )
+    dk.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --engine dask: the running cluster's scheduler (e.g. tcp://host:8786); "
+        "default: a LocalCluster of --workers processes",
+    )
+    dk.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="with --engine dask and no --scheduler: worker processes of the LocalCluster "
+        "(default: the cores this process may use)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -156,6 +178,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     ts = getattr(args, "tune_seconds", None)
     if ts is not None and not (math.isfinite(ts) and ts >= 0):
         raise ValueError(f"--tune-seconds must be a finite number >= 0, got {ts}")
+    engine = getattr(args, "engine", "local")
+    if engine != "dask":
+        for flag in ("scheduler", "workers"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag} needs --engine dask")
+    else:
+        workers = getattr(args, "workers", None)
+        if workers is not None and workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        if getattr(args, "epsilon", None) is not None:
+            raise ValueError(
+                "--epsilon with --engine dask is not supported yet; use --engine local"
+            )
     check_out_dir(args.out)
 
 
@@ -179,15 +214,23 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.model_dir import save_model_dir
 
     cfg = config_from_args(args)
-    table = load_ratings(args.ratings, load_options(args))
-    rep = table.report
-    if not args.quiet:
-        print(
-            f"read {rep.rows_kept} ratings from {rep.source} ({rep.format}); "
-            f"cleaning: {dict(sorted(rep.counts.items())) or 'nothing to clean'}",
-            file=sys.stderr,
-        )
-    result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
+    if getattr(args, "engine", "local") == "dask":
+        from lrs_rec.training.dask_engine import train_from_args
+
+        result = train_from_args(args, cfg)
+        n_ratings = result.model.manifest["data"]["n_ratings"]
+        cleaning = result.model.manifest["cleaning"]["counts"]
+    else:
+        table = load_ratings(args.ratings, load_options(args))
+        rep = table.report
+        if not args.quiet:
+            print(
+                f"read {rep.rows_kept} ratings from {rep.source} ({rep.format}); "
+                f"cleaning: {dict(sorted(rep.counts.items())) or 'nothing to clean'}",
+                file=sys.stderr,
+            )
+        result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
+        n_ratings, cleaning = len(table), rep.counts
     model = save_model_dir(result.model, args.out)
     onnx_path: str | None = None
     if not args.no_export:
@@ -204,12 +247,12 @@ def run(args: argparse.Namespace) -> int:
         "model_version": model.model_version,
         "method": cfg.method,
         "dims": model.manifest["dims"],
-        "n_ratings": len(table),
+        "n_ratings": n_ratings,
         "train_rmse": model.manifest["metrics"]["train_rmse"],
         "val_rmse": model.manifest["metrics"]["val_rmse"],
         "train_seconds": model.manifest["metrics"]["train_seconds"],
         "onnx": onnx_path,
-        "cleaning": rep.counts,
+        "cleaning": cleaning,
         "selected": model.manifest["metrics"].get("selected"),
         "start_val_rmse": model.manifest["metrics"].get("start_val_rmse"),
         "tuned": (model.manifest.get("tuning") or {}).get("chosen"),

@@ -417,6 +417,14 @@ def train_dask(
         raise
 
 
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(
+            f"--method {cfg.method} is not supported with --engine dask yet (one shared w over "
+            f"all users); use {', '.join(METHODS)} or --engine local"
+        )
+
+
 def _is_cluster_failure(e: BaseException) -> bool:
     from distributed import KilledWorker
     from distributed.client import FutureCancelledError
@@ -435,11 +443,7 @@ def _train(
     partitions: int | None,
     stats: dict[str, Any] | None,
 ) -> TrainResult:
-    if cfg.method not in METHODS:
-        raise ValueError(
-            f"--method {cfg.method} is not supported with --engine dask yet (one shared w over "
-            f"all users); use {', '.join(METHODS)} or --engine local"
-        )
+    check_config(cfg)
     t0 = time.perf_counter()
     run = Run(client)
     files = expand_inputs(spec)
@@ -758,3 +762,31 @@ def _assemble(
         manifest=manifest,
         history_timestamps=h_times if np.isfinite(h_times).all() else None,
     )
+
+
+def train_from_args(args: Any, cfg: TrainConfig) -> TrainResult:
+    """`lrs-rec train --engine dask`: the cluster of ``--scheduler`` or a LocalCluster."""
+    from lrs_rec.training.cli_args import load_options
+
+    check_config(cfg)
+    expand_inputs(args.ratings)  # a missing input fails before a cluster is started
+    with dask_client(args.scheduler, args.workers) as client:
+        if not args.quiet:
+            n = len(client.scheduler_info()["workers"])
+            print(f"dask: {n} workers ({client.scheduler.address})", file=sys.stderr)
+        result = train_dask(
+            args.ratings,
+            load_options(args),
+            cfg,
+            client,
+            item_features_path=args.item_features,
+            progress=not args.quiet,
+        )
+    if not args.quiet:
+        c = result.model.manifest["cleaning"]
+        print(
+            f"read {c['rows_kept']} ratings from {c['source']} ({c['format']}); "
+            f"cleaning: {c['counts'] or 'nothing to clean'}",
+            file=sys.stderr,
+        )
+    return result

@@ -1,0 +1,216 @@
+"""`lrs-rec train --engine dask`: a LocalCluster of 2 worker processes gives the local engine's model
+(same iterations, RMSE within float tolerance); a directory of CSV + Parquet files is read by the
+workers (same model as the concatenated file); a bad line names file:line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.loaders import LoadOptions, load_ratings
+from lrs_rec.training.pipeline import train
+from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
+
+CFG = TrainConfig(dim=8, rank=3, sparsity=2, n_iter=6, tune_trials=2, init_iter=4)
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    from lrs_rec.training.dask_engine import dask_client
+
+    with dask_client(None, 2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A planted biased-MF log split 90/10 by a seeded draw per row: (train.csv, test.csv)."""
+    log = make_biased_mf(300, 150, random_state=3, rank=4, median_per_user=10, mean_per_user=16)
+    test = np.random.default_rng(1).random(len(log)) < 0.1
+    d = tmp_path_factory.mktemp("dask")
+    return (
+        write_csv(log.take(np.flatnonzero(~test)), d / "train.csv"),
+        write_csv(log.take(np.flatnonzero(test)), d / "test.csv"),
+    )
+
+
+@pytest.fixture(scope="module")
+def ratings_csv(split: tuple[Path, Path]) -> Path:
+    return split[0]
+
+
+def _test_rmse(model: Any, test: Path) -> float:
+    """RMSE on the held-out ratings of known users and items."""
+    table = load_ratings(test)
+    users, items = model.user_index(), model.item_index()
+    known = [(users[u], items[i], r) for u, i, r in zip(table.users, table.items, table.ratings, strict=True)
+             if u in users and i in items]  # fmt: skip
+    u, i, r = (np.array(x) for x in zip(*known, strict=True))
+    pred = model.predict(u.astype(np.int64), i.astype(np.int64))
+    return float(np.sqrt(np.mean((pred - r) ** 2)))
+
+
+def assert_same_model(local: Any, dask: Any, test: Path) -> None:
+    """Same iterations chosen, same losses and parameters within float tolerance."""
+    ml, md = local.model.manifest["metrics"], dask.model.manifest["metrics"]
+    assert md["best_iteration"] == ml["best_iteration"]
+    assert md["selected"] == ml["selected"]
+    assert md["final_pass"] == ml["final_pass"]
+    assert len(dask.history) == len(local.history)
+    for a, b in zip(local.history, dask.history, strict=True):
+        assert b["train_rmse"] == pytest.approx(a["train_rmse"], rel=1e-6)
+        assert b["val_rmse"] == pytest.approx(a["val_rmse"], rel=1e-6)
+    a, b = local.model, dask.model
+    assert a.user_ids == b.user_ids and a.item_ids == b.item_ids
+    # U is defined up to column signs (SVD there, eigh here); θ_u = U w_u is not
+    np.testing.assert_allclose(b.lrs.W @ b.lrs.U.T, a.lrs.W @ a.lrs.U.T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.user_bias, a.user_bias, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.item_features, a.item_features, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(b.history_indptr, a.history_indptr)
+    np.testing.assert_array_equal(b.history_items, a.history_items)
+    # the issue's target: test RMSE within 0.2 %
+    assert _test_rmse(b, test) == pytest.approx(_test_rmse(a, test), rel=2e-3)
+
+
+def test_local_cluster_of_two_workers_gives_the_local_model(
+    client: Any, ratings_csv: Path, split: tuple[Path, Path]
+) -> None:
+    from lrs_rec.training.dask_engine import train_dask
+
+    table = load_ratings(ratings_csv)
+    local = train(table, CFG, progress=False)
+    stats: dict[str, Any] = {}
+    dask = train_dask(str(ratings_csv), LoadOptions(), CFG, client, progress=False, stats=stats)
+    assert stats["workers"] == 2 and stats["partitions"] == 2
+    assert dask.model.manifest["tuning"]["chosen"] == local.model.manifest["tuning"]["chosen"]
+    assert_same_model(local, dask, split[1])
+
+
+def test_fixed_features_and_three_partitions_give_the_local_model(
+    client: Any, ratings_csv: Path, split: tuple[Path, Path]
+) -> None:
+    """The U step (Eq. 5, reduced normal equations) and item biases only, over 3 partitions."""
+    from dataclasses import replace
+
+    from lrs_rec.training.dask_engine import train_dask
+
+    cfg = replace(CFG, refine_features=False, tune=False, method="rep")
+    table = load_ratings(ratings_csv)
+    local = train(table, cfg, progress=False)
+    dask = train_dask(str(ratings_csv), LoadOptions(), cfg, client, progress=False, partitions=3)
+    assert_same_model(local, dask, split[1])
+
+
+def _split_files(src: Path, out: Path) -> Path:
+    """The rating file as a directory: two CSV files and one Parquet file (rows in order)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    t = pacsv.read_csv(
+        src,
+        convert_options=pacsv.ConvertOptions(
+            column_types={"user": pa.string(), "item": pa.string()}
+        ),
+    )
+    out.mkdir()
+    n = t.num_rows
+    cuts = [0, n // 3, 2 * n // 3, n]
+    pacsv.write_csv(t.slice(cuts[0], cuts[1] - cuts[0]), out / "part-0.csv")
+    pacsv.write_csv(t.slice(cuts[1], cuts[2] - cuts[1]), out / "part-1.csv")
+    pq.write_table(t.slice(cuts[2], cuts[3] - cuts[2]), out / "part-2.parquet")
+    (out / "_SUCCESS").write_text("")  # skipped, as Spark writes it
+    return out
+
+
+def test_a_directory_of_csv_and_parquet_files_gives_the_model_of_their_concatenation(
+    client: Any, ratings_csv: Path, split: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from lrs_rec.training.dask_engine import train_dask
+
+    cfg = replace(CFG, tune=False)
+    d = _split_files(ratings_csv, tmp_path / "ratings")
+    table = load_ratings(ratings_csv)
+    local = train(table, cfg, progress=False)
+    dask = train_dask(str(d), LoadOptions(), cfg, client, progress=False)
+    assert dask.model.manifest["data"]["files"] == 3
+    assert dask.model.manifest["data"]["n_ratings"] == len(table)
+    assert_same_model(local, dask, split[1])
+    # a glob names the same files
+    glob = train_dask(str(d / "part-*"), LoadOptions(), cfg, client, progress=False)
+    np.testing.assert_allclose(glob.model.user_bias, dask.model.user_bias, rtol=1e-12)
+
+
+def test_duplicates_across_files_keep_the_latest(client: Any, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from lrs_rec.training.dask_engine import train_dask
+
+    d = tmp_path / "dups"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rows = [
+        (f"u{u}", f"i{i}", int(rng.integers(1, 6)), 1000 + j)
+        for j, (u, i) in enumerate((u, i) for u in range(40) for i in range(12))
+    ]
+    head = "user,item,rating,timestamp\n"
+    (d / "a.csv").write_text(head + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    # the second file re-rates u0/i0 later (kept) and u1/i1 earlier (dropped)
+    (d / "b.csv").write_text(head + "u0,i0,5,999999\nu1,i1,1,5\n")
+    cfg = replace(CFG, tune=False, n_iter=2, dim=4, rank=2)
+    res = train_dask(str(d), LoadOptions(), cfg, client, progress=False)
+    m = res.model
+    assert m.manifest["cleaning"]["counts"]["duplicates_removed"] == 2
+    assert m.manifest["data"]["n_ratings"] == len(rows)
+    u0, i0 = m.user_index()["u0"], m.item_index()["i0"]
+    a, b = m.history_indptr[u0], m.history_indptr[u0 + 1]
+    assert m.history_ratings[a:b][m.history_items[a:b] == i0].tolist() == [5.0]
+    u1, i1 = m.user_index()["u1"], m.item_index()["i1"]
+    a, b = m.history_indptr[u1], m.history_indptr[u1 + 1]
+    want = [r for u, i, r, _ in rows if (u, i) == ("u1", "i1")]
+    assert m.history_ratings[a:b][m.history_items[a:b] == i1].tolist() == [float(want[0])]
+
+
+def test_a_bad_line_in_one_file_names_file_and_line(
+    client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lrs_rec.serving.cli import main
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.csv").write_text("user,item,rating\n1,1,4\n2,1,3\n")
+    (d / "b.csv").write_text("user,item,rating\n1,2,4\n2,2,five\n")
+    monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
+    rc = main(
+        ["train", "--ratings", str(d), "--out", str(tmp_path / "m"), "--engine", "dask",
+         "--workers", "1", "--quiet", "--no-export"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{d / 'b.csv'}:3" in err and "five" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_engine_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lrs_rec.serving.cli import main
+
+    out = str(tmp_path / "m")
+    rc = main(["train", "--ratings", "x.csv", "--out", out, "--scheduler", "tcp://h:1"])
+    assert rc == 2 and "--scheduler needs --engine dask" in capsys.readouterr().err
+    rc = main(["train", "--ratings", "x.csv", "--out", out, "--engine", "dask", "--workers", "0"])
+    assert rc == 2 and "--workers must be >= 1" in capsys.readouterr().err
+    rc = main(["train", "--ratings", "x.csv", "--out", out, "--engine", "dask", "--epsilon", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--epsilon with --engine dask is not supported yet" in err
+    rc = main(["train", "--ratings", "x.csv", "--out", out, "--engine", "dask", "--method", "single",
+               "--workers", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--method single is not supported with --engine dask" in err

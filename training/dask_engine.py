@@ -74,7 +74,7 @@ class ClusterError(OSError):
 @contextmanager
 def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
     """A client of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` processes
-    (one thread each; no dashboard; ports chosen by the OS)."""
+    (one thread each; no dashboard; every port chosen by the OS)."""
     distributed = require_extra("distributed", "--engine dask")
     if scheduler:
         with distributed.Client(scheduler, timeout="20s") as client:
@@ -90,6 +90,9 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
             processes=True,
             scheduler_port=0,
             dashboard_address=None,
+            # the scheduler's HTTP server (health, metrics) runs even without a dashboard; on a
+            # port the OS chooses, not the default 8787
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             silence_logs=50,
         ) as cluster,
         distributed.Client(cluster) as client,

@@ -109,7 +109,9 @@ class Run:
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.keep: list[Any] = []  # broadcast shared arrays: lineage of every partition
+        # every broadcast stays alive: it is part of the lineage of the partitions computed from
+        # it (a lost partition is recomputed from its first task); keyed by the object itself
+        self.keep: dict[int, tuple[Any, Any]] = {}
         self.bytes_to_driver = 0
         self.bytes_broadcast = 0
 
@@ -125,8 +127,10 @@ class Run:
         return out
 
     def broadcast(self, obj: Any) -> Any:
+        if id(obj) in self.keep:  # the same object: its broadcast already
+            return self.keep[id(obj)][1]
         fut = self.client.scatter(obj, broadcast=True, hash=False)
-        self.keep.append(fut)
+        self.keep[id(obj)] = (obj, fut)
         self.bytes_broadcast += _nbytes(obj) * max(1, len(self.client.scheduler_info()["workers"]))
         return fut
 

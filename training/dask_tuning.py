@@ -23,14 +23,22 @@ def _concat(xs: list[Samples]) -> Samples:
     )
 
 
+TUNE_SAMPLE_USERS = 50_000  # until TrainConfig.tune_sample_users is in (the local engine's sample)
+
+
 def sample_of_users(n_users: int, cfg: TrainConfig) -> np.ndarray:
-    size = getattr(cfg, "tune_sample_users", None)
+    """The users the local engine tunes on: a seeded sample of ``tune_sample_users`` (all users
+    when there are no more), never all users of a big run on the driver."""
+    size = getattr(cfg, "tune_sample_users", TUNE_SAMPLE_USERS)
     if size is None or n_users <= size:
         return np.arange(n_users)
     from lrs_rec.training import tuning
 
-    users: np.ndarray = tuning.user_sample(n_users, size, cfg.seed)  # type: ignore[attr-defined]
-    return users
+    if hasattr(tuning, "user_sample"):
+        users: np.ndarray = tuning.user_sample(n_users, size, cfg.seed)
+        return users
+    rng = np.random.default_rng([cfg.seed, 14])
+    return np.sort(rng.choice(n_users, size=size, replace=False))
 
 
 def tune_on_sample(

@@ -1,0 +1,271 @@
+"""Scale-out benchmark: `lrs-rec train` on the local engine vs `--engine dask` with 2 workers.
+
+Data: the planted biased-MF log of bench/scale.py (``make_biased_mf``, seed 0, 20k items, ~20
+ratings per user), split 90/10, written as CSV under ``--work``. Runs, each a child process:
+
+* ``local``: ``lrs-rec train --ratings train.csv --threads 1`` — wall seconds, peak RSS (wait4).
+* ``dask``: a cluster started with the real CLI (``dask scheduler``, two ``dask worker --nthreads
+  1`` processes; ports 7800-7839, no dashboard), then ``lrs-rec train --engine dask --scheduler``
+  as the driver — its wall seconds and its own peak RSS (``driver_peak_rss_mb``: the workers are not
+  its children); each worker's peak RSS (``ru_maxrss`` asked from the workers after the run) and the
+  cluster's total RSS sampled every 0.5 s (a watchdog kills everything above ``--mem-cap-gb``).
+* bytes moved: from the driver's manifest (shared arrays broadcast to the workers, results
+  gathered to the driver) and the workers' own count of bytes sent to peers and to the driver
+  (``transfer_outgoing_bytes_total``), divided by the run's iterations (ALS initialisation +
+  LRS iterations + final pass) for ``bytes_moved_per_iteration``.
+* ``rmse_local`` / ``rmse_dask``: test RMSE of each model (``evaluate_table``).
+
+Both engines get the same flags (``--no-tune`` by default: the local engine on main tunes on every
+user, 4 fits; pass ``--tune`` to include tuning). Timing on a shared machine is noisy: the JSON
+records the load average before and after.
+
+    python bench/distributed.py --sizes 100k --json
+    nice -n 5 python bench/distributed.py --sizes 1m --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# this file is named like the `distributed` package: keep its directory off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+
+def _bench_scale() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_scale = _bench_scale()
+EVAL_CHILD, SEED, SIZES = _scale.EVAL_CHILD, _scale.SEED, _scale.SIZES
+child_json, group_rss_kb, measure = _scale.child_json, _scale.group_rss_kb, _scale.measure
+
+PORTS = range(7800, 7840)
+WORKER_STATS = """
+import json, sys
+from distributed import Client
+def stats(dask_worker):
+    import resource
+    return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "outgoing_bytes": dask_worker.transfer_outgoing_bytes_total}
+with Client(sys.argv[1], timeout="30s") as c:
+    print(json.dumps(list(c.run(stats).values())))
+"""
+
+
+def free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 7800-7839")
+
+
+class DaskCluster:
+    """`dask scheduler` + N `dask worker` processes, each its own process group (stopped on exit)."""
+
+    def __init__(self, n_workers: int, mem_cap_gb: float) -> None:
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        dask = str(Path(sys.executable).with_name("dask"))
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        env["OPENBLAS_NUM_THREADS"] = "1"
+        sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
+        sched += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
+        self.procs = [
+            subprocess.Popen(
+                sched,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        ]
+        worker = [dask, "worker", self.address, "--nthreads", "1", "--no-dashboard"]
+        for _ in range(n_workers):
+            self.procs.append(
+                subprocess.Popen(
+                    [*worker, "--host", "127.0.0.1", "--memory-limit", "0"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,  # its own group: the nanny and its worker
+                )
+            )
+        self.peak_kb = 0
+        self.killed: str | None = None
+        self._done = threading.Event()
+        self._cap_kb = mem_cap_gb * 1024 * 1024
+        threading.Thread(target=self._watch, daemon=True).start()
+        from distributed import Client
+
+        with Client(self.address, timeout="30s") as c:
+            c.wait_for_workers(n_workers, timeout=120)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            kb = sum(group_rss_kb(p.pid) for p in self.procs)
+            self.peak_kb = max(self.peak_kb, kb)
+            if kb > self._cap_kb:
+                self.killed = f"cluster killed above the {self._cap_kb / 1024**2:g} GB cap"
+                for p in self.procs:
+                    os.killpg(p.pid, signal.SIGKILL)
+                return
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER_STATS, self.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return list(json.loads(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else []
+
+    def stop(self) -> None:
+        self._done.set()
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def prepare(label: str, work: Path) -> tuple[Path, Path, dict[str, Any]]:
+    import numpy as np
+    from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
+
+    n_users = SIZES[label]
+    d = work / label
+    d.mkdir(parents=True, exist_ok=True)
+    train_csv, test_csv = d / "train.csv", d / "test.csv"
+    log = make_biased_mf(n_users, random_state=SEED)
+    train, test = log.split(0.1, random_state=SEED)
+    if not (train_csv.exists() and test_csv.exists()):
+        write_csv(train, train_csv)
+        write_csv(test, test_csv)
+    info = {
+        "n_users": n_users,
+        "n_items": log.n_items,
+        "n_train": len(train),
+        "n_test": len(test),
+        "ratings_per_user_mean": round(float(np.bincount(log.users).mean()), 2),
+    }
+    return train_csv, test_csv, info
+
+
+def test_rmse(model_dir: Path, test_csv: Path, caps: dict[str, Any]) -> float | None:
+    ev = measure([sys.executable, "-c", EVAL_CHILD, str(model_dir), str(test_csv)], **caps)
+    return round(float(child_json(ev)["rmse"]), 5) if ev["ok"] else None
+
+
+def iterations(manifest: dict[str, Any]) -> int:
+    hp, m = manifest["hyperparameters"], manifest["metrics"]
+    final = 1 if m.get("final_pass") == "all ratings" else 0
+    return int(hp["init_iter"]) + len(m["history"]) - 1 + final
+
+
+def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    train_csv, test_csv, row = prepare(label, args.work)
+    work = args.work / label
+    caps = {"threads": 1, "mem_cap_gb": args.mem_cap_gb, "cwd": work, "time_limit": args.time_limit}
+    cli = [sys.executable, "-m", "lrs_rec.serving.cli", "train", "--ratings", str(train_csv)]
+    common = ["--quiet", "--json", "--no-export", "--threads", "1"]
+    common += [] if args.tune else ["--no-tune"]
+    row["tune"] = bool(args.tune)
+    row["load_before"] = os.getloadavg()[0]
+
+    r = measure([*cli, "--out", str(work / "model_local"), *common], **caps)
+    row["local_s"] = r["wall_s"] if r["ok"] else None
+    row["local_peak_rss_mb"] = r["peak_rss_mb"] if r["ok"] else None
+    row["rmse_local"] = test_rmse(work / "model_local", test_csv, caps) if r["ok"] else None
+    if not r["ok"]:
+        row["local_reason"] = r.get("reason")
+    print(f"[{label}] local: {row['local_s']} s, {row['local_peak_rss_mb']} MB", file=sys.stderr)
+
+    cluster = DaskCluster(2, args.mem_cap_gb)
+    try:
+        out = work / "model_dask"
+        argv = [*cli, "--out", str(out), *common, "--engine", "dask"]
+        r = measure([*argv, "--scheduler", cluster.address], **caps)
+        workers = cluster.worker_stats()
+    finally:
+        cluster.stop()
+    row["dask_s"] = r["wall_s"] if r["ok"] else None
+    row["driver_peak_rss_mb"] = r["peak_rss_mb"] if r["ok"] else None
+    row["worker_peak_rss_mb"] = [round(w["maxrss_mb"], 1) for w in workers]
+    row["cluster_peak_rss_mb"] = round(cluster.peak_kb / 1024, 1)
+    if not r["ok"] or cluster.killed:
+        row["dask_reason"] = cluster.killed or r.get("reason")
+    row["rmse_dask"] = test_rmse(out, test_csv, caps) if r["ok"] else None
+    if r["ok"]:
+        from lrs_rec.model_dir import read_manifest
+
+        man = read_manifest(out)
+        eng = man["engine"]
+        n_it = iterations(man)
+        moved = eng["bytes_broadcast"] + sum(w["outgoing_bytes"] for w in workers)
+        row.update(
+            partitions=eng["partitions"],
+            iterations=n_it,
+            bytes_broadcast=eng["bytes_broadcast"],
+            bytes_to_driver=eng["bytes_to_driver"],
+            worker_outgoing_bytes=sum(w["outgoing_bytes"] for w in workers),
+            bytes_moved_per_iteration=int(moved / max(1, n_it)),
+            best_iteration_dask=man["metrics"]["best_iteration"],
+        )
+        local_man = work / "model_local"
+        if local_man.exists():
+            row["best_iteration_local"] = read_manifest(local_man)["metrics"]["best_iteration"]
+    row["load_after"] = os.getloadavg()[0]
+    print(
+        f"[{label}] dask: {row['dask_s']} s, driver {row['driver_peak_rss_mb']} MB", file=sys.stderr
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100k", help="comma-separated: 10k, 100k, 1m")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "distributed")
+    ap.add_argument("--mem-cap-gb", type=float, default=6.0)
+    ap.add_argument("--time-limit", type=float, default=3600.0)
+    ap.add_argument("--tune", action="store_true", help="tune on both engines (default: --no-tune)")
+    ap.add_argument("--json", action="store_true", help="print the result object")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "distributed.json")
+    args = ap.parse_args(argv)
+    rows = [run_size(s.strip().lower(), args) for s in args.sizes.split(",") if s.strip()]
+    result = {"machine_cores": os.cpu_count(), "rows": rows, **(rows[-1] if rows else {})}
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    keep = [r for r in prev.get("rows", []) if r["n_users"] not in {x["n_users"] for x in rows}]
+    result["rows"] = sorted(keep + rows, key=lambda r: r["n_users"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

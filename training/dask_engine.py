@@ -64,7 +64,6 @@ from lrs_rec.model import LRSModel
 from lrs_rec.model_dir import TrainedModel
 
 METHODS = ("lrs", "rep", "full")  # single / prompt pool one w over all users: not partitioned yet
-USERS_PER_PARTITION = 250_000
 
 
 class ClusterError(OSError):
@@ -466,10 +465,12 @@ def _train(
     rating_min = min(s.rating_min for s in summaries)
     rating_max = max(s.rating_max for s in summaries)
 
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
-    n_parts = partitions or max(n_workers, math.ceil(n_users / USERS_PER_PARTITION))
-    n_parts = max(1, min(n_parts, n_users))
-    bounds = np.round(np.linspace(0, n_users, n_parts + 1)).astype(int)
+    addresses = sorted(client.scheduler_info()["workers"])
+    n_workers = max(1, len(addresses))
+    # one partition per worker by default: the item statistics reduced every iteration are one
+    # (n_items, d+1, d+1) array per partition, whatever its size (the user step runs in blocks)
+    n_parts = max(1, min(partitions or n_workers, n_users))
+    bounds = partition_bounds(n_users, n_parts)
     splitters = users[bounds[1:-1]]
     item_ids = tuple(items.tolist())
     fraction = cfg.validation_fraction
@@ -480,13 +481,17 @@ def _train(
     ]
     import operator
 
+    # partition p starts on worker p mod K (its later tasks follow its data); elsewhere if lost
     datas = [
-        run.submit(
+        client.submit(
             build_partition,
             int(bounds[p]),
             int(bounds[p + 1]),
             fraction,
             *[run.submit(operator.getitem, s, p) for s in splits],
+            pure=False,
+            workers=[addresses[p % len(addresses)]] if addresses else None,
+            allow_other_workers=True,
         )
         for p in range(n_parts)
     ]
@@ -525,7 +530,7 @@ def _train(
 
     rng = np.random.default_rng(cfg.seed)
     if fraction > 0:
-        rng.bit_generator.advance(n_total)  # the validation draws (pipeline.split_validation)
+        rng.bit_generator.advance(n_total)  # type: ignore[attr-defined]  # the validation draws (pipeline.split_validation)
     shared = _init_shared(cl, cfg, plugin, rng, n_users)
     hyperparameters: dict[str, Any] = cfg.to_dict()
     if cfg.method in ("lrs", "rep") and shared.U.shape[1] < cfg.rank:
@@ -546,6 +551,7 @@ def _train(
     if cfg.tune and has_val:
         from lrs_rec.training.dask_tuning import tune_on_sample
 
+        chosen: dict[str, Any]
         chosen, tuning = tune_on_sample(
             cl,
             start,
@@ -680,6 +686,18 @@ def _train(
     return TrainResult(model=model, history=history, seconds=seconds)
 
 
+SHARD_ALIGN = 128  # users: partitions start at multiples of the store's bucket size (model shards)
+
+
+def partition_bounds(n_users: int, n_parts: int) -> np.ndarray:
+    """``n_parts + 1`` increasing user indices from 0 to ``n_users``, about equal ranges, inner
+    bounds at multiples of :data:`SHARD_ALIGN` when every partition can still get users."""
+    bounds = np.round(np.linspace(0, n_users, n_parts + 1)).astype(int)
+    if n_users >= 2 * SHARD_ALIGN * n_parts:
+        bounds[1:-1] = np.round(bounds[1:-1] / SHARD_ALIGN).astype(int) * SHARD_ALIGN
+    return bounds
+
+
 def _part_counts(part: dp.Part) -> tuple[int, int, int]:
     return len(part.train), len(part.val), part.data.duplicates_removed
 
@@ -730,7 +748,7 @@ def _assemble(
     n = sum(p.w_sums[0] for p in pieces)
     sw = sum(p.w_sums[1] for p in pieces)
     sww = sum(p.w_sums[2] for p in pieces)
-    w_mean = sw / n
+    w_mean = np.asarray(sw / n)
     w_cov = sww / n - np.outer(w_mean, w_mean) if n > 1 else np.zeros_like(sww)
     w_cov = np.atleast_2d((w_cov + w_cov.T) / 2)
     W = np.concatenate([p.W for p in pieces])

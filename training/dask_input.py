@@ -90,7 +90,8 @@ def merge_sorted_ids(parts: list[np.ndarray]) -> np.ndarray:
     """The distinct ids of several natural-ordered arrays, in natural order (the local
     :class:`Vocabulary` order of their union)."""
     ids = np.unique(np.concatenate(parts)) if parts else np.zeros(0, str)
-    return ids[natural_order(ids)]
+    out: np.ndarray = ids[natural_order(ids)]
+    return out
 
 
 def bucket_of(ids: np.ndarray, splitters: np.ndarray) -> np.ndarray:
@@ -170,6 +171,7 @@ class PartitionData:
 
     lo: int
     hi: int
+    user_ids: np.ndarray  # (hi - lo,) str: the partition's users, natural order
     users: np.ndarray  # int32 local user index, rows in global row order
     items: np.ndarray  # int32
     ratings: np.ndarray  # float64, raw units
@@ -199,7 +201,11 @@ def build_partition(lo: int, hi: int, fraction: float, *pieces: Piece) -> Partit
     ratings = np.concatenate([p.ratings for p in pieces])
     times = np.concatenate([p.times for p in pieces])
     rows = np.concatenate([p.rows for p in pieces])
-    draws = None if pieces[0].draws is None else np.concatenate([p.draws for p in pieces])  # type: ignore[misc]
+    draws = (
+        None
+        if pieces[0].draws is None
+        else np.concatenate([p.draws for p in pieces if p.draws is not None])
+    )
     order = np.argsort(rows, kind="stable")  # global row order
     users, items, ratings, times = users[order], items[order], ratings[order], times[order]
     if draws is not None:
@@ -217,4 +223,6 @@ def build_partition(lo: int, hi: int, fraction: float, *pieces: Piece) -> Partit
     else:
         counts = np.bincount(users, minlength=hi - lo)
         val = (draws < fraction) & (counts[users] > 1)
-    return PartitionData(lo, hi, users, items, ratings, times, val, int(dups))
+    return PartitionData(
+        lo, hi, uniq[natural_order(uniq)], users, items, ratings, times, val, int(dups)
+    )

@@ -51,7 +51,7 @@ def tune_on_sample(
     refine: bool,
     reg_u: float,
     progress: bool,
-) -> tuple[dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the chosen strengths, the tuning record) — the partitions must hold the start."""
     from lrs_rec.training import pipeline
     from lrs_rec.training.tuning import tune

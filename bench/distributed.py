@@ -194,9 +194,14 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     common = ["--quiet", "--json", "--no-export", "--threads", "1"]
     common += [] if args.tune else ["--no-tune"]
     row["tune"] = bool(args.tune)
+    row["caps_gb"] = {"driver": args.mem_cap_gb, "cluster": args.cluster_cap_gb}
     row["load_before"] = os.getloadavg()[0]
 
-    r = measure([*cli, "--out", str(work / "model_local"), *common], **caps)
+    r = (
+        measure([*cli, "--out", str(work / "model_local"), *common], **caps)
+        if not args.skip_local
+        else {"ok": False, "reason": "skipped (--skip-local)", "wall_s": None, "peak_rss_mb": None}
+    )
     row["local_s"] = r["wall_s"] if r["ok"] else None
     row["local_peak_rss_mb"] = r["peak_rss_mb"] if r["ok"] else None
     row["rmse_local"] = test_rmse(work / "model_local", test_csv, caps) if r["ok"] else None
@@ -204,7 +209,7 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
         row["local_reason"] = r.get("reason")
     print(f"[{label}] local: {row['local_s']} s, {row['local_peak_rss_mb']} MB", file=sys.stderr)
 
-    cluster = DaskCluster(2, args.mem_cap_gb)
+    cluster = DaskCluster(2, args.cluster_cap_gb)
     try:
         out = work / "model_dask"
         argv = [*cli, "--out", str(out), *common, "--engine", "dask"]
@@ -245,23 +250,80 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return " / ".join(_f(x, nd) for x in v) or "–"
+    return f"{v:,.{nd}f}" if isinstance(v, float) else f"{v:,}"
+
+
+def table_md(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| users (train ratings) | local s / MB | Dask s | driver MB | workers MB | MB moved / "
+        "iteration | RMSE local / Dask | best iteration local / Dask | load avg |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        moved = r.get("bytes_moved_per_iteration")
+        lines.append(
+            f"| {r['n_users']:,} ({r['n_train']:,}) | {_f(r.get('local_s'))} / "
+            f"{_f(r.get('local_peak_rss_mb'))} | {_f(r.get('dask_s'))} | "
+            f"{_f(r.get('driver_peak_rss_mb'))} | {_f(r.get('worker_peak_rss_mb'))} | "
+            f"{_f(None if moved is None else moved / 1e6)} | {_f(r.get('rmse_local'), 5)} / "
+            f"{_f(r.get('rmse_dask'), 5)} | {_f(r.get('best_iteration_local'))} / "
+            f"{_f(r.get('best_iteration_dask'))} | {_f(r.get('load_before'))}–"
+            f"{_f(r.get('load_after'))} |"
+            + (f" {r['dask_reason']}" if r.get("dask_reason") else "")
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def write_docs(result: dict[str, Any]) -> None:
+    doc = ROOT / "docs" / "scale.md"
+    text = doc.read_text()
+    a, b = "<!-- distributed-table:start -->\n", "<!-- distributed-table:end -->"
+    if a in text and b in text:
+        pre, rest = text.split(a, 1)
+        doc.write_text(pre + a + table_md(result["rows"]) + b + rest.split(b, 1)[1])
+
+
+def compose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result object: every size's row, and at top level the largest size measured on both
+    engines (the issue's keys: local_s, dask_s, driver_peak_rss_mb, rmse_local, rmse_dask)."""
+    rows = sorted(rows, key=lambda r: r["n_users"])
+    both = [r for r in rows if r.get("local_s") is not None and r.get("dask_s") is not None]
+    top = both[-1] if both else (rows[-1] if rows else {})
+    return {"machine_cores": os.cpu_count(), **top, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100k", help="comma-separated: 10k, 100k, 1m")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "distributed")
-    ap.add_argument("--mem-cap-gb", type=float, default=6.0)
+    ap.add_argument("--mem-cap-gb", type=float, default=6.0, help="cap of each measured child")
+    ap.add_argument(
+        "--cluster-cap-gb", type=float, default=4.0, help="cap of the scheduler + workers together"
+    )
+    ap.add_argument("--skip-local", action="store_true", help="only the Dask run")
     ap.add_argument("--time-limit", type=float, default=3600.0)
     ap.add_argument("--tune", action="store_true", help="tune on both engines (default: --no-tune)")
     ap.add_argument("--json", action="store_true", help="print the result object")
+    ap.add_argument("--docs-only", action="store_true", help="rewrite the docs table from --out")
+    ap.add_argument("--no-write", action="store_true", help="do not rewrite docs/scale.md")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "distributed.json")
     args = ap.parse_args(argv)
-    rows = [run_size(s.strip().lower(), args) for s in args.sizes.split(",") if s.strip()]
-    result = {"machine_cores": os.cpu_count(), "rows": rows, **(rows[-1] if rows else {})}
+    rows = []
+    if not args.docs_only:
+        rows = [run_size(s.strip().lower(), args) for s in args.sizes.split(",") if s.strip()]
     prev = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     keep = [r for r in prev.get("rows", []) if r["n_users"] not in {x["n_users"] for x in rows}]
-    result["rows"] = sorted(keep + rows, key=lambda r: r["n_users"])
+    result = compose(keep + rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.no_write:
+        write_docs(result)
     if args.json:
         print(json.dumps(result))
     return 0

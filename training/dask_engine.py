@@ -158,14 +158,14 @@ def _nbytes(obj: Any) -> int:
 def _solve_item_block(
     stats: tuple[np.ndarray, np.ndarray], reg_features: float, reg_bias: float
 ) -> np.ndarray:
-    G, h = stats
+    G, h = dp.unpack(stats)
     return solve_items(G, h, reg_features=reg_features, reg_bias=reg_bias)
 
 
 def _solve_als_block(
     stats: tuple[np.ndarray, np.ndarray], reg: float, reg_bias: float, min_count: float
 ) -> np.ndarray:
-    G, h = stats
+    G, h = dp.unpack(stats)
     return als_solve(G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count)
 
 

@@ -153,6 +153,23 @@ def als_users(
     return replace(part, c_u=c_u, P=P)
 
 
+def pack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(G, h) with each symmetric G as its upper triangle (what travels between workers)."""
+    G, h = stats
+    iu = np.triu_indices(G.shape[1])
+    return np.ascontiguousarray(G[:, iu[0], iu[1]]), h
+
+
+def unpack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    T, h = stats
+    p = h.shape[1]
+    iu = np.triu_indices(p)
+    G = np.empty((T.shape[0], p, p))
+    G[:, iu[0], iu[1]] = T
+    G[:, iu[1], iu[0]] = T
+    return G, h
+
+
 def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The ALS item half-step's normal equations of items lo..hi-1: the engine's item statistics
     with U = I, W = P, B = 0 (design [1, p_u], target y - μ - c_u)."""
@@ -162,7 +179,7 @@ def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray,
         mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, np.zeros_like(part.P)
     )
     sl = part.train_order[part.train_bounds[lo] : part.train_bounds[hi]]
-    return item_block_statistics(st, part.train, lo, hi, sl)
+    return pack(item_block_statistics(st, part.train, lo, hi, sl))
 
 
 def gram_p(part: Part) -> np.ndarray:
@@ -213,7 +230,7 @@ def item_stats(
     else:
         order, bounds = _item_index(s.items, sh.F.shape[0])
     sl = order[bounds[lo] : bounds[hi]]
-    return item_block_statistics(state(part, sh), s, lo, hi, sl)
+    return pack(item_block_statistics(state(part, sh), s, lo, hi, sl))
 
 
 def item_bias_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:

@@ -90,30 +90,30 @@ class DaskCluster:
         env["OPENBLAS_NUM_THREADS"] = "1"
         sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
         sched += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
-        self.procs = [
-            subprocess.Popen(
-                sched,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        ]
-        worker = [dask, "worker", self.address, "--nthreads", "1", "--no-dashboard"]
-        for _ in range(n_workers):
-            self.procs.append(
-                subprocess.Popen(
-                    [*worker, "--host", "127.0.0.1", "--memory-limit", "0"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=env,
-                    start_new_session=True,  # its own group: the nanny and its worker
-                )
-            )
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.peak_kb = 0
         self.killed: str | None = None
         self._done = threading.Event()
         self._cap_kb = mem_cap_gb * 1024 * 1024
+        try:
+            self._start(sched, dask, env, n_workers)
+        except BaseException:
+            self.stop()  # never leave a scheduler or a worker behind
+            raise
+
+    def _start(self, sched: list[str], dask: str, env: dict[str, str], n_workers: int) -> None:
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+        self.procs.append(subprocess.Popen(sched, start_new_session=True, **quiet))  # type: ignore[call-overload]
+        worker = [dask, "worker", self.address, "--nthreads", "1", "--no-dashboard"]
+        for _ in range(n_workers):
+            # each its own group: the nanny and its worker process
+            self.procs.append(
+                subprocess.Popen(  # type: ignore[call-overload]
+                    [*worker, "--host", "127.0.0.1", "--memory-limit", "0"],
+                    start_new_session=True,
+                    **quiet,
+                )
+            )
         threading.Thread(target=self._watch, daemon=True).start()
         from distributed import Client
 
@@ -148,7 +148,7 @@ class DaskCluster:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)  # its own group: the nanny's worker too
                 p.wait()
 
 

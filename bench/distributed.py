@@ -175,6 +175,26 @@ def prepare(label: str, work: Path) -> tuple[Path, Path, dict[str, Any]]:
     return train_csv, test_csv, info
 
 
+def split_csv(src: Path, out: Path, n_files: int) -> Path:
+    """``src`` (a CSV with a header) as ``n_files`` CSV files of consecutive rows, in order."""
+    if out.is_dir() and len(list(out.glob("part-*.csv"))) == n_files:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    n_rows = sum(1 for _ in open(src, "rb")) - 1
+    per = -(-n_rows // n_files)
+    with open(src, "rb") as f:
+        header = f.readline()
+        for j in range(n_files):
+            with open(out / f"part-{j:03d}.csv", "wb") as g:
+                g.write(header)
+                for _ in range(per):
+                    line = f.readline()
+                    if not line:
+                        break
+                    g.write(line)
+    return out
+
+
 def test_rmse(model_dir: Path, test_csv: Path, caps: dict[str, Any]) -> float | None:
     ev = measure([sys.executable, "-c", EVAL_CHILD, str(model_dir), str(test_csv)], **caps)
     return round(float(child_json(ev)["rmse"]), 5) if ev["ok"] else None
@@ -209,10 +229,15 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
         row["local_reason"] = r.get("reason")
     print(f"[{label}] local: {row['local_s']} s, {row['local_peak_rss_mb']} MB", file=sys.stderr)
 
+    # the workers read the training ratings as --dask-files files of consecutive rows (the same
+    # rows in the same order as train.csv: the same model), in parallel
+    parts = split_csv(train_csv, work / f"train_{args.dask_files}_files", args.dask_files)
+    row["dask_input_files"] = args.dask_files
     cluster = DaskCluster(2, args.cluster_cap_gb)
     try:
         out = work / "model_dask"
-        argv = [*cli, "--out", str(out), *common, "--engine", "dask"]
+        dcli = [sys.executable, "-m", "lrs_rec.serving.cli", "train", "--ratings", str(parts)]
+        argv = [*dcli, "--out", str(out), *common, "--engine", "dask"]
         r = measure([*argv, "--scheduler", cluster.address], **caps)
         workers = cluster.worker_stats()
     finally:
@@ -307,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cluster-cap-gb", type=float, default=4.0, help="cap of the scheduler + workers together"
     )
     ap.add_argument("--skip-local", action="store_true", help="only the Dask run")
+    ap.add_argument("--dask-files", type=int, default=8, help="input files of the Dask run")
     ap.add_argument("--time-limit", type=float, default=3600.0)
     ap.add_argument("--tune", action="store_true", help="tune on both engines (default: --no-tune)")
     ap.add_argument("--json", action="store_true", help="print the result object")

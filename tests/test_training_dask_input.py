@@ -70,8 +70,10 @@ def test_packed_item_statistics_round_trip() -> None:
 
 def _piece(users: list[str], items: list[int], ratings: list[float], times: list[float],
            rows: list[int]) -> Piece:  # fmt: skip
+    uniq, codes = np.unique(np.array(users, dtype=str), return_inverse=True)
     return Piece(
-        np.array(users, dtype=str),
+        codes.astype(np.int32),
+        uniq,
         np.array(items, np.int32),
         np.array(ratings),
         np.array(times),

@@ -622,9 +622,11 @@ def _train(
 
     # the model: per-partition stored form, then (temporarily) gathered on the driver
     k = cfg.sparsity if cfg.method == "lrs" else 0
-    pieces: list[dp.PartModel] = run.gather(run.map(dp.model_part, cl.parts, shared.U, k))
+    pieces = run.map(dp.model_part, cl.parts, shared.U, k)
+    del cl
     seconds = time.perf_counter() - t0
     model = _assemble(
+        run,
         pieces,
         shared,
         unit,
@@ -733,8 +735,13 @@ def _merged_report(summaries: list[Any], spec: str, dups: int) -> dict[str, Any]
     }
 
 
+def _part_sizes(m: dp.PartModel) -> tuple[int, int, int, int, int, tuple[float, Any, Any]]:
+    return m.lo, m.hi, int(m.h_items.size), m.W.shape[1], m.B_idx.shape[1], m.w_sums
+
+
 def _assemble(
-    pieces: list[dp.PartModel],
+    run: Run,
+    pieces: list[Any],
     shared: dp.Shared,
     unit: float,
     cfg: TrainConfig,
@@ -744,24 +751,38 @@ def _assemble(
     rating_max: float,
     manifest_parts: dict[str, Any],
 ) -> TrainedModel:
-    """The TrainedModel from the partitions' shares (in user order) — the temporary gather."""
-    n = sum(p.w_sums[0] for p in pieces)
-    sw = sum(p.w_sums[1] for p in pieces)
-    sww = sum(p.w_sums[2] for p in pieces)
+    """The TrainedModel from the partitions' shares (futures of PartModels, in user order) — the
+    temporary gather: one partition's share at a time is fetched and copied into place."""
+    sizes = run.gather([run.submit(_part_sizes, f) for f in pieces])
+    n = sum(x[5][0] for x in sizes)
+    sw = sum(x[5][1] for x in sizes)
+    sww = sum(x[5][2] for x in sizes)
     w_mean = np.asarray(sw / n)
     w_cov = sww / n - np.outer(w_mean, w_mean) if n > 1 else np.zeros_like(sww)
     w_cov = np.atleast_2d((w_cov + w_cov.T) / 2)
-    W = np.concatenate([p.W for p in pieces])
-    lrs = LRSModel(
-        U=shared.U,
-        W=W,
-        B_idx=np.concatenate([p.B_idx for p in pieces]),
-        B_val=np.concatenate([p.B_val for p in pieces]),
-    )
-    counts = np.concatenate([np.diff(p.indptr) for p in pieces])
-    indptr = np.zeros(counts.size + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    h_times = np.concatenate([p.h_times for p in pieces])
+    # copied into preallocated arrays piece by piece, each piece dropped once copied (the driver
+    # holds one copy of the model plus one partition's share, not two copies)
+    n_users = int(sum(x[1] - x[0] for x in sizes))
+    nnz = int(sum(x[2] for x in sizes))
+    r, k = sizes[0][3], sizes[0][4]
+    W = np.empty((n_users, r))
+    B_idx = np.empty((n_users, k), np.int64)
+    B_val = np.empty((n_users, k))
+    user_bias = np.empty(n_users)
+    indptr = np.zeros(n_users + 1, np.int64)
+    h_items, h_ratings, h_times = np.empty(nnz, np.int64), np.empty(nnz), np.empty(nnz)
+    a = 0
+    pieces = list(pieces)
+    while pieces:
+        p: dp.PartModel = run.gather(pieces.pop(0))
+        W[p.lo : p.hi], B_idx[p.lo : p.hi], B_val[p.lo : p.hi] = p.W, p.B_idx, p.B_val
+        user_bias[p.lo : p.hi] = p.user_bias
+        indptr[p.lo + 1 : p.hi + 1] = a + p.indptr[1:]
+        b = a + p.h_items.size
+        h_items[a:b], h_ratings[a:b], h_times[a:b] = p.h_items, p.h_ratings, p.h_times
+        a = b
+        del p
+    lrs = LRSModel(U=shared.U, W=W, B_idx=B_idx, B_val=B_val)
     manifest: dict[str, Any] = {
         "method": cfg.method,
         **manifest_parts,
@@ -773,15 +794,15 @@ def _assemble(
         lrs=lrs,
         item_features=shared.F,
         item_bias=shared.item_bias * unit,
-        user_bias=np.concatenate([p.user_bias for p in pieces]),
+        user_bias=user_bias,
         global_mean=shared.global_mean * unit,
         user_ids=tuple(users.tolist()),
         item_ids=item_ids,
         w_prior_mean=w_mean,
         w_prior_cov=w_cov,
         history_indptr=indptr,
-        history_items=np.concatenate([p.h_items for p in pieces]),
-        history_ratings=np.concatenate([p.h_ratings for p in pieces]),
+        history_items=h_items,
+        history_ratings=h_ratings,
         rating_min=rating_min,
         rating_max=rating_max,
         manifest=manifest,

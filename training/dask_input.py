@@ -113,7 +113,8 @@ def bucket_of(ids: np.ndarray, splitters: np.ndarray) -> np.ndarray:
 class Piece:
     """One file's rows of one user partition."""
 
-    user_ids: np.ndarray  # str
+    user_codes: np.ndarray  # int32: row -> index into user_ids
+    user_ids: np.ndarray  # str: the piece's distinct user ids
     items: np.ndarray  # int32 dense item indices
     ratings: np.ndarray  # float64, the file's own units
     times: np.ndarray  # float64 (NaN: none)
@@ -152,9 +153,11 @@ def split_by_user(
     out = []
     for p in range(splitters.size + 1):
         sel = np.flatnonzero(bucket == p)
+        present, codes = np.unique(inv[sel], return_inverse=True)
         out.append(
             Piece(
-                uniq[inv[sel]],
+                codes.reshape(-1).astype(np.int32),
+                uniq[present],
                 items[sel],
                 np.asarray(table.ratings[sel], np.float64),
                 np.asarray(table.timestamps[sel], np.float64),
@@ -189,7 +192,11 @@ def build_partition(lo: int, hi: int, fraction: float, *pieces: Piece) -> Partit
     from lrs_rec.training.loaders import _dedup_latest
 
     ids = np.concatenate([p.user_ids for p in pieces]).astype(str)
-    uniq, inv = np.unique(ids, return_inverse=True)
+    uniq, inv_ids = np.unique(ids, return_inverse=True)
+    starts = np.cumsum([0] + [p.user_ids.size for p in pieces])
+    inv = np.concatenate(
+        [inv_ids.reshape(-1)[a + p.user_codes] for a, p in zip(starts, pieces, strict=False)]
+    )
     if uniq.size != hi - lo:
         raise RuntimeError(
             f"user partition {lo}..{hi}: {uniq.size} distinct users, expected {hi - lo}"

@@ -21,13 +21,14 @@ All per-user / per-item problems are solved together from their Gram matrices (b
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from lrs_rec.amht import orthonormalize
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
+from lrs_rec.engine.sparse_b import SparseB, sparse_b_step
+from lrs_rec.engine.u_solve import cg_u_solve, joint_block, orthonormalize, refit_b
 from lrs_rec.thresholding import ridge_top_k_refit
 
 
@@ -38,6 +39,10 @@ class Samples:
     users: np.ndarray
     items: np.ndarray
     ratings: np.ndarray
+    # fixed features only (the paper setting): the per-user Grams Σ f_i f_iᵀ of each user block,
+    # kept across steps and iterations, keyed by the block (lo, hi); None: recomputed every time
+    gram_cache: dict[tuple[int, int], np.ndarray] | None = None
+    gram_key: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
@@ -54,6 +59,8 @@ class LRSState:
     U: np.ndarray  # (d, r) orthonormal
     W: np.ndarray  # (n_users, r)
     B: np.ndarray  # (n_users, d), each row at most k non-zeros
+    support: np.ndarray | None = None  # (n_users, k) sorted supports S_u of b_u (paper b-step)
+    gamma: np.ndarray | None = None  # (n_users,) Algorithm 2's γ per user (b_step "iht")
 
     def theta(self) -> np.ndarray:
         return np.asarray(self.W @ self.U.T + self.B)
@@ -87,6 +94,12 @@ class StepParams:
     population_prior: bool = True  # shape the ridge on w_u by the population covariance Σ_w
     conditional_prior: bool = True  # prior mean of w_u conditioned on which items u rated
     n_inner: int = 2
+    # the paper setting (lrs_rec.amht.AMHTLRS): b_step "htp" / "iht" (Eq. 3 by lrs_rec.engine.sparse_b,
+    # then the w-step, Eq. 4) or "fixed" (the w-step alone); "ridge" is the trainer's b-step
+    b_step: str = "ridge"
+    sparse: SparseB = field(default_factory=SparseB)
+    w_prior_mean: bool = True  # False: the ridge on w_u shrinks towards 0 (the paper's Eq. 4)
+    jitter: float = 0.0  # relative diagonal jitter of the w solve (the paper's exact least squares)
 
 
 def population_precision(W: np.ndarray) -> np.ndarray:
@@ -119,8 +132,14 @@ class _UserStats:
 def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
     X = state.F[data.items]
     t = data.ratings - state.global_mean - state.item_bias[data.items]
+    cache, key = data.gram_cache, data.gram_key
+    G = None if cache is None or key is None else cache.get(key)
+    if G is None:
+        G = grouped_gram(data.users, n_users, X)
+        if cache is not None and key is not None:
+            cache[key] = G
     return _UserStats(
-        G=grouped_gram(data.users, n_users, X),
+        G=G,
         h=grouped_sum(data.users, n_users, X * t[:, None]),
         s=grouped_sum(data.users, n_users, X),
         n=np.bincount(data.users, minlength=n_users).astype(float),
@@ -163,7 +182,10 @@ def sample_budget(width: int) -> int:
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
     """(lo, hi, the samples of users lo..hi-1 with user indices shifted to start at 0)."""
     for lo, hi, sl in key_blocks(data.users, n_users, block):
-        yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
+        sub = Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
+        if data.gram_cache is not None:
+            sub.gram_cache, sub.gram_key = data.gram_cache, (lo, hi)
+        yield lo, hi, sub
 
 
 def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | None = None) -> None:
@@ -177,7 +199,8 @@ def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | Non
     if p.conditional_prior:
         means = conditional_prior_means(state, data)
     else:
-        means = np.broadcast_to(w_bar, (n_users, r))
+        means = np.broadcast_to(w_bar if p.w_prior_mean else np.zeros(r), (n_users, r))
+    sparse_b_step(state, data, p, block=block)  # the paper's b-step (a no-op for the trainer's)
     size = block or user_block_size(state.B.shape[1])
 
     def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
@@ -222,6 +245,9 @@ def _fit_users(
         A[:, 0, 1:] = sU
         A[:, 1:, 0] = sU
         A[:, 1:, 1:] = UGU + p.reg_w * prec[None]
+        if p.jitter:
+            tr = np.maximum(np.trace(UGU, axis1=1, axis2=2) / r, 1e-30)
+            A[:, 1:, 1:] += (p.jitter * tr)[:, None, None] * np.eye(r)[None]
         rhs = np.zeros((n_users, r + 1))
         rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, B)
         rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (w_prior @ prec)  # prec is symmetric
@@ -232,6 +258,8 @@ def _fit_users(
             rhs[:, 0] = 0.0
         sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
         c, W = sol[:, 0], sol[:, 1:]
+        if p.b_step != "ridge":
+            continue  # b_u fixed here (the paper's b-step ran before, in sparse_b_step)
         if p.k > 0:
             # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
             xr = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", GU, W)
@@ -283,29 +311,98 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     state.B = np.zeros((n_users, d))
 
 
-def u_step(
-    state: LRSState, data: Samples, *, ridge: float = 10.0, block: int | None = None
-) -> None:
-    """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
-    (W absorbs R so that Θ is unchanged by the QR)."""
+_JointTerms = list[tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def u_statistics(
+    state: LRSState,
+    data: Samples,
+    *,
+    block: int | None = None,
+    joint_ridge_b: float | None = None,
+    joint_active: np.ndarray | None = None,
+    jitter: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, _JointTerms]:
+    """The normal equations of Eq. 5 in vec(U) (row-major, index a·r + p), summed over user blocks:
+    ``M = Σ_u G_u ⊗ w_u w_uᵀ`` (dr × dr) and ``rhs = Σ_u (h_u − c_u s_u − G_u b_u) w_uᵀ`` (d × r).
+    With ``joint_ridge_b`` each b_u is eliminated on ``state.support`` (variable projection,
+    :func:`lrs_rec.engine.u_solve.joint_block`); the per-block terms to refit it are returned."""
     n_users, d = state.B.shape
     r = state.U.shape[1]
-    # normal equations in vec(U) (row-major, index a·r + p): A = Σ_u G_u ⊗ w_u w_uᵀ
     A = np.zeros((d, d, r, r))
     rhs = np.zeros((d, r))
+    terms: _JointTerms = []
     for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(d)):
         st = _user_stats(state, sub, hi - lo)
         W, B, c = state.W[lo:hi], state.B[lo:hi], state.user_bias[lo:hi]
         WW = np.einsum("up,uq->upq", W, W).reshape(hi - lo, r * r)
         A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
-        resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+        if joint_ridge_b is None:
+            resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+        else:
+            assert state.support is not None
+            act = None if joint_active is None else joint_active[lo:hi]
+            corr, resid, t = joint_block(
+                st.G, st.h - c[:, None] * st.s, state.support[lo:hi], W, joint_ridge_b, jitter, act
+            )
+            A -= corr
+            terms.append((lo, hi, t))
         rhs += resid.T @ W
-    M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r)
-    # ridge relative to the mean curvature (its strength does not depend on the data size). Features
-    # fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base validation RMSE
-    # 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale afterwards
-    lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
-    U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+    return A.transpose(0, 2, 1, 3).reshape(d * r, d * r), rhs, terms
+
+
+def u_step(
+    state: LRSState,
+    data: Samples,
+    *,
+    ridge: float = 10.0,
+    block: int | None = None,
+    ridge_relative: bool = True,
+    jitter: float = 0.0,
+    joint_ridge_b: float | None = None,
+    joint_active: np.ndarray | None = None,
+    solver: str = "direct",
+    cg_maxiter: int | None = None,
+) -> None:
+    """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
+    (W absorbs R so that Θ is unchanged by the QR).
+
+    The trainer's ridge is relative to the mean curvature (``ridge_relative``); the paper setting
+    uses an absolute ``ridge`` plus a relative ``jitter``, optionally solves jointly with each b_u on
+    its support (``joint_ridge_b``, b refitted on the support afterwards; ``joint_active`` (n_users, k)
+    drops zeroed slots) and may solve by matrix-free CG (``solver="cg"``, warm-started)."""
+    n_users, d = state.B.shape
+    r = state.U.shape[1]
+    b_new = None
+    if solver == "cg":
+        U, b_new = cg_u_solve(
+            state, data, ridge=ridge, maxiter=cg_maxiter, joint_ridge_b=joint_ridge_b,
+            active=joint_active, jitter=jitter,
+        )  # fmt: skip
+    else:
+        M, rhs, terms = u_statistics(
+            state, data, block=block, joint_ridge_b=joint_ridge_b, joint_active=joint_active,
+            jitter=jitter,
+        )  # fmt: skip
+        scale = float(np.trace(M)) / (d * r)
+        if ridge_relative:
+            # ridge relative to the mean curvature (its strength does not depend on the data size).
+            # Features fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base
+            # validation RMSE 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the
+            # scale afterwards
+            lam = ridge * max(scale, 1e-12)
+        else:
+            lam = ridge + jitter * max(scale, 1e-30)
+        U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+        if terms:
+            b_new = np.zeros((n_users, terms[0][2][1].shape[1]))
+            for lo, hi, t in terms:
+                b_new[lo:hi] = refit_b(t, U, state.W[lo:hi])
+    if b_new is not None:  # b re-optimised on the supports with the new U (before the QR)
+        assert state.support is not None
+        B = np.zeros_like(state.B)
+        np.put_along_axis(B, state.support, b_new, axis=1)
+        state.B = B
     Q, R = orthonormalize(U)  # U = QR with diag(R) >= 0, so U's column signs are deterministic
     state.U = Q
     state.W = state.W @ R.T

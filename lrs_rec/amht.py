@@ -32,7 +32,8 @@ import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
 from lrs_rec.engine.sparse_b import IRLS_SCHEDULES, OMP_ALL_ITERS, SparseB, sparse_b_step
-from lrs_rec.engine.steps import LRSState, Samples, StepParams, u_statistics, u_step, user_step
+from lrs_rec.engine.steps import LRSState, Samples, StepParams, u_step, user_step
+from lrs_rec.engine.steps import u_step_statistics as engine_u_statistics
 from lrs_rec.engine.u_solve import orthonormalize, solve_u_step, u_least_squares, u_step_cg
 from lrs_rec.engine.user_rows import JITTER, dense_b, gather_rows, sparse_predict
 from lrs_rec.init import moments_init, random_orthonormal
@@ -224,7 +225,7 @@ def u_step_statistics(
     offset: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """The normal equations of Eq. 5 (the non-private Eq. 7–8, without the 1/(mt) factor), from the
-    engine's per-user Gram statistics (:func:`lrs_rec.engine.steps.u_statistics`).
+    engine's per-user Gram statistics (:func:`lrs_rec.engine.steps.u_step_statistics`).
 
     ``A = Σ_u (w_u w_uᵀ) ⊗ (Σ_j x_j x_jᵀ)`` of shape (dr, dr) and ``V = Σ_j x_j (y_j − x_jᵀ b_u) w_uᵀ``
     of shape (d, r), so that vec(U) (column-major: ``vec(U)[c·d + i] = U[i, c]``) solves
@@ -241,9 +242,9 @@ def u_step_statistics(
         y = y - np.asarray(offset, dtype=np.float64)
         B_idx, B_val = np.zeros((n_users, 0), dtype=np.int64), np.zeros((n_users, 0))
     state = paper_state(X, n_users, np.zeros((d, r)), W, B_idx, B_val)
-    M, V, _ = u_statistics(state, _samples(users, y, np.arange(X.shape[0])), block=BLOCK)
-    # the engine's vec(U) is row-major (a·r + p); this function's is column-major (c·d + i)
-    A = M.reshape(d, r, d, r).transpose(1, 0, 3, 2).reshape(d * r, d * r)
+    A4, V = engine_u_statistics(state, _samples(users, y, np.arange(X.shape[0])), block=BLOCK)
+    # the engine's A is (d, d, r, r); this function's vec(U) is column-major (c·d + i)
+    A = A4.transpose(2, 0, 3, 1).reshape(d * r, d * r)
     return np.ascontiguousarray(A), np.asarray(V, dtype=np.float64)
 
 

@@ -32,9 +32,16 @@ import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
 from lrs_rec.engine.sparse_b import IRLS_SCHEDULES, OMP_ALL_ITERS, SparseB, sparse_b_step
-from lrs_rec.engine.steps import LRSState, Samples, StepParams, u_step, user_step
+from lrs_rec.engine.steps import (
+    LRSState,
+    Samples,
+    StepParams,
+    least_squares_u,
+    u_step,
+    user_step,
+)
 from lrs_rec.engine.steps import u_step_statistics as engine_u_statistics
-from lrs_rec.engine.u_solve import orthonormalize, solve_u_step, u_least_squares, u_step_cg
+from lrs_rec.engine.u_solve import orthonormalize, u_step_cg
 from lrs_rec.engine.user_rows import JITTER, dense_b, gather_rows, sparse_predict
 from lrs_rec.init import moments_init, random_orthonormal
 from lrs_rec.model import LRSModel
@@ -246,6 +253,23 @@ def u_step_statistics(
     # the engine's A is (d, d, r, r); this function's vec(U) is column-major (c·d + i)
     A = A4.transpose(2, 0, 3, 1).reshape(d * r, d * r)
     return np.ascontiguousarray(A), np.asarray(V, dtype=np.float64)
+
+
+def u_least_squares(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
+    """Solve ``(A + (ridge + jitter)·I) vec(U) = vec(V)`` (Eq. 5; vec column-major as in
+    :func:`u_step_statistics`) → the un-orthonormalised U: (d, r) (the engine's
+    :func:`~lrs_rec.engine.steps.least_squares_u` with an absolute ridge and the 1e-10 jitter)."""
+    d, r = V.shape
+    A4 = np.asarray(A, dtype=np.float64).reshape(r, d, r, d).transpose(1, 3, 0, 2)
+    U = least_squares_u(
+        A4, np.asarray(V, dtype=np.float64), ridge=ridge, ridge_relative=False, jitter=JITTER
+    )
+    return np.asarray(U, dtype=np.float64)
+
+
+def solve_u_step(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
+    """Eq. 5 followed by QR (Algorithm 1): the new orthonormal U from the statistics (A, V)."""
+    return orthonormalize(u_least_squares(A, V, ridge=ridge))[0]
 
 
 # ---------------------------------------------------------------------------------------------

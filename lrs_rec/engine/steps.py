@@ -465,19 +465,17 @@ def u_step_statistics(
     return A, rhs
 
 
-def solve_u(
+def least_squares_u(
     A: np.ndarray,
     rhs: np.ndarray,
     *,
     ridge: float = 10.0,
     ridge_relative: bool = True,
     jitter: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 5 from its normal equations, then QR: (Q, R) with U = QR, diag(R) ≥ 0 (so U's column
-    signs are deterministic). The caller sets U = Q and W ← W Rᵀ (Θ unchanged by the QR).
-
-    The trainer's ridge is relative to the mean curvature (``ridge_relative``); the paper setting
-    uses an absolute ``ridge`` plus a relative ``jitter`` (exact least squares)."""
+) -> np.ndarray:
+    """Eq. 5's least squares from its normal equations (A as (d, d, r, r), rhs (d, r)): the
+    un-orthonormalised U. The trainer's ridge is relative to the mean curvature
+    (``ridge_relative``); the paper setting uses an absolute ``ridge`` plus a relative ``jitter``."""
     d, r = rhs.shape
     M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r)
     if ridge_relative:
@@ -488,7 +486,21 @@ def solve_u(
         lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
     else:
         lam = ridge + jitter * max(float(np.trace(M)) / (d * r), 1e-30)
-    U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+    return np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+
+
+def solve_u(
+    A: np.ndarray,
+    rhs: np.ndarray,
+    *,
+    ridge: float = 10.0,
+    ridge_relative: bool = True,
+    jitter: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 5 from its normal equations (:func:`least_squares_u`), then QR: (Q, R) with U = QR,
+    diag(R) ≥ 0 (so U's column signs are deterministic). The caller sets U = Q and W ← W Rᵀ (Θ
+    unchanged by the QR)."""
+    U = least_squares_u(A, rhs, ridge=ridge, ridge_relative=ridge_relative, jitter=jitter)
     Q, R = orthonormalize(U)
     return Q, R
 

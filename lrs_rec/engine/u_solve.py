@@ -147,26 +147,12 @@ def _joint_u_step_cg(
     return U_ls, b_of(z)
 
 
-def u_least_squares(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
-    """Solve ``(A + ridge·I) vec(U) = vec(V)`` (Eq. 5) → the un-orthonormalised U: (d, r)."""
-    d, r = V.shape
-    scale = float(np.trace(A)) / max(A.shape[0], 1)
-    reg = ridge + JITTER * max(scale, 1e-30)
-    sol = np.linalg.solve(A + reg * np.eye(A.shape[0]), V.reshape(-1, order="F"))
-    return np.asarray(sol.reshape((d, r), order="F"), dtype=np.float64)
-
-
 def orthonormalize(U: FloatArray) -> tuple[FloatArray, FloatArray]:
     """QR with a deterministic sign (diag(R) ≥ 0): ``U = Q R``. Returns (Q, R)."""
     Q, R = np.linalg.qr(U)
     s = np.sign(np.diag(R))
     s[s == 0] = 1.0
     return np.asarray(Q * s, dtype=np.float64), np.asarray(R * s[:, None], dtype=np.float64)
-
-
-def solve_u_step(A: FloatArray, V: FloatArray, ridge: float = 0.0) -> FloatArray:
-    """Eq. 5 followed by QR (Algorithm 1): the new orthonormal U from the statistics (A, V)."""
-    return orthonormalize(u_least_squares(A, V, ridge=ridge))[0]
 
 
 def u_step_cg(

@@ -251,7 +251,11 @@ def test_block_size_does_not_change_the_fit(monkeypatch: pytest.MonkeyPatch) -> 
     one = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
     _, X2, y2, users2 = _shuffled(2, 40, 16, 30, 1, 4)
     one_irls = AMHTLRS(rank=1, sparsity=4, n_iter=10, u_solver="direct").fit(X2, y2, users2)
+    kw_iht = dict(n_iter=6, b_step="iht", u_step="eq5", sample_splitting=2, zeta=5)
+    one_iht = AMHTLRS(rank=2, sparsity=2, **kw_iht).fit(X, y, users)  # type: ignore[arg-type]
     monkeypatch.setattr(amht, "BLOCK", 7)
+    blk_iht = AMHTLRS(rank=2, sparsity=2, **kw_iht).fit(X, y, users)  # type: ignore[arg-type]
+    np.testing.assert_allclose(blk_iht.model_.theta(), one_iht.model_.theta(), rtol=0, atol=1e-9)
     blocked = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
     np.testing.assert_allclose(blocked.model_.theta(), one.model_.theta(), rtol=0, atol=1e-9)
     blk_irls = AMHTLRS(rank=1, sparsity=4, n_iter=10, u_solver="direct").fit(X2, y2, users2)

@@ -52,7 +52,8 @@ def _bench_scale() -> Any:
 
 
 _scale = _bench_scale()
-EVAL_CHILD, SEED, SIZES = _scale.EVAL_CHILD, _scale.SEED, _scale.SIZES
+EVAL_CHILD, SEED = _scale.EVAL_CHILD, _scale.SEED
+SIZES = {**_scale.SIZES, "300k": 300_000}
 child_json, group_rss_kb, measure = _scale.child_json, _scale.group_rss_kb, _scale.measure
 
 PORTS = range(7800, 7840)
@@ -325,7 +326,7 @@ def compose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100k", help="comma-separated: 10k, 100k, 1m")
+    ap.add_argument("--sizes", default="100k", help="comma-separated: 10k, 100k, 300k, 1m")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "distributed")
     ap.add_argument("--mem-cap-gb", type=float, default=6.0, help="cap of each measured child")
     ap.add_argument(

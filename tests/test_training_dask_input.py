@@ -107,3 +107,17 @@ def test_expand_inputs_names_what_is_missing(tmp_path) -> None:  # type: ignore[
     (tmp_path / "d" / ".hidden").write_text("x")
     with pytest.raises(RatingFileError, match="holds no rating files"):
         expand_inputs(str(tmp_path / "d"))
+
+
+def test_a_saved_copy_stores_b_sparsely_and_restores_it_exactly() -> None:
+    from lrs_rec.training.dask_parts import Saved
+
+    rng = np.random.default_rng(2)
+    B = np.zeros((300, 8))
+    for i in range(0, 300, 3):
+        j = rng.choice(8, int(rng.integers(0, 4)), replace=False)
+        B[i, j] = rng.normal(size=j.size)
+    s = Saved.of(rng.normal(size=300), rng.normal(size=(300, 2)), B)
+    assert s.b_idx.shape == (300, 3)  # the widest row's count, not d
+    np.testing.assert_array_equal(s.dense_b(), B)
+    assert Saved.of(np.zeros(4), np.zeros((4, 2)), np.zeros((4, 8))).b_idx.shape == (4, 0)

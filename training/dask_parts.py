@@ -45,6 +45,36 @@ class Shared:
 
 
 @dataclass(frozen=True)
+class Saved:
+    """A copy of a partition's user parameters, B stored sparsely (its rows have at most k
+    non-zeros): the (column, value) pairs of the widest row's count, zero-padded."""
+
+    c_u: np.ndarray
+    W: np.ndarray
+    b_idx: np.ndarray  # (n, m) int32
+    b_val: np.ndarray  # (n, m)
+    d: int
+
+    @classmethod
+    def of(cls, c_u: np.ndarray, W: np.ndarray, B: np.ndarray) -> Saved:
+        n, step = B.shape[0], 1 << 16  # rows per chunk (bounded temporaries)
+        m = max((int(np.count_nonzero(B[a : a + step], axis=1).max(initial=0))
+                 for a in range(0, n, step)), default=0)  # fmt: skip
+        idx = np.zeros((n, m), np.int32)
+        val = np.zeros((n, m))
+        for a in range(0, n, step):
+            blk = B[a : a + step]
+            j = np.argsort(blk == 0, axis=1, kind="stable")[:, :m]  # the non-zeros first
+            idx[a : a + step], val[a : a + step] = j, np.take_along_axis(blk, j, axis=1)
+        return cls(c_u.copy(), W.copy(), idx, val, B.shape[1])
+
+    def dense_b(self) -> np.ndarray:
+        B = np.zeros((self.W.shape[0], self.d))
+        np.put_along_axis(B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        return B
+
+
+@dataclass(frozen=True)
 class Part:
     data: PartitionData
     unit: float
@@ -56,7 +86,7 @@ class Part:
     W: np.ndarray
     B: np.ndarray
     P: np.ndarray | None = None  # ALS user factors (initialisation only)
-    saved: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    saved: dict[str, Saved] = field(default_factory=dict)
 
     @property
     def n_users(self) -> int:
@@ -249,14 +279,12 @@ def sq_errors_val(part: Part, sh: Shared, lo: float, hi: float) -> np.ndarray:
 
 # ---- copies ---------------------------------------------------------------------------------
 def save(part: Part, name: str) -> Part:
-    return replace(
-        part, saved={**part.saved, name: (part.c_u.copy(), part.W.copy(), part.B.copy())}
-    )
+    return replace(part, saved={**part.saved, name: Saved.of(part.c_u, part.W, part.B)})
 
 
 def restore(part: Part, name: str) -> Part:
-    c_u, W, B = part.saved[name]
-    return replace(part, c_u=c_u.copy(), W=W.copy(), B=B.copy())
+    sv = part.saved[name]
+    return replace(part, c_u=sv.c_u.copy(), W=sv.W.copy(), B=sv.dense_b())
 
 
 def drop(part: Part, *names: str) -> Part:

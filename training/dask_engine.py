@@ -461,6 +461,14 @@ def _train(
     n_users, n_items = int(users.size), int(items.size)
     n_rows = [s.n_rows for s in summaries]
     offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(int)
+    if progress:
+        c = merged_report(summaries, spec, 0)
+        print(
+            f"read {c['rows_kept']} ratings from {c['source']} ({c['format']}, {len(files)} "
+            f"file{'s' if len(files) > 1 else ''}, on the workers); cleaning: "
+            f"{c['counts'] or 'nothing to clean'}",
+            file=sys.stderr,
+        )
     rating_min = min(s.rating_min for s in summaries)
     rating_max = max(s.rating_max for s in summaries)
 
@@ -727,12 +735,5 @@ def train_from_args(args: Any, cfg: TrainConfig) -> TrainResult:
             client,
             item_features_path=args.item_features,
             progress=not args.quiet,
-        )
-    if not args.quiet:
-        c = result.model.manifest["cleaning"]
-        print(
-            f"read {c['rows_kept']} ratings from {c['source']} ({c['format']}); "
-            f"cleaning: {c['counts'] or 'nothing to clean'}",
-            file=sys.stderr,
         )
     return result

@@ -347,7 +347,7 @@ def _finish(
     declared = manifest.get("params_per_user")
     if params_per_user is None:
         ok = isinstance(declared, int) and not isinstance(declared, bool)
-        params_per_user = int(declared) if ok else r + k
+        params_per_user = declared if ok and isinstance(declared, int) else r + k
     manifest["dims"] = {
         "n_users": n_users,
         "n_items": len(item_ids),

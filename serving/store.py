@@ -577,7 +577,7 @@ class RedisStore:
             with_history=with_history,
             pipeline_buckets=pipeline_buckets,
         )
-        with self._failing(plan):
+        with self.failing(plan):
             self.write_users(
                 plan,
                 user_block(model),
@@ -619,7 +619,7 @@ class RedisStore:
             with_history=with_history,
             pipeline_buckets=pipeline_buckets,
         )
-        with self._failing(plan):
+        with self.failing(plan):
             for block in blocks:
                 self.write_users(plan, block, progress=progress)
         return self.finish_publish(
@@ -627,7 +627,7 @@ class RedisStore:
         )
 
     @contextmanager
-    def _failing(self, plan: PublishPlan) -> Iterator[None]:
+    def failing(self, plan: PublishPlan) -> Iterator[None]:
         """Mark the version being written ``failed`` if the block raises."""
         try:
             yield
@@ -686,7 +686,7 @@ class RedisStore:
         )
         self._put_meta(meta)  # first, so an interrupted publish can be found and deleted
         plan = PublishPlan(meta, {}, pipeline_buckets, self.keys.prefix)
-        with self._failing(plan):
+        with self.failing(plan):
             self.ensure_compact_encoding(entries=bucket_size, value_bytes=fmt.size)
             self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
             # erased users (serving.erasure): their rows of the model directory are never written

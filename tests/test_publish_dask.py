@@ -27,7 +27,13 @@ pytestmark = pytest.mark.redis
 
 N_USERS, BUCKET, SHARD_ROWS = 700, 64, 100  # shards straddle buckets: two workers share a hash
 # this helper's TCP ports (7200-7299): schedulers, workers, nannies
-LOCAL_PORTS = {"scheduler_port": 7201, "worker_port": "7210:7229", "port": "7230:7249"}
+# (the workers' own HTTP servers bind port 0: an ephemeral port the OS assigns, never a fixed one)
+LOCAL_PORTS = {
+    "scheduler_port": 7201,
+    "dashboard_address": "127.0.0.1:7203",  # the scheduler's HTTP server (else it tries 8787)
+    "worker_port": "7210:7229",
+    "port": "7230:7249",
+}
 SCHED_PORT, WORKER_PORTS, NANNY_PORTS = 7202, "7250:7269", "7270:7289"
 ERASED = "u5"
 
@@ -151,7 +157,7 @@ def test_publish_through_a_running_dask_cluster_equals_local_publish(
             subprocess.Popen(
                 [
                     *(dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(SCHED_PORT)),
-                    *("--no-dashboard", "--no-show"),
+                    *("--dashboard-address", "127.0.0.1:7204", "--no-dashboard", "--no-show"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=(logs / "scheduler.log").open("w"),

@@ -44,7 +44,7 @@ def save_legacy_model_dir(model: TrainedModel, out_dir: str | Path) -> dict:
         arrays["history_timestamps"] = np.asarray(model.history_timestamps, dtype=np.float64)
     digest = _digest({name: arrays[name] for name in SHARED_ARRAYS})
     manifest = dict(model.manifest)
-    for key in ("onboarding_prior_sha256", "user_shards", "model_version", "format_version"):
+    for key in ("onboarding_prior_sha256", "user_shards", "format_version"):
         manifest.pop(key, None)
     prior = None if manifest.get("privacy") else _estimate_prior(model)
     if prior is not None:
@@ -52,7 +52,7 @@ def save_legacy_model_dir(model: TrainedModel, out_dir: str | Path) -> dict:
         arrays.update(prior_arrays)
         manifest["onboarding_prior_sha256"] = _digest(prior_arrays)
     manifest["format_version"] = 1
-    manifest["model_version"] = new_model_version(digest)
+    manifest.setdefault("model_version", new_model_version(digest))
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     manifest["arrays_sha256"] = digest
     manifest["rating_scale"] = [model.rating_min, model.rating_max]

@@ -150,6 +150,12 @@ def _list_column(pa: Any, values: np.ndarray, offsets: np.ndarray, *, large: boo
     return cls.from_arrays(offs, pa.array(np.ascontiguousarray(values)))
 
 
+def _floats(a: Any) -> np.ndarray:
+    """``a`` as a float array, keeping its float width (a float32 column stays float32)."""
+    arr = np.asarray(a)
+    return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+
+
 def write_user_shard(
     staging_dir: str | os.PathLike[str],
     shard_index: int,
@@ -176,11 +182,11 @@ def write_user_shard(
         raise ValueError(f"shard_index must be >= 0, got {shard_index}")
     ids = [str(u) for u in user_ids]
     n = len(ids)
-    bias = np.asarray(user_bias, dtype=np.float64).reshape(-1)
+    bias = _floats(user_bias).reshape(-1)
     W = np.asarray(W, dtype=np.float64)
     B_idx, B_val = np.asarray(B_idx), np.asarray(B_val, dtype=np.float64)
     indptr = np.asarray(history_indptr, dtype=np.int64)
-    items, ratings = np.asarray(history_items), np.asarray(history_ratings, dtype=np.float64)
+    items, ratings = np.asarray(history_items), _floats(history_ratings)
     if W.ndim != 2 or B_idx.ndim != 2 or B_idx.shape != B_val.shape:
         raise ValueError(
             f"W must be (n, r) and B_idx / B_val (n, k), got {W.shape}, {B_idx.shape}, "

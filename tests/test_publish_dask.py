@@ -205,3 +205,35 @@ def test_publish_through_a_running_dask_cluster_equals_local_publish(
 def test_scheduler_without_dask_engine_is_refused(model_dir, capsys):
     assert main(["publish", "--model", str(model_dir), "--scheduler", "tcp://x:1"]) == 2
     assert "--scheduler needs --engine dask" in capsys.readouterr().err
+
+
+def test_a_failing_shard_fails_the_publish_and_nothing_switches(model_dir, tmp_path):
+    """A damaged shard: its task fails (after Dask's retries), the version is marked failed, the
+    served version stays; threads-only cluster (inproc transport, no worker processes) for speed."""
+    from lrs_rec.serving.publish_dask import publish_dask
+
+    from lrs_rec.model_dir import ModelDirError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # ids intact (the driver reads only those), a NaN bias that the worker's read refuses
+    shard = broken / "users" / "part-00003.parquet"
+    table = pq.read_table(shard)
+    nan = pa.array(np.full(table.num_rows, np.nan))
+    pq.write_table(table.set_column(table.column_names.index("user_bias"), "user_bias", nan), shard)
+    threads = {"processes": False, "dashboard_address": "127.0.0.1:7205"}
+    home = tmp_path / "h"
+    try:
+        store = _store(home)
+        first = publish_dask(
+            store, model_dir, workers=2, bucket_size=BUCKET, cluster_options=threads
+        )
+        with pytest.raises(ModelDirError, match=r"part-00003\.parquet: column user_bias contains NaN"):
+            publish_dask(store, broken, workers=2, bucket_size=BUCKET, cluster_options=threads)
+        assert store.current_version() == first.version == "v1"
+        assert store.meta("v2").status == "failed"
+    finally:
+        stop_embedded(home, save=False)

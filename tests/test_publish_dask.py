@@ -231,7 +231,9 @@ def test_a_failing_shard_fails_the_publish_and_nothing_switches(model_dir, tmp_p
         first = publish_dask(
             store, model_dir, workers=2, bucket_size=BUCKET, cluster_options=threads
         )
-        with pytest.raises(ModelDirError, match=r"part-00003\.parquet: column user_bias contains NaN"):
+        with pytest.raises(
+            ModelDirError, match=r"part-00003\.parquet: column user_bias contains NaN"
+        ):
             publish_dask(store, broken, workers=2, bucket_size=BUCKET, cluster_options=threads)
         assert store.current_version() == first.version == "v1"
         assert store.meta("v2").status == "failed"

@@ -826,7 +826,9 @@ def load_user_index(
     try:
         if manifest.get("format_version") == LEGACY_FORMAT_VERSION:
             return UserIndex.read(root / USERS)
-        return UserIndex(read_user_ids(root, manifest))
+        from lrs_rec.model_shards import read_user_id_bytes
+
+        return UserIndex.from_utf8(*read_user_id_bytes(root, manifest))
     except ModelDirError:
         raise
     except (OSError, ValueError) as e:

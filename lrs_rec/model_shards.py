@@ -18,6 +18,7 @@ the core package stays numpy-only otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,6 +124,21 @@ def _pa() -> tuple[Any, Any]:
     pa = require_extra("pyarrow", "a sharded model directory (format 2)")
     pq = require_extra("pyarrow.parquet", "a sharded model directory (format 2)")
     return pa, pq
+
+
+@contextlib.contextmanager
+def _system_allocator() -> Iterator[None]:
+    """Arrow allocations on the system allocator meanwhile, for reads whose buffers are dropped at
+    once (the user ids a server loads): the default mimalloc pool keeps freed memory mapped — about
+    90 MB of RSS after reading 10⁶ ids — while malloc returns it. (A process-wide setting of Arrow's;
+    buffers allocated meanwhile elsewhere are merely on malloc too.)"""
+    pa, _ = _pa()
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -554,6 +570,47 @@ def iter_user_shards(
     manifest = read_manifest(model_dir) if manifest is None else manifest
     for i in range(n_user_shards(model_dir, manifest)):
         yield read_user_shard(model_dir, i, manifest=manifest)
+
+
+def read_user_id_bytes(
+    model_dir: str | os.PathLike[str], manifest: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Format 2: every user id as UTF-8 bytes, concatenated, and their n + 1 offsets (dense-index
+    order) — the shards' ``user_id`` columns copied out of Arrow without a Python object per id
+    (what :meth:`lrs_rec.user_index.UserIndex.from_utf8` takes)."""
+    root = Path(model_dir)
+    _, pq = _pa()
+    datas: list[np.ndarray] = []
+    offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+    total = 0
+    for ref in shard_refs(root, manifest):
+        path = root / ref.file
+        try:
+            with _system_allocator():
+                # one file, one thread: the dataset reader's thread pool costs ~30 MB of RSS
+                table = pq.ParquetFile(path).read(columns=["user_id"], use_threads=False)
+                col = table.column("user_id").combine_chunks()
+                del table
+        except FileNotFoundError as e:
+            raise ModelDirError(f"{path}: missing") from e
+        except Exception as e:
+            raise ModelDirError(f"{path}: damaged or not a Parquet shard ({e})") from None
+        if (
+            len(col) != ref.rows
+            or col.null_count
+            or str(col.type) not in ("string", "large_string")
+        ):
+            raise ModelDirError(f"{path}: user_id must hold {ref.rows} strings")
+        width = np.int32 if str(col.type) == "string" else np.int64
+        offs = np.frombuffer(col.buffers()[1], dtype=width)[col.offset : col.offset + len(col) + 1]
+        offs = offs.astype(np.int64)
+        raw = col.buffers()[2]
+        data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, np.uint8)
+        datas.append(data[offs[0] : offs[-1]].copy())
+        offsets.append(offs[1:] - offs[0] + total)
+        total += int(offs[-1] - offs[0])
+        del col
+    return (np.concatenate(datas) if datas else np.zeros(0, np.uint8)), np.concatenate(offsets)
 
 
 def read_user_ids(

@@ -260,3 +260,28 @@ def test_write_user_shard_refuses_inconsistent_arrays(tmp_path, change, message)
     }
     with pytest.raises(ValueError, match=message):
         write_user_shard(tmp_path, 0, **args)
+
+
+def test_user_index_from_utf8_buffers_equals_the_index_of_the_ids():
+    import random
+
+    from lrs_rec.user_index import UserIndex
+
+    rnd = random.Random(1)
+    alphabet = "abc019_-é漢"
+    ids = list(
+        dict.fromkeys(
+            "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(70_000)
+        )
+    )
+    for case in (ids, ids[:1], ["x\x00", "y"], []):  # many chunks, one id, NUL fallback, none
+        raw = [u.encode("utf-8") for u in case]
+        data = np.frombuffer(b"".join(raw), dtype=np.uint8)
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in raw])]).astype(np.int64)
+        fast, ref = UserIndex.from_utf8(data, offsets), UserIndex(case)
+        assert list(fast) == list(ref) == case
+        assert len(fast) == len(case)
+        for u in [*case[:500], "", "zz", "é", "abc漢", "x"]:
+            assert fast.get(u) == ref.get(u), u
+    with pytest.raises(ValueError, match="distinct"):
+        UserIndex.from_utf8(np.frombuffer(b"abab", dtype=np.uint8), np.array([0, 2, 4]))

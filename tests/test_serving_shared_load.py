@@ -127,14 +127,19 @@ def test_shared_load_reads_no_per_user_array(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     columns: list[object] = []
-    real_read = pq.read_table
+    real_read, real_file_read = pq.read_table, pq.ParquetFile.read
 
     def spy_read(path, *args, **kw):  # type: ignore[no-untyped-def]
         columns.append(kw.get("columns"))
         return real_read(path, *args, **kw)
 
+    def spy_file_read(self, *args, **kw):  # type: ignore[no-untyped-def]
+        columns.append(kw.get("columns"))
+        return real_file_read(self, *args, **kw)
+
     monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
     monkeypatch.setattr(pq, "read_table", spy_read)
+    monkeypatch.setattr(pq.ParquetFile, "read", spy_file_read)
     shared = load_shared_model_dir(tmp_path / "m")
     assert set(read) == set(SHARED_ARRAYS) | set(PRIOR_ARRAYS)
     assert columns == [["user_id"]]  # of the shards (format 2) only the ids are read

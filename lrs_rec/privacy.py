@@ -153,39 +153,60 @@ def check_samples_per_user(users: IntArray, m: int) -> None:
 
 def check_distinct_user_items(users: IntArray, items: IntArray) -> None:
     """One-hot sensitivities assume each (user, item) pair occurs at most once."""
-    pairs = np.stack([np.asarray(users, np.int64), np.asarray(items, np.int64)], axis=1)
-    uniq = np.unique(pairs, axis=0)
-    if uniq.shape[0] != pairs.shape[0]:
+    users = np.asarray(users, np.int64)
+    items = np.asarray(items, np.int64)
+    if users.size == 0:
+        return
+    key = np.sort(users * (int(items.max()) + 1) + items)  # O(N) int64, no (N, 2) unique
+    n_dup = int(np.count_nonzero(key[1:] == key[:-1]))
+    if n_dup:
         raise ValueError(
-            f"{pairs.shape[0] - uniq.shape[0]} duplicate (user, item) pairs: keep one rating per "
+            f"{n_dup} duplicate (user, item) pairs: keep one rating per "
             "user and item before private training"
         )
 
 
 # -- clipped U-step statistics (Eq. 7–8 without noise) ------------------------------------------------
 def clipped_u_step_statistics(
-    X: FloatArray,
+    X: FloatArray | None,
     y: FloatArray,
     xb: FloatArray,
     users: IntArray,
     W: FloatArray,
     bounds: ClipBounds,
+    *,
+    F: FloatArray | None = None,
+    items: IntArray | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """A (d·r × d·r) and V (d × r) of Eq. 7–8 over the given samples (already capped to m per user),
     before noise and before the 1/(mt) scaling (a constant that does not change the solution).
 
     ``xb[j]`` is ⟨x_j, b_{u_j}⟩ (clipped here to A3); ``W`` is (n_users, r) (rows clipped to A_w).
-    """
+    The covariates are the rows of ``X`` (N, d), or ``F[items]`` (public item features, gathered
+    a block of samples at a time: never all N × d·r at once). Blocks of samples of at most
+    ``engine.steps.sample_budget(d·r)`` rows; the sums are additive over blocks."""
+    from lrs_rec.engine.steps import sample_budget
+
     check_samples_per_user(users, bounds.max_samples_per_user)
-    Xc = clip_rows(X, bounds.A1)
+    if (X is None) == (F is None or items is None):
+        raise ValueError("give the covariates X, or the item features F and the items")
+    users = np.asarray(users, dtype=np.int64)
     t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
-    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
-    N, d = Xc.shape
-    r = Wc.shape[1]
-    Z = (Xc[:, :, None] * Wc[:, None, :]).reshape(N, d * r)  # rows x̂_j ⊗ ŵ_{u_j}
-    A = Z.T @ Z
-    V = (Z.T @ t).reshape(d, r)
-    return np.asarray(A, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    Wall = clip_rows(W, bounds.A_w)
+    d = (X if X is not None else F).shape[1]  # type: ignore[union-attr]
+    r = Wall.shape[1]
+    A = np.zeros((d * r, d * r))
+    V = np.zeros(d * r)
+    step = sample_budget(2 * d * r)
+    for lo in range(0, users.size, step):
+        sl = slice(lo, lo + step)
+        rows = X[sl] if X is not None else F[np.asarray(items)[sl]]  # type: ignore[index]
+        Xc = clip_rows(rows, bounds.A1)
+        Wc = Wall[users[sl]]
+        Z = (Xc[:, :, None] * Wc[:, None, :]).reshape(-1, d * r)  # rows x̂_j ⊗ ŵ_{u_j}
+        A += Z.T @ Z
+        V += Z.T @ t[sl]
+    return np.asarray(A, dtype=np.float64), np.asarray(V.reshape(d, r), dtype=np.float64)
 
 
 def user_contribution_reference(
@@ -217,17 +238,25 @@ def clipped_item_block_statistics(
     """Eq. 7–8 for one-hot item covariates: the r×r diagonal blocks A_i = Σ_{u rated i} ŵ_u ŵ_uᵀ,
     shape (n_items, r, r), and the rows V_i = Σ_{u rated i} (ŷ_ui − ĉ_ui) ŵ_u, shape (n_items, r).
     All off-diagonal blocks of A are structurally zero whatever the data."""
+    from lrs_rec.engine.grouped import grouped_sum
+    from lrs_rec.engine.steps import sample_budget
+
     items = np.asarray(items, dtype=np.int64)
+    users = np.asarray(users, dtype=np.int64)
     check_samples_per_user(users, bounds.max_samples_per_user)
     check_distinct_user_items(users, items)
-    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
+    Wall = clip_rows(W, bounds.A_w)
     t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
-    r = Wc.shape[1]
-    outer = (Wc[:, :, None] * Wc[:, None, :]).reshape(-1, r * r)
+    r = Wall.shape[1]
     A = np.zeros((n_items, r * r))
-    np.add.at(A, items, outer)
     V = np.zeros((n_items, r))
-    np.add.at(V, items, Wc * t[:, None])
+    step = sample_budget(2 * (r * r + r))  # blocks of samples: never all N × r² at once
+    for lo in range(0, users.size, step):
+        sl = slice(lo, lo + step)
+        Wc = Wall[users[sl]]
+        outer = (Wc[:, :, None] * Wc[:, None, :]).reshape(-1, r * r)
+        A += grouped_sum(items[sl], n_items, outer)
+        V += grouped_sum(items[sl], n_items, Wc * t[sl, None])
     return A.reshape(n_items, r, r), V
 
 

@@ -45,7 +45,10 @@ from lrs_rec.training.private_accounting import (
     ledger_manifest,
 )
 
-from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+from lrs_rec.engine import onehot
+from lrs_rec.engine.onehot import OneHotState
+from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sample_budget
+from lrs_rec.engine.steps import user_step as engine_user_step
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
     NEIGHBOURING,
@@ -64,7 +67,7 @@ from lrs_rec.privacy import (
     psd_project,
     u_step_sensitivities,
 )
-from lrs_rec.thresholding import ridge_top_k_refit, top_k_indices
+from lrs_rec.thresholding import top_k_indices
 
 DEFAULT_SHARES: dict[str, float] = {
     "global_mean": 0.02,
@@ -162,7 +165,7 @@ class PrivateFit:
     """Result of :func:`fit_private`: released arrays, per-user parameters and the ledger."""
 
     lrs: LRSModel
-    item_features: np.ndarray
+    item_features: np.ndarray | None  # None: one-hot item identity (d = n_items, not materialised)
     item_bias: np.ndarray
     user_bias: np.ndarray
     global_mean: float
@@ -172,19 +175,30 @@ class PrivateFit:
     noise_multipliers: dict[str, float] = field(default_factory=dict)
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        theta = self.lrs.theta_rows(users)
-        if self.item_features.shape[0] == self.item_features.shape[1] and _is_identity(
-            self.item_features
-        ):
-            inner = theta[np.arange(len(items)), items]
-        else:
-            inner = np.einsum("nd,nd->n", self.item_features[items], theta)
-        raw = self.global_mean + self.user_bias[users] + self.item_bias[items] + inner
-        return np.asarray(np.clip(raw, lo, hi))
+        """μ + c_u + c_i + ⟨f_i, U w_u + b_u⟩, clipped; blocks of samples (no N × d array)."""
+        L = self.lrs
+        F = self.item_features
+        out = np.empty(users.shape[0])
+        step = sample_budget(2 * (L.rank + L.sparsity + (0 if F is None else F.shape[1])))
+        for a in range(0, users.shape[0], step):
+            u, i = users[a : a + step], items[a : a + step]
+            if F is None:  # one-hot: ⟨e_i, U w_u⟩ = U_i·w_u, ⟨e_i, b_u⟩ = b_u[i]
+                inner = np.einsum("nr,nr->n", L.U[i], L.W[u]) + onehot.sparse_inner(
+                    L.B_idx[u], L.B_val[u], i
+                )
+            else:
+                Fi = F[i]
+                inner = np.einsum("nd,dr,nr->n", Fi, L.U, L.W[u]) + np.einsum(
+                    "nk,nk->n", np.take_along_axis(Fi, L.B_idx[u], axis=1), L.B_val[u]
+                )
+            out[a : a + step] = self.global_mean + self.user_bias[u] + self.item_bias[i] + inner
+        return np.asarray(np.clip(out, lo, hi))
 
-
-def _is_identity(F: np.ndarray) -> bool:
-    return bool(np.count_nonzero(F) == F.shape[0] and np.all(np.diag(F) == 1.0))
+    def dense_item_features(self) -> np.ndarray:
+        """The released item features as an array (the identity for one-hot features)."""
+        if self.item_features is None:
+            return np.eye(self.lrs.d)
+        return self.item_features
 
 
 # -- the ledger plan -------------------------------------------------------------------------------------
@@ -236,6 +250,27 @@ def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None
 
 
 # -- local (per-user) steps: only public values and the user's own ratings --------------------------------
+PUBLIC_PRIOR_NOTE = (
+    "the user step's prior on w_u is the fixed N(0, I / reg_w) (public): a prior estimated from the "
+    "other users' w would make one user's parameters depend on the others' data"
+)
+
+
+def step_params(cfg: PrivateConfig) -> StepParams:
+    """The engine's user-step options of private training: w_u with a fixed public prior (no
+    population / conditional prior: those are cross-user statistics), c_u, and the sparse b_u."""
+    return StepParams(
+        k=cfg.sparsity, per_user_w=True, user_bias=True, reg_w=cfg.reg_w, reg_b=cfg.reg_b,
+        reg_bias=cfg.reg_user_bias, population_prior=False, conditional_prior=False,
+        n_inner=cfg.n_inner,
+    )  # fmt: skip
+
+
+def public_prior(r: int) -> UserPrior:
+    """The prior of the private user step: N(0, I) shape, data-independent."""
+    return UserPrior(np.zeros(r), np.eye(r))
+
+
 @dataclass
 class _Local:
     user_bias: np.ndarray
@@ -244,21 +279,56 @@ class _Local:
     B_val: np.ndarray
 
 
-def _sparse_inner(
-    F: np.ndarray | None, users: np.ndarray, items: np.ndarray, st: _Local
-) -> np.ndarray:
-    """⟨f_i, b_u⟩ per sample."""
-    if st.B_idx.shape[1] == 0:
-        return np.zeros(users.shape[0])
-    idx, val = st.B_idx[users], st.B_val[users]
-    if F is None:  # one-hot: b_u[i]
-        return np.asarray(np.sum(np.where(idx == items[:, None], val, 0.0), axis=1))
-    return np.asarray(np.einsum("nk,nk->n", np.take_along_axis(F[items], idx, axis=1), val))
+class _Iterate:
+    """The engine iterate of private training: :class:`lrs_rec.engine.onehot.OneHotState` (one-hot
+    features, compressed b) or :class:`lrs_rec.engine.steps.LRSState` (plug-in features F)."""
 
+    def __init__(
+        self, F: np.ndarray | None, U: np.ndarray, c: np.ndarray, item_bias: np.ndarray,
+        global_mean: float, k: int, W: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        n_users, r = c.shape[0], U.shape[1]
+        W = np.zeros((n_users, r)) if W is None else W
+        self.F = F
+        if F is None:
+            self.state: OneHotState | LRSState = OneHotState(
+                global_mean, c.copy(), item_bias, U, W.copy(),
+                np.tile(np.arange(k, dtype=np.int64), (n_users, 1)), np.zeros((n_users, k)),
+            )  # fmt: skip
+        else:
+            self.state = LRSState(
+                global_mean, c.copy(), item_bias, F, U, W.copy(), np.zeros((n_users, F.shape[1]))
+            )
 
-def _low_rank_design(F: np.ndarray | None, U: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """f_iᵀ U per sample, shape (N, r)."""
-    return np.asarray(U[items] if F is None else F[items] @ U)
+    def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
+        """The engine's user step (w, then the sparse b) with the public prior."""
+        p, prior = step_params(cfg), public_prior(self.state.U.shape[1])
+        if isinstance(self.state, OneHotState):
+            onehot.user_step(self.state, data, p, prior=prior)
+        else:
+            engine_user_step(self.state, data, p, prior=prior)
+
+    def set_U(self, U: np.ndarray) -> None:
+        self.state.U = U
+
+    def xb(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """⟨f_i, b_u⟩ per sample (blocks of samples: no N × d array)."""
+        st = self.state
+        if isinstance(st, OneHotState):
+            return onehot.sparse_inner(st.B_idx[users], st.B_val[users], items)
+        out = np.empty(users.shape[0])
+        step = sample_budget(2 * st.F.shape[1])
+        for a in range(0, users.shape[0], step):
+            u, i = users[a : a + step], items[a : a + step]
+            out[a : a + step] = np.einsum("nd,nd->n", st.F[i], st.B[u])
+        return out
+
+    def compressed_b(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        st = self.state
+        if isinstance(st, OneHotState):
+            return st.B_idx, st.B_val
+        idx = top_k_indices(st.B, k)
+        return idx, np.take_along_axis(st.B, idx, axis=1)
 
 
 def local_user_step(
@@ -272,34 +342,20 @@ def local_user_step(
     st: _Local,
 ) -> _Local:
     """(c_u, w_u) by ridge on [1, f_iᵀU], then b_u by one hard-thresholding-pursuit step (top-k of the
-    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only."""
-    r, k = U.shape[1], cfg.sparsity
-    Z = np.hstack([np.ones((users.shape[0], 1)), _low_rank_design(F, U, items)])
-    G = grouped_gram(users, n_users, Z)
-    reg = np.full(r + 1, cfg.reg_w)
-    reg[0] = cfg.reg_user_bias
-    d = U.shape[0]
-    for _ in range(cfg.n_inner):
-        xb = _sparse_inner(F, users, items, st)
-        h = grouped_sum(users, n_users, Z * (t - xb)[:, None])
-        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
-        st = _Local(sol[:, 0], sol[:, 1:], st.B_idx, st.B_val)
-        if k == 0:
-            continue
-        e = t - np.einsum("nr,nr->n", Z, sol[users])
-        if F is None:  # one-hot: X_uᵀX_u = diag(rated), ridge solution e_ui / (1 + λ_b)
-            C = np.zeros((n_users, d))
-            C[users, items] = e / (1.0 + cfg.reg_b)
-            idx = top_k_indices(C, k)
-            val = np.take_along_axis(C, idx, axis=1)
-        else:
-            X = F[items]
-            Gx = grouped_gram(users, n_users, X)
-            idx, val = ridge_top_k_refit(
-                Gx, grouped_sum(users, n_users, X * e[:, None]), k, cfg.reg_b
-            )
-        st = _Local(st.user_bias, st.W, idx.astype(np.int64), val)
-    return st
+    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only: the
+    engine's user step (:func:`lrs_rec.engine.steps.user_step`; one-hot features:
+    :func:`lrs_rec.engine.onehot.user_step`) with the public prior."""
+    n_items = U.shape[0] if F is None else F.shape[0]
+    it = _Iterate(F, U, st.user_bias, np.zeros(n_items), 0.0, cfg.sparsity, st.W)
+    if F is None:
+        assert isinstance(it.state, OneHotState)
+        it.state.B_idx, it.state.B_val = st.B_idx.copy(), st.B_val.copy()
+    else:
+        assert isinstance(it.state, LRSState)
+        np.put_along_axis(it.state.B, st.B_idx, st.B_val, axis=1)
+    it.user_step(Samples(users, items, t), cfg)
+    idx, val = it.compressed_b(cfg.sparsity)
+    return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)
 
 
 # -- the private fit ---------------------------------------------------------------------------------------
@@ -379,43 +435,43 @@ def fit_private(
     sigma_S = z("item_bias_sum") * sens["item_bias_sum"]
     item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
 
-    # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local
-    t = ratings - global_mean - item_bias[items]
+    # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot:
         U = 0.1 * rng.standard_normal((d, r))
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
-    st = _Local(
-        c_u,
-        np.zeros((n_users, r)),
-        np.tile(np.arange(k, dtype=np.int64), (n_users, 1)),
-        np.zeros((n_users, k)),
-    )
+    it = _Iterate(F, U, c_u, item_bias, global_mean, k)
+    data = Samples(users, items, ratings)
     keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
     uk, ik = users[keep], items[keep]
+    tk = ratings[keep] - global_mean - item_bias[ik]
+    del keep
     bounds = cfg.bounds()
     sigma_A = z("u_step_A") * sens["u_step_A"]
     ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     for _ in range(cfg.n_iters):
-        st = local_user_step(cfg, F, U, users, items, t, n_users, st)
-        y = t[keep] - st.user_bias[uk]
-        xb = _sparse_inner(F, uk, ik, st)
+        it.user_step(data, cfg)
+        y = tk - it.state.user_bias[uk]
+        xb = it.xb(uk, ik)
         if one_hot:
-            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, st.W, n_items, bounds)
+            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, it.state.W, n_items, bounds)
             U = dp_item_block_u_step(
                 A_blk, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
         else:
-            assert F is not None
-            A, V = clipped_u_step_statistics(F[ik], y, xb, uk, st.W, bounds)
+            A, V = clipped_u_step_statistics(None, y, xb, uk, it.state.W, bounds, F=F, items=ik)
             U = dp_u_step(
                 A, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
-    st = local_user_step(cfg, F, U, users, items, t, n_users, st)
+        it.set_U(U)
+        del y, xb
+    it.user_step(data, cfg)
+    B_idx, B_val = it.compressed_b(k)
+    st = _Local(it.state.user_bias, it.state.W, B_idx.astype(np.int64), B_val)
 
     # 4. population prior of w (release "w_prior")
     Wc = clip_rows(st.W[active], cfg.A_w)
@@ -433,7 +489,6 @@ def fit_private(
     w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
 
     lrs = LRSModel(U=U, W=st.W, B_idx=st.B_idx, B_val=st.B_val)
-    feats = np.eye(n_items) if F is None else F
     privacy = None
     if ledger is not None:
         privacy = ledger_manifest(
@@ -441,7 +496,7 @@ def fit_private(
         )
     return PrivateFit(
         lrs=lrs,
-        item_features=feats,
+        item_features=F,
         item_bias=item_bias,
         user_bias=st.user_bias,
         global_mean=global_mean,
@@ -674,7 +729,6 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.training.pipeline import history_csr
     from lrs_rec.training.vocab import Vocabulary
 
-    from lrs_rec.engine.steps import Samples
     from lrs_rec.model_dir import TrainedModel, save_model_dir
 
     t0 = time.perf_counter()
@@ -766,7 +820,7 @@ def run(args: argparse.Namespace) -> int:
     }
     model = TrainedModel(
         lrs=fit.lrs,
-        item_features=fit.item_features,
+        item_features=fit.dense_item_features(),
         item_bias=fit.item_bias,
         user_bias=fit.user_bias,
         global_mean=fit.global_mean,

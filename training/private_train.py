@@ -14,12 +14,17 @@ What is released (everything that leaves with the model / model.onnx) and how it
   c_i = S̃_i / (max(Ñ_i, 0) + λ).
 * ``U`` — L noisy U-steps (Eq. 7–8, ``lrs_rec.privacy``): each iteration releases Ã and Ṽ (two Gaussian
   events per iteration); with one-hot features only the r×r diagonal blocks of A are data-dependent.
+  With one-hot features and ``u_step_gram="population"`` (the default of :meth:`PrivateConfig.for_data`)
+  each iteration releases Ṽ and one global r×r second moment M of ŵ; each item's Gram is a_i·M, with
+  the capped item counts a released once (events ``u_step_V``, ``u_step_M``, ``u_step_count``).
 * ``w_prior_mean``, ``w_prior_cov`` (population model / onboarding prior) — one Gaussian release of
   Σ_u (ŵ_u, ŵ_uŵ_uᵀ, 1).
 * the item vocabulary (``items.json``) — must be a public catalogue (``item_ids`` given by the caller).
 
 Per-user values — c_u, w_u, b_u, the rating history — are computed from the public releases and that
-user's own data only (billboard model / joint DP). They are NOT differentially private: they may be
+user's own data only (billboard model / joint DP), by the shared blockwise engine's user step
+(``lrs_rec.engine.steps.user_step``; one-hot features: ``lrs_rec.engine.onehot.user_step``, the same
+step with F = I and a compressed b) with a fixed public prior on w_u. They are NOT differentially private: they may be
 used only to serve that same user. The manifest's ``metrics`` (training / validation RMSE) are
 operator-facing aggregates that are not covered by the guarantee; they are not part of model.onnx.
 
@@ -54,17 +59,22 @@ from lrs_rec.privacy import (
     NEIGHBOURING,
     ClipBounds,
     cap_samples_per_user,
+    capped_item_counts,
     check_distinct_user_items,
     clip_rows,
     clip_scalar,
     clipped_item_block_statistics,
+    clipped_second_moment,
     clipped_u_step_statistics,
     dp_item_block_u_step,
     dp_u_step,
     gaussian_noise,
     item_sum_sensitivities,
     item_sum_statistics,
+    population_gram_sensitivities,
     psd_project,
+    solve_item_population,
+    symmetric_gaussian_noise,
     u_step_sensitivities,
 )
 from lrs_rec.thresholding import top_k_indices
@@ -78,6 +88,21 @@ DEFAULT_SHARES: dict[str, float] = {
     "w_prior": 0.025,
 }
 """Fractions of the (zCDP) budget per release group; see docs/privacy.md for how they were chosen."""
+
+POPULATION_SHARES: dict[str, float] = {
+    "global_mean": 0.02,
+    "item_bias_sum": 0.25,
+    "item_bias_count": 0.08,
+    "u_step_count": 0.05,
+    "u_step_M": 0.02,
+    "u_step_V": 0.55,
+    "w_prior": 0.03,
+}
+"""Shares of the one-hot U-step with the population Gram (``u_step_gram="population"``): the U-step
+releases per item only V_i (r numbers) — the Gram is a_i·M from the capped item counts (released
+once) and one global r×r second moment per iteration — so most of the budget goes to V."""
+
+U_STEP_GRAMS = ("blocks", "population")
 
 
 MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
@@ -114,7 +139,9 @@ class PrivateConfig:
     bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
     u_noise_ridge: float = 2.0  # κ_u: U-step ridge += κ_u·σ_A·√(block size) (public noise std σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
-    shares: tuple[tuple[str, float], ...] = tuple(DEFAULT_SHARES.items())
+    init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
+    u_step_gram: str = "blocks"  # one-hot: "blocks" (noisy r×r Gram per item) or "population"
+    shares: tuple[tuple[str, float], ...] | None = None  # None: the mode's default shares
     random_state: int | None = (
         None  # None: fresh OS entropy (the DP default); an int reproduces the noise
     )
@@ -139,11 +166,59 @@ class PrivateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity!r}")
-        names = {n for n, _ in self.shares}
-        if names != set(DEFAULT_SHARES):
-            raise ValueError(
-                f"shares must name exactly {sorted(DEFAULT_SHARES)}, got {sorted(names)}"
+        if self.u_step_gram not in U_STEP_GRAMS:
+            raise ValueError(f"u_step_gram must be one of {U_STEP_GRAMS}, got {self.u_step_gram!r}")
+        if self.u_step_gram == "population" and self.features != "onehot":
+            raise ValueError("u_step_gram='population' needs one-hot features")
+        if self.shares is not None:
+            names = {n for n, _ in self.shares}
+            if names != set(self.default_shares()):
+                raise ValueError(
+                    f"shares must name exactly {sorted(self.default_shares())}, got {sorted(names)}"
+                )
+
+    @classmethod
+    def for_data(
+        cls,
+        users: np.ndarray,
+        *,
+        n_items: int,
+        epsilon: float | None,
+        features: str = "onehot",
+        **overrides: Any,
+    ) -> PrivateConfig:
+        """Defaults chosen from the SIZE of the data only — users per item, n_users / n_items
+        (sizes are treated as public, like the manifest's counts; nothing else is looked at).
+
+        One-hot features (private ALS): the U-step releases V_i with the population Gram
+        (``u_step_gram="population"``), no sparse part (with one-hot coordinates b_u only moves the
+        user's own already-rated items, never a prediction for a new item, while A3 would add to
+        Δ_V), m = 20 samples per user. The noise on U_i relative to its signal falls with the
+        raters per item, so the rank and the number of noisy U-steps grow with users per item:
+        ρ = n_users / n_items, r = clip(round(ρ / 6), 2, 8), L = clip(round(ρ / 10) + 1, 2, 6)
+        (ML-100K: ρ = 0.56 → r = 2, L = 2; 1M users × 20k items: ρ = 50 → r = 8, L = 6).
+        Plug-in features keep the class defaults. ``overrides`` replace any of these."""
+        n_users = int(np.unique(np.asarray(users)).size)
+        kw: dict[str, Any] = {"epsilon": epsilon, "features": features}
+        if features == "onehot":
+            rho = n_users / max(n_items, 1)
+            kw.update(
+                u_step_gram="population",
+                sparsity=0,
+                max_samples_per_user=20,
+                rank=int(np.clip(round(rho / 6), 2, 8)),
+                n_iters=int(np.clip(round(rho / 10) + 1, 2, 6)),
+                init_scale=0.35,
             )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def default_shares(self) -> dict[str, float]:
+        return dict(POPULATION_SHARES if self.u_step_gram == "population" else DEFAULT_SHARES)
+
+    def share_map(self) -> dict[str, float]:
+        """Budget share of each release group (the given ``shares`` or the mode's default)."""
+        return self.default_shares() if self.shares is None else dict(self.shares)
 
     def bounds(self) -> ClipBounds:
         return ClipBounds(
@@ -155,7 +230,7 @@ class PrivateConfig:
         """Hyperparameters for the manifest; a fixed noise seed is never written (it would let anyone
         regenerate and subtract the noise)."""
         d = asdict(self)
-        d["shares"] = dict(self.shares)
+        d["shares"] = self.share_map()
         d["random_state"] = None if self.random_state is None else "fixed (not recorded)"
         return d
 
@@ -204,13 +279,13 @@ class PrivateFit:
 # -- the ledger plan -------------------------------------------------------------------------------------
 def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
     """L2 sensitivity of each release group under add/remove-one-user."""
-    dA, dV = u_step_sensitivities(cfg.bounds(), one_hot=one_hot)
+    dA, dV = u_step_sensitivities(cfg.bounds(), one_hot=one_hot, sparse=cfg.sparsity > 0)
     dS, dN = item_sum_sensitivities(
         A2=cfg.A2,
         max_samples_per_user=cfg.bias_samples_per_user,
         user_norm_bound=cfg.bias_user_norm,
     )
-    return {
+    out = {
         "global_mean": math.sqrt(cfg.mean_clip**2 + 1.0),  # (clip(mean_u − μ0), 1)
         "item_bias_sum": dS,
         "item_bias_count": dN,
@@ -218,6 +293,11 @@ def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
         "u_step_V": dV,
         "w_prior": math.sqrt(cfg.A_w**2 + cfg.A_w**4 + 1.0),  # (ŵ, ŵŵᵀ upper triangle, 1)
     }
+    if cfg.u_step_gram == "population":
+        dC, dM = population_gram_sensitivities(cfg.bounds())
+        del out["u_step_A"]
+        out.update(u_step_count=dC, u_step_M=dM)
+    return out
 
 
 RELEASES = {
@@ -226,8 +306,11 @@ RELEASES = {
     "item_bias_count": ("item_bias",),
     "u_step_A": ("U",),
     "u_step_V": ("U",),
+    "u_step_count": ("U",),
+    "u_step_M": ("U",),
     "w_prior": ("w_prior_mean", "w_prior_cov"),
 }
+ONCE = ("global_mean", "item_bias_sum", "item_bias_count", "u_step_count", "w_prior")
 
 
 def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None:
@@ -235,16 +318,16 @@ def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None
     if cfg.epsilon is None:
         return None
     sens = sensitivities(cfg, one_hot=one_hot)
-    shares = dict(cfg.shares)
+    shares = cfg.share_map()
     groups = [
         EventGroup(
             name=name,
-            count=cfg.n_iters if name.startswith("u_step") else 1,
+            count=1 if name in ONCE else cfg.n_iters,
             share=shares[name],
             releases=RELEASES[name],
             sensitivity=sens[name],
         )
-        for name in DEFAULT_SHARES
+        for name in cfg.default_shares()
     ]
     return calibrate_ledger(groups, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
@@ -437,7 +520,7 @@ def fit_private(
 
     # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot:
-        U = 0.1 * rng.standard_normal((d, r))
+        U = cfg.init_scale * rng.standard_normal((d, r))
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
     it = _Iterate(F, U, c_u, item_bias, global_mean, k)
@@ -447,13 +530,34 @@ def fit_private(
     tk = ratings[keep] - global_mean - item_bias[ik]
     del keep
     bounds = cfg.bounds()
-    sigma_A = z("u_step_A") * sens["u_step_A"]
-    ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
+    population = cfg.u_step_gram == "population"
+    if population:  # public noise scale σ_V; the Gram needs no per-item noise
+        sigma = z("u_step_V") * sens["u_step_V"]
+        ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma
+        counts = capped_item_counts(ik, n_items) + gaussian_noise(
+            (n_items,), sensitivity=sens["u_step_count"], noise_multiplier=z("u_step_count"), rng=rng
+        )
+    else:
+        sigma_A = z("u_step_A") * sens["u_step_A"]
+        ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     for _ in range(cfg.n_iters):
         it.user_step(data, cfg)
         y = tk - it.state.user_bias[uk]
         xb = it.xb(uk, ik)
-        if one_hot:
+        if population:
+            _, V = clipped_item_block_statistics(
+                ik, y, xb, uk, it.state.W, n_items, bounds, with_gram=False
+            )
+            V += gaussian_noise(
+                V.shape, sensitivity=sens["u_step_V"], noise_multiplier=z("u_step_V"), rng=rng
+            )
+            M = clipped_second_moment(uk, it.state.W, bounds)
+            M += symmetric_gaussian_noise(
+                r, sensitivity=sens["u_step_M"], noise_multiplier=z("u_step_M"), rng=rng
+            )
+            total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
+            U = solve_item_population(V, counts, M / total, ridge=ridge_u)
+        elif one_hot:
             A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, it.state.W, n_items, bounds)
             U = dp_item_block_u_step(
                 A_blk, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
@@ -532,13 +636,19 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
         },
         "sensitivities": sens,
         "features": cfg.features,
+        "u_step_gram": cfg.u_step_gram,
         "released_arrays": {
             "item_features": feature_cover,
             "item_ids": "public: the item catalogue supplied by the caller",
             "rating_scale": "public: given by the caller (must not be read off the ratings)",
             "global_mean": "private: event global_mean",
             "item_bias": "private: events item_bias_sum, item_bias_count",
-            "U": f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)",
+            "U": (
+                f"private: events u_step_count, u_step_M, u_step_V ({cfg.n_iters} noisy U-steps, "
+                "Eq. 7-8 with the population Gram a_i·M)"
+                if cfg.u_step_gram == "population"
+                else f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)"
+            ),
             "w_prior_mean": "private: event w_prior",
             "w_prior_cov": "private: event w_prior",
         },

@@ -68,7 +68,12 @@ def write_split(n_users: int, path: Path) -> dict[str, int]:
         te_users=test.users, te_items=test.items, te_ratings=test.ratings,
         n_users=log.n_users, n_items=log.n_items,
     )  # fmt: skip
-    return {"n_users": log.n_users, "n_items": log.n_items, "n_train": len(train), "n_test": len(test)}
+    return {
+        "n_users": log.n_users,
+        "n_items": log.n_items,
+        "n_train": len(train),
+        "n_test": len(test),
+    }
 
 
 def nonprivate_rmse(n_users: int) -> float | None:
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mem-cap-gb", type=float, default=6.0)
     ap.add_argument("--time-limit", type=float, default=7200.0)
-    ap.add_argument("--work", type=Path, default=None, help="keep the split here (default: a temp dir)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="keep the split here (default: a temp dir)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not write docs/results")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -121,10 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         split = work / f"split_{args.users}.npz"
         info = write_split(args.users, split)
-        common = {"threads": args.threads, "mem_cap_gb": args.mem_cap_gb, "time_limit": args.time_limit}
+        common = {
+            "threads": args.threads,
+            "mem_cap_gb": args.mem_cap_gb,
+            "time_limit": args.time_limit,
+        }
         priv = run_private(split, {"epsilon": args.epsilon, "delta": args.delta, **extra}, **common)
         free = run_private(split, {"epsilon": None, **extra}, **common) if args.noise_free else None
-    nonpriv = args.nonprivate_rmse if args.nonprivate_rmse is not None else nonprivate_rmse(args.users)
+    nonpriv = (
+        args.nonprivate_rmse if args.nonprivate_rmse is not None else nonprivate_rmse(args.users)
+    )
     result: dict[str, Any] = {
         "bench": "privacy_scale",
         "machine": f"{platform.machine()}, shared cores (measured under shared load)",
@@ -136,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "nonprivate_rmse": nonpriv,
         "nonprivate_source": (
-            "--nonprivate-rmse" if args.nonprivate_rmse is not None
+            "--nonprivate-rmse"
+            if args.nonprivate_rmse is not None
             else "docs/results/scale.json lrs_rmse (lrs-rec train, same split)"
         ),
     }

@@ -340,3 +340,21 @@ def test_defaults_for_the_data_size_follow_the_stated_rule():
     assert plug.u_step_gram == "blocks" and plug.rank == PrivateConfig().rank
     with pytest.raises(ValueError, match="one-hot"):
         PrivateConfig(features="plugin", u_step_gram="population")
+
+
+def test_cli_population_gram_writes_its_events_and_a_recomputable_ledger(tmp_path, capsys):
+    from lrs_rec.training.private_accounting import recompute_epsilon
+
+    csv, catalog = _write_csv(tmp_path)
+    out = tmp_path / "pop"
+    assert cli_main([
+        "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "1",
+        "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "0",
+        "--dp-u-step-gram", "population", "--out", str(out), "--no-export", "--quiet",
+    ]) == 0  # fmt: skip
+    privacy = json.loads((out / "manifest.json").read_text())["privacy"]
+    assert privacy["u_step_gram"] == "population"
+    assert {e["name"] for e in privacy["events"]} >= {"u_step_V", "u_step_M", "u_step_count"}
+    assert recompute_epsilon(privacy) == pytest.approx(privacy["epsilon"], rel=1e-9)
+    assert privacy["epsilon"] <= 1.0
+    assert load_model_dir(out).lrs.sparsity == 0

@@ -137,7 +137,7 @@ class PrivateConfig:
     reg_user_bias: float = 5.0
     item_bias_shrink: float = 5.0  # λ in c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S)
     bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
-    u_noise_ridge: float = 2.0  # κ_u: U-step ridge += κ_u·σ_A·√(block size) (public noise std σ_A)
+    u_noise_ridge: float = 2.0  # κ_u (blocks): U-step ridge += κ_u·σ_A·√(block size) (public σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
     init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
     u_step_gram: str = "blocks"  # one-hot: "blocks" (noisy r×r Gram per item) or "population"
@@ -532,10 +532,16 @@ def fit_private(
     bounds = cfg.bounds()
     population = cfg.u_step_gram == "population"
     if population:  # public noise scale σ_V; the Gram needs no per-item noise
+        # Wiener shrinkage: with Ṽ_i = a_i·M·U_i + N(0, σ_V²) and a public prior N(0, u0²) on the
+        # entries of U_i, the MSE-optimal ridge is σ_V²/u0², whatever a_i; u0² = (A2/A_w)²/r
+        # (|⟨U_i, ŵ⟩| ≲ A2 spread over r coordinates) — public constants and the public σ_V
         sigma = z("u_step_V") * sens["u_step_V"]
-        ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma
+        ridge_u = cfg.ridge_u + sigma**2 * r * (cfg.A_w / cfg.A2) ** 2
         counts = capped_item_counts(ik, n_items) + gaussian_noise(
-            (n_items,), sensitivity=sens["u_step_count"], noise_multiplier=z("u_step_count"), rng=rng
+            (n_items,),
+            sensitivity=sens["u_step_count"],
+            noise_multiplier=z("u_step_count"),
+            rng=rng,
         )
     else:
         sigma_A = z("u_step_A") * sens["u_step_A"]
@@ -878,6 +884,7 @@ def run(args: argparse.Namespace) -> int:
         n_iters=int(args.dp_iters),
         accountant=str(args.accountant),
         max_samples_per_user=int(args.dp_max_samples_per_user),
+        u_step_gram=str(getattr(args, "dp_u_step_gram", "blocks")),
         random_state=getattr(args, "dp_noise_seed", None),
     )
     fit = fit_private(

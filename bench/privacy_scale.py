@@ -14,7 +14,7 @@ train``'s test RMSE on the same split, read from ``docs/results/scale.json`` (``
 ``lrs_rmse`` of the same size) unless ``--nonprivate-rmse`` gives one. ``--noise-free`` adds the
 same private pipeline without noise (ε = ∞: what the algorithm itself reaches).
 
-    python bench/privacy_scale.py --users 1000000 --json     # ~15-30 min on 2 shared cores
+    python bench/privacy_scale.py --users 1000000 --noise-free --curve 8,64 --json  # ~25 min
     python bench/privacy_scale.py --users 100000 --noise-free --no-write --json
 """
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nonprivate-rmse", type=float, default=None,
                     help="default: lrs_rmse of this size in docs/results/scale.json")  # fmt: skip
     ap.add_argument("--noise-free", action="store_true", help="also run the pipeline without noise")
+    ap.add_argument("--curve", default="", help="more target ε, comma-separated (e.g. 8,64)")
     ap.add_argument("--config", default="{}", help="extra PrivateConfig fields as JSON")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mem-cap-gb", type=float, default=6.0)
@@ -135,6 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         }
         priv = run_private(split, {"epsilon": args.epsilon, "delta": args.delta, **extra}, **common)
         free = run_private(split, {"epsilon": None, **extra}, **common) if args.noise_free else None
+        curve = []
+        for e in (float(x) for x in args.curve.split(",") if x.strip()):
+            res = run_private(split, {"epsilon": e, "delta": args.delta, **extra}, **common)
+            row: dict[str, Any] = {"epsilon": e}
+            if "error" in res:
+                row["error"] = res["error"]
+            else:
+                row.update(
+                    epsilon_from_ledger=recompute_epsilon(res["privacy"]),
+                    private_rmse=res["rmse"],
+                    private_train_s=round(res["seconds"], 1),
+                    private_peak_rss_mb=res["peak_rss_mb"],
+                )
+            curve.append(row)
     nonpriv = (
         args.nonprivate_rmse if args.nonprivate_rmse is not None else nonprivate_rmse(args.users)
     )
@@ -176,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if free is not None:
         result["noise_free_rmse"] = free.get("rmse")
         result["noise_free_train_s"] = None if "seconds" not in free else round(free["seconds"], 1)
+    for row in curve:
+        if nonpriv is not None and "private_rmse" in row:
+            row["ratio"] = round(row["private_rmse"] / nonpriv, 4)
+    if curve:
+        result["curve"] = curve
     if not args.no_write:
         out = ROOT / "docs" / "results" / "privacy_scale.json"
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -117,8 +117,11 @@ def user_step(
     """Update c_u, w_u, b_u of every user given U (one-hot features): ``steps.user_step`` with
     F = I, blockwise over users (at most ``steps.sample_budget`` ratings per block). The prior is
     given by the caller (``UserPrior``; e.g. a public one for private training)."""
-    if not p.per_user_w:
-        raise ValueError("the one-hot user step fits one w per user (per_user_w=True)")
+    if not p.per_user_w or p.b_step != "ridge":
+        raise ValueError(
+            "the one-hot user step is the trainer's (per_user_w=True, b_step='ridge'), got "
+            f"per_user_w={p.per_user_w}, b_step={p.b_step!r}"
+        )
     n_users, r = state.W.shape
     k = p.k
     width = (r + 1) * (r + 2) + 2 * k + 8  # floats held per rating in a block

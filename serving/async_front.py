@@ -207,7 +207,9 @@ class AsyncFront:
         rec._check_n(n)
         if not (self._direct or await self._use_async()):
             return await self.offload(rec.recommend, user_id, n, exclude_rated)
-        snap = rec.fresh_snapshot() or await self.offload(rec.snapshot)
+        snap = rec.fresh_snapshot()
+        if snap is None:
+            snap = await self.offload(rec.snapshot)
         self._bind()
         pipe = self._pipe
         try:

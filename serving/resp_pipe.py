@@ -281,10 +281,10 @@ class RespPipe:
             except BaseException:
                 conn.fail(rex.ConnectionError("connection setup failed"))
                 raise
-            for r in replies:
+            for cmd, r in zip(setup, replies, strict=True):
                 if isinstance(r, rex.ResponseError):
                     conn.fail(rex.ConnectionError(str(r)))
-                    raise rex.AuthenticationError(str(r)) if "AUTH" in str(r).upper() else r
+                    raise rex.AuthenticationError(str(r)) if cmd[0] == "AUTH" else r
         old, self._conn = self._conn, conn
         if old is not None and old is not conn:
             old.fail(rex.ConnectionError("replaced by a new connection"))
@@ -309,7 +309,7 @@ def pipe_for(client: Any, *, timeout: float, connect_timeout: float) -> RespPipe
     cls = pool.connection_class
     if kw.get("credential_provider") is not None or kw.get("protocol") not in (None, 2, "2"):
         return None
-    common = {
+    common: dict[str, Any] = {
         "username": kw.get("username"),
         "password": kw.get("password"),
         "db": int(kw.get("db") or 0),

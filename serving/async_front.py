@@ -63,6 +63,7 @@ class AsyncFront:
         self._direct: bool | None = None  # None: not decided yet (needs the sync client)
         self._pending: list[tuple[Any, str, int, Any, asyncio.Future[RecommendResult]]] = []
         self._heads: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self._reading = 0  # recommendations waiting for their Redis replies
         self.batches = 0  # scoring runs of more than one request (tests, metrics)
         self.batched = 0  # requests scored in those runs
 
@@ -212,6 +213,7 @@ class AsyncFront:
             snap = await self.offload(rec.snapshot)
         self._bind()
         pipe = self._pipe
+        self._reading += 1
         try:
             if pipe is not None:  # the hot path: prepacked HGETs on the shared connection
                 meta, index = snap[0], snap[1].user_index.get(user_id)
@@ -224,7 +226,10 @@ class AsyncFront:
                 row = await self._fetch_reference(loc, exclude_rated)
         except _REDIS_ERRORS as e:
             raise rec._unavailable(e) from e
-        if not self.batch:
+        finally:
+            self._reading -= 1
+        if not self.batch or (not self._reading and not self._pending):
+            # alone (no other recommendation reading Redis or queued): no batch to wait for
             return rec.recommend_from(snap, user_id, n, row)
         future: asyncio.Future[RecommendResult] = asyncio.get_running_loop().create_future()
         self._pending.append((snap, user_id, n, row, future))

@@ -151,7 +151,10 @@ def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
     from distributed import Client
     from lrs_rec.training.dask_engine import ClusterError, train_dask
 
-    cfg = replace(TrainConfig(dim=8, rank=3, sparsity=2, n_iter=8, init_iter=6), tune=False)
+    # no early stop: all 8 iterations run (the run lasts a few seconds)
+    cfg = replace(
+        TrainConfig(dim=8, rank=3, sparsity=2, n_iter=8, init_iter=6, patience=0), tune=False
+    )
     local = train(load_ratings(ratings_csv), cfg, progress=False)
     out: dict[str, Any] = {}
     with Client(cluster, timeout="30s") as client:
@@ -168,13 +171,15 @@ def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
 
         t = threading.Thread(target=work)
         t.start()
+        # killed once the partitions are built (a kill during the input phase was seen to hang
+        # the run: docs/scale.md)
         time.sleep(2.0)
         assert t.is_alive()  # killed mid-run
         os.kill(victim, signal.SIGKILL)
         t.join(timeout=120)
         assert not t.is_alive()
         client.wait_for_workers(2, timeout=120)  # the nanny brings the worker back
-    print("outcome:", "error" if "error" in out else "recomputed")
+    print("outcome:", repr(out.get("error", "recomputed")))
     if "error" in out:
         assert isinstance(out["error"], ClusterError), repr(out["error"])
         msg = str(out["error"])

@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory for each thread's block temporaries: blocks of users/items are sized by "
         "ratings to fit it (the rating arrays themselves come on top)",
     )
+    e.add_argument(
+        "--kernels",
+        choices=("auto", "numba", "numpy"),
+        default="auto",
+        help="the engine's per-user / per-item kernels: numba (compiled, the default when "
+        "importable: auto) or numpy (the reference); the model agrees to ~1e-10",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     o.add_argument("--no-export", action="store_true", help="skip writing model.onnx")
@@ -167,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         n_threads=getattr(args, "threads", None),
         memory_budget_mb=getattr(args, "memory_budget", None),
     )
+    from lrs_rec.training.kernels_select import select_kernels
+
+    select_kernels(getattr(args, "kernels", "auto"))
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib

@@ -20,9 +20,10 @@ import numpy as np
 from lrs_rec.training.loaders import RatingFileError, id_text
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine import parallel
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
-from lrs_rec.engine.steps import key_blocks, sample_budget, user_block_size
+from lrs_rec.engine.steps import Samples, key_blocks, sample_budget, user_block_size
 
 
 def fit_biases(
@@ -87,6 +88,18 @@ def als_factors(
     Q = random_state.normal(0.0, 0.1, (n_items, dim))
     c_u = np.zeros(n_users)
     c_i = np.zeros(n_items)
+    K = parallel.kernels()
+    if K is not None:  # compiled half-steps straight from the two CSR layouts (sorted once)
+        data = Samples(users, items, y)
+        by_user, by_item = data.csr("user", n_users), data.csr("item", n_items)
+        sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
+        mc = max(min_count, 1.0)
+        for _ in range(n_iter):
+            K.als_half_step(*by_user, Q, c_i, mu, float(reg), float(reg_bias), mc, sol_u)
+            c_u, P = sol_u[:, 0].copy(), np.ascontiguousarray(sol_u[:, 1:])
+            K.als_half_step(*by_item, P, c_u, mu, float(reg), float(reg_bias), mc, sol_i)
+            c_i, Q = sol_i[:, 0].copy(), np.ascontiguousarray(sol_i[:, 1:])
+        return ALSFactors(mu, c_u, c_i, P, Q)
     n_u = np.bincount(users, minlength=n_users).astype(float)
     n_i = np.bincount(items, minlength=n_items).astype(float)
 

@@ -315,7 +315,17 @@ def test_threads_and_memory_budget_take_effect_and_keep_the_model(
     for n in (1, 2):
         out = tmp_path / f"m{n}"
         argv = ["train", "--ratings", str(data), "--out", str(out), "--quiet", "--no-export"]
-        assert main([*argv, "--n-iter", "2", "--threads", str(n), "--memory-budget", "16"]) == 0
+        flags = [
+            "--n-iter",
+            "2",
+            "--threads",
+            str(n),
+            "--memory-budget",
+            "16",
+            "--kernels",
+            "numpy",
+        ]
+        assert main([*argv, *flags]) == 0
         assert parallel.threads() == n and lrs_als.BLOCK_FLOATS == (16 << 20) // 32
         arrays.append(np.load(out / "arrays.npz"))
     assert calls and set(calls) == {2}  # the pool ran only with --threads 2

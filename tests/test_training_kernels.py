@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,8 +47,10 @@ def _use(kernels: bool, threads: int = 1) -> None:
 def _problem(seed: int = 0) -> tuple[LRSState, Samples]:
     rng = np.random.default_rng(seed)
     n = 1200
-    # users 0..59 rate; 60..64 have one rating each; 65..69 none
-    users = np.concatenate([rng.integers(0, 60, n), np.arange(60, 65)])
+    # users 0..19 rate 2..9 items (fewer than d: the dual forms), 20..59 about 28 each;
+    # 60..64 one each; 65..69 none
+    few = np.repeat(np.arange(20), rng.integers(2, 10, 20))
+    users = np.concatenate([few, rng.integers(20, 60, n), np.arange(60, 65)])
     items = rng.integers(0, N_ITEMS, users.size)
     ratings = rng.normal(size=users.size)
     U, _ = np.linalg.qr(rng.normal(size=(D, R)))
@@ -193,3 +196,30 @@ def test_als_initialisation_kernel_equals_the_numpy_reference(
     for name in ("user_bias", "item_bias", "P", "Q"):
         np.testing.assert_allclose(getattr(fast, name), getattr(ref, name), **TOL)
     assert fast.global_mean == ref.global_mean
+
+
+def test_trainer_with_numba_kernels_equals_the_numpy_trainer_and_threads_agree(
+    tmp_path: Path,
+) -> None:
+    """`lrs-rec train` (tuning, early stopping, final pass included) with the compiled kernels
+    gives the numpy reference's model, and the same model bit for bit with 1 and 2 threads."""
+    from lrs_rec.serving.cli import main
+    from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
+
+    data = write_csv(make_biased_mf(1200, 300, random_state=3), tmp_path / "r.csv")
+    arrays = {}
+    for kernels, threads in (("numpy", 1), ("numba", 1), ("numba", 2)):
+        out = tmp_path / f"m-{kernels}-{threads}"
+        argv = ["train", "--ratings", str(data), "--out", str(out), "--quiet", "--no-export"]
+        argv += ["--n-iter", "3", "--threads", str(threads), "--kernels", kernels]
+        assert main(argv) == 0
+        assert (parallel.kernels() is None) == (kernels == "numpy")
+        arrays[kernels, threads] = dict(np.load(out / "arrays.npz"))
+    ref, one, two = arrays["numpy", 1], arrays["numba", 1], arrays["numba", 2]
+    assert sorted(ref) == sorted(one) == sorted(two)
+    for name in ref:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)  # bit for bit
+        if ref[name].dtype.kind == "f":
+            np.testing.assert_allclose(one[name], ref[name], rtol=1e-8, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(one[name], ref[name], err_msg=name)

@@ -28,13 +28,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+# reassociation (vectorised sums) and fused multiply-add; no assumptions about NaN / inf. Fixed at
+# compile time, so every thread count runs the same instructions on each row
+FAST = {"reassoc", "contract"}
 CHUNK = 256  # rows per parallel task (fixed: the partition does not depend on the thread count)
+BLAS_ROWS = 256  # rows gathered per BLAS product in the normal equations of a popular row
+BLAS_MIN = 48  # rows from which the gathered BLAS product beats the plain loop
 
 
 # ------------------------------------------------------------------------------------------------
 # small dense solvers (scratch buffers passed in; no allocation per row)
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=FAST)
 def _lu_solve(M: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
     """x = M⁻¹ b for the leading n × n block of M (destroyed), Gaussian elimination with partial
     pivoting (LAPACK gesv's pivot rule: the first largest magnitude)."""
@@ -70,13 +75,16 @@ def _lu_solve(M: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
         x[i] = acc / M[i, i]
 
 
-@njit(cache=True, inline="always")
-def _cholesky(M: np.ndarray, L: np.ndarray, n: int) -> None:
-    """Lower Cholesky factor L of the leading n × n block of the SPD matrix M."""
+@njit(cache=True, inline="always", fastmath=FAST)
+def _cholesky(M: np.ndarray, L: np.ndarray, n: int) -> bool:
+    """Lower Cholesky factor L of the leading n × n block of the symmetric M (L may be M: in place,
+    lower triangle). False when M is not numerically positive definite."""
     for j in range(n):
         acc = M[j, j]
         for p in range(j):
             acc -= L[j, p] * L[j, p]
+        if not acc > 0.0:
+            return False
         ljj = np.sqrt(acc)
         L[j, j] = ljj
         inv = 1.0 / ljj
@@ -85,9 +93,10 @@ def _cholesky(M: np.ndarray, L: np.ndarray, n: int) -> None:
             for p in range(j):
                 acc -= L[i, p] * L[j, p]
             L[i, j] = acc * inv
+    return True
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=FAST)
 def _cholesky_solve(L: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
     for i in range(n):
         acc = b[i]
@@ -104,12 +113,13 @@ def _cholesky_solve(L: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None
 # ------------------------------------------------------------------------------------------------
 # user step
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def fit_users(
     indptr: np.ndarray,  # (n_users + 1,) int64, absolute offsets into items / ratings
     items: np.ndarray,  # int32, the rated items in user order
     ratings: np.ndarray,  # float64, in the same order
     F: np.ndarray,  # (n_items, d)
+    FU: np.ndarray,  # (n_items, r) = F U
     item_bias: np.ndarray,  # (n_items,)
     mu: float,
     U: np.ndarray,  # (d, r)
@@ -128,14 +138,26 @@ def fit_users(
     A_cond: np.ndarray,  # (r, r), used when conditional
     conditional: bool,
 ) -> None:
+    """Same maths as ``steps._fit_users``. With X the user's n rated feature rows and Y = X U:
+    the (c, w) system [[n + λ_c, Σyᵀ], [Σy, YᵀY + λ_w Σ̃⁻¹]] is factored once per user (Cholesky;
+    LU when not positive definite) and its right-hand side is (Σe, Yᵀe + λ_w Σ̃⁻¹ m_u) with
+    e = t - X b. The b-step's ridge over all d coordinates is (XᵀX + λ_b I)⁻¹ Xᵀg with
+    g = t - c - Y w: for a user with fewer ratings than d in the dual form Xᵀ(XXᵀ + λ_b I)⁻¹ g
+    (an n × n Cholesky), else from the d × d Gram (Cholesky, factored once per user)."""
     n_users = indptr.shape[0] - 1
     d, r = U.shape
+    kk_ = max(k, 1)
     n_chunks = (n_users + CHUNK - 1) // CHUNK
     for ch in prange(n_chunks):
-        G = np.empty((d, d))
+        X = np.empty((d, d))  # the rows of a user with n < d ratings
+        Y = np.empty((d, r))
+        tt = np.empty(d)
+        ev = np.empty(d)
+        G = np.empty((d, d))  # XᵀX (n >= d), or the n × n dual Gram XXᵀ + λ_b I
+        L = np.empty((d, d))
         h = np.empty(d)
         s = np.empty(d)
-        GU = np.empty((d, r))
+        hU = np.empty(r)
         UGU = np.empty((r, r))
         sU = np.empty(r)
         m = np.empty(r)
@@ -143,53 +165,84 @@ def fit_users(
         z = np.empty(r)
         b = np.empty(d)
         Gb = np.empty(d)
+        v = np.empty(d)
         M = np.empty((r + 1, r + 1))
+        Lm = np.empty((r + 1, r + 1))
         rhs = np.empty(r + 1)
         sol = np.empty(r + 1)
-        L = np.empty((d, d))
         xr = np.empty(d)
         full = np.empty(d)
+        alpha = np.empty(d)
         chosen = np.empty(d, dtype=np.bool_)
-        idx = np.empty(max(k, 1), dtype=np.int64)
-        Ms = np.empty((max(k, 1), max(k, 1)))
-        rs = np.empty(max(k, 1))
-        vs = np.empty(max(k, 1))
+        idx = np.empty(kk_, dtype=np.int64)
+        Xb = np.empty((BLAS_ROWS, d))
+        Yb = np.empty((BLAS_ROWS, r))
+        tb = np.empty(BLAS_ROWS)
+        Ms = np.empty((kk_, kk_))
+        rs = np.empty(kk_)
+        vs = np.empty(kk_)
         for u in range(ch * CHUNK, min(n_users, (ch + 1) * CHUNK)):
-            G[:, :] = 0.0
-            h[:] = 0.0
-            s[:] = 0.0
-            T = 0.0
             lo, hi = indptr[u], indptr[u + 1]
-            for j in range(lo, hi):
+            n = hi - lo
+            dual = n < d
+            s[:] = 0.0
+            sU[:] = 0.0
+            UGU[:, :] = 0.0
+            T = 0.0
+            if not dual:
+                G[:, :] = 0.0
+                h[:] = 0.0
+                hU[:] = 0.0
+            if n >= BLAS_MIN:  # gathered blocks of rows, reduced by BLAS
+                mb = 0
+                for j in range(lo, hi):
+                    i = items[j]
+                    t = ratings[j] - mu - item_bias[i]
+                    T += t
+                    tb[mb] = t
+                    for a in range(d):
+                        Xb[mb, a] = F[i, a]
+                        s[a] += F[i, a]
+                    for p in range(r):
+                        Yb[mb, p] = FU[i, p]
+                        sU[p] += FU[i, p]
+                    mb += 1
+                    if mb == BLAS_ROWS or j == hi - 1:
+                        Xm, Ym, tm = Xb[:mb], Yb[:mb], tb[:mb]
+                        G += np.dot(Xm.T, Xm)
+                        UGU += np.dot(Ym.T, Ym)
+                        h += np.dot(Xm.T, tm)
+                        hU += np.dot(Ym.T, tm)
+                        mb = 0
+            for j in range(lo, hi if n < BLAS_MIN else lo):
                 i = items[j]
                 t = ratings[j] - mu - item_bias[i]
                 T += t
+                for p in range(r):
+                    yp = FU[i, p]
+                    sU[p] += yp
+                    for q in range(r):
+                        UGU[p, q] += yp * FU[i, q]
                 for a in range(d):
-                    xa = F[i, a]
-                    h[a] += xa * t
-                    s[a] += xa
-                    for bb in range(d):
-                        G[a, bb] += xa * F[i, bb]
-            n = float(hi - lo)
-            for a in range(d):
-                for q in range(r):
-                    acc = 0.0
-                    for bb in range(d):
-                        acc += G[a, bb] * U[bb, q]
-                    GU[a, q] = acc
-            for p in range(r):
-                acc = 0.0
-                for a in range(d):
-                    acc += s[a] * U[a, p]
-                sU[p] = acc
-                for q in range(r):
-                    acc = 0.0
+                    s[a] += F[i, a]
+                if dual:
+                    jj = j - lo
+                    tt[jj] = t
                     for a in range(d):
-                        acc += U[a, p] * GU[a, q]
-                    UGU[p, q] = acc
-            # prior mean m_u and reg_w · Σ̃⁻¹ m_u
+                        X[jj, a] = F[i, a]
+                    for p in range(r):
+                        Y[jj, p] = FU[i, p]
+                else:
+                    for p in range(r):
+                        hU[p] += FU[i, p] * t
+                    for a in range(d):
+                        xa = F[i, a]
+                        h[a] += xa * t
+                        for bb in range(d):
+                            G[a, bb] += xa * F[i, bb]
+            # prior mean m_u and λ_w Σ̃⁻¹ m_u
             if conditional:
-                nn = max(n, 1.0)
+                nn = max(float(n), 1.0)
                 for p in range(r):
                     z[p] = sU[p] / nn - z_bar[p]
                 for q in range(r):
@@ -205,53 +258,107 @@ def fit_users(
                 for p in range(r):
                     acc += m[p] * prec[p, q]
                 pm[q] = reg_w * acc
+            # the (c, w) system, factored once
+            M[0, 0] = float(n) + (reg_bias if user_bias else 0.0)
+            for p in range(r):
+                M[0, p + 1] = sU[p]
+                M[p + 1, 0] = sU[p]
+                for q in range(r):
+                    M[p + 1, q + 1] = UGU[p, q] + reg_w * prec[p, q]
+            if not user_bias:
+                for p in range(r + 1):
+                    M[0, p] = 0.0
+                    M[p, 0] = 0.0
+                M[0, 0] = 1.0
+            m_chol = _cholesky(M, Lm, r + 1)
+            # the b-step's ridge, factored once
+            if k > 0:
+                if dual:
+                    for j in range(n):
+                        for jj in range(j + 1):
+                            acc = 0.0
+                            for a in range(d):
+                                acc += X[j, a] * X[jj, a]
+                            G[j, jj] = acc
+                            G[jj, j] = acc
+                        G[j, j] += reg_b
+                    _cholesky(G, L, n)
+                else:
+                    for a in range(d):
+                        for bb in range(d):
+                            L[a, bb] = G[a, bb]
+                        L[a, a] += reg_b
+                    _cholesky(L, L, d)
             for a in range(d):
                 b[a] = B[u, a]
-            if k > 0:
-                for a in range(d):
-                    for bb in range(d):
-                        M2 = G[a, bb]
-                        L[a, bb] = M2
-                    L[a, a] += reg_b
-                # factor G + λ_b I in place (lower triangle)
-                _cholesky(L, L, d)
             cu = 0.0
             for _ in range(n_inner):
-                for a in range(d):
-                    acc = 0.0
-                    for bb in range(d):
-                        acc += G[a, bb] * b[bb]
-                    Gb[a] = acc
-                M[0, 0] = n + (reg_bias if user_bias else 0.0)
-                for p in range(r):
-                    M[0, p + 1] = sU[p]
-                    M[p + 1, 0] = sU[p]
+                if dual:
+                    rhs0 = 0.0
+                    for j in range(n):
+                        acc = tt[j]
+                        for a in range(d):
+                            acc -= X[j, a] * b[a]
+                        ev[j] = acc
+                        rhs0 += acc
+                    rhs[0] = rhs0
                     for q in range(r):
-                        M[p + 1, q + 1] = UGU[p, q] + reg_w * prec[p, q]
-                acc = T
-                for a in range(d):
-                    acc -= s[a] * b[a]
-                rhs[0] = acc
-                for q in range(r):
-                    acc = 0.0
+                        acc = 0.0
+                        for j in range(n):
+                            acc += Y[j, q] * ev[j]
+                        rhs[q + 1] = acc + pm[q]
+                else:
+                    acc0 = T
                     for a in range(d):
-                        acc += (h[a] - Gb[a]) * U[a, q]
-                    rhs[q + 1] = acc + pm[q]
+                        acc0 -= s[a] * b[a]
+                        acc = 0.0
+                        for bb in range(d):
+                            acc += G[a, bb] * b[bb]
+                        Gb[a] = acc
+                    rhs[0] = acc0
+                    for q in range(r):
+                        acc = 0.0
+                        for a in range(d):
+                            acc += Gb[a] * U[a, q]
+                        rhs[q + 1] = hU[q] - acc + pm[q]
                 if not user_bias:
-                    for p in range(r + 1):
-                        M[0, p] = 0.0
-                        M[p, 0] = 0.0
-                    M[0, 0] = 1.0
                     rhs[0] = 0.0
-                _lu_solve(M, rhs, sol, r + 1)
+                if m_chol:
+                    _cholesky_solve(Lm, rhs, sol, r + 1)
+                else:
+                    for p in range(r + 1):
+                        for q in range(r + 1):
+                            Lm[p, q] = M[p, q]
+                    _lu_solve(Lm, rhs, sol, r + 1)
                 cu = sol[0]
                 if k > 0:
-                    for a in range(d):
-                        acc = h[a] - cu * s[a]
-                        for q in range(r):
-                            acc -= GU[a, q] * sol[q + 1]
-                        xr[a] = acc
-                    _cholesky_solve(L, xr, full, d)
+                    if dual:  # g = t - c - Y w; xr = Xᵀg; full = Xᵀ (XXᵀ + λ_b I)⁻¹ g
+                        for j in range(n):
+                            acc = tt[j] - cu
+                            for q in range(r):
+                                acc -= Y[j, q] * sol[q + 1]
+                            ev[j] = acc
+                        _cholesky_solve(L, ev, alpha, n)
+                        for a in range(d):
+                            acc = 0.0
+                            acc2 = 0.0
+                            for j in range(n):
+                                acc += X[j, a] * ev[j]
+                                acc2 += X[j, a] * alpha[j]
+                            xr[a] = acc
+                            full[a] = acc2
+                    else:  # xr = h - c s - G (U w); full = (G + λ_b I)⁻¹ xr
+                        for a in range(d):
+                            acc = 0.0
+                            for q in range(r):
+                                acc += U[a, q] * sol[q + 1]
+                            v[a] = acc
+                        for a in range(d):
+                            acc = h[a] - cu * s[a]
+                            for bb in range(d):
+                                acc -= G[a, bb] * v[bb]
+                            xr[a] = acc
+                        _cholesky_solve(L, xr, full, d)
                     # top-k by |value|, ties to the lower index; then ascending indices
                     chosen[:] = False
                     for _kk in range(k):
@@ -259,10 +366,10 @@ def fit_users(
                         bv = 0.0
                         for a in range(d):
                             if not chosen[a]:
-                                v = abs(full[a])
-                                if best < 0 or v > bv:
+                                va = abs(full[a])
+                                if best < 0 or va > bv:
                                     best = a
-                                    bv = v
+                                    bv = va
                         chosen[best] = True
                     kk = 0
                     for a in range(d):
@@ -270,8 +377,15 @@ def fit_users(
                             idx[kk] = a
                             kk += 1
                     for p in range(k):
-                        for q in range(k):
-                            Ms[p, q] = G[idx[p], idx[q]]
+                        for q in range(p + 1):
+                            if dual:
+                                acc = 0.0
+                                for j in range(n):
+                                    acc += X[j, idx[p]] * X[j, idx[q]]
+                            else:
+                                acc = G[idx[p], idx[q]]
+                            Ms[p, q] = acc
+                            Ms[q, p] = acc
                         Ms[p, p] += reg_b
                         rs[p] = xr[idx[p]]
                     _lu_solve(Ms, rs, vs, k)
@@ -287,7 +401,7 @@ def fit_users(
                 B[u, a] = b[a]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def user_projected_means(
     indptr: np.ndarray, items: np.ndarray, F: np.ndarray, U: np.ndarray, Z: np.ndarray
 ) -> None:
@@ -315,37 +429,54 @@ def user_projected_means(
 # ------------------------------------------------------------------------------------------------
 # item step
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _item_normal_equations(
+@njit(cache=True, fastmath=FAST)
+def _biased_normal_equations(
     lo: int,
     hi: int,
-    users: np.ndarray,
+    other: np.ndarray,  # the other side's index per rating
     ratings: np.ndarray,
-    Theta: np.ndarray,
-    user_bias: np.ndarray,
+    rows: np.ndarray,  # (n_other, p) the other side's feature rows (θ_u, or ALS factors)
+    bias: np.ndarray,  # (n_other,) the other side's biases
     mu: float,
-    G: np.ndarray,
-    h: np.ndarray,
+    G: np.ndarray,  # (p + 1, p + 1) out: Σ z zᵀ with z = [1, row]
+    h: np.ndarray,  # (p + 1,) out: Σ z t with t = rating - μ - bias
+    Zb: np.ndarray,  # (BLAS_ROWS, p + 1) scratch
+    tb: np.ndarray,  # (BLAS_ROWS,) scratch
 ) -> None:
-    e = Theta.shape[1] + 1
+    e = rows.shape[1] + 1
     G[:, :] = 0.0
     h[:] = 0.0
-    for j in range(lo, hi):
-        u = users[j]
-        t = ratings[j] - mu - user_bias[u]
-        G[0, 0] += 1.0
-        h[0] += t
+    if hi - lo < BLAS_MIN:
+        for j in range(lo, hi):
+            u = other[j]
+            t = ratings[j] - mu - bias[u]
+            G[0, 0] += 1.0
+            h[0] += t
+            for a in range(1, e):
+                za = rows[u, a - 1]
+                G[a, 0] += za
+                h[a] += za * t
+                for bb in range(1, e):
+                    G[a, bb] += za * rows[u, bb - 1]
         for a in range(1, e):
-            za = Theta[u, a - 1]
-            G[a, 0] += za
-            h[a] += za * t
-            for bb in range(1, e):
-                G[a, bb] += za * Theta[u, bb - 1]
-    for a in range(1, e):
-        G[0, a] = G[a, 0]
+            G[0, a] = G[a, 0]
+        return
+    m = 0
+    for j in range(lo, hi):  # gathered blocks of rows, reduced by BLAS (dgemm / dgemv)
+        u = other[j]
+        tb[m] = ratings[j] - mu - bias[u]
+        Zb[m, 0] = 1.0
+        for a in range(1, e):
+            Zb[m, a] = rows[u, a - 1]
+        m += 1
+        if m == BLAS_ROWS or j == hi - 1:
+            Zm = Zb[:m]
+            G += np.dot(Zm.T, Zm)
+            h += np.dot(Zm.T, tb[:m])
+            m = 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def fit_items(
     indptr: np.ndarray,  # (n_items + 1,) int64
     users: np.ndarray,  # int32, the raters in item order
@@ -364,9 +495,11 @@ def fit_items(
         G = np.empty((e, e))
         h = np.empty(e)
         x = np.empty(e)
+        Zb = np.empty((BLAS_ROWS, e))
+        tb = np.empty(BLAS_ROWS)
         for i in range(ch * CHUNK, min(n_items, (ch + 1) * CHUNK)):
-            _item_normal_equations(
-                indptr[i], indptr[i + 1], users, ratings, Theta, user_bias, mu, G, h
+            _biased_normal_equations(
+                indptr[i], indptr[i + 1], users, ratings, Theta, user_bias, mu, G, h, Zb, tb
             )
             G[0, 0] += reg_bias
             for a in range(1, e):
@@ -376,7 +509,7 @@ def fit_items(
                 out[i, a] = x[a]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def item_statistics(
     indptr: np.ndarray,
     users: np.ndarray,
@@ -388,18 +521,31 @@ def item_statistics(
     h_out: np.ndarray,  # (n_items, d + 1)
 ) -> None:
     n_items = indptr.shape[0] - 1
+    e = Theta.shape[1] + 1
     n_chunks = (n_items + CHUNK - 1) // CHUNK
     for ch in prange(n_chunks):
+        Zb = np.empty((BLAS_ROWS, e))
+        tb = np.empty(BLAS_ROWS)
         for i in range(ch * CHUNK, min(n_items, (ch + 1) * CHUNK)):
-            _item_normal_equations(
-                indptr[i], indptr[i + 1], users, ratings, Theta, user_bias, mu, G_out[i], h_out[i]
+            _biased_normal_equations(
+                indptr[i],
+                indptr[i + 1],
+                users,
+                ratings,
+                Theta,
+                user_bias,
+                mu,
+                G_out[i],
+                h_out[i],
+                Zb,
+                tb,
             )
 
 
 # ------------------------------------------------------------------------------------------------
 # biased ALS-WR initialisation
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def als_half_step(
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
@@ -412,38 +558,65 @@ def als_half_step(
     min_count: float,
     out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
 ) -> None:
-    """Per own row: ridge of t = y - μ - c_other on [1, other_f] with λ_b on the bias and
-    λ · max(n, min_count) on the factors (Cholesky of the SPD normal matrix)."""
+    """Per own row: the ridge of t = y - μ - c_other on z = [1, other_f] with D = diag(λ_b,
+    λ·max(n, min_count), ...): (ZᵀZ + D)⁻¹ Zᵀt. A row with fewer ratings than dim + 1 uses the dual
+    form D⁻¹Zᵀ(Z D⁻¹ Zᵀ + I)⁻¹ t (an n × n Cholesky), the others the (dim + 1) normal equations
+    (Cholesky; LU when not positive definite)."""
     n_own = indptr.shape[0] - 1
     dim = other_f.shape[1]
     e = dim + 1
     n_chunks = (n_own + CHUNK - 1) // CHUNK
     for ch in prange(n_chunks):
         G = np.empty((e, e))
+        L = np.empty((e, e))
         h = np.empty(e)
         x = np.empty(e)
+        tt = np.empty(e)
+        alpha = np.empty(e)
+        rows = np.empty(e, dtype=np.int64)
+        Zb = np.empty((BLAS_ROWS, e))
+        tb = np.empty(BLAS_ROWS)
         for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
-            G[:, :] = 0.0
-            h[:] = 0.0
             lo, hi = indptr[o], indptr[o + 1]
-            for j in range(lo, hi):
-                q = other[j]
-                t = y[j] - mu - other_bias[q]
-                G[0, 0] += 1.0
-                h[0] += t
-                for a in range(1, e):
-                    za = other_f[q, a - 1]
-                    G[a, 0] += za
-                    h[a] += za * t
-                    for bb in range(1, e):
-                        G[a, bb] += za * other_f[q, bb - 1]
-            for a in range(1, e):
-                G[0, a] = G[a, 0]
+            n = hi - lo
+            lam = reg * max(float(n), min_count)
+            if n < e and lam > 0.0 and reg_bias > 0.0:
+                for j in range(n):
+                    q = other[lo + j]
+                    rows[j] = q
+                    tt[j] = y[lo + j] - mu - other_bias[q]
+                inv_b, inv_f = 1.0 / reg_bias, 1.0 / lam
+                for j in range(n):
+                    qj = rows[j]
+                    for jj in range(j + 1):
+                        qk = rows[jj]
+                        acc = 0.0
+                        for a in range(dim):
+                            acc += other_f[qj, a] * other_f[qk, a]
+                        v = inv_b + acc * inv_f
+                        G[j, jj] = v
+                        G[jj, j] = v
+                    G[j, j] += 1.0
+                _cholesky(G, L, n)
+                _cholesky_solve(L, tt, alpha, n)
+                acc = 0.0
+                for j in range(n):
+                    acc += alpha[j]
+                out[o, 0] = acc * inv_b
+                for a in range(dim):
+                    acc = 0.0
+                    for j in range(n):
+                        acc += other_f[rows[j], a] * alpha[j]
+                    out[o, a + 1] = acc * inv_f
+                continue
+            _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
             G[0, 0] += reg_bias
-            lam = reg * max(float(hi - lo), min_count)
             for a in range(1, e):
                 G[a, a] += lam
-            _lu_solve(G, h, x, e)
+            if _cholesky(G, L, e):
+                _cholesky_solve(L, h, x, e)
+            else:
+                _lu_solve(G, h, x, e)
             for a in range(e):
                 out[o, a] = x[a]
 
@@ -451,7 +624,7 @@ def als_half_step(
 # ------------------------------------------------------------------------------------------------
 # predictions
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def rating_dots(
     users: np.ndarray, items: np.ndarray, Theta: np.ndarray, F: np.ndarray, out: np.ndarray
 ) -> None:
@@ -482,7 +655,8 @@ class NumbaKernels:
     def set_threads(self, n: int) -> None:
         import numba
 
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        cap = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        numba.set_num_threads(max(1, min(int(n), cap)))
 
 
 def install(n_threads: int | None = None) -> NumbaKernels:

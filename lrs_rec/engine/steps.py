@@ -49,7 +49,7 @@ class Samples:
 
     def csr(self, by: str, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The samples sorted once by user (``by="user"``) or by item: (indptr (n_keys + 1,) int64,
-        the other side's indices int32, the ratings float64), stable within a key; cached for as
+        the other side's indices int32, the ratings float64), by the other index within a key; cached for as
         long as the arrays are the same objects (the compiled kernels read this layout)."""
         key_arr, other = (self.users, self.items) if by == "user" else (self.items, self.users)
         tag = (by, n_keys, id(self.users), id(self.items), id(self.ratings))
@@ -58,7 +58,8 @@ class Samples:
             return hit
         for old in [t for t in self._csr if t[2:] != tag[2:]]:  # arrays replaced since
             del self._csr[old]
-        order = np.argsort(key_arr, kind="stable")
+        # by key, then by the other side's index (neighbouring rows read neighbouring memory)
+        order = np.lexsort((other, key_arr))
         indptr = np.zeros(n_keys + 1, dtype=np.int64)
         np.cumsum(np.bincount(key_arr, minlength=n_keys), out=indptr[1:])
         out = (
@@ -382,12 +383,15 @@ def _user_step_fast(
     W = np.empty((n_users, r))
     B = np.array(state.B, dtype=np.float64, order="C")  # read, then overwritten per user
     c = np.empty(n_users)
-    conditional = prior.A is not None and prior.z_bar is not None
+    z_bar, A_cond = prior.z_bar, prior.A
+    conditional = A_cond is not None and z_bar is not None
+    F = _f64(state.F)
     K.fit_users(
         indptr,
         items,
         ratings,
-        _f64(state.F),
+        F,
+        np.ascontiguousarray(F @ _f64(state.U)),
         _f64(state.item_bias),
         float(state.global_mean),
         _f64(state.U),
@@ -402,8 +406,8 @@ def _user_step_fast(
         int(p.n_inner),
         _f64(prior.prec),
         _f64(prior.w_bar),
-        _f64(prior.z_bar) if conditional else np.zeros(r),
-        _f64(prior.A) if conditional else np.zeros((r, r)),
+        _f64(z_bar) if z_bar is not None and conditional else np.zeros(r),
+        _f64(A_cond) if A_cond is not None and conditional else np.zeros((r, r)),
         conditional,
     )
     state.user_bias[:] = c

@@ -164,6 +164,7 @@ def fit_users(
         pm = np.empty(r)
         z = np.empty(r)
         b = np.empty(d)
+        nzb = np.empty(d, dtype=np.int64)
         Gb = np.empty(d)
         v = np.empty(d)
         M = np.empty((r + 1, r + 1))
@@ -221,7 +222,7 @@ def fit_users(
                 for p in range(r):
                     yp = FU[i, p]
                     sU[p] += yp
-                    for q in range(r):
+                    for q in range(p + 1):  # lower triangle; mirrored below
                         UGU[p, q] += yp * FU[i, q]
                 for a in range(d):
                     s[a] += F[i, a]
@@ -240,6 +241,10 @@ def fit_users(
                         h[a] += xa * t
                         for bb in range(d):
                             G[a, bb] += xa * F[i, bb]
+            if n < BLAS_MIN:
+                for p in range(r):
+                    for q in range(p):
+                        UGU[q, p] = UGU[p, q]
             # prior mean m_u and λ_w Σ̃⁻¹ m_u
             if conditional:
                 nn = max(float(n), 1.0)
@@ -293,12 +298,17 @@ def fit_users(
                 b[a] = B[u, a]
             cu = 0.0
             for _ in range(n_inner):
+                nb = 0  # b's non-zero coordinates (at most k after the first round)
+                for a in range(d):
+                    if b[a] != 0.0:
+                        nzb[nb] = a
+                        nb += 1
                 if dual:
                     rhs0 = 0.0
                     for j in range(n):
                         acc = tt[j]
-                        for a in range(d):
-                            acc -= X[j, a] * b[a]
+                        for p in range(nb):
+                            acc -= X[j, nzb[p]] * b[nzb[p]]
                         ev[j] = acc
                         rhs0 += acc
                     rhs[0] = rhs0
@@ -309,11 +319,12 @@ def fit_users(
                         rhs[q + 1] = acc + pm[q]
                 else:
                     acc0 = T
+                    for p in range(nb):
+                        acc0 -= s[nzb[p]] * b[nzb[p]]
                     for a in range(d):
-                        acc0 -= s[a] * b[a]
                         acc = 0.0
-                        for bb in range(d):
-                            acc += G[a, bb] * b[bb]
+                        for p in range(nb):
+                            acc += G[a, nzb[p]] * b[nzb[p]]
                         Gb[a] = acc
                     rhs[0] = acc0
                     for q in range(r):

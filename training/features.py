@@ -77,11 +77,14 @@ def als_factors(
     n_iter: int,
     random_state: np.random.Generator,
     min_count: float = 1.0,
+    samples: Samples | None = None,
 ) -> ALSFactors:
     """Biased ALS-WR: y ≈ μ + c_u + c_i + ⟨p_u, q_i⟩, ridge λ·n_u on p_u (λ·n_i on q_i), λ_b on biases.
 
     Each half-step solves every row's (d+1)-dimensional ridge problem at once (batched solve over the
-    Gram matrices of :func:`training.grouped.grouped_gram`).
+    Gram matrices of :func:`training.grouped.grouped_gram`), or, with the engine's compiled kernels
+    (``lrs_rec.engine.parallel.kernels()``), row by row from the CSR layouts of ``samples`` (when
+    they hold these very arrays: the layouts are then cached for the LRS steps) or of the arrays.
     """
     mu = float(np.mean(y))
     P = random_state.normal(0.0, 0.1, (n_users, dim))
@@ -90,7 +93,11 @@ def als_factors(
     c_i = np.zeros(n_items)
     K = parallel.kernels()
     if K is not None:  # compiled half-steps straight from the two CSR layouts (sorted once)
-        data = Samples(users, items, y)
+        same = samples is not None and (
+            samples.users is users and samples.items is items and samples.ratings is y
+        )
+        # the caller's samples (their CSR layouts are cached for the LRS steps), else our own
+        data = samples if samples is not None and same else Samples(users, items, y)
         by_user, by_item = data.csr("user", n_users), data.csr("item", n_items)
         sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
         mc = max(min_count, 1.0)

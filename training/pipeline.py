@@ -112,6 +112,7 @@ def init_state(
             n_iter=cfg.init_iter,
             random_state=rng,
             min_count=cfg.init_reg_count,
+            samples=train,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:

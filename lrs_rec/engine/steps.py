@@ -378,7 +378,8 @@ def user_step(
         prior = user_prior(state, data, p, block=block)
     sparse_b_step(state, data, p, block=block)  # the paper's b-step (a no-op for the trainer's)
     K = parallel.kernels()
-    if K is not None and p.b_step == "ridge" and not p.jitter:  # the trainer's user step
+    # the trainer's user step (the paper's b-steps, a jitter or an unregularised b-ridge: numpy)
+    if K is not None and p.b_step == "ridge" and not p.jitter and p.n_inner >= 1 and p.reg_b > 0:
         _user_step_fast(K, state, data, p, prior)
         return
     size = block or user_block_size(state.B.shape[1])
@@ -407,9 +408,9 @@ def _user_step_fast(
     straight from the user CSR; writes c_u, w_u, b_u of every user."""
     n_users, r = state.W.shape
     indptr, items, ratings = data.csr("user", n_users)
-    W = np.empty((n_users, r))
-    B = np.array(state.B, dtype=np.float64, order="C")  # read, then overwritten per user
-    c = np.empty(n_users)
+    # written in place when the state's arrays are C-contiguous float64 (the kernel reads a user's
+    # b_u before it overwrites it); otherwise into copies that are then assigned
+    W, B, c = (_out(a) for a in (state.W, state.B, state.user_bias))
     z_bar, A_cond = prior.z_bar, prior.A
     conditional = A_cond is not None and z_bar is not None
     F = _f64(state.F)
@@ -437,9 +438,14 @@ def _user_step_fast(
         _f64(A_cond) if A_cond is not None and conditional else np.zeros((r, r)),
         conditional,
     )
-    state.user_bias[:] = c
-    state.W[:] = W
-    state.B[:] = B
+    for name, arr in (("user_bias", c), ("W", W), ("B", B)):
+        if arr is not getattr(state, name):
+            getattr(state, name)[...] = arr
+
+
+def _out(a: np.ndarray) -> np.ndarray:
+    ok = a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable
+    return a if ok else np.array(a, dtype=np.float64, order="C")
 
 
 def _fit_users(

@@ -6,6 +6,10 @@ threads (numpy's batched solves and products release the GIL) and returns the re
 order**, so the caller combines them exactly as the one-thread loop does: the model is the same bit
 for bit whatever the thread count. BLAS itself stays at one thread (serving.cli.blas_threads).
 
+Compiled kernels: :func:`configure` ``(kernels=...)`` swaps the numpy code of the user / item steps,
+the losses and the ALS initialisation for an injected backend (``lrs_rec.training.kernels``,
+numba; the numpy code stays the reference), run on the same thread count (docs/scale.md, Kernels).
+
 ``lrs-rec train --threads N --memory-budget MB`` set both knobs for the command (:func:`configure`);
 the command's default is every core the process may use (:func:`available_cores`); library callers
 get one thread and the default block budget unless they call it. Measured at 100k users on 2 cores

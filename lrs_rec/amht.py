@@ -77,9 +77,9 @@ CG_MAXITER = 100
 U-step is fine for alternating minimisation; the outer loop keeps refining)."""
 
 GRAM_CACHE_MAX = 20_000_000
-"""The per-user Grams X_uᵀX_u (t·d² floats per fold) are computed once and kept by the engine
-(``Samples.gram_cache``, the features are fixed) when t·d²·folds is at most this; otherwise every
-step recomputes them block by block (bounded memory)."""
+"""The per-user statistics (Grams X_uᵀX_u: t·d² floats per fold, and X_uᵀy_u, Σ x) are computed once
+and kept by the engine (``Samples.gram_cache``: features and targets are fixed) when t·d²·folds is at
+most this; otherwise every step recomputes them block by block (bounded memory)."""
 
 BLOCK: int | None = None
 """Users per engine block in the estimator's steps (None: the engine's memory-sized default). The

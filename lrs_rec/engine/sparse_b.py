@@ -18,7 +18,7 @@ are kept in ``LRSState.support``: a slot may hold a zero value (row-sparsity, As
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -357,11 +357,22 @@ def sparse_b_step(
         {} if len(data) * d <= ROWS_KEPT_FLOATS else None
     )
 
+    # fixed features (``Samples.gram_cache`` set): the sorted rows are also kept across iterations
+    across = data.gram_cache if kept is not None else None
+
     def rows(lo: int, hi: int, sl: IntArray) -> tuple[UserData, FloatArray]:
         """The block's rows sorted by user, and X_u U (kept between the passes when small)."""
         if kept is not None and lo in kept:
             return kept[lo]
-        ud, _ = UserData.build(state.F[data.items[sl]], t[sl], data.users[sl] - lo, hi - lo)
+        key = ("sparse_b rows", lo, hi, id(state.F))
+        hit = None if across is None else across.get(key)
+        if hit is None:
+            hit = UserData.build(state.F[data.items[sl]], t[sl], data.users[sl] - lo, hi - lo)
+            if across is not None:
+                across[key] = hit
+            ud = hit[0]
+        else:  # same rows, this step's targets
+            ud = replace(hit[0], y=np.ascontiguousarray(t[sl][hit[1]]))
         out = (ud, ud.X @ state.U)
         if kept is not None:
             kept[lo] = out

@@ -41,9 +41,10 @@ class Samples:
     users: np.ndarray
     items: np.ndarray
     ratings: np.ndarray
-    # fixed features only (the paper setting): the per-user Grams Σ f_i f_iᵀ of each user block,
-    # kept across steps and iterations, keyed by the block (lo, hi); None: recomputed every time
-    gram_cache: dict[tuple[int, int], np.ndarray] | None = None
+    # fixed features, μ and item biases only (the paper setting): the per-user statistics (Grams
+    # Σ f_i f_iᵀ, Σ f_i t, ...) of each user block, kept across steps and iterations, keyed by the
+    # block (lo, hi) and the identity of F / the item biases; None: recomputed every time
+    gram_cache: dict[tuple[Any, ...], Any] | None = None
     gram_key: tuple[int, int] | None = None
     # the compiled kernels' CSR layouts (Samples.csr), built once
     _csr: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
@@ -299,16 +300,22 @@ class _UserStats:
 
 
 def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
+    cache, key = data.gram_cache, data.gram_key
+    if cache is not None and key is not None:
+        # fixed features, μ and item biases (the paper setting): the statistics never change
+        full_key = (*key, id(state.F), id(state.item_bias), float(state.global_mean))
+        hit = cache.get(full_key)
+        if hit is None:
+            hit = cache[full_key] = _compute_user_stats(state, data, n_users)
+        return hit
+    return _compute_user_stats(state, data, n_users)
+
+
+def _compute_user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
     X = state.F[data.items]
     t = data.ratings - state.global_mean - state.item_bias[data.items]
-    cache, key = data.gram_cache, data.gram_key
-    G = None if cache is None or key is None else cache.get(key)
-    if G is None:
-        G = grouped_gram(data.users, n_users, X)
-        if cache is not None and key is not None:
-            cache[key] = G
     return _UserStats(
-        G=G,
+        G=grouped_gram(data.users, n_users, X),
         h=grouped_sum(data.users, n_users, X * t[:, None]),
         s=grouped_sum(data.users, n_users, X),
         n=np.bincount(data.users, minlength=n_users).astype(float),

@@ -68,7 +68,7 @@ class Vocabulary:
             import pyarrow.compute as pc
 
             found = pc.index_in(pa.array(ids.uniques), value_set=pa.array(self.ids, pa.string()))
-            codes = np.asarray(found.fill_null(-1).to_numpy(), dtype=np.int64)
+            codes = np.asarray(found.fill_null(-1).to_numpy(), dtype=np.int32)
             out: np.ndarray = codes[ids.codes]
             return out
         return self.encode_reference(ids)

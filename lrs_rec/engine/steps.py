@@ -94,15 +94,120 @@ def population_precision(W: np.ndarray) -> np.ndarray:
     so λ_w keeps its scale). The ridge term λ_w (w - w̄)ᵀ Σ̃⁻¹ (w - w̄) is a MAP estimate under
     w_u ~ N(w̄, Σ_w / λ_w'), the same population prior onboarding uses. Identity when there are too few
     users to estimate Σ_w."""
-    n, r = W.shape
+    return _precision_from_moments(float(W.shape[0]), W.sum(axis=0), W.T @ W)
+
+
+def _precision_from_moments(n: float, sw: np.ndarray, sww: np.ndarray) -> np.ndarray:
+    r = sw.shape[0]
     if n <= r:
         return np.eye(r)
-    cov = np.cov(W, rowvar=False, bias=True).reshape(r, r)
+    mean = sw / n
+    cov = sww / n - np.outer(mean, mean)
+    cov = (cov + cov.T) / 2
     scale = float(np.mean(np.diag(cov)))
     if not np.isfinite(scale) or scale <= 0:
         return np.eye(r)
     cov = cov / scale + 1e-6 * np.eye(r)
     return np.asarray(np.linalg.inv(cov))
+
+
+@dataclass(frozen=True)
+class PriorStatistics:
+    """Sums over users behind the population prior on w_u — additive, so user blocks (or the
+    partitions of a distributed run) each compute theirs and the sum is reduced: n users, Σw, Σwwᵀ,
+    and for the conditional prior Σz, Σzzᵀ, Σzwᵀ with z_u = Uᵀ(mean of u's rated items' f_i)."""
+
+    n: float
+    sw: np.ndarray  # (r,)
+    sww: np.ndarray  # (r, r)
+    sz: np.ndarray  # (r,)
+    szz: np.ndarray  # (r, r)
+    szw: np.ndarray  # (r, r)
+
+    def __add__(self, other: PriorStatistics) -> PriorStatistics:
+        return PriorStatistics(
+            self.n + other.n,
+            self.sw + other.sw,
+            self.sww + other.sww,
+            self.sz + other.sz,
+            self.szz + other.szz,
+            self.szw + other.szw,
+        )
+
+
+def prior_statistics(
+    state: LRSState, data: Samples, *, block: int | None = None
+) -> PriorStatistics:
+    """:class:`PriorStatistics` of the users of ``state`` (their ratings in ``data``), blockwise."""
+    n_users, r = state.W.shape
+    sz, szz, szw = np.zeros(r), np.zeros((r, r)), np.zeros((r, r))
+    for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(state.F.shape[1])):
+        s, n = _feature_sums(state, sub, hi - lo)
+        Z = (s @ state.U) / np.maximum(n, 1.0)[:, None]
+        sz += Z.sum(axis=0)
+        szz += Z.T @ Z
+        szw += Z.T @ state.W[lo:hi]
+    return PriorStatistics(float(n_users), state.W.sum(axis=0), state.W.T @ state.W, sz, szz, szw)
+
+
+@dataclass(frozen=True)
+class UserPrior:
+    """The prior on w_u of the user step: N(m_u, Σ̃ / λ_w) with precision shape ``prec`` (Σ̃⁻¹,
+    :func:`population_precision`) and mean m_u = w̄ + (z_u - z̄) A: conditioned on *which* items u
+    rated (implicit feedback), A (r × r) the ridge regression of the current W on z (ridge relative to
+    its curvature). ``A`` is None without the conditional prior (m_u = w̄). Only the training step
+    uses the conditional mean; the stored w_u already contain its effect."""
+
+    w_bar: np.ndarray  # (r,)
+    prec: np.ndarray  # (r, r)
+    z_bar: np.ndarray | None = None  # (r,)
+    A: np.ndarray | None = None  # (r, r)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        st: PriorStatistics,
+        *,
+        population_prior: bool,
+        conditional_prior: bool,
+        ridge: float = 1e-3,
+    ) -> UserPrior:
+        r = st.sw.shape[0]
+        n = max(st.n, 1.0)
+        w_bar = st.sw / n
+        prec = _precision_from_moments(st.n, st.sw, st.sww) if population_prior else np.eye(r)
+        if not conditional_prior:
+            return cls(w_bar, prec)
+        z_bar = st.sz / n
+        G = st.szz - n * np.outer(z_bar, z_bar)  # Σ (z - z̄)(z - z̄)ᵀ
+        C = st.szw - n * np.outer(z_bar, w_bar)  # Σ (z - z̄)(w - w̄)ᵀ
+        lam = ridge * max(float(np.trace(G)) / r, 1e-12)
+        return cls(w_bar, prec, z_bar, np.linalg.solve(G + lam * np.eye(r), C))
+
+    def means(self, SU: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Prior means of users whose rated items' features sum to ``SU`` (after projection by U:
+        (users, r)) over ``n`` ratings each."""
+        if self.A is None or self.z_bar is None:
+            return np.broadcast_to(self.w_bar, SU.shape)
+        Z = SU / np.maximum(n, 1.0)[:, None]
+        return np.asarray(self.w_bar + (Z - self.z_bar) @ self.A)
+
+
+def user_prior(
+    state: LRSState, data: Samples, p: StepParams, *, block: int | None = None
+) -> UserPrior:
+    """The prior of the user step estimated from ``state``'s own users (one partition)."""
+    return UserPrior.from_statistics(
+        prior_statistics(state, data, block=block),
+        population_prior=p.population_prior,
+        conditional_prior=p.conditional_prior,
+    )
+
+
+def _feature_sums(state: LRSState, sub: Samples, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user of a block: Σ f_i over the rated items (n_users × d) and the rating counts."""
+    s = grouped_sum(sub.users, n_users, state.F[sub.items])
+    return s, np.bincount(sub.users, minlength=n_users).astype(float)
 
 
 @dataclass
@@ -166,27 +271,35 @@ def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int,
         yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
 
 
-def user_step(state: LRSState, data: Samples, p: StepParams, *, block: int | None = None) -> None:
-    """Update c_u, w_u, b_u of every user given U and the item features (Eq. 4 and Eq. 3)."""
+def user_step(
+    state: LRSState,
+    data: Samples,
+    p: StepParams,
+    *,
+    prior: UserPrior | None = None,
+    block: int | None = None,
+) -> None:
+    """Update c_u, w_u, b_u of every user of ``state`` given U and the item features (Eq. 4 and Eq. 3).
+
+    ``prior``: the population prior on w_u. Default: estimated from ``state``'s own users
+    (:func:`user_prior`); a partitioned run (Dask) passes the one reduced over every partition, so
+    that each partition's step is this same function on its own users."""
     if not p.per_user_w:
         _pooled_user_step(state, data, p)
         return
-    n_users, r = state.W.shape
-    w_bar = state.W.mean(axis=0)
-    prec = population_precision(state.W) if p.population_prior else np.eye(r)
-    if p.conditional_prior:
-        means = conditional_prior_means(state, data)
-    else:
-        means = np.broadcast_to(w_bar, (n_users, r))
+    n_users = state.W.shape[0]
+    if prior is None:
+        prior = user_prior(state, data, p, block=block)
     size = block or user_block_size(state.B.shape[1])
 
     def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
         lo, hi, sub = blk
         st = _user_stats(state, sub, hi - lo)
+        means = prior.means(st.s @ state.U, st.n)
         return (
             lo,
             hi,
-            _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means[lo:hi], prec),
+            _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means, prior.prec),
         )
 
     # blocks are independent: each reads and writes only its own users' rows
@@ -244,23 +357,17 @@ def _fit_users(
 
 
 def conditional_prior_means(state: LRSState, data: Samples, *, ridge: float = 1e-3) -> np.ndarray:
-    """Each user's prior mean of w, conditioned on *which* items they rated (implicit feedback):
-    m_u = w̄ + (z_u - z̄) A, with z_u the mean of the rated items' projected features U ᵀ f_i and A
-    (r × r) the ridge regression of the current W on z (ridge relative to its curvature).
-    Only the training step uses it; the stored w_u already contain its effect."""
-    n_users, r = state.W.shape
-    n = np.maximum(np.bincount(data.users, minlength=n_users), 1).astype(float)
-    Z = np.empty((n_users, r))
-    size = user_block_size(state.F.shape[1])
-    for lo, hi, sl in key_blocks(data.users, n_users, size, sample_budget(state.F.shape[1])):
-        Z[lo:hi] = grouped_sum(data.users[sl] - lo, hi - lo, state.F[data.items[sl]] @ state.U)
-    Z /= n[:, None]
-    Zc = Z - Z.mean(axis=0)
-    G = Zc.T @ Zc
-    lam = ridge * max(float(np.trace(G)) / r, 1e-12)
-    w_bar = state.W.mean(axis=0)
-    A = np.linalg.solve(G + lam * np.eye(r), Zc.T @ (state.W - w_bar))
-    return np.asarray(w_bar + Zc @ A)
+    """Every user's prior mean of w (the conditional prior of :class:`UserPrior`), for all users at
+    once (n_users × r; used by tests and diagnostics; the user step computes them per block)."""
+    n_users = state.W.shape[0]
+    prior = UserPrior.from_statistics(
+        prior_statistics(state, data), population_prior=False, conditional_prior=True, ridge=ridge
+    )
+    out = np.empty_like(state.W)
+    for lo, hi, sub in _user_blocks(data, n_users, user_block_size(state.F.shape[1])):
+        s, n = _feature_sums(state, sub, hi - lo)
+        out[lo:hi] = prior.means(s @ state.U, n)
+    return out
 
 
 def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
@@ -283,14 +390,14 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     state.B = np.zeros((n_users, d))
 
 
-def u_step(
-    state: LRSState, data: Samples, *, ridge: float = 10.0, block: int | None = None
-) -> None:
-    """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
-    (W absorbs R so that Θ is unchanged by the QR)."""
+def u_step_statistics(
+    state: LRSState, data: Samples, *, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normal equations of Eq. 5 in vec(U) (row-major, index a·r + p) over the users of
+    ``state``: A = Σ_u G_u ⊗ w_u w_uᵀ as (d, d, r, r) and rhs = Σ_u (Xᵀ(t - c_u - X b_u)) w_uᵀ as
+    (d, r). Additive over user blocks / partitions."""
     n_users, d = state.B.shape
     r = state.U.shape[1]
-    # normal equations in vec(U) (row-major, index a·r + p): A = Σ_u G_u ⊗ w_u w_uᵀ
     A = np.zeros((d, d, r, r))
     rhs = np.zeros((d, r))
     for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(d)):
@@ -300,56 +407,114 @@ def u_step(
         A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
         resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
         rhs += resid.T @ W
+    return A, rhs
+
+
+def solve_u(
+    A: np.ndarray, rhs: np.ndarray, *, ridge: float = 10.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 5 from its normal equations, then QR: (Q, R) with U = QR, diag(R) ≥ 0 (so U's column
+    signs are deterministic). The caller sets U = Q and W ← W Rᵀ (Θ unchanged by the QR)."""
+    d, r = rhs.shape
     M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r)
     # ridge relative to the mean curvature (its strength does not depend on the data size). Features
     # fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base validation RMSE
     # 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale afterwards
     lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
     U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
-    Q, R = orthonormalize(U)  # U = QR with diag(R) >= 0, so U's column signs are deterministic
+    Q, R = orthonormalize(U)
+    return Q, R
+
+
+def u_step(
+    state: LRSState, data: Samples, *, ridge: float = 10.0, block: int | None = None
+) -> None:
+    """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
+    (W absorbs R so that Θ is unchanged by the QR)."""
+    A, rhs = u_step_statistics(state, data, block=block)
+    Q, R = solve_u(A, rhs, ridge=ridge)
     state.U = Q
     state.W = state.W @ R.T
+
+
+def item_bias_statistics(state: LRSState, data: Samples) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed features: per item Σ (t - ⟨f_i, θ_u⟩) and the rating counts (additive over users)."""
+    n_items = state.F.shape[0]
+    t = data.ratings - state.global_mean - state.user_bias[data.users]
+    resid = np.empty_like(t)
+    for a in range(0, t.size, ROW_CHUNK):
+        i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
+        theta = state.W[u] @ state.U.T + state.B[u]
+        resid[a : a + ROW_CHUNK] = t[a : a + ROW_CHUNK] - np.einsum("nd,nd->n", state.F[i], theta)
+    return (
+        np.bincount(data.items, resid, minlength=n_items),
+        np.bincount(data.items, minlength=n_items).astype(float),
+    )
+
+
+def item_block_statistics(
+    state: LRSState, data: Samples, lo: int, hi: int, sl: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Item refinement: the normal equations of items lo..hi-1 — design z = [1, θ_u] — from the
+    samples ``sl`` (all of them rate an item in lo..hi-1): G = Σ z zᵀ (hi-lo, d+1, d+1) and
+    h = Σ z t (hi-lo, d+1). Additive over user partitions."""
+    u = data.users[sl]
+    t = data.ratings[sl] - state.global_mean - state.user_bias[u]
+    Z = np.hstack([np.ones((sl.size, 1)), state.W[u] @ state.U.T + state.B[u]])
+    return (
+        grouped_gram(data.items[sl] - lo, hi - lo, Z),
+        grouped_sum(data.items[sl] - lo, hi - lo, Z * t[:, None]),
+    )
+
+
+def solve_items(
+    G: np.ndarray, h: np.ndarray, *, reg_features: float, reg_bias: float
+) -> np.ndarray:
+    """(c_i, f_i) of a block of items from :func:`item_block_statistics` (ridge λ_bias, λ_f)."""
+    reg = np.full(G.shape[1], reg_features)
+    reg[0] = reg_bias
+    return np.asarray(np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0])
+
+
+def item_blocks(state: LRSState, data: Samples) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The item blocks of the refinement step, sized by items and by ratings (memory budget)."""
+    d = state.F.shape[1]
+    return key_blocks(data.items, state.F.shape[0], user_block_size(d + 1), sample_budget(d + 1))
 
 
 def item_step(
     state: LRSState, data: Samples, *, reg_features: float, reg_bias: float, refine_features: bool
 ) -> None:
     """Update c_i (and f_i when refining) of every item given all users' θ_u."""
-    n_items, d = state.F.shape
-    theta = state.theta()
-    t = data.ratings - state.global_mean - state.user_bias[data.users]
     if not refine_features:
-        resid = np.empty_like(t)
-        for a in range(0, t.size, ROW_CHUNK):
-            i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
-            resid[a : a + ROW_CHUNK] = t[a : a + ROW_CHUNK] - np.einsum(
-                "nd,nd->n", state.F[i], theta[u]
-            )
-        n_i = np.bincount(data.items, minlength=n_items)
-        state.item_bias = np.bincount(data.items, resid, minlength=n_items) / (n_i + reg_bias)
+        total, n_i = item_bias_statistics(state, data)
+        state.item_bias = total / (n_i + reg_bias)
         return
-    reg = np.full(d + 1, reg_features)
-    reg[0] = reg_bias
     F = np.empty_like(state.F)
-    c_i = np.empty(n_items)
+    c_i = np.empty(state.F.shape[0])
 
     def solve_block(blk: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
         lo, hi, sl = blk
-        Z = np.hstack([np.ones((sl.size, 1)), theta[data.users[sl]]])
-        G = grouped_gram(data.items[sl] - lo, hi - lo, Z)
-        h = grouped_sum(data.items[sl] - lo, hi - lo, Z * t[sl, None])
-        return lo, hi, np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
+        G, h = item_block_statistics(state, data, lo, hi, sl)
+        return lo, hi, solve_items(G, h, reg_features=reg_features, reg_bias=reg_bias)
 
-    blocks = key_blocks(data.items, n_items, user_block_size(d + 1), sample_budget(d + 1))
-    for lo, hi, sol in block_map(solve_block, blocks):  # results in block order
+    for lo, hi, sol in block_map(solve_block, item_blocks(state, data)):  # results in block order
         c_i[lo:hi] = sol[:, 0]
         F[lo:hi] = sol[:, 1:]
     state.item_bias = c_i
     state.F = F
 
 
+def squared_error(state: LRSState, data: Samples, lo: float, hi: float) -> tuple[float, int]:
+    """Σ (clipped prediction - rating)² and the sample count (additive over partitions)."""
+    if len(data) == 0:
+        return 0.0, 0
+    err = state.predict(data.users, data.items, lo, hi) - data.ratings
+    return float(np.dot(err, err)), len(data)
+
+
 def rmse(state: LRSState, data: Samples, lo: float, hi: float) -> float:
     if len(data) == 0:
         return float("nan")
-    err = state.predict(data.users, data.items, lo, hi) - data.ratings
-    return float(np.sqrt(np.mean(err**2)))
+    sse, n = squared_error(state, data, lo, hi)
+    return float(np.sqrt(sse / n))

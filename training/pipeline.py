@@ -226,6 +226,9 @@ class FitData:
     reg_u: float
 
 
+OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
+
+
 @dataclass
 class Fit:
     state: LRSState  # the best validation iterate (the last one without a validation part)
@@ -235,7 +238,10 @@ class Fit:
 
 def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = False) -> Fit:
     """The alternating loop from ``state`` (modified): per-iteration train / validation RMSE,
-    early stopping with patience, back to the best validation iterate."""
+    early stopping with patience, back to the best validation iterate. A validation RMSE more than
+    :data:`OVERFIT_RISE` above the best stops the loop at once (the fit has started to overfit;
+    waiting out the patience costs iterations that, on the curves measured in docs/scale.md, never
+    came back below the best)."""
     from tqdm import tqdm
 
     params = method_params(cfg)
@@ -271,8 +277,8 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
         if early:
             if row["val_rmse"] < best_val:
                 best_val, best_it, best_state = row["val_rmse"], it, Snapshot.of(state)
-            elif it - best_it >= cfg.patience:
-                break
+            elif it - best_it >= cfg.patience or row["val_rmse"] > best_val * (1 + OVERFIT_RISE):
+                break  # patience used up, or a clear rise (overfitting): no further iteration
     if not early:
         return Fit(state, history, len(history) - 1)
     assert best_state is not None
@@ -281,8 +287,6 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     del state
     return Fit(best_state.restore(), history, best_it)
 
-
-OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
 
 
 def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:

@@ -284,9 +284,8 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     assert best_state is not None
     if best_it == len(history) - 1:
         return Fit(state, history, best_it)  # the last iterate is the best: no copy needed
-    del state
-    return Fit(best_state.restore(), history, best_it)
-
+    best_state.restore_into(state)  # in place: no second copy of the per-user arrays
+    return Fit(state, history, best_it)
 
 
 def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
@@ -401,6 +400,15 @@ class Snapshot:
             self.W.copy(),
             self.dense_b(),
         )
+
+    def restore_into(self, state: LRSState) -> None:
+        """Make ``state`` (of the same shapes) equal to the snapshot, reusing its arrays."""
+        state.global_mean = self.global_mean
+        for name in ("user_bias", "item_bias", "F", "U", "W"):
+            setattr(state, name, getattr(self, name).copy())
+        state.B[:] = 0
+        if self.b_idx.shape[1]:
+            np.put_along_axis(state.B, self.b_idx.astype(np.int64), self.b_val, axis=1)
 
     def take_users(self, users: np.ndarray) -> Snapshot:
         """The snapshot of the given users only (items, F, U unchanged)."""

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return int(importlib.import_module("lrs_rec.training.private_train").run(args))
 
     from lrs_rec.training.loaders import load_ratings
-    from lrs_rec.training.pipeline import train
+    from lrs_rec.training.pipeline import peak_rss_mb, train
 
     from lrs_rec.model_dir import save_model_dir
 
@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "selected": model.manifest["metrics"].get("selected"),
         "start_val_rmse": model.manifest["metrics"].get("start_val_rmse"),
         "tuned": (model.manifest.get("tuning") or {}).get("chosen"),
+        "peak_rss_mb": peak_rss_mb(),  # the whole command's, model directory and ONNX included
     }
     if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
         print(json.dumps(summary, sort_keys=True, allow_nan=False))

@@ -366,3 +366,17 @@ def test_threads_and_memory_budget_take_effect_and_keep_the_model(
     with pytest.raises(SystemExit):
         main(["train", "--ratings", str(data), "--out", str(tmp_path / "x"), "--threads", "x"])
     assert main(["train", "--ratings", str(data), "--out", str(tmp_path / "y"), "--threads", "0"])
+
+
+def test_vocabulary_encodes_its_own_column_and_others_like_the_reference(tmp_path: Path) -> None:
+    """A vocabulary built from a dictionary-encoded column encodes that column by one gather; a
+    subset's vocabulary encodes the whole column (unknown ids -> -1) as the reference does."""
+    log = make_biased_mf(200, 150, random_state=4)
+    table = load_ratings(write_csv(log, tmp_path / "v.csv"))
+    assert table.user_codes is not None
+    part = table.subset(np.arange(0, len(table), 2))
+    for src in (table, part):
+        v = Vocabulary.from_ids(src.user_ids())
+        assert v == Vocabulary.from_ids_reference(src.users)
+        for col, strings in ((table.user_ids(), table.users), (part.user_ids(), part.users)):
+            np.testing.assert_array_equal(v.encode(col), v.encode_reference(strings))

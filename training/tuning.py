@@ -62,13 +62,12 @@ def user_sample(n_users: int, size: int, seed: int) -> np.ndarray:
 def restrict_to_users(start: Snapshot, fd: FitData, users: np.ndarray) -> tuple[Snapshot, FitData]:
     """The start and the training / validation samples of the given users only, renumbered
     0..len(users)-1 (items keep their indices: F, c_i are the start's)."""
-    remap = np.full(start.W.shape[0], -1, np.int64)
+    remap = np.full(start.W.shape[0], -1, fd.train.users.dtype)
     remap[users] = np.arange(users.size)
 
     def sub(s: Samples) -> Samples:
-        new = remap[s.users]
-        keep = new >= 0
-        return Samples(new[keep].astype(s.users.dtype), s.items[keep], s.ratings[keep])
+        keep = remap[s.users] >= 0
+        return Samples(remap[s.users[keep]], s.items[keep], s.ratings[keep])
 
     return start.take_users(users), FitData(
         sub(fd.train), sub(fd.val), fd.lo, fd.hi, fd.unit, fd.learn_u, fd.refine, fd.reg_u

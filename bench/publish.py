@@ -6,11 +6,17 @@ One fresh embedded Redis (the server ``lrs-rec publish`` starts: appendonly, app
 one random model (``--users``, 1 682 items, d = 64, r = 8, k = 8, 20 ratings per user, the builder of
 bench/serving_rss.py), then, interleaved ``--repeats`` times:
 
-* ``publish``: ``RedisStore.publish`` (records + histories, what ``lrs-rec publish`` runs; no
-  carry-over since nobody onboarded), timed end to end (encoding included) -> ``publish_users_per_s``;
+* ``publish``: ``RedisStore.publish`` of the loaded model (records + histories; no carry-over since
+  nobody onboarded), timed end to end (encoding included) -> ``publish_users_per_s``;
+* ``publish_dir``: what ``lrs-rec publish`` (``--engine local``) runs since the sharded model format:
+  ``RedisStore.publish_blocks`` reading the model directory's Parquet shards one at a time (reading
+  and decoding included) -> ``publish_dir_users_per_s``, ``publish_dir_vs_bare``;
 * ``bare``: the same bytes (taken from the version just published, outside the timing) written with a
   plain redis-py pipeline of ``HSET key mapping`` per bucket, the same number of buckets per round
   trip, into other keys -> ``bare_hset_users_per_s``.
+
+``--dask-workers N``: also once ``lrs-rec publish --engine dask`` through the library
+(``publish_dask``, a LocalCluster of N processes, cluster start-up included) -> ``dask_publish_s``.
 
 Memory: INFO ``used_memory`` before/after a publish without histories (parameters) and one with
 (parameters + histories): ``params_bytes_per_user`` and ``history_bytes_per_user``, with the OBJECT
@@ -62,13 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         help="an external Redis instead of the embedded one (e.g. one without persistence)",
     )
     p.add_argument("--cli", action="store_true", help="also time `lrs-rec publish` end to end")
+    p.add_argument(
+        "--dask-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time publish --engine dask with a LocalCluster of N worker processes",
+    )
+    p.add_argument(
+        "--dask-scheduler-port", type=int, default=0, help="the LocalCluster's scheduler port"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     from lrs_rec.serving.connection import connect
-    from lrs_rec.serving.store import _PIPELINE_KEYS, RedisStore
+    from lrs_rec.serving.store import _PIPELINE_KEYS, RedisStore, user_block
 
-    from lrs_rec.model_dir import load_model_dir
+    from lrs_rec.model_dir import load_model_dir, load_shared_model_dir
+    from lrs_rec.model_shards import iter_user_shards
 
     with tempfile.TemporaryDirectory(prefix="lrs-pub-") as tmp:
         model_dir = Path(tmp) / "model"
@@ -110,11 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         store.delete_version(meta.version, force=True)
 
         publish_s: list[float] = []
+        publish_dir_s: list[float] = []
         bare_s: list[float] = []
         for rep in range(args.repeats):
             t0 = time.perf_counter()
             meta = store.publish(model, model_dir=str(model_dir), switch=False)
             publish_s.append(time.perf_counter() - t0)
+            store.delete_version(meta.version, force=True)
+            t0 = time.perf_counter()
+            shared = load_shared_model_dir(model_dir)
+            meta = store.publish_blocks(
+                shared,
+                (user_block(s) for s in iter_user_shards(model_dir, shared.manifest)),
+                model_dir=str(model_dir),
+                switch=False,
+            )
+            publish_dir_s.append(time.perf_counter() - t0)
             store.delete_version(meta.version, force=True)
             t0 = time.perf_counter()
             for start in range(0, len(buckets), _PIPELINE_KEYS):
@@ -126,7 +154,31 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.execute()
             bare_s.append(time.perf_counter() - t0)
             r.delete(*[f"bare:{rep}:{{b{b}}}:{s}" for b in range(len(buckets)) for s in "ph"])
-            log(f"repeat {rep}: publish {publish_s[-1]:.2f} s, bare HSET {bare_s[-1]:.2f} s")
+            log(
+                f"repeat {rep}: publish {publish_s[-1]:.2f} s, from the shards "
+                f"{publish_dir_s[-1]:.2f} s, bare HSET {bare_s[-1]:.2f} s"
+            )
+        dask_s = None
+        if args.dask_workers:
+            from lrs_rec.serving.publish_dask import publish_dask
+
+            t0 = time.perf_counter()
+            meta = publish_dask(
+                store,
+                model_dir,
+                workers=args.dask_workers,
+                switch=False,
+                cluster_options={
+                    "scheduler_port": args.dask_scheduler_port,
+                    # the scheduler's HTTP server next to it (else it tries 8787)
+                    "dashboard_address": f"127.0.0.1:{args.dask_scheduler_port + 1}"
+                    if args.dask_scheduler_port
+                    else ":0",
+                },
+            )
+            dask_s = time.perf_counter() - t0
+            store.delete_version(meta.version, force=True)
+            log(f"publish --engine dask ({args.dask_workers} workers): {dask_s:.2f} s")
         cli_s = None
         if (
             args.cli
@@ -146,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             cli_s = time.perf_counter() - t0
             log(f"lrs-rec publish (CLI): {cli_s:.2f} s")
         pub = n / statistics.median(publish_s)
+        pub_dir = n / statistics.median(publish_dir_s)
         bare = n / statistics.median(bare_s)
         report = {
             "bench": "publish",
@@ -164,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             "bare_hset_users_per_s": round(bare),
             "publish_vs_bare": round(pub / bare, 3),
             "publish_vs_bare_target": 0.5,
+            "publish_dir_s": [round(x, 3) for x in publish_dir_s],
+            "publish_dir_users_per_s": round(pub_dir),
+            "publish_dir_vs_bare": round(pub_dir / bare, 3),
+            "user_shards": len(list((model_dir / "users").glob("part-*.parquet"))),
+            "dask_workers": args.dask_workers or None,
+            "dask_publish_s": None if dask_s is None else round(dask_s, 2),
+            "dask_publish_users_per_s": None if dask_s is None else round(n / dask_s),
             "cli_publish_s": None if cli_s is None else round(cli_s, 2),
             "cli_publish_users_per_s": None if cli_s is None else round(n / cli_s),
             "params_bytes_per_user": round(params_mem / n, 1),

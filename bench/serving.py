@@ -56,39 +56,75 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _LoadClient(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of the closed-loop load: sends the next request when the
+    previous answer is complete (status line, ``content-length`` header, body). Raw bytes on an
+    asyncio protocol — no stream objects, no header dictionaries — so that the client, which
+    shares the machine's two cores with the server and Redis, costs little and the same for every
+    endpoint (its CPU per request is reported as ``client_cpu_us``)."""
+
+    def __init__(self, requests: list[bytes], offset: int, stop: float, out: dict[str, Any]):
+        self.requests, self.k, self.stop, self.out = requests, offset, stop, out
+        self.buf = b""
+        self.t = 0.0
+        self.transport: Any = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.t = time.perf_counter()
+        self.transport.write(self.requests[self.k % len(self.requests)])
+        self.k += 1
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            at = buf.find(b"content-length:", 0, end)
+            if at < 0:
+                at = buf.lower().find(b"content-length:", 0, end)
+            length = int(buf[at + 15 : buf.find(b"\r\n", at)]) if at >= 0 else 0
+            if len(buf) < end + 4 + length:
+                break
+            now = time.perf_counter()
+            self.out["latencies"].append(now - self.t)
+            if not buf.startswith(b"HTTP/1.1 200"):
+                self.out["errors"] += 1
+            buf = buf[end + 4 + length :]
+            if now < self.stop:
+                self._send()
+            else:
+                self.transport.close()
+        self.buf = buf
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def _http_load(
     port: int, request: bytes | list[bytes], *, connections: int, seconds: float
 ) -> tuple[int, list[float], int]:
-    """Closed-loop load: each connection sends the next request when the previous answer is in
-    (cycling through ``request`` when it is a list, each connection from its own offset)."""
-    latencies: list[float] = []
-    errors = 0
+    """Closed-loop load: ``connections`` keep-alive clients (:class:`_LoadClient`), each sending
+    the next request when the previous answer is in (cycling through ``request`` when it is a
+    list, each connection from its own offset) for ``seconds``."""
+    loop = asyncio.get_running_loop()
+    out: dict[str, Any] = {"latencies": [], "errors": 0}
     stop = time.perf_counter() + seconds
     requests = request if isinstance(request, list) else [request]
-
-    async def worker(offset: int) -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        k = offset
-        try:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                writer.write(requests[k % len(requests)])
-                k += 1
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
-                latencies.append(time.perf_counter() - t)
-                if not head.startswith(b"HTTP/1.1 200"):
-                    errors += 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(worker(97 * i) for i in range(connections)))
-    return len(latencies), latencies, errors
+    clients = []
+    for i in range(connections):
+        _, client = await loop.create_connection(
+            lambda i=i: _LoadClient(requests, 97 * i, stop, out), "127.0.0.1", port
+        )
+        clients.append(client)
+    await asyncio.gather(*(c.done for c in clients))
+    return len(out["latencies"]), out["latencies"], out["errors"]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -264,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         "--http-clients",
         default="1,16,64",
         help="concurrent clients of the recommend vs constant endpoint comparison",
+    )
+    p.add_argument(
+        "--http-users",
+        type=int,
+        default=10_000,
+        help="recommend requests cycle through this many users drawn at random from the model",
     )
     p.add_argument("--pause-seconds", type=float, default=3.0, help="0: no Redis pause")
     p.add_argument("--seed", type=int, default=0)
@@ -444,10 +486,21 @@ def main(argv: list[str] | None = None) -> int:
         out["http_connections"] = args.http_connections
         out["http_seconds"] = args.http_seconds
         # recommend (many users) next to the constant endpoint, at several client counts
+        # users drawn uniformly from the whole population (no repeated-user shortcut: every request
+        # reads a record and a history from Redis and scores anew; the server caches no answers)
+        http_rng = random.Random(args.seed + 1)
         recs = [
-            _post("/v1/recommend", {"user_id": u, "n": args.top_n, "exclude_rated": True})
-            for u in users[:500]
+            _post(
+                "/v1/recommend",
+                {
+                    "user_id": model.user_ids[http_rng.randrange(model.n_users)],
+                    "n": args.top_n,
+                    "exclude_rated": True,
+                },
+            )
+            for _ in range(args.http_users)
         ]
+        out["http_users"] = args.http_users
         by_clients: dict[str, dict[str, float]] = {}
         # the server builds the onboarding prior in the background when it starts: let it finish
         out["server_idle_after_s"] = _wait_idle(proc.pid)
@@ -455,29 +508,30 @@ def main(argv: list[str] | None = None) -> int:
         rounds = 4  # the two endpoints alternate in short slices: a busy machine hits both alike
         for clients in (int(c) for c in args.http_clients.split(",")):
             row: dict[str, float] = {}
-            acc: dict[str, tuple[int, list[float], int, float]] = {
-                key: (0, [], 0, 0.0) for key in endpoints
+            acc: dict[str, tuple[int, list[float], int, float, float]] = {
+                key: (0, [], 0, 0.0, 0.0) for key in endpoints
             }
             for req in endpoints.values():  # warm-up
                 asyncio.run(_http_load(port, req, connections=clients, seconds=0.3))
             for _ in range(rounds):
                 for key, req in endpoints.items():
-                    cpu = _cpu_seconds(proc.pid)
+                    cpu, own = _cpu_seconds(proc.pid), time.process_time()
                     n, lat, errors = asyncio.run(
                         _http_load(
                             port, req, connections=clients, seconds=args.http_seconds / rounds
                         )
                     )
-                    used = _cpu_seconds(proc.pid) - cpu
+                    used, own = _cpu_seconds(proc.pid) - cpu, time.process_time() - own
                     a = acc[key]
-                    acc[key] = (a[0] + n, a[1] + lat, a[2] + errors, a[3] + used)
-            for key, (n, lat, errors, used) in acc.items():
+                    acc[key] = (a[0] + n, a[1] + lat, a[2] + errors, a[3] + used, a[4] + own)
+            for key, (n, lat, errors, used, own) in acc.items():
                 row[f"{key}_rps"] = round(n / args.http_seconds, 1)
                 row[f"{key}_p50_ms"] = round(_pct(lat, 50) * 1e3, 3)
                 row[f"{key}_p99_ms"] = round(_pct(lat, 99) * 1e3, 3)
                 row[f"{key}_errors"] = errors
                 # the server's own CPU per request: less sensitive to a busy machine than req/s
                 row[f"{key}_server_cpu_us"] = round(used / n * 1e6, 1)
+                row[f"{key}_client_cpu_us"] = round(own / n * 1e6, 1)  # the load generator's
             row["recommend_over_constant_rps"] = round(
                 row["recommend_rps"] / row["constant_rps"], 3
             )

@@ -81,7 +81,15 @@ def build_model_dir(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "save_s": round(time.perf_counter() - t0, 1),
         "arrays_npz_mb": round((out / "arrays.npz").stat().st_size / 2**20, 1),
-        "users_json_mb": round((out / "users.json").stat().st_size / 2**20, 1),
+        # format 2 (issue 15): no users.json; ids, parameters and histories are in users/*.parquet
+        "users_json_mb": (
+            round((out / "users.json").stat().st_size / 2**20, 1)
+            if (out / "users.json").exists()
+            else None
+        ),
+        "user_shards_mb": round(
+            sum(p.stat().st_size for p in out.glob("users/*.parquet")) / 2**20, 1
+        ),
     }
 
 

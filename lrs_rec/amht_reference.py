@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.amht import IRLS_SCHEDULES, JITTER, OMP_ALL_ITERS
+from lrs_rec.engine.sparse_b import IRLS_SCHEDULES, OMP_ALL_ITERS
+from lrs_rec.engine.user_rows import JITTER
 from lrs_rec.model import LRSModel
 
 

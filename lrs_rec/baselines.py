@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from lrs_rec._types import FloatArray
-from lrs_rec.amht import AMHTLRS, UserData, _batched_ls
+from lrs_rec.amht import AMHTLRS
+from lrs_rec.engine.user_rows import UserData, batched_ls
 from lrs_rec.validation import check_fit_inputs, check_non_negative, check_users, check_X
 
 
@@ -73,7 +74,7 @@ class FullFineTuning(_Base):
         check_non_negative(ridge=self.ridge)
         theta0 = _ridge_lstsq(Xa, ya, 0.0)
         data, _ = UserData.build(Xa, ya - Xa @ theta0, ua, nu)
-        delta = _batched_ls(data, data.X, data.y, np.full(Xa.shape[1], float(self.ridge)))
+        delta = batched_ls(data, data.X, data.y, np.full(Xa.shape[1], float(self.ridge)))
         self.theta_ = theta0[None, :] + delta
         self.n_users_, self.d_ = nu, Xa.shape[1]
         return self

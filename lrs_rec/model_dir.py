@@ -1,18 +1,21 @@
 """The versioned model directory: the contract between training, export, serving and onboarding.
 
-Layout of ``MODEL_DIR``::
+Layout of ``MODEL_DIR`` (format 2, docs/model_format.md)::
 
     manifest.json   format_version, model_version, created_at, dims, hyperparameters, data, cleaning,
                     arrays_sha256 (digest of the shared arrays only, never of per-user data),
-                    metrics, rating_scale (+ privacy for DP models)
-    arrays.npz      U, W, B_idx, B_val, item_features, item_bias, user_bias, global_mean,
-                    w_prior_mean, w_prior_cov, history_indptr, history_items, history_ratings
-                    [, history_timestamps] [, onboarding_prior_* (the onboarding prior's statistics,
-                    shared; non-private models saved since issue 15; digest in the manifest's
-                    onboarding_prior_sha256)] (np.savez, loaded with allow_pickle=False)
-    users.json      external user ids, position = dense user index
+                    metrics, rating_scale, user_shards (the shard index) (+ privacy for DP models)
+    arrays.npz      the shared arrays only: U, item_features, item_bias, global_mean, w_prior_mean,
+                    w_prior_cov [, onboarding_prior_* (the onboarding prior's statistics; non-private
+                    models; digest in the manifest's onboarding_prior_sha256)] (np.savez, loaded with
+                    allow_pickle=False)
+    users/part-NNNNN.parquet   per-user shards: user id, c_u, w_u, b_u (indices, values) and the
+                    training history (items, ratings[, timestamps]) (lrs_rec.model_shards)
     items.json      external item ids, position = dense item index
     model.onnx      written by ``lrs-rec export`` (training.export)
+
+Format 1 (still loaded) kept every user in arrays.npz (W, B_idx, B_val, user_bias, history_indptr,
+history_items, history_ratings[, history_timestamps]) and the user ids in ``users.json``.
 
 Prediction (the offline reference every fast path is compared with)::
 
@@ -28,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import zipfile
 import zlib
@@ -49,13 +50,15 @@ from lrs_rec.onboarding import (
 )
 from lrs_rec.user_index import UserIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1  # every user in arrays.npz + users.json: still loaded, no longer written
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 USERS = "users.json"
 ITEMS = "items.json"
 ONNX = "model.onnx"
-OWN_FILES = frozenset({MANIFEST, ARRAYS, USERS, ITEMS, ONNX})
+USERS_DIR = "users"  # format 2: the per-user shards (lrs_rec.model_shards)
+OWN_FILES = frozenset({MANIFEST, ARRAYS, USERS, ITEMS, ONNX, USERS_DIR})
 
 SHARED_ARRAYS = ("U", "item_features", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov")
 """Arrays shared by all users (released in model.onnx); everything else in arrays.npz is per-user
@@ -294,67 +297,71 @@ def _params_per_user(manifest: dict[str, Any], model: TrainedModel) -> int:
     return model.lrs.rank + model.lrs.sparsity
 
 
-def save_model_dir(model: TrainedModel, out_dir: str | os.PathLike[str]) -> TrainedModel:
-    """Write ``model`` to ``out_dir`` atomically (a temp dir renamed into place).
+def save_model_dir(
+    model: TrainedModel, out_dir: str | os.PathLike[str], *, shard_rows: int | None = None
+) -> TrainedModel:
+    """Write ``model`` to ``out_dir`` atomically (a temp dir renamed into place), in format 2: the
+    shared arrays in arrays.npz, every user in Parquet shards of ``shard_rows`` users
+    (default :data:`lrs_rec.model_shards.DEFAULT_SHARD_ROWS`), written one shard at a time.
 
-    Fills ``format_version``, ``model_version`` (if absent), ``created_at`` and ``dims`` in the
-    manifest (NaN metrics become null); returns the model with the manifest as written. An existing
-    ``out_dir`` is replaced only if it is empty or an lrs-rec model directory (:func:`check_out_dir`).
+    Fills ``format_version``, ``model_version`` (if absent), ``created_at``, ``dims`` and
+    ``user_shards`` in the manifest (NaN metrics become null); returns the model with the manifest
+    as written. An existing ``out_dir`` is replaced only if it is empty or an lrs-rec model
+    directory (:func:`check_out_dir`).
     """
-    out = Path(out_dir)
-    check_out_dir(out)
-    arrays: dict[str, np.ndarray] = dict(model.lrs.to_arrays())
-    for name in _ARRAY_FIELDS:
-        arrays[name] = np.asarray(getattr(model, name))
-    arrays["global_mean"] = np.asarray(model.global_mean, dtype=np.float64)
-    if model.history_timestamps is not None:
-        arrays["history_timestamps"] = np.asarray(model.history_timestamps, dtype=np.float64)
-    # The digest identifies the *released* shared weights (what model.onnx holds) and never hashes
-    # per-user arrays or rating histories: a hash of those would be a non-private release of users'
-    # data for DP models (a membership test against candidate datasets).
-    digest = _digest({name: arrays[name] for name in SHARED_ARRAYS})
+    from lrs_rec import model_shards as ms
+
+    rows = ms.DEFAULT_SHARD_ROWS if shard_rows is None else int(shard_rows)
+    if rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     manifest = dict(model.manifest)
-    manifest.pop("onboarding_prior_sha256", None)
     # always estimated from the arrays being written (a prior carried by ``model`` could be stale
     # after a dataclasses.replace of its arrays)
     prior = None if manifest.get("privacy") else _estimate_prior(model)
-    if prior is not None:
-        prior_arrays = _prior_to_arrays(prior)
-        arrays.update(prior_arrays)
-        manifest["onboarding_prior_sha256"] = _digest(prior_arrays)
-    manifest["format_version"] = FORMAT_VERSION
-    manifest.setdefault("model_version", new_model_version(digest))
-    manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    manifest["arrays_sha256"] = digest
-    manifest["rating_scale"] = [model.rating_min, model.rating_max]
-    manifest["dims"] = {
-        "n_users": model.n_users,
-        "n_items": model.n_items,
-        "d": model.lrs.d,
-        "rank": model.lrs.rank,
-        "sparsity": model.lrs.sparsity,
-        # the method's own count when it says (baselines: single 0, prompt 1, full d, rep r)
-        "params_per_user": _params_per_user(manifest, model),
-    }
-    manifest = _finite_json(json.loads(json.dumps(manifest, default=_json_default)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = tmp.with_name(tmp.name + ".old")
+    staging = ms.begin_model_dir(out_dir)
     try:
-        np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
-        (tmp / USERS).write_text(json.dumps(list(model.user_ids)))
-        (tmp / ITEMS).write_text(json.dumps(list(model.item_ids)))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
-        if out.exists():
-            os.replace(out, old)  # checked above: empty or only our model files
-        os.replace(tmp, out)
+        lrs, indptr = model.lrs, model.history_indptr
+        shards = []
+        for s, lo in enumerate(range(0, max(model.n_users, 1), rows)):
+            hi = min(lo + rows, model.n_users)
+            a, b = int(indptr[lo]), int(indptr[hi])
+            ts = model.history_timestamps
+            shards.append(
+                ms.write_user_shard(
+                    staging,
+                    s,
+                    user_ids=model.user_ids[lo:hi],
+                    user_bias=model.user_bias[lo:hi],
+                    W=lrs.W[lo:hi],
+                    B_idx=lrs.B_idx[lo:hi],
+                    B_val=lrs.B_val[lo:hi],
+                    history_indptr=np.asarray(indptr[lo : hi + 1]) - a,
+                    history_items=model.history_items[a:b],
+                    history_ratings=model.history_ratings[a:b],
+                    history_timestamps=None if ts is None else ts[a:b],
+                )
+            )
     except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
+        ms.abort_model_dir(staging)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    return TrainedModel(**{**_fields(model), "manifest": manifest, "onboarding_prior": prior})
+    written = ms.finish_model_dir(
+        staging,
+        out_dir,
+        shards=shards,
+        U=lrs.U,
+        item_features=model.item_features,
+        item_bias=model.item_bias,
+        global_mean=model.global_mean,
+        w_prior_mean=model.w_prior_mean,
+        w_prior_cov=model.w_prior_cov,
+        item_ids=model.item_ids,
+        rating_min=model.rating_min,
+        rating_max=model.rating_max,
+        manifest=manifest,
+        onboarding_prior=prior,
+        params_per_user=_params_per_user(manifest, model),
+    )
+    return TrainedModel(**{**_fields(model), "manifest": written, "onboarding_prior": prior})
 
 
 def _estimate_prior(model: TrainedModel) -> OnboardingPrior | None:
@@ -432,10 +439,11 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ModelDirError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION):
         raise ModelDirError(
             f"{model_dir}: model directory format_version {version!r} is not supported by this "
-            f"lrs-rec (expects {FORMAT_VERSION}); retrain or convert the model"
+            f"lrs-rec (reads {LEGACY_FORMAT_VERSION} and {FORMAT_VERSION}); retrain or convert "
+            "the model"
         )
     return manifest
 
@@ -540,8 +548,12 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
     scale = _rating_scale(root, manifest)
     path = root / ARRAYS
     arrays = _read_arrays(path)
+    if manifest["format_version"] == LEGACY_FORMAT_VERSION:
+        user_ids = _read_ids(root / USERS)
+    else:
+        user_ids = _read_shards(root, manifest, arrays)
     _check_arrays(path, arrays, manifest)
-    user_ids, item_ids = _read_ids(root / USERS), _read_ids(root / ITEMS)
+    item_ids = _read_ids(root / ITEMS)
     try:
         model = TrainedModel(
             lrs=LRSModel.from_arrays(arrays),
@@ -565,6 +577,40 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> TrainedModel:
     except ValueError as e:
         raise ModelDirError(f"{root / MANIFEST}: {e}") from e
     return model
+
+
+def _read_shards(
+    root: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[str, ...]:
+    """Format 2: every shard read (and checked) into the per-user arrays of format 1 (added to
+    ``arrays``); returns the user ids."""
+    from lrs_rec.model_shards import PER_USER_ARRAYS, iter_user_shards
+
+    stray = sorted(set(arrays) & set(PER_USER_ARRAYS))
+    if stray:  # format 2 keeps per-user data out of arrays.npz
+        raise ModelDirError(f"{root / ARRAYS}: per-user arrays {stray} in a format-2 directory")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in PER_USER_ARRAYS}
+    ids: list[str] = []
+    offset = 0
+    for shard in iter_user_shards(root, manifest):
+        ids.extend(shard.user_ids)
+        parts["W"].append(shard.W)
+        parts["B_idx"].append(shard.B_idx)
+        parts["B_val"].append(shard.B_val)
+        parts["user_bias"].append(shard.user_bias)
+        parts["history_indptr"].append(shard.history_indptr[:-1] + offset)
+        parts["history_items"].append(shard.history_items)
+        parts["history_ratings"].append(shard.history_ratings)
+        if shard.history_timestamps is not None:
+            parts["history_timestamps"].append(shard.history_timestamps)
+        offset += int(shard.history_indptr[-1])
+    parts["history_indptr"].append(np.array([offset], dtype=np.int64))
+    for name, chunks in parts.items():
+        if chunks:
+            arrays[name] = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    if len(set(ids)) != len(ids):
+        raise ModelDirError(f"{root}: user ids are not distinct across the shards")
+    return tuple(ids)
 
 
 def _rating_scale(root: Path, manifest: dict[str, Any]) -> list[float]:
@@ -685,7 +731,10 @@ def load_shared_model_dir(model_dir: str | os.PathLike[str]) -> SharedModel:
         with npz as z:
             names = [n for n in (*SHARED_ARRAYS, *PRIOR_ARRAYS, "B_idx") if n in z.files]
             arrays = {n: z[n] for n in names if n != "B_idx"}
-            k = _sparsity(z, manifest) if "B_idx" in names else None
+            if manifest["format_version"] == LEGACY_FORMAT_VERSION:
+                k = _sparsity(z, manifest) if "B_idx" in names else None
+            else:  # format 2: no per-user array in arrays.npz, k is in the manifest's dims
+                k = _sparsity(None, manifest)
     except FileNotFoundError as e:
         raise ModelDirError(f"{path}: missing") from e
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
@@ -708,10 +757,7 @@ def load_shared_model_dir(model_dir: str | os.PathLike[str]) -> SharedModel:
                 f"{path}: array {name} must be {ndim}-D numeric and finite, got {a.ndim}-D {a.dtype}"
             )
     item_ids = _read_ids(root / ITEMS)
-    try:
-        user_index = UserIndex.read(root / USERS)
-    except (OSError, ValueError) as e:
-        raise ModelDirError(f"{root / USERS}: cannot read ({e})") from e
+    user_index = load_user_index(root, manifest)
     U, F = arrays["U"], arrays["item_features"]
     r = U.shape[1]
     checks = {
@@ -752,7 +798,42 @@ def _sparsity(z: Any, manifest: dict[str, Any]) -> int:
     dims = manifest.get("dims")
     if isinstance(dims, dict) and isinstance(dims.get("sparsity"), int):
         return int(dims["sparsity"])
+    if z is None:
+        raise ModelDirError("manifest.json: dims.sparsity is missing")
     return int(z["B_idx"].shape[1])  # a directory without dims (none is written so): read it
+
+
+def read_user_ids(
+    model_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None
+) -> tuple[str, ...]:
+    """Every user id of a model directory, position = dense index (format 1: ``users.json``;
+    format 2: the shards' ``user_id`` column, nothing else of them read)."""
+    root = Path(model_dir)
+    manifest = read_manifest(root) if manifest is None else manifest
+    if manifest.get("format_version") == LEGACY_FORMAT_VERSION:
+        return _read_ids(root / USERS)
+    from lrs_rec.model_shards import read_user_ids as shard_ids
+
+    return tuple(shard_ids(root, manifest))
+
+
+def load_user_index(
+    model_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None
+) -> UserIndex:
+    """The compact id -> dense index map of a model directory's users (either format)."""
+    root = Path(model_dir)
+    manifest = read_manifest(root) if manifest is None else manifest
+    try:
+        if manifest.get("format_version") == LEGACY_FORMAT_VERSION:
+            return UserIndex.read(root / USERS)
+        from lrs_rec.model_shards import read_user_id_bytes
+
+        return UserIndex.from_utf8(*read_user_id_bytes(root, manifest))
+    except ModelDirError:
+        raise
+    except (OSError, ValueError) as e:
+        where = root / USERS if manifest.get("format_version") == LEGACY_FORMAT_VERSION else root
+        raise ModelDirError(f"{where}: cannot read the user ids ({e})") from e
 
 
 def onboarding_schedule(manifest: dict[str, Any]) -> list[tuple[int, OnboardingConfig]]:

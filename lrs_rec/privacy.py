@@ -86,18 +86,23 @@ class ClipBounds:
             )
 
 
-def u_step_sensitivities(bounds: ClipBounds, *, one_hot: bool) -> tuple[float, float]:
+def u_step_sensitivities(
+    bounds: ClipBounds, *, one_hot: bool, sparse: bool = True
+) -> tuple[float, float]:
     """L2 sensitivities (Δ_A, Δ_V) of the U-step statistics A, V under add/remove-one-user.
+    ``sparse=False``: the model has no sparse part (b ≡ 0, so ĉ = 0 and |ŷ − ĉ| ≤ A2): A3 drops
+    out of Δ_V.
 
     General covariates: Δ_A = m·A1²·A_w², Δ_V = m·A1·(A2 + A3)·A_w (Eq. 7–8, the paper's noise scales).
     One-hot item covariates with distinct items per user (A1 = 1): Δ_A = √m·A_w², Δ_V = √m·(A2 + A3)·A_w.
     """
     m, b = float(bounds.max_samples_per_user), bounds
+    a3 = b.A3 if sparse else 0.0
     if one_hot:
         if b.A1 != 1.0:
             raise ValueError(f"one-hot covariates have norm 1: A1 must be 1.0, got {b.A1}")
-        return math.sqrt(m) * b.A_w**2, math.sqrt(m) * (b.A2 + b.A3) * b.A_w
-    return m * b.A1**2 * b.A_w**2, m * b.A1 * (b.A2 + b.A3) * b.A_w
+        return math.sqrt(m) * b.A_w**2, math.sqrt(m) * (b.A2 + a3) * b.A_w
+    return m * b.A1**2 * b.A_w**2, m * b.A1 * (b.A2 + a3) * b.A_w
 
 
 def item_sum_sensitivities(
@@ -153,39 +158,60 @@ def check_samples_per_user(users: IntArray, m: int) -> None:
 
 def check_distinct_user_items(users: IntArray, items: IntArray) -> None:
     """One-hot sensitivities assume each (user, item) pair occurs at most once."""
-    pairs = np.stack([np.asarray(users, np.int64), np.asarray(items, np.int64)], axis=1)
-    uniq = np.unique(pairs, axis=0)
-    if uniq.shape[0] != pairs.shape[0]:
+    users = np.asarray(users, np.int64)
+    items = np.asarray(items, np.int64)
+    if users.size == 0:
+        return
+    key = np.sort(users * (int(items.max()) + 1) + items)  # O(N) int64, no (N, 2) unique
+    n_dup = int(np.count_nonzero(key[1:] == key[:-1]))
+    if n_dup:
         raise ValueError(
-            f"{pairs.shape[0] - uniq.shape[0]} duplicate (user, item) pairs: keep one rating per "
+            f"{n_dup} duplicate (user, item) pairs: keep one rating per "
             "user and item before private training"
         )
 
 
 # -- clipped U-step statistics (Eq. 7–8 without noise) ------------------------------------------------
 def clipped_u_step_statistics(
-    X: FloatArray,
+    X: FloatArray | None,
     y: FloatArray,
     xb: FloatArray,
     users: IntArray,
     W: FloatArray,
     bounds: ClipBounds,
+    *,
+    F: FloatArray | None = None,
+    items: IntArray | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """A (d·r × d·r) and V (d × r) of Eq. 7–8 over the given samples (already capped to m per user),
     before noise and before the 1/(mt) scaling (a constant that does not change the solution).
 
     ``xb[j]`` is ⟨x_j, b_{u_j}⟩ (clipped here to A3); ``W`` is (n_users, r) (rows clipped to A_w).
-    """
+    The covariates are the rows of ``X`` (N, d), or ``F[items]`` (public item features, gathered
+    a block of samples at a time: never all N × d·r at once). Blocks of samples of at most
+    ``engine.steps.sample_budget(d·r)`` rows; the sums are additive over blocks."""
+    from lrs_rec.engine.steps import sample_budget
+
     check_samples_per_user(users, bounds.max_samples_per_user)
-    Xc = clip_rows(X, bounds.A1)
+    if (X is None) == (F is None or items is None):
+        raise ValueError("give the covariates X, or the item features F and the items")
+    users = np.asarray(users, dtype=np.int64)
     t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
-    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
-    N, d = Xc.shape
-    r = Wc.shape[1]
-    Z = (Xc[:, :, None] * Wc[:, None, :]).reshape(N, d * r)  # rows x̂_j ⊗ ŵ_{u_j}
-    A = Z.T @ Z
-    V = (Z.T @ t).reshape(d, r)
-    return np.asarray(A, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    Wall = clip_rows(W, bounds.A_w)
+    d = (X if X is not None else F).shape[1]  # type: ignore[union-attr]
+    r = Wall.shape[1]
+    A = np.zeros((d * r, d * r))
+    V = np.zeros(d * r)
+    step = sample_budget(2 * d * r)
+    for lo in range(0, users.size, step):
+        sl = slice(lo, lo + step)
+        rows = X[sl] if X is not None else F[np.asarray(items)[sl]]  # type: ignore[index]
+        Xc = clip_rows(rows, bounds.A1)
+        Wc = Wall[users[sl]]
+        Z = (Xc[:, :, None] * Wc[:, None, :]).reshape(-1, d * r)  # rows x̂_j ⊗ ŵ_{u_j}
+        A += Z.T @ Z
+        V += Z.T @ t[sl]
+    return np.asarray(A, dtype=np.float64), np.asarray(V.reshape(d, r), dtype=np.float64)
 
 
 def user_contribution_reference(
@@ -213,21 +239,33 @@ def clipped_item_block_statistics(
     W: FloatArray,
     n_items: int,
     bounds: ClipBounds,
+    *,
+    with_gram: bool = True,
 ) -> tuple[FloatArray, FloatArray]:
     """Eq. 7–8 for one-hot item covariates: the r×r diagonal blocks A_i = Σ_{u rated i} ŵ_u ŵ_uᵀ,
     shape (n_items, r, r), and the rows V_i = Σ_{u rated i} (ŷ_ui − ĉ_ui) ŵ_u, shape (n_items, r).
-    All off-diagonal blocks of A are structurally zero whatever the data."""
+    All off-diagonal blocks of A are structurally zero whatever the data. ``with_gram=False``
+    computes V only (A is returned as zeros)."""
+    from lrs_rec.engine.grouped import grouped_sum
+    from lrs_rec.engine.steps import sample_budget
+
     items = np.asarray(items, dtype=np.int64)
+    users = np.asarray(users, dtype=np.int64)
     check_samples_per_user(users, bounds.max_samples_per_user)
     check_distinct_user_items(users, items)
-    Wc = clip_rows(W, bounds.A_w)[np.asarray(users, dtype=np.int64)]
+    Wall = clip_rows(W, bounds.A_w)
     t = clip_scalar(y, bounds.A2) - clip_scalar(xb, bounds.A3)
-    r = Wc.shape[1]
-    outer = (Wc[:, :, None] * Wc[:, None, :]).reshape(-1, r * r)
+    r = Wall.shape[1]
     A = np.zeros((n_items, r * r))
-    np.add.at(A, items, outer)
     V = np.zeros((n_items, r))
-    np.add.at(V, items, Wc * t[:, None])
+    step = sample_budget(2 * (r * r + r))  # blocks of samples: never all N × r² at once
+    for lo in range(0, users.size, step):
+        sl = slice(lo, lo + step)
+        Wc = Wall[users[sl]]
+        if with_gram:
+            outer = (Wc[:, :, None] * Wc[:, None, :]).reshape(-1, r * r)
+            A += grouped_sum(items[sl], n_items, outer)
+        V += grouped_sum(items[sl], n_items, Wc * t[sl, None])
     return A.reshape(n_items, r, r), V
 
 
@@ -367,3 +405,42 @@ def _check_nonnegative(**values: float) -> None:
     for name, v in values.items():
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+
+
+# -- one-hot U-step with the population Gram (per-item counts × one global second moment) ------------
+def capped_item_counts(items: IntArray, n_items: int) -> FloatArray:
+    """a_i: how many of the capped samples rate item i. One user (≤ m distinct items) changes
+    this vector by at most √m in L2 (:func:`population_gram_sensitivities`)."""
+    return np.asarray(np.bincount(np.asarray(items, np.int64), minlength=n_items), np.float64)
+
+
+def clipped_second_moment(users: IntArray, W: FloatArray, bounds: ClipBounds) -> FloatArray:
+    """Σ_j ŵ_{u_j} ŵ_{u_j}ᵀ over the capped samples (r × r): one user's term n_u·ŵ_uŵ_uᵀ has
+    Frobenius norm ≤ m·A_w²."""
+    users = np.asarray(users, dtype=np.int64)
+    check_samples_per_user(users, bounds.max_samples_per_user)
+    Wc = clip_rows(W, bounds.A_w)
+    n_u = np.bincount(users, minlength=Wc.shape[0]).astype(np.float64)
+    return np.asarray((Wc * n_u[:, None]).T @ Wc, dtype=np.float64)
+
+
+def population_gram_sensitivities(bounds: ClipBounds) -> tuple[float, float]:
+    """(Δ_count, Δ_M) of :func:`capped_item_counts` (distinct items) and
+    :func:`clipped_second_moment`: √m and m·A_w²."""
+    m = float(bounds.max_samples_per_user)
+    return math.sqrt(m), m * bounds.A_w**2
+
+
+def solve_item_population(
+    V: FloatArray, counts: FloatArray, M: FloatArray, *, ridge: float
+) -> FloatArray:
+    """Row i of U from (max(a_i, 0)·M̂ + ridge·I) U_i = V_i, with M̂ = PSD(M) the per-sample second
+    moment of ŵ: the block-diagonal Eq. 5 with each item's Gram Σ_{u rated i} ŵ_uŵ_uᵀ replaced by
+    its population value a_i·M̂ (post-processing of released a and M; exact when the raters of an
+    item are a random sample of the users). One eigendecomposition of M̂, no per-item solve."""
+    _check_positive(ridge=ridge)
+    lam, Q = np.linalg.eigh(0.5 * (M + M.T))
+    lam = np.maximum(lam, 0.0)
+    a = np.maximum(np.asarray(counts, np.float64), 0.0)
+    coef = (V @ Q) / (a[:, None] * lam[None, :] + ridge)
+    return np.asarray(coef @ Q.T, dtype=np.float64)

@@ -286,6 +286,16 @@ def create_app(
     app.state.recommender = recommender
     app.state.metrics = metrics
     rec = recommender
+    counters: dict[tuple[str, bool], Any] = {}
+
+    def _personalized(route: str, flag: bool) -> Any:
+        """The (route, personalized) child of the counter, looked up once (created on first use,
+        so /metrics lists only the label pairs that occurred)."""
+        child = counters.get((route, flag))
+        if child is None:
+            child = counters[route, flag] = metrics.personalized.labels(route, str(flag).lower())
+        return child
+
     # route dependencies of the API keys (serving.auth): none at all without --api-keys
     read, write = auth.guard(api_keys, "read"), auth.guard(api_keys, "write")
 
@@ -353,7 +363,7 @@ def create_app(
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
         res = await front.score(req.user_id, req.item_ids)
-        metrics.personalized.labels("/v1/score", str(res.personalized).lower()).inc()
+        _personalized("/v1/score", res.personalized).inc()
         return JSONResponse(
             {
                 "user_id": res.user_id,
@@ -379,7 +389,7 @@ def create_app(
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
         res = await front.recommend(req.user_id, req.n, req.exclude_rated)
-        metrics.personalized.labels("/v1/recommend", str(res.personalized).lower()).inc()
+        _personalized("/v1/recommend", res.personalized).inc()
         return JSONResponse(
             {
                 "user_id": res.user_id,

@@ -1,6 +1,7 @@
 """``lrs-rec publish``: write a model's per-user parameters to Redis as a new version, then switch.
 
 lrs-rec publish --model MODEL_DIR [--redis URL] [--precision float16|float32]
+lrs-rec publish --model MODEL_DIR --engine dask [--scheduler ADDRESS] [--workers N]
 lrs-rec publish --list [--redis URL]
 lrs-rec publish --delete-version V [--redis URL]
 lrs-rec publish --prune [--keep N] [--redis URL]
@@ -58,6 +59,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="after switching, delete older versions keeping the newest N (0: keep all)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="local: this process writes every shard; dask: Dask workers write the shards in "
+        "parallel (default %(default)s)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="--engine dask: address of a running Dask scheduler (e.g. tcp://host:8786); "
+        "default: a LocalCluster of --workers processes",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_in(1),
+        default=2,
+        metavar="N",
+        help="--engine dask without --scheduler: worker processes of the LocalCluster "
+        "(default %(default)s)",
     )
     p.add_argument("--list", action="store_true", help="list the store's versions and exit")
     p.add_argument("--delete-version", metavar="V", help="delete store version V (not the current)")
@@ -141,6 +164,9 @@ def _run(args: argparse.Namespace) -> int:
     from lrs_rec.serving.connection import connect
     from lrs_rec.serving.store import RedisStore
 
+    if args.scheduler and args.engine != "dask":
+        print("lrs-rec publish: error: --scheduler needs --engine dask", file=sys.stderr)
+        return 2
     if args.model and not (args.list or args.delete_version or args.switch_to or args.prune):
         # privacy budget: refuse before touching Redis (training/private_accounting.py)
         from lrs_rec.training.private_accounting import budget_from_env, check_budget
@@ -190,21 +216,35 @@ def _run(args: argparse.Namespace) -> int:
         if not args.model:
             print("lrs-rec publish: error: --model MODEL_DIR is required", file=sys.stderr)
             return 2
-        from lrs_rec.model_dir import load_model_dir
-
         model_dir = Path(args.model).resolve()
-        model = load_model_dir(model_dir)
         before = store.used_memory()
-        meta = store.publish(
-            model,
-            model_dir=str(model_dir),
-            precision=args.precision,
-            bucket_size=args.bucket_size,
-            history_cap=args.history_cap,
-            refit=_refit_hook(),
-            switch=not args.no_switch,
-            progress=sys.stderr.isatty(),
-        )
+        options = {
+            "precision": args.precision,
+            "bucket_size": args.bucket_size,
+            "history_cap": args.history_cap,
+            "refit": _refit_hook(),
+            "switch": not args.no_switch,
+        }
+        if args.engine == "dask":
+            from lrs_rec.serving.publish_dask import publish_dask
+
+            meta = publish_dask(
+                store, model_dir, scheduler=args.scheduler, workers=args.workers, **options
+            )
+        else:  # one shard in memory at a time (a format-1 directory: all of it)
+            from lrs_rec.serving.store import user_block
+
+            from lrs_rec.model_dir import load_shared_model_dir
+            from lrs_rec.model_shards import iter_user_shards
+
+            shared = load_shared_model_dir(model_dir)
+            meta = store.publish_blocks(
+                shared,
+                (user_block(s) for s in iter_user_shards(model_dir, shared.manifest)),
+                model_dir=str(model_dir),
+                progress=sys.stderr.isatty(),
+                **options,
+            )
         grown = store.used_memory() - before
         out = {
             "version": meta.version,

@@ -18,7 +18,7 @@ the versioned namespaces, :mod:`serving.keys`). The marker is what keeps the use
   (``appendfsync always`` on the embedded server: the reply means the AOF is fsync'ed). The data
   leaves the files on disk at the next AOF rewrite (``BGREWRITEAOF``) and RDB save.
 * A trained user's slot in a version is found through that version's user vocabulary: the served
-  model's, or ``users.json`` of the version's model directory when it still holds that model.
+  model's, or the user ids (``users.json`` / the shards) of the version's model directory when it still holds that model.
   Versions whose vocabulary is not available (e.g. the directory was retrained in place) are
   reported as ``unscrubbed_versions``: the user's onboarded data is removed there, a trained row
   may remain until the version is deleted (``lrs-rec publish --prune`` / ``--delete-version``).
@@ -29,7 +29,6 @@ removals, the current version last; a retried DELETE finishes an interrupted one
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Mapping
@@ -43,8 +42,7 @@ from lrs_rec.serving.onboarding import validate_user_id
 from lrs_rec.serving.recommender import ServingError
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
-from lrs_rec.model_dir import USERS, read_manifest
-from lrs_rec.user_index import UserIndex
+from lrs_rec.model_dir import load_user_index, read_manifest
 
 if TYPE_CHECKING:
     from lrs_rec.serving.recommender import Recommender
@@ -86,7 +84,7 @@ def _vocabulary(rec: Recommender, loaded: Any, meta: VersionMeta) -> Mapping[str
 
 
 def vocabulary_from_dir(meta: VersionMeta) -> Mapping[str, int] | None:
-    """User id -> index from ``users.json`` of ``meta.model_dir`` if it still holds ``meta``'s
+    """User id -> index from the user ids of ``meta.model_dir`` if it still holds ``meta``'s
     model (same model version and shared-array digest), else None."""
     if not meta.model_dir:
         return None
@@ -102,12 +100,9 @@ def vocabulary_from_dir(meta: VersionMeta) -> Mapping[str, int] | None:
             meta.arrays_sha256 and manifest.get("arrays_sha256") != meta.arrays_sha256
         ):
             return None
-        ids = json.loads((root / USERS).read_text(encoding="utf-8"))
+        index = load_user_index(root, manifest)  # compact: (longest id + 4) bytes per user
     except (OSError, ValueError):
         return None
-    if not isinstance(ids, list):
-        return None
-    index = UserIndex(str(u) for u in ids)  # compact: (longest id + 4) bytes per user
     with _VOCAB_LOCK:
         while len(_VOCAB) >= _VOCAB_MAX:
             _VOCAB.pop(next(iter(_VOCAB)))

@@ -27,7 +27,12 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.serving.connection import RedisHandle, connect
-from lrs_rec.serving.encoding import UserParams, decode_history, decode_record
+from lrs_rec.serving.encoding import (
+    UserParams,
+    decode_history,
+    decode_record,
+    decode_record_batch,
+)
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
 from lrs_rec.model_dir import (
@@ -528,6 +533,72 @@ class Recommender:
             )
         )
         return RecommendResult(user_id, items, rec is not None, loaded.model.model_version)
+
+    def recommend_rows(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        requests: Sequence[tuple[str, int, tuple[bytes | None, bytes | None]]],
+    ) -> list[RecommendResult]:
+        """:meth:`recommend_from` for several requests ``(user_id, n, row)`` of one snapshot at
+        once (the asynchronous front's micro-batch): one batched record decode and one ONNX
+        Runtime run over all of them, with the largest n, each answer cut to its own n. Equals
+        ``[recommend_from(snapshot, *r) for r in requests]`` (tested: ONNX TopK orders ties by
+        position, so a top-n is the first n of any longer top list)."""
+        if len(requests) <= 1:
+            return [self.recommend_from(snapshot, *r) for r in requests]
+        meta, loaded = snapshot
+        batch = len(requests)
+        pop = loaded.population
+        records = [row[0] for _, _, row in requests]
+        stored = [b for b, rec in enumerate(records) if rec is not None]
+        if len(stored) == batch:
+            p = decode_record_batch(meta.record_format, records)  # type: ignore[arg-type]
+            w, bias, b_idx, b_val = p.w, p.bias, p.b_idx, p.b_val
+        else:
+            w = np.repeat(pop.w, batch, axis=0)
+            bias = np.repeat(pop.bias, batch)
+            b_idx = np.repeat(pop.b_idx, batch, axis=0)
+            b_val = np.repeat(pop.b_val, batch, axis=0)
+            if stored:
+                p = decode_record_batch(meta.record_format, [records[b] for b in stored])  # type: ignore[misc]
+                w[stored], bias[stored], b_idx[stored], b_val[stored] = (
+                    p.w,
+                    p.bias,
+                    p.b_idx,
+                    p.b_val,
+                )
+        rated = [
+            decode_history(row[1])[0] if row[1] is not None else None for _, _, row in requests
+        ]
+        width = max((h.size for h in rated if h is not None), default=0)
+        exclude = None
+        if width:
+            exclude = np.full((batch, width), -1, dtype=np.int64)
+            for b, h in enumerate(rated):
+                if h is not None:
+                    exclude[b, : h.size] = h
+        top_n = max(int(n) for _, n, _ in requests)
+        top_items, top_scores = loaded.scorer.topn(w, bias, b_idx, b_val, top_n, exclude=exclude)
+        names, version = loaded.item_ids, loaded.model.model_version
+        out = []
+        for b, (user_id, n, row) in enumerate(requests):
+            scores, items = top_scores[b, : int(n)], top_items[b, : int(n)]
+            keep = scores > -np.inf
+            out.append(
+                RecommendResult(
+                    user_id,
+                    list(
+                        zip(
+                            names[items[keep]].tolist(),
+                            scores[keep].astype(np.float64).tolist(),
+                            strict=True,
+                        )
+                    ),
+                    row[0] is not None,
+                    version,
+                )
+            )
+        return out
 
     def score_from(
         self,

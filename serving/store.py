@@ -12,7 +12,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Protocol
@@ -33,7 +34,8 @@ from lrs_rec.serving.encoding import (
 from lrs_rec.serving.history import merge_history, merge_unknown
 from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
 
-from lrs_rec.model_dir import TrainedModel
+from lrs_rec.model_dir import SharedModel, TrainedModel
+from lrs_rec.model_shards import UserShard
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,90 @@ class UserLocation:
 
 # A refit hook for publish (provided by onboarding): given the NEW model, a user id and their full
 # history as item indices of the new model + ratings, return (bias, w (r,), b_idx (k,), b_val (k,)).
-RefitHook = Callable[[TrainedModel, str, np.ndarray, np.ndarray], tuple[Any, Any, Any, Any]]
+PublishModel = TrainedModel | SharedModel
+"""What a publish takes the shared part from (ids, versions, dimensions, the refit's weights)."""
+RefitHook = Callable[[PublishModel, str, np.ndarray, np.ndarray], tuple[Any, Any, Any, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class UserBlock:
+    """The trained users ``start .. start + n_users - 1`` to publish: ids (for the erasure
+    markers), parameters, and training histories as CSR with every user's ratings oldest first."""
+
+    start: int
+    user_ids: Sequence[str]
+    user_bias: np.ndarray
+    W: np.ndarray
+    B_idx: np.ndarray
+    B_val: np.ndarray
+    history_indptr: np.ndarray
+    history_items: np.ndarray
+    history_ratings: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return int(np.asarray(self.user_bias).shape[0])
+
+
+def user_block(model: TrainedModel | UserShard) -> UserBlock:
+    """All users of a :class:`~lrs_rec.model_dir.TrainedModel`, or of one shard of a model
+    directory (:class:`~lrs_rec.model_shards.UserShard`), as a :class:`UserBlock`."""
+    items, ratings = model.history_by_time()
+    if isinstance(model, TrainedModel):
+        lrs = model.lrs
+        W, B_idx, B_val, start = lrs.W, lrs.B_idx, lrs.B_val, 0
+    else:
+        W, B_idx, B_val, start = model.W, model.B_idx, model.B_val, model.start
+    return UserBlock(
+        start=start,
+        user_ids=model.user_ids,
+        user_bias=model.user_bias,
+        W=W,
+        B_idx=B_idx,
+        B_val=B_val,
+        history_indptr=model.history_indptr,
+        history_items=items,
+        history_ratings=ratings,
+    )
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    """A version being written (:meth:`RedisStore.begin_publish`): its metadata, the erasure
+    markers read when it began, the pipelining depth and the key prefix. Sent to writer processes
+    as JSON (:meth:`to_json`), never pickled."""
+
+    meta: VersionMeta
+    erased: dict[str, bytes]
+    pipeline_buckets: int
+    prefix: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "meta": json.loads(self.meta.to_json()),
+                "erased": {u: m.decode() for u, m in self.erased.items()},
+                "pipeline_buckets": self.pipeline_buckets,
+                "prefix": self.prefix,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> PublishPlan:
+        d = json.loads(raw)
+        return cls(
+            meta=VersionMeta.from_json(json.dumps(d["meta"])),
+            erased={u: m.encode() for u, m in d["erased"].items()},
+            pipeline_buckets=int(d["pipeline_buckets"]),
+            prefix=str(d["prefix"]),
+        )
+
+
+def _dims(model: PublishModel) -> tuple[int, int, int]:
+    """(rank, sparsity, d) without touching per-user arrays."""
+    if isinstance(model, SharedModel):
+        return model.rank, model.sparsity, model.d
+    return model.lrs.rank, model.lrs.sparsity, model.lrs.d
 
 
 class UserStore(Protocol):
@@ -480,7 +565,97 @@ class RedisStore:
         _fail_after_buckets: int | None = None,
     ) -> VersionMeta:
         """Write every user of ``model`` into a new version namespace, carry over onboarded users
-        of the current version, then switch ``current`` to it (unless ``switch=False``)."""
+        of the current version, then switch ``current`` to it (unless ``switch=False``).
+        :meth:`begin_publish`, :meth:`write_users` of all users, :meth:`finish_publish`."""
+        plan = self.begin_publish(
+            model,
+            model_dir=model_dir,
+            precision=precision,
+            bucket_size=bucket_size,
+            n_onb_buckets=n_onb_buckets,
+            history_cap=history_cap,
+            with_history=with_history,
+            pipeline_buckets=pipeline_buckets,
+        )
+        with self.failing(plan):
+            self.write_users(
+                plan,
+                user_block(model),
+                progress=progress,
+                _fail_after_buckets=_fail_after_buckets,
+            )
+        return self.finish_publish(
+            plan, model, refit=refit, carry_over_grace=carry_over_grace, switch=switch
+        )
+
+    def publish_blocks(
+        self,
+        model: PublishModel,
+        blocks: Iterable[UserBlock],
+        *,
+        model_dir: str = "",
+        precision: str = "float16",
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        n_onb_buckets: int = DEFAULT_ONB_BUCKETS,
+        history_cap: int = DEFAULT_HISTORY_CAP,
+        with_history: bool = True,
+        refit: RefitHook | None = None,
+        carry_over_grace: float = 2.0,
+        switch: bool = True,
+        progress: bool = False,
+        pipeline_buckets: int = _PIPELINE_KEYS,
+    ) -> VersionMeta:
+        """:meth:`publish` of a model whose users come block by block (e.g. the shards of a model
+        directory, one in memory at a time); ``model`` gives the shared part (a
+        :class:`~lrs_rec.model_dir.SharedModel`: ids, versions, dimensions, the refit's weights).
+        Same keys and bytes as :meth:`publish` of the whole model."""
+        plan = self.begin_publish(
+            model,
+            model_dir=model_dir,
+            precision=precision,
+            bucket_size=bucket_size,
+            n_onb_buckets=n_onb_buckets,
+            history_cap=history_cap,
+            with_history=with_history,
+            pipeline_buckets=pipeline_buckets,
+        )
+        with self.failing(plan):
+            for block in blocks:
+                self.write_users(plan, block, progress=progress)
+        return self.finish_publish(
+            plan, model, refit=refit, carry_over_grace=carry_over_grace, switch=switch
+        )
+
+    @contextmanager
+    def failing(self, plan: PublishPlan) -> Iterator[None]:
+        """Mark the version being written ``failed`` if the block raises."""
+        try:
+            yield
+        except BaseException:
+            self.mark_failed(plan.meta)
+            raise
+
+    def mark_failed(self, meta: VersionMeta) -> None:
+        try:
+            self._put_meta(replace(meta, status="failed"))
+        except Exception:  # Redis itself may be what failed
+            pass
+
+    def begin_publish(
+        self,
+        model: PublishModel,
+        *,
+        model_dir: str = "",
+        precision: str = "float16",
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        n_onb_buckets: int = DEFAULT_ONB_BUCKETS,
+        history_cap: int = DEFAULT_HISTORY_CAP,
+        with_history: bool = True,
+        pipeline_buckets: int = _PIPELINE_KEYS,
+    ) -> PublishPlan:
+        """Allocate a new version, register it as ``writing``, store its item ids and read the
+        erasure markers: what every writer of its users (:meth:`write_users`, in this process or
+        on workers, :class:`PublishPlan` travels as JSON) needs."""
         if not 1 <= bucket_size <= 4096:
             raise ValueError(f"bucket_size must be in [1, 4096], got {bucket_size}")
         if history_cap < 1:
@@ -488,10 +663,8 @@ class RedisStore:
                 f"history_cap must be >= 1, got {history_cap}: refits see only the stored history, so "
                 "without one a trained user's next rating would refit them from that rating alone"
             )
-        lrs = model.lrs
-        fmt = RecordFormat.for_model(
-            rank=lrs.rank, sparsity=lrs.sparsity, d=lrs.d, precision=precision
-        )
+        rank, sparsity, d = _dims(model)
+        fmt = RecordFormat.for_model(rank=rank, sparsity=sparsity, d=d, precision=precision)
         n_buckets = -(-model.n_users // bucket_size)
         version = f"v{int(self.r.incr(self.keys.version_seq))}"
         meta = VersionMeta(
@@ -501,7 +674,7 @@ class RedisStore:
             model_dir=model_dir,
             n_users=model.n_users,
             n_items=model.n_items,
-            d=lrs.d,
+            d=d,
             record_format=fmt,
             bucket_size=bucket_size,
             n_buckets=n_buckets,
@@ -512,69 +685,116 @@ class RedisStore:
             created_at=time.time(),
         )
         self._put_meta(meta)  # first, so an interrupted publish can be found and deleted
-        try:
-            hist = HistoryEncoder(  # oldest first, so the cap keeps each user's most recent
-                model.history_indptr,
-                *model.history_by_time(),
-                n_items=model.n_items,
-                cap=history_cap,
-            )
-            value_bytes = fmt.size
-            if with_history:
-                value_bytes = max(value_bytes, min(hist.max_size(), HISTORY_LISTPACK_VALUE))
-            self.ensure_compact_encoding(entries=bucket_size, value_bytes=value_bytes)
+        plan = PublishPlan(meta, {}, pipeline_buckets, self.keys.prefix)
+        with self.failing(plan):
+            self.ensure_compact_encoding(entries=bucket_size, value_bytes=fmt.size)
             self.r.set(self.keys.items(version), json.dumps(list(model.item_ids)))
-            packed = pack_params(fmt, model.user_bias, lrs.W, lrs.B_idx, lrs.B_val)
-            rec_bytes = packed.tobytes()
-            L = fmt.size
             # erased users (serving.erasure): their rows of the model directory are never written
-            erased = self.erased_marks()
-            user_index = model.user_index() if erased else {}
-            skip = {user_index[u] for u in erased if u in user_index}
-            from tqdm import tqdm
+            plan = replace(plan, erased=self.erased_marks())
+        return plan
 
-            buckets = tqdm(
-                range(0, n_buckets, pipeline_buckets),
-                desc=f"publish {version}",
-                unit="chunk",
-                disable=not progress,
-            )
-            fields = [str(s).encode() for s in range(bucket_size)]
+    def write_users(
+        self,
+        plan: PublishPlan,
+        block: UserBlock,
+        *,
+        progress: bool = False,
+        _fail_after_buckets: int | None = None,
+    ) -> int:
+        """Write the records (and histories) of the users of ``block`` into ``plan``'s version
+        being written: one ``HSET`` per bucket and key, pipelined. Blocks may be written in any
+        order and by several processes at once (two blocks sharing a bucket write different
+        fields). Users erased before the publish began are skipped. Returns the users written."""
+        meta = plan.meta
+        version, bucket_size, fmt = meta.version, meta.bucket_size, meta.record_format
+        n = block.n_users
+        if n == 0:
+            return 0
+        start, end = block.start, block.start + n
+        if start < 0 or end > meta.n_users:
+            raise ValueError(f"users {start}..{end - 1} outside the version's {meta.n_users}")
+        hist = HistoryEncoder(  # oldest first, so the cap keeps each user's most recent
+            block.history_indptr,
+            block.history_items,
+            block.history_ratings,
+            n_items=meta.n_items,
+            cap=meta.history_cap,
+        )
+        if meta.with_history:
+            value_bytes = max(fmt.size, min(hist.max_size(), HISTORY_LISTPACK_VALUE))
+            if value_bytes > fmt.size:  # raised before the block's writes: as one publish would
+                self.ensure_compact_encoding(entries=bucket_size, value_bytes=value_bytes)
+        rec_bytes = pack_params(fmt, block.user_bias, block.W, block.B_idx, block.B_val).tobytes()
+        L = fmt.size
+        skip: set[int] = set()
+        if plan.erased:
+            skip = {start + j for j, u in enumerate(block.user_ids) if u in plan.erased}
+        first, last = start // bucket_size, (end - 1) // bucket_size
+        from tqdm import tqdm
 
-            def chunks() -> Iterator[list[tuple[bytes, list[bytes], list[bytes]]]]:
-                """``(key, fields, values)`` of every HSET, by chunks of ``pipeline_buckets``."""
-                for start in buckets:
-                    if _fail_after_buckets is not None and start >= _fail_after_buckets:
-                        raise RuntimeError("simulated failure during publish (test hook)")
-                    commands = []
-                    for b in range(start, min(start + pipeline_buckets, n_buckets)):
-                        lo, hi = b * bucket_size, min((b + 1) * bucket_size, model.n_users)
-                        users = (
-                            [u for u in range(lo, hi) if u not in skip] if skip else range(lo, hi)
-                        )
-                        if not users:
-                            continue
-                        names = [fields[u - lo] for u in users]
-                        recs = [rec_bytes[u * L : (u + 1) * L] for u in users]
-                        commands.append((self.keys.params(version, b), names, recs))
-                        if with_history:
-                            hists = [hist.record(u) for u in users]
-                            commands.append((self.keys.history(version, b), names, hists))
-                    yield commands
+        steps = tqdm(
+            range(first, last + 1, plan.pipeline_buckets),
+            desc=f"publish {version}",
+            unit="chunk",
+            disable=not progress,
+        )
+        fields = [str(s).encode() for s in range(bucket_size)]
+        keys = self.keys
 
-            if not self.handle.is_cluster:
-                # a single server: RESP packed here, one connection, the next chunk sent before
-                # the previous one's replies are read (the encoding overlaps Redis's work)
-                self._hset_packed(chunks())
-            else:  # a Cluster routes every bucket's keys through redis-py's cluster pipeline
-                for commands in chunks():
-                    pipe = self.r.pipeline(transaction=False)
-                    for key, names, values in commands:
-                        pipe.hset(key, mapping=dict(zip(names, values, strict=True)))
-                    pipe.execute()
+        def chunks() -> Iterator[list[tuple[bytes, list[bytes], list[bytes]]]]:
+            """``(key, fields, values)`` of every HSET, by chunks of ``pipeline_buckets``."""
+            for chunk in steps:
+                if _fail_after_buckets is not None and chunk >= _fail_after_buckets:
+                    raise RuntimeError("simulated failure during publish (test hook)")
+                commands = []
+                for b in range(chunk, min(chunk + plan.pipeline_buckets, last + 1)):
+                    lo = b * bucket_size
+                    u_lo, u_hi = max(lo, start), min(lo + bucket_size, end)
+                    users = (
+                        [u for u in range(u_lo, u_hi) if u not in skip]
+                        if skip
+                        else range(u_lo, u_hi)
+                    )
+                    if not users:
+                        continue
+                    names = [fields[u - lo] for u in users]
+                    recs = [rec_bytes[(u - start) * L : (u - start + 1) * L] for u in users]
+                    commands.append((keys.params(version, b), names, recs))
+                    if meta.with_history:
+                        hists = [hist.record(u - start) for u in users]
+                        commands.append((keys.history(version, b), names, hists))
+                yield commands
+
+        if not self.handle.is_cluster:
+            # a single server: RESP packed here, one connection, the next chunk sent before
+            # the previous one's replies are read (the encoding overlaps Redis's work)
+            self._hset_packed(chunks())
+        else:  # a Cluster routes every bucket's keys through redis-py's cluster pipeline
+            for commands in chunks():
+                pipe = self.r.pipeline(transaction=False)
+                for key, names, values in commands:
+                    pipe.hset(key, mapping=dict(zip(names, values, strict=True)))
+                pipe.execute()
+        return n - len(skip)
+
+    def finish_publish(
+        self,
+        plan: PublishPlan,
+        model: PublishModel,
+        *,
+        refit: RefitHook | None = None,
+        carry_over_grace: float = 2.0,
+        switch: bool = True,
+    ) -> VersionMeta:
+        """After every user of ``plan`` is written (:meth:`write_users`): remove users erased
+        meanwhile, carry over the users onboarded into the current version, mark the version
+        ready and (``switch``) make it current atomically, as :meth:`publish` does."""
+        meta = plan.meta
+        version = meta.version
+        try:
             # users erased while the buckets were written: a bucket written after their erasure
             # removed them from this version holds them again (nothing else writes here yet)
-            self._scrub_trained(meta, model, erased)
+            self._scrub_trained(meta, model, plan.erased)
             old = self.current_version()
             seen: dict[str, int] = {}
             written: dict[str, _Written] = {}
@@ -594,10 +814,7 @@ class RedisStore:
                 )
             self._put_meta(meta)
         except BaseException:
-            try:
-                self._put_meta(replace(meta, status="failed"))
-            except Exception:  # Redis itself may be what failed
-                pass
+            self.mark_failed(meta)
             raise
         if not switch:
             return meta
@@ -620,7 +837,7 @@ class RedisStore:
     def _settle_and_switch(
         self,
         meta: VersionMeta,
-        model: TrainedModel,
+        model: PublishModel,
         refit: RefitHook | None,
         old: str | None,
         seen: dict[str, int],
@@ -807,7 +1024,7 @@ class RedisStore:
         return {k.decode(): v for k, v in self.r.hgetall(self.keys.erased).items()}
 
     def _scrub_trained(
-        self, meta: VersionMeta, model: TrainedModel, before: dict[str, bytes]
+        self, meta: VersionMeta, model: PublishModel, before: dict[str, bytes]
     ) -> None:
         """Remove from ``meta`` (being written) the trained rows of users erased since ``before``
         (the markers read when the rows were chosen)."""
@@ -836,7 +1053,7 @@ class RedisStore:
         self,
         old_version: str,
         new: VersionMeta,
-        model: TrainedModel,
+        model: PublishModel,
         refit: RefitHook | None,
         seen: dict[str, int],
         written: dict[str, _Written],
@@ -896,7 +1113,7 @@ class RedisStore:
         user_id: str,
         stored: tuple[bytes, bytes],
         old_items: list[str],
-        new_index: tuple[dict[str, int], dict[str, int]],
+        new_index: tuple[dict[str, int], Mapping[str, int]],
         written: dict[str, _Written],
         *,
         erased_mark: bytes | None = None,
@@ -974,7 +1191,7 @@ class _CarryOver:
 
     old: VersionMeta
     new: VersionMeta
-    model: TrainedModel
+    model: PublishModel
     refit: RefitHook | None
     same_model: bool
     switched: bool = False

@@ -190,16 +190,16 @@ def test_noisy_fit_is_close_and_ridge_keeps_it_finite() -> None:
 @pytest.mark.parametrize("seed", [2, 3, 6])
 def test_fast_equals_reference_with_irls_rescue(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Underdetermined users (m=16 < r+d=31): the IRLS rescue path runs and matches the twin."""
-    import lrs_rec.amht as amht
+    import lrs_rec.engine.sparse_b as sparse_b
 
     calls: list[int] = []
-    original = amht._irls_supports
+    original = sparse_b._irls_supports
 
     def spy(data, Z, k, flag, *schedule):  # type: ignore[no-untyped-def]
         calls.append(int(flag.sum()))
         return original(data, Z, k, flag, *schedule)
 
-    monkeypatch.setattr(amht, "_irls_supports", spy)
+    monkeypatch.setattr(sparse_b, "_irls_supports", spy)
     _, X, y, users = _shuffled(seed, 40, 16, 30, 1, 4)
     U0 = moments_init(X, y, users, 40, 1)
     fast = AMHTLRS(rank=1, sparsity=4, n_iter=10, u_solver="direct").fit(X, y, users)
@@ -241,31 +241,41 @@ def test_algorithm2_step_is_stable_when_m_below_d() -> None:
     assert relative_error(est.model_.theta(), E.theta) <= 1e-6
 
 
-def test_uncached_gram_path_equals_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the per-user Gram cache (large t·d²) the direct joint U-step gives the same fit."""
+def test_block_size_does_not_change_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's steps run over user blocks; the cross-user rules (the rescues' "badly fitted"
+    median, ζ) are global, so blocks of 7 users give the same fit as one block (IRLS included)."""
     import lrs_rec.amht as amht
 
     _, X, y, users = _shuffled(9, 40, 20, 12, 2, 2)
     kw = dict(n_iter=8, u_solver="direct", ridge_b=0.1, zeta=3)
-    cached = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
-    monkeypatch.setattr(amht, "GRAM_CACHE_MAX", 0)
-    uncached = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
-    np.testing.assert_allclose(uncached.model_.theta(), cached.model_.theta(), rtol=0, atol=1e-9)
+    one = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
+    _, X2, y2, users2 = _shuffled(2, 40, 16, 30, 1, 4)
+    one_irls = AMHTLRS(rank=1, sparsity=4, n_iter=10, u_solver="direct").fit(X2, y2, users2)
+    kw_iht = dict(n_iter=6, b_step="iht", u_step="eq5", sample_splitting=2, zeta=5)
+    one_iht = AMHTLRS(rank=2, sparsity=2, **kw_iht).fit(X, y, users)  # type: ignore[arg-type]
+    monkeypatch.setattr(amht, "BLOCK", 7)
+    blk_iht = AMHTLRS(rank=2, sparsity=2, **kw_iht).fit(X, y, users)  # type: ignore[arg-type]
+    np.testing.assert_allclose(blk_iht.model_.theta(), one_iht.model_.theta(), rtol=0, atol=1e-9)
+    blocked = AMHTLRS(rank=2, sparsity=2, **kw).fit(X, y, users)  # type: ignore[arg-type]
+    np.testing.assert_allclose(blocked.model_.theta(), one.model_.theta(), rtol=0, atol=1e-9)
+    blk_irls = AMHTLRS(rank=1, sparsity=4, n_iter=10, u_solver="direct").fit(X2, y2, users2)
+    np.testing.assert_allclose(blk_irls.model_.theta(), one_irls.model_.theta(), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(blk_irls.model_.B_idx, one_irls.model_.B_idx)
 
 
 def test_standalone_b_step_runs_the_irls_rescue(monkeypatch: pytest.MonkeyPatch) -> None:
     """Callers of the public b_step (DP-AMHT-LRS) get every support rescue, IRLS included: the
     estimator's "skip IRLS in the first iterations" schedule must not leak into standalone calls."""
-    import lrs_rec.amht as amht
+    import lrs_rec.engine.sparse_b as sparse_b
 
     calls: list[int] = []
-    original = amht._irls_supports
+    original = sparse_b._irls_supports
 
     def spy(data, Z, k, flag, *schedule):  # type: ignore[no-untyped-def]
         calls.append(int(flag.sum()))
         return original(data, Z, k, flag, *schedule)
 
-    monkeypatch.setattr(amht, "_irls_supports", spy)
+    monkeypatch.setattr(sparse_b, "_irls_supports", spy)
     # the DP benchmark's regime: few noisy samples per user, a U that is still far from U*
     D = make_synthetic(300, 10, 10, 2, 1, None, noise=0.1, random_state=0)
     U0 = np.linalg.qr(np.random.default_rng(0).normal(size=(10, 2)))[0]

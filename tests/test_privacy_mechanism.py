@@ -204,3 +204,97 @@ def test_noiseless_u_step_recovers_the_true_subspace():
     U = solve_kron_u_step(A, V, ridge=1e-9)
     # same column space: the projection residual vanishes
     assert np.linalg.norm(U_true - U @ (U.T @ U_true)) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_users=st.integers(2, 6),
+    n_items=st.integers(3, 12),
+    r=st.integers(1, 3),
+    m=st.integers(1, 3),
+    scale=st.sampled_from([0.01, 1.0, 50.0]),
+    A2=st.floats(0.1, 3.0),
+    A_w=st.floats(0.1, 3.0),
+)
+def test_population_gram_releases_move_within_their_sensitivities(
+    seed, n_users, n_items, r, m, scale, A2, A_w
+):
+    """u_step_gram='population': the capped item counts (√m), the global second moment of ŵ
+    (m·A_w²) and, without a sparse part (xb = 0), V within √m·A2·A_w."""
+    from lrs_rec.privacy import (
+        capped_item_counts,
+        clipped_second_moment,
+        population_gram_sensitivities,
+    )
+
+    rng = np.random.default_rng(seed)
+    bounds = ClipBounds(A1=1.0, A2=A2, A3=1.0, A_w=A_w, max_samples_per_user=m)
+    users, items = [], []
+    for u in range(n_users):
+        its = rng.choice(n_items, size=int(rng.integers(1, m + 1)), replace=False)
+        users += [u] * len(its)
+        items += its.tolist()
+    users_a, items_a = np.array(users), np.array(items)
+    y = scale * rng.standard_normal(users_a.size)
+    xb = np.zeros(users_a.size)  # no sparse part
+    W = scale * rng.standard_normal((n_users, r))
+    dC, dM = population_gram_sensitivities(bounds)
+    _, dV = u_step_sensitivities(bounds, one_hot=True, sparse=False)
+    assert dV == pytest.approx(np.sqrt(m) * A2 * A_w)
+    C = capped_item_counts(items_a, n_items)
+    M = clipped_second_moment(users_a, W, bounds)
+    _, V = clipped_item_block_statistics(items_a, y, xb, users_a, W, n_items, bounds)
+    for u in range(n_users):
+        keep = users_a != u
+        C2 = capped_item_counts(items_a[keep], n_items)
+        M2 = clipped_second_moment(users_a[keep], W, bounds)
+        _, V2 = clipped_item_block_statistics(
+            items_a[keep], y[keep], xb[keep], users_a[keep], W, n_items, bounds, with_gram=False
+        )
+        assert np.linalg.norm(C - C2) <= dC * (1 + 1e-9)
+        assert np.linalg.norm(M - M2) <= dM * (1 + 1e-9)
+        assert np.linalg.norm(V - V2) <= dV * (1 + 1e-9)
+
+
+def test_population_solve_equals_per_item_ridge_solves():
+    from lrs_rec.privacy import solve_item_population
+
+    rng = np.random.default_rng(0)
+    r, n = 3, 7
+    G = rng.standard_normal((r, r))
+    M = G @ G.T
+    V = rng.standard_normal((n, r))
+    counts = np.array([5.0, 0.0, -2.0, 1.0, 30.0, 2.5, 100.0])
+    U = solve_item_population(V, counts, M, ridge=0.7)
+    for i in range(n):
+        ref = np.linalg.solve(max(counts[i], 0.0) * M + 0.7 * np.eye(r), V[i])
+        np.testing.assert_allclose(U[i], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_statistics_in_memory_budget_blocks_equal_the_one_block_sums(monkeypatch):
+    """The clipped statistics are summed over blocks of samples sized by the engine's memory
+    budget: tiny blocks give the same sums (general covariates, gathered from F; one-hot blocks)."""
+    from lrs_rec.engine import steps
+
+    rng = np.random.default_rng(4)
+    bounds = ClipBounds(A1=0.8, A2=0.9, A3=0.4, A_w=0.7, max_samples_per_user=5)
+    n_users, n_items, d, r = 30, 12, 4, 2
+    users, items = [], []
+    for u in range(n_users):
+        its = rng.choice(n_items, size=int(rng.integers(1, 6)), replace=False)
+        users += [u] * len(its)
+        items += its.tolist()
+    users_a, items_a = np.array(users), np.array(items)
+    F = rng.standard_normal((n_items, d))
+    y, xb = rng.standard_normal(users_a.size), rng.standard_normal(users_a.size)
+    W = rng.standard_normal((n_users, r))
+    A, V = clipped_u_step_statistics(F[items_a], y, xb, users_a, W, bounds)
+    Ab, Vb = clipped_item_block_statistics(items_a, y, xb, users_a, W, n_items, bounds)
+    monkeypatch.setattr(steps, "BLOCK_FLOATS", 64)  # blocks of a handful of samples
+    A2_, V2_ = clipped_u_step_statistics(None, y, xb, users_a, W, bounds, F=F, items=items_a)
+    Ab2, Vb2 = clipped_item_block_statistics(items_a, y, xb, users_a, W, n_items, bounds)
+    np.testing.assert_allclose(A2_, A, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(V2_, V, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(Ab2, Ab, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(Vb2, Vb, rtol=1e-12, atol=1e-12)

@@ -304,3 +304,57 @@ def test_private_training_refuses_a_rating_scale_read_off_the_ratings(tmp_path, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rating_scale"] == [1.0, 5.0]
     assert manifest["privacy"]["released_arrays"]["rating_scale"].startswith("public: declared")
+
+
+def test_population_gram_mode_covers_every_release_and_epsilon_recomputes_from_the_ledger():
+    from lrs_rec.training.private_accounting import recompute_epsilon
+    from lrs_rec.training.private_train import POPULATION_SHARES
+
+    u, i, r, nu, ni = _ratings()
+    cfg = PrivateConfig.for_data(u, n_items=ni, epsilon=1.0, random_state=3)
+    assert cfg.u_step_gram == "population" and cfg.sparsity == 0
+    fit = fit_private(
+        u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg
+    )  # fmt: skip
+    p = fit.privacy
+    assert p is not None
+    events = {e["name"]: e for e in p["events"]}
+    assert set(events) == set(POPULATION_SHARES)
+    assert events["u_step_V"]["count"] == events["u_step_M"]["count"] == cfg.n_iters
+    assert events["u_step_count"]["count"] == 1
+    assert {rel for ev in p["events"] for rel in ev["releases"]} == RELEASED
+    eps = recompute_epsilon(p)
+    assert eps == pytest.approx(p["epsilon"], rel=1e-9)
+    assert 0.99 <= eps <= 1.0  # calibrated to the target, never above it
+    assert fit.item_features is None and fit.lrs.d == ni  # one-hot: the identity is not stored
+    pred = fit.predict(u, i, 1.0, 5.0)
+    assert np.all(np.isfinite(pred)) and pred.min() >= 1.0 and pred.max() <= 5.0
+
+
+def test_defaults_for_the_data_size_follow_the_stated_rule():
+    small = PrivateConfig.for_data(np.arange(943), n_items=1682, epsilon=1.0)
+    assert (small.rank, small.n_iters, small.max_samples_per_user) == (2, 2, 20)
+    big = PrivateConfig.for_data(np.arange(1_000_000), n_items=20_000, epsilon=1.0)
+    assert (big.rank, big.n_iters, big.u_step_gram, big.sparsity) == (8, 6, "population", 0)
+    plug = PrivateConfig.for_data(np.arange(50), n_items=10, epsilon=1.0, features="plugin")
+    assert plug.u_step_gram == "blocks" and plug.rank == PrivateConfig().rank
+    with pytest.raises(ValueError, match="one-hot"):
+        PrivateConfig(features="plugin", u_step_gram="population")
+
+
+def test_cli_population_gram_writes_its_events_and_a_recomputable_ledger(tmp_path, capsys):
+    from lrs_rec.training.private_accounting import recompute_epsilon
+
+    csv, catalog = _write_csv(tmp_path)
+    out = tmp_path / "pop"
+    assert cli_main([
+        "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "1",
+        "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "0",
+        "--dp-u-step-gram", "population", "--out", str(out), "--no-export", "--quiet",
+    ]) == 0  # fmt: skip
+    privacy = json.loads((out / "manifest.json").read_text())["privacy"]
+    assert privacy["u_step_gram"] == "population"
+    assert {e["name"] for e in privacy["events"]} >= {"u_step_V", "u_step_M", "u_step_count"}
+    assert recompute_epsilon(privacy) == pytest.approx(privacy["epsilon"], rel=1e-9)
+    assert privacy["epsilon"] <= 1.0
+    assert load_model_dir(out).lrs.sparsity == 0

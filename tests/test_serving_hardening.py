@@ -444,8 +444,10 @@ def test_failed_reload_backs_off_and_is_not_retried_per_request(models, home, tm
         body = {"user_id": "u3", "n": 3}
         assert c.post("/v1/recommend", json=body).json()["model_version"] == "model-a"
         _publish(models["b"])  # v2, model b; the served directory gets b with a truncated graph
-        for name in ("manifest.json", "arrays.npz", "users.json", "items.json"):
+        for name in ("manifest.json", "arrays.npz", "items.json"):
             shutil.copy(models["b"] / name, served / name)
+        shutil.rmtree(served / "users")
+        shutil.copytree(models["b"] / "users", served / "users")
         onnx = (models["b"] / ONNX).read_bytes()
         (served / ONNX).write_bytes(onnx[:1000])
         for _ in range(20):

@@ -124,18 +124,55 @@ def test_shared_load_reads_no_per_user_array(tmp_path, monkeypatch):
         read.append(key)
         return real(self, key)
 
+    import pyarrow.parquet as pq
+
+    columns: list[object] = []
+    real_read, real_file_read = pq.read_table, pq.ParquetFile.read
+
+    def spy_read(path, *args, **kw):  # type: ignore[no-untyped-def]
+        columns.append(kw.get("columns"))
+        return real_read(path, *args, **kw)
+
+    def spy_file_read(self, *args, **kw):  # type: ignore[no-untyped-def]
+        columns.append(kw.get("columns"))
+        return real_file_read(self, *args, **kw)
+
     monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    monkeypatch.setattr(pq, "read_table", spy_read)
+    monkeypatch.setattr(pq.ParquetFile, "read", spy_file_read)
     shared = load_shared_model_dir(tmp_path / "m")
     assert set(read) == set(SHARED_ARRAYS) | set(PRIOR_ARRAYS)
+    assert columns == [["user_id"]]  # of the shards (format 2) only the ids are read
     assert shared.n_users == 60 and shared.users.get("u7") == 7 and shared.sparsity == 2
     # per-user attributes are there for tools and tests: they load the whole directory
-    read.clear()
+    columns.clear()
     np.testing.assert_array_equal(
         shared.user_history(7)[0], load_model_dir(tmp_path / "m").user_history(7)[0]
     )
-    assert "W" in read and "history_items" in read
+    assert None in columns  # whole shards read
     with pytest.raises(AttributeError):
         shared.no_such_attribute  # noqa: B018
+
+
+def test_shared_load_of_a_format_1_directory_reads_no_per_user_array(tmp_path, monkeypatch):
+    from legacy_model_dir import save_legacy_model_dir
+
+    model = _model()
+    save_legacy_model_dir(model, tmp_path / "old")
+    read: list[str] = []
+    real = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):  # type: ignore[no-untyped-def]
+        read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    shared = load_shared_model_dir(tmp_path / "old")
+    assert set(read) == set(SHARED_ARRAYS) | set(PRIOR_ARRAYS)
+    assert shared.n_users == 60 and shared.users.get("u7") == 7 and shared.sparsity == 2
+    read.clear()
+    np.testing.assert_array_equal(shared.lrs.W, model.lrs.W)
+    assert "W" in read and "history_items" in read
 
 
 def test_tampered_or_partial_prior_is_refused(tmp_path):

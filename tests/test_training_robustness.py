@@ -33,12 +33,22 @@ def ratings(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sample_ratings(d / "r.csv", make_sample_ratings(40, 30, random_state=1))
 
 
+def _small_model():  # type: ignore[no-untyped-def]
+    return random_trained_model(n_users=6, n_items=8, d=5, rank=2, sparsity=1)
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    save_model_dir(
-        random_trained_model(n_users=6, n_items=8, d=5, rank=2, sparsity=1), tmp_path / "m"
-    )
+    save_model_dir(_small_model(), tmp_path / "m")
     return tmp_path / "m"
+
+
+@pytest.fixture
+def legacy_model_dir(tmp_path: Path) -> Path:
+    from legacy_model_dir import save_legacy_model_dir
+
+    save_legacy_model_dir(_small_model(), tmp_path / "old")
+    return tmp_path / "old"
 
 
 def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> None:
@@ -89,7 +99,7 @@ def test_out_replaces_only_model_dirs(ratings: Path, tmp_path: Path) -> None:
         "arrays.npz",
         "items.json",
         "manifest.json",
-        "users.json",
+        "users",
     ]
     (out / "mine.txt").write_text("keep")
     with pytest.raises(ModelDirError, match=re.escape("mine.txt")):
@@ -140,12 +150,66 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         "global_mean must be 0-D",
     ),
     "history out of range": (
-        lambda m: _set_arrays(m, history_items=np.full(30, 1000, np.int64)),
+        lambda m: _set_shard(m, history_items=[[1000] * 5] * 6),
         "history_items must lie in [0, 8)",
     ),
     "NaN item_bias, digest forged": (
         lambda m: _set_arrays(m, True, item_bias=np.full(8, np.nan)),
         "item_bias contains NaN",
+    ),
+    "NaN user_bias": (
+        lambda m: _set_shard(m, user_bias=[math.nan] * 6),
+        "user_bias contains NaN",
+    ),
+    "shard short": (
+        lambda m: _set_shard(m, rows=1),
+        "1 rows, the manifest says 6",
+    ),
+    "user ids not strings": (
+        lambda m: _set_shard(m, user_id=list(range(6))),
+        "user_id must hold strings",
+    ),
+    "w of the wrong width": (
+        lambda m: _set_shard(m, w=[[0.0] * 3] * 6),
+        "column w must hold 2 values per user",
+    ),
+    "shard missing": (
+        lambda m: (m / "users" / "part-00000.parquet").unlink(),
+        "part-00000.parquet: missing",
+    ),
+    "shard not parquet": (
+        lambda m: (m / "users" / "part-00000.parquet").write_bytes(b"PAR1 not really"),
+        "damaged or not a Parquet shard",
+    ),
+    "per-user array in arrays.npz": (
+        lambda m: _set_arrays(m, W=np.zeros((6, 2))),
+        "per-user arrays ['W'] in a format-2 directory",
+    ),
+    "shard index edited": (
+        lambda m: _manifest(m, lambda d: {**d, "user_shards": {**d["user_shards"], "rows": [7]}}),
+        "dims.n_users 6 != the shards' 7 rows",
+    ),
+}
+
+
+def _set_shard(m: Path, rows: int | None = None, **columns: list) -> None:  # type: ignore[type-arg]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = m / "users" / "part-00000.parquet"
+    table = pq.read_table(path)
+    for name, values in columns.items():
+        i = table.column_names.index(name)
+        table = table.set_column(i, name, pa.array(values))
+    if rows is not None:
+        table = table.slice(0, rows)
+    pq.write_table(table, path)
+
+
+LEGACY_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "history out of range": (
+        lambda m: _set_arrays(m, history_items=np.full(30, 1000, np.int64)),
+        "history_items must lie in [0, 8)",
     ),
     "NaN user_bias": (
         lambda m: _set_arrays(m, user_bias=np.full(6, np.nan)),
@@ -160,6 +224,15 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
         "users.json: expected a JSON list",
     ),
 }
+
+
+@pytest.mark.parametrize("case", LEGACY_DAMAGE)
+def test_damaged_format_1_model_dir_is_a_clear_error(legacy_model_dir: Path, case: str) -> None:
+    assert load_model_dir(legacy_model_dir).n_users == 6  # loads before the damage
+    damage, message = LEGACY_DAMAGE[case]
+    damage(legacy_model_dir)
+    with pytest.raises(ModelDirError, match=re.escape(message)):
+        load_model_dir(legacy_model_dir)
 
 
 @pytest.mark.parametrize("case", DAMAGE)

@@ -85,3 +85,11 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="M",
         help="ratings of one user entering the U-step statistics (default 50)",
     )
+    g.add_argument(
+        "--dp-u-step-gram",
+        choices=("blocks", "population"),
+        default="blocks",
+        help="one-hot features: each item's U-step Gram released as a noisy r×r block (blocks, "
+        "default) or as its capped rating count × one global second moment (population: only "
+        "V_i is released per item; needs one-hot features, use with --dp-sparsity 0)",
+    )

@@ -14,12 +14,17 @@ What is released (everything that leaves with the model / model.onnx) and how it
   c_i = S̃_i / (max(Ñ_i, 0) + λ).
 * ``U`` — L noisy U-steps (Eq. 7–8, ``lrs_rec.privacy``): each iteration releases Ã and Ṽ (two Gaussian
   events per iteration); with one-hot features only the r×r diagonal blocks of A are data-dependent.
+  With one-hot features and ``u_step_gram="population"`` (the default of :meth:`PrivateConfig.for_data`)
+  each iteration releases Ṽ and one global r×r second moment M of ŵ; each item's Gram is a_i·M, with
+  the capped item counts a released once (events ``u_step_V``, ``u_step_M``, ``u_step_count``).
 * ``w_prior_mean``, ``w_prior_cov`` (population model / onboarding prior) — one Gaussian release of
   Σ_u (ŵ_u, ŵ_uŵ_uᵀ, 1).
 * the item vocabulary (``items.json``) — must be a public catalogue (``item_ids`` given by the caller).
 
 Per-user values — c_u, w_u, b_u, the rating history — are computed from the public releases and that
-user's own data only (billboard model / joint DP). They are NOT differentially private: they may be
+user's own data only (billboard model / joint DP), by the shared blockwise engine's user step
+(``lrs_rec.engine.steps.user_step``; one-hot features: ``lrs_rec.engine.onehot.user_step``, the same
+step with F = I and a compressed b) with a fixed public prior on w_u. They are NOT differentially private: they may be
 used only to serve that same user. The manifest's ``metrics`` (training / validation RMSE) are
 operator-facing aggregates that are not covered by the guarantee; they are not part of model.onnx.
 
@@ -45,26 +50,34 @@ from lrs_rec.training.private_accounting import (
     ledger_manifest,
 )
 
-from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+from lrs_rec.engine import onehot
+from lrs_rec.engine.onehot import OneHotState
+from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sample_budget
+from lrs_rec.engine.steps import user_step as engine_user_step
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
     NEIGHBOURING,
     ClipBounds,
     cap_samples_per_user,
+    capped_item_counts,
     check_distinct_user_items,
     clip_rows,
     clip_scalar,
     clipped_item_block_statistics,
+    clipped_second_moment,
     clipped_u_step_statistics,
     dp_item_block_u_step,
     dp_u_step,
     gaussian_noise,
     item_sum_sensitivities,
     item_sum_statistics,
+    population_gram_sensitivities,
     psd_project,
+    solve_item_population,
+    symmetric_gaussian_noise,
     u_step_sensitivities,
 )
-from lrs_rec.thresholding import ridge_top_k_refit, top_k_indices
+from lrs_rec.thresholding import top_k_indices
 
 DEFAULT_SHARES: dict[str, float] = {
     "global_mean": 0.02,
@@ -75,6 +88,21 @@ DEFAULT_SHARES: dict[str, float] = {
     "w_prior": 0.025,
 }
 """Fractions of the (zCDP) budget per release group; see docs/privacy.md for how they were chosen."""
+
+POPULATION_SHARES: dict[str, float] = {
+    "global_mean": 0.02,
+    "item_bias_sum": 0.25,
+    "item_bias_count": 0.08,
+    "u_step_count": 0.05,
+    "u_step_M": 0.02,
+    "u_step_V": 0.55,
+    "w_prior": 0.03,
+}
+"""Shares of the one-hot U-step with the population Gram (``u_step_gram="population"``): the U-step
+releases per item only V_i (r numbers) — the Gram is a_i·M from the capped item counts (released
+once) and one global r×r second moment per iteration — so most of the budget goes to V."""
+
+U_STEP_GRAMS = ("blocks", "population")
 
 
 MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
@@ -109,9 +137,11 @@ class PrivateConfig:
     reg_user_bias: float = 5.0
     item_bias_shrink: float = 5.0  # λ in c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S)
     bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
-    u_noise_ridge: float = 2.0  # κ_u: U-step ridge += κ_u·σ_A·√(block size) (public noise std σ_A)
+    u_noise_ridge: float = 2.0  # κ_u (blocks): U-step ridge += κ_u·σ_A·√(block size) (public σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
-    shares: tuple[tuple[str, float], ...] = tuple(DEFAULT_SHARES.items())
+    init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
+    u_step_gram: str = "blocks"  # one-hot: "blocks" (noisy r×r Gram per item) or "population"
+    shares: tuple[tuple[str, float], ...] | None = None  # None: the mode's default shares
     random_state: int | None = (
         None  # None: fresh OS entropy (the DP default); an int reproduces the noise
     )
@@ -136,11 +166,59 @@ class PrivateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity!r}")
-        names = {n for n, _ in self.shares}
-        if names != set(DEFAULT_SHARES):
-            raise ValueError(
-                f"shares must name exactly {sorted(DEFAULT_SHARES)}, got {sorted(names)}"
+        if self.u_step_gram not in U_STEP_GRAMS:
+            raise ValueError(f"u_step_gram must be one of {U_STEP_GRAMS}, got {self.u_step_gram!r}")
+        if self.u_step_gram == "population" and self.features != "onehot":
+            raise ValueError("u_step_gram='population' needs one-hot features")
+        if self.shares is not None:
+            names = {n for n, _ in self.shares}
+            if names != set(self.default_shares()):
+                raise ValueError(
+                    f"shares must name exactly {sorted(self.default_shares())}, got {sorted(names)}"
+                )
+
+    @classmethod
+    def for_data(
+        cls,
+        users: np.ndarray,
+        *,
+        n_items: int,
+        epsilon: float | None,
+        features: str = "onehot",
+        **overrides: Any,
+    ) -> PrivateConfig:
+        """Defaults chosen from the SIZE of the data only — users per item, n_users / n_items
+        (sizes are treated as public, like the manifest's counts; nothing else is looked at).
+
+        One-hot features (private ALS): the U-step releases V_i with the population Gram
+        (``u_step_gram="population"``), no sparse part (with one-hot coordinates b_u only moves the
+        user's own already-rated items, never a prediction for a new item, while A3 would add to
+        Δ_V), m = 20 samples per user. The noise on U_i relative to its signal falls with the
+        raters per item, so the rank and the number of noisy U-steps grow with users per item:
+        ρ = n_users / n_items, r = clip(round(ρ / 6), 2, 8), L = clip(round(ρ / 10) + 1, 2, 6)
+        (ML-100K: ρ = 0.56 → r = 2, L = 2; 1M users × 20k items: ρ = 50 → r = 8, L = 6).
+        Plug-in features keep the class defaults. ``overrides`` replace any of these."""
+        n_users = int(np.unique(np.asarray(users)).size)
+        kw: dict[str, Any] = {"epsilon": epsilon, "features": features}
+        if features == "onehot":
+            rho = n_users / max(n_items, 1)
+            kw.update(
+                u_step_gram="population",
+                sparsity=0,
+                max_samples_per_user=20,
+                rank=int(np.clip(round(rho / 6), 2, 8)),
+                n_iters=int(np.clip(round(rho / 10) + 1, 2, 6)),
+                init_scale=0.35,
             )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def default_shares(self) -> dict[str, float]:
+        return dict(POPULATION_SHARES if self.u_step_gram == "population" else DEFAULT_SHARES)
+
+    def share_map(self) -> dict[str, float]:
+        """Budget share of each release group (the given ``shares`` or the mode's default)."""
+        return self.default_shares() if self.shares is None else dict(self.shares)
 
     def bounds(self) -> ClipBounds:
         return ClipBounds(
@@ -152,7 +230,7 @@ class PrivateConfig:
         """Hyperparameters for the manifest; a fixed noise seed is never written (it would let anyone
         regenerate and subtract the noise)."""
         d = asdict(self)
-        d["shares"] = dict(self.shares)
+        d["shares"] = self.share_map()
         d["random_state"] = None if self.random_state is None else "fixed (not recorded)"
         return d
 
@@ -162,7 +240,7 @@ class PrivateFit:
     """Result of :func:`fit_private`: released arrays, per-user parameters and the ledger."""
 
     lrs: LRSModel
-    item_features: np.ndarray
+    item_features: np.ndarray | None  # None: one-hot item identity (d = n_items, not materialised)
     item_bias: np.ndarray
     user_bias: np.ndarray
     global_mean: float
@@ -172,31 +250,42 @@ class PrivateFit:
     noise_multipliers: dict[str, float] = field(default_factory=dict)
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        theta = self.lrs.theta_rows(users)
-        if self.item_features.shape[0] == self.item_features.shape[1] and _is_identity(
-            self.item_features
-        ):
-            inner = theta[np.arange(len(items)), items]
-        else:
-            inner = np.einsum("nd,nd->n", self.item_features[items], theta)
-        raw = self.global_mean + self.user_bias[users] + self.item_bias[items] + inner
-        return np.asarray(np.clip(raw, lo, hi))
+        """μ + c_u + c_i + ⟨f_i, U w_u + b_u⟩, clipped; blocks of samples (no N × d array)."""
+        L = self.lrs
+        F = self.item_features
+        out = np.empty(users.shape[0])
+        step = sample_budget(2 * (L.rank + L.sparsity + (0 if F is None else F.shape[1])))
+        for a in range(0, users.shape[0], step):
+            u, i = users[a : a + step], items[a : a + step]
+            if F is None:  # one-hot: ⟨e_i, U w_u⟩ = U_i·w_u, ⟨e_i, b_u⟩ = b_u[i]
+                inner = np.einsum("nr,nr->n", L.U[i], L.W[u]) + onehot.sparse_inner(
+                    L.B_idx[u], L.B_val[u], i
+                )
+            else:
+                Fi = F[i]
+                inner = np.einsum("nd,dr,nr->n", Fi, L.U, L.W[u]) + np.einsum(
+                    "nk,nk->n", np.take_along_axis(Fi, L.B_idx[u], axis=1), L.B_val[u]
+                )
+            out[a : a + step] = self.global_mean + self.user_bias[u] + self.item_bias[i] + inner
+        return np.asarray(np.clip(out, lo, hi))
 
-
-def _is_identity(F: np.ndarray) -> bool:
-    return bool(np.count_nonzero(F) == F.shape[0] and np.all(np.diag(F) == 1.0))
+    def dense_item_features(self) -> np.ndarray:
+        """The released item features as an array (the identity for one-hot features)."""
+        if self.item_features is None:
+            return np.eye(self.lrs.d)
+        return self.item_features
 
 
 # -- the ledger plan -------------------------------------------------------------------------------------
 def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
     """L2 sensitivity of each release group under add/remove-one-user."""
-    dA, dV = u_step_sensitivities(cfg.bounds(), one_hot=one_hot)
+    dA, dV = u_step_sensitivities(cfg.bounds(), one_hot=one_hot, sparse=cfg.sparsity > 0)
     dS, dN = item_sum_sensitivities(
         A2=cfg.A2,
         max_samples_per_user=cfg.bias_samples_per_user,
         user_norm_bound=cfg.bias_user_norm,
     )
-    return {
+    out = {
         "global_mean": math.sqrt(cfg.mean_clip**2 + 1.0),  # (clip(mean_u − μ0), 1)
         "item_bias_sum": dS,
         "item_bias_count": dN,
@@ -204,6 +293,11 @@ def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
         "u_step_V": dV,
         "w_prior": math.sqrt(cfg.A_w**2 + cfg.A_w**4 + 1.0),  # (ŵ, ŵŵᵀ upper triangle, 1)
     }
+    if cfg.u_step_gram == "population":
+        dC, dM = population_gram_sensitivities(cfg.bounds())
+        del out["u_step_A"]
+        out.update(u_step_count=dC, u_step_M=dM)
+    return out
 
 
 RELEASES = {
@@ -212,8 +306,11 @@ RELEASES = {
     "item_bias_count": ("item_bias",),
     "u_step_A": ("U",),
     "u_step_V": ("U",),
+    "u_step_count": ("U",),
+    "u_step_M": ("U",),
     "w_prior": ("w_prior_mean", "w_prior_cov"),
 }
+ONCE = ("global_mean", "item_bias_sum", "item_bias_count", "u_step_count", "w_prior")
 
 
 def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None:
@@ -221,21 +318,42 @@ def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None
     if cfg.epsilon is None:
         return None
     sens = sensitivities(cfg, one_hot=one_hot)
-    shares = dict(cfg.shares)
+    shares = cfg.share_map()
     groups = [
         EventGroup(
             name=name,
-            count=cfg.n_iters if name.startswith("u_step") else 1,
+            count=1 if name in ONCE else cfg.n_iters,
             share=shares[name],
             releases=RELEASES[name],
             sensitivity=sens[name],
         )
-        for name in DEFAULT_SHARES
+        for name in cfg.default_shares()
     ]
     return calibrate_ledger(groups, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
 
 # -- local (per-user) steps: only public values and the user's own ratings --------------------------------
+PUBLIC_PRIOR_NOTE = (
+    "the user step's prior on w_u is the fixed N(0, I / reg_w) (public): a prior estimated from the "
+    "other users' w would make one user's parameters depend on the others' data"
+)
+
+
+def step_params(cfg: PrivateConfig) -> StepParams:
+    """The engine's user-step options of private training: w_u with a fixed public prior (no
+    population / conditional prior: those are cross-user statistics), c_u, and the sparse b_u."""
+    return StepParams(
+        k=cfg.sparsity, per_user_w=True, user_bias=True, reg_w=cfg.reg_w, reg_b=cfg.reg_b,
+        reg_bias=cfg.reg_user_bias, population_prior=False, conditional_prior=False,
+        n_inner=cfg.n_inner,
+    )  # fmt: skip
+
+
+def public_prior(r: int) -> UserPrior:
+    """The prior of the private user step: N(0, I) shape, data-independent."""
+    return UserPrior(np.zeros(r), np.eye(r))
+
+
 @dataclass
 class _Local:
     user_bias: np.ndarray
@@ -244,21 +362,56 @@ class _Local:
     B_val: np.ndarray
 
 
-def _sparse_inner(
-    F: np.ndarray | None, users: np.ndarray, items: np.ndarray, st: _Local
-) -> np.ndarray:
-    """⟨f_i, b_u⟩ per sample."""
-    if st.B_idx.shape[1] == 0:
-        return np.zeros(users.shape[0])
-    idx, val = st.B_idx[users], st.B_val[users]
-    if F is None:  # one-hot: b_u[i]
-        return np.asarray(np.sum(np.where(idx == items[:, None], val, 0.0), axis=1))
-    return np.asarray(np.einsum("nk,nk->n", np.take_along_axis(F[items], idx, axis=1), val))
+class _Iterate:
+    """The engine iterate of private training: :class:`lrs_rec.engine.onehot.OneHotState` (one-hot
+    features, compressed b) or :class:`lrs_rec.engine.steps.LRSState` (plug-in features F)."""
 
+    def __init__(
+        self, F: np.ndarray | None, U: np.ndarray, c: np.ndarray, item_bias: np.ndarray,
+        global_mean: float, k: int, W: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        n_users, r = c.shape[0], U.shape[1]
+        W = np.zeros((n_users, r)) if W is None else W
+        self.F = F
+        if F is None:
+            self.state: OneHotState | LRSState = OneHotState(
+                global_mean, c.copy(), item_bias, U, W.copy(),
+                np.tile(np.arange(k, dtype=np.int64), (n_users, 1)), np.zeros((n_users, k)),
+            )  # fmt: skip
+        else:
+            self.state = LRSState(
+                global_mean, c.copy(), item_bias, F, U, W.copy(), np.zeros((n_users, F.shape[1]))
+            )
 
-def _low_rank_design(F: np.ndarray | None, U: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """f_iᵀ U per sample, shape (N, r)."""
-    return np.asarray(U[items] if F is None else F[items] @ U)
+    def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
+        """The engine's user step (w, then the sparse b) with the public prior."""
+        p, prior = step_params(cfg), public_prior(self.state.U.shape[1])
+        if isinstance(self.state, OneHotState):
+            onehot.user_step(self.state, data, p, prior=prior)
+        else:
+            engine_user_step(self.state, data, p, prior=prior)
+
+    def set_U(self, U: np.ndarray) -> None:
+        self.state.U = U
+
+    def xb(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """⟨f_i, b_u⟩ per sample (blocks of samples: no N × d array)."""
+        st = self.state
+        if isinstance(st, OneHotState):
+            return onehot.sparse_inner(st.B_idx[users], st.B_val[users], items)
+        out = np.empty(users.shape[0])
+        step = sample_budget(2 * st.F.shape[1])
+        for a in range(0, users.shape[0], step):
+            u, i = users[a : a + step], items[a : a + step]
+            out[a : a + step] = np.einsum("nd,nd->n", st.F[i], st.B[u])
+        return out
+
+    def compressed_b(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        st = self.state
+        if isinstance(st, OneHotState):
+            return st.B_idx, st.B_val
+        idx = top_k_indices(st.B, k)
+        return idx, np.take_along_axis(st.B, idx, axis=1)
 
 
 def local_user_step(
@@ -272,34 +425,20 @@ def local_user_step(
     st: _Local,
 ) -> _Local:
     """(c_u, w_u) by ridge on [1, f_iᵀU], then b_u by one hard-thresholding-pursuit step (top-k of the
-    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only."""
-    r, k = U.shape[1], cfg.sparsity
-    Z = np.hstack([np.ones((users.shape[0], 1)), _low_rank_design(F, U, items)])
-    G = grouped_gram(users, n_users, Z)
-    reg = np.full(r + 1, cfg.reg_w)
-    reg[0] = cfg.reg_user_bias
-    d = U.shape[0]
-    for _ in range(cfg.n_inner):
-        xb = _sparse_inner(F, users, items, st)
-        h = grouped_sum(users, n_users, Z * (t - xb)[:, None])
-        sol = np.linalg.solve(G + np.diag(reg)[None], h[:, :, None])[:, :, 0]
-        st = _Local(sol[:, 0], sol[:, 1:], st.B_idx, st.B_val)
-        if k == 0:
-            continue
-        e = t - np.einsum("nr,nr->n", Z, sol[users])
-        if F is None:  # one-hot: X_uᵀX_u = diag(rated), ridge solution e_ui / (1 + λ_b)
-            C = np.zeros((n_users, d))
-            C[users, items] = e / (1.0 + cfg.reg_b)
-            idx = top_k_indices(C, k)
-            val = np.take_along_axis(C, idx, axis=1)
-        else:
-            X = F[items]
-            Gx = grouped_gram(users, n_users, X)
-            idx, val = ridge_top_k_refit(
-                Gx, grouped_sum(users, n_users, X * e[:, None]), k, cfg.reg_b
-            )
-        st = _Local(st.user_bias, st.W, idx.astype(np.int64), val)
-    return st
+    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only: the
+    engine's user step (:func:`lrs_rec.engine.steps.user_step`; one-hot features:
+    :func:`lrs_rec.engine.onehot.user_step`) with the public prior."""
+    n_items = U.shape[0] if F is None else F.shape[0]
+    it = _Iterate(F, U, st.user_bias, np.zeros(n_items), 0.0, cfg.sparsity, st.W)
+    if F is None:
+        assert isinstance(it.state, OneHotState)
+        it.state.B_idx, it.state.B_val = st.B_idx.copy(), st.B_val.copy()
+    else:
+        assert isinstance(it.state, LRSState)
+        np.put_along_axis(it.state.B, st.B_idx, st.B_val, axis=1)
+    it.user_step(Samples(users, items, t), cfg)
+    idx, val = it.compressed_b(cfg.sparsity)
+    return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)
 
 
 # -- the private fit ---------------------------------------------------------------------------------------
@@ -379,43 +518,70 @@ def fit_private(
     sigma_S = z("item_bias_sum") * sens["item_bias_sum"]
     item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
 
-    # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local
-    t = ratings - global_mean - item_bias[items]
+    # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot:
-        U = 0.1 * rng.standard_normal((d, r))
+        U = cfg.init_scale * rng.standard_normal((d, r))
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
-    st = _Local(
-        c_u,
-        np.zeros((n_users, r)),
-        np.tile(np.arange(k, dtype=np.int64), (n_users, 1)),
-        np.zeros((n_users, k)),
-    )
+    it = _Iterate(F, U, c_u, item_bias, global_mean, k)
+    data = Samples(users, items, ratings)
     keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
     uk, ik = users[keep], items[keep]
+    tk = ratings[keep] - global_mean - item_bias[ik]
+    del keep
     bounds = cfg.bounds()
-    sigma_A = z("u_step_A") * sens["u_step_A"]
-    ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
+    population = cfg.u_step_gram == "population"
+    if population:  # public noise scale σ_V; the Gram needs no per-item noise
+        # Wiener shrinkage: with Ṽ_i = a_i·M·U_i + N(0, σ_V²) and a public prior N(0, u0²) on the
+        # entries of U_i, the MSE-optimal ridge is σ_V²/u0², whatever a_i; u0² = (A2/A_w)²/r
+        # (|⟨U_i, ŵ⟩| ≲ A2 spread over r coordinates) — public constants and the public σ_V
+        sigma = z("u_step_V") * sens["u_step_V"]
+        ridge_u = cfg.ridge_u + sigma**2 * r * (cfg.A_w / cfg.A2) ** 2
+        counts = capped_item_counts(ik, n_items) + gaussian_noise(
+            (n_items,),
+            sensitivity=sens["u_step_count"],
+            noise_multiplier=z("u_step_count"),
+            rng=rng,
+        )
+    else:
+        sigma_A = z("u_step_A") * sens["u_step_A"]
+        ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     for _ in range(cfg.n_iters):
-        st = local_user_step(cfg, F, U, users, items, t, n_users, st)
-        y = t[keep] - st.user_bias[uk]
-        xb = _sparse_inner(F, uk, ik, st)
-        if one_hot:
-            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, st.W, n_items, bounds)
+        it.user_step(data, cfg)
+        y = tk - it.state.user_bias[uk]
+        xb = it.xb(uk, ik)
+        if population:
+            _, V = clipped_item_block_statistics(
+                ik, y, xb, uk, it.state.W, n_items, bounds, with_gram=False
+            )
+            V += gaussian_noise(
+                V.shape, sensitivity=sens["u_step_V"], noise_multiplier=z("u_step_V"), rng=rng
+            )
+            M = clipped_second_moment(uk, it.state.W, bounds)
+            M += symmetric_gaussian_noise(
+                r, sensitivity=sens["u_step_M"], noise_multiplier=z("u_step_M"), rng=rng
+            )
+            total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
+            U = solve_item_population(V, counts, M / total, ridge=ridge_u)
+        elif one_hot:
+            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, it.state.W, n_items, bounds)
             U = dp_item_block_u_step(
                 A_blk, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
         else:
-            assert F is not None
-            A, V = clipped_u_step_statistics(F[ik], y, xb, uk, st.W, bounds)
+            A, V = clipped_u_step_statistics(None, y, xb, uk, it.state.W, bounds, F=F, items=ik)
             U = dp_u_step(
                 A, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
-    st = local_user_step(cfg, F, U, users, items, t, n_users, st)
+        it.set_U(U)
+        del y, xb
+    it.user_step(data, cfg)
+    B_idx, B_val = it.compressed_b(k)
+    st = _Local(it.state.user_bias, it.state.W, B_idx.astype(np.int64), B_val)
 
     # 4. population prior of w (release "w_prior")
     Wc = clip_rows(st.W[active], cfg.A_w)
@@ -433,7 +599,6 @@ def fit_private(
     w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
 
     lrs = LRSModel(U=U, W=st.W, B_idx=st.B_idx, B_val=st.B_val)
-    feats = np.eye(n_items) if F is None else F
     privacy = None
     if ledger is not None:
         privacy = ledger_manifest(
@@ -441,7 +606,7 @@ def fit_private(
         )
     return PrivateFit(
         lrs=lrs,
-        item_features=feats,
+        item_features=F,
         item_bias=item_bias,
         user_bias=st.user_bias,
         global_mean=global_mean,
@@ -477,13 +642,19 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
         },
         "sensitivities": sens,
         "features": cfg.features,
+        "u_step_gram": cfg.u_step_gram,
         "released_arrays": {
             "item_features": feature_cover,
             "item_ids": "public: the item catalogue supplied by the caller",
             "rating_scale": "public: given by the caller (must not be read off the ratings)",
             "global_mean": "private: event global_mean",
             "item_bias": "private: events item_bias_sum, item_bias_count",
-            "U": f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)",
+            "U": (
+                f"private: events u_step_count, u_step_M, u_step_V ({cfg.n_iters} noisy U-steps, "
+                "Eq. 7-8 with the population Gram a_i·M)"
+                if cfg.u_step_gram == "population"
+                else f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)"
+            ),
             "w_prior_mean": "private: event w_prior",
             "w_prior_cov": "private: event w_prior",
         },
@@ -674,7 +845,6 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.training.pipeline import history_csr
     from lrs_rec.training.vocab import Vocabulary
 
-    from lrs_rec.engine.steps import Samples
     from lrs_rec.model_dir import TrainedModel, save_model_dir
 
     t0 = time.perf_counter()
@@ -714,6 +884,7 @@ def run(args: argparse.Namespace) -> int:
         n_iters=int(args.dp_iters),
         accountant=str(args.accountant),
         max_samples_per_user=int(args.dp_max_samples_per_user),
+        u_step_gram=str(getattr(args, "dp_u_step_gram", "blocks")),
         random_state=getattr(args, "dp_noise_seed", None),
     )
     fit = fit_private(
@@ -766,7 +937,7 @@ def run(args: argparse.Namespace) -> int:
     }
     model = TrainedModel(
         lrs=fit.lrs,
-        item_features=fit.item_features,
+        item_features=fit.dense_item_features(),
         item_bias=fit.item_bias,
         user_bias=fit.user_bias,
         global_mean=fit.global_mean,

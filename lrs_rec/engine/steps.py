@@ -21,13 +21,15 @@ All per-user / per-item problems are solved together from their Gram matrices (b
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from lrs_rec.amht import orthonormalize
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
+from lrs_rec.engine.sparse_b import SparseB, sparse_b_step
+from lrs_rec.engine.u_solve import cg_u_solve, joint_block, orthonormalize, refit_b
 from lrs_rec.thresholding import ridge_top_k_refit
 
 
@@ -38,6 +40,11 @@ class Samples:
     users: np.ndarray
     items: np.ndarray
     ratings: np.ndarray
+    # fixed features, μ and item biases only (the paper setting): the per-user statistics (Grams
+    # Σ f_i f_iᵀ, Σ f_i t, ...) of each user block, kept across steps and iterations, keyed by the
+    # block (lo, hi) and the identity of F / the item biases; None: recomputed every time
+    gram_cache: dict[tuple[Any, ...], Any] | None = None
+    gram_key: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
@@ -54,6 +61,8 @@ class LRSState:
     U: np.ndarray  # (d, r) orthonormal
     W: np.ndarray  # (n_users, r)
     B: np.ndarray  # (n_users, d), each row at most k non-zeros
+    support: np.ndarray | None = None  # (n_users, k) sorted supports S_u of b_u (paper b-step)
+    gamma: np.ndarray | None = None  # (n_users,) Algorithm 2's γ per user (b_step "iht")
 
     def theta(self) -> np.ndarray:
         return np.asarray(self.W @ self.U.T + self.B)
@@ -87,6 +96,12 @@ class StepParams:
     population_prior: bool = True  # shape the ridge on w_u by the population covariance Σ_w
     conditional_prior: bool = True  # prior mean of w_u conditioned on which items u rated
     n_inner: int = 2
+    # the paper setting (lrs_rec.amht.AMHTLRS): b_step "htp" / "iht" (Eq. 3 by lrs_rec.engine.sparse_b,
+    # then the w-step, Eq. 4) or "fixed" (the w-step alone); "ridge" is the trainer's b-step
+    b_step: str = "ridge"
+    sparse: SparseB = field(default_factory=SparseB)
+    w_prior_mean: bool = True  # False: the ridge on w_u shrinks towards 0 (the paper's Eq. 4)
+    jitter: float = 0.0  # relative diagonal jitter of the w solve (the paper's exact least squares)
 
 
 def population_precision(W: np.ndarray) -> np.ndarray:
@@ -197,6 +212,9 @@ def user_prior(
     state: LRSState, data: Samples, p: StepParams, *, block: int | None = None
 ) -> UserPrior:
     """The prior of the user step estimated from ``state``'s own users (one partition)."""
+    if not (p.population_prior or p.conditional_prior or p.w_prior_mean):
+        r = state.W.shape[1]
+        return UserPrior(np.zeros(r), np.eye(r))  # the paper's Eq. 4: a plain ridge towards 0
     return UserPrior.from_statistics(
         prior_statistics(state, data, block=block),
         population_prior=p.population_prior,
@@ -222,6 +240,18 @@ class _UserStats:
 
 
 def _user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
+    cache, key = data.gram_cache, data.gram_key
+    if cache is not None and key is not None:
+        # fixed features, μ and item biases (the paper setting): the statistics never change
+        full_key = (*key, id(state.F), id(state.item_bias), float(state.global_mean))
+        hit = cache.get(full_key)
+        if hit is None:
+            hit = cache[full_key] = _compute_user_stats(state, data, n_users)
+        return hit
+    return _compute_user_stats(state, data, n_users)
+
+
+def _compute_user_stats(state: LRSState, data: Samples, n_users: int) -> _UserStats:
     X = state.F[data.items]
     t = data.ratings - state.global_mean - state.item_bias[data.items]
     return _UserStats(
@@ -268,7 +298,10 @@ def sample_budget(width: int) -> int:
 def _user_blocks(data: Samples, n_users: int, block: int) -> Iterator[tuple[int, int, Samples]]:
     """(lo, hi, the samples of users lo..hi-1 with user indices shifted to start at 0)."""
     for lo, hi, sl in key_blocks(data.users, n_users, block):
-        yield lo, hi, Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
+        sub = Samples(data.users[sl] - lo, data.items[sl], data.ratings[sl])
+        if data.gram_cache is not None:
+            sub.gram_cache, sub.gram_key = data.gram_cache, (lo, hi)
+        yield lo, hi, sub
 
 
 def user_step(
@@ -290,6 +323,7 @@ def user_step(
     n_users = state.W.shape[0]
     if prior is None:
         prior = user_prior(state, data, p, block=block)
+    sparse_b_step(state, data, p, block=block)  # the paper's b-step (a no-op for the trainer's)
     size = block or user_block_size(state.B.shape[1])
 
     def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
@@ -335,6 +369,9 @@ def _fit_users(
         A[:, 0, 1:] = sU
         A[:, 1:, 0] = sU
         A[:, 1:, 1:] = UGU + p.reg_w * prec[None]
+        if p.jitter:
+            tr = np.maximum(np.trace(UGU, axis1=1, axis2=2) / r, 1e-30)
+            A[:, 1:, 1:] += (p.jitter * tr)[:, None, None] * np.eye(r)[None]
         rhs = np.zeros((n_users, r + 1))
         rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, B)
         rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (w_prior @ prec)  # prec is symmetric
@@ -345,6 +382,8 @@ def _fit_users(
             rhs[:, 0] = 0.0
         sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
         c, W = sol[:, 0], sol[:, 1:]
+        if p.b_step != "ridge":
+            continue  # b_u fixed here (the paper's b-step ran before, in sparse_b_step)
         if p.k > 0:
             # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
             xr = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", GU, W)
@@ -390,12 +429,26 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     state.B = np.zeros((n_users, d))
 
 
+_JointTerms = list[tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
 def u_step_statistics(
-    state: LRSState, data: Samples, *, block: int | None = None
+    state: LRSState,
+    data: Samples,
+    *,
+    block: int | None = None,
+    joint_ridge_b: float | None = None,
+    joint_active: np.ndarray | None = None,
+    jitter: float = 0.0,
+    joint_terms: _JointTerms | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The normal equations of Eq. 5 in vec(U) (row-major, index a·r + p) over the users of
     ``state``: A = Σ_u G_u ⊗ w_u w_uᵀ as (d, d, r, r) and rhs = Σ_u (Xᵀ(t - c_u - X b_u)) w_uᵀ as
-    (d, r). Additive over user blocks / partitions."""
+    (d, r). Additive over user blocks / partitions.
+
+    With ``joint_ridge_b`` (the paper estimator) each b_u is eliminated on ``state.support``
+    (variable projection, :func:`lrs_rec.engine.u_solve.joint_block`); the per-block terms that refit
+    it afterwards are appended to ``joint_terms``."""
     n_users, d = state.B.shape
     r = state.U.shape[1]
     A = np.zeros((d, d, r, r))
@@ -405,34 +458,105 @@ def u_step_statistics(
         W, B, c = state.W[lo:hi], state.B[lo:hi], state.user_bias[lo:hi]
         WW = np.einsum("up,uq->upq", W, W).reshape(hi - lo, r * r)
         A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
-        resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+        if joint_ridge_b is None:
+            resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+        else:
+            assert state.support is not None
+            act = None if joint_active is None else joint_active[lo:hi]
+            corr, resid, t = joint_block(
+                st.G, st.h - c[:, None] * st.s, state.support[lo:hi], W, joint_ridge_b, jitter, act
+            )
+            A -= corr
+            if joint_terms is not None:
+                joint_terms.append((lo, hi, t))
         rhs += resid.T @ W
     return A, rhs
 
 
-def solve_u(
-    A: np.ndarray, rhs: np.ndarray, *, ridge: float = 10.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 5 from its normal equations, then QR: (Q, R) with U = QR, diag(R) ≥ 0 (so U's column
-    signs are deterministic). The caller sets U = Q and W ← W Rᵀ (Θ unchanged by the QR)."""
+def least_squares_u(
+    A: np.ndarray,
+    rhs: np.ndarray,
+    *,
+    ridge: float = 10.0,
+    ridge_relative: bool = True,
+    jitter: float = 0.0,
+) -> np.ndarray:
+    """Eq. 5's least squares from its normal equations (A as (d, d, r, r), rhs (d, r)): the
+    un-orthonormalised U. The trainer's ridge is relative to the mean curvature
+    (``ridge_relative``); the paper setting uses an absolute ``ridge`` plus a relative ``jitter``."""
     d, r = rhs.shape
     M = A.transpose(0, 2, 1, 3).reshape(d * r, d * r)
-    # ridge relative to the mean curvature (its strength does not depend on the data size). Features
-    # fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base validation RMSE
-    # 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale afterwards
-    lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
-    U = np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+    if ridge_relative:
+        # ridge relative to the mean curvature (its strength does not depend on the data size).
+        # Features fitted on the same ratings make an unregularised Eq. 5 overfit badly (u1.base
+        # validation RMSE 0.955 at ridge 1e-6 vs 0.912 at 10); QR removes the shrinkage of the scale
+        # afterwards
+        lam = ridge * max(float(np.trace(M)) / (d * r), 1e-12)
+    else:
+        lam = ridge + jitter * max(float(np.trace(M)) / (d * r), 1e-30)
+    return np.linalg.solve(M + lam * np.eye(d * r), rhs.reshape(d * r)).reshape(d, r)
+
+
+def solve_u(
+    A: np.ndarray,
+    rhs: np.ndarray,
+    *,
+    ridge: float = 10.0,
+    ridge_relative: bool = True,
+    jitter: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 5 from its normal equations (:func:`least_squares_u`), then QR: (Q, R) with U = QR,
+    diag(R) ≥ 0 (so U's column signs are deterministic). The caller sets U = Q and W ← W Rᵀ (Θ
+    unchanged by the QR)."""
+    U = least_squares_u(A, rhs, ridge=ridge, ridge_relative=ridge_relative, jitter=jitter)
     Q, R = orthonormalize(U)
     return Q, R
 
 
 def u_step(
-    state: LRSState, data: Samples, *, ridge: float = 10.0, block: int | None = None
+    state: LRSState,
+    data: Samples,
+    *,
+    ridge: float = 10.0,
+    block: int | None = None,
+    ridge_relative: bool = True,
+    jitter: float = 0.0,
+    joint_ridge_b: float | None = None,
+    joint_active: np.ndarray | None = None,
+    solver: str = "direct",
+    cg_maxiter: int | None = None,
 ) -> None:
     """Eq. 5: U = argmin Σ (t - c_u - ⟨x, b_u⟩ - ⟨x, U w_u⟩)², then orthonormalise by QR
-    (W absorbs R so that Θ is unchanged by the QR)."""
-    A, rhs = u_step_statistics(state, data, block=block)
-    Q, R = solve_u(A, rhs, ridge=ridge)
+    (W absorbs R so that Θ is unchanged by the QR).
+
+    Paper-setting options (see :func:`solve_u`, :func:`u_step_statistics`): ``ridge_relative=False``
+    with ``jitter``; ``joint_ridge_b``: solved jointly with each b_u on its support, b refitted on the
+    support afterwards (``joint_active`` (n_users, k) drops zeroed slots); ``solver="cg"``:
+    matrix-free conjugate gradients warm-started at U (:func:`lrs_rec.engine.u_solve.cg_u_solve`)."""
+    if solver == "cg":
+        U_ls, b_new = cg_u_solve(
+            state, data, ridge=ridge, maxiter=cg_maxiter, joint_ridge_b=joint_ridge_b,
+            active=joint_active, jitter=jitter,
+        )  # fmt: skip
+        Q, R = orthonormalize(U_ls)
+    else:
+        terms: _JointTerms = []
+        A, rhs = u_step_statistics(
+            state, data, block=block, joint_ridge_b=joint_ridge_b, joint_active=joint_active,
+            jitter=jitter, joint_terms=terms,
+        )  # fmt: skip
+        Q, R = solve_u(A, rhs, ridge=ridge, ridge_relative=ridge_relative, jitter=jitter)
+        b_new = None
+        if terms:  # b re-optimised on the supports with the new U (θ = U_ls w = Q (R w))
+            b_new = np.zeros((state.B.shape[0], terms[0][2][1].shape[1]))
+            WR = state.W @ R.T
+            for lo, hi, t in terms:
+                b_new[lo:hi] = refit_b(t, Q, WR[lo:hi])
+    if b_new is not None:
+        assert state.support is not None
+        B = np.zeros_like(state.B)
+        np.put_along_axis(B, state.support, b_new, axis=1)
+        state.B = B
     state.U = Q
     state.W = state.W @ R.T
 

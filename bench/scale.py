@@ -289,6 +289,12 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     row["lrs_rmse"] = None
     if r["ok"]:
         row["lrs_val_rmse"] = child_json(r).get("val_rmse")
+        # the trainer's own phase log (seconds, peak RSS so far) and what the tuning ran on
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        row["lrs_phases"] = manifest["metrics"].get("phases")
+        tuning = manifest.get("tuning") or {}
+        row["lrs_tune_sample_users"] = tuning.get("sample_users")
+        row["lrs_fit_iterations"] = len(manifest["metrics"]["history"]) - 1
         ev = measure(
             [py, "-c", EVAL_CHILD, str(model_dir), str(test_csv)],
             time_limit=args.time_limit,

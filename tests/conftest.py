@@ -46,3 +46,14 @@ def one_blas_thread():
 
     with blas_threads():
         yield
+
+
+@pytest.fixture(autouse=True)
+def engine_backend_restored():
+    """`lrs-rec train` selects the engine's compiled kernels and thread count for its process;
+    in the test process each test starts from (and gets back) the library default: the numpy
+    reference kernels, one thread."""
+    from lrs_rec.engine import parallel
+
+    yield
+    parallel.configure(n_threads=1, kernels=None)

@@ -98,6 +98,45 @@ def test_fast_reader_equals_reference_on_generated_files(tmp_path: Path, seed: i
         np.testing.assert_array_equal(v.encode(ids_fast), v.encode_reference(ids_ref))
 
 
+@pytest.mark.parametrize("seed", [0, 3, 5, 6, 9, 10, 12, 15, 18, 25])
+def test_fast_reader_in_many_small_batches_equals_reference(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streaming reader with a 256-byte block (one dictionary per batch, unified after): the
+    same table, report and codes as the reference parser, on the fast path."""
+    import lrs_rec.training.fast_text as ft
+
+    monkeypatch.setattr(ft, "BLOCK_BYTES", 256)
+    text, kw = _shape(seed)
+    head, *rows = text.lstrip("\ufeff").splitlines()
+    text = "\n".join([head, *(rows * 4)]) + "\n"  # several batches
+    p = tmp_path / ("r.dat" if seed % len(DELIMS) == 4 else "r.txt")
+    p.write_text(text, encoding="utf-8")
+    ref = load_ratings(p, LoadOptions(fast=False, **kw))  # type: ignore[arg-type]
+    fast = load_ratings(p, LoadOptions(**kw))  # type: ignore[arg-type]
+    _same(fast, ref)
+    if fast.report.parser == "fast":
+        for ids_fast, ids_ref in ((fast.user_ids(), ref.users), (fast.item_ids(), ref.items)):
+            v = Vocabulary.from_ids(ids_fast)
+            assert v == Vocabulary.from_ids_reference(ids_ref)
+            np.testing.assert_array_equal(v.encode(ids_fast), v.encode_reference(ids_ref))
+
+
+def test_a_clean_file_in_small_batches_takes_the_fast_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lrs_rec.training.fast_text as ft
+
+    monkeypatch.setattr(ft, "BLOCK_BYTES", 512)
+    log = make_biased_mf(300, 200, random_state=2)
+    p = write_csv(log, tmp_path / "s.csv")
+    fast, ref = load_ratings(p), load_ratings(p, LoadOptions(fast=False))
+    assert fast.report.parser == "fast" and len(fast) > 3000  # about 200 batches
+    _same(fast, ref)
+    v = Vocabulary.from_ids(fast.user_ids())
+    np.testing.assert_array_equal(v.encode(fast.user_ids()), v.encode_reference(ref.users))
+
+
 def test_clean_generated_files_take_the_fast_path(tmp_path: Path) -> None:
     log = make_biased_mf(300, 200, random_state=1)
     p = write_csv(log, tmp_path / "s.csv")
@@ -315,7 +354,17 @@ def test_threads_and_memory_budget_take_effect_and_keep_the_model(
     for n in (1, 2):
         out = tmp_path / f"m{n}"
         argv = ["train", "--ratings", str(data), "--out", str(out), "--quiet", "--no-export"]
-        assert main([*argv, "--n-iter", "2", "--threads", str(n), "--memory-budget", "16"]) == 0
+        flags = [
+            "--n-iter",
+            "2",
+            "--threads",
+            str(n),
+            "--memory-budget",
+            "16",
+            "--kernels",
+            "numpy",
+        ]
+        assert main([*argv, *flags]) == 0
         assert parallel.threads() == n and lrs_als.BLOCK_FLOATS == (16 << 20) // 32
         arrays.append(np.load(out / "arrays.npz"))
     assert calls and set(calls) == {2}  # the pool ran only with --threads 2
@@ -327,3 +376,17 @@ def test_threads_and_memory_budget_take_effect_and_keep_the_model(
     with pytest.raises(SystemExit):
         main(["train", "--ratings", str(data), "--out", str(tmp_path / "x"), "--threads", "x"])
     assert main(["train", "--ratings", str(data), "--out", str(tmp_path / "y"), "--threads", "0"])
+
+
+def test_vocabulary_encodes_its_own_column_and_others_like_the_reference(tmp_path: Path) -> None:
+    """A vocabulary built from a dictionary-encoded column encodes that column by one gather; a
+    subset's vocabulary encodes the whole column (unknown ids -> -1) as the reference does."""
+    log = make_biased_mf(200, 150, random_state=4)
+    table = load_ratings(write_csv(log, tmp_path / "v.csv"))
+    assert table.user_codes is not None
+    part = table.subset(np.arange(0, len(table), 2))
+    for src in (table, part):
+        v = Vocabulary.from_ids(src.user_ids())
+        assert v == Vocabulary.from_ids_reference(src.users)
+        for col, strings in ((table.user_ids(), table.users), (part.user_ids(), part.users)):
+            np.testing.assert_array_equal(v.encode(col), v.encode_reference(strings))

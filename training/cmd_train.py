@@ -86,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also stop tuning when the next fit would pass S seconds of tuning (the choice then "
         "depends on the machine's speed; default: no time cap)",
     )
+    m.add_argument(
+        "--tune-sample-users",
+        type=int,
+        default=_DEFAULTS.tune_sample_users,
+        metavar="N",
+        help="with more training users than N, tune on a seeded sample of N users and apply the "
+        "chosen strengths to one fit on all users (default %(default)s; 0: tune on every user)",
+    )
     from lrs_rec.engine.parallel import DEFAULT_MEMORY_BUDGET_MB, available_cores
 
     e = parser.add_argument_group("resources")
@@ -104,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="memory for each thread's block temporaries: blocks of users/items are sized by "
         "ratings to fit it (the rating arrays themselves come on top)",
+    )
+    e.add_argument(
+        "--kernels",
+        choices=("auto", "numba", "numpy"),
+        default="auto",
+        help="the engine's per-user / per-item kernels: numba (compiled, the default when "
+        "importable: auto) or numpy (the reference); the model agrees to ~1e-10",
     )
     dk = parser.add_argument_group("engine")
     dk.add_argument(
@@ -156,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tune=getattr(args, "tune", _DEFAULTS.tune),
         tune_trials=getattr(args, "tune_trials", _DEFAULTS.tune_trials),
         tune_seconds=getattr(args, "tune_seconds", _DEFAULTS.tune_seconds),
+        tune_sample_users=getattr(args, "tune_sample_users", _DEFAULTS.tune_sample_users) or None,
     )
 
 
@@ -175,6 +191,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     tt = getattr(args, "tune_trials", 0)
     if tt < 0:
         raise ValueError(f"--tune-trials must be >= 0, got {tt}")
+    tsu = getattr(args, "tune_sample_users", None)
+    if tsu is not None and tsu < 0:
+        raise ValueError(f"--tune-sample-users must be >= 0, got {tsu}")
     ts = getattr(args, "tune_seconds", None)
     if ts is not None and not (math.isfinite(ts) and ts >= 0):
         raise ValueError(f"--tune-seconds must be a finite number >= 0, got {ts}")
@@ -202,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
         n_threads=getattr(args, "threads", None),
         memory_budget_mb=getattr(args, "memory_budget", None),
     )
+    from lrs_rec.training.kernels_select import select_kernels
+
+    select_kernels(getattr(args, "kernels", "auto"))
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib
@@ -209,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         return int(importlib.import_module("lrs_rec.training.private_train").run(args))
 
     from lrs_rec.training.loaders import load_ratings
-    from lrs_rec.training.pipeline import train
+    from lrs_rec.training.pipeline import peak_rss_mb, train
 
     from lrs_rec.model_dir import save_model_dir
 
@@ -256,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         "selected": model.manifest["metrics"].get("selected"),
         "start_val_rmse": model.manifest["metrics"].get("start_val_rmse"),
         "tuned": (model.manifest.get("tuning") or {}).get("chosen"),
+        "peak_rss_mb": peak_rss_mb(),  # the whole command's, model directory and ONNX included
     }
     if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
         print(json.dumps(summary, sort_keys=True, allow_nan=False))

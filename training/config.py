@@ -49,6 +49,9 @@ class TrainConfig:
     tune: bool = True  # choose the ridge strengths on the validation split (training/tuning.py)
     tune_trials: int = 3  # extra LRS fits the tuning may run (reproducible budget)
     tune_seconds: float | None = None  # optional wall-clock cap on them (machine-dependent)
+    # tune on a seeded sample of this many users when there are more (None: all users); the
+    # chosen strengths are then applied to one fit on all users (docs/scale.md)
+    tune_sample_users: int | None = 50_000
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +71,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {self.tune_trials}")
+        if self.tune_sample_users is not None and self.tune_sample_users < 1:
+            raise ValueError(f"tune_sample_users must be >= 1, got {self.tune_sample_users}")
         if self.tune_seconds is not None and not self.tune_seconds >= 0:
             raise ValueError(f"tune_seconds must be >= 0, got {self.tune_seconds}")
         if not 0.0 <= self.validation_fraction < 0.5:

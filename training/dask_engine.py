@@ -306,8 +306,8 @@ def fit_lrs(
             if row["val_rmse"] < best_val:
                 best_val, best_it, best_shared = row["val_rmse"], it, shared
                 cl.each(dp.save, "best")
-            elif it - best_it >= cfg.patience:
-                break
+            elif it - best_it >= cfg.patience or row["val_rmse"] > best_val * (1 + OVERFIT_RISE):
+                break  # as pipeline.fit_lrs: patience used up, or a clear rise
     if not early:
         return DaskFit(shared, history, len(history) - 1)
     if best_it != len(history) - 1:

@@ -79,7 +79,7 @@ def tune_on_sample(
     )
     del got
     snapshot = getattr(pipeline, "Snapshot", None)
-    start_arg = snapshot.of(state) if snapshot is not None else state
+    start_arg: Any = snapshot.of(state) if snapshot is not None else state
     _, record = tune(start_arg, cfg, fd, progress=progress)
     if sample.size < n_users:
         record.setdefault("sample_users", int(sample.size))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: a rating row is two ids of <= 256 characters and a few numbers
 _CHUNK = MAX_LINE_BYTES
+BLOCK_BYTES = 1 << 24  # bytes of the file per batch of the streaming CSV reader
 # bytes after which a field may need trimming (Python's str.strip: ASCII and Unicode whitespace)
 _WS_NO_TAB = (b" ", b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
 
@@ -124,22 +125,24 @@ def _too_long_at(path: Path, start: int, nbytes: int) -> str:
     return line_too_long(path, line, nbytes)
 
 
-def _encode_ids(col: Any, trim: bool) -> IdCodes | None:
-    """Dictionary-encode one id column; None when an id needs the reference parser (empty, or an id
-    the service refuses: it names the line)."""
+def _encode_ids(chunks: list[Any], trim: bool) -> IdCodes | None:
+    """One id column from its dictionary-encoded batches (one dictionary per batch, unified here);
+    None when an id needs the reference parser (empty, or an id the service refuses: it names the
+    line)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    enc = pc.dictionary_encode(col)
-    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
     if not chunks:
         return None
-    uniq = chunks[-1].dictionary
-    if all(ch.dictionary.equals(uniq) for ch in chunks):  # one dictionary for all chunks
-        codes = np.concatenate([ch.indices.to_numpy() for ch in chunks]).astype(np.int32)
-    else:  # a dictionary per chunk: look every value up in the distinct ids instead
-        uniq = pc.unique(col)
-        codes = np.asarray(pc.index_in(col, value_set=uniq).to_numpy(), dtype=np.int32)
+    col = pa.chunked_array(chunks).unify_dictionaries()
+    chunks.clear()  # the caller's batches: only the unified column keeps their indices
+    uniq = col.chunks[0].dictionary
+    codes = np.empty(len(col), dtype=np.int32)
+    at = 0
+    for ch in col.chunks:
+        codes[at : at + len(ch)] = ch.indices.to_numpy(zero_copy_only=False)
+        at += len(ch)
+    del col
     if trim:
         trimmed = pc.utf8_trim_whitespace(uniq)
         merged = pc.unique(trimmed)
@@ -226,13 +229,46 @@ def read_text_fast(
     # "nan", "null", ... become nulls and send the file to the reference parser)
     typed = set() if trim else ({rcol} | ({tcol} if has_time and tcol is not None else set()))
     types = {c: pa.string() for c in names} | {names[j * stride]: pa.float64() for j in typed}
+    # ids are read straight into dictionary form (no column of millions of strings), batch by
+    # batch (pyarrow's streaming reader: one block of the file in memory at a time)
+    id_type = pa.dictionary(pa.int32(), pa.string())
+    id_cols = {names[ucol * stride], names[icol * stride]}
+    types = {c: (id_type if c in id_cols else pa.string()) for c in names} | {
+        names[j * stride]: pa.float64() for j in typed
+    }
+    u_chunks: list[Any] = []
+    i_chunks: list[Any] = []
+    r_parts: list[np.ndarray] = []
+    t_parts: list[np.ndarray] = []
+
+    def col(batch: Any, j: int) -> Any:
+        c = batch.column(names[j * stride])
+        return pc.utf8_trim_whitespace(c) if trim else c
+
+    def numbers(batch: Any, j: int) -> np.ndarray:
+        c = col(batch, j)
+        if j not in typed:
+            c = pc.cast(c, pa.float64())
+        return np.asarray(c.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls: NaN
+
+    def last_field_empty(batch: Any) -> bool:
+        j = n_fields - 1
+        c = batch.column(names[j * stride])
+        if j in typed:
+            return bool(c.null_count)
+        if pa.types.is_dictionary(c.type):  # an id column: its dictionary holds the values seen
+            c = c.dictionary
+        if trim:
+            c = pc.utf8_trim_whitespace(c)
+        return bool(pc.any(pc.equal(c, "")).as_py())
+
     try:
-        table = pcsv.read_csv(
+        reader = pcsv.open_csv(
             path,
             read_options=pcsv.ReadOptions(
                 column_names=names,
                 skip_rows=1 if header is not None else 0,
-                block_size=1 << 24,
+                block_size=BLOCK_BYTES,
             ),
             parse_options=pcsv.ParseOptions(
                 delimiter=pa_delim, quote_char=False, ignore_empty_lines=False
@@ -243,45 +279,39 @@ def read_text_fast(
                 include_columns=[names[j] for j in sorted(include)],
             ),
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError):
+        for batch in reader:
+            if stride == 2 and any(
+                pc.any(pc.not_equal(batch.column(names[j]), "")).as_py()
+                for j in range(1, n_cols, 2)
+            ):
+                return None
+            if last_field_empty(batch):
+                return None  # an empty last field somewhere (trailing column or a missing value)
+            r_parts.append(numbers(batch, rcol))
+            if has_time and tcol is not None:
+                t_parts.append(numbers(batch, tcol))
+            u_chunks.append(batch.column(names[ucol * stride]))
+            i_chunks.append(batch.column(names[icol * stride]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
         return None  # ragged rows, bytes that are not UTF-8, ...: the reference parser names them
-    n = table.num_rows
+    n = sum(len(x) for x in r_parts)
     if n == 0:
         return None
-
-    def col(j: int) -> Any:
-        c = table.column(names[j * stride])
-        return pc.utf8_trim_whitespace(c) if trim else c
-
-    def numbers(j: int) -> np.ndarray:
-        c = col(j)
-        if j not in typed:
-            c = pc.cast(c, pa.float64())
-        return np.asarray(c.to_numpy(), dtype=np.float64)  # nulls: NaN
-
-    if stride == 2 and any(
-        pc.any(pc.not_equal(table.column(names[j]), "")).as_py() for j in range(1, n_cols, 2)
-    ):
-        return None
-    last = col(n_fields - 1)
-    if (n_fields - 1) in typed:
-        if last.null_count:
-            return None
-    elif pc.any(pc.equal(last, "")).as_py():
-        return None  # an empty last field somewhere (trailing column or a missing value)
-    try:
-        ratings = numbers(rcol)
-        times = numbers(tcol) if has_time and tcol is not None else np.full(n, np.nan)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return None
+    ratings = np.concatenate(r_parts)
+    del r_parts
+    if has_time:
+        times = np.concatenate(t_parts)
+        del t_parts
+    else:
+        times = np.full(n, np.nan)
     if not np.all(np.isfinite(ratings)) or np.isinf(times).any():
         return None
     if has_time and np.isnan(times).any():
         return None
-    users = _encode_ids(table.column(names[ucol * stride]), trim)
+    users = _encode_ids(u_chunks, trim)
     if users is None:
         return None
-    items = _encode_ids(table.column(names[icol * stride]), trim)
+    items = _encode_ids(i_chunks, trim)
     if items is None:
         return None
     if header is not None:

@@ -20,9 +20,10 @@ import numpy as np
 from lrs_rec.training.loaders import RatingFileError, id_text
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine import parallel
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
-from lrs_rec.engine.steps import key_blocks, sample_budget, user_block_size
+from lrs_rec.engine.steps import Samples, key_blocks, sample_budget, user_block_size
 
 
 def fit_biases(
@@ -76,17 +77,36 @@ def als_factors(
     n_iter: int,
     random_state: np.random.Generator,
     min_count: float = 1.0,
+    samples: Samples | None = None,
 ) -> ALSFactors:
     """Biased ALS-WR: y ≈ μ + c_u + c_i + ⟨p_u, q_i⟩, ridge λ·n_u on p_u (λ·n_i on q_i), λ_b on biases.
 
     Each half-step solves every row's (d+1)-dimensional ridge problem at once (batched solve over the
-    Gram matrices of :func:`training.grouped.grouped_gram`).
+    Gram matrices of :func:`training.grouped.grouped_gram`), or, with the engine's compiled kernels
+    (``lrs_rec.engine.parallel.kernels()``), row by row from the CSR layouts of ``samples`` (when
+    they hold these very arrays: the layouts are then cached for the LRS steps) or of the arrays.
     """
     mu = float(np.mean(y))
     P = random_state.normal(0.0, 0.1, (n_users, dim))
     Q = random_state.normal(0.0, 0.1, (n_items, dim))
     c_u = np.zeros(n_users)
     c_i = np.zeros(n_items)
+    K = parallel.kernels()
+    if K is not None:  # compiled half-steps straight from the two CSR layouts (sorted once)
+        same = samples is not None and (
+            samples.users is users and samples.items is items and samples.ratings is y
+        )
+        # the caller's samples (their CSR layouts are cached for the LRS steps), else our own
+        data = samples if samples is not None and same else Samples(users, items, y)
+        by_user, by_item = data.csr("user", n_users), data.csr("item", n_items)
+        sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
+        mc = max(min_count, 1.0)
+        for _ in range(n_iter):
+            K.als_half_step(*by_user, Q, c_i, mu, float(reg), float(reg_bias), mc, sol_u)
+            c_u, P = sol_u[:, 0].copy(), np.ascontiguousarray(sol_u[:, 1:])
+            K.als_half_step(*by_item, P, c_u, mu, float(reg), float(reg_bias), mc, sol_i)
+            c_i, Q = sol_i[:, 0].copy(), np.ascontiguousarray(sol_i[:, 1:])
+        return ALSFactors(mu, c_u, c_i, P, Q)
     n_u = np.bincount(users, minlength=n_users).astype(float)
     n_i = np.bincount(items, minlength=n_items).astype(float)
 

@@ -50,27 +50,57 @@ def build_vocabularies(table: RatingTable) -> tuple[Vocabulary, Vocabulary]:
     return Vocabulary.from_ids(table.user_ids()), Vocabulary.from_ids(table.item_ids())
 
 
+def index_array(codes: np.ndarray, n: int) -> np.ndarray:
+    """Dense indices as int32 when ``n`` fits (half the memory of int64 for every rating), else
+    int64."""
+    return np.asarray(codes, dtype=np.int32 if n < np.iinfo(np.int32).max else np.int64)
+
+
 def encode(table: RatingTable, users: Vocabulary, items: Vocabulary) -> Samples:
+    """The table as dense-index samples: int32 user / item indices, a float64 copy of the ratings
+    (the trainer scales it in place)."""
     return Samples(
-        users.encode(table.user_ids()), items.encode(table.item_ids()), table.ratings.copy()
+        index_array(users.encode(table.user_ids()), len(users)),
+        index_array(items.encode(table.item_ids()), len(items)),
+        np.array(table.ratings, dtype=np.float64),
     )
+
+
+def validation_mask(data: Samples, fraction: float, rng: np.random.Generator) -> np.ndarray | None:
+    """A seeded random hold-out of the training ratings (True: validation), for the per-iteration
+    validation loss; None when ``fraction`` is 0. Users with a single rating always stay in the
+    training part."""
+    if fraction <= 0.0:
+        return None
+    counts = np.bincount(data.users)
+    return np.asarray((rng.random(len(data)) < fraction) & (counts[data.users] > 1))
+
+
+def take(data: Samples, rows: np.ndarray) -> Samples:
+    return Samples(data.users[rows], data.items[rows], data.ratings[rows])
+
+
+def merge(train: Samples, val: Samples, mask: np.ndarray) -> Samples:
+    """The inverse of the split: the samples in their original order (``mask``: validation rows)."""
+    out = Samples(
+        np.empty(mask.size, train.users.dtype),
+        np.empty(mask.size, train.items.dtype),
+        np.empty(mask.size, train.ratings.dtype),
+    )
+    for name in ("users", "items", "ratings"):
+        getattr(out, name)[~mask] = getattr(train, name)
+        getattr(out, name)[mask] = getattr(val, name)
+    return out
 
 
 def split_validation(
     data: Samples, fraction: float, rng: np.random.Generator
 ) -> tuple[Samples, Samples]:
-    """A seeded random hold-out of the training ratings, for the per-iteration validation loss.
-    Users with a single rating always stay in the training part."""
-    n = len(data)
-    if fraction <= 0.0:
-        return data, Samples(data.users[:0], data.items[:0], data.ratings[:0])
-    counts = np.bincount(data.users)
-    val = (rng.random(n) < fraction) & (counts[data.users] > 1)
-    tr = ~val
-    return (
-        Samples(data.users[tr], data.items[tr], data.ratings[tr]),
-        Samples(data.users[val], data.items[val], data.ratings[val]),
-    )
+    """(training part, validation part) of :func:`validation_mask`."""
+    val = validation_mask(data, fraction, rng)
+    if val is None:
+        return data, take(data, np.zeros(0, np.int64))
+    return take(data, ~val), take(data, val)
 
 
 def method_params(cfg: TrainConfig) -> StepParams:
@@ -112,6 +142,7 @@ def init_state(
             n_iter=cfg.init_iter,
             random_state=rng,
             min_count=cfg.init_reg_count,
+            samples=train,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:
@@ -196,6 +227,9 @@ class FitData:
     reg_u: float
 
 
+OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
+
+
 @dataclass
 class Fit:
     state: LRSState  # the best validation iterate (the last one without a validation part)
@@ -205,7 +239,10 @@ class Fit:
 
 def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = False) -> Fit:
     """The alternating loop from ``state`` (modified): per-iteration train / validation RMSE,
-    early stopping with patience, back to the best validation iterate."""
+    early stopping with patience, back to the best validation iterate. A validation RMSE more than
+    :data:`OVERFIT_RISE` above the best stops the loop at once (the fit has started to overfit;
+    waiting out the patience costs iterations that, on the curves measured in docs/scale.md, never
+    came back below the best)."""
     from tqdm import tqdm
 
     params = method_params(cfg)
@@ -227,7 +264,7 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     )
     early = bool(len(fd.val)) and cfg.patience > 0
     best_val, best_it = float("inf"), 0  # the LRS fit always runs at least one iteration
-    best_state: LRSState | None = None
+    best_state: Snapshot | None = None
     for it in bar:
         iterate(state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u)
         row = losses(it)
@@ -240,16 +277,16 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
             )
         if early:
             if row["val_rmse"] < best_val:
-                best_val, best_it, best_state = row["val_rmse"], it, _snapshot(state)
-            elif it - best_it >= cfg.patience:
-                break
+                best_val, best_it, best_state = row["val_rmse"], it, Snapshot.of(state)
+            elif it - best_it >= cfg.patience or row["val_rmse"] > best_val * (1 + OVERFIT_RISE):
+                break  # patience used up, or a clear rise (overfitting): no further iteration
     if not early:
         return Fit(state, history, len(history) - 1)
     assert best_state is not None
-    return Fit(best_state, history, best_it)
-
-
-OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
+    if best_it == len(history) - 1:
+        return Fit(state, history, best_it)  # the last iterate is the best: no copy needed
+    best_state.restore_into(state)  # in place: no second copy of the per-user arrays
+    return Fit(state, history, best_it)
 
 
 def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
@@ -263,10 +300,14 @@ def item_step_overfits(history: list[dict[str, float]], best_it: int) -> bool:
     return bool(after > before * (1 + OVERFIT_RISE))
 
 
-def biases_only(start: LRSState, data: Samples, reg_bias: float) -> LRSState:
+def biases_only(
+    start: Snapshot | LRSState, data: Samples, reg_bias: float, *, copy: bool = True
+) -> LRSState:
     """μ + c_u + c_i (ridge λ_bias) with zero item features: the model the trainer keeps when
     neither the LRS fit nor its start beats biases alone on validation. U, W stay the start's (the
-    population prior keeps its shape for onboarding; with F = 0 they do not change a prediction)."""
+    population prior keeps its shape for onboarding; with F = 0 they do not change a prediction),
+    B is zero. ``copy=False`` shares the start's W and a read-only zero B (enough to score it on
+    validation without a copy of the per-user arrays)."""
     mu, c_u, c_i = fit_biases(
         data.users,
         data.items,
@@ -277,9 +318,10 @@ def biases_only(start: LRSState, data: Samples, reg_bias: float) -> LRSState:
         reg_item=reg_bias,
         n_iter=10,
     )
-    return LRSState(
-        mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), start.W.copy(), start.B.copy()
-    )
+    n, d = start.W.shape[0], start.F.shape[1]
+    W = start.W.copy() if copy else start.W
+    B = np.zeros((n, d)) if copy else np.broadcast_to(np.zeros(1), (n, d))
+    return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, B)
 
 
 def _snapshot(state: LRSState) -> LRSState:
@@ -292,6 +334,97 @@ def _snapshot(state: LRSState) -> LRSState:
         state.W.copy(),
         state.B.copy(),
     )
+
+
+SNAPSHOT_ROWS = 1 << 16  # users per chunk when compacting B (bounded temporaries)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A copy of an :class:`LRSState` with the sparse part stored sparsely: each row of B has at
+    most k non-zeros, so (column, value) pairs of the widest row's count replace the dense
+    (n_users, d) array (which would double the trainer's largest arrays for every copy kept:
+    the start, the best iterate). :meth:`restore` gives back the state exactly."""
+
+    global_mean: float
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    F: np.ndarray
+    U: np.ndarray
+    W: np.ndarray
+    b_idx: np.ndarray  # (n_users, m) int32 columns (m: the most non-zeros of a row)
+    b_val: np.ndarray  # (n_users, m) their values (zeros pad shorter rows)
+    d: int
+    b_dtype: Any
+
+    @classmethod
+    def of(cls, state: LRSState) -> Snapshot:
+        B = state.B
+        n, d = B.shape
+        m = int(max((np.count_nonzero(B[a : a + SNAPSHOT_ROWS], axis=1).max(initial=0)
+                     for a in range(0, n, SNAPSHOT_ROWS)), default=0))  # fmt: skip
+        idx = np.zeros((n, m), np.int32)
+        val = np.zeros((n, m), B.dtype)
+        if m:
+            for a in range(0, n, SNAPSHOT_ROWS):
+                blk = B[a : a + SNAPSHOT_ROWS]
+                j = np.argsort(blk == 0, axis=1, kind="stable")[:, :m]  # non-zeros first
+                idx[a : a + SNAPSHOT_ROWS] = j
+                val[a : a + SNAPSHOT_ROWS] = np.take_along_axis(blk, j, axis=1)
+        return cls(
+            state.global_mean,
+            state.user_bias.copy(),
+            state.item_bias.copy(),
+            state.F.copy(),
+            state.U.copy(),
+            state.W.copy(),
+            idx,
+            val,
+            d,
+            B.dtype,
+        )
+
+    def dense_b(self) -> np.ndarray:
+        B = np.zeros((self.W.shape[0], self.d), self.b_dtype)
+        if self.b_idx.shape[1]:
+            np.put_along_axis(B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        return B
+
+    def restore(self) -> LRSState:
+        """A fresh state equal to the one snapshotted (its own arrays)."""
+        return LRSState(
+            self.global_mean,
+            self.user_bias.copy(),
+            self.item_bias.copy(),
+            self.F.copy(),
+            self.U.copy(),
+            self.W.copy(),
+            self.dense_b(),
+        )
+
+    def restore_into(self, state: LRSState) -> None:
+        """Make ``state`` (of the same shapes) equal to the snapshot, reusing its arrays."""
+        state.global_mean = self.global_mean
+        for name in ("user_bias", "item_bias", "F", "U", "W"):
+            setattr(state, name, getattr(self, name).copy())
+        state.B[:] = 0
+        if self.b_idx.shape[1]:
+            np.put_along_axis(state.B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+
+    def take_users(self, users: np.ndarray) -> Snapshot:
+        """The snapshot of the given users only (items, F, U unchanged)."""
+        return Snapshot(
+            self.global_mean,
+            self.user_bias[users],
+            self.item_bias,
+            self.F,
+            self.U,
+            self.W[users],
+            self.b_idx[users],
+            self.b_val[users],
+            self.d,
+            self.b_dtype,
+        )
 
 
 def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
@@ -370,6 +503,33 @@ def history_csr(data: Samples, n_users: int) -> tuple[np.ndarray, np.ndarray, np
     return indptr, data.items[order].astype(np.int64), data.ratings[order].astype(np.float64)
 
 
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (ru_maxrss; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+class PhaseLog:
+    """Wall seconds of each training phase and the process's peak RSS at its end (a high-water
+    mark: the phase where it jumps is the one that needed the memory); written to the manifest
+    (``metrics.phases``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.rows.append(
+            {"phase": phase, "seconds": round(now - self._t, 3), "peak_rss_mb": peak_rss_mb()}
+        )
+        self._t = now
+
+
 # ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
@@ -383,14 +543,24 @@ def train(
 ) -> TrainResult:
     """Train on a cleaned rating table; returns the model (not yet saved) and the loss history."""
     t0 = time.perf_counter()
+    phases = PhaseLog()
     rng = np.random.default_rng(cfg.seed)
     user_vocab, item_vocab = build_vocabularies(table)
     n_users, n_items = len(user_vocab), len(item_vocab)
-    raw = encode(table, user_vocab, item_vocab)
-    raw_train, raw_val = split_validation(raw, cfg.validation_fraction, rng)
+    data = encode(table, user_vocab, item_vocab)
+    val_mask = validation_mask(data, cfg.validation_fraction, rng)
+    # the two parts only (the whole is rebuilt from them for the final pass): one copy of the
+    # samples is alive during the fits, not the raw, scaled, training and validation ones at once
+    if val_mask is None:
+        train_part, val_part = data, take(data, np.zeros(0, np.int64))
+    else:
+        train_part, val_part = take(data, ~val_mask), take(data, val_mask)
+    del data
     # work in standardised rating units (ridge strengths independent of the rating scale)
-    unit = rating_unit(raw_train.ratings) if cfg.standardize else 1.0
-    data, train_part, val_part = (scaled(x, unit) for x in (raw, raw_train, raw_val))
+    unit = rating_unit(train_part.ratings) if cfg.standardize else 1.0
+    train_part.ratings /= unit
+    val_part.ratings /= unit
+    phases.mark("encode")
 
     plugin = None
     plugin_info: dict[str, Any] = {}
@@ -404,6 +574,7 @@ def train(
             "unused_feature_rows": pf.n_unused,
         }
     state = init_state(cfg, train_part, n_users, n_items, plugin, rng)
+    phases.mark("init")
     hyperparameters: dict[str, Any] = cfg.to_dict()
     if cfg.method in ("lrs", "rep") and state.U.shape[1] < cfg.rank:
         # U comes from an SVD of the (n_users, d) user factors: at most n_users directions
@@ -419,21 +590,26 @@ def train(
     lo, hi = table.rating_min / unit, table.rating_max / unit
     fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
 
-    start = _snapshot(state)
+    start = Snapshot.of(state)
+    del state
     tuning: dict[str, Any] | None = None
+    fit: Fit | None = None
     if cfg.tune and len(val_part) and cfg.method in ("lrs", "rep", "full"):
         from lrs_rec.training.tuning import tune
 
         fit, tuning = tune(start, cfg, fit_data, progress=progress)
         cfg = replace(cfg, **tuning["chosen"])
-    else:
-        fit = fit_lrs(_snapshot(start), cfg, fit_data, progress=progress)
+        phases.mark("tune")
+    if fit is None:  # no tuning, or tuned on a sample of the users: one fit on all of them
+        fit = fit_lrs(start.restore(), cfg, fit_data, progress=progress)
+        phases.mark("fit")
     state, history, best_it = fit.state, fit.history, fit.best_iteration
+    del fit
     params = method_params(cfg)
     # keep the best on validation of: the best LRS iterate, its start (biases + item features), and
     # biases alone (the population model without item features: μ + c_u + c_i)
     candidates = {"lrs": history[best_it]["val_rmse"], "start": history[0]["val_rmse"]}
-    biases = biases_only(start, train_part, cfg.reg_bias)
+    biases = biases_only(start, train_part, cfg.reg_bias, copy=False)
     if len(val_part):
         candidates["biases"] = unit * rmse(biases, val_part, lo, hi)
     selected = "lrs"
@@ -450,14 +626,18 @@ def train(
             " the ratings",
             file=sys.stderr,
         )
-        state, best_it = (start, 0) if selected == "start" else (biases, 0)
+        del state
+        state, best_it = (start.restore(), 0) if selected == "start" else (biases, 0)
     train_rmse = (
         unit * rmse(biases, train_part, lo, hi)
         if selected == "biases"
         else history[best_it]["train_rmse"]
     )
     val_rmse = candidates[selected] if len(val_part) else history[best_it]["val_rmse"]
+    del biases
     # final passes on all ratings (the validation part included), then a last user step
+    data = train_part if val_mask is None else merge(train_part, val_part, val_mask)
+    del train_part, fit_data
     final_pass = "none"
     if len(val_part) and selected == "lrs" and cfg.final_passes:
         if item_step_overfits(history, best_it):
@@ -469,8 +649,10 @@ def train(
             user_step(state, data, params)
     elif len(val_part) and selected == "biases":
         state = biases_only(start, data, cfg.reg_bias)
+    n_val = len(val_part)
+    del start, val_part
+    phases.mark("final pass")
     unscale(state, unit)
-    data = raw
 
     lrs = to_lrs_model(state, cfg)
     w_mean, w_cov = population_prior(
@@ -478,9 +660,19 @@ def train(
             state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W, state.B
         )
     )
-    indptr, h_items, h_ratings = history_csr(data, n_users)
-    # rating times in the same order (the onboarding prior learns from users' first ratings)
-    h_times = table.timestamps[history_order(data)].astype(np.float64)
+    # the history CSR in the ratings' own units (the table's), rating times in the same order
+    # (the onboarding prior learns from users' first ratings)
+    order = history_order(data)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
+    h_items = data.items[order].astype(np.int64)
+    n_train = len(data) - n_val
+    del data
+    state.B = state.B[:0]  # stored sparsely in lrs now
+    h_ratings = np.asarray(table.ratings[order], dtype=np.float64)
+    h_times = np.asarray(table.timestamps[order], dtype=np.float64)
+    del order
+    phases.mark("model")
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
         "method": cfg.method,
@@ -497,8 +689,8 @@ def train(
             "n_ratings": len(table),
             "n_users": n_users,
             "n_items": n_items,
-            "n_train_part": len(train_part),
-            "n_validation_part": len(val_part),
+            "n_train_part": n_train,
+            "n_validation_part": n_val,
         },
         "cleaning": table.report.to_dict(),
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
@@ -509,9 +701,10 @@ def train(
             "best_iteration": best_it,
             "selected": selected,
             "final_pass": final_pass,
-            "candidates_val_rmse": candidates if len(val_part) else None,
+            "candidates_val_rmse": candidates if n_val else None,
             "start_val_rmse": history[0]["val_rmse"],
             "train_seconds": round(seconds, 3),
+            "phases": phases.rows,
         },
         "params_per_user": {
             "lrs": lrs.rank + lrs.sparsity,

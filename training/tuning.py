@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training.config import TrainConfig
-from lrs_rec.training.pipeline import Fit, FitData, _snapshot, fit_lrs
+from lrs_rec.training.pipeline import Fit, FitData, Snapshot, fit_lrs
 
-from lrs_rec.engine.steps import LRSState
+from lrs_rec.engine.steps import Samples
 
 SEARCH = ("reg_features", "reg_w", "reg_b")  # in this order
 FACTOR = 3.0
@@ -52,12 +52,50 @@ def clearly_better(new: np.ndarray, old: np.ndarray, z: float = SIGNIFICANCE) ->
     return bool(d.mean() > z * d.std(ddof=1) / np.sqrt(d.size))
 
 
+def user_sample(n_users: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct users (sorted), drawn with their own seeded generator (derived from the
+    training seed, so the sample does not shift any other random draw)."""
+    rng = np.random.default_rng([seed, 14])
+    return np.sort(rng.choice(n_users, size=size, replace=False))
+
+
+def restrict_to_users(start: Snapshot, fd: FitData, users: np.ndarray) -> tuple[Snapshot, FitData]:
+    """The start and the training / validation samples of the given users only, renumbered
+    0..len(users)-1 (items keep their indices: F, c_i are the start's)."""
+    remap = np.full(start.W.shape[0], -1, fd.train.users.dtype)
+    remap[users] = np.arange(users.size)
+
+    def sub(s: Samples) -> Samples:
+        keep = remap[s.users] >= 0
+        return Samples(remap[s.users[keep]], s.items[keep], s.ratings[keep])
+
+    return start.take_users(users), FitData(
+        sub(fd.train), sub(fd.val), fd.lo, fd.hi, fd.unit, fd.learn_u, fd.refine, fd.reg_u
+    )
+
+
 def tune(
-    start: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool
-) -> tuple[Fit, dict[str, Any]]:
-    """(the best fit found, the tuning record for the manifest: chosen values, trials, budget)."""
+    start: Snapshot, cfg: TrainConfig, fd: FitData, *, progress: bool
+) -> tuple[Fit | None, dict[str, Any]]:
+    """(the best fit found, the tuning record for the manifest: chosen values, trials, budget).
+
+    With more training users than ``cfg.tune_sample_users`` the search runs on a seeded sample of
+    that many users (their ratings, the same start for them): the ridge strengths are per-user and
+    per-item prior strengths, which do not depend on how many users there are. The fit is then
+    None: the caller fits all users once with the chosen strengths."""
+    n_users = start.W.shape[0]
+    sample = cfg.tune_sample_users
+    record_sample: dict[str, Any] = {}
+    if sample is not None and n_users > sample:
+        users = user_sample(n_users, sample, cfg.seed)
+        start, fd = restrict_to_users(start, fd, users)
+        record_sample = {
+            "sample_users": int(sample),
+            "sample_train_ratings": len(fd.train),
+            "sample_validation_ratings": len(fd.val),
+        }
     t_fit = time.perf_counter()
-    best = fit_lrs(_snapshot(start), cfg, fd)
+    best = fit_lrs(start.restore(), cfg, fd)
     best_cfg, best_err = cfg, sq_errors(best, fd)
     budget = cfg.tune_seconds if cfg.tune_seconds is not None else float("inf")
     trial_seconds = time.perf_counter() - t_fit
@@ -71,7 +109,7 @@ def tune(
         if len(trials) > cfg.tune_trials or spent + trial_seconds > budget:
             return None
         t = time.perf_counter()
-        fit = fit_lrs(_snapshot(start), c, fd)
+        fit = fit_lrs(start.restore(), c, fd)
         trial_seconds = time.perf_counter() - t
         spent += trial_seconds
         trials.append(
@@ -118,5 +156,6 @@ def tune(
         "tuning_seconds": round(spent, 3),
         "stopped": stopped,
         "trials": trials,
+        **record_sample,
     }
-    return best, record
+    return (None if record_sample else best), record

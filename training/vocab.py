@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +26,9 @@ class Vocabulary:
     """An immutable id list: position = dense index. Unknown ids map to -1."""
 
     ids: tuple[str, ...]
+    # built from a dictionary-encoded column: (its distinct ids, their dense index) — encoding that
+    # same column is then one gather, no string lookup (not part of the value)
+    _source: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(set(self.ids)) != len(self.ids):
@@ -40,8 +43,11 @@ class Vocabulary:
         from lrs_rec.training.fast_text import IdCodes
 
         if isinstance(ids, IdCodes):
-            present = ids.uniques[np.bincount(ids.codes, minlength=ids.uniques.size) > 0]
-            return cls(tuple(present[natural_order(present)].tolist()))
+            where = np.flatnonzero(np.bincount(ids.codes, minlength=ids.uniques.size) > 0)
+            order = where[natural_order(ids.uniques[where])]
+            index = np.full(ids.uniques.size, -1, dtype=np.int32)
+            index[order] = np.arange(order.size, dtype=np.int32)
+            return cls(tuple(ids.uniques[order].tolist()), (ids.uniques, index))
         return cls.from_ids_reference(ids)
 
     @classmethod
@@ -63,12 +69,15 @@ class Vocabulary:
         column (:class:`IdCodes`) is mapped through its distinct ids only."""
         from lrs_rec.training.fast_text import IdCodes
 
+        if isinstance(ids, IdCodes) and self._source is not None and self._source[0] is ids.uniques:
+            encoded: np.ndarray = self._source[1][ids.codes]  # the column it was built from
+            return encoded
         if isinstance(ids, IdCodes):
             import pyarrow as pa
             import pyarrow.compute as pc
 
             found = pc.index_in(pa.array(ids.uniques), value_set=pa.array(self.ids, pa.string()))
-            codes = np.asarray(found.fill_null(-1).to_numpy(), dtype=np.int64)
+            codes = np.asarray(found.fill_null(-1).to_numpy(), dtype=np.int32)
             out: np.ndarray = codes[ids.codes]
             return out
         return self.encode_reference(ids)

@@ -6,6 +6,10 @@ threads (numpy's batched solves and products release the GIL) and returns the re
 order**, so the caller combines them exactly as the one-thread loop does: the model is the same bit
 for bit whatever the thread count. BLAS itself stays at one thread (serving.cli.blas_threads).
 
+Compiled kernels: :func:`configure` ``(kernels=...)`` swaps the numpy code of the user / item steps,
+the losses and the ALS initialisation for an injected backend (``lrs_rec.training.kernels``,
+numba; the numpy code stays the reference), run on the same thread count (docs/scale.md, Kernels).
+
 ``lrs-rec train --threads N --memory-budget MB`` set both knobs for the command (:func:`configure`);
 the command's default is every core the process may use (:func:`available_cores`); library callers
 get one thread and the default block budget unless they call it. Measured at 100k users on 2 cores
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _threads = 1
+_kernels: Any = None  # None: the numpy reference code of lrs_rec.engine.steps
+_KEEP: Any = object()
 DEFAULT_MEMORY_BUDGET_MB = 256  # per worker thread: about 64 MB of block floats + their copies
 BYTES_PER_BLOCK_FLOAT = 32  # a block's float is held ~4 times (gather, padded copy, product)
 
@@ -42,9 +48,23 @@ def threads() -> int:
     return _threads
 
 
-def configure(*, n_threads: int | None = None, memory_budget_mb: float | None = None) -> None:
-    """Set the worker-thread count and the per-thread memory budget of block temporaries."""
-    global _threads
+def kernels() -> Any:
+    """The compiled kernels the engine calls instead of its numpy code (None: the numpy reference).
+    Set by the trainer at start-up (``lrs_rec.training.kernels.install``); the core never imports
+    them (it stays numpy/scipy only)."""
+    return _kernels
+
+
+def configure(
+    *,
+    n_threads: int | None = None,
+    memory_budget_mb: float | None = None,
+    kernels: Any = _KEEP,
+) -> None:
+    """Set the worker-thread count, the per-thread memory budget of block temporaries and the
+    kernel backend (``kernels=None``: the numpy reference; an object with the methods of
+    ``lrs_rec.training.kernels.NumbaKernels``: the compiled one, run on the same thread count)."""
+    global _threads, _kernels
     from lrs_rec.engine import steps
 
     if n_threads is not None:
@@ -62,6 +82,10 @@ def configure(*, n_threads: int | None = None, memory_budget_mb: float | None = 
             raise ValueError(f"--memory-budget must be at least 16 (MB), got {memory_budget_mb}")
         steps.BLOCK_FLOATS = int(memory_budget_mb * (1 << 20) / BYTES_PER_BLOCK_FLOAT)
         steps.ROW_CHUNK = max(1 << 12, steps.BLOCK_FLOATS // 8)
+    if kernels is not _KEEP:
+        _kernels = kernels
+    if _kernels is not None and (n_threads is not None or kernels is not _KEEP):
+        _kernels.set_threads(_threads)
 
 
 def block_map(fn: Callable[[T], R], blocks: Iterable[T]) -> Iterable[R]:

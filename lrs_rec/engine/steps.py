@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lrs_rec.engine import parallel
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
 from lrs_rec.engine.sparse_b import SparseB, sparse_b_step
@@ -45,9 +46,36 @@ class Samples:
     # block (lo, hi) and the identity of F / the item biases; None: recomputed every time
     gram_cache: dict[tuple[Any, ...], Any] | None = None
     gram_key: tuple[int, int] | None = None
+    # the compiled kernels' CSR layouts (Samples.csr), built once
+    _csr: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
+
+    def csr(self, by: str, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The samples sorted once by user (``by="user"``) or by item: (indptr (n_keys + 1,) int64,
+        the other side's indices int32, the ratings float64), by the other index within a key; cached for as
+        long as the arrays are the same objects (the compiled kernels read this layout)."""
+        key_arr, other = (self.users, self.items) if by == "user" else (self.items, self.users)
+        tag = (by, n_keys, id(self.users), id(self.items), id(self.ratings))
+        hit = self._csr.get(tag)
+        if hit is not None:
+            return hit
+        for old in [t for t in self._csr if t[2:] != tag[2:]]:  # arrays replaced since
+            del self._csr[old]
+        # by key, then by the other side's index (neighbouring rows read neighbouring memory)
+        order = np.lexsort((other, key_arr))
+        indptr = np.zeros(n_keys + 1, dtype=np.int64)
+        np.cumsum(np.bincount(key_arr, minlength=n_keys), out=indptr[1:])
+        out = (
+            indptr,
+            np.ascontiguousarray(other[order], dtype=np.int32),
+            np.ascontiguousarray(self.ratings[order], dtype=np.float64),
+        )
+        self._csr[tag] = out
+        return out
 
 
 @dataclass
@@ -70,6 +98,9 @@ class LRSState:
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """The same formula as ``TrainedModel.predict`` on known users/items (used for losses).
         Row chunks of :data:`ROW_CHUNK` (no per-rating d-vectors for all ratings at once)."""
+        K = parallel.kernels()
+        if K is not None:
+            return np.asarray(np.clip(self._predict_fast(K, users, items), lo, hi))
         out = np.empty(users.shape[0])
         for a in range(0, users.shape[0], ROW_CHUNK):
             u, i = users[a : a + ROW_CHUNK], items[a : a + ROW_CHUNK]
@@ -81,6 +112,20 @@ class LRSState:
                 + np.einsum("nd,nd->n", self.F[i], theta)
             )
         return np.asarray(np.clip(out, lo, hi))
+
+    def _predict_fast(self, K: Any, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Unclipped predictions with the compiled ⟨f_i, θ_u⟩ (θ for all users computed once)."""
+        dots = np.empty(users.shape[0])
+        K.rating_dots(_i32(users), _i32(items), _f64(self.theta()), _f64(self.F), dots)
+        return np.asarray(self.global_mean + self.user_bias[users] + self.item_bias[items] + dots)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _i32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -156,6 +201,21 @@ def prior_statistics(
     """:class:`PriorStatistics` of the users of ``state`` (their ratings in ``data``), blockwise."""
     n_users, r = state.W.shape
     sz, szz, szw = np.zeros(r), np.zeros((r, r)), np.zeros((r, r))
+    K = parallel.kernels()
+    if K is not None:  # z_u from the user CSR, compiled; the sums in user-block order
+        indptr, items, _ = data.csr("user", n_users)
+        F, U = _f64(state.F), _f64(state.U)
+        size = block or user_block_size(r)
+        for lo in range(0, n_users, size):
+            hi = min(n_users, lo + size)
+            Z = np.empty((hi - lo, r))
+            K.user_projected_means(indptr[lo : hi + 1], items, F, U, Z)
+            sz += Z.sum(axis=0)
+            szz += Z.T @ Z
+            szw += Z.T @ state.W[lo:hi]
+        return PriorStatistics(
+            float(n_users), state.W.sum(axis=0), state.W.T @ state.W, sz, szz, szw
+        )
     for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(state.F.shape[1])):
         s, n = _feature_sums(state, sub, hi - lo)
         Z = (s @ state.U) / np.maximum(n, 1.0)[:, None]
@@ -324,6 +384,11 @@ def user_step(
     if prior is None:
         prior = user_prior(state, data, p, block=block)
     sparse_b_step(state, data, p, block=block)  # the paper's b-step (a no-op for the trainer's)
+    K = parallel.kernels()
+    # the trainer's user step (the paper's b-steps, a jitter or an unregularised b-ridge: numpy)
+    if K is not None and p.b_step == "ridge" and not p.jitter and p.n_inner >= 1 and p.reg_b > 0:
+        _user_step_fast(K, state, data, p, prior)
+        return
     size = block or user_block_size(state.B.shape[1])
 
     def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
@@ -341,6 +406,53 @@ def user_step(
         state.user_bias[lo:hi] = c
         state.W[lo:hi] = W
         state.B[lo:hi] = B
+
+
+def _user_step_fast(
+    K: Any, state: LRSState, data: Samples, p: StepParams, prior: UserPrior
+) -> None:
+    """The user step with the compiled fused per-user kernel (same maths as :func:`_fit_users`),
+    straight from the user CSR; writes c_u, w_u, b_u of every user."""
+    n_users, r = state.W.shape
+    indptr, items, ratings = data.csr("user", n_users)
+    # written in place when the state's arrays are C-contiguous float64 (the kernel reads a user's
+    # b_u before it overwrites it); otherwise into copies that are then assigned
+    W, B, c = (_out(a) for a in (state.W, state.B, state.user_bias))
+    z_bar, A_cond = prior.z_bar, prior.A
+    conditional = A_cond is not None and z_bar is not None
+    F = _f64(state.F)
+    K.fit_users(
+        indptr,
+        items,
+        ratings,
+        F,
+        np.ascontiguousarray(F @ _f64(state.U)),
+        _f64(state.item_bias),
+        float(state.global_mean),
+        _f64(state.U),
+        B,
+        W,
+        c,
+        int(p.k),
+        bool(p.user_bias),
+        float(p.reg_w),
+        float(p.reg_b),
+        float(p.reg_bias),
+        int(p.n_inner),
+        _f64(prior.prec),
+        _f64(prior.w_bar),
+        _f64(z_bar) if z_bar is not None and conditional else np.zeros(r),
+        _f64(A_cond) if A_cond is not None and conditional else np.zeros((r, r)),
+        conditional,
+    )
+    for name, arr in (("user_bias", c), ("W", W), ("B", B)):
+        if arr is not getattr(state, name):
+            getattr(state, name)[...] = arr
+
+
+def _out(a: np.ndarray) -> np.ndarray:
+    ok = a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable
+    return a if ok else np.array(a, dtype=np.float64, order="C")
 
 
 def _fit_users(
@@ -566,7 +678,11 @@ def item_bias_statistics(state: LRSState, data: Samples) -> tuple[np.ndarray, np
     n_items = state.F.shape[0]
     t = data.ratings - state.global_mean - state.user_bias[data.users]
     resid = np.empty_like(t)
-    for a in range(0, t.size, ROW_CHUNK):
+    K = parallel.kernels()
+    if K is not None:
+        K.rating_dots(_i32(data.users), _i32(data.items), _f64(state.theta()), _f64(state.F), resid)
+        resid = t - resid
+    for a in range(0, t.size if K is None else 0, ROW_CHUNK):
         i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
         theta = state.W[u] @ state.U.T + state.B[u]
         resid[a : a + ROW_CHUNK] = t[a : a + ROW_CHUNK] - np.einsum("nd,nd->n", state.F[i], theta)
@@ -582,6 +698,9 @@ def item_block_statistics(
     """Item refinement: the normal equations of items lo..hi-1 — design z = [1, θ_u] — from the
     samples ``sl`` (all of them rate an item in lo..hi-1): G = Σ z zᵀ (hi-lo, d+1, d+1) and
     h = Σ z t (hi-lo, d+1). Additive over user partitions."""
+    K = parallel.kernels()
+    if K is not None:
+        return _item_block_statistics_fast(K, state, data, lo, hi, sl)
     u = data.users[sl]
     t = data.ratings[sl] - state.global_mean - state.user_bias[u]
     Z = np.hstack([np.ones((sl.size, 1)), state.W[u] @ state.U.T + state.B[u]])
@@ -589,6 +708,34 @@ def item_block_statistics(
         grouped_gram(data.items[sl] - lo, hi - lo, Z),
         grouped_sum(data.items[sl] - lo, hi - lo, Z * t[:, None]),
     )
+
+
+def _item_block_statistics_fast(
+    K: Any, state: LRSState, data: Samples, lo: int, hi: int, sl: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`item_block_statistics` with the compiled accumulation (θ_u rows of the block's
+    ratings, in item order)."""
+    keys = data.items[sl] - lo
+    order = np.argsort(keys, kind="stable")
+    sl = sl[order]
+    u = data.users[sl]
+    indptr = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=hi - lo), out=indptr[1:])
+    theta = _f64(state.W[u] @ state.U.T + state.B[u])
+    e = state.F.shape[1] + 1
+    G, h = np.empty((hi - lo, e, e)), np.empty((hi - lo, e))
+    rows = np.arange(sl.size, dtype=np.int32)
+    K.item_statistics(
+        indptr,
+        rows,
+        _f64(data.ratings[sl]),
+        theta,
+        _f64(state.user_bias[u]),
+        float(state.global_mean),
+        G,
+        h,
+    )
+    return G, h
 
 
 def solve_items(
@@ -614,6 +761,24 @@ def item_step(
         total, n_i = item_bias_statistics(state, data)
         state.item_bias = total / (n_i + reg_bias)
         return
+    K = parallel.kernels()
+    if K is not None:  # compiled: the item CSR and θ_u of every user, (c_i, f_i) per item
+        indptr, users, ratings = data.csr("item", state.F.shape[0])
+        sol = np.empty((state.F.shape[0], state.F.shape[1] + 1))
+        K.fit_items(
+            indptr,
+            users,
+            ratings,
+            _f64(state.theta()),
+            _f64(state.user_bias),
+            float(state.global_mean),
+            float(reg_features),
+            float(reg_bias),
+            sol,
+        )
+        state.item_bias = np.ascontiguousarray(sol[:, 0])
+        state.F = np.ascontiguousarray(sol[:, 1:])
+        return
     F = np.empty_like(state.F)
     c_i = np.empty(state.F.shape[0])
 
@@ -633,6 +798,18 @@ def squared_error(state: LRSState, data: Samples, lo: float, hi: float) -> tuple
     """Σ (clipped prediction - rating)² and the sample count (additive over partitions)."""
     if len(data) == 0:
         return 0.0, 0
+    K = parallel.kernels()
+    if K is not None:  # row chunks (fixed size), θ computed once; the sum in chunk order
+        theta, F = _f64(state.theta()), _f64(state.F)
+        total = 0.0
+        for a in range(0, len(data), ROW_CHUNK):
+            u, i = data.users[a : a + ROW_CHUNK], data.items[a : a + ROW_CHUNK]
+            dots = np.empty(u.shape[0])
+            K.rating_dots(_i32(u), _i32(i), theta, F, dots)
+            pred = state.global_mean + state.user_bias[u] + state.item_bias[i] + dots
+            err = np.clip(pred, lo, hi) - data.ratings[a : a + ROW_CHUNK]
+            total += float(np.dot(err, err))
+        return total, len(data)
     err = state.predict(data.users, data.items, lo, hi) - data.ratings
     return float(np.dot(err, err)), len(data)
 

@@ -1,0 +1,225 @@
+"""The compiled (numba) kernels against the engine's numpy reference: the same user step, prior
+statistics, item step and statistics, losses and ALS initialisation on small random problems (users
+with 0 and 1 ratings, k = 0, without user biases, priors on and off), the same whole trained model,
+and the same result bit for bit with 1 and 2 threads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from lrs_rec.training.kernels import NumbaKernels
+
+from lrs_rec.engine import parallel
+from lrs_rec.engine.steps import (
+    LRSState,
+    Samples,
+    StepParams,
+    item_bias_statistics,
+    item_block_statistics,
+    item_step,
+    prior_statistics,
+    squared_error,
+    user_step,
+)
+
+N_USERS, N_ITEMS, D, R, K = 70, 45, 8, 3, 2
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def backend() -> Iterator[None]:
+    """Restore the reference backend and one thread after each test."""
+    yield
+    parallel.configure(n_threads=1, kernels=None)
+
+
+def _use(kernels: bool, threads: int = 1) -> None:
+    parallel.configure(n_threads=threads, kernels=NumbaKernels() if kernels else None)
+
+
+def _problem(seed: int = 0) -> tuple[LRSState, Samples]:
+    rng = np.random.default_rng(seed)
+    n = 1200
+    # users 0..19 rate 2..9 items (fewer than d: the dual forms), 20..59 about 28 each;
+    # 60..64 one each; 65..69 none
+    few = np.repeat(np.arange(20), rng.integers(2, 10, 20))
+    users = np.concatenate([few, rng.integers(20, 60, n), np.arange(60, 65)])
+    items = rng.integers(0, N_ITEMS, users.size)
+    ratings = rng.normal(size=users.size)
+    U, _ = np.linalg.qr(rng.normal(size=(D, R)))
+    B = np.zeros((N_USERS, D))
+    B[np.arange(N_USERS), rng.integers(0, D, N_USERS)] = rng.normal(size=N_USERS)
+    state = LRSState(
+        0.1,
+        rng.normal(size=N_USERS),
+        rng.normal(size=N_ITEMS),
+        rng.normal(size=(N_ITEMS, D)),
+        U,
+        rng.normal(size=(N_USERS, R)),
+        B,
+    )
+    return state, Samples(users, items, ratings)
+
+
+def _copy(s: LRSState) -> LRSState:
+    return LRSState(
+        s.global_mean,
+        s.user_bias.copy(),
+        s.item_bias.copy(),
+        s.F.copy(),
+        s.U.copy(),
+        s.W.copy(),
+        s.B.copy(),
+    )
+
+
+BASE = StepParams(k=K, per_user_w=True, user_bias=True, reg_w=2.0, reg_b=3.0, reg_bias=1.0)
+VARIANTS = [
+    BASE,
+    replace(BASE, k=0),
+    replace(BASE, user_bias=False),
+    replace(BASE, population_prior=False, conditional_prior=False),
+    replace(BASE, conditional_prior=False, n_inner=3),
+    replace(BASE, k=D, reg_w=0.5),
+]
+
+
+@pytest.mark.parametrize(
+    "p",
+    VARIANTS,
+    ids=lambda p: (
+        f"k{p.k}-b{p.user_bias}-pp{p.population_prior}-cp{p.conditional_prior}-n{p.n_inner}"
+    ),
+)
+def test_user_step_kernel_equals_the_numpy_reference(p: StepParams, backend: None) -> None:
+    state, data = _problem(1)
+    ref = _copy(state)
+    _use(False)
+    user_step(ref, data, p)
+    _use(True)
+    user_step(state, data, p)
+    np.testing.assert_allclose(state.W, ref.W, **TOL)
+    np.testing.assert_allclose(state.B, ref.B, **TOL)
+    np.testing.assert_allclose(state.user_bias, ref.user_bias, **TOL)
+    assert np.array_equal(state.B != 0, ref.B != 0)  # the same supports
+    assert np.count_nonzero(state.B, axis=1).max() <= p.k
+
+
+def test_prior_statistics_kernel_equals_the_numpy_reference(backend: None) -> None:
+    state, data = _problem(2)
+    _use(False)
+    ref = prior_statistics(state, data)
+    _use(True)
+    fast = prior_statistics(state, data, block=16)  # several user blocks
+    for name in ("sw", "sww", "sz", "szz", "szw"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(ref, name), **TOL)
+    assert fast.n == ref.n
+
+
+def test_item_step_and_statistics_kernels_equal_the_numpy_reference(backend: None) -> None:
+    state, data = _problem(3)
+    ref = _copy(state)
+    _use(False)
+    item_step(ref, data, reg_features=2.0, reg_bias=0.5, refine_features=True)
+    lo, hi = 5, 23
+    sl = np.flatnonzero((data.items >= lo) & (data.items < hi))
+    G0, h0 = item_block_statistics(state, data, lo, hi, sl)
+    tot0, n0 = item_bias_statistics(state, data)
+    sse0 = squared_error(state, data, -2.0, 2.0)
+    pred0 = state.predict(data.users, data.items, -2.0, 2.0)
+    _use(True)
+    G1, h1 = item_block_statistics(state, data, lo, hi, sl[::-1].copy())  # any sample order
+    tot1, n1 = item_bias_statistics(state, data)
+    sse1 = squared_error(state, data, -2.0, 2.0)
+    pred1 = state.predict(data.users, data.items, -2.0, 2.0)
+    item_step(state, data, reg_features=2.0, reg_bias=0.5, refine_features=True)
+    np.testing.assert_allclose(state.F, ref.F, **TOL)
+    np.testing.assert_allclose(state.item_bias, ref.item_bias, **TOL)
+    np.testing.assert_allclose(G1, G0, **TOL)
+    np.testing.assert_allclose(h1, h0, **TOL)
+    np.testing.assert_allclose(tot1, tot0, **TOL)
+    np.testing.assert_array_equal(n1, n0)
+    np.testing.assert_allclose(pred1, pred0, **TOL)
+    assert sse1[1] == sse0[1] and sse1[0] == pytest.approx(sse0[0], rel=1e-12)
+
+
+def test_two_threads_give_the_same_steps_bit_for_bit(backend: None) -> None:
+    state, data = _problem(4)
+    out = []
+    for threads in (1, 2):
+        _use(True, threads)
+        s = _copy(state)
+        user_step(s, data, BASE)
+        item_step(s, data, reg_features=2.0, reg_bias=0.5, refine_features=True)
+        user_step(s, data, BASE)
+        out.append((s, squared_error(s, data, -2.0, 2.0), prior_statistics(s, data)))
+    (a, ea, pa), (b, eb, pb) = out
+    for name in ("W", "B", "F", "user_bias", "item_bias"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert ea == eb
+    assert np.array_equal(pa.szz, pb.szz) and np.array_equal(pa.szw, pb.szw)
+
+
+@pytest.mark.parametrize("min_count", [1.0, 5.0])
+def test_als_initialisation_kernel_equals_the_numpy_reference(
+    min_count: float, backend: None
+) -> None:
+    from lrs_rec.training.features import als_factors
+
+    _, data = _problem(5)
+    out = []
+    for kernels in (False, True):
+        _use(kernels)
+        out.append(
+            als_factors(
+                data.users,
+                data.items,
+                data.ratings,
+                n_users=N_USERS,
+                n_items=N_ITEMS + 3,
+                dim=D,
+                reg=0.1,
+                reg_bias=1.0,
+                n_iter=3,
+                random_state=np.random.default_rng(0),
+                min_count=min_count,
+            )
+        )
+    ref, fast = out
+    for name in ("user_bias", "item_bias", "P", "Q"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(ref, name), **TOL)
+    assert fast.global_mean == ref.global_mean
+
+
+def test_trainer_with_numba_kernels_equals_the_numpy_trainer_and_threads_agree(
+    tmp_path: Path,
+) -> None:
+    """`lrs-rec train` (tuning, early stopping, final pass included) with the compiled kernels
+    gives the numpy reference's model, and the same model bit for bit with 1 and 2 threads."""
+    from lrs_rec.serving.cli import main
+    from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
+
+    data = write_csv(make_biased_mf(1200, 300, random_state=3), tmp_path / "r.csv")
+    arrays = {}
+    for kernels, threads in (("numpy", 1), ("numba", 1), ("numba", 2)):
+        out = tmp_path / f"m-{kernels}-{threads}"
+        argv = ["train", "--ratings", str(data), "--out", str(out), "--quiet", "--no-export"]
+        argv += ["--n-iter", "3", "--threads", str(threads), "--kernels", kernels]
+        assert main(argv) == 0
+        assert (parallel.kernels() is None) == (kernels == "numpy")
+        arrays[kernels, threads] = dict(np.load(out / "arrays.npz"))
+    ref, one, two = arrays["numpy", 1], arrays["numba", 1], arrays["numba", 2]
+    assert sorted(ref) == sorted(one) == sorted(two)
+    for name in ref:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)  # bit for bit
+        if ref[name].dtype.kind == "f":
+            np.testing.assert_allclose(one[name], ref[name], rtol=1e-8, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(one[name], ref[name], err_msg=name)

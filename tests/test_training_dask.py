@@ -233,3 +233,16 @@ def test_engine_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
                "--workers", "1"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "--method single is not supported with --engine dask" in err
+
+
+def _backend_here() -> str:
+    from lrs_rec.engine.parallel import kernels
+
+    return "numpy" if kernels() is None else "numba"
+
+
+def test_workers_run_the_drivers_kernel_backend(client: Any) -> None:
+    from lrs_rec.training.dask_engine import _on_worker
+
+    for backend in ("numba", "numpy", "numba"):
+        assert client.submit(_on_worker, backend, _backend_here, pure=False).result() == backend

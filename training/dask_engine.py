@@ -52,6 +52,7 @@ from lrs_rec.training.pipeline import (
 )
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine.parallel import kernels
 from lrs_rec.engine.steps import (
     PriorStatistics,
     StepParams,
@@ -107,6 +108,9 @@ class Run:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        # the workers run the driver's kernel backend (numba or the numpy reference), one thread
+        # each: every task goes through _on_worker, which selects it once per worker process
+        self.kernels = "numpy" if kernels() is None else "numba"
         # every broadcast stays alive: it is part of the lineage of the partitions computed from
         # it (a lost partition is recomputed from its first task); keyed by the object itself
         self.keep: dict[int, tuple[Any, Any]] = {}
@@ -114,7 +118,7 @@ class Run:
         self.bytes_broadcast = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False)
+        return self.client.submit(_on_worker, self.kernels, fn, *args, pure=False)
 
     def map(self, fn: Callable[..., Any], parts: list[Any], *args: Any) -> list[Any]:
         return [self.submit(fn, p, *args) for p in parts]
@@ -140,6 +144,15 @@ class Run:
                 nxt.append(futs[-1])
             futs = nxt
         return futs[0]
+
+
+def _on_worker(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a task with the driver's kernel backend selected in this worker process."""
+    if ("numpy" if kernels() is None else "numba") != backend:
+        from lrs_rec.training.kernels_select import select_kernels
+
+        select_kernels(backend)
+    return fn(*args)
 
 
 def _nbytes(obj: Any) -> int:

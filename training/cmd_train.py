@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
             )
         result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
         n_ratings, cleaning = len(table), rep.counts
+        del table, rep  # the loaded columns are not needed to save (lower peak while saving)
     model = save_model_dir(result.model, args.out)
     onnx_path: str | None = None
     if not args.no_export:

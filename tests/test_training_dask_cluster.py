@@ -157,7 +157,17 @@ def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
     )
     local = train(load_ratings(ratings_csv), cfg, progress=False)
     out: dict[str, Any] = {}
+
+    def transitions(dask_scheduler: Any) -> int:
+        return int(dask_scheduler.transition_counter)
+
     with Client(cluster, timeout="30s") as client:
+        # an undisturbed run first: how many scheduler transitions the whole run takes, so that
+        # the kill lands half-way through the work (by progress, not by a clock: on an idle
+        # machine the run takes under 2 s)
+        c0 = client.run_on_scheduler(transitions)
+        train_dask(str(ratings_csv), LoadOptions(), cfg, client, progress=False)
+        total = client.run_on_scheduler(transitions) - c0
         pids = client.run(os.getpid)
         victim = sorted(pids.values())[0]
 
@@ -169,12 +179,14 @@ def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
             except Exception as e:  # checked below: only a ClusterError may end the run
                 out["error"] = e
 
+        c1 = client.run_on_scheduler(transitions)
         t = threading.Thread(target=work)
         t.start()
-        # killed once the partitions are built (a kill during the input phase was seen to hang
-        # the run: docs/scale.md)
-        time.sleep(2.0)
-        assert t.is_alive()  # killed mid-run
+        # killed once the run is half done (past the input phase: a kill while the files are
+        # read was seen to hang the run, docs/scale.md)
+        while t.is_alive() and client.run_on_scheduler(transitions) - c1 < total // 2:
+            time.sleep(0.01)
+        assert t.is_alive(), "the run ended before half of its work was seen"  # killed mid-run
         os.kill(victim, signal.SIGKILL)
         t.join(timeout=120)
         assert not t.is_alive()

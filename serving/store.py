@@ -566,26 +566,22 @@ class RedisStore:
     ) -> VersionMeta:
         """Write every user of ``model`` into a new version namespace, carry over onboarded users
         of the current version, then switch ``current`` to it (unless ``switch=False``).
-        :meth:`begin_publish`, :meth:`write_users` of all users, :meth:`finish_publish`."""
-        plan = self.begin_publish(
+        :meth:`publish_blocks` with all users as one block."""
+        return self.publish_blocks(
             model,
+            [user_block(model)],
             model_dir=model_dir,
             precision=precision,
             bucket_size=bucket_size,
             n_onb_buckets=n_onb_buckets,
             history_cap=history_cap,
             with_history=with_history,
+            refit=refit,
+            carry_over_grace=carry_over_grace,
+            switch=switch,
+            progress=progress,
             pipeline_buckets=pipeline_buckets,
-        )
-        with self.failing(plan):
-            self.write_users(
-                plan,
-                user_block(model),
-                progress=progress,
-                _fail_after_buckets=_fail_after_buckets,
-            )
-        return self.finish_publish(
-            plan, model, refit=refit, carry_over_grace=carry_over_grace, switch=switch
+            _fail_after_buckets=_fail_after_buckets,
         )
 
     def publish_blocks(
@@ -604,6 +600,7 @@ class RedisStore:
         switch: bool = True,
         progress: bool = False,
         pipeline_buckets: int = _PIPELINE_KEYS,
+        _fail_after_buckets: int | None = None,
     ) -> VersionMeta:
         """:meth:`publish` of a model whose users come block by block (e.g. the shards of a model
         directory, one in memory at a time); ``model`` gives the shared part (a
@@ -621,7 +618,9 @@ class RedisStore:
         )
         with self.failing(plan):
             for block in blocks:
-                self.write_users(plan, block, progress=progress)
+                self.write_users(
+                    plan, block, progress=progress, _fail_after_buckets=_fail_after_buckets
+                )
         return self.finish_publish(
             plan, model, refit=refit, carry_over_grace=carry_over_grace, switch=switch
         )

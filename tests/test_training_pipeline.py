@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,6 @@ def test_config_validation() -> None:
 
 def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Path, Path]) -> None:
     from lrs_rec.training.pipeline import (
-        _snapshot,
         build_vocabularies,
         encode,
         init_state,
@@ -295,7 +295,7 @@ def test_user_and_u_steps_do_not_depend_on_the_block_size(sample_split: tuple[Pa
     cfg = TrainConfig(**FAST)
     state = init_state(cfg, data, len(uv), len(iv), None, np.random.default_rng(0))
     params = StepParams(k=2, per_user_w=True, user_bias=True, reg_w=3.0, reg_b=2.0, reg_bias=1.0)
-    a, b = _snapshot(state), _snapshot(state)
+    a, b = copy.deepcopy(state), copy.deepcopy(state)
     user_step(a, data, params, block=10_000)
     user_step(b, data, params, block=7)
     u_step(a, data, block=10_000)

@@ -47,8 +47,8 @@ from lrs_rec.training.pipeline import (
     OVERFIT_RISE,
     REFERENCE_STD,
     TrainResult,
-    effective_reg_u,
     method_params,
+    run_settings,
 )
 from lrs_rec.training.vocab import Vocabulary
 
@@ -552,17 +552,9 @@ def _train(
     if fraction > 0:
         rng.bit_generator.advance(n_total)  # type: ignore[attr-defined]  # the validation draws (pipeline.split_validation)
     shared = _init_shared(cl, cfg, plugin, rng, n_users)
-    hyperparameters: dict[str, Any] = cfg.to_dict()
-    if cfg.method in ("lrs", "rep") and shared.U.shape[1] < cfg.rank:
-        print(
-            f"warning: rank r={cfg.rank} exceeds the {n_users} training users; "
-            f"using r={shared.U.shape[1]}",
-            file=sys.stderr,
-        )
-        hyperparameters.update(rank=shared.U.shape[1], rank_requested=cfg.rank)
-    refine = cfg.refine_features and plugin is None
-    learn_u = (not refine) and cfg.method in ("lrs", "rep")
-    reg_u = effective_reg_u(cfg, plugin=plugin is not None)
+    hyperparameters, refine, learn_u, reg_u = run_settings(
+        cfg, rank=shared.U.shape[1], n_users=n_users, plugin=plugin is not None
+    )
     has_val = n_val_part > 0
     start = shared
     cl.each(dp.save, "start")

@@ -324,18 +324,6 @@ def biases_only(
     return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, B)
 
 
-def _snapshot(state: LRSState) -> LRSState:
-    return LRSState(
-        state.global_mean,
-        state.user_bias.copy(),
-        state.item_bias.copy(),
-        state.F.copy(),
-        state.U.copy(),
-        state.W.copy(),
-        state.B.copy(),
-    )
-
-
 SNAPSHOT_ROWS = 1 << 16  # users per chunk when compacting B (bounded temporaries)
 
 
@@ -425,6 +413,25 @@ class Snapshot:
             self.d,
             self.b_dtype,
         )
+
+
+def run_settings(
+    cfg: TrainConfig, *, rank: int, n_users: int, plugin: bool
+) -> tuple[dict[str, Any], bool, bool, float]:
+    """What a run derives once the start is known (local and Dask engines alike): the
+    hyperparameters for the manifest (the rank actually used, with a warning when U has fewer
+    directions than asked: it comes from an SVD of the (n_users, d) user factors), whether the item
+    features are refined, whether U is learned (Eq. 5, fixed features only) and the U-step ridge."""
+    hyperparameters: dict[str, Any] = cfg.to_dict()
+    if cfg.method in ("lrs", "rep") and rank < cfg.rank:
+        print(
+            f"warning: rank r={cfg.rank} exceeds the {n_users} training users; using r={rank}",
+            file=sys.stderr,
+        )
+        hyperparameters.update(rank=rank, rank_requested=cfg.rank)
+    refine = cfg.refine_features and not plugin
+    learn_u = (not refine) and cfg.method in ("lrs", "rep")
+    return hyperparameters, refine, learn_u, effective_reg_u(cfg, plugin=plugin)
 
 
 def effective_reg_u(cfg: TrainConfig, *, plugin: bool) -> float:
@@ -575,18 +582,9 @@ def train(
         }
     state = init_state(cfg, train_part, n_users, n_items, plugin, rng)
     phases.mark("init")
-    hyperparameters: dict[str, Any] = cfg.to_dict()
-    if cfg.method in ("lrs", "rep") and state.U.shape[1] < cfg.rank:
-        # U comes from an SVD of the (n_users, d) user factors: at most n_users directions
-        print(
-            f"warning: rank r={cfg.rank} exceeds the {n_users} training users; "
-            f"using r={state.U.shape[1]}",
-            file=sys.stderr,
-        )
-        hyperparameters.update(rank=state.U.shape[1], rank_requested=cfg.rank)
-    refine = cfg.refine_features and plugin is None
-    learn_u = (not refine) and cfg.method in ("lrs", "rep")
-    reg_u = effective_reg_u(cfg, plugin=plugin is not None)
+    hyperparameters, refine, learn_u, reg_u = run_settings(
+        cfg, rank=state.U.shape[1], n_users=n_users, plugin=plugin is not None
+    )
     lo, hi = table.rating_min / unit, table.rating_max / unit
     fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
 

@@ -239,9 +239,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "local") == "dask":
         from lrs_rec.training.dask_engine import train_from_args
 
-        result = train_from_args(args, cfg)
-        n_ratings = result.model.manifest["data"]["n_ratings"]
-        cleaning = result.model.manifest["cleaning"]["counts"]
+        from lrs_rec.model_dir import load_shared_model_dir
+
+        dask_result = train_from_args(args, cfg)  # the workers wrote the model directory
+        n_ratings = dask_result.manifest["data"]["n_ratings"]
+        cleaning = dask_result.manifest["cleaning"]["counts"]
+        model: Any = load_shared_model_dir(args.out)
     else:
         table = load_ratings(args.ratings, load_options(args))
         rep = table.report
@@ -254,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
         n_ratings, cleaning = len(table), rep.counts
         del table, rep  # the loaded columns are not needed to save (lower peak while saving)
-    model = save_model_dir(result.model, args.out)
+        model = save_model_dir(result.model, args.out)
     onnx_path: str | None = None
     if not args.no_export:
         try:
@@ -284,12 +287,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
         print(json.dumps(summary, sort_keys=True, allow_nan=False))
     else:
-        val = summary["val_rmse"]
+        val, dims = summary["val_rmse"], model.manifest["dims"]
         # manifest value "lrs" = the trained iterate of whichever --method ran
         kept = {"lrs": f"the {cfg.method} fit", "start": "its start", "biases": "biases alone"}
         print(
             f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
-            f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
+            f"{model.n_items} items, d={dims['d']}, r={dims['rank']}, k={dims['sparsity']}; "
             f"val RMSE {'-' if val is None else f'{val:.4f}'} (best iteration "
             f"{model.manifest['metrics']['best_iteration']}, kept: {kept.get(summary['selected'], summary['selected'])})"
             + (f"; tuned {summary['tuned']}" if summary["tuned"] else "")

@@ -300,45 +300,50 @@ def zero_b(part: Part) -> Part:
 
 
 # ---- the stored model -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PartModel:
-    """A partition's share of the model (users lo..hi-1), in the ratings' own units."""
-
-    lo: int
-    hi: int
-    user_bias: np.ndarray
-    W: np.ndarray  # stored form (rank r)
-    B_idx: np.ndarray
-    B_val: np.ndarray
-    indptr: np.ndarray  # (n + 1,) local history CSR
-    h_items: np.ndarray
-    h_ratings: np.ndarray
-    h_times: np.ndarray
-    w_sums: tuple[float, np.ndarray, np.ndarray]  # n, Σw, Σwwᵀ (population prior)
+def part_size(part: Part) -> tuple[int, bool]:
+    """The partition's number of users and whether all its ratings have a time."""
+    return part.n_users, bool(np.isfinite(part.data.times).all())
 
 
-def model_part(part: Part, U: np.ndarray, k: int) -> PartModel:
+def write_shards(
+    part: Part, U: np.ndarray, k: int, staging: str, first: int, rows: int, with_times: bool
+) -> tuple[list[dict[str, Any]], tuple[float, np.ndarray, np.ndarray]]:
+    """Write the partition's users (in the ratings' own units, W in the stored rank-r form, b_u
+    as its k largest coordinates, the rating history sorted by item) as model shards ``first``,
+    ``first + 1``, ... of at most ``rows`` users into the staging directory. Returns the shards'
+    entries and the population prior's sums (n, Σw, Σwwᵀ)."""
+    from lrs_rec.model_shards import write_user_shard
+
     unit = part.unit
     lrs = LRSModel.from_dense_b(U, part.W * unit, part.B * unit, k)
+    W, B_idx, B_val = np.asarray(lrs.W), np.asarray(lrs.B_idx), np.asarray(lrs.B_val)
+    c_u = part.c_u * unit
     d = part.data
     order = np.lexsort((d.items, d.users))
     n = part.n_users
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(d.users, minlength=n), out=indptr[1:])
-    W = np.asarray(lrs.W)
-    return PartModel(
-        d.lo,
-        d.hi,
-        part.c_u * unit,
-        W,
-        np.asarray(lrs.B_idx),
-        np.asarray(lrs.B_val),
-        indptr,
-        d.items[order].astype(np.int64),
-        d.ratings[order].astype(np.float64),
-        d.times[order].astype(np.float64),
-        (float(n), W.sum(axis=0), W.T @ W),
-    )
+    infos = []
+    for j, a in enumerate(range(0, max(n, 1), rows)):
+        b = min(a + rows, n)
+        ra, rb = int(indptr[a]), int(indptr[b])
+        sl = order[ra:rb]
+        infos.append(
+            write_user_shard(
+                staging,
+                first + j,
+                user_ids=d.user_ids[a:b],
+                user_bias=c_u[a:b],
+                W=W[a:b],
+                B_idx=B_idx[a:b],
+                B_val=B_val[a:b],
+                history_indptr=indptr[a : b + 1] - ra,
+                history_items=d.items[sl].astype(np.int64),
+                history_ratings=d.ratings[sl].astype(np.float64),
+                history_timestamps=d.times[sl].astype(np.float64) if with_times else None,
+            )
+        )
+    return infos, (float(n), W.sum(axis=0), W.T @ W)
 
 
 def add(a: Any, b: Any) -> Any:

@@ -271,5 +271,36 @@ def test_a_cluster_left_without_workers_fails_with_one_line_instead_of_hanging(
         assert not t.is_alive(), "the run hung without workers"
     err = out.get("error")
     assert isinstance(err, ClusterError), repr(err)
-    assert "stalled" in str(err) and "\n" not in str(err)
+    assert "Dask cluster" in str(err) and "\n" not in str(err)
     assert not (tmp_path / "m").exists()
+
+
+def test_waiting_on_work_no_worker_can_run_stops_with_a_one_line_error() -> None:
+    """The stall guard itself: a task that no worker may run (restricted to a worker that does
+    not exist) waits forever in Dask; Run.wait gives up after STALL_SECONDS without progress."""
+    from distributed import Client, LocalCluster
+    from lrs_rec.training import dask_engine
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            scheduler_port=0,
+            dashboard_address=None,
+            silence_logs=50,
+        ) as lc,
+        Client(lc) as client,
+    ):
+        old = dask_engine.STALL_SECONDS, dask_engine.STALL_POLL
+        dask_engine.STALL_SECONDS, dask_engine.STALL_POLL = 2.0, 0.5
+        try:
+            run = dask_engine.Run(client)
+            fut = client.submit(sum, [1, 2], workers=["tcp://127.0.0.1:1"], pure=False)
+            t0 = time.monotonic()
+            with pytest.raises(dask_engine.ClusterError, match="stalled: no task ran for 2 s"):
+                run.gather(fut)
+            assert time.monotonic() - t0 < 30
+            assert run.gather(client.submit(sum, [1, 2], pure=False)) == 3  # progress: no error
+        finally:
+            dask_engine.STALL_SECONDS, dask_engine.STALL_POLL = old

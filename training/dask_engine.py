@@ -525,7 +525,13 @@ def _is_cluster_failure(e: BaseException) -> bool:
     from distributed import KilledWorker
     from distributed.client import FutureCancelledError
 
-    names = {"CommClosedError", "FutureCancelledError", "KilledWorker", "CancelledError"}
+    names = {
+        "CommClosedError",
+        "FutureCancelledError",
+        "FuturesCancelledError",
+        "KilledWorker",
+        "CancelledError",
+    }
     return isinstance(e, (KilledWorker, FutureCancelledError)) or type(e).__name__ in names
 
 

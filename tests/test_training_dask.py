@@ -297,8 +297,21 @@ def test_the_workers_write_the_model_directory_that_readers_load_as_the_local_on
     assert_same_model(SimpleNamespace(model=a, history=local.history), dask, split[1])
     shared = load_shared_model_dir(tmp_path / "dask")  # what `serve` reads
     assert shared.n_users == a.n_users and shared.user_index()["1"] == a.user_index()["1"]
-    # no process held every user: no onboarding prior stored (servers estimate it once)
-    assert "onboarding_prior_sha256" not in man
+    # the onboarding prior from the partitions' sums = estimate_prior on the whole local model
+    # (its w coordinates up to U's column signs)
+    assert "onboarding_prior_sha256" in man
+    pa, pb = a.onboarding_prior, b.onboarding_prior
+    assert pa is not None and pb is not None
+    E = np.diag(np.concatenate([[1.0], np.sign(np.diag(Ua.T @ Ub))]))
+    close = {"rtol": 1e-6, "atol": 1e-9}
+    np.testing.assert_allclose(pb.t_mean, E @ pa.t_mean, **close)
+    np.testing.assert_allclose(pb.t_cov, E @ pa.t_cov @ E, **close)
+    np.testing.assert_allclose(pb.C_tm, E @ pa.C_tm, **close)
+    assert pb.b_var == pytest.approx(pa.b_var, rel=1e-6)
+    assert pb.noise_var == pytest.approx(pa.noise_var, rel=1e-6)
+    assert pa.item_desc.shape[1] > 0  # the item-set conditioning is on here
+    for name in ("item_desc", "m_mean", "C_mm", "S_within"):
+        np.testing.assert_allclose(getattr(pb, name), getattr(pa, name), **close)
     # the driver received statistics and sums only: less than the per-user arrays' size
     per_user = b.n_users * (8 * (1 + b.lrs.rank + 2 * b.lrs.sparsity)) + 24 * b.history_items.size
     assert stats["bytes_to_driver"] < 10 * per_user  # (item statistics dominate at this size)

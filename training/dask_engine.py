@@ -127,7 +127,7 @@ class Run:
         seen, since = None, time.monotonic()
         while True:
             try:
-                wait(flat, timeout=STALL_POLL)
+                wait(flat, timeout=STALL_POLL)  # type: ignore[no-untyped-call]
                 return
             except TimeoutError:
                 pass

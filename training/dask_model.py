@@ -2,7 +2,8 @@
 worker writes its users' Parquet shards (:func:`lrs_rec.model_shards.write_user_shard`) into the
 staging directory (a file system shared by the driver and the workers); the driver only begins the
 directory and finishes it with the small shared part (U, item features and biases, μ, the
-population prior reduced from the partitions' sums). No per-user array reaches the driver.
+population prior and the onboarding prior, both reduced from the partitions' sums). No per-user
+array reaches the driver.
 
 Also the merged cleaning report of the input files."""
 
@@ -70,32 +71,56 @@ def write_model_dir(
     ``out_dir``: shards by the workers, the shared part by the driver (atomically, as
     :func:`lrs_rec.model_dir.save_model_dir`). Returns the manifest as written.
 
-    The onboarding prior is not stored (no process holds every user): servers estimate it from a
-    full load once, as for directories saved before priors were stored (docs/model_format.md)."""
+    The onboarding prior (:func:`lrs_rec.onboarding.estimate_prior`, as ``save_model_dir``
+    stores it) is finished on the driver from the partitions' sums (:mod:`training.dask_prior`)."""
+    from lrs_rec.training import dask_prior
+
     k = cfg.sparsity if cfg.method == "lrs" else 0
-    sizes, finite = zip(*run.gather([run.submit(dp.part_size, p) for p in parts]), strict=True)
+    sizes, finite, rated = zip(
+        *run.gather([run.submit(dp.part_size, p) for p in parts]), strict=True
+    )
     with_times = all(finite)
+    n_items = len(item_ids)
+    item_bias = shared.item_bias * unit
+    desc = np.zeros((n_items, 0))
+    if dask_prior.wants_implicit(sum(sizes), all(rated)):
+        counts = run.gather(run.reduce(run.map(dp.item_counts, parts, n_items)))
+        desc = dask_prior.descriptors(shared.F, item_bias, counts)
+    prior_inputs = run.broadcast((shared.global_mean * unit, item_bias, shared.F, desc))
     starts = shard_starts(list(sizes), shard_rows)
     staging = ms.begin_model_dir(out_dir)
     try:
         U = run.broadcast(shared.U)
         outs = run.gather(
             [
-                run.submit(dp.write_shards, p, U, k, str(staging), s, shard_rows, with_times)
+                run.submit(
+                    dp.write_shards, p, U, k, str(staging), s, shard_rows, with_times, prior_inputs
+                )
                 for p, s in zip(parts, starts, strict=True)
             ]
         )
     except BaseException:
         ms.abort_model_dir(staging)
         raise
-    shards = [info for infos, _ in outs for info in infos]
-    n = sum(w[0] for _, w in outs)
-    sw = sum(w[1] for _, w in outs)
-    sww = sum(w[2] for _, w in outs)
+    shards = [info for infos, _, _ in outs for info in infos]
+    n = sum(w[0] for _, w, _ in outs)
+    sw = sum(w[1] for _, w, _ in outs)
+    sww = sum(w[2] for _, w, _ in outs)
     w_mean = np.asarray(sw / n)
     w_cov = sww / n - np.outer(w_mean, w_mean) if n > 1 else np.zeros_like(sww)
     w_cov = np.atleast_2d((w_cov + w_cov.T) / 2)
     r = int(shared.U.shape[1])
+    try:
+        prior = dask_prior.combine(
+            [p for _, _, p in outs],
+            w_prior_mean=w_mean,
+            w_prior_cov=w_cov,
+            rank=r,
+            sparsity=k,
+            desc=desc,
+        )
+    except (ValueError, np.linalg.LinAlgError):  # as save_model_dir: servers estimate it later
+        prior = None
     manifest: dict[str, Any] = {
         "method": cfg.method,
         **manifest_parts,
@@ -115,5 +140,5 @@ def write_model_dir(
         rating_min=rating_min,
         rating_max=rating_max,
         manifest=manifest,
-        onboarding_prior=None,
+        onboarding_prior=prior,
     )

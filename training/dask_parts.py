@@ -300,18 +300,39 @@ def zero_b(part: Part) -> Part:
 
 
 # ---- the stored model -------------------------------------------------------------------------
-def part_size(part: Part) -> tuple[int, bool]:
-    """The partition's number of users and whether all its ratings have a time."""
-    return part.n_users, bool(np.isfinite(part.data.times).all())
+def part_size(part: Part) -> tuple[int, bool, bool]:
+    """The partition's number of users, whether all its ratings have a time, whether every user
+    has a rating."""
+    d = part.data
+    rated = bool(np.all(np.bincount(d.users, minlength=part.n_users) > 0))
+    return part.n_users, bool(np.isfinite(d.times).all()), rated
+
+
+def item_counts(part: Part, n_items: int) -> np.ndarray:
+    """Every stored rating's item (train and validation: the model's histories), counted."""
+    from lrs_rec.training.dask_prior import item_counts as count
+
+    return count(part.data.items, n_items)
 
 
 def write_shards(
-    part: Part, U: np.ndarray, k: int, staging: str, first: int, rows: int, with_times: bool
-) -> tuple[list[dict[str, Any]], tuple[float, np.ndarray, np.ndarray]]:
+    part: Part,
+    U: np.ndarray,
+    k: int,
+    staging: str,
+    first: int,
+    rows: int,
+    with_times: bool,
+    prior_inputs: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None,
+) -> tuple[list[dict[str, Any]], tuple[float, np.ndarray, np.ndarray], Any]:
     """Write the partition's users (in the ratings' own units, W in the stored rank-r form, b_u
     as its k largest coordinates, the rating history sorted by item) as model shards ``first``,
     ``first + 1``, ... of at most ``rows`` users into the staging directory. Returns the shards'
-    entries and the population prior's sums (n, Σw, Σwwᵀ)."""
+    entries, the population prior's sums (n, Σw, Σwwᵀ) and (with ``prior_inputs``: μ, item
+    biases, item features as stored, the item descriptors) the onboarding prior's sums
+    (:mod:`training.dask_prior`), shard by shard."""
+    from lrs_rec.training.dask_prior import add_sums, prior_sums
+
     from lrs_rec.model_shards import write_user_shard
 
     unit = part.unit
@@ -324,26 +345,36 @@ def write_shards(
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(d.users, minlength=n), out=indptr[1:])
     infos = []
+    sums = None
     for j, a in enumerate(range(0, max(n, 1), rows)):
         b = min(a + rows, n)
         ra, rb = int(indptr[a]), int(indptr[b])
         sl = order[ra:rb]
+        items, ratings = d.items[sl].astype(np.int64), d.ratings[sl].astype(np.float64)
+        times = d.times[sl].astype(np.float64) if with_times else None
         infos.append(
             write_user_shard(
                 staging,
                 first + j,
-                user_ids=d.user_ids[a:b],
+                user_ids=d.user_ids[a:b].tolist(),
                 user_bias=c_u[a:b],
                 W=W[a:b],
                 B_idx=B_idx[a:b],
                 B_val=B_val[a:b],
                 history_indptr=indptr[a : b + 1] - ra,
-                history_items=d.items[sl].astype(np.int64),
-                history_ratings=d.ratings[sl].astype(np.float64),
-                history_timestamps=d.times[sl].astype(np.float64) if with_times else None,
+                history_items=items,
+                history_ratings=ratings,
+                history_timestamps=times,
             )
         )
-    return infos, (float(n), W.sum(axis=0), W.T @ W)
+        if prior_inputs is not None:
+            mu, c_i, F, desc = prior_inputs
+            shard = LRSModel(U=U, W=W[a:b], B_idx=B_idx[a:b], B_val=B_val[a:b])
+            users = (d.users[sl] - a).astype(np.int64)
+            sums = add_sums(
+                sums, prior_sums(shard, c_u[a:b], mu, c_i, F, users, items, ratings, times, desc)
+            )
+    return infos, (float(n), W.sum(axis=0), W.T @ W), sums
 
 
 def add(a: Any, b: Any) -> Any:

@@ -83,7 +83,9 @@ class DaskCluster:
         sched += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.peak_kb = 0
-        self.series: list[list[int]] = []  # [seconds, scheduler MB, worker MB, ...] every 10 s
+        # [seconds, scheduler MB, worker MB, ..., steps running] every 10 s
+        self.series: list[list[Any]] = []
+        self._client: Any = None
         self.killed: str | None = None
         self._done = threading.Event()
         self._cap_kb = mem_cap_gb * 1024 * 1024
@@ -124,12 +126,31 @@ class DaskCluster:
             self.peak_kb = max(self.peak_kb, kb)
             if time.monotonic() - last >= 10:  # RSS of the scheduler and each worker, MB
                 last = time.monotonic()
-                self.series.append([round(last - t0), *[round(x / 1024) for x in each]])
+                row: list[Any] = [round(last - t0), *[round(x / 1024) for x in each]]
+                self.series.append(row + self._running())
             if kb > self._cap_kb:
                 self.killed = f"cluster killed above the {self._cap_kb / 1024**2:g} GB cap"
                 for p in self.procs:
                     os.killpg(p.pid, signal.SIGKILL)
                 return
+
+    def _running(self) -> list[str]:
+        """The steps (task names) the scheduler has on the workers now."""
+        try:
+            if self._client is None:
+                from distributed import Client
+
+                self._client = Client(self.address, timeout="10s")
+
+            def names(dask_scheduler: Any) -> list[str]:
+                return sorted(
+                    {str(k).rsplit("-", 1)[0] for ws in dask_scheduler.workers.values()
+                     for k in (t.key for t in ws.processing)}
+                )  # fmt: skip
+
+            return list(self._client.run_on_scheduler(names))
+        except Exception as e:  # the record is best effort; the run must not depend on it
+            return [f"? {type(e).__name__}"]
 
     def worker_stats(self) -> list[dict[str, Any]]:
         out = subprocess.run(
@@ -142,6 +163,11 @@ class DaskCluster:
 
     def stop(self) -> None:
         self._done.set()
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

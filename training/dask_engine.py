@@ -24,6 +24,7 @@ import hashlib
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -141,7 +142,9 @@ class Run:
                 )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(_on_worker, self.kernels, fn, *args, pure=False)
+        # keys named after the step (dashboards, logs, memory profiles), unique per call
+        key = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
+        return self.client.submit(_on_worker, self.kernels, fn, *args, key=key, pure=False)
 
     def map(self, fn: Callable[..., Any], parts: list[Any], *args: Any) -> list[Any]:
         return [self.submit(fn, p, *args) for p in parts]

@@ -27,6 +27,7 @@ from lrs_rec.engine.steps import (
     item_bias_statistics,
     item_block_statistics,
     prior_statistics,
+    sample_budget,
     squared_error,
     u_step_statistics,
     user_step,
@@ -200,6 +201,27 @@ def unpack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return G, h
 
 
+def _item_statistics(
+    st: LRSState, s: Samples, order: np.ndarray, bounds: np.ndarray, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's item statistics of items lo..hi-1 (the block reduced across partitions),
+    computed in runs of consecutive items of at most ``sample_budget(d + 1)`` ratings: the engine
+    builds a θ_u row per rating of its block, which for a block of a big partition would be
+    gigabytes (3M ratings × d floats, and its W[u] / B[u] temporaries). Each item's sums are
+    the same (its ratings in the same order)."""
+    e = st.F.shape[1] + 1
+    G, h = np.empty((hi - lo, e, e)), np.empty((hi - lo, e))
+    budget = sample_budget(e)
+    a = lo
+    while a < hi:
+        b = int(np.searchsorted(bounds, bounds[a] + budget, side="right")) - 1
+        b = min(max(b, a + 1), hi)
+        sl = order[bounds[a] : bounds[b]]
+        G[a - lo : b - lo], h[a - lo : b - lo] = item_block_statistics(st, s, a, b, sl)
+        a = b
+    return G, h
+
+
 def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The ALS item half-step's normal equations of items lo..hi-1: the engine's item statistics
     with U = I, W = P, B = 0 (design [1, p_u], target y - μ - c_u)."""
@@ -208,8 +230,7 @@ def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray,
     st = LRSState(
         mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, np.zeros_like(part.P)
     )
-    sl = part.train_order[part.train_bounds[lo] : part.train_bounds[hi]]
-    return pack(item_block_statistics(st, part.train, lo, hi, sl))
+    return pack(_item_statistics(st, part.train, part.train_order, part.train_bounds, lo, hi))
 
 
 def gram_p(part: Part) -> np.ndarray:
@@ -259,8 +280,7 @@ def item_stats(
         order, bounds = part.train_order, part.train_bounds
     else:
         order, bounds = _item_index(s.items, sh.F.shape[0])
-    sl = order[bounds[lo] : bounds[hi]]
-    return pack(item_block_statistics(state(part, sh), s, lo, hi, sl))
+    return pack(_item_statistics(state(part, sh), s, order, bounds, lo, hi))
 
 
 def item_bias_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:

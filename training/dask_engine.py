@@ -158,7 +158,13 @@ class Run:
     def broadcast(self, obj: Any) -> Any:
         if id(obj) in self.keep:  # the same object: its broadcast already
             return self.keep[id(obj)][1]
-        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        try:
+            fut = self.client.scatter(obj, broadcast=True, hash=False)
+        except ValueError as e:  # "Can not use replicate to delete data": no worker left
+            raise ClusterError(
+                f"the Dask cluster has no worker to send the shared arrays to ({e}); no model "
+                "was written — check the workers and rerun"
+            ) from None
         self.keep[id(obj)] = (obj, fut)
         self.bytes_broadcast += _nbytes(obj) * max(1, len(self.client.scheduler_info()["workers"]))
         return fut

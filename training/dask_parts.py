@@ -18,6 +18,7 @@ import numpy as np
 from lrs_rec.training.dask_input import PartitionData
 from lrs_rec.training.features import als_half_step
 
+from lrs_rec.engine.parallel import kernels
 from lrs_rec.engine.steps import (
     LRSState,
     PriorStatistics,
@@ -176,6 +177,20 @@ def als_users(
     min_count: float,
 ) -> Part:
     s = part.train
+    K = kernels()
+    if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
+        sol = np.empty((part.n_users, Q.shape[1] + 1))
+        K.als_half_step(
+            *s.csr("user", part.n_users),
+            np.ascontiguousarray(Q, dtype=np.float64),
+            np.ascontiguousarray(c_i, dtype=np.float64),
+            float(mu),
+            float(reg),
+            float(reg_bias),
+            max(min_count, 1.0),
+            sol,
+        )
+        return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]
     c_u, P = als_half_step(

@@ -166,9 +166,15 @@ def test_redis_paused_healthz_answers_and_redis_requests_fail_together(models, h
         os.kill(pid, signal.SIGSTOP)
         try:
             with ThreadPoolExecutor(12) as pool:
+                # users not asked for before: nothing of theirs is in the server's user cache
                 slow = [
-                    pool.submit(httpx.post, f"{base}/v1/recommend", json=body, timeout=60)
-                    for _ in range(8)
+                    pool.submit(
+                        httpx.post,
+                        f"{base}/v1/recommend",
+                        json={"user_id": f"u{10 + k}", "n": 5},
+                        timeout=60,
+                    )
+                    for k in range(8)
                 ]
                 # the precondition, not a timing: wait (bounded) until all 8 are in the server
                 deadline = time.monotonic() + 60

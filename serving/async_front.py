@@ -274,10 +274,14 @@ class AsyncFront:
                 raise rec._unavailable(e) from e
             finally:
                 self._reading -= 1
-        if not self.batch or (not self._reading and not self._pending):
-            # alone (no other recommendation reading Redis or queued): no batch to wait for
+        loop = asyncio.get_running_loop()
+        if not self.batch or (
+            not self._reading and not self._pending and not getattr(loop, "_ready", None)
+        ):
+            # alone (no other recommendation reading Redis or queued, nothing else waiting to
+            # run in this loop iteration — e.g. other requests' cache hits): no batch to wait for
             return rec.top_from(snap, user_id, n, row)
-        future: asyncio.Future[TopItems] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[TopItems] = loop.create_future()
         self._pending.append((snap, user_id, n, row, future))
         if len(self._pending) == 1:
             # after every request woken in this loop iteration has queued itself

@@ -96,7 +96,7 @@ class Metrics:
                     "lrs_user_cache_entries", "users in the process cache", value=len(cache)
                 )
 
-        self.registry.register(_Collector())  # type: ignore[arg-type]
+        self.registry.register(_Collector())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -135,7 +135,7 @@ def test_a_write_by_another_client_is_seen_by_the_next_request(model_dir, home):
         assert hits >= 1  # the second answer came from the cache
         # another process's writer (its own connection): u1 gets u2's record and history
         other = RedisStore(connect(home=home))
-        loc, record2, history2 = _row(store, "u2", index["u2"])
+        _, record2, history2 = _row(store, "u2", index["u2"])
         meta = other.meta(other.current_version())
         other.put_user(meta, "u1", index["u1"], record2, history2)
         after = _ask(client, "u1")
@@ -161,7 +161,7 @@ def test_a_write_by_another_client_is_seen_by_the_next_request(model_dir, home):
 
 def test_erasure_through_this_server_or_another_is_honoured(model_dir, home):
     _publish(model_dir, home)
-    client, app = _app(model_dir, home, 1000)
+    client, _ = _app(model_dir, home, 1000)
     with client:
         for user in ("u4", "u6"):
             assert json.loads(_ask(client, user))["personalized"] is True
@@ -177,7 +177,7 @@ def test_erasure_through_this_server_or_another_is_honoured(model_dir, home):
 
 def test_onboarding_through_this_server_is_seen_at_once(model_dir, home):
     _publish(model_dir, home)
-    client, app = _app(model_dir, home, 1000)
+    client, _ = _app(model_dir, home, 1000)
     with client:
         assert json.loads(_ask(client, "newbie"))["personalized"] is False
         assert json.loads(_ask(client, "newbie"))["personalized"] is False  # cached (absent)

@@ -70,7 +70,7 @@ def test_recommend_json_equals_orjson_of_the_dict(model_dir):
         for personalized in (True, False):
             items = rng.permutation(len(names))[:n].astype(np.int64)
             scores = (rng.normal(3, 2, n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
-            top = TopItems("u\"1é", items, scores, personalized, fake)
+            top = TopItems('u"1é', items, scores, personalized, fake)
             assert recommend_json(top) == reference_recommend_json(top.result())
             assert json.loads(recommend_json(top))["items"] == [
                 {"item_id": i, "score": s} for i, s in top.result().items

@@ -63,8 +63,16 @@ class _LoadClient(asyncio.Protocol):
     shares the machine's two cores with the server and Redis, costs little and the same for every
     endpoint (its CPU per request is reported as ``client_cpu_us``)."""
 
-    def __init__(self, requests: list[bytes], offset: int, stop: float, out: dict[str, Any]):
+    def __init__(
+        self,
+        requests: list[bytes],
+        offset: int,
+        stop: float,
+        out: dict[str, Any],
+        cursor: list[int] | None = None,
+    ):
         self.requests, self.k, self.stop, self.out = requests, offset, stop, out
+        self.cursor = cursor  # shared by all clients (and calls): each request of the list once
         self.buf = b""
         self.t = 0.0
         self.transport: Any = None
@@ -76,6 +84,10 @@ class _LoadClient(asyncio.Protocol):
 
     def _send(self) -> None:
         self.t = time.perf_counter()
+        if self.cursor is not None:
+            self.transport.write(self.requests[self.cursor[0] % len(self.requests)])
+            self.cursor[0] += 1
+            return
         self.transport.write(self.requests[self.k % len(self.requests)])
         self.k += 1
 
@@ -108,11 +120,17 @@ class _LoadClient(asyncio.Protocol):
 
 
 async def _http_load(
-    port: int, request: bytes | list[bytes], *, connections: int, seconds: float
+    port: int,
+    request: bytes | list[bytes],
+    *,
+    connections: int,
+    seconds: float,
+    cursor: list[int] | None = None,
 ) -> tuple[int, list[float], int]:
     """Closed-loop load: ``connections`` keep-alive clients (:class:`_LoadClient`), each sending
     the next request when the previous answer is in (cycling through ``request`` when it is a
-    list, each connection from its own offset) for ``seconds``."""
+    list, each connection from its own offset; with ``cursor``, all connections take the next
+    request of the list in turn, continuing where the last call stopped) for ``seconds``."""
     loop = asyncio.get_running_loop()
     out: dict[str, Any] = {"latencies": [], "errors": 0}
     stop = time.perf_counter() + seconds
@@ -120,7 +138,7 @@ async def _http_load(
     clients = []
     for i in range(connections):
         _, client = await loop.create_connection(
-            lambda i=i: _LoadClient(requests, 97 * i, stop, out), "127.0.0.1", port
+            lambda i=i: _LoadClient(requests, 97 * i, stop, out, cursor), "127.0.0.1", port
         )
         clients.append(client)
     await asyncio.gather(*(c.done for c in clients))
@@ -134,16 +152,19 @@ def _compare(
     clients: int,
     seconds: float,
     rounds: int,
+    cursor: list[int],
 ) -> dict[str, float]:
     """recommend vs the constant endpoint with ``clients`` closed-loop clients, alternating in
     ``rounds`` slices of ``seconds / rounds`` each: req/s, p50/p99, server and client CPU per
-    request, and the user cache's hit rate over the recommend slices."""
+    request, and the user cache's hit rate over the recommend slices. The recommend requests are
+    taken in turn from the list, continuing at ``cursor`` (each draw of a user once)."""
     row: dict[str, float] = {}
     acc: dict[str, tuple[int, list[float], int, float, float]] = {
         key: (0, [], 0, 0.0, 0.0) for key in endpoints
     }
-    for req in endpoints.values():  # warm-up
-        asyncio.run(_http_load(port, req, connections=clients, seconds=0.3))
+    for key, req in endpoints.items():  # warm-up
+        c = cursor if key == "recommend" else None
+        asyncio.run(_http_load(port, req, connections=clients, seconds=0.3, cursor=c))
     hits, misses = 0.0, 0.0
     for _ in range(rounds):
         for key, req in endpoints.items():
@@ -151,7 +172,13 @@ def _compare(
                 h0, m0 = _cache_lookups(port)
             cpu, own = _cpu_seconds(pid), time.process_time()
             n, lat, errors = asyncio.run(
-                _http_load(port, req, connections=clients, seconds=seconds / rounds)
+                _http_load(
+                    port,
+                    req,
+                    connections=clients,
+                    seconds=seconds / rounds,
+                    cursor=cursor if key == "recommend" else None,
+                )
             )
             used, own = _cpu_seconds(pid) - cpu, time.process_time() - own
             if key == "recommend":
@@ -423,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--http-users",
         type=int,
-        default=50_000,
-        help="recommend requests cycle through this many draws of users from the whole model "
-        "(uniform, and Zipf)",
+        default=100_000,
+        help="recommend requests go through this many draws of users from the whole model "
+        "(uniform, and Zipf), each draw once (then from the start again)",
     )
     p.add_argument(
         "--zipf-s",
@@ -608,21 +635,26 @@ def main(argv: list[str] | None = None) -> int:
         recs = requests["uniform"]
         out["http_users"] = args.http_users
         out["zipf_s"] = args.zipf_s
-        port_off = _free_port()
-        proc_off = _start_server(model_dir, home, port_off, ["--user-cache", "0"])
-        servers = {"cache_on": (port, proc), "cache_off": (port_off, proc_off)}
-        # the servers build the onboarding prior in the background when they start: let them
-        out["server_idle_after_s"] = max(_wait_idle(proc.pid), _wait_idle(proc_off.pid))
         rounds = 4  # the two endpoints alternate in short slices: a busy machine hits both alike
         detail: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-        try:
-            for dist in ("uniform", "zipf"):
+        rss: dict[str, dict[str, float]] = {}
+        for dist in ("uniform", "zipf"):
+            # fresh servers per distribution (an empty cache): cache on (the default) and off
+            servers: dict[str, tuple[int, Any]] = {}
+            try:
+                for mode, extra in (("cache_on", []), ("cache_off", ["--user-cache", "0"])):
+                    p_ = _free_port()
+                    servers[mode] = (p_, _start_server(model_dir, home, p_, extra))
+                # they build the onboarding prior in the background when they start: let them
+                idle = max(_wait_idle(srv.pid) for _, srv in servers.values())
+                out.setdefault("server_idle_after_s", {})[dist] = idle
                 for mode, (srv_port, srv) in servers.items():
                     cells = detail.setdefault(dist, {}).setdefault(mode, {})
                     endpoints = {"recommend": requests[dist], "constant": [_get("/healthz")]}
+                    cursor = [0]  # both servers get the same sequence of users
                     for clients in (int(c) for c in args.http_clients.split(",")):
                         cells[str(clients)] = _compare(
-                            srv_port, srv.pid, endpoints, clients, args.http_seconds, rounds
+                            srv_port, srv.pid, endpoints, clients, args.http_seconds, rounds, cursor
                         )
                         row = cells[str(clients)]
                         log(
@@ -631,10 +663,14 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row.get('cache_hit_rate', '-')}), constant {row['constant_rps']} "
                             f"req/s: {row['recommend_over_constant_rps']}x"
                         )
-            out["server_rss_mb"] = {mode: _rss_mb(srv.pid) for mode, (_, srv) in servers.items()}
-        finally:
-            proc_off.terminate()
-            proc_off.wait(10)
+                    sent = out.setdefault("http_recommend_requests_sent", {})
+                    sent.setdefault(dist, {})[mode] = cursor[0]
+                    rss[f"{dist}_{mode}"] = _rss_mb(srv.pid)
+            finally:
+                for _, srv in servers.values():
+                    srv.terminate()
+                    srv.wait(10)
+        out["server_rss_mb"] = rss
         out["http_by_clients_detail"] = detail
         # the headline (issue 16's key): the default server (cache on), users drawn uniformly
         by_clients = detail["uniform"]["cache_on"]

@@ -11,8 +11,11 @@ One run, one (embedded, fresh) Redis:
 3. ``lrs-rec serve`` in a subprocess on 127.0.0.1 and a small asyncio keep-alive HTTP/1.1 client with a
    fixed number of connections (bounded load) for ``--http-seconds`` against ``/v1/recommend`` and
    then the trivial ``/healthz`` of the same server; then the same at 1, 16 and 64 concurrent
-   clients (``http_by_clients``: req/s and p50/p99 of both, and recommend's share of the constant
-   endpoint's req/s; target >= 0.8);
+   clients for users drawn uniformly and Zipf-distributed from the whole model (each draw sent
+   once), each on a fresh server with the user cache on (the default) and off (``--user-cache 0``)
+   (``http_by_clients_detail``: req/s and p50/p99 of both endpoints, server CPU per request, the
+   cache's hit rate, and recommend's share of the constant endpoint's req/s; target >= 0.8;
+   ``http_by_clients``: the uniform, cache-on cells);
 4. Redis paused (SIGSTOP of the embedded redis-server for ``--pause-seconds``) while 16 clients ask
    for recommendations: latency of ``/healthz`` meanwhile and what the Redis-bound requests got
    (``redis_paused``; target: /healthz <= 50 ms, recommend 503 within the Redis timeout).

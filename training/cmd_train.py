@@ -251,9 +251,16 @@ def run(args: argparse.Namespace) -> int:
                 f"cleaning: {dict(sorted(rep.counts.items())) or 'nothing to clean'}",
                 file=sys.stderr,
             )
-        result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
+        # the trainer releases the table's columns once encoded (not alive during training)
+        result = train(
+            table,
+            cfg,
+            item_features_path=args.item_features,
+            progress=not args.quiet,
+            release_table=True,
+        )
         n_ratings, cleaning = len(table), rep.counts
-        del table, rep  # the loaded columns are not needed to save (lower peak while saving)
+        del table, rep
     model = save_model_dir(result.model, args.out)
     onnx_path: str | None = None
     if not args.no_export:

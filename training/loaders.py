@@ -149,6 +149,7 @@ class RatingTable:
 
     __slots__ = (
         "_items",
+        "_released_rows",
         "_users",
         "fingerprint",
         "item_codes",
@@ -181,6 +182,18 @@ class RatingTable:
         self.rating_min, self.rating_max = rating_min, rating_max
         self.report, self.fingerprint = report, fingerprint
         self.user_codes, self.item_codes = user_codes, item_codes
+        self._released_rows: int | None = None
+
+    def release(self) -> None:
+        """Drop the columns (ids, ratings, times) once a consumer holds what it needs of them
+        (``training.pipeline.train(..., release_table=True)``: the trainer's samples and the
+        model's histories), so that they do not stay alive through training. The report,
+        fingerprint, rating scale and ``len`` remain; the columns are empty afterwards."""
+        if self._released_rows is None:
+            self._released_rows = int(self.ratings.shape[0])
+        self.ratings, self.timestamps = np.zeros(0), np.zeros(0)
+        self._users, self._items = np.zeros(0, dtype=str), np.zeros(0, dtype=str)
+        self.user_codes = self.item_codes = None
 
     @property
     def users(self) -> np.ndarray:
@@ -197,6 +210,8 @@ class RatingTable:
         return self._items
 
     def __len__(self) -> int:
+        if self._released_rows is not None:
+            return self._released_rows
         return int(self.ratings.shape[0])
 
     def user_ids(self) -> np.ndarray | IdCodes:

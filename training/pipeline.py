@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -74,6 +75,91 @@ def validation_mask(data: Samples, fraction: float, rng: np.random.Generator) ->
         return None
     counts = np.bincount(data.users)
     return np.asarray((rng.random(len(data)) < fraction) & (counts[data.users] > 1))
+
+
+COLUMN_CHUNK = 1 << 20  # values per chunk when compacting a column (bounded temporaries)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A per-rating column held compactly until the model is assembled: integral values as int32
+    offsets from their minimum when they fit (Unix times in seconds, integer ratings), else float32
+    when every value survives the round trip (half-star ratings), else float64; a column of NaN
+    only (no times in the file) as one value. :meth:`values` gives back the float64 column
+    exactly."""
+
+    data: np.ndarray
+    base: float = 0.0
+    size: int = -1  # the length of an all-NaN column (``data`` then holds one NaN)
+
+    @classmethod
+    def of(cls, x: np.ndarray, order: np.ndarray | None = None) -> Column:
+        """The column ``x`` (float64), or ``x[order]``, compacted in chunks of
+        :data:`COLUMN_CHUNK` (no full-length float64 temporaries)."""
+        n = int(x.shape[0] if order is None else order.shape[0])
+
+        def chunks() -> Iterator[tuple[int, np.ndarray]]:
+            for a in range(0, n, COLUMN_CHUNK):
+                sl = slice(a, a + COLUMN_CHUNK)
+                yield a, np.asarray(x[sl] if order is None else x[order[sl]], dtype=np.float64)
+
+        finite = integral = exact32 = all_nan = True
+        lo, hi = np.inf, -np.inf
+        for _, c in chunks():
+            f = np.isfinite(c)
+            finite = finite and bool(f.all())
+            all_nan = all_nan and bool(np.isnan(c).all())
+            if c.size and f.any():
+                lo, hi = min(lo, float(c[f].min())), max(hi, float(c[f].max()))
+            integral = integral and finite and bool((np.floor(c) == c).all())
+            exact32 = exact32 and np.array_equal(c.astype(np.float32), c, equal_nan=True)
+        if n and all_nan:
+            return cls(np.full(1, np.nan), size=n)
+        if n and integral and hi - lo < 2**31 - 1:
+            out = np.empty(n, np.int32)
+            for a, c in chunks():
+                out[a : a + c.size] = c - lo
+            return cls(out, lo)
+        out = np.empty(n, np.float32 if exact32 else np.float64)
+        for a, c in chunks():
+            out[a : a + c.size] = c
+        return cls(out)
+
+    def values(self) -> np.ndarray:
+        if self.size >= 0:
+            return np.full(self.size, np.nan)
+        out = np.asarray(self.data, dtype=np.float64)
+        if self.base:
+            out += self.base
+        return out
+
+
+def encode_in_history_order(
+    table: RatingTable,
+    users: Vocabulary,
+    items: Vocabulary,
+    fraction: float,
+    rng: np.random.Generator,
+) -> tuple[Samples, np.ndarray | None, Column, Column]:
+    """The table as samples sorted by user, then item — the model's history order, and the order
+    the compiled kernels read the ratings by user in (:meth:`Samples.csr` then shares the samples'
+    own arrays) — with the validation mask (drawn in the table's row order, :func:`validation_mask`,
+    then permuted alike) and the ratings and times in that order (:class:`Column`: what the model's
+    histories need from the table, so that the table can be released right after this)."""
+    u = index_array(users.encode(table.user_ids()), len(users))
+    i = index_array(items.encode(table.item_ids()), len(items))
+    mask = None
+    if fraction > 0.0:
+        counts = np.bincount(u)
+        mask = np.asarray((rng.random(u.shape[0]) < fraction) & (counts[u] > 1))
+        del counts
+    order = np.lexsort((i, u))
+    u, i = u[order], i[order]
+    ratings = np.asarray(table.ratings[order], dtype=np.float64)
+    times = Column.of(table.timestamps, order)
+    if mask is not None:
+        mask = mask[order]
+    return Samples(u, i, ratings), mask, Column.of(ratings), times
 
 
 def take(data: Samples, rows: np.ndarray) -> Samples:
@@ -188,10 +274,28 @@ def init_state(
     elif cfg.method in ("single", "prompt"):
         U = np.eye(d)  # one shared w ∈ R^d; stored as rank 1 at the end
     else:
-        _, _, Vt = np.linalg.svd(P, full_matrices=False)
-        U = Vt[: cfg.rank].T.copy()
+        U = top_right_singular_vectors(P, cfg.rank)
     W = P @ U
     return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, np.zeros((n_users, d)))
+
+
+SVD_ROWS = 1 << 16  # rows per block of the tall-skinny QR in top_right_singular_vectors
+
+
+def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
+    """The top-``r`` right singular vectors of the tall (n, d) ``P`` as a (d, r) matrix, from the
+    R factor of a blockwise QR (R of the stacked blocks' R factors: P = QR, so P and R have the
+    same singular values and right singular vectors), instead of ``svd(P)``, which would hold a
+    copy of P and its (n, d) left singular vectors. Column signs are LAPACK's (may differ from
+    ``svd(P)``'s; U Uᵀ and θ do not depend on them)."""
+    n = P.shape[0]
+    if n <= SVD_ROWS:
+        R = P
+    else:
+        parts = [np.linalg.qr(P[a : a + SVD_ROWS], mode="r") for a in range(0, n, SVD_ROWS)]
+        R = np.linalg.qr(np.vstack(parts), mode="r")
+    _, _, Vt = np.linalg.svd(R, full_matrices=False)
+    return np.ascontiguousarray(Vt[:r].T)
 
 
 def iterate(
@@ -547,15 +651,30 @@ def train(
     item_features_path: str | None = None,
     progress: bool = True,
     extra_manifest: dict[str, Any] | None = None,
+    release_table: bool = False,
 ) -> TrainResult:
-    """Train on a cleaned rating table; returns the model (not yet saved) and the loss history."""
+    """Train on a cleaned rating table; returns the model (not yet saved) and the loss history.
+
+    ``release_table``: drop the table's columns (:meth:`RatingTable.release`) once they are
+    encoded, so that they are not alive during training (``lrs-rec train`` does)."""
     t0 = time.perf_counter()
     phases = PhaseLog()
     rng = np.random.default_rng(cfg.seed)
     user_vocab, item_vocab = build_vocabularies(table)
     n_users, n_items = len(user_vocab), len(item_vocab)
-    data = encode(table, user_vocab, item_vocab)
-    val_mask = validation_mask(data, cfg.validation_fraction, rng)
+    data, val_mask, h_ratings_col, h_times_col = encode_in_history_order(
+        table, user_vocab, item_vocab, cfg.validation_fraction, rng
+    )
+    table_info = {
+        "source": table.report.source,
+        "format": table.report.format,
+        "fingerprint_sha256": table.fingerprint,
+        "n_ratings": len(table),
+    }
+    cleaning = table.report.to_dict()
+    rating_min, rating_max = table.rating_min, table.rating_max
+    if release_table:
+        table.release()  # the samples and the history columns hold what is needed of it
     # the two parts only (the whole is rebuilt from them for the final pass): one copy of the
     # samples is alive during the fits, not the raw, scaled, training and validation ones at once
     if val_mask is None:
@@ -585,7 +704,7 @@ def train(
     hyperparameters, refine, learn_u, reg_u = run_settings(
         cfg, rank=state.U.shape[1], n_users=n_users, plugin=plugin is not None
     )
-    lo, hi = table.rating_min / unit, table.rating_max / unit
+    lo, hi = rating_min / unit, rating_max / unit
     fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
 
     start = Snapshot.of(state)
@@ -659,17 +778,17 @@ def train(
         )
     )
     # the history CSR in the ratings' own units (the table's), rating times in the same order
-    # (the onboarding prior learns from users' first ratings)
-    order = history_order(data)
+    # (the onboarding prior learns from users' first ratings): the samples are in that order
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
-    h_items = data.items[order].astype(np.int64)
     n_train = len(data) - n_val
-    del data
     state.B = state.B[:0]  # stored sparsely in lrs now
-    h_ratings = np.asarray(table.ratings[order], dtype=np.float64)
-    h_times = np.asarray(table.timestamps[order], dtype=np.float64)
-    del order
+    h_items = data.items.astype(np.int64)
+    del data
+    h_ratings = h_ratings_col.values()
+    del h_ratings_col
+    h_times = h_times_col.values()
+    del h_times_col
     phases.mark("model")
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
@@ -681,16 +800,13 @@ def train(
             "rating_unit": unit,
         },
         "data": {
-            "source": table.report.source,
-            "format": table.report.format,
-            "fingerprint_sha256": table.fingerprint,
-            "n_ratings": len(table),
+            **table_info,
             "n_users": n_users,
             "n_items": n_items,
             "n_train_part": n_train,
             "n_validation_part": n_val,
         },
-        "cleaning": table.report.to_dict(),
+        "cleaning": cleaning,
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
         "metrics": {
             "train_rmse": train_rmse,
@@ -729,8 +845,8 @@ def train(
         history_indptr=indptr,
         history_items=h_items,
         history_ratings=h_ratings,
-        rating_min=table.rating_min,
-        rating_max=table.rating_max,
+        rating_min=rating_min,
+        rating_max=rating_max,
         manifest=manifest,
         history_timestamps=h_times if np.isfinite(h_times).all() else None,
     )

@@ -22,6 +22,8 @@ import numpy as np
 from lrs_rec.training.config import TrainConfig
 from lrs_rec.training.features import als_factors, fit_biases, load_item_features
 from lrs_rec.training.loaders import RatingTable
+from lrs_rec.training.spill import Spill, Spilled
+from lrs_rec.training.spill import load as spill_load
 from lrs_rec.training.vocab import Vocabulary
 
 from lrs_rec.engine.steps import (
@@ -88,7 +90,7 @@ class Column:
     only (no times in the file) as one value. :meth:`values` gives back the float64 column
     exactly."""
 
-    data: np.ndarray
+    data: np.ndarray | Spilled
     base: float = 0.0
     size: int = -1  # the length of an all-NaN column (``data`` then holds one NaN)
 
@@ -125,10 +127,15 @@ class Column:
             out[a : a + c.size] = c
         return cls(out)
 
+    def spilled(self, spill: Spill) -> Column:
+        """The same column with its data parked on disk (when large)."""
+        data = self.data if self.size >= 0 else spill.put(self.data)
+        return Column(data, self.base, self.size)  # type: ignore[arg-type]
+
     def values(self) -> np.ndarray:
         if self.size >= 0:
             return np.full(self.size, np.nan)
-        out = np.asarray(self.data, dtype=np.float64)
+        out = np.asarray(spill_load(self.data), dtype=np.float64)
         if self.base:
             out += self.base
         return out
@@ -329,6 +336,7 @@ class FitData:
     learn_u: bool
     refine: bool
     reg_u: float
+    spill: Spill | None = None  # where the fit parks its best-iterate snapshot (None: memory)
 
 
 OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
@@ -381,15 +389,20 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
             )
         if early:
             if row["val_rmse"] < best_val:
-                best_val, best_it, best_state = row["val_rmse"], it, Snapshot.of(state)
+                if best_state is not None:
+                    best_state.discard(fd.spill)
+                best_val, best_it = row["val_rmse"], it
+                best_state = Snapshot.of(state, fd.spill)
             elif it - best_it >= cfg.patience or row["val_rmse"] > best_val * (1 + OVERFIT_RISE):
                 break  # patience used up, or a clear rise (overfitting): no further iteration
     if not early:
         return Fit(state, history, len(history) - 1)
     assert best_state is not None
     if best_it == len(history) - 1:
+        best_state.discard(fd.spill)
         return Fit(state, history, best_it)  # the last iterate is the best: no copy needed
     best_state.restore_into(state)  # in place: no second copy of the per-user arrays
+    best_state.discard(fd.spill)
     return Fit(state, history, best_it)
 
 
@@ -422,9 +435,13 @@ def biases_only(
         reg_item=reg_bias,
         n_iter=10,
     )
-    n, d = start.W.shape[0], start.F.shape[1]
-    W = start.W.copy() if copy else start.W
-    B = np.zeros((n, d)) if copy else np.broadcast_to(np.zeros(1), (n, d))
+    n, d, r = start.user_bias.size, start.F.shape[1], start.U.shape[1]
+    if copy:
+        W = start.W  # a snapshot's W read back from disk is already a fresh array
+        W = W.copy() if isinstance(start, LRSState) or W is start.w else W
+        B = np.zeros((n, d))
+    else:  # F = 0: W and B do not change a prediction (read-only zeros, no per-user arrays)
+        W, B = np.broadcast_to(np.zeros(1), (n, r)), np.broadcast_to(np.zeros(1), (n, d))
     return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, B)
 
 
@@ -436,21 +453,39 @@ class Snapshot:
     """A copy of an :class:`LRSState` with the sparse part stored sparsely: each row of B has at
     most k non-zeros, so (column, value) pairs of the widest row's count replace the dense
     (n_users, d) array (which would double the trainer's largest arrays for every copy kept:
-    the start, the best iterate). :meth:`restore` gives back the state exactly."""
+    the start, the best iterate). With a :class:`~lrs_rec.training.spill.Spill`, the large
+    per-user arrays (W, the pairs) are parked on disk until restored. :meth:`restore` gives back
+    the state exactly."""
 
     global_mean: float
     user_bias: np.ndarray
     item_bias: np.ndarray
     F: np.ndarray
     U: np.ndarray
-    W: np.ndarray
-    b_idx: np.ndarray  # (n_users, m) int32 columns (m: the most non-zeros of a row)
-    b_val: np.ndarray  # (n_users, m) their values (zeros pad shorter rows)
+    w: np.ndarray | Spilled  # W (n_users, r), in memory or on disk
+    b_idx_store: np.ndarray | Spilled  # (n_users, m) int32 columns (m: a row's most non-zeros)
+    b_val_store: np.ndarray | Spilled  # (n_users, m) their values (zeros pad shorter rows)
     d: int
     b_dtype: Any
 
+    @property
+    def W(self) -> np.ndarray:
+        return spill_load(self.w)
+
+    @property
+    def b_idx(self) -> np.ndarray:
+        return spill_load(self.b_idx_store)
+
+    @property
+    def b_val(self) -> np.ndarray:
+        return spill_load(self.b_val_store)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_bias.shape[0])
+
     @classmethod
-    def of(cls, state: LRSState) -> Snapshot:
+    def of(cls, state: LRSState, spill: Spill | None = None) -> Snapshot:
         B = state.B
         n, d = B.shape
         m = int(max((np.count_nonzero(B[a : a + SNAPSHOT_ROWS], axis=1).max(initial=0)
@@ -469,42 +504,53 @@ class Snapshot:
             state.item_bias.copy(),
             state.F.copy(),
             state.U.copy(),
-            state.W.copy(),
-            idx,
-            val,
+            state.W.copy() if spill is None else spill.put(state.W),
+            idx if spill is None else spill.put(idx),
+            val if spill is None else spill.put(val),
             d,
             B.dtype,
         )
 
+    def discard(self, spill: Spill | None) -> None:
+        """Remove this snapshot's spilled files (it is superseded)."""
+        if spill is not None:
+            for a in (self.w, self.b_idx_store, self.b_val_store):
+                spill.discard(a)
+
     def dense_b(self) -> np.ndarray:
-        B = np.zeros((self.W.shape[0], self.d), self.b_dtype)
-        if self.b_idx.shape[1]:
-            np.put_along_axis(B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        B = np.zeros((self.n_users, self.d), self.b_dtype)
+        idx = self.b_idx
+        if idx.shape[1]:
+            np.put_along_axis(B, idx.astype(np.int64), self.b_val, axis=1)
         return B
 
     def restore(self) -> LRSState:
         """A fresh state equal to the one snapshotted (its own arrays)."""
+        W = self.W
         return LRSState(
             self.global_mean,
             self.user_bias.copy(),
             self.item_bias.copy(),
             self.F.copy(),
             self.U.copy(),
-            self.W.copy(),
+            W.copy() if W is self.w else W,
             self.dense_b(),
         )
 
     def restore_into(self, state: LRSState) -> None:
         """Make ``state`` (of the same shapes) equal to the snapshot, reusing its arrays."""
         state.global_mean = self.global_mean
-        for name in ("user_bias", "item_bias", "F", "U", "W"):
+        for name in ("user_bias", "item_bias", "F", "U"):
             setattr(state, name, getattr(self, name).copy())
+        W = self.W
+        state.W = W.copy() if W is self.w else W
         state.B[:] = 0
-        if self.b_idx.shape[1]:
-            np.put_along_axis(state.B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        idx = self.b_idx
+        if idx.shape[1]:
+            np.put_along_axis(state.B, idx.astype(np.int64), self.b_val, axis=1)
 
     def take_users(self, users: np.ndarray) -> Snapshot:
-        """The snapshot of the given users only (items, F, U unchanged)."""
+        """The snapshot of the given users only (items, F, U unchanged), in memory."""
         return Snapshot(
             self.global_mean,
             self.user_bias[users],
@@ -657,6 +703,31 @@ def train(
 
     ``release_table``: drop the table's columns (:meth:`RatingTable.release`) once they are
     encoded, so that they are not alive during training (``lrs-rec train`` does)."""
+    spill = Spill()  # large copies read only much later go to disk (training/spill.py)
+    try:
+        return _train(
+            table,
+            cfg,
+            item_features_path=item_features_path,
+            progress=progress,
+            extra_manifest=extra_manifest,
+            release_table=release_table,
+            spill=spill,
+        )
+    finally:
+        spill.close()
+
+
+def _train(
+    table: RatingTable,
+    cfg: TrainConfig,
+    *,
+    item_features_path: str | None,
+    progress: bool,
+    extra_manifest: dict[str, Any] | None,
+    release_table: bool,
+    spill: Spill,
+) -> TrainResult:
     t0 = time.perf_counter()
     phases = PhaseLog()
     rng = np.random.default_rng(cfg.seed)
@@ -675,6 +746,8 @@ def train(
     rating_min, rating_max = table.rating_min, table.rating_max
     if release_table:
         table.release()  # the samples and the history columns hold what is needed of it
+    # read again only when the model is assembled
+    h_ratings_col, h_times_col = h_ratings_col.spilled(spill), h_times_col.spilled(spill)
     # the two parts only (the whole is rebuilt from them for the final pass): one copy of the
     # samples is alive during the fits, not the raw, scaled, training and validation ones at once
     if val_mask is None:
@@ -705,9 +778,9 @@ def train(
         cfg, rank=state.U.shape[1], n_users=n_users, plugin=plugin is not None
     )
     lo, hi = rating_min / unit, rating_max / unit
-    fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
+    fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u, spill)
 
-    start = Snapshot.of(state)
+    start = Snapshot.of(state, spill)
     del state
     tuning: dict[str, Any] | None = None
     fit: Fit | None = None

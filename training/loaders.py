@@ -693,16 +693,25 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
 
 
 class _LineLocs:
-    """Lazy ``file:line`` locations of the rows of a fast-path read (no per-row strings)."""
+    """Lazy ``file:line`` locations of the rows of a fast-path read (no per-row strings): row j
+    is on line ``first + j`` (``lines`` None, no per-row array at all) or on ``lines[j]`` once
+    rows were dropped (:meth:`keep`)."""
 
-    def __init__(self, prefix: str, lines: np.ndarray) -> None:
-        self.prefix, self.lines = prefix, lines
+    def __init__(self, prefix: str, lines: np.ndarray | None, first: int = 0) -> None:
+        self.prefix, self.lines, self.first = prefix, lines, first
 
     def __getitem__(self, j: int) -> str:
-        return f"{self.prefix}{int(self.lines[j])}"
+        line = self.first + int(j) if self.lines is None else int(self.lines[j])
+        return f"{self.prefix}{line}"
 
-    def keep(self, mask: np.ndarray) -> _LineLocs:
-        return _LineLocs(self.prefix, self.lines[mask])
+    def keep(self, rows: np.ndarray) -> _LineLocs:
+        """The locations of the kept rows (a boolean mask or row indices)."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if self.lines is None:
+            return _LineLocs(self.prefix, self.first + rows.astype(np.int64))
+        return _LineLocs(self.prefix, self.lines[rows])
 
 
 def _delim_name(delim: str) -> str:

@@ -129,8 +129,10 @@ class Column:
 
     def spilled(self, spill: Spill) -> Column:
         """The same column with its data parked on disk (when large)."""
-        data = self.data if self.size >= 0 else spill.put(self.data)
-        return Column(data, self.base, self.size)  # type: ignore[arg-type]
+        data = self.data
+        if self.size < 0 and isinstance(data, np.ndarray):
+            data = spill.put(data)
+        return Column(data, self.base, self.size)
 
     def values(self) -> np.ndarray:
         if self.size >= 0:
@@ -299,8 +301,10 @@ def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
     if n <= SVD_ROWS:
         R = P
     else:
-        parts = [np.linalg.qr(P[a : a + SVD_ROWS], mode="r") for a in range(0, n, SVD_ROWS)]
-        R = np.linalg.qr(np.vstack(parts), mode="r")
+        parts = [
+            np.asarray(np.linalg.qr(P[a : a + SVD_ROWS], mode="r")) for a in range(0, n, SVD_ROWS)
+        ]
+        R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
     _, _, Vt = np.linalg.svd(R, full_matrices=False)
     return np.ascontiguousarray(Vt[:r].T)
 
@@ -842,22 +846,22 @@ def _train(
     n_val = len(val_part)
     del start, val_part
     phases.mark("final pass")
-    unscale(state, unit)
-
-    lrs = to_lrs_model(state, cfg)
-    w_mean, w_cov = population_prior(
-        LRSState(
-            state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W, state.B
-        )
-    )
     # the history CSR in the ratings' own units (the table's), rating times in the same order
     # (the onboarding prior learns from users' first ratings): the samples are in that order
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
     n_train = len(data) - n_val
-    state.B = state.B[:0]  # stored sparsely in lrs now
     h_items = data.items.astype(np.int64)
-    del data
+    del data  # with the kernels' layouts of it
+    unscale(state, unit)
+
+    lrs = to_lrs_model(state, cfg)
+    state.B = state.B[:0]  # stored sparsely in lrs now
+    w_mean, w_cov = population_prior(
+        LRSState(
+            state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W, state.B
+        )
+    )
     h_ratings = h_ratings_col.values()
     del h_ratings_col
     h_times = h_times_col.values()

@@ -184,16 +184,22 @@ class RatingTable:
         self.user_codes, self.item_codes = user_codes, item_codes
         self._released_rows: int | None = None
 
-    def release(self) -> None:
-        """Drop the columns (ids, ratings, times) once a consumer holds what it needs of them
-        (``training.pipeline.train(..., release_table=True)``: the trainer's samples and the
-        model's histories), so that they do not stay alive through training. The report,
-        fingerprint, rating scale and ``len`` remain; the columns are empty afterwards."""
+    def release(self, *columns: str) -> None:
+        """Drop columns (``"ids"``, ``"ratings"``, ``"timestamps"``; default all) once a consumer
+        holds what it needs of them (``training.pipeline.train(..., release_table=True)``: the
+        trainer's samples and the model's histories), so that they do not stay alive through
+        training. The report, fingerprint, rating scale and ``len`` remain; a released column is
+        empty afterwards."""
         if self._released_rows is None:
             self._released_rows = int(self.ratings.shape[0])
-        self.ratings, self.timestamps = np.zeros(0), np.zeros(0)
-        self._users, self._items = np.zeros(0, dtype=str), np.zeros(0, dtype=str)
-        self.user_codes = self.item_codes = None
+        for name in columns or ("ids", "ratings", "timestamps"):
+            if name == "ids":
+                self._users, self._items = np.zeros(0, dtype=str), np.zeros(0, dtype=str)
+                self.user_codes = self.item_codes = None
+            elif name in ("ratings", "timestamps"):
+                setattr(self, name, np.zeros(0))
+            else:
+                raise ValueError(f"no column {name!r} to release")
 
     @property
     def users(self) -> np.ndarray:

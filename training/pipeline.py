@@ -149,14 +149,19 @@ def encode_in_history_order(
     items: Vocabulary,
     fraction: float,
     rng: np.random.Generator,
+    *,
+    release_table: bool = False,
 ) -> tuple[Samples, np.ndarray | None, Column, Column]:
     """The table as samples sorted by user, then item — the model's history order, and the order
     the compiled kernels read the ratings by user in (:meth:`Samples.csr` then shares the samples'
     own arrays) — with the validation mask (drawn in the table's row order, :func:`validation_mask`,
     then permuted alike) and the ratings and times in that order (:class:`Column`: what the model's
-    histories need from the table, so that the table can be released right after this)."""
+    histories need from the table, so that the table can be released right after this).
+    ``release_table``: each of the table's columns is released as soon as it is encoded."""
     u = index_array(users.encode(table.user_ids()), len(users))
     i = index_array(items.encode(table.item_ids()), len(items))
+    if release_table:
+        table.release("ids")
     mask = None
     if fraction > 0.0:
         counts = np.bincount(u)
@@ -165,7 +170,11 @@ def encode_in_history_order(
     order = np.lexsort((i, u))
     u, i = u[order], i[order]
     ratings = np.asarray(table.ratings[order], dtype=np.float64)
+    if release_table:
+        table.release("ratings")
     times = Column.of(table.timestamps, order)
+    if release_table:
+        table.release("timestamps")
     if mask is not None:
         mask = mask[order]
     return Samples(u, i, ratings), mask, Column.of(ratings), times
@@ -738,7 +747,7 @@ def _train(
     user_vocab, item_vocab = build_vocabularies(table)
     n_users, n_items = len(user_vocab), len(item_vocab)
     data, val_mask, h_ratings_col, h_times_col = encode_in_history_order(
-        table, user_vocab, item_vocab, cfg.validation_fraction, rng
+        table, user_vocab, item_vocab, cfg.validation_fraction, rng, release_table=release_table
     )
     table_info = {
         "source": table.report.source,
@@ -749,7 +758,7 @@ def _train(
     cleaning = table.report.to_dict()
     rating_min, rating_max = table.rating_min, table.rating_max
     if release_table:
-        table.release()  # the samples and the history columns hold what is needed of it
+        table.release()  # (done column by column above) the samples and histories hold it
     # read again only when the model is assembled
     h_ratings_col, h_times_col = h_ratings_col.spilled(spill), h_times_col.spilled(spill)
     # the two parts only (the whole is rebuilt from them for the final pass): one copy of the

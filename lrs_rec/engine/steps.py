@@ -112,7 +112,12 @@ class LRSState:
     gamma: np.ndarray | None = None  # (n_users,) Algorithm 2's γ per user (b_step "iht")
 
     def theta(self) -> np.ndarray:
-        return np.asarray(self.W @ self.U.T + self.B)
+        """Θ = W Uᵀ + B (n_users × d), one array (B added in place, no second temporary)."""
+        out = np.asarray(self.W @ self.U.T)
+        if out.dtype == np.result_type(out, self.B):
+            out += self.B
+            return out
+        return np.asarray(out + self.B)
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """The same formula as ``TrainedModel.predict`` on known users/items (used for losses).
@@ -139,7 +144,11 @@ class LRSState:
 
     def theta_rows(self, lo: int, hi: int) -> np.ndarray:
         """θ_u of users lo..hi-1 (rows of :meth:`theta`)."""
-        return np.asarray(self.W[lo:hi] @ self.U.T + self.B[lo:hi])
+        out = np.asarray(self.W[lo:hi] @ self.U.T)
+        if out.dtype == np.result_type(out, self.B):
+            out += self.B[lo:hi]
+            return out
+        return np.asarray(out + self.B[lo:hi])
 
 
 def rating_dots(K: Any, state: LRSState, users: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -267,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
     manifest, model_version = model.manifest, model.model_version
     dims = (model.n_users, model.n_items, model.lrs.d, model.lrs.rank, model.lrs.sparsity)
     del model
+    from lrs_rec.training.heap import trim
+
+    trim()
     onnx_path: str | None = None
     if not args.no_export:
         try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from lrs_rec.training.config import TrainConfig
 from lrs_rec.training.features import als_factors, fit_biases, load_item_features
+from lrs_rec.training.heap import trim as trim_heap
 from lrs_rec.training.loaders import RatingTable
 from lrs_rec.training.spill import Spill, Spilled
 from lrs_rec.training.spill import load as spill_load
@@ -392,6 +393,7 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     best_state: Snapshot | None = None
     for it in bar:
         iterate(state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u)
+        trim_heap()
         row = losses(it)
         history.append(row)
         bar.set_postfix(train=f"{row['train_rmse']:.4f}", val=f"{row['val_rmse']:.4f}")
@@ -697,6 +699,7 @@ class PhaseLog:
         self.rows.append(
             {"phase": phase, "seconds": round(now - self._t, 3), "peak_rss_mb": peak_rss_mb()}
         )
+        trim_heap()  # the phase's freed temporaries back to the system before the next one
         self._t = now
 
 
@@ -759,6 +762,7 @@ def _train(
     rating_min, rating_max = table.rating_min, table.rating_max
     if release_table:
         table.release()  # (done column by column above) the samples and histories hold it
+        trim_heap()
     # read again only when the model is assembled
     h_ratings_col, h_times_col = h_ratings_col.spilled(spill), h_times_col.spilled(spill)
     # the two parts only (the whole is rebuilt from them for the final pass): one copy of the

@@ -236,4 +236,4 @@ def spectral_start(G: FloatArray, counts: FloatArray, r: int) -> FloatArray:
     top = E[:, ::-1][:, :r] * np.sqrt(np.maximum(lam[::-1][:r], 0.0))
     U = top * d[:, None]
     scale = float(np.mean(np.linalg.norm(U, axis=1)))
-    return U / scale if scale > 0 else U
+    return np.asarray(U / scale if scale > 0 else U, dtype=np.float64)

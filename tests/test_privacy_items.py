@@ -10,12 +10,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrs_rec.privacy import population_gram_sensitivities, ClipBounds, solve_item_population
+from lrs_rec.privacy import ClipBounds, population_gram_sensitivities, solve_item_population
 from lrs_rec.privacy_items import (
     activity_weights,
     clipped_item_rows,
     item_rows_sensitivity,
     select_popular_per_user,
+    spectral_sensitivity,
+    spectral_start,
+    spectral_statistic,
     weighted_item_counts,
     weighted_second_moment,
     wiener_item_rows,
@@ -82,7 +85,7 @@ def test_removing_any_user_moves_V_counts_and_M_within_the_stated_sensitivities(
         Wu = W.copy()
         Wu[u] = 0.0  # the user is gone: no samples; their row is never read
         nb = _releases(users[keep], items[keep], y[keep], xb[keep], Wu, n_items, **kw)
-        for (a, b), bound in zip(zip(full, nb), (dV, dC, dM)):
+        for (a, b), bound in zip(zip(full, nb, strict=True), (dV, dC, dM), strict=True):
             assert np.linalg.norm(a - b) <= bound * (1 + 1e-9) + 1e-12
 
 
@@ -147,3 +150,43 @@ def test_posterior_shrinks_rare_items_more_than_popular_ones():
     ls = V[:, 0] / counts
     factor = post[:, 0] / ls
     assert factor[0] < 0.01 and factor[1] > 0.98
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_users=st.integers(2, 6),
+    scale=st.sampled_from([0.01, 1.0, 50.0]),
+    A2=st.floats(0.1, 3.0),
+    C=st.floats(0.05, 5.0),
+    K=st.integers(1, 12),
+)
+def test_removing_any_user_moves_the_spectral_statistic_within_C_squared(
+    seed, n_users, scale, A2, C, K
+):
+    n_items = 12
+    users, items, y, *_ = _ratings(seed, n_users, n_items, 8, scale)
+    top = np.random.default_rng(seed).permutation(n_items)[:K]
+    G = spectral_statistic(users, items, y, top, n_users, A2=A2, user_norm=C)
+    assert np.allclose(G, G.T) and np.all(np.diag(G) == 0.0)
+    for u in range(n_users):
+        keep = users != u
+        Gu = spectral_statistic(users[keep], items[keep], y[keep], top, n_users, A2=A2, user_norm=C)
+        assert np.linalg.norm(G - Gu) <= spectral_sensitivity(C) * (1 + 1e-9) + 1e-12
+
+
+def test_spectral_start_recovers_a_planted_item_subspace_without_noise():
+    """Random raters of a planted rank-2 model: the start's rows span the item factors' subspace."""
+    rng = np.random.default_rng(7)
+    n_users, n_items, r = 3000, 40, 2
+    Q = rng.standard_normal((n_items, r))
+    P = rng.standard_normal((n_users, r))
+    users = np.repeat(np.arange(n_users), 8)
+    items = np.concatenate([rng.choice(n_items, 8, replace=False) for _ in range(n_users)])
+    t = np.einsum("nr,nr->n", P[users], Q[items]) * 0.3
+    top = np.arange(n_items)
+    G = spectral_statistic(users, items, t, top, n_users, A2=10.0, user_norm=100.0)
+    U = spectral_start(G, np.bincount(items, minlength=n_items).astype(float), r)
+    Qo, Uo = np.linalg.qr(Q)[0], np.linalg.qr(U)[0]
+    cosines = np.linalg.svd(Qo.T @ Uo, compute_uv=False)
+    assert cosines.min() > 0.95

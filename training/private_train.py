@@ -59,12 +59,10 @@ from lrs_rec.privacy import (
     NEIGHBOURING,
     ClipBounds,
     cap_samples_per_user,
-    capped_item_counts,
     check_distinct_user_items,
     clip_rows,
     clip_scalar,
     clipped_item_block_statistics,
-    clipped_second_moment,
     clipped_u_step_statistics,
     dp_item_block_u_step,
     dp_u_step,
@@ -78,14 +76,14 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.privacy_items import (
-    spectral_sensitivity,
-    spectral_start,
-    spectral_statistic,
     activity_weights,
-    weighted_item_counts,
     clipped_item_rows,
     item_rows_sensitivity,
     select_popular_per_user,
+    spectral_sensitivity,
+    spectral_start,
+    spectral_statistic,
+    weighted_item_counts,
     weighted_second_moment,
     wiener_item_rows,
 )
@@ -168,6 +166,7 @@ class PrivateConfig:
     u_solve: str = "ridge"  # "ridge" (one ridge for all items) or "posterior" (per-item Wiener)
     u_prior_scale: float = 1.0  # posterior: prior variance u0² = scale·(A2/A_w)²/r
     u_w_sphere: bool = False  # U-step: ŵ_u = A_w·w_u/‖w_u‖ (every user's w at the clip norm)
+    u_min_support: float = 0.0  # items with released Ñ_i below this never enter V (U_i = 0)
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
     spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
@@ -231,14 +230,17 @@ class PrivateConfig:
         """Defaults chosen from the SIZE of the data only — users per item, n_users / n_items
         (sizes are treated as public, like the manifest's counts; nothing else is looked at).
 
-        One-hot features (private ALS): the U-step releases V_i with the population Gram
-        (``u_step_gram="population"``), no sparse part (with one-hot coordinates b_u only moves the
-        user's own already-rated items, never a prediction for a new item, while A3 would add to
-        Δ_V), m = 20 samples per user. The noise on U_i relative to its signal falls with the
-        raters per item, so the rank and the number of noisy U-steps grow with users per item:
-        ρ = n_users / n_items, r = clip(round(ρ / 6), 2, 8), L = clip(round(ρ / 10) + 1, 2, 6)
-        (ML-100K: ρ = 0.56 → r = 2, L = 2; 1M users × 20k items: ρ = 50 → r = 8, L = 6).
-        Plug-in features keep the class defaults. ``overrides`` replace any of these."""
+        One-hot features (private ALS, ``lrs_rec.privacy_items``): a private spectral start of U
+        (event ``u_init``: the noisy co-rating second moment of the 200 items with the largest
+        released Ñ_i, one user's residuals clipped to norm 1), then L = 2 noisy U-steps releasing
+        V_i per item with the population Gram (``u_step_gram="population"``); every user's ratings
+        enter V with weight min(1, √(m/n_u), C_V/‖t_u‖), m = 20, C_V = 3, w_u normalised to the
+        clip norm; each row U_i is the posterior mean under the public prior and the released
+        noise scale (``u_solve="posterior"``). No sparse part (with one-hot coordinates b_u only
+        moves the user's own already-rated items, never a prediction for a new item, while A3
+        would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
+        r = clip(round(ρ / 6), 2, 8) (ML-100K: ρ = 0.56 → r = 2; 1M users × 20k items: ρ = 50 →
+        r = 8). Plug-in features keep the class defaults. ``overrides`` replace any of these."""
         n_users = int(np.unique(np.asarray(users)).size)
         kw: dict[str, Any] = {"epsilon": epsilon, "features": features}
         if features == "onehot":
@@ -248,8 +250,16 @@ class PrivateConfig:
                 sparsity=0,
                 max_samples_per_user=20,
                 rank=int(np.clip(round(rho / 6), 2, 8)),
-                n_iters=int(np.clip(round(rho / 10) + 1, 2, 6)),
+                n_iters=2,
                 init_scale=0.35,
+                u_init="spectral",
+                spectral_items=200,
+                spectral_user_norm=1.0,
+                u_select="weighted",
+                u_user_norm=3.0,
+                u_w_sphere=True,
+                u_solve="posterior",
+                ridge_u=5.0,
             )
         kw.update(overrides)
         return cls(**kw)
@@ -506,7 +516,7 @@ def local_user_step(
 def _sphere(W: np.ndarray, radius: float) -> np.ndarray:
     """Each row scaled to norm ``radius`` (zero rows stay zero): a per-user map of w_u alone."""
     norms = np.linalg.norm(W, axis=1, keepdims=True)
-    return np.divide(W * radius, norms, out=np.zeros_like(W), where=norms > 0)
+    return np.asarray(np.divide(W * radius, norms, out=np.zeros_like(W), where=norms > 0))
 
 
 # -- the private fit ---------------------------------------------------------------------------------------
@@ -607,9 +617,15 @@ def fit_private(
     data = Samples(users, items, ratings)
     sigma_u = None  # per-user base weights of the U-step statistics (None: 1 on ≤ m samples)
     if cfg.u_select == "weighted":
-        uk, ik = users, items
-        sigma_u = activity_weights(users, n_users, cfg.max_samples_per_user)
-        tk = ratings - global_mean - item_bias[items]
+        if cfg.u_min_support > 0:  # by the released noisy counts Ñ_i: post-processing
+            keep = N[items] >= cfg.u_min_support
+            uk, ik = users[keep], items[keep]
+            del keep
+        else:
+            uk, ik = users, items
+        sigma_u = activity_weights(uk, n_users, cfg.max_samples_per_user)
+        tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
+        tk = tk - global_mean - item_bias[ik]
     else:
         if cfg.u_select == "popular":  # by the released noisy counts Ñ_i: post-processing
             keep = select_popular_per_user(users, items, N, cfg.max_samples_per_user, rng)
@@ -757,6 +773,12 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
                 "Eq. 7-8 with the population Gram a_i·M)"
                 if cfg.u_step_gram == "population"
                 else f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)"
+            )
+            + (
+                "; its start: event u_init (noisy co-rating second moment of the "
+                f"{cfg.spectral_items} items with the largest released item_bias_count)"
+                if cfg.u_init == "spectral"
+                else ""
             ),
             "w_prior_mean": "private: event w_prior",
             "w_prior_cov": "private: event w_prior",

@@ -341,6 +341,12 @@ def test_defaults_for_the_data_size_follow_the_stated_rule():
     assert plug.u_step_gram == "blocks" and plug.rank == PrivateConfig().rank
     with pytest.raises(ValueError, match="one-hot"):
         PrivateConfig(features="plugin", u_step_gram="population")
+    with pytest.raises(ValueError, match="one-hot"):
+        PrivateConfig(features="plugin", u_init="spectral")
+    for bad in ({"u_solve": "exact"}, {"u_select": "all"}, {"u_user_norm": 0.0},
+                {"spectral_items": 0}, {"u_prior_scale": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            PrivateConfig(**bad)
 
 
 def test_cli_population_gram_writes_its_events_and_a_recomputable_ledger(tmp_path, capsys):

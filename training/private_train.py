@@ -206,6 +206,13 @@ class PrivateConfig:
             raise ValueError(f"u_solve must be one of {U_SOLVES}, got {self.u_solve!r}")
         if self.u_user_norm is not None and not self.u_user_norm > 0:
             raise ValueError(f"u_user_norm must be positive, got {self.u_user_norm!r}")
+        if int(self.spectral_items) < 1 or not self.spectral_user_norm > 0:
+            raise ValueError(
+                "spectral_items must be >= 1 and spectral_user_norm positive, got "
+                f"{self.spectral_items!r}, {self.spectral_user_norm!r}"
+            )
+        if not self.u_min_support >= 0:
+            raise ValueError(f"u_min_support must be >= 0, got {self.u_min_support!r}")
         if not self.u_prior_scale > 0:
             raise ValueError(f"u_prior_scale must be positive, got {self.u_prior_scale!r}")
         if self.u_step_gram == "population" and self.features != "onehot":

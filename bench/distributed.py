@@ -5,7 +5,7 @@ ratings per user), split 90/10, written as CSV under ``--work``. Runs, each a ch
 
 * ``local``: ``lrs-rec train --ratings train.csv --threads 1`` — wall seconds, peak RSS (wait4).
 * ``dask``: a cluster started with the real CLI (``dask scheduler``, two ``dask worker --nthreads
-  1`` processes; ports 7800-7839, no dashboard), then ``lrs-rec train --engine dask --scheduler``
+  1`` processes; every port chosen by the OS, no dashboard), then ``lrs-rec train --engine dask --scheduler``
   as the driver — its wall seconds and its own peak RSS (``driver_peak_rss_mb``: the workers are not
   its children); each worker's peak RSS (``ru_maxrss`` asked from the workers after the run) and the
   cluster's total RSS sampled every 0.5 s (a watchdog kills everything above ``--mem-cap-gb``).
@@ -29,10 +29,10 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ EVAL_CHILD, SEED = _scale.EVAL_CHILD, _scale.SEED
 SIZES = {**_scale.SIZES, "300k": 300_000}
 child_json, group_rss_kb, measure = _scale.child_json, _scale.group_rss_kb, _scale.measure
 
-PORTS = range(7800, 7840)
 WORKER_STATS = """
 import json, sys
 from distributed import Client
@@ -69,30 +68,24 @@ with Client(sys.argv[1], timeout="30s") as c:
 """
 
 
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 7800-7839")
-
-
 class DaskCluster:
     """`dask scheduler` + N `dask worker` processes, each its own process group (stopped on exit)."""
 
-    def __init__(self, n_workers: int, mem_cap_gb: float) -> None:
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
+    def __init__(self, n_workers: int, mem_cap_gb: float, work: Path) -> None:
+        self.sched_file = work / "scheduler.json"
+        self.sched_file.unlink(missing_ok=True)
+        self.address = ""
         dask = str(Path(sys.executable).with_name("dask"))
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         env["OPENBLAS_NUM_THREADS"] = "1"
-        sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
+        sched = [dask, "scheduler", "--host", "127.0.0.1", "--port", "0"]
+        sched += ["--scheduler-file", str(self.sched_file)]
         sched += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.peak_kb = 0
+        # [seconds, scheduler MB, worker MB, ..., steps running] every 10 s
+        self.series: list[list[Any]] = []
+        self._client: Any = None
         self.killed: str | None = None
         self._done = threading.Event()
         self._cap_kb = mem_cap_gb * 1024 * 1024
@@ -105,6 +98,10 @@ class DaskCluster:
     def _start(self, sched: list[str], dask: str, env: dict[str, str], n_workers: int) -> None:
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
         self.procs.append(subprocess.Popen(sched, start_new_session=True, **quiet))  # type: ignore[call-overload]
+        deadline = time.monotonic() + 60
+        while not self.sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.address = json.loads(self.sched_file.read_text())["address"]
         worker = [dask, "worker", self.address, "--nthreads", "1", "--no-dashboard"]
         for _ in range(n_workers):
             # each its own group: the nanny and its worker process
@@ -122,14 +119,38 @@ class DaskCluster:
             c.wait_for_workers(n_workers, timeout=120)
 
     def _watch(self) -> None:
+        t0, last = time.monotonic(), -10.0
         while not self._done.wait(0.5):
-            kb = sum(group_rss_kb(p.pid) for p in self.procs)
+            each = [group_rss_kb(p.pid) for p in self.procs]
+            kb = sum(each)
             self.peak_kb = max(self.peak_kb, kb)
+            if time.monotonic() - last >= 10:  # RSS of the scheduler and each worker, MB
+                last = time.monotonic()
+                row: list[Any] = [round(last - t0), *[round(x / 1024) for x in each]]
+                self.series.append(row + self._running())
             if kb > self._cap_kb:
                 self.killed = f"cluster killed above the {self._cap_kb / 1024**2:g} GB cap"
                 for p in self.procs:
                     os.killpg(p.pid, signal.SIGKILL)
                 return
+
+    def _running(self) -> list[str]:
+        """The steps (task names) the scheduler has on the workers now."""
+        try:
+            if self._client is None:
+                from distributed import Client
+
+                self._client = Client(self.address, timeout="10s")
+
+            def names(dask_scheduler: Any) -> list[str]:
+                return sorted(
+                    {str(k).rsplit("-", 1)[0] for ws in dask_scheduler.workers.values()
+                     for k in (t.key for t in ws.processing)}
+                )  # fmt: skip
+
+            return list(self._client.run_on_scheduler(names))
+        except Exception as e:  # the record is best effort; the run must not depend on it
+            return [f"? {type(e).__name__}"]
 
     def worker_stats(self) -> list[dict[str, Any]]:
         out = subprocess.run(
@@ -142,6 +163,11 @@ class DaskCluster:
 
     def stop(self) -> None:
         self._done.set()
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -153,7 +179,7 @@ class DaskCluster:
                 p.wait()
 
 
-def prepare(label: str, work: Path) -> tuple[Path, Path, dict[str, Any]]:
+def prepare(label: str, work: Path, data: Path | None) -> tuple[Path, Path, dict[str, Any]]:
     import numpy as np
     from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
 
@@ -161,6 +187,13 @@ def prepare(label: str, work: Path) -> tuple[Path, Path, dict[str, Any]]:
     d = work / label
     d.mkdir(parents=True, exist_ok=True)
     train_csv, test_csv = d / "train.csv", d / "test.csv"
+    if data is not None and (data / label / "train.csv").exists():
+        # the same seeded files, already written (read-only, e.g. /work/data/scale)
+        train_csv, test_csv = data / label / "train.csv", data / label / "test.csv"
+        n_train = sum(1 for _ in open(train_csv, "rb")) - 1
+        n_test = sum(1 for _ in open(test_csv, "rb")) - 1
+        return train_csv, test_csv, {"n_users": n_users, "n_train": n_train, "n_test": n_test,
+                                     "data": str(data / label)}  # fmt: skip
     log = make_biased_mf(n_users, random_state=SEED)
     train, test = log.split(0.1, random_state=SEED)
     if not (train_csv.exists() and test_csv.exists()):
@@ -208,7 +241,7 @@ def iterations(manifest: dict[str, Any]) -> int:
 
 
 def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
-    train_csv, test_csv, row = prepare(label, args.work)
+    train_csv, test_csv, row = prepare(label, args.work, args.data)
     work = args.work / label
     caps = {"threads": 1, "mem_cap_gb": args.mem_cap_gb, "cwd": work, "time_limit": args.time_limit}
     cli = [sys.executable, "-m", "lrs_rec.serving.cli", "train", "--ratings", str(train_csv)]
@@ -234,7 +267,7 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     # rows in the same order as train.csv: the same model), in parallel
     parts = split_csv(train_csv, work / f"train_{args.dask_files}_files", args.dask_files)
     row["dask_input_files"] = args.dask_files
-    cluster = DaskCluster(2, args.cluster_cap_gb)
+    cluster = DaskCluster(2, args.cluster_cap_gb, work)
     try:
         out = work / "model_dask"
         dcli = [sys.executable, "-m", "lrs_rec.serving.cli", "train", "--ratings", str(parts)]
@@ -247,6 +280,7 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     row["driver_peak_rss_mb"] = r["peak_rss_mb"] if r["ok"] else None
     row["worker_peak_rss_mb"] = [round(w["maxrss_mb"], 1) for w in workers]
     row["cluster_peak_rss_mb"] = round(cluster.peak_kb / 1024, 1)
+    row["cluster_rss_series_mb"] = cluster.series
     if not r["ok"] or cluster.killed:
         row["dask_reason"] = cluster.killed or r.get("reason")
     row["rmse_dask"] = test_rmse(out, test_csv, caps) if r["ok"] else None
@@ -331,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-cap-gb", type=float, default=6.0, help="cap of each measured child")
     ap.add_argument(
         "--cluster-cap-gb", type=float, default=4.0, help="cap of the scheduler + workers together"
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path("/work/data/scale"),
+        help="directory of LABEL/{train,test}.csv already written (used when present)",
     )
     ap.add_argument("--skip-local", action="store_true", help="only the Dask run")
     ap.add_argument("--dask-files", type=int, default=8, help="input files of the Dask run")

@@ -80,6 +80,9 @@ def dask_client(
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
+        "scheduler_port": 0,
+        # the scheduler's HTTP server runs even without a dashboard: a port the OS chooses
+        "scheduler_kwargs": {"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         **(cluster_options or {}),
     }
     with (

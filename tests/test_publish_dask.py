@@ -26,15 +26,15 @@ pytest.importorskip("distributed")
 pytestmark = pytest.mark.redis
 
 N_USERS, BUCKET, SHARD_ROWS = 700, 64, 100  # shards straddle buckets: two workers share a hash
-# this helper's TCP ports (7200-7299): schedulers, workers, nannies
-# (the workers' own HTTP servers bind port 0: an ephemeral port the OS assigns, never a fixed one)
+# the LocalCluster: every port chosen by the OS (the scheduler's HTTP server too, else 8787);
+# the CLI-started cluster: fixed ports in 18500-18549 (its scheduler port is checked freed)
 LOCAL_PORTS = {
-    "scheduler_port": 7201,
-    "dashboard_address": "127.0.0.1:7203",  # the scheduler's HTTP server (else it tries 8787)
-    "worker_port": "7210:7229",
-    "port": "7230:7249",
+    "scheduler_port": 0,
+    "dashboard_address": "127.0.0.1:0",
+    "worker_port": 0,
+    "port": 0,
 }
-SCHED_PORT, WORKER_PORTS, NANNY_PORTS = 7202, "7250:7269", "7270:7289"
+SCHED_PORT, WORKER_PORTS, NANNY_PORTS = 18502, "18510:18529", "18530:18549"
 ERASED = "u5"
 
 
@@ -157,7 +157,7 @@ def test_publish_through_a_running_dask_cluster_equals_local_publish(
             subprocess.Popen(
                 [
                     *(dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(SCHED_PORT)),
-                    *("--dashboard-address", "127.0.0.1:7204", "--no-dashboard", "--no-show"),
+                    *("--dashboard-address", "127.0.0.1:0", "--no-dashboard", "--no-show"),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=(logs / "scheduler.log").open("w"),
@@ -224,7 +224,7 @@ def test_a_failing_shard_fails_the_publish_and_nothing_switches(model_dir, tmp_p
     table = pq.read_table(shard)
     nan = pa.array(np.full(table.num_rows, np.nan))
     pq.write_table(table.set_column(table.column_names.index("user_bias"), "user_bias", nan), shard)
-    threads = {"processes": False, "dashboard_address": "127.0.0.1:7205"}
+    threads = {"processes": False, "dashboard_address": "127.0.0.1:0"}
     home = tmp_path / "h"
     try:
         store = _store(home)

@@ -5,6 +5,7 @@ workers (same model as the concatenated file); a bad line names file:line."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,16 @@ def _test_rmse(model: Any, test: Path) -> float:
     return float(np.sqrt(np.mean((pred - r) ** 2)))
 
 
+def dask_train(spec: Path, cfg: TrainConfig, client: Any, out: Path, **kw: Any) -> Any:
+    """train_dask into ``out``, and the directory as written (loaded back whole)."""
+    from lrs_rec.training.dask_engine import train_dask
+
+    from lrs_rec.model_dir import load_model_dir
+
+    res = train_dask(str(spec), LoadOptions(), cfg, client, out_dir=out, progress=False, **kw)
+    return SimpleNamespace(model=load_model_dir(out), history=res.history, result=res)
+
+
 def assert_same_model(local: Any, dask: Any, test: Path) -> None:
     """Same iterations chosen, same losses and parameters within float tolerance."""
     ml, md = local.model.manifest["metrics"], dask.model.manifest["metrics"]
@@ -81,43 +92,48 @@ def assert_same_model(local: Any, dask: Any, test: Path) -> None:
     np.testing.assert_allclose(b.item_features, a.item_features, rtol=1e-6, atol=1e-8)
     np.testing.assert_array_equal(b.history_indptr, a.history_indptr)
     np.testing.assert_array_equal(b.history_items, a.history_items)
+    np.testing.assert_array_equal(b.history_ratings, a.history_ratings)
+    # the population prior in θ coordinates (U's column signs may differ)
+    Ua, Ub = a.lrs.U, b.lrs.U
+    np.testing.assert_allclose(Ub @ b.w_prior_mean, Ua @ a.w_prior_mean, rtol=1e-6, atol=1e-8)
     # the issue's target: test RMSE within 0.2 %
     assert _test_rmse(b, test) == pytest.approx(_test_rmse(a, test), rel=2e-3)
 
 
 @pytest.mark.parametrize("dim, selected", [(8, "lrs"), (16, "biases")])
 def test_local_cluster_of_two_workers_gives_the_local_model(
-    client: Any, ratings_csv: Path, split: tuple[Path, Path], dim: int, selected: str
+    client: Any,
+    ratings_csv: Path,
+    split: tuple[Path, Path],
+    dim: int,
+    selected: str,
+    tmp_path: Path,
 ) -> None:
     """Tuned, early-stopped, kept-best and final-passed as the local engine; with d = 16 the
     local engine keeps biases alone (this subset is small), and so must Dask."""
     from dataclasses import replace
-
-    from lrs_rec.training.dask_engine import train_dask
 
     cfg = replace(CFG, dim=dim)
     table = load_ratings(ratings_csv)
     local = train(table, cfg, progress=False)
     assert local.model.manifest["metrics"]["selected"] == selected
     stats: dict[str, Any] = {}
-    dask = train_dask(str(ratings_csv), LoadOptions(), cfg, client, progress=False, stats=stats)
+    dask = dask_train(ratings_csv, cfg, client, tmp_path / "m", stats=stats)
     assert stats["workers"] == 2 and stats["partitions"] == 2
     assert dask.model.manifest["tuning"]["chosen"] == local.model.manifest["tuning"]["chosen"]
     assert_same_model(local, dask, split[1])
 
 
 def test_fixed_features_and_three_partitions_give_the_local_model(
-    client: Any, ratings_csv: Path, split: tuple[Path, Path]
+    client: Any, ratings_csv: Path, split: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """The U step (Eq. 5, reduced normal equations) and item biases only, over 3 partitions."""
     from dataclasses import replace
 
-    from lrs_rec.training.dask_engine import train_dask
-
     cfg = replace(CFG, refine_features=False, tune=False, method="rep")
     table = load_ratings(ratings_csv)
     local = train(table, cfg, progress=False)
-    dask = train_dask(str(ratings_csv), LoadOptions(), cfg, client, progress=False, partitions=3)
+    dask = dask_train(ratings_csv, cfg, client, tmp_path / "m", partitions=3)
     assert_same_model(local, dask, split[1])
 
 
@@ -148,14 +164,13 @@ def test_a_directory_of_csv_and_parquet_files_gives_the_model_of_their_concatena
 ) -> None:
     from dataclasses import replace
 
-    from lrs_rec.training.dask_engine import train_dask
     from lrs_rec.training.dask_input import expand_inputs
 
     cfg = replace(CFG, tune=False)
     d = _split_files(ratings_csv, tmp_path / "ratings")
     table = load_ratings(ratings_csv)
     local = train(table, cfg, progress=False)
-    dask = train_dask(str(d), LoadOptions(), cfg, client, progress=False)
+    dask = dask_train(d, cfg, client, tmp_path / "m")
     assert dask.model.manifest["data"]["files"] == 3
     assert dask.model.manifest["data"]["n_ratings"] == len(table)
     assert_same_model(local, dask, split[1])
@@ -171,8 +186,6 @@ def test_a_directory_of_csv_and_parquet_files_gives_the_model_of_their_concatena
 def test_duplicates_across_files_keep_the_latest(client: Any, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from lrs_rec.training.dask_engine import train_dask
-
     d = tmp_path / "dups"
     d.mkdir()
     rng = np.random.default_rng(0)
@@ -185,8 +198,7 @@ def test_duplicates_across_files_keep_the_latest(client: Any, tmp_path: Path) ->
     # the second file re-rates u0/i0 later (kept) and u1/i1 earlier (dropped)
     (d / "b.csv").write_text(head + "u0,i0,5,999999\nu1,i1,1,5\n")
     cfg = replace(CFG, tune=False, n_iter=2, dim=4, rank=2)
-    res = train_dask(str(d), LoadOptions(), cfg, client, progress=False)
-    m = res.model
+    m = dask_train(d, cfg, client, tmp_path / "m").model
     assert m.manifest["cleaning"]["counts"]["duplicates_removed"] == 2
     assert m.manifest["data"]["n_ratings"] == len(rows)
     u0, i0 = m.user_index()["u0"], m.item_index()["i0"]
@@ -246,3 +258,60 @@ def test_workers_run_the_drivers_kernel_backend(client: Any) -> None:
 
     for backend in ("numba", "numpy", "numba"):
         assert client.submit(_on_worker, backend, _backend_here, pure=False).result() == backend
+
+
+def test_the_workers_write_the_model_directory_that_readers_load_as_the_local_one(
+    client: Any, ratings_csv: Path, split: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Format 2 written by the workers (several shards per partition here) loads with every
+    reader like the local engine's saved directory: same users in the same dense order, the same
+    parameters, histories (with times), shared arrays and population prior."""
+    from dataclasses import replace
+
+    from lrs_rec import model_shards as ms
+    from lrs_rec.model_dir import load_model_dir, load_shared_model_dir, save_model_dir
+
+    cfg = replace(CFG, tune=False)
+    local = train(load_ratings(ratings_csv), cfg, progress=False)
+    save_model_dir(local.model, tmp_path / "local")
+    stats: dict[str, Any] = {}
+    dask = dask_train(ratings_csv, cfg, client, tmp_path / "dask", shard_rows=64, stats=stats)
+    a, b = load_model_dir(tmp_path / "local"), load_model_dir(tmp_path / "dask")
+    man = b.manifest
+    assert man["format_version"] == 2 and man["engine"]["partitions"] == 2
+    # 150 users in 2 partitions of 75, at most 64 users per shard: 2 shards each
+    assert man["user_shards"]["rows"] == [64, 11, 64, 11]
+    assert man["user_shards"]["history_timestamps"] is True
+    assert man["dims"] == a.manifest["dims"]
+    assert ms.n_user_shards(tmp_path / "dask") == 4
+    first = ms.read_user_shard(tmp_path / "dask", 2)
+    assert first.start == 75 and list(first.user_ids) == list(a.user_ids[75:139])
+    Ua, Ub = a.lrs.U, b.lrs.U
+    np.testing.assert_allclose(
+        Ub @ b.w_prior_cov @ Ub.T, Ua @ a.w_prior_cov @ Ua.T, rtol=1e-6, atol=1e-8
+    )
+    np.testing.assert_allclose(b.item_bias, a.item_bias, rtol=1e-6, atol=1e-8)
+    assert b.global_mean == pytest.approx(a.global_mean, rel=1e-9)
+    assert b.history_timestamps is not None and a.history_timestamps is not None
+    np.testing.assert_array_equal(b.history_timestamps, a.history_timestamps)
+    assert_same_model(SimpleNamespace(model=a, history=local.history), dask, split[1])
+    shared = load_shared_model_dir(tmp_path / "dask")  # what `serve` reads
+    assert shared.n_users == a.n_users and shared.user_index()["1"] == a.user_index()["1"]
+    # the onboarding prior from the partitions' sums = estimate_prior on the whole local model
+    # (its w coordinates up to U's column signs)
+    assert "onboarding_prior_sha256" in man
+    pa, pb = a.onboarding_prior, b.onboarding_prior
+    assert pa is not None and pb is not None
+    E = np.diag(np.concatenate([[1.0], np.sign(np.diag(Ua.T @ Ub))]))
+    close = {"rtol": 1e-6, "atol": 1e-9}
+    np.testing.assert_allclose(pb.t_mean, E @ pa.t_mean, **close)
+    np.testing.assert_allclose(pb.t_cov, E @ pa.t_cov @ E, **close)
+    np.testing.assert_allclose(pb.C_tm, E @ pa.C_tm, **close)
+    assert pb.b_var == pytest.approx(pa.b_var, rel=1e-6)
+    assert pb.noise_var == pytest.approx(pa.noise_var, rel=1e-6)
+    assert pa.item_desc.shape[1] > 0  # the item-set conditioning is on here
+    for name in ("item_desc", "m_mean", "C_mm", "S_within"):
+        np.testing.assert_allclose(getattr(pb, name), getattr(pa, name), **close)
+    # the driver received statistics and sums only: less than the per-user arrays' size
+    per_user = b.n_users * (8 * (1 + b.lrs.rank + 2 * b.lrs.sparsity)) + 24 * b.history_items.size
+    assert stats["bytes_to_driver"] < 10 * per_user  # (item statistics dominate at this size)

@@ -1,5 +1,5 @@
 """`lrs-rec train --engine dask --scheduler ADDRESS` on a cluster started as separate processes with
-the real `dask scheduler` and `dask worker` commands (ports 7800-7899, always stopped), compared
+the real `dask scheduler` and `dask worker` commands (ports chosen by the OS, always stopped), compared
 with the local engine; and a worker killed mid-run gives the same model or a clear error."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,29 +26,18 @@ from lrs_rec.training.loaders import LoadOptions, load_ratings
 from lrs_rec.training.pipeline import train
 from lrs_rec.training.synthetic_scale import make_biased_mf, write_csv
 
-PORTS = range(7840, 7900)
 DASK = str(Path(sys.executable).with_name("dask"))
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 7840-7899")
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A scheduler and two workers (each its own `dask worker` process, one thread)."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scheduler and two workers (each its own `dask worker` process, one thread); every port
+    chosen by the OS (the scheduler's address read from its scheduler file)."""
     from distributed import Client
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    sched_file = tmp_path_factory.mktemp("dask_cluster") / "scheduler.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
     procs = [
         subprocess.Popen(
             [
@@ -58,17 +46,21 @@ def cluster() -> Iterator[str]:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0",
                 "--no-dashboard",
                 "--dashboard-address",
                 "127.0.0.1:0",
-            ],  # its HTTP server: not on 8787
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            **quiet,
         )
     ]
     try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
         for _ in range(2):
             procs.append(
                 subprocess.Popen(
@@ -82,9 +74,7 @@ def cluster() -> Iterator[str]:
                         "--host",
                         "127.0.0.1",
                     ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=env,
+                    **quiet,
                 )
             )
         with Client(address, timeout="30s") as c:
@@ -142,64 +132,175 @@ def test_train_through_a_dask_scheduler_and_workers_started_by_their_cli(
         np.testing.assert_allclose(b.predict(users, items), a.predict(users, items), rtol=1e-6)
 
 
+@pytest.mark.parametrize("when", ["input", "fit"])
 def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
-    cluster: str, ratings_csv: Path
+    cluster: str, ratings_csv: Path, tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGKILL one worker process during the fit: its nanny restarts it, Dask recomputes the lost
-    partitions from their lineage (every task is pure) — the model must be the one of an undisturbed
-    run; if Dask cannot recover, a ClusterError with a one-line message."""
+    """SIGKILL one worker process while the files are read ("input") or half-way through the fit:
+    its nanny restarts it; Dask recomputes the lost partitions from their lineage (every task is
+    pure; a loss in the input phase reads the files again) — the model must be the one of an
+    undisturbed run; if the cluster cannot recover, a ClusterError with a one-line message, and
+    never a hang (bounded: the run must end within 120 s of the kill)."""
     from distributed import Client
+    from lrs_rec.training import dask_engine
     from lrs_rec.training.dask_engine import ClusterError, train_dask
 
-    # no early stop: all 8 iterations run (the run lasts a few seconds)
+    from lrs_rec.model_dir import load_model_dir
+
+    monkeypatch.setattr(dask_engine, "STALL_SECONDS", 30.0)
+    monkeypatch.setattr(dask_engine, "STALL_POLL", 1.0)
+    # no early stop: all 8 iterations run (the run lasts a few seconds); 3 input files
     cfg = replace(
         TrainConfig(dim=8, rank=3, sparsity=2, n_iter=8, init_iter=6, patience=0), tune=False
     )
     local = train(load_ratings(ratings_csv), cfg, progress=False)
+    files = tmp_path / "in"
+    files.mkdir()
+    head, *rows = ratings_csv.read_text().splitlines(keepends=True)
+    for j in range(3):
+        (files / f"part-{j}.csv").write_text(
+            head + "".join(rows[j * len(rows) // 3 : (j + 1) * len(rows) // 3])
+        )
     out: dict[str, Any] = {}
 
     def transitions(dask_scheduler: Any) -> int:
         return int(dask_scheduler.transition_counter)
+
+    def _in_input_phase(dask_scheduler: Any) -> bool:
+        """Whether the partitions are still being built (files read and split)."""
+        return any(
+            str(k).startswith("build_partition") and ts.state in ("waiting", "processing")
+            for k, ts in dask_scheduler.tasks.items()
+        )
+
+    def run(name: str) -> Any:
+        return train_dask(
+            str(files), LoadOptions(), cfg, client, out_dir=tmp_path / name, progress=False
+        )
 
     with Client(cluster, timeout="30s") as client:
         # an undisturbed run first: how many scheduler transitions the whole run takes, so that
         # the kill lands half-way through the work (by progress, not by a clock: on an idle
         # machine the run takes under 2 s)
         c0 = client.run_on_scheduler(transitions)
-        train_dask(str(ratings_csv), LoadOptions(), cfg, client, progress=False)
+        run("m0")
         total = client.run_on_scheduler(transitions) - c0
         pids = client.run(os.getpid)
         victim = sorted(pids.values())[0]
 
         def work() -> None:
             try:
-                out["result"] = train_dask(
-                    str(ratings_csv), LoadOptions(), cfg, client, progress=False
-                )
+                out["result"] = run("m1")
             except Exception as e:  # checked below: only a ClusterError may end the run
                 out["error"] = e
 
         c1 = client.run_on_scheduler(transitions)
         t = threading.Thread(target=work)
         t.start()
-        # killed once the run is half done (past the input phase: a kill while the files are
-        # read was seen to hang the run, docs/scale.md)
-        while t.is_alive() and client.run_on_scheduler(transitions) - c1 < total // 2:
-            time.sleep(0.01)
-        assert t.is_alive(), "the run ended before half of its work was seen"  # killed mid-run
+        if when == "input":
+            while t.is_alive() and not client.run_on_scheduler(_in_input_phase):
+                time.sleep(0.002)
+        else:
+            while t.is_alive() and client.run_on_scheduler(transitions) - c1 < total // 2:
+                time.sleep(0.01)
+        assert t.is_alive(), "the run ended before the kill"
         os.kill(victim, signal.SIGKILL)
         t.join(timeout=120)
-        assert not t.is_alive()
+        assert not t.is_alive(), "the run hung after a worker was killed"
         client.wait_for_workers(2, timeout=120)  # the nanny brings the worker back
     print("outcome:", repr(out.get("error", "recomputed")))
     if "error" in out:
         assert isinstance(out["error"], ClusterError), repr(out["error"])
         msg = str(out["error"])
-        assert "\n" not in msg and "Dask cluster could not finish" in msg
+        assert "\n" not in msg and "Dask cluster" in msg
+        assert not (tmp_path / "m1").exists()
         return
     got = out["result"]
-    m = got.model.manifest["metrics"]
+    m = got.manifest["metrics"]
     assert m["best_iteration"] == local.model.manifest["metrics"]["best_iteration"]
     for a, b in zip(local.history, got.history, strict=True):
         assert b["val_rmse"] == pytest.approx(a["val_rmse"], rel=1e-6)
-    np.testing.assert_allclose(got.model.user_bias, local.model.user_bias, rtol=1e-6, atol=1e-8)
+    model = load_model_dir(tmp_path / "m1")
+    np.testing.assert_allclose(model.user_bias, local.model.user_bias, rtol=1e-6, atol=1e-8)
+
+
+def test_a_cluster_left_without_workers_fails_with_one_line_instead_of_hanging(
+    ratings_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker gone for good (no nanny brings one back): the run stops with ClusterError
+    after STALL_SECONDS without progress, and writes nothing."""
+    from distributed import Client, LocalCluster
+    from lrs_rec.training import dask_engine
+    from lrs_rec.training.dask_engine import ClusterError, train_dask
+
+    monkeypatch.setattr(dask_engine, "STALL_SECONDS", 3.0)
+    monkeypatch.setattr(dask_engine, "STALL_POLL", 0.5)
+    cfg = replace(TrainConfig(dim=8, rank=3, sparsity=2, n_iter=50, patience=0), tune=False)
+    out: dict[str, Any] = {}
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            scheduler_port=0,
+            dashboard_address=None,
+            silence_logs=50,
+        ) as lc,
+        Client(lc) as client,
+    ):
+
+        def work() -> None:
+            try:
+                train_dask(
+                    str(ratings_csv), LoadOptions(), cfg, client, out_dir=tmp_path / "m",
+                    progress=False,
+                )  # fmt: skip
+            except Exception as e:
+                out["error"] = e
+
+        t = threading.Thread(target=work)
+        t.start()
+        while (
+            t.is_alive()
+            and client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+            < 300
+        ):
+            time.sleep(0.01)
+        lc.scale(0)
+        t.join(timeout=60)
+        assert not t.is_alive(), "the run hung without workers"
+    err = out.get("error")
+    assert isinstance(err, ClusterError), repr(err)
+    assert "Dask cluster" in str(err) and "\n" not in str(err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_waiting_on_work_no_worker_can_run_stops_with_a_one_line_error() -> None:
+    """The stall guard itself: a task that no worker may run (restricted to a worker that does
+    not exist) waits forever in Dask; Run.wait gives up after STALL_SECONDS without progress."""
+    from distributed import Client, LocalCluster
+    from lrs_rec.training import dask_engine
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            scheduler_port=0,
+            dashboard_address=None,
+            silence_logs=50,
+        ) as lc,
+        Client(lc) as client,
+    ):
+        old = dask_engine.STALL_SECONDS, dask_engine.STALL_POLL
+        dask_engine.STALL_SECONDS, dask_engine.STALL_POLL = 2.0, 0.5
+        try:
+            run = dask_engine.Run(client)
+            fut = client.submit(sum, [1, 2], workers=["tcp://127.0.0.1:1"], pure=False)
+            t0 = time.monotonic()
+            with pytest.raises(dask_engine.ClusterError, match="stalled: no task ran for 2 s"):
+                run.gather(fut)
+            assert time.monotonic() - t0 < 30
+            assert run.gather(client.submit(sum, [1, 2], pure=False)) == 3  # progress: no error
+        finally:
+            dask_engine.STALL_SECONDS, dask_engine.STALL_POLL = old

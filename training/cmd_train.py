@@ -239,9 +239,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "local") == "dask":
         from lrs_rec.training.dask_engine import train_from_args
 
-        result = train_from_args(args, cfg)
-        n_ratings = result.model.manifest["data"]["n_ratings"]
-        cleaning = result.model.manifest["cleaning"]["counts"]
+        dask_result = train_from_args(args, cfg)  # the workers wrote the model directory
+        n_ratings = dask_result.manifest["data"]["n_ratings"]
+        cleaning = dask_result.manifest["cleaning"]["counts"]
+        manifest = dask_result.manifest
+        model_version = manifest["model_version"]
+        dm = manifest["dims"]
+        dims = (dm["n_users"], dm["n_items"], dm["d"], dm["rank"], dm["sparsity"])
     else:
         table = load_ratings(args.ratings, load_options(args))
         rep = table.report
@@ -261,12 +265,12 @@ def run(args: argparse.Namespace) -> int:
         )
         n_ratings, cleaning = len(table), rep.counts
         del table, rep
-    model = save_model_dir(result.model, args.out)
-    del result
-    # what the summary needs of the model; its arrays are released before the export
-    manifest, model_version = model.manifest, model.model_version
-    dims = (model.n_users, model.n_items, model.lrs.d, model.lrs.rank, model.lrs.sparsity)
-    del model
+        model = save_model_dir(result.model, args.out)
+        del result
+        # what the summary needs of the model; its arrays are released before the export
+        manifest, model_version = model.manifest, model.model_version
+        dims = (model.n_users, model.n_items, model.lrs.d, model.lrs.rank, model.lrs.sparsity)
+        del model
     from lrs_rec.training.heap import trim
 
     trim()

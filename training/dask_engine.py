@@ -9,9 +9,9 @@ engine's additive statistics on the cluster (a tree of additions) and solve the 
 problems (prior, U-step, item blocks) — the same functions as the local engine
 (``lrs_rec.engine.steps``), so the same seed and data give the same model within float tolerance.
 
-The driver holds the shared arrays, the id vocabularies and the loss history; never the ratings or
-the per-user arrays, except at the end: until the sharded model format is in, the model is
-gathered on the driver and written with ``save_model_dir`` (a temporary step; docs/scale.md).
+The driver holds the shared arrays, the item ids, the partitions' first user ids and the loss
+history; never the ratings or the per-user arrays: each worker writes its partitions' users as
+model shards (:mod:`training.dask_model`), the driver the small shared part.
 
 A worker lost mid-run: every task is a pure function of its inputs, so Dask recomputes what was lost
 (the same values); if it cannot, the run stops with :class:`ClusterError`, never with a different
@@ -24,9 +24,11 @@ import hashlib
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,13 +42,12 @@ from lrs_rec.training.dask_input import (
     merge_sorted_ids,
     split_by_user,
 )
-from lrs_rec.training.dask_model import assemble_model, merged_report
+from lrs_rec.training.dask_model import merged_report, write_model_dir
 from lrs_rec.training.features import als_solve, load_item_features
 from lrs_rec.training.loaders import LoadOptions
 from lrs_rec.training.pipeline import (
     OVERFIT_RISE,
     REFERENCE_STD,
-    TrainResult,
     method_params,
     run_settings,
 )
@@ -117,13 +118,39 @@ class Run:
         self.bytes_to_driver = 0
         self.bytes_broadcast = 0
 
+    def wait(self, futs: Any) -> None:
+        """Wait until ``futs`` are done (finished, failed or cancelled), or raise ClusterError
+        when the cluster stalls: no task running and no task changing state for
+        :data:`STALL_SECONDS` (e.g. every worker gone and none coming back) — never hang."""
+        from distributed import wait
+
+        flat = list(futs) if isinstance(futs, (list, tuple)) else [futs]
+        seen, since = None, time.monotonic()
+        while True:
+            try:
+                wait(flat, timeout=STALL_POLL)  # type: ignore[no-untyped-call]
+                return
+            except TimeoutError:
+                pass
+            now = self.client.run_on_scheduler(_activity)
+            if now[1] or now != seen:  # a task running, or progress since the last look
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > STALL_SECONDS:
+                raise ClusterError(
+                    f"the Dask cluster stalled: no task ran for {STALL_SECONDS:g} s "
+                    f"({now[2]} workers); no model was written — check the workers and rerun"
+                )
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(_on_worker, self.kernels, fn, *args, pure=False)
+        # keys named after the step (dashboards, logs, memory profiles), unique per call
+        key = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
+        return self.client.submit(_on_worker, self.kernels, fn, *args, key=key, pure=False)
 
     def map(self, fn: Callable[..., Any], parts: list[Any], *args: Any) -> list[Any]:
         return [self.submit(fn, p, *args) for p in parts]
 
     def gather(self, futs: Any) -> Any:
+        self.wait(futs)
         out = self.client.gather(futs)
         self.bytes_to_driver += _nbytes(out)
         return out
@@ -131,7 +158,13 @@ class Run:
     def broadcast(self, obj: Any) -> Any:
         if id(obj) in self.keep:  # the same object: its broadcast already
             return self.keep[id(obj)][1]
-        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        try:
+            fut = self.client.scatter(obj, broadcast=True, hash=False)
+        except ValueError as e:  # "Can not use replicate to delete data": no worker left
+            raise ClusterError(
+                f"the Dask cluster has no worker to send the shared arrays to ({e}); no model "
+                "was written — check the workers and rerun"
+            ) from None
         self.keep[id(obj)] = (obj, fut)
         self.bytes_broadcast += _nbytes(obj) * max(1, len(self.client.scheduler_info()["workers"]))
         return fut
@@ -144,6 +177,16 @@ class Run:
                 nxt.append(futs[-1])
             futs = nxt
         return futs[0]
+
+
+STALL_POLL = 5.0  # seconds between looks at the scheduler while waiting for results
+STALL_SECONDS = 300.0  # no task running or changing state for this long: the run fails
+
+
+def _activity(dask_scheduler: Any) -> tuple[int, int, int]:
+    """(transitions so far, tasks running on a worker, workers) — on the scheduler."""
+    running = sum(len(ws.processing) for ws in dask_scheduler.workers.values())
+    return int(dask_scheduler.transition_counter), running, len(dask_scheduler.workers)
 
 
 def _on_worker(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -270,6 +313,16 @@ class Cluster:
         sh = shared if not isinstance(shared, dp.Shared) else self.run.broadcast(shared)
         sse, n = self.total(dp.sq_error, sh, which, self.lo, self.hi)
         return float(np.sqrt(sse / n)) if n else float("nan")
+
+
+@dataclass
+class DaskResult:
+    """A finished run: the model directory it wrote (and its manifest), the loss history."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    history: list[dict[str, float]]
+    seconds: float
 
 
 @dataclass
@@ -416,23 +469,57 @@ def train_dask(
     cfg: TrainConfig,
     client: Any,
     *,
+    out_dir: str | Path,
     item_features_path: str | None = None,
     progress: bool = True,
     partitions: int | None = None,
     stats: dict[str, Any] | None = None,
-) -> TrainResult:
+    shard_rows: int | None = None,
+) -> DaskResult:
     """Train on the rating file(s) ``spec`` (file, directory or glob) on the cluster of
-    ``client``; returns the model (gathered on the driver, not yet saved) and the loss history.
-    ``stats`` (when given) receives the run's byte counts and partition count."""
-    try:
-        return _train(spec, opts, cfg, client, item_features_path, progress, partitions, stats)
-    except Exception as e:
-        if _is_cluster_failure(e):
+    ``client`` and write the model directory ``out_dir`` (the workers write the user shards: a
+    file system shared with the driver; at most ``shard_rows`` users per shard, default
+    :data:`lrs_rec.model_shards.DEFAULT_SHARD_ROWS`). ``stats`` (when given) receives the run's
+    byte counts and partition count."""
+    from lrs_rec.model_shards import DEFAULT_SHARD_ROWS
+
+    rows = DEFAULT_SHARD_ROWS if shard_rows is None else int(shard_rows)
+    if rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    for attempt in (1, 2):
+        phase: dict[str, str] = {}
+        try:
+            return _train(
+                spec,
+                opts,
+                cfg,
+                client,
+                out_dir,
+                item_features_path,
+                progress,
+                partitions,
+                stats,
+                rows,
+                phase,
+            )
+        except Exception as e:
+            if not _is_cluster_failure(e):
+                raise
+            if attempt == 1 and phase.get("name") == "input":
+                # a worker lost while the files were read and split: Dask does not always keep
+                # the lineage of those first tasks; they are pure, so read the files again
+                print(
+                    f"note: a Dask worker was lost while reading the input ({type(e).__name__}); "
+                    "reading it again",
+                    file=sys.stderr,
+                )
+                continue
             raise ClusterError(
-                f"the Dask cluster could not finish the run ({type(e).__name__}: {e}); no model "
-                "was written — check the workers and rerun"
+                f"the Dask cluster could not finish the run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); no model was written — check the "
+                "workers and rerun"
             ) from e
-        raise
+    raise AssertionError("unreachable")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -447,7 +534,13 @@ def _is_cluster_failure(e: BaseException) -> bool:
     from distributed import KilledWorker
     from distributed.client import FutureCancelledError
 
-    names = {"CommClosedError", "FutureCancelledError", "KilledWorker", "CancelledError"}
+    names = {
+        "CommClosedError",
+        "FutureCancelledError",
+        "FuturesCancelledError",
+        "KilledWorker",
+        "CancelledError",
+    }
     return isinstance(e, (KilledWorker, FutureCancelledError)) or type(e).__name__ in names
 
 
@@ -456,21 +549,30 @@ def _train(
     opts: LoadOptions,
     cfg: TrainConfig,
     client: Any,
+    out_dir: str | Path,
     item_features_path: str | None,
     progress: bool,
     partitions: int | None,
     stats: dict[str, Any] | None,
-) -> TrainResult:
+    shard_rows: int,
+    phase: dict[str, str],
+) -> DaskResult:
     check_config(cfg)
     t0 = time.perf_counter()
+    phase["name"] = "input"
     run = Run(client)
     files = expand_inputs(spec)
     loads = [run.submit(load_file, f, opts) for f in files]
-    summaries = run.gather(
-        [run.submit(file_summary, f, t) for f, t in zip(files, loads, strict=True)]
-    )
-    users = merge_sorted_ids([s.user_ids for s in summaries])
-    items = merge_sorted_ids([s.item_ids for s in summaries])
+    # the files' distinct ids merged one file at a time (the driver holds one file's ids and the
+    # union, never every file's at once); each summary is kept without its ids
+    users, items = np.zeros(0, str), np.zeros(0, str)
+    summaries = []
+    for f in [run.submit(file_summary, f, t) for f, t in zip(files, loads, strict=True)]:
+        s = run.gather(f)
+        users = merge_sorted_ids([users, s.user_ids])
+        items = merge_sorted_ids([items, s.item_ids])
+        summaries.append(replace(s, user_ids=np.zeros(0, str), item_ids=np.zeros(0, str)))
+        del f, s
     n_users, n_items = int(users.size), int(items.size)
     n_rows = [s.n_rows for s in summaries]
     offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(int)
@@ -492,6 +594,7 @@ def _train(
     n_parts = max(1, min(partitions or n_workers, n_users))
     bounds = partition_bounds(n_users, n_parts)
     splitters = users[bounds[1:-1]]
+    del users  # the partitions' first ids are all the driver keeps of the user ids
     item_ids = tuple(items.tolist())
     fraction = cfg.validation_fraction
     item_fut = run.broadcast(item_ids)
@@ -544,6 +647,7 @@ def _train(
     cl = Cluster(run, parts, n_items, lo, hi, unit)
     n_total = int(sum(n_rows))
     counts = run.gather([run.submit(_part_counts, p) for p in cl.parts])
+    phase["name"] = "fit"  # the partitions are built (a later loss: Dask recomputes them)
     n_train_part = sum(c[0] for c in counts)
     n_val_part = sum(c[1] for c in counts)
     dups = sum(c[2] for c in counts)
@@ -632,21 +736,19 @@ def _train(
         mu_b, c_b = cl.fit_biases("all", cfg.reg_bias, 10)
         shared = replace(biases, global_mean=mu_b, item_bias=c_b)
 
-    # the model: per-partition stored form, then (temporarily) gathered on the driver
-    k = cfg.sparsity if cfg.method == "lrs" else 0
-    pieces = run.map(dp.model_part, cl.parts, shared.U, k)
-    del cl
+    # the model: the workers write their users' shards, the driver the shared part
     seconds = time.perf_counter() - t0
-    model = assemble_model(
+    manifest = write_model_dir(
         run,
-        pieces,
+        cl.parts,
         shared,
         unit,
         cfg,
-        users,
         item_ids,
         rating_min,
         rating_max,
+        out_dir,
+        shard_rows=shard_rows,
         manifest_parts={
             "hyperparameters": {
                 **hyperparameters,
@@ -684,12 +786,15 @@ def _train(
                 "name": "dask",
                 "workers": n_workers,
                 "partitions": n_parts,
+                # everything the driver received from the workers (statistics, sums, counts):
+                # the run's whole traffic to the driver, the model included (written on workers)
                 "bytes_to_driver": run.bytes_to_driver,
                 "bytes_broadcast": run.bytes_broadcast,
             },
             **({"tuning": tuning} if tuning is not None else {}),
         },
     )
+    del cl
     if stats is not None:
         stats.update(
             partitions=n_parts,
@@ -697,7 +802,7 @@ def _train(
             bytes_to_driver=run.bytes_to_driver,
             bytes_broadcast=run.bytes_broadcast,
         )
-    return TrainResult(model=model, history=history, seconds=seconds)
+    return DaskResult(Path(out_dir), manifest, history, seconds)
 
 
 SHARD_ALIGN = 128  # users: partitions start at multiples of the store's bucket size (model shards)
@@ -723,8 +828,9 @@ def _overfits(history: list[dict[str, float]], best_it: int) -> bool:
     return item_step_overfits(history, best_it)
 
 
-def train_from_args(args: Any, cfg: TrainConfig) -> TrainResult:
-    """`lrs-rec train --engine dask`: the cluster of ``--scheduler`` or a LocalCluster."""
+def train_from_args(args: Any, cfg: TrainConfig) -> DaskResult:
+    """`lrs-rec train --engine dask`: the cluster of ``--scheduler`` or a LocalCluster; writes
+    the model directory ``--out``."""
     from lrs_rec.training.cli_args import load_options
 
     check_config(cfg)
@@ -738,6 +844,7 @@ def train_from_args(args: Any, cfg: TrainConfig) -> TrainResult:
             load_options(args),
             cfg,
             client,
+            out_dir=args.out,
             item_features_path=args.item_features,
             progress=not args.quiet,
         )

@@ -189,7 +189,7 @@ class PartitionData:
 
 
 def build_partition(lo: int, hi: int, fraction: float, *pieces: Piece) -> PartitionData:
-    from lrs_rec.training.loaders import _dedup_latest
+    from lrs_rec.training.loaders import _dedup_latest_codes
 
     ids = np.concatenate([p.user_ids for p in pieces]).astype(str)
     uniq, inv_ids = np.unique(ids, return_inverse=True)
@@ -213,15 +213,22 @@ def build_partition(lo: int, hi: int, fraction: float, *pieces: Piece) -> Partit
         if pieces[0].draws is None
         else np.concatenate([p.draws for p in pieces if p.draws is not None])
     )
-    order = np.argsort(rows, kind="stable")  # global row order
-    users, items, ratings, times = users[order], items[order], ratings[order], times[order]
-    if draws is not None:
-        draws = draws[order]
-    # duplicates across files (a file's own were removed by its loader)
+    # global row order: the pieces come in file order and each keeps its file's row order, so
+    # the concatenation is already sorted (checked; sorted only if not — no copies otherwise)
+    if rows.size > 1 and not bool(np.all(rows[1:] > rows[:-1])):
+        order = np.argsort(rows, kind="stable")
+        users, items, ratings, times = users[order], items[order], ratings[order], times[order]
+        if draws is not None:
+            draws = draws[order]
+        del order
+    del rows
+    # duplicates across files (a file's own were removed by its loader); the linear-time check
+    # first (no duplicate: nothing sorted)
     several = sum(1 for p in pieces if p.rows.size) > 1
-    keep = _dedup_latest(users, items, times) if several else np.arange(users.size)
-    dups = users.size - keep.size
-    if dups:
+    n_items = int(items.max()) + 1 if items.size else 0
+    keep = _dedup_latest_codes(users, items, n_items, times) if several else None
+    dups = 0 if keep is None else users.size - keep.size
+    if keep is not None and dups:
         users, items, ratings, times = users[keep], items[keep], ratings[keep], times[keep]
         if draws is not None:
             draws = draws[keep]

@@ -1,17 +1,22 @@
-"""The model of a Dask training run: the partitions' shares of it fetched one at a time into
-the arrays of a :class:`lrs_rec.model_dir.TrainedModel` (a temporary step until the workers write
-model shards: the driver then holds the whole model), and the merged cleaning report."""
+"""The model directory of a Dask training run, written where the model lives: every partition's
+worker writes its users' Parquet shards (:func:`lrs_rec.model_shards.write_user_shard`) into the
+staging directory (a file system shared by the driver and the workers); the driver only begins the
+directory and finishes it with the small shared part (U, item features and biases, μ, the
+population prior and the onboarding prior, both reduced from the partitions' sums). No per-user
+array reaches the driver.
+
+Also the merged cleaning report of the input files."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from lrs_rec.training import dask_parts as dp
 from lrs_rec.training.config import TrainConfig
 
-from lrs_rec.model import LRSModel
-from lrs_rec.model_dir import TrainedModel
+from lrs_rec import model_shards as ms
 
 
 def merged_report(summaries: list[Any], spec: str, dups: int) -> dict[str, Any]:
@@ -38,76 +43,102 @@ def merged_report(summaries: list[Any], spec: str, dups: int) -> dict[str, Any]:
     }
 
 
-def _part_sizes(m: dp.PartModel) -> tuple[int, int, int, int, int, tuple[float, Any, Any]]:
-    return m.lo, m.hi, int(m.h_items.size), m.W.shape[1], m.B_idx.shape[1], m.w_sums
+def shard_starts(sizes: list[int], rows: int) -> list[int]:
+    """The first shard index of each partition (partition p of ``sizes[p]`` users writes
+    ceil(sizes[p] / rows) shards, numbered after those of the partitions before it)."""
+    out, s = [], 0
+    for n in sizes:
+        out.append(s)
+        s += max(1, -(-n // rows))
+    return out
 
 
-def assemble_model(
+def write_model_dir(
     run: Any,
-    pieces: list[Any],
+    parts: list[Any],
     shared: dp.Shared,
     unit: float,
     cfg: TrainConfig,
-    users: np.ndarray,
     item_ids: tuple[str, ...],
     rating_min: float,
     rating_max: float,
+    out_dir: str | Path,
     manifest_parts: dict[str, Any],
-) -> TrainedModel:
-    """The TrainedModel from the partitions' shares (futures of PartModels, in user order) — the
-    temporary gather: one partition's share at a time is fetched and copied into place."""
-    sizes = run.gather([run.submit(_part_sizes, f) for f in pieces])
-    n = sum(x[5][0] for x in sizes)
-    sw = sum(x[5][1] for x in sizes)
-    sww = sum(x[5][2] for x in sizes)
+    *,
+    shard_rows: int = ms.DEFAULT_SHARD_ROWS,
+) -> dict[str, Any]:
+    """Write the model of the partitions ``parts`` (futures of Parts, in user order) to
+    ``out_dir``: shards by the workers, the shared part by the driver (atomically, as
+    :func:`lrs_rec.model_dir.save_model_dir`). Returns the manifest as written.
+
+    The onboarding prior (:func:`lrs_rec.onboarding.estimate_prior`, as ``save_model_dir``
+    stores it) is finished on the driver from the partitions' sums (:mod:`training.dask_prior`)."""
+    from lrs_rec.training import dask_prior
+
+    k = cfg.sparsity if cfg.method == "lrs" else 0
+    sizes, finite, rated = zip(
+        *run.gather([run.submit(dp.part_size, p) for p in parts]), strict=True
+    )
+    with_times = all(finite)
+    n_items = len(item_ids)
+    item_bias = shared.item_bias * unit
+    desc = np.zeros((n_items, 0))
+    if dask_prior.wants_implicit(sum(sizes), all(rated)):
+        counts = run.gather(run.reduce(run.map(dp.item_counts, parts, n_items)))
+        desc = dask_prior.descriptors(shared.F, item_bias, counts)
+    prior_inputs = run.broadcast((shared.global_mean * unit, item_bias, shared.F, desc))
+    starts = shard_starts(list(sizes), shard_rows)
+    staging = ms.begin_model_dir(out_dir)
+    try:
+        U = run.broadcast(shared.U)
+        outs = run.gather(
+            [
+                run.submit(
+                    dp.write_shards, p, U, k, str(staging), s, shard_rows, with_times, prior_inputs
+                )
+                for p, s in zip(parts, starts, strict=True)
+            ]
+        )
+    except BaseException:
+        ms.abort_model_dir(staging)
+        raise
+    shards = [info for infos, _, _ in outs for info in infos]
+    n = sum(w[0] for _, w, _ in outs)
+    sw = sum(w[1] for _, w, _ in outs)
+    sww = sum(w[2] for _, w, _ in outs)
     w_mean = np.asarray(sw / n)
     w_cov = sww / n - np.outer(w_mean, w_mean) if n > 1 else np.zeros_like(sww)
     w_cov = np.atleast_2d((w_cov + w_cov.T) / 2)
-    # copied into preallocated arrays piece by piece, each piece dropped once copied (the driver
-    # holds one copy of the model plus one partition's share, not two copies)
-    n_users = int(sum(x[1] - x[0] for x in sizes))
-    nnz = int(sum(x[2] for x in sizes))
-    r, k = sizes[0][3], sizes[0][4]
-    W = np.empty((n_users, r))
-    B_idx = np.empty((n_users, k), np.int64)
-    B_val = np.empty((n_users, k))
-    user_bias = np.empty(n_users)
-    indptr = np.zeros(n_users + 1, np.int64)
-    h_items, h_ratings, h_times = np.empty(nnz, np.int64), np.empty(nnz), np.empty(nnz)
-    a = 0
-    pieces = list(pieces)
-    while pieces:
-        p: dp.PartModel = run.gather(pieces.pop(0))
-        W[p.lo : p.hi], B_idx[p.lo : p.hi], B_val[p.lo : p.hi] = p.W, p.B_idx, p.B_val
-        user_bias[p.lo : p.hi] = p.user_bias
-        indptr[p.lo + 1 : p.hi + 1] = a + p.indptr[1:]
-        b = a + p.h_items.size
-        h_items[a:b], h_ratings[a:b], h_times[a:b] = p.h_items, p.h_ratings, p.h_times
-        a = b
-        del p
-    lrs = LRSModel(U=shared.U, W=W, B_idx=B_idx, B_val=B_val)
+    r = int(shared.U.shape[1])
+    try:
+        prior = dask_prior.combine(
+            [p for _, _, p in outs],
+            w_prior_mean=w_mean,
+            w_prior_cov=w_cov,
+            rank=r,
+            sparsity=k,
+            desc=desc,
+        )
+    except (ValueError, np.linalg.LinAlgError):  # as save_model_dir: servers estimate it later
+        prior = None
     manifest: dict[str, Any] = {
         "method": cfg.method,
         **manifest_parts,
-        "params_per_user": {"lrs": lrs.rank + lrs.sparsity, "full": lrs.d, "rep": lrs.rank}[
-            cfg.method
-        ],
+        "params_per_user": {"lrs": r + k, "full": int(shared.U.shape[0]), "rep": r}[cfg.method],
     }
-    return TrainedModel(
-        lrs=lrs,
+    return ms.finish_model_dir(
+        staging,
+        out_dir,
+        shards=shards,
+        U=shared.U,
         item_features=shared.F,
         item_bias=shared.item_bias * unit,
-        user_bias=user_bias,
         global_mean=shared.global_mean * unit,
-        user_ids=tuple(users.tolist()),
-        item_ids=item_ids,
         w_prior_mean=w_mean,
         w_prior_cov=w_cov,
-        history_indptr=indptr,
-        history_items=h_items,
-        history_ratings=h_ratings,
+        item_ids=item_ids,
         rating_min=rating_min,
         rating_max=rating_max,
         manifest=manifest,
-        history_timestamps=h_times if np.isfinite(h_times).all() else None,
+        onboarding_prior=prior,
     )

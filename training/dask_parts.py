@@ -18,6 +18,7 @@ import numpy as np
 from lrs_rec.training.dask_input import PartitionData
 from lrs_rec.training.features import als_half_step
 
+from lrs_rec.engine.parallel import kernels
 from lrs_rec.engine.steps import (
     LRSState,
     PriorStatistics,
@@ -27,6 +28,7 @@ from lrs_rec.engine.steps import (
     item_bias_statistics,
     item_block_statistics,
     prior_statistics,
+    sample_budget,
     squared_error,
     u_step_statistics,
     user_step,
@@ -175,6 +177,20 @@ def als_users(
     min_count: float,
 ) -> Part:
     s = part.train
+    K = kernels()
+    if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
+        sol = np.empty((part.n_users, Q.shape[1] + 1))
+        K.als_half_step(
+            *s.csr("user", part.n_users),
+            np.ascontiguousarray(Q, dtype=np.float64),
+            np.ascontiguousarray(c_i, dtype=np.float64),
+            float(mu),
+            float(reg),
+            float(reg_bias),
+            max(min_count, 1.0),
+            sol,
+        )
+        return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]
     c_u, P = als_half_step(
@@ -200,6 +216,27 @@ def unpack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return G, h
 
 
+def _item_statistics(
+    st: LRSState, s: Samples, order: np.ndarray, bounds: np.ndarray, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's item statistics of items lo..hi-1 (the block reduced across partitions),
+    computed in runs of consecutive items of at most ``sample_budget(d + 1)`` ratings: the engine
+    builds a θ_u row per rating of its block, which for a block of a big partition would be
+    gigabytes (3M ratings × d floats, and its W[u] / B[u] temporaries). Each item's sums are
+    the same (its ratings in the same order)."""
+    e = st.F.shape[1] + 1
+    G, h = np.empty((hi - lo, e, e)), np.empty((hi - lo, e))
+    budget = sample_budget(e)
+    a = lo
+    while a < hi:
+        b = int(np.searchsorted(bounds, bounds[a] + budget, side="right")) - 1
+        b = min(max(b, a + 1), hi)
+        sl = order[bounds[a] : bounds[b]]
+        G[a - lo : b - lo], h[a - lo : b - lo] = item_block_statistics(st, s, a, b, sl)
+        a = b
+    return G, h
+
+
 def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """The ALS item half-step's normal equations of items lo..hi-1: the engine's item statistics
     with U = I, W = P, B = 0 (design [1, p_u], target y - μ - c_u)."""
@@ -208,8 +245,7 @@ def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray,
     st = LRSState(
         mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, np.zeros_like(part.P)
     )
-    sl = part.train_order[part.train_bounds[lo] : part.train_bounds[hi]]
-    return pack(item_block_statistics(st, part.train, lo, hi, sl))
+    return pack(_item_statistics(st, part.train, part.train_order, part.train_bounds, lo, hi))
 
 
 def gram_p(part: Part) -> np.ndarray:
@@ -259,8 +295,7 @@ def item_stats(
         order, bounds = part.train_order, part.train_bounds
     else:
         order, bounds = _item_index(s.items, sh.F.shape[0])
-    sl = order[bounds[lo] : bounds[hi]]
-    return pack(item_block_statistics(state(part, sh), s, lo, hi, sl))
+    return pack(_item_statistics(state(part, sh), s, order, bounds, lo, hi))
 
 
 def item_bias_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -300,45 +335,81 @@ def zero_b(part: Part) -> Part:
 
 
 # ---- the stored model -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PartModel:
-    """A partition's share of the model (users lo..hi-1), in the ratings' own units."""
-
-    lo: int
-    hi: int
-    user_bias: np.ndarray
-    W: np.ndarray  # stored form (rank r)
-    B_idx: np.ndarray
-    B_val: np.ndarray
-    indptr: np.ndarray  # (n + 1,) local history CSR
-    h_items: np.ndarray
-    h_ratings: np.ndarray
-    h_times: np.ndarray
-    w_sums: tuple[float, np.ndarray, np.ndarray]  # n, Σw, Σwwᵀ (population prior)
+def part_size(part: Part) -> tuple[int, bool, bool]:
+    """The partition's number of users, whether all its ratings have a time, whether every user
+    has a rating."""
+    d = part.data
+    rated = bool(np.all(np.bincount(d.users, minlength=part.n_users) > 0))
+    return part.n_users, bool(np.isfinite(d.times).all()), rated
 
 
-def model_part(part: Part, U: np.ndarray, k: int) -> PartModel:
+def item_counts(part: Part, n_items: int) -> np.ndarray:
+    """Every stored rating's item (train and validation: the model's histories), counted."""
+    from lrs_rec.training.dask_prior import item_counts as count
+
+    return count(part.data.items, n_items)
+
+
+def write_shards(
+    part: Part,
+    U: np.ndarray,
+    k: int,
+    staging: str,
+    first: int,
+    rows: int,
+    with_times: bool,
+    prior_inputs: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None,
+) -> tuple[list[dict[str, Any]], tuple[float, np.ndarray, np.ndarray], Any]:
+    """Write the partition's users (in the ratings' own units, W in the stored rank-r form, b_u
+    as its k largest coordinates, the rating history sorted by item) as model shards ``first``,
+    ``first + 1``, ... of at most ``rows`` users into the staging directory. Returns the shards'
+    entries, the population prior's sums (n, Σw, Σwwᵀ) and (with ``prior_inputs``: μ, item
+    biases, item features as stored, the item descriptors) the onboarding prior's sums
+    (:mod:`training.dask_prior`), shard by shard."""
+    from lrs_rec.training.dask_prior import add_sums, prior_sums
+
+    from lrs_rec.model_shards import write_user_shard
+
     unit = part.unit
     lrs = LRSModel.from_dense_b(U, part.W * unit, part.B * unit, k)
+    W, B_idx, B_val = np.asarray(lrs.W), np.asarray(lrs.B_idx), np.asarray(lrs.B_val)
+    c_u = part.c_u * unit
     d = part.data
     order = np.lexsort((d.items, d.users))
     n = part.n_users
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(d.users, minlength=n), out=indptr[1:])
-    W = np.asarray(lrs.W)
-    return PartModel(
-        d.lo,
-        d.hi,
-        part.c_u * unit,
-        W,
-        np.asarray(lrs.B_idx),
-        np.asarray(lrs.B_val),
-        indptr,
-        d.items[order].astype(np.int64),
-        d.ratings[order].astype(np.float64),
-        d.times[order].astype(np.float64),
-        (float(n), W.sum(axis=0), W.T @ W),
-    )
+    infos = []
+    sums = None
+    for j, a in enumerate(range(0, max(n, 1), rows)):
+        b = min(a + rows, n)
+        ra, rb = int(indptr[a]), int(indptr[b])
+        sl = order[ra:rb]
+        items, ratings = d.items[sl].astype(np.int64), d.ratings[sl].astype(np.float64)
+        times = d.times[sl].astype(np.float64) if with_times else None
+        infos.append(
+            write_user_shard(
+                staging,
+                first + j,
+                user_ids=d.user_ids[a:b].tolist(),
+                user_bias=c_u[a:b],
+                W=W[a:b],
+                B_idx=B_idx[a:b],
+                B_val=B_val[a:b],
+                history_indptr=indptr[a : b + 1] - ra,
+                history_items=items,
+                history_ratings=ratings,
+                history_timestamps=times,
+            )
+        )
+        if prior_inputs is not None:
+            mu, c_i, F, desc = prior_inputs
+            shard = LRSModel(U=U, W=W[a:b], B_idx=B_idx[a:b], B_val=B_val[a:b])
+            users = (d.users[sl] - a).astype(np.int64)
+            sums = add_sums(
+                sums, prior_sums(shard, c_u[a:b], mu, c_i, F, users, items, ratings, times, desc)
+            )
+    return infos, (float(n), W.sum(axis=0), W.T @ W), sums
 
 
 def add(a: Any, b: Any) -> Any:

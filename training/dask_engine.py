@@ -175,10 +175,17 @@ def _solve_item_block(
 
 
 def _solve_als_block(
-    stats: tuple[np.ndarray, np.ndarray], reg: float, reg_bias: float, min_count: float
+    stats: tuple[np.ndarray, np.ndarray],
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    x0: np.ndarray | None = None,
+    cg_steps: int = 0,
 ) -> np.ndarray:
     G, h = dp.unpack(stats)
-    return als_solve(G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count)
+    return als_solve(
+        G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count, x0=x0, cg_steps=cg_steps
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +357,8 @@ def _init_shared(
             left -= step
         Q = rng.normal(0.0, 0.1, (cl.n_items, d))
         c_i = np.zeros(cl.n_items)
-        for _ in range(cfg.init_iter):
+        for it in range(cfg.init_iter):
+            cg = cfg.init_cg_steps if it else 0  # the first iteration solves exactly (als_factors)
             cl.each(
                 dp.als_users,
                 mu,
@@ -359,6 +367,7 @@ def _init_shared(
                 cfg.init_reg,
                 cfg.reg_bias,
                 cfg.init_reg_count,
+                cg,
             )
             sols = []
             for a, b in cl.item_blocks(d):
@@ -368,7 +377,13 @@ def _init_shared(
                         a,
                         b,
                         run.submit(
-                            _solve_als_block, stats, cfg.init_reg, cfg.reg_bias, cfg.init_reg_count
+                            _solve_als_block,
+                            stats,
+                            cfg.init_reg,
+                            cfg.reg_bias,
+                            cfg.init_reg_count,
+                            np.column_stack([c_i[a:b], Q[a:b]]) if cg else None,
+                            cg,
                         ),
                     )
                 )

@@ -19,7 +19,8 @@ squared error) return per-chunk partial sums that the engine adds in chunk order
 * :func:`user_projected_means` — z_u = Uᵀ(mean of u's rated items' f_i) for the prior statistics.
 * :func:`fit_items` — the item refinement (``item_block_statistics`` + ``solve_items``) from θ_u rows.
 * :func:`item_statistics` — the item normal equations of a block (the additive form).
-* :func:`als_half_step` — one half-step of the biased ALS-WR initialisation (``als_factors``).
+* :func:`als_half_step` — one half-step of the biased ALS-WR initialisation (``als_factors``);
+  :func:`als_half_step_cg` the same by a few preconditioned conjugate-gradient steps.
 * :func:`rating_dots` — ⟨f_i, θ_u⟩ per rating (predictions, losses, item-bias residuals).
 """
 
@@ -632,6 +633,97 @@ def als_half_step(
                 out[o, a] = x[a]
 
 
+@njit(cache=True, parallel=True, fastmath=FAST)
+def als_half_step_cg(
+    indptr: np.ndarray,  # (n_own + 1,) int64
+    other: np.ndarray,  # int32, the other side's index per rating, in own order
+    y: np.ndarray,  # ratings in own order
+    other_f: np.ndarray,  # (n_other, dim)
+    other_bias: np.ndarray,  # (n_other,)
+    mu: float,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    cg_steps: int,
+) -> None:
+    """The same ridge as :func:`als_half_step`, (ZᵀZ + D) x = Zᵀt, by ``cg_steps`` steps of
+    conjugate gradients preconditioned by diag(ZᵀZ + D), started from ``out`` (the previous
+    iterate). The matrix is never formed: each step is one pass over the row's ratings
+    (q = Σ z (zᵀp) + D p), the steps of ``features.als_solve(x0=..., cg_steps=...)``."""
+    n_own = indptr.shape[0] - 1
+    dim = other_f.shape[1]
+    e = dim + 1
+    n_chunks = (n_own + CHUNK - 1) // CHUNK
+    for ch in prange(n_chunks):
+        x = np.empty(e)
+        r = np.empty(e)
+        z = np.empty(e)
+        pv = np.empty(e)
+        q = np.empty(e)
+        dg = np.empty(e)
+        minv = np.empty(e)
+        for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
+            lo, hi = indptr[o], indptr[o + 1]
+            lam = reg * max(float(hi - lo), min_count)
+            dg[0] = reg_bias
+            for a in range(1, e):
+                dg[a] = lam
+            for a in range(e):
+                x[a] = out[o, a]
+                r[a] = -dg[a] * x[a]
+                minv[a] = dg[a]
+            # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
+            for j in range(lo, hi):
+                qi = other[j]
+                s = y[j] - mu - other_bias[qi] - x[0]
+                for a in range(dim):
+                    s -= other_f[qi, a] * x[a + 1]
+                r[0] += s
+                minv[0] += 1.0
+                for a in range(dim):
+                    fa = other_f[qi, a]
+                    r[a + 1] += s * fa
+                    minv[a + 1] += fa * fa
+            rz = 0.0
+            for a in range(e):
+                minv[a] = 1.0 / minv[a] if minv[a] > 0.0 else 1.0
+                z[a] = minv[a] * r[a]
+                pv[a] = z[a]
+                rz += r[a] * z[a]
+            for _ in range(cg_steps):
+                if not rz > 0.0:
+                    break
+                for a in range(e):
+                    q[a] = dg[a] * pv[a]
+                for j in range(lo, hi):
+                    qi = other[j]
+                    s = pv[0]
+                    for a in range(dim):
+                        s += other_f[qi, a] * pv[a + 1]
+                    q[0] += s
+                    for a in range(dim):
+                        q[a + 1] += s * other_f[qi, a]
+                pq = 0.0
+                for a in range(e):
+                    pq += pv[a] * q[a]
+                if not pq > 0.0:
+                    break
+                alpha = rz / pq
+                rz_new = 0.0
+                for a in range(e):
+                    x[a] += alpha * pv[a]
+                    r[a] -= alpha * q[a]
+                    z[a] = minv[a] * r[a]
+                    rz_new += r[a] * z[a]
+                beta = rz_new / rz
+                for a in range(e):
+                    pv[a] = z[a] + beta * pv[a]
+                rz = rz_new
+            for a in range(e):
+                out[o, a] = x[a]
+
+
 # ------------------------------------------------------------------------------------------------
 # predictions
 # ------------------------------------------------------------------------------------------------
@@ -661,6 +753,7 @@ class NumbaKernels:
     fit_items = staticmethod(fit_items)
     item_statistics = staticmethod(item_statistics)
     als_half_step = staticmethod(als_half_step)
+    als_half_step_cg = staticmethod(als_half_step_cg)
     rating_dots = staticmethod(rating_dots)
 
     def set_threads(self, n: int) -> None:

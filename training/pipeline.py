@@ -143,6 +143,7 @@ def init_state(
             random_state=rng,
             min_count=cfg.init_reg_count,
             samples=train,
+            cg_steps=cfg.init_cg_steps,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:

@@ -167,11 +167,19 @@ def test_two_threads_give_the_same_steps_bit_for_bit(backend: None) -> None:
     assert np.array_equal(pa.szz, pb.szz) and np.array_equal(pa.szw, pb.szw)
 
 
-@pytest.mark.parametrize(("min_count", "cg_steps"), [(1.0, 0), (5.0, 0), (1.0, 2), (5.0, 3)])
+@pytest.mark.parametrize(
+    ("min_count", "cg_steps", "one_side"),
+    [(1.0, 0, False), (5.0, 0, False), (1.0, 2, False), (5.0, 3, True)],
+)
 def test_als_initialisation_kernel_equals_the_numpy_reference(
-    min_count: float, cg_steps: int, backend: None
+    min_count: float, cg_steps: int, one_side: bool, backend: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lrs_rec.training import features
     from lrs_rec.training.features import als_factors
+
+    if one_side:  # CG on the users' half only (the items' factors are the small other side)
+        monkeypatch.setattr(features, "CG_OTHER_BYTES", (N_ITEMS + 3) * (D + 1) * 8)
+        assert features.cg_steps_for(N_USERS, D, 3) == 0 < features.cg_steps_for(N_ITEMS + 3, D, 3)
 
     _, data = _problem(5)
     out = []

@@ -41,7 +41,7 @@ from lrs_rec.training.dask_input import (
     split_by_user,
 )
 from lrs_rec.training.dask_model import assemble_model, merged_report
-from lrs_rec.training.features import als_solve, load_item_features
+from lrs_rec.training.features import als_solve, cg_steps_for, load_item_features
 from lrs_rec.training.loaders import LoadOptions
 from lrs_rec.training.pipeline import (
     OVERFIT_RISE,
@@ -357,8 +357,10 @@ def _init_shared(
             left -= step
         Q = rng.normal(0.0, 0.1, (cl.n_items, d))
         c_i = np.zeros(cl.n_items)
+        cg_u = cg_steps_for(cl.n_items, d, cfg.init_cg_steps)  # as features.als_factors
+        cg_i = cg_steps_for(n_users, d, cfg.init_cg_steps)
         for it in range(cfg.init_iter):
-            cg = cfg.init_cg_steps if it else 0  # the first iteration solves exactly (als_factors)
+            cg = cg_u if it else 0  # the first iteration solves exactly
             cl.each(
                 dp.als_users,
                 mu,
@@ -382,8 +384,8 @@ def _init_shared(
                             cfg.init_reg,
                             cfg.reg_bias,
                             cfg.init_reg_count,
-                            np.column_stack([c_i[a:b], Q[a:b]]) if cg else None,
-                            cg,
+                            np.column_stack([c_i[a:b], Q[a:b]]) if it and cg_i else None,
+                            cg_i if it else 0,
                         ),
                     )
                 )

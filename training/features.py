@@ -55,6 +55,17 @@ def ridge_solve_batched(G: np.ndarray, h: np.ndarray, reg: np.ndarray) -> np.nda
     return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
 
 
+CG_OTHER_BYTES = 64 << 20  # CG on a side only while the other side's factors stay this small
+
+
+def cg_steps_for(n_other: int, dim: int, cg_steps: int) -> int:
+    """CG steps for the half-step whose other side has ``n_other`` rows of ``dim`` factors: each
+    step is a pass over the ratings that gathers those rows again, cheap while they fit in cache;
+    beyond ``CG_OTHER_BYTES`` the exact solve (one pass, the Gram by BLAS) is faster (measured at
+    1M users: the users' half 1.7 vs 3.6–4.9 CPU s with CG, the items' half 3.1 vs 2.7 CPU s)."""
+    return cg_steps if n_other * (dim + 1) * 8 <= CG_OTHER_BYTES else 0
+
+
 @dataclass(frozen=True)
 class ALSFactors:
     global_mean: float
@@ -89,7 +100,8 @@ def als_factors(
 
     ``cg_steps`` > 0: the first iteration solves exactly, the later ones take that many
     preconditioned conjugate-gradient steps from the previous iterate (:func:`als_solve`), as
-    implicit's ALS does; 0: every iteration solves exactly.
+    implicit's ALS does, on each side whose other side is small enough (:func:`cg_steps_for`);
+    0: every iteration solves exactly.
     """
     mu = float(np.mean(y))
     P = random_state.normal(0.0, 0.1, (n_users, dim))
@@ -107,14 +119,15 @@ def als_factors(
         sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
         mc = max(min_count, 1.0)
         args = (mu, float(reg), float(reg_bias), mc)
+        cg_u, cg_i = cg_steps_for(n_items, dim, cg_steps), cg_steps_for(n_users, dim, cg_steps)
         for it in range(n_iter):
-            if it and cg_steps:  # sol_u / sol_i hold the previous iterate: the CG start
-                K.als_half_step_cg(*by_user, Q, c_i, *args, sol_u, int(cg_steps))
+            if it and cg_u:  # sol_u / sol_i hold the previous iterate: the CG start
+                K.als_half_step_cg(*by_user, Q, c_i, *args, sol_u, int(cg_u))
             else:
                 K.als_half_step(*by_user, Q, c_i, *args, sol_u)
             c_u, P = sol_u[:, 0].copy(), np.ascontiguousarray(sol_u[:, 1:])
-            if it and cg_steps:
-                K.als_half_step_cg(*by_item, P, c_u, *args, sol_i, int(cg_steps))
+            if it and cg_i:
+                K.als_half_step_cg(*by_item, P, c_u, *args, sol_i, int(cg_i))
             else:
                 K.als_half_step(*by_item, P, c_u, *args, sol_i)
             c_i, Q = sol_i[:, 0].copy(), np.ascontiguousarray(sol_i[:, 1:])
@@ -123,11 +136,13 @@ def als_factors(
     n_i = np.bincount(items, minlength=n_items).astype(float)
 
     kw = {"reg": reg, "reg_bias": reg_bias, "min_count": min_count}
+    cg_u, cg_i = cg_steps_for(n_items, dim, cg_steps), cg_steps_for(n_users, dim, cg_steps)
     for it in range(n_iter):
-        cg = cg_steps if it else 0  # the previous iterate is the CG start
+        cg = cg_u if it else 0  # the previous iterate is the CG start
         c_u, P = als_half_step(
             users, n_users, n_u, items, Q, y - mu - c_i[items], **kw, x0=(c_u, P), cg_steps=cg
         )
+        cg = cg_i if it else 0
         c_i, Q = als_half_step(
             items, n_items, n_i, users, P, y - mu - c_u[users], **kw, x0=(c_i, Q), cg_steps=cg
         )

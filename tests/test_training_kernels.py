@@ -277,3 +277,19 @@ def test_als_cg_converges_to_the_exact_ridge() -> None:
     np.testing.assert_allclose(cg, exact, rtol=1e-8, atol=1e-10)
     few = als_solve(G, h, counts, **kw, x0=np.zeros((6, D + 1)), cg_steps=2)
     assert not np.allclose(few, exact)
+
+
+def test_csr_layout_is_the_lexsort_order() -> None:
+    """Samples.csr's one-key stable sort gives np.lexsort((other, key))'s order, duplicates and
+    keys without samples included (the slow twin)."""
+    rng = np.random.default_rng(4)
+    users = rng.integers(0, 30, 500)
+    items = rng.integers(0, 12, 500)  # many duplicate (user, item) pairs
+    ratings = rng.normal(size=500)
+    data = Samples(users, items, ratings)
+    for by, key, other, n in (("user", users, items, 33), ("item", items, users, 15)):
+        indptr, idx, vals = data.csr(by, n)
+        order = np.lexsort((other, key))
+        np.testing.assert_array_equal(idx, other[order])
+        np.testing.assert_array_equal(vals, ratings[order])
+        np.testing.assert_array_equal(np.diff(indptr), np.bincount(key, minlength=n))

@@ -293,3 +293,12 @@ def test_csr_layout_is_the_lexsort_order() -> None:
         np.testing.assert_array_equal(idx, other[order])
         np.testing.assert_array_equal(vals, ratings[order])
         np.testing.assert_array_equal(np.diff(indptr), np.bincount(key, minlength=n))
+
+
+def test_history_order_is_the_lexsort_order() -> None:
+    from lrs_rec.training.pipeline import history_order
+
+    rng = np.random.default_rng(5)
+    users, items = rng.integers(0, 25, 400), rng.integers(0, 9, 400)
+    order = history_order(Samples(users, items, rng.normal(size=400)))
+    np.testing.assert_array_equal(order, np.lexsort((items, users)))

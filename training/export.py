@@ -48,7 +48,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-    from lrs_rec.model_dir import TrainedModel
+    from lrs_rec.model_dir import SharedModel, TrainedModel
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = (17, 18)
@@ -72,14 +72,23 @@ def _f32(a: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=np.float64).astype(np.float32))
 
 
-def scoring_tables(model: TrainedModel) -> dict[str, np.ndarray]:
+def _basis(model: TrainedModel | SharedModel) -> tuple[np.ndarray, int]:
+    """(U, k) of a whole model or of its shared part (which never reads the per-user arrays)."""
+    from lrs_rec.model_dir import SharedModel
+
+    if isinstance(model, SharedModel):
+        return model.U, model.sparsity
+    return model.lrs.U, model.lrs.sparsity
+
+
+def scoring_tables(model: TrainedModel | SharedModel) -> dict[str, np.ndarray]:
     """The initializers of the scoring graph, computed in float64 and cast once to float32.
 
     Each item table has one extra row at index n_items (reached by index -1): zeros (the unknown
     item) in the candidate tables, ``-inf`` in ``all_item_offset`` so it never ranks.
     """
     F = np.asarray(model.item_features, dtype=np.float64)
-    U = np.asarray(model.lrs.U, dtype=np.float64)
+    U = np.asarray(_basis(model)[0], dtype=np.float64)
     n_items, d = F.shape
     FU = F @ U  # item-side product: ⟨f_i, U·w⟩ = ⟨(F·U)_i, w⟩
     offset = float(model.global_mean) + np.asarray(model.item_bias, dtype=np.float64)
@@ -99,15 +108,17 @@ def scoring_tables(model: TrainedModel) -> dict[str, np.ndarray]:
     }
 
 
-def build_scoring_graph(model: TrainedModel, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_scoring_graph(
+    model: TrainedModel | SharedModel, *, opset: int = DEFAULT_OPSET
+) -> onnx.ModelProto:
     """The ONNX scoring graph of ``model`` (see the module docstring for inputs and outputs)."""
     from onnx import TensorProto, helper, numpy_helper
 
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset must be one of {SUPPORTED_OPSETS}, got {opset}")
     tables = scoring_tables(model)
-    n_items, d = model.n_items, model.lrs.d
-    r, k = model.lrs.rank, model.lrs.sparsity
+    U, k = _basis(model)
+    n_items, (d, r) = model.n_items, U.shape
     size = sum(t.nbytes for t in tables.values())
     if size > MAX_WEIGHT_BYTES:
         raise ValueError(
@@ -275,7 +286,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def export_onnx(
-    model: TrainedModel, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET
+    model: TrainedModel | SharedModel, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET
 ) -> Path:
     """Build, check and atomically write the scoring graph of ``model`` to ``path``."""
     onnx_model = build_scoring_graph(model, opset=opset)
@@ -291,10 +302,10 @@ def export_model_dir(model_dir: str | os.PathLike[str], *, opset: int = DEFAULT_
     Both files are replaced atomically (write to a temp file, then rename), so a reader sees either
     the old or the new version, never a partial file.
     """
-    from lrs_rec.model_dir import MANIFEST, ONNX, load_model_dir
+    from lrs_rec.model_dir import MANIFEST, ONNX, load_shared_model_dir
 
     root = Path(model_dir)
-    model = load_model_dir(root)
+    model = load_shared_model_dir(root)  # the graph needs the shared weights only
     out = export_onnx(model, root / ONNX, opset=opset)
     sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
     manifest_path = root / MANIFEST

@@ -189,8 +189,10 @@ def init_state(
     elif cfg.method in ("single", "prompt"):
         U = np.eye(d)  # one shared w ∈ R^d; stored as rank 1 at the end
     else:
-        _, _, Vt = np.linalg.svd(P, full_matrices=False)
-        U = Vt[: cfg.rank].T.copy()
+        # the top right singular vectors of P, from the d × d Gram PᵀP (as the Dask engine; column
+        # signs may differ from an SVD's, θ_u does not): no n_users × d left factor is computed
+        vals, vecs = np.linalg.eigh(P.T @ P)
+        U = vecs[:, np.argsort(vals)[::-1][: min(cfg.rank, P.shape[0], d)]].copy()
     W = P @ U
     return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, np.zeros((n_users, d)))
 

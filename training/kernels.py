@@ -26,6 +26,9 @@ squared error) return per-chunk partial sums that the engine adds in chunk order
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 from numba import njit, prange
 
@@ -35,6 +38,34 @@ FAST = {"reassoc", "contract"}
 CHUNK = 256  # rows per parallel task (fixed: the partition does not depend on the thread count)
 BLAS_ROWS = 256  # rows gathered per BLAS product in the normal equations of a popular row
 BLAS_MIN = 48  # rows from which the gathered BLAS product beats the plain loop
+
+
+# ------------------------------------------------------------------------------------------------
+# threads: the row chunks of a kernel on a small pool of Python threads (the compiled range functions
+# release the GIL). Each row's result depends on its row only, so the thread count never changes
+# the result; no numba parfor (whose compilation cost more than the kernels' own at cold start).
+# ------------------------------------------------------------------------------------------------
+_threads = 1
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its size, the pool)
+
+
+def _map_chunks(fn: Any, n_chunks: int, *args: Any) -> None:
+    """fn(c0, c1, *args) over [0, n_chunks) split into ranges, on ``_threads`` threads."""
+    global _pool
+    n = min(_threads, n_chunks)
+    if n <= 1:
+        fn(0, n_chunks, *args)
+        return
+    tasks = min(n_chunks, 8 * n)
+    bounds = [n_chunks * j // tasks for j in range(tasks + 1)]
+    if _pool is None or _pool[0] != _threads:
+        if _pool is not None:
+            _pool[1].shutdown()
+        _pool = (
+            _threads,
+            ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="lrs-kernel"),
+        )
+    list(_pool[1].map(lambda j: fn(bounds[j], bounds[j + 1], *args), range(tasks)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,9 +145,10 @@ def _cholesky_solve(L: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None
 # ------------------------------------------------------------------------------------------------
 # user step
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, fastmath=FAST)
-def _fit_users_chunk(
-    ch: int,
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _fit_users_range(
+    c0: int,
+    c1: int,
     indptr: np.ndarray,  # (n_users + 1,) int64, absolute offsets into items / ratings
     items: np.ndarray,  # int32, the rated items in user order
     ratings: np.ndarray,  # float64, in the same order
@@ -140,274 +172,274 @@ def _fit_users_chunk(
     A_cond: np.ndarray,  # (r, r), used when conditional
     conditional: bool,
 ) -> None:
-    """Rows [ch·CHUNK, (ch+1)·CHUNK) of :func:`fit_users` (one parallel task)."""
-    n_users = indptr.shape[0] - 1
-    d, r = U.shape
-    kk_ = max(k, 1)
-    X = np.empty((d, d))  # the rows of a user with n < d ratings
-    Y = np.empty((d, r))
-    tt = np.empty(d)
-    ev = np.empty(d)
-    G = np.empty((d, d))  # XᵀX (n >= d), or the n × n dual Gram XXᵀ + λ_b I
-    L = np.empty((d, d))
-    h = np.empty(d)
-    s = np.empty(d)
-    hU = np.empty(r)
-    UGU = np.empty((r, r))
-    sU = np.empty(r)
-    m = np.empty(r)
-    pm = np.empty(r)
-    z = np.empty(r)
-    b = np.empty(d)
-    nzb = np.empty(d, dtype=np.int64)
-    Gb = np.empty(d)
-    v = np.empty(d)
-    M = np.empty((r + 1, r + 1))
-    Lm = np.empty((r + 1, r + 1))
-    rhs = np.empty(r + 1)
-    sol = np.empty(r + 1)
-    xr = np.empty(d)
-    full = np.empty(d)
-    alpha = np.empty(d)
-    chosen = np.empty(d, dtype=np.bool_)
-    idx = np.empty(kk_, dtype=np.int64)
-    Xb = np.empty((BLAS_ROWS, d))
-    Yb = np.empty((BLAS_ROWS, r))
-    tb = np.empty(BLAS_ROWS)
-    Ms = np.empty((kk_, kk_))
-    rs = np.empty(kk_)
-    vs = np.empty(kk_)
-    for u in range(ch * CHUNK, min(n_users, (ch + 1) * CHUNK)):
-        lo, hi = indptr[u], indptr[u + 1]
-        n = hi - lo
-        dual = n < d
-        s[:] = 0.0
-        sU[:] = 0.0
-        UGU[:, :] = 0.0
-        T = 0.0
-        if not dual:
-            G[:, :] = 0.0
-            h[:] = 0.0
-            hU[:] = 0.0
-        if n >= BLAS_MIN:  # gathered blocks of rows, reduced by BLAS
-            mb = 0
-            for j in range(lo, hi):
+    """Row chunks [c0, c1) of :func:`fit_users` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_users = indptr.shape[0] - 1
+        d, r = U.shape
+        kk_ = max(k, 1)
+        X = np.empty((d, d))  # the rows of a user with n < d ratings
+        Y = np.empty((d, r))
+        tt = np.empty(d)
+        ev = np.empty(d)
+        G = np.empty((d, d))  # XᵀX (n >= d), or the n × n dual Gram XXᵀ + λ_b I
+        L = np.empty((d, d))
+        h = np.empty(d)
+        s = np.empty(d)
+        hU = np.empty(r)
+        UGU = np.empty((r, r))
+        sU = np.empty(r)
+        m = np.empty(r)
+        pm = np.empty(r)
+        z = np.empty(r)
+        b = np.empty(d)
+        nzb = np.empty(d, dtype=np.int64)
+        Gb = np.empty(d)
+        v = np.empty(d)
+        M = np.empty((r + 1, r + 1))
+        Lm = np.empty((r + 1, r + 1))
+        rhs = np.empty(r + 1)
+        sol = np.empty(r + 1)
+        xr = np.empty(d)
+        full = np.empty(d)
+        alpha = np.empty(d)
+        chosen = np.empty(d, dtype=np.bool_)
+        idx = np.empty(kk_, dtype=np.int64)
+        Xb = np.empty((BLAS_ROWS, d))
+        Yb = np.empty((BLAS_ROWS, r))
+        tb = np.empty(BLAS_ROWS)
+        Ms = np.empty((kk_, kk_))
+        rs = np.empty(kk_)
+        vs = np.empty(kk_)
+        for u in range(ch * CHUNK, min(n_users, (ch + 1) * CHUNK)):
+            lo, hi = indptr[u], indptr[u + 1]
+            n = hi - lo
+            dual = n < d
+            s[:] = 0.0
+            sU[:] = 0.0
+            UGU[:, :] = 0.0
+            T = 0.0
+            if not dual:
+                G[:, :] = 0.0
+                h[:] = 0.0
+                hU[:] = 0.0
+            if n >= BLAS_MIN:  # gathered blocks of rows, reduced by BLAS
+                mb = 0
+                for j in range(lo, hi):
+                    i = items[j]
+                    t = ratings[j] - mu - item_bias[i]
+                    T += t
+                    tb[mb] = t
+                    for a in range(d):
+                        Xb[mb, a] = F[i, a]
+                        s[a] += F[i, a]
+                    for p in range(r):
+                        Yb[mb, p] = FU[i, p]
+                        sU[p] += FU[i, p]
+                    mb += 1
+                    if mb == BLAS_ROWS or j == hi - 1:
+                        Xm, Ym, tm = Xb[:mb], Yb[:mb], tb[:mb]
+                        G += np.dot(Xm.T, Xm)
+                        UGU += np.dot(Ym.T, Ym)
+                        h += np.dot(Xm.T, tm)
+                        hU += np.dot(Ym.T, tm)
+                        mb = 0
+            for j in range(lo, hi if n < BLAS_MIN else lo):
                 i = items[j]
                 t = ratings[j] - mu - item_bias[i]
                 T += t
-                tb[mb] = t
+                for p in range(r):
+                    yp = FU[i, p]
+                    sU[p] += yp
+                    for q in range(p + 1):  # lower triangle; mirrored below
+                        UGU[p, q] += yp * FU[i, q]
                 for a in range(d):
-                    Xb[mb, a] = F[i, a]
                     s[a] += F[i, a]
+                if dual:
+                    jj = j - lo
+                    tt[jj] = t
+                    for a in range(d):
+                        X[jj, a] = F[i, a]
+                    for p in range(r):
+                        Y[jj, p] = FU[i, p]
+                else:
+                    for p in range(r):
+                        hU[p] += FU[i, p] * t
+                    for a in range(d):
+                        xa = F[i, a]
+                        h[a] += xa * t
+                        for bb in range(d):
+                            G[a, bb] += xa * F[i, bb]
+            if n < BLAS_MIN:
                 for p in range(r):
-                    Yb[mb, p] = FU[i, p]
-                    sU[p] += FU[i, p]
-                mb += 1
-                if mb == BLAS_ROWS or j == hi - 1:
-                    Xm, Ym, tm = Xb[:mb], Yb[:mb], tb[:mb]
-                    G += np.dot(Xm.T, Xm)
-                    UGU += np.dot(Ym.T, Ym)
-                    h += np.dot(Xm.T, tm)
-                    hU += np.dot(Ym.T, tm)
-                    mb = 0
-        for j in range(lo, hi if n < BLAS_MIN else lo):
-            i = items[j]
-            t = ratings[j] - mu - item_bias[i]
-            T += t
-            for p in range(r):
-                yp = FU[i, p]
-                sU[p] += yp
-                for q in range(p + 1):  # lower triangle; mirrored below
-                    UGU[p, q] += yp * FU[i, q]
-            for a in range(d):
-                s[a] += F[i, a]
-            if dual:
-                jj = j - lo
-                tt[jj] = t
-                for a in range(d):
-                    X[jj, a] = F[i, a]
+                    for q in range(p):
+                        UGU[q, p] = UGU[p, q]
+            # prior mean m_u and λ_w Σ̃⁻¹ m_u
+            if conditional:
+                nn = max(float(n), 1.0)
                 for p in range(r):
-                    Y[jj, p] = FU[i, p]
+                    z[p] = sU[p] / nn - z_bar[p]
+                for q in range(r):
+                    acc = 0.0
+                    for p in range(r):
+                        acc += z[p] * A_cond[p, q]
+                    m[q] = w_bar[q] + acc
             else:
-                for p in range(r):
-                    hU[p] += FU[i, p] * t
-                for a in range(d):
-                    xa = F[i, a]
-                    h[a] += xa * t
-                    for bb in range(d):
-                        G[a, bb] += xa * F[i, bb]
-        if n < BLAS_MIN:
-            for p in range(r):
-                for q in range(p):
-                    UGU[q, p] = UGU[p, q]
-        # prior mean m_u and λ_w Σ̃⁻¹ m_u
-        if conditional:
-            nn = max(float(n), 1.0)
-            for p in range(r):
-                z[p] = sU[p] / nn - z_bar[p]
+                for q in range(r):
+                    m[q] = w_bar[q]
             for q in range(r):
                 acc = 0.0
                 for p in range(r):
-                    acc += z[p] * A_cond[p, q]
-                m[q] = w_bar[q] + acc
-        else:
-            for q in range(r):
-                m[q] = w_bar[q]
-        for q in range(r):
-            acc = 0.0
+                    acc += m[p] * prec[p, q]
+                pm[q] = reg_w * acc
+            # the (c, w) system, factored once
+            M[0, 0] = float(n) + (reg_bias if user_bias else 0.0)
             for p in range(r):
-                acc += m[p] * prec[p, q]
-            pm[q] = reg_w * acc
-        # the (c, w) system, factored once
-        M[0, 0] = float(n) + (reg_bias if user_bias else 0.0)
-        for p in range(r):
-            M[0, p + 1] = sU[p]
-            M[p + 1, 0] = sU[p]
-            for q in range(r):
-                M[p + 1, q + 1] = UGU[p, q] + reg_w * prec[p, q]
-        if not user_bias:
-            for p in range(r + 1):
-                M[0, p] = 0.0
-                M[p, 0] = 0.0
-            M[0, 0] = 1.0
-        m_chol = _cholesky(M, Lm, r + 1)
-        # the b-step's ridge, factored once
-        if k > 0:
-            if dual:
-                for j in range(n):
-                    for jj in range(j + 1):
+                M[0, p + 1] = sU[p]
+                M[p + 1, 0] = sU[p]
+                for q in range(r):
+                    M[p + 1, q + 1] = UGU[p, q] + reg_w * prec[p, q]
+            if not user_bias:
+                for p in range(r + 1):
+                    M[0, p] = 0.0
+                    M[p, 0] = 0.0
+                M[0, 0] = 1.0
+            m_chol = _cholesky(M, Lm, r + 1)
+            # the b-step's ridge, factored once
+            if k > 0:
+                if dual:
+                    for j in range(n):
+                        for jj in range(j + 1):
+                            acc = 0.0
+                            for a in range(d):
+                                acc += X[j, a] * X[jj, a]
+                            G[j, jj] = acc
+                            G[jj, j] = acc
+                        G[j, j] += reg_b
+                    _cholesky(G, L, n)
+                else:
+                    for a in range(d):
+                        for bb in range(d):
+                            L[a, bb] = G[a, bb]
+                        L[a, a] += reg_b
+                    _cholesky(L, L, d)
+            for a in range(d):
+                b[a] = B[u, a]
+            cu = 0.0
+            for _ in range(n_inner):
+                nb = 0  # b's non-zero coordinates (at most k after the first round)
+                for a in range(d):
+                    if b[a] != 0.0:
+                        nzb[nb] = a
+                        nb += 1
+                if dual:
+                    rhs0 = 0.0
+                    for j in range(n):
+                        acc = tt[j]
+                        for p in range(nb):
+                            acc -= X[j, nzb[p]] * b[nzb[p]]
+                        ev[j] = acc
+                        rhs0 += acc
+                    rhs[0] = rhs0
+                    for q in range(r):
+                        acc = 0.0
+                        for j in range(n):
+                            acc += Y[j, q] * ev[j]
+                        rhs[q + 1] = acc + pm[q]
+                else:
+                    acc0 = T
+                    for p in range(nb):
+                        acc0 -= s[nzb[p]] * b[nzb[p]]
+                    for a in range(d):
+                        acc = 0.0
+                        for p in range(nb):
+                            acc += G[a, nzb[p]] * b[nzb[p]]
+                        Gb[a] = acc
+                    rhs[0] = acc0
+                    for q in range(r):
                         acc = 0.0
                         for a in range(d):
-                            acc += X[j, a] * X[jj, a]
-                        G[j, jj] = acc
-                        G[jj, j] = acc
-                    G[j, j] += reg_b
-                _cholesky(G, L, n)
-            else:
-                for a in range(d):
-                    for bb in range(d):
-                        L[a, bb] = G[a, bb]
-                    L[a, a] += reg_b
-                _cholesky(L, L, d)
-        for a in range(d):
-            b[a] = B[u, a]
-        cu = 0.0
-        for _ in range(n_inner):
-            nb = 0  # b's non-zero coordinates (at most k after the first round)
-            for a in range(d):
-                if b[a] != 0.0:
-                    nzb[nb] = a
-                    nb += 1
-            if dual:
-                rhs0 = 0.0
-                for j in range(n):
-                    acc = tt[j]
-                    for p in range(nb):
-                        acc -= X[j, nzb[p]] * b[nzb[p]]
-                    ev[j] = acc
-                    rhs0 += acc
-                rhs[0] = rhs0
-                for q in range(r):
-                    acc = 0.0
-                    for j in range(n):
-                        acc += Y[j, q] * ev[j]
-                    rhs[q + 1] = acc + pm[q]
-            else:
-                acc0 = T
-                for p in range(nb):
-                    acc0 -= s[nzb[p]] * b[nzb[p]]
-                for a in range(d):
-                    acc = 0.0
-                    for p in range(nb):
-                        acc += G[a, nzb[p]] * b[nzb[p]]
-                    Gb[a] = acc
-                rhs[0] = acc0
-                for q in range(r):
-                    acc = 0.0
-                    for a in range(d):
-                        acc += Gb[a] * U[a, q]
-                    rhs[q + 1] = hU[q] - acc + pm[q]
-            if not user_bias:
-                rhs[0] = 0.0
-            if m_chol:
-                _cholesky_solve(Lm, rhs, sol, r + 1)
-            else:
-                for p in range(r + 1):
-                    for q in range(r + 1):
-                        Lm[p, q] = M[p, q]
-                _lu_solve(Lm, rhs, sol, r + 1)
-            cu = sol[0]
-            if k > 0:
-                if dual:  # g = t - c - Y w; xr = Xᵀg; full = Xᵀ (XXᵀ + λ_b I)⁻¹ g
-                    for j in range(n):
-                        acc = tt[j] - cu
-                        for q in range(r):
-                            acc -= Y[j, q] * sol[q + 1]
-                        ev[j] = acc
-                    _cholesky_solve(L, ev, alpha, n)
-                    for a in range(d):
-                        acc = 0.0
-                        acc2 = 0.0
+                            acc += Gb[a] * U[a, q]
+                        rhs[q + 1] = hU[q] - acc + pm[q]
+                if not user_bias:
+                    rhs[0] = 0.0
+                if m_chol:
+                    _cholesky_solve(Lm, rhs, sol, r + 1)
+                else:
+                    for p in range(r + 1):
+                        for q in range(r + 1):
+                            Lm[p, q] = M[p, q]
+                    _lu_solve(Lm, rhs, sol, r + 1)
+                cu = sol[0]
+                if k > 0:
+                    if dual:  # g = t - c - Y w; xr = Xᵀg; full = Xᵀ (XXᵀ + λ_b I)⁻¹ g
                         for j in range(n):
-                            acc += X[j, a] * ev[j]
-                            acc2 += X[j, a] * alpha[j]
-                        xr[a] = acc
-                        full[a] = acc2
-                else:  # xr = h - c s - G (U w); full = (G + λ_b I)⁻¹ xr
-                    for a in range(d):
-                        acc = 0.0
-                        for q in range(r):
-                            acc += U[a, q] * sol[q + 1]
-                        v[a] = acc
-                    for a in range(d):
-                        acc = h[a] - cu * s[a]
-                        for bb in range(d):
-                            acc -= G[a, bb] * v[bb]
-                        xr[a] = acc
-                    _cholesky_solve(L, xr, full, d)
-                # top-k by |value|, ties to the lower index; then ascending indices
-                chosen[:] = False
-                for _kk in range(k):
-                    best = -1
-                    bv = 0.0
-                    for a in range(d):
-                        if not chosen[a]:
-                            va = abs(full[a])
-                            if best < 0 or va > bv:
-                                best = a
-                                bv = va
-                    chosen[best] = True
-                kk = 0
-                for a in range(d):
-                    if chosen[a]:
-                        idx[kk] = a
-                        kk += 1
-                for p in range(k):
-                    for q in range(p + 1):
-                        if dual:
+                            acc = tt[j] - cu
+                            for q in range(r):
+                                acc -= Y[j, q] * sol[q + 1]
+                            ev[j] = acc
+                        _cholesky_solve(L, ev, alpha, n)
+                        for a in range(d):
                             acc = 0.0
+                            acc2 = 0.0
                             for j in range(n):
-                                acc += X[j, idx[p]] * X[j, idx[q]]
-                        else:
-                            acc = G[idx[p], idx[q]]
-                        Ms[p, q] = acc
-                        Ms[q, p] = acc
-                    Ms[p, p] += reg_b
-                    rs[p] = xr[idx[p]]
-                _lu_solve(Ms, rs, vs, k)
-                b[:] = 0.0
-                for p in range(k):
-                    b[idx[p]] = vs[p]
-            else:
-                b[:] = 0.0
-        c[u] = cu
-        for q in range(r):
-            W[u, q] = sol[q + 1]
-        for a in range(d):
-            B[u, a] = b[a]
+                                acc += X[j, a] * ev[j]
+                                acc2 += X[j, a] * alpha[j]
+                            xr[a] = acc
+                            full[a] = acc2
+                    else:  # xr = h - c s - G (U w); full = (G + λ_b I)⁻¹ xr
+                        for a in range(d):
+                            acc = 0.0
+                            for q in range(r):
+                                acc += U[a, q] * sol[q + 1]
+                            v[a] = acc
+                        for a in range(d):
+                            acc = h[a] - cu * s[a]
+                            for bb in range(d):
+                                acc -= G[a, bb] * v[bb]
+                            xr[a] = acc
+                        _cholesky_solve(L, xr, full, d)
+                    # top-k by |value|, ties to the lower index; then ascending indices
+                    chosen[:] = False
+                    for _kk in range(k):
+                        best = -1
+                        bv = 0.0
+                        for a in range(d):
+                            if not chosen[a]:
+                                va = abs(full[a])
+                                if best < 0 or va > bv:
+                                    best = a
+                                    bv = va
+                        chosen[best] = True
+                    kk = 0
+                    for a in range(d):
+                        if chosen[a]:
+                            idx[kk] = a
+                            kk += 1
+                    for p in range(k):
+                        for q in range(p + 1):
+                            if dual:
+                                acc = 0.0
+                                for j in range(n):
+                                    acc += X[j, idx[p]] * X[j, idx[q]]
+                            else:
+                                acc = G[idx[p], idx[q]]
+                            Ms[p, q] = acc
+                            Ms[q, p] = acc
+                        Ms[p, p] += reg_b
+                        rs[p] = xr[idx[p]]
+                    _lu_solve(Ms, rs, vs, k)
+                    b[:] = 0.0
+                    for p in range(k):
+                        b[idx[p]] = vs[p]
+                else:
+                    b[:] = 0.0
+            c[u] = cu
+            for q in range(r):
+                W[u, q] = sol[q + 1]
+            for a in range(d):
+                B[u, a] = b[a]
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
 def fit_users(
     indptr: np.ndarray,  # (n_users + 1,) int64, absolute offsets into items / ratings
     items: np.ndarray,  # int32, the rated items in user order
@@ -440,32 +472,32 @@ def fit_users(
     (an n × n Cholesky), else from the d × d Gram (Cholesky, factored once per user)."""
     n_users = indptr.shape[0] - 1
     n_chunks = (n_users + CHUNK - 1) // CHUNK
-    for ch in prange(n_chunks):
-        _fit_users_chunk(
-            ch,
-            indptr,
-            items,
-            ratings,
-            F,
-            FU,
-            item_bias,
-            mu,
-            U,
-            B,
-            W,
-            c,
-            k,
-            user_bias,
-            reg_w,
-            reg_b,
-            reg_bias,
-            n_inner,
-            prec,
-            w_bar,
-            z_bar,
-            A_cond,
-            conditional,
-        )
+    _map_chunks(
+        _fit_users_range,
+        n_chunks,
+        indptr,
+        items,
+        ratings,
+        F,
+        FU,
+        item_bias,
+        mu,
+        U,
+        B,
+        W,
+        c,
+        k,
+        user_bias,
+        reg_w,
+        reg_b,
+        reg_bias,
+        n_inner,
+        prec,
+        w_bar,
+        z_bar,
+        A_cond,
+        conditional,
+    )
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -612,9 +644,10 @@ def item_statistics(
 # ------------------------------------------------------------------------------------------------
 # biased ALS-WR initialisation
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, fastmath=FAST)
-def _als_half_step_chunk(
-    ch: int,
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _als_half_step_range(
+    c0: int,
+    c1: int,
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
     y: np.ndarray,  # ratings in own order
@@ -626,65 +659,65 @@ def _als_half_step_chunk(
     min_count: float,
     out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
 ) -> None:
-    """Rows [ch·CHUNK, (ch+1)·CHUNK) of :func:`als_half_step` (one parallel task)."""
-    n_own = indptr.shape[0] - 1
-    dim = other_f.shape[1]
-    e = dim + 1
-    G = np.empty((e, e))
-    L = np.empty((e, e))
-    h = np.empty(e)
-    x = np.empty(e)
-    tt = np.empty(e)
-    alpha = np.empty(e)
-    rows = np.empty(e, dtype=np.int64)
-    Zb = np.empty((BLAS_ROWS, e))
-    tb = np.empty(BLAS_ROWS)
-    for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
-        lo, hi = indptr[o], indptr[o + 1]
-        n = hi - lo
-        lam = reg * max(float(n), min_count)
-        if n < e and lam > 0.0 and reg_bias > 0.0:
-            for j in range(n):
-                q = other[lo + j]
-                rows[j] = q
-                tt[j] = y[lo + j] - mu - other_bias[q]
-            inv_b, inv_f = 1.0 / reg_bias, 1.0 / lam
-            for j in range(n):
-                qj = rows[j]
-                for jj in range(j + 1):
-                    qk = rows[jj]
-                    acc = 0.0
-                    for a in range(dim):
-                        acc += other_f[qj, a] * other_f[qk, a]
-                    v = inv_b + acc * inv_f
-                    G[j, jj] = v
-                    G[jj, j] = v
-                G[j, j] += 1.0
-            _cholesky(G, L, n)
-            _cholesky_solve(L, tt, alpha, n)
-            acc = 0.0
-            for j in range(n):
-                acc += alpha[j]
-            out[o, 0] = acc * inv_b
-            for a in range(dim):
+    """Row chunks [c0, c1) of :func:`als_half_step` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_own = indptr.shape[0] - 1
+        dim = other_f.shape[1]
+        e = dim + 1
+        G = np.empty((e, e))
+        L = np.empty((e, e))
+        h = np.empty(e)
+        x = np.empty(e)
+        tt = np.empty(e)
+        alpha = np.empty(e)
+        rows = np.empty(e, dtype=np.int64)
+        Zb = np.empty((BLAS_ROWS, e))
+        tb = np.empty(BLAS_ROWS)
+        for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
+            lo, hi = indptr[o], indptr[o + 1]
+            n = hi - lo
+            lam = reg * max(float(n), min_count)
+            if n < e and lam > 0.0 and reg_bias > 0.0:
+                for j in range(n):
+                    q = other[lo + j]
+                    rows[j] = q
+                    tt[j] = y[lo + j] - mu - other_bias[q]
+                inv_b, inv_f = 1.0 / reg_bias, 1.0 / lam
+                for j in range(n):
+                    qj = rows[j]
+                    for jj in range(j + 1):
+                        qk = rows[jj]
+                        acc = 0.0
+                        for a in range(dim):
+                            acc += other_f[qj, a] * other_f[qk, a]
+                        v = inv_b + acc * inv_f
+                        G[j, jj] = v
+                        G[jj, j] = v
+                    G[j, j] += 1.0
+                _cholesky(G, L, n)
+                _cholesky_solve(L, tt, alpha, n)
                 acc = 0.0
                 for j in range(n):
-                    acc += other_f[rows[j], a] * alpha[j]
-                out[o, a + 1] = acc * inv_f
-            continue
-        _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
-        G[0, 0] += reg_bias
-        for a in range(1, e):
-            G[a, a] += lam
-        if _cholesky(G, L, e):
-            _cholesky_solve(L, h, x, e)
-        else:
-            _lu_solve(G, h, x, e)
-        for a in range(e):
-            out[o, a] = x[a]
+                    acc += alpha[j]
+                out[o, 0] = acc * inv_b
+                for a in range(dim):
+                    acc = 0.0
+                    for j in range(n):
+                        acc += other_f[rows[j], a] * alpha[j]
+                    out[o, a + 1] = acc * inv_f
+                continue
+            _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
+            G[0, 0] += reg_bias
+            for a in range(1, e):
+                G[a, a] += lam
+            if _cholesky(G, L, e):
+                _cholesky_solve(L, h, x, e)
+            else:
+                _lu_solve(G, h, x, e)
+            for a in range(e):
+                out[o, a] = x[a]
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
 def als_half_step(
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
@@ -703,15 +736,26 @@ def als_half_step(
     (Cholesky; LU when not positive definite)."""
     n_own = indptr.shape[0] - 1
     n_chunks = (n_own + CHUNK - 1) // CHUNK
-    for ch in prange(n_chunks):
-        _als_half_step_chunk(
-            ch, indptr, other, y, other_f, other_bias, mu, reg, reg_bias, min_count, out
-        )
+    _map_chunks(
+        _als_half_step_range,
+        n_chunks,
+        indptr,
+        other,
+        y,
+        other_f,
+        other_bias,
+        mu,
+        reg,
+        reg_bias,
+        min_count,
+        out,
+    )
 
 
-@njit(cache=True, fastmath=FAST)
-def _als_half_step_cg_chunk(
-    ch: int,
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _als_half_step_cg_range(
+    c0: int,
+    c1: int,
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
     y: np.ndarray,  # ratings in own order
@@ -724,79 +768,79 @@ def _als_half_step_cg_chunk(
     out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
     cg_steps: int,
 ) -> None:
-    """Rows [ch·CHUNK, (ch+1)·CHUNK) of :func:`als_half_step_cg` (one parallel task)."""
-    n_own = indptr.shape[0] - 1
-    dim = other_f.shape[1]
-    e = dim + 1
-    x = np.empty(e)
-    r = np.empty(e)
-    z = np.empty(e)
-    pv = np.empty(e)
-    q = np.empty(e)
-    dg = np.empty(e)
-    minv = np.empty(e)
-    for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
-        lo, hi = indptr[o], indptr[o + 1]
-        lam = reg * max(float(hi - lo), min_count)
-        dg[0] = reg_bias
-        for a in range(1, e):
-            dg[a] = lam
-        for a in range(e):
-            x[a] = out[o, a]
-            r[a] = -dg[a] * x[a]
-            minv[a] = dg[a]
-        # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
-        for j in range(lo, hi):
-            qi = other[j]
-            s = y[j] - mu - other_bias[qi] - x[0]
-            for a in range(dim):
-                s -= other_f[qi, a] * x[a + 1]
-            r[0] += s
-            minv[0] += 1.0
-            for a in range(dim):
-                fa = other_f[qi, a]
-                r[a + 1] += s * fa
-                minv[a + 1] += fa * fa
-        rz = 0.0
-        for a in range(e):
-            minv[a] = 1.0 / minv[a] if minv[a] > 0.0 else 1.0
-            z[a] = minv[a] * r[a]
-            pv[a] = z[a]
-            rz += r[a] * z[a]
-        for _ in range(cg_steps):
-            if not rz > 0.0:
-                break
+    """Row chunks [c0, c1) of :func:`als_half_step_cg` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_own = indptr.shape[0] - 1
+        dim = other_f.shape[1]
+        e = dim + 1
+        x = np.empty(e)
+        r = np.empty(e)
+        z = np.empty(e)
+        pv = np.empty(e)
+        q = np.empty(e)
+        dg = np.empty(e)
+        minv = np.empty(e)
+        for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
+            lo, hi = indptr[o], indptr[o + 1]
+            lam = reg * max(float(hi - lo), min_count)
+            dg[0] = reg_bias
+            for a in range(1, e):
+                dg[a] = lam
             for a in range(e):
-                q[a] = dg[a] * pv[a]
+                x[a] = out[o, a]
+                r[a] = -dg[a] * x[a]
+                minv[a] = dg[a]
+            # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
             for j in range(lo, hi):
                 qi = other[j]
-                s = pv[0]
+                s = y[j] - mu - other_bias[qi] - x[0]
                 for a in range(dim):
-                    s += other_f[qi, a] * pv[a + 1]
-                q[0] += s
+                    s -= other_f[qi, a] * x[a + 1]
+                r[0] += s
+                minv[0] += 1.0
                 for a in range(dim):
-                    q[a + 1] += s * other_f[qi, a]
-            pq = 0.0
+                    fa = other_f[qi, a]
+                    r[a + 1] += s * fa
+                    minv[a + 1] += fa * fa
+            rz = 0.0
             for a in range(e):
-                pq += pv[a] * q[a]
-            if not pq > 0.0:
-                break
-            alpha = rz / pq
-            rz_new = 0.0
-            for a in range(e):
-                x[a] += alpha * pv[a]
-                r[a] -= alpha * q[a]
+                minv[a] = 1.0 / minv[a] if minv[a] > 0.0 else 1.0
                 z[a] = minv[a] * r[a]
-                rz_new += r[a] * z[a]
-            beta = rz_new / rz
+                pv[a] = z[a]
+                rz += r[a] * z[a]
+            for _ in range(cg_steps):
+                if not rz > 0.0:
+                    break
+                for a in range(e):
+                    q[a] = dg[a] * pv[a]
+                for j in range(lo, hi):
+                    qi = other[j]
+                    s = pv[0]
+                    for a in range(dim):
+                        s += other_f[qi, a] * pv[a + 1]
+                    q[0] += s
+                    for a in range(dim):
+                        q[a + 1] += s * other_f[qi, a]
+                pq = 0.0
+                for a in range(e):
+                    pq += pv[a] * q[a]
+                if not pq > 0.0:
+                    break
+                alpha = rz / pq
+                rz_new = 0.0
+                for a in range(e):
+                    x[a] += alpha * pv[a]
+                    r[a] -= alpha * q[a]
+                    z[a] = minv[a] * r[a]
+                    rz_new += r[a] * z[a]
+                beta = rz_new / rz
+                for a in range(e):
+                    pv[a] = z[a] + beta * pv[a]
+                rz = rz_new
             for a in range(e):
-                pv[a] = z[a] + beta * pv[a]
-            rz = rz_new
-        for a in range(e):
-            out[o, a] = x[a]
+                out[o, a] = x[a]
 
 
-@njit(cache=True, parallel=True, fastmath=FAST)
 def als_half_step_cg(
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
@@ -816,10 +860,21 @@ def als_half_step_cg(
     (q = Σ z (zᵀp) + D p), the steps of ``features.als_solve(x0=..., cg_steps=...)``."""
     n_own = indptr.shape[0] - 1
     n_chunks = (n_own + CHUNK - 1) // CHUNK
-    for ch in prange(n_chunks):
-        _als_half_step_cg_chunk(
-            ch, indptr, other, y, other_f, other_bias, mu, reg, reg_bias, min_count, out, cg_steps
-        )
+    _map_chunks(
+        _als_half_step_cg_range,
+        n_chunks,
+        indptr,
+        other,
+        y,
+        other_f,
+        other_bias,
+        mu,
+        reg,
+        reg_bias,
+        min_count,
+        out,
+        cg_steps,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -857,8 +912,10 @@ class NumbaKernels:
     def set_threads(self, n: int) -> None:
         import numba
 
+        global _threads
         cap = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
         numba.set_num_threads(max(1, min(int(n), cap)))
+        _threads = max(1, int(n))
 
 
 def install(n_threads: int | None = None) -> NumbaKernels:

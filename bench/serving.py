@@ -11,8 +11,11 @@ One run, one (embedded, fresh) Redis:
 3. ``lrs-rec serve`` in a subprocess on 127.0.0.1 and a small asyncio keep-alive HTTP/1.1 client with a
    fixed number of connections (bounded load) for ``--http-seconds`` against ``/v1/recommend`` and
    then the trivial ``/healthz`` of the same server; then the same at 1, 16 and 64 concurrent
-   clients (``http_by_clients``: req/s and p50/p99 of both, and recommend's share of the constant
-   endpoint's req/s; target >= 0.8);
+   clients for users drawn uniformly and Zipf-distributed from the whole model (each draw sent
+   once), each on a fresh server with the user cache on (the default) and off (``--user-cache 0``)
+   (``http_by_clients_detail``: req/s and p50/p99 of both endpoints, server CPU per request, the
+   cache's hit rate, and recommend's share of the constant endpoint's req/s; target >= 0.8;
+   ``http_by_clients``: the uniform, cache-on cells);
 4. Redis paused (SIGSTOP of the embedded redis-server for ``--pause-seconds``) while 16 clients ask
    for recommendations: latency of ``/healthz`` meanwhile and what the Redis-bound requests got
    (``redis_paused``; target: /healthz <= 50 ms, recommend 503 within the Redis timeout).
@@ -63,8 +66,16 @@ class _LoadClient(asyncio.Protocol):
     shares the machine's two cores with the server and Redis, costs little and the same for every
     endpoint (its CPU per request is reported as ``client_cpu_us``)."""
 
-    def __init__(self, requests: list[bytes], offset: int, stop: float, out: dict[str, Any]):
+    def __init__(
+        self,
+        requests: list[bytes],
+        offset: int,
+        stop: float,
+        out: dict[str, Any],
+        cursor: list[int] | None = None,
+    ):
         self.requests, self.k, self.stop, self.out = requests, offset, stop, out
+        self.cursor = cursor  # shared by all clients (and calls): each request of the list once
         self.buf = b""
         self.t = 0.0
         self.transport: Any = None
@@ -76,6 +87,10 @@ class _LoadClient(asyncio.Protocol):
 
     def _send(self) -> None:
         self.t = time.perf_counter()
+        if self.cursor is not None:
+            self.transport.write(self.requests[self.cursor[0] % len(self.requests)])
+            self.cursor[0] += 1
+            return
         self.transport.write(self.requests[self.k % len(self.requests)])
         self.k += 1
 
@@ -108,11 +123,17 @@ class _LoadClient(asyncio.Protocol):
 
 
 async def _http_load(
-    port: int, request: bytes | list[bytes], *, connections: int, seconds: float
+    port: int,
+    request: bytes | list[bytes],
+    *,
+    connections: int,
+    seconds: float,
+    cursor: list[int] | None = None,
 ) -> tuple[int, list[float], int]:
     """Closed-loop load: ``connections`` keep-alive clients (:class:`_LoadClient`), each sending
     the next request when the previous answer is in (cycling through ``request`` when it is a
-    list, each connection from its own offset) for ``seconds``."""
+    list, each connection from its own offset; with ``cursor``, all connections take the next
+    request of the list in turn, continuing where the last call stopped) for ``seconds``."""
     loop = asyncio.get_running_loop()
     out: dict[str, Any] = {"latencies": [], "errors": 0}
     stop = time.perf_counter() + seconds
@@ -120,11 +141,66 @@ async def _http_load(
     clients = []
     for i in range(connections):
         _, client = await loop.create_connection(
-            lambda i=i: _LoadClient(requests, 97 * i, stop, out), "127.0.0.1", port
+            lambda i=i: _LoadClient(requests, 97 * i, stop, out, cursor), "127.0.0.1", port
         )
         clients.append(client)
     await asyncio.gather(*(c.done for c in clients))
     return len(out["latencies"]), out["latencies"], out["errors"]
+
+
+def _compare(
+    port: int,
+    pid: int,
+    endpoints: dict[str, list[bytes]],
+    clients: int,
+    seconds: float,
+    rounds: int,
+    cursor: list[int],
+) -> dict[str, float]:
+    """recommend vs the constant endpoint with ``clients`` closed-loop clients, alternating in
+    ``rounds`` slices of ``seconds / rounds`` each: req/s, p50/p99, server and client CPU per
+    request, and the user cache's hit rate over the recommend slices. The recommend requests are
+    taken in turn from the list, continuing at ``cursor`` (each draw of a user once)."""
+    row: dict[str, float] = {}
+    acc: dict[str, tuple[int, list[float], int, float, float]] = {
+        key: (0, [], 0, 0.0, 0.0) for key in endpoints
+    }
+    for key, req in endpoints.items():  # warm-up
+        c = cursor if key == "recommend" else None
+        asyncio.run(_http_load(port, req, connections=clients, seconds=0.3, cursor=c))
+    hits, misses = 0.0, 0.0
+    for _ in range(rounds):
+        for key, req in endpoints.items():
+            if key == "recommend":
+                h0, m0 = _cache_lookups(port)
+            cpu, own = _cpu_seconds(pid), time.process_time()
+            n, lat, errors = asyncio.run(
+                _http_load(
+                    port,
+                    req,
+                    connections=clients,
+                    seconds=seconds / rounds,
+                    cursor=cursor if key == "recommend" else None,
+                )
+            )
+            used, own = _cpu_seconds(pid) - cpu, time.process_time() - own
+            if key == "recommend":
+                h1, m1 = _cache_lookups(port)
+                hits, misses = hits + h1 - h0, misses + m1 - m0
+            a = acc[key]
+            acc[key] = (a[0] + n, a[1] + lat, a[2] + errors, a[3] + used, a[4] + own)
+    for key, (n, lat, errors, used, own) in acc.items():
+        row[f"{key}_rps"] = round(n / seconds, 1)
+        row[f"{key}_p50_ms"] = round(_pct(lat, 50) * 1e3, 3)
+        row[f"{key}_p99_ms"] = round(_pct(lat, 99) * 1e3, 3)
+        row[f"{key}_errors"] = errors
+        # the server's own CPU per request: less sensitive to a busy machine than req/s
+        row[f"{key}_server_cpu_us"] = round(used / max(n, 1) * 1e6, 1)
+        row[f"{key}_client_cpu_us"] = round(own / max(n, 1) * 1e6, 1)  # the load generator's
+    row["recommend_over_constant_rps"] = round(row["recommend_rps"] / row["constant_rps"], 3)
+    if hits + misses:
+        row["cache_hit_rate"] = round(hits / (hits + misses), 3)
+    return row
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -270,6 +346,79 @@ async def _asgi_overhead(rec: Any, user_id: str, top_n: int, *, n: int) -> dict[
     return res
 
 
+def _start_server(model_dir: Path, home: Path, port: int, extra: list[str]) -> Any:
+    """``lrs-rec serve`` on 127.0.0.1:``port`` against the embedded Redis of ``home``."""
+    from lrs_rec.serving.connection import embedded_socket
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lrs_rec.serving.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--redis",
+            f"unix://{embedded_socket(home)}",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("lrs-rec serve did not start") from None
+            time.sleep(0.1)
+    return proc
+
+
+def _cache_lookups(port: int) -> tuple[float, float]:
+    """(hits, misses) of the server's user cache so far, from /metrics (0, 0 without a cache)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    found = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        if line.startswith("lrs_user_cache_lookups_total{"):
+            key = "hit" if 'result="hit"' in line else "miss"
+            found[key] = float(line.rsplit(" ", 1)[1])
+    return found["hit"], found["miss"]
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of process ``pid`` in MB (Linux /proc)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def _user_draws(n_users: int, count: int, dist: str, rng: random.Random, s: float) -> list[int]:
+    """``count`` user positions: uniform over all users, or Zipf (the user of popularity rank r
+    drawn with probability ∝ 1 / r^s; ranks assigned to users at random)."""
+    if dist == "uniform":
+        return [rng.randrange(n_users) for _ in range(count)]
+    weights = 1.0 / np.arange(1, n_users + 1, dtype=np.float64) ** s
+    cdf = np.cumsum(weights / weights.sum())
+    ranks = np.searchsorted(cdf, [rng.random() for _ in range(count)], side="right")
+    ranks = np.minimum(ranks, n_users - 1)
+    order = list(range(n_users))
+    random.Random(rng.random()).shuffle(order)
+    return [order[int(r)] for r in ranks]
+
+
 def _post(path: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     return (
@@ -304,8 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--http-users",
         type=int,
-        default=10_000,
-        help="recommend requests cycle through this many users drawn at random from the model",
+        default=100_000,
+        help="recommend requests go through this many draws of users from the whole model "
+        "(uniform, and Zipf), each draw once (then from the start again)",
+    )
+    p.add_argument(
+        "--zipf-s",
+        type=float,
+        default=1.1,
+        help="exponent of the skewed (Zipf) user distribution of the recommend requests",
     )
     p.add_argument("--pause-seconds", type=float, default=3.0, help="0: no Redis pause")
     p.add_argument("--seed", type=int, default=0)
@@ -321,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from lrs_rec.serving.connection import connect, embedded_socket, stop_embedded
+    from lrs_rec.serving.connection import connect, stop_embedded
     from lrs_rec.serving.recommender import Recommender
     from lrs_rec.serving.store import RedisStore
     from lrs_rec.training.export import export_model_dir
@@ -443,36 +599,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # -- HTTP ---------------------------------------------------------------------------------
         port = _free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lrs_rec.serving.cli",
-                "serve",
-                "--model",
-                str(model_dir),
-                "--redis",
-                f"unix://{embedded_socket(home)}",
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("lrs-rec serve did not start") from None
-                time.sleep(0.1)
-        body = {"user_id": users[0], "n": args.top_n, "exclude_rated": True}
+        proc = _start_server(model_dir, home, port, [])
+        many = [
+            _post("/v1/recommend", {"user_id": u, "n": args.top_n, "exclude_rated": True})
+            for u in users
+        ]
         for path, req, key in (
-            ("/v1/recommend", _post("/v1/recommend", body), "http"),
-            ("/healthz", _get("/healthz"), "http_trivial"),
+            ("/v1/recommend", many, "http"),
+            ("/healthz", [_get("/healthz")], "http_trivial"),
         ):
             asyncio.run(_http_load(port, req, connections=args.http_connections, seconds=0.5))
             n, lat, errors = asyncio.run(
@@ -485,62 +619,64 @@ def main(argv: list[str] | None = None) -> int:
             log(f"HTTP {path}: {out[f'{key}_rps']} req/s, p99 {out[f'{key}_p99_ms']} ms")
         out["http_connections"] = args.http_connections
         out["http_seconds"] = args.http_seconds
-        # recommend (many users) next to the constant endpoint, at several client counts
-        # users drawn uniformly from the whole population (no repeated-user shortcut: every request
-        # reads a record and a history from Redis and scores anew; the server caches no answers)
+        # recommend next to the constant endpoint, at several client counts, for two user
+        # distributions, with the server's user cache on (the default) and off (a second server,
+        # --user-cache 0). Users are drawn from the whole population: every miss reads a record
+        # and a history from Redis, every request is scored anew (no answer is cached).
         http_rng = random.Random(args.seed + 1)
-        recs = [
-            _post(
-                "/v1/recommend",
-                {
-                    "user_id": model.user_ids[http_rng.randrange(model.n_users)],
-                    "n": args.top_n,
-                    "exclude_rated": True,
-                },
-            )
-            for _ in range(args.http_users)
-        ]
+        requests: dict[str, list[bytes]] = {}
+        for dist in ("uniform", "zipf"):
+            draws = _user_draws(model.n_users, args.http_users, dist, http_rng, args.zipf_s)
+            requests[dist] = [
+                _post(
+                    "/v1/recommend",
+                    {"user_id": model.user_ids[u], "n": args.top_n, "exclude_rated": True},
+                )
+                for u in draws
+            ]
+            out[f"http_{dist}_distinct_users"] = len(set(draws))
+        recs = requests["uniform"]
         out["http_users"] = args.http_users
-        by_clients: dict[str, dict[str, float]] = {}
-        # the server builds the onboarding prior in the background when it starts: let it finish
-        out["server_idle_after_s"] = _wait_idle(proc.pid)
-        endpoints = {"recommend": recs, "constant": [_get("/healthz")]}
+        out["zipf_s"] = args.zipf_s
         rounds = 4  # the two endpoints alternate in short slices: a busy machine hits both alike
-        for clients in (int(c) for c in args.http_clients.split(",")):
-            row: dict[str, float] = {}
-            acc: dict[str, tuple[int, list[float], int, float, float]] = {
-                key: (0, [], 0, 0.0, 0.0) for key in endpoints
-            }
-            for req in endpoints.values():  # warm-up
-                asyncio.run(_http_load(port, req, connections=clients, seconds=0.3))
-            for _ in range(rounds):
-                for key, req in endpoints.items():
-                    cpu, own = _cpu_seconds(proc.pid), time.process_time()
-                    n, lat, errors = asyncio.run(
-                        _http_load(
-                            port, req, connections=clients, seconds=args.http_seconds / rounds
+        detail: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        rss: dict[str, dict[str, float]] = {}
+        for dist in ("uniform", "zipf"):
+            # fresh servers per distribution (an empty cache): cache on (the default) and off
+            servers: dict[str, tuple[int, Any]] = {}
+            try:
+                for mode, extra in (("cache_on", []), ("cache_off", ["--user-cache", "0"])):
+                    p_ = _free_port()
+                    servers[mode] = (p_, _start_server(model_dir, home, p_, extra))
+                # they build the onboarding prior in the background when they start: let them
+                idle = max(_wait_idle(srv.pid) for _, srv in servers.values())
+                out.setdefault("server_idle_after_s", {})[dist] = idle
+                for mode, (srv_port, srv) in servers.items():
+                    cells = detail.setdefault(dist, {}).setdefault(mode, {})
+                    endpoints = {"recommend": requests[dist], "constant": [_get("/healthz")]}
+                    cursor = [0]  # both servers get the same sequence of users
+                    for clients in (int(c) for c in args.http_clients.split(",")):
+                        cells[str(clients)] = _compare(
+                            srv_port, srv.pid, endpoints, clients, args.http_seconds, rounds, cursor
                         )
-                    )
-                    used, own = _cpu_seconds(proc.pid) - cpu, time.process_time() - own
-                    a = acc[key]
-                    acc[key] = (a[0] + n, a[1] + lat, a[2] + errors, a[3] + used, a[4] + own)
-            for key, (n, lat, errors, used, own) in acc.items():
-                row[f"{key}_rps"] = round(n / args.http_seconds, 1)
-                row[f"{key}_p50_ms"] = round(_pct(lat, 50) * 1e3, 3)
-                row[f"{key}_p99_ms"] = round(_pct(lat, 99) * 1e3, 3)
-                row[f"{key}_errors"] = errors
-                # the server's own CPU per request: less sensitive to a busy machine than req/s
-                row[f"{key}_server_cpu_us"] = round(used / n * 1e6, 1)
-                row[f"{key}_client_cpu_us"] = round(own / n * 1e6, 1)  # the load generator's
-            row["recommend_over_constant_rps"] = round(
-                row["recommend_rps"] / row["constant_rps"], 3
-            )
-            by_clients[str(clients)] = row
-            log(
-                f"{clients} clients: recommend {row['recommend_rps']} req/s "
-                f"(p99 {row['recommend_p99_ms']} ms), constant {row['constant_rps']} req/s: "
-                f"{row['recommend_over_constant_rps']}x"
-            )
+                        row = cells[str(clients)]
+                        log(
+                            f"{dist}, {mode}, {clients} clients: recommend {row['recommend_rps']} "
+                            f"req/s (p99 {row['recommend_p99_ms']} ms, cache hits "
+                            f"{row.get('cache_hit_rate', '-')}), constant {row['constant_rps']} "
+                            f"req/s: {row['recommend_over_constant_rps']}x"
+                        )
+                    sent = out.setdefault("http_recommend_requests_sent", {})
+                    sent.setdefault(dist, {})[mode] = cursor[0]
+                    rss[f"{dist}_{mode}"] = _rss_mb(srv.pid)
+            finally:
+                for _, srv in servers.values():
+                    srv.terminate()
+                    srv.wait(10)
+        out["server_rss_mb"] = rss
+        out["http_by_clients_detail"] = detail
+        # the headline (issue 16's key): the default server (cache on), users drawn uniformly
+        by_clients = detail["uniform"]["cache_on"]
         out["http_by_clients"] = by_clients
         if args.pause_seconds > 0:
             pid = int(store.r.info("server")["process_id"])
@@ -556,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["recommend_over_constant_rps"] >= 0.8
                 for clients, row in by_clients.items()
                 if int(clients) >= 16
+            ),
+            "recommend_ge_0.8x_constant_rps_at_every_level": all(
+                row["recommend_over_constant_rps"] >= 0.8 for row in by_clients.values()
             ),
         }
         if "redis_paused" in out:

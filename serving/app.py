@@ -57,6 +57,7 @@ from lrs_rec.serving.recommender import (
     StoreUnavailableError,
     UnknownItemsError,
 )
+from lrs_rec.serving.render import recommend_json
 from lrs_rec.serving.strict_json import duplicate_key
 from pydantic import (
     BaseModel,
@@ -270,8 +271,11 @@ def create_app(
     # a Redis call may take
     offload = Offload(limits.threads, queue_timeout=recommender.handle.socket_timeout)
     app.state.offload = offload
-    front = AsyncFront(recommender, offload)  # score / recommend: Redis read on the loop
+    # score / recommend: Redis read on the loop; recommend's rows cached (serving.user_cache)
+    front = AsyncFront(recommender, offload, cache=limits.user_cache)
     app.state.front = front
+    if front.cache is not None:
+        metrics.watch_user_cache(front.cache)
     inner_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -388,16 +392,10 @@ def create_app(
             return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
         if (bad := _bad_user_id(req.user_id)) is not None:
             return bad
-        res = await front.recommend(req.user_id, req.n, req.exclude_rated)
-        _personalized("/v1/recommend", res.personalized).inc()
-        return JSONResponse(
-            {
-                "user_id": res.user_id,
-                "items": [{"item_id": i, "score": s} for i, s in res.items],
-                "personalized": res.personalized,
-                "model_version": res.model_version,
-            }
-        )
+        top = await front.recommend_top(req.user_id, req.n, req.exclude_rated)
+        _personalized("/v1/recommend", top.personalized).inc()
+        # written from the item indices and scores (serving.render; == orjson of the dict, tested)
+        return Response(recommend_json(top), media_type="application/json")
 
     @app.put(
         "/v1/users/{user_id:lrs_user_id}/ratings",
@@ -417,6 +415,8 @@ def create_app(
             res = await offload(rec.onboard, user_id, ratings)
         except OnboardingInputError as e:
             return _error(422, str(e))
+        finally:  # Redis invalidates it too (CLIENT TRACKING); this is at once
+            front.forget_user(user_id)
         return JSONResponse(
             {
                 "user_id": res.user_id,
@@ -456,6 +456,8 @@ def create_app(
             res = await offload(erase_user, rec, user_id)
         except OnboardingInputError as e:
             return _error(422, str(e))
+        finally:
+            front.forget_user(user_id)
         return JSONResponse(
             {
                 "user_id": res.user_id,

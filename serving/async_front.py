@@ -31,9 +31,11 @@ from lrs_rec.serving.recommender import (
     Recommender,
     RecommendResult,
     ScoreResult,
+    TopItems,
 )
 from lrs_rec.serving.resp_pipe import RespPipe, pack, pipe_for
 from lrs_rec.serving.store import UserLocation
+from lrs_rec.serving.user_cache import UserCache
 
 MAX_CONNECTIONS = (
     512  # asyncio Redis connections per process (beyond: a 503 "too many connections")
@@ -48,21 +50,30 @@ class AsyncFront:
     """``await front.score(user_id, item_ids)`` / ``await front.recommend(user_id, n, excl)``.
 
     ``pipe=False`` reads through ``redis.asyncio`` even where the pipe would do (the reference twin);
-    ``batch=False`` scores every recommendation on its own."""
+    ``batch=False`` scores every recommendation on its own; ``cache=N`` keeps up to N users'
+    Redis rows for recommend (:mod:`lrs_rec.serving.user_cache`; 0: none), only on a pipe to a
+    unix socket (a local server: a dead peer is seen at once) that tracks its reads."""
 
     def __init__(
-        self, rec: Recommender, offload: Offload, *, pipe: bool = True, batch: bool = True
+        self,
+        rec: Recommender,
+        offload: Offload,
+        *,
+        pipe: bool = True,
+        batch: bool = True,
+        cache: int = 0,
     ) -> None:
         self.rec = rec
         self.offload = offload
         self.use_pipe = pipe
         self.batch = batch
+        self.cache = UserCache(cache) if cache and pipe else None
         self._client: Any = None
         self._pipe: RespPipe | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._direct: bool | None = None  # None: not decided yet (needs the sync client)
-        self._pending: list[tuple[Any, str, int, Any, asyncio.Future[RecommendResult]]] = []
-        self._heads: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+        self._pending: list[tuple[Any, str, int, Any, asyncio.Future[TopItems]]] = []
+        self._heads: dict[tuple[str, int], tuple[bytes, bytes, bytes, bytes]] = {}
         self._reading = 0  # recommendations waiting for their Redis replies
         self.batches = 0  # scoring runs of more than one request (tests, metrics)
         self.batched = 0  # requests scored in those runs
@@ -97,13 +108,18 @@ class AsyncFront:
         if self._loop is not loop:
             self._client, self._pipe, self._loop = None, None, loop
             self._pending = []
+            if self.cache is not None:
+                self.cache.clear()
             if self.use_pipe:
                 handle = self.rec.handle
                 self._pipe = pipe_for(
                     handle.client,
                     timeout=handle.socket_timeout,
                     connect_timeout=handle.connect_timeout,
+                    tracking=self.cache is not None and _unix_path(handle.client) is not None,
                 )
+                if self._pipe is not None and self.cache is not None:
+                    self._pipe.listener = self.cache.invalidate
 
     def _redis(self) -> Any:
         self._bind()
@@ -136,12 +152,18 @@ class AsyncFront:
         """The RESP of the record's (and history's) HGET of ``user_id`` in version ``meta`` —
         the same keys and field as ``store.locate`` (tested), with each bucket's two key
         prefixes packed once and kept (a bounded cache)."""
+        return self._packed(meta, user_id, index, with_history)[0]
+
+    def _packed(
+        self, meta: Any, user_id: str, index: int | None, with_history: bool
+    ) -> tuple[bytes, tuple[bytes, bytes]]:
+        """:meth:`_hgets` and the two keys read (the record's and the history's hash)."""
         if index is None or index < 0:
             loc = self.rec.store.locate(meta, user_id, index)
             commands = [("HGET", loc.params_key, loc.field)]
             if with_history:
                 commands.append(("HGET", loc.history_key, loc.field))
-            return pack(commands)
+            return pack(commands), (_b(loc.params_key), _b(loc.history_key))
         bucket, slot = divmod(index, meta.bucket_size)
         key = (meta.version, bucket)
         heads = self._heads.get(key)
@@ -152,10 +174,13 @@ class AsyncFront:
             heads = self._heads[key] = (
                 b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s\r\n" % (len(loc.params_key), loc.params_key),
                 b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s\r\n" % (len(loc.history_key), loc.history_key),
+                _b(loc.params_key),
+                _b(loc.history_key),
             )
         field = b"%d" % slot
         tail = b"$%d\r\n%s\r\n" % (len(field), field)
-        return heads[0] + tail + heads[1] + tail if with_history else heads[0] + tail
+        payload = heads[0] + tail + heads[1] + tail if with_history else heads[0] + tail
+        return payload, (heads[2], heads[3])
 
     async def _fetch(
         self, loc: UserLocation, with_history: bool
@@ -204,45 +229,75 @@ class AsyncFront:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def recommend(self, user_id: str, n: int, exclude_rated: bool) -> RecommendResult:
+        return (await self.recommend_top(user_id, n, exclude_rated)).result()
+
+    async def recommend_top(self, user_id: str, n: int, exclude_rated: bool) -> TopItems:
+        """:meth:`recommend` as :class:`TopItems` (what the HTTP route renders)."""
         rec = self.rec
         rec._check_n(n)
         if not (self._direct or await self._use_async()):
-            return await self.offload(rec.recommend, user_id, n, exclude_rated)
+            return await self.offload(rec.top, user_id, n, exclude_rated)
         snap = rec.fresh_snapshot()
         if snap is None:
             snap = await self.offload(rec.snapshot)
         self._bind()
         pipe = self._pipe
-        self._reading += 1
-        try:
-            if pipe is not None:  # the hot path: prepacked HGETs on the shared connection
-                meta, index = snap[0], snap[1].user_index.get(user_id)
-                replies = await pipe.call_packed(
-                    self._hgets(meta, user_id, index, exclude_rated), 1 + exclude_rated
-                )
-                row = (replies[0], replies[1] if exclude_rated else None)
-            else:
-                loc = rec.store.locate(snap[0], user_id, snap[1].user_index.get(user_id))
-                row = await self._fetch_reference(loc, exclude_rated)
-        except _REDIS_ERRORS as e:
-            raise rec._unavailable(e) from e
-        finally:
-            self._reading -= 1
-        if not self.batch or (not self._reading and not self._pending):
-            # alone (no other recommendation reading Redis or queued): no batch to wait for
-            return rec.recommend_from(snap, user_id, n, row)
-        future: asyncio.Future[RecommendResult] = asyncio.get_running_loop().create_future()
+        cache = self.cache
+        row = None
+        if cache is not None:
+            if pipe is not None and pipe.tracked():
+                row = cache.get(snap[0].version, user_id, exclude_rated)
+            else:  # no live tracking connection (yet): read Redis
+                cache.misses += 1
+        if row is None:
+            self._reading += 1
+            try:
+                if pipe is not None:  # the hot path: prepacked HGETs on the shared connection
+                    meta, index = snap[0], snap[1].user_index.get(user_id)
+                    payload, keys = self._packed(meta, user_id, index, exclude_rated)
+                    hook = None
+                    if cache is not None:
+
+                        def hook(replies: list[Any]) -> None:
+                            if not any(isinstance(r, Exception) for r in replies):
+                                history = replies[1] if exclude_rated else None
+                                cache.put(
+                                    meta.version, user_id, keys, replies[0], history, exclude_rated
+                                )
+
+                    replies = await pipe.call_packed(payload, 1 + exclude_rated, hook)
+                    row = (replies[0], replies[1] if exclude_rated else None)
+                else:
+                    loc = rec.store.locate(snap[0], user_id, snap[1].user_index.get(user_id))
+                    row = await self._fetch_reference(loc, exclude_rated)
+            except _REDIS_ERRORS as e:
+                raise rec._unavailable(e) from e
+            finally:
+                self._reading -= 1
+        loop = asyncio.get_running_loop()
+        if not self.batch or (
+            not self._reading and not self._pending and not getattr(loop, "_ready", None)
+        ):
+            # alone (no other recommendation reading Redis or queued, nothing else waiting to
+            # run in this loop iteration — e.g. other requests' cache hits): no batch to wait for
+            return rec.top_from(snap, user_id, n, row)
+        future: asyncio.Future[TopItems] = loop.create_future()
         self._pending.append((snap, user_id, n, row, future))
         if len(self._pending) == 1:
             # after every request woken in this loop iteration has queued itself
             future.get_loop().call_soon(self._score_pending)
         return await future
 
+    def forget_user(self, user_id: str) -> None:
+        """Drop ``user_id``'s cached rows (after a write through this process)."""
+        if self.cache is not None:
+            self.cache.drop_user(user_id)
+
     def _score_pending(self) -> None:
         """Score the queued recommendations: one run per snapshot (almost always one); if that
         fails (a corrupt record), each request alone, so only the bad one gets the error."""
         pending, self._pending = self._pending, []
-        groups: dict[int, list[tuple[Any, str, int, Any, asyncio.Future[RecommendResult]]]] = {}
+        groups: dict[int, list[tuple[Any, str, int, Any, asyncio.Future[TopItems]]]] = {}
         for item in pending:
             groups.setdefault(id(item[0]), []).append(item)
         chunks = [
@@ -251,7 +306,7 @@ class AsyncFront:
         for group in chunks:
             snap = group[0][0]
             try:
-                results = self.rec.recommend_rows(snap, [(u, n, row) for _, u, n, row, _ in group])
+                results = self.rec.top_rows(snap, [(u, n, row) for _, u, n, row, _ in group])
             except Exception:
                 results = None
             if len(group) > 1:
@@ -264,7 +319,7 @@ class AsyncFront:
                     future.set_result(results[k])
                     continue
                 try:
-                    future.set_result(self.rec.recommend_from(snap, user_id, n, row))
+                    future.set_result(self.rec.top_from(snap, user_id, n, row))
                 except Exception as e:
                     future.set_exception(e)
 
@@ -280,6 +335,10 @@ class AsyncFront:
         except _REDIS_ERRORS as e:
             raise rec._unavailable(e) from e
         return rec.score_from(snap, user_id, item_ids, record)
+
+
+def _b(key: bytes | str) -> bytes:
+    return key if isinstance(key, bytes) else key.encode()
 
 
 def _unix_path(client: Any) -> str | None:

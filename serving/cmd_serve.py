@@ -143,6 +143,14 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="worker threads for Redis, ONNX and onboarding work per process (default %(default)s)",
     )
+    p.add_argument(
+        "--user-cache",
+        type=int_in(0),
+        default=d.user_cache,
+        metavar="N",
+        help="users whose Redis rows recommend keeps per process, invalidated by Redis "
+        "(CLIENT TRACKING; local unix-socket Redis only); 0: off (default %(default)s)",
+    )
 
 
 def limits_from_args(args: argparse.Namespace) -> Any:
@@ -155,6 +163,7 @@ def limits_from_args(args: argparse.Namespace) -> Any:
         max_connections=args.max_connections,
         max_concurrency=args.max_concurrency,
         threads=args.io_threads,
+        user_cache=args.user_cache,
     )
 
 

@@ -193,6 +193,7 @@ def _remove(
             part.execute()
     if pipe is not None:
         pipe.execute()
+    store.invalidation_barrier()  # serving.user_cache: every server has the invalidations now
 
 
 def scrub_version(store: RedisStore, meta: VersionMeta, vocab: Mapping[str, int]) -> int:

@@ -71,6 +71,33 @@ class Metrics:
             "lrs_ready", "1 when the last /readyz check passed", registry=self.registry
         )
 
+    def watch_user_cache(self, cache: Any) -> None:
+        """Expose ``cache``'s counters (serving.user_cache), read at scrape time: no per-request
+        cost. ``lrs_user_cache_lookups_total{result="hit|miss"}``, ``lrs_user_cache_entries``,
+        ``lrs_user_cache_invalidated_total``."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class _Collector:
+            def collect(self) -> Any:
+                lookups = CounterMetricFamily(
+                    "lrs_user_cache_lookups",
+                    "recommend's lookups of users' Redis rows in the process cache",
+                    labels=["result"],
+                )
+                lookups.add_metric(["hit"], cache.hits)
+                lookups.add_metric(["miss"], cache.misses)
+                yield lookups
+                yield CounterMetricFamily(
+                    "lrs_user_cache_invalidated",
+                    "cached users dropped on Redis's invalidation messages",
+                    value=cache.invalidations,
+                )
+                yield GaugeMetricFamily(
+                    "lrs_user_cache_entries", "users in the process cache", value=len(cache)
+                )
+
+        self.registry.register(_Collector())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

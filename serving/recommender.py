@@ -33,6 +33,7 @@ from lrs_rec.serving.encoding import (
     decode_record,
     decode_record_batch,
 )
+from lrs_rec.serving.render import item_fragments
 from lrs_rec.serving.store import RedisStore, VersionMeta
 
 from lrs_rec.model_dir import (
@@ -94,6 +95,29 @@ class RecommendResult:
 
 
 @dataclass(frozen=True, eq=False)
+class TopItems:
+    """A recommendation before it becomes Python objects: item indices (int64) and their clipped
+    float32 scores, best first (``serving.render.recommend_json`` writes the HTTP answer straight
+    from them); :meth:`result` is the :class:`RecommendResult`."""
+
+    user_id: str
+    items: np.ndarray
+    scores: np.ndarray
+    personalized: bool
+    loaded: _Loaded
+
+    @property
+    def model_version(self) -> str:
+        return self.loaded.model.model_version
+
+    def result(self) -> RecommendResult:
+        names = self.loaded.item_ids[self.items].tolist()
+        scores = self.scores.astype(np.float64).tolist()
+        items = list(zip(names, scores, strict=True))
+        return RecommendResult(self.user_id, items, self.personalized, self.model_version)
+
+
+@dataclass(frozen=True, eq=False)
 class _Loaded:
     """A loaded model (its shared part) and everything derived from it."""
 
@@ -103,6 +127,9 @@ class _Loaded:
     item_index: dict[str, int]
     item_ids: np.ndarray  # object array of external item ids
     population: UserParams
+    # per item, the JSON of a recommended item up to its score: '},{"item_id":"<id>","score":'
+    # (serving.render builds a recommend answer from these without a dict per item)
+    json_items: list[bytes]
 
 
 def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
@@ -127,6 +154,7 @@ def _load(model_dir: Path, intra_op_threads: int) -> _Loaded:
         item_index=model.item_index(),
         item_ids=np.asarray(model.item_ids, dtype=object),
         population=population,
+        json_items=item_fragments(model.item_ids),
     )
 
 
@@ -495,6 +523,10 @@ class Recommender:
 
     def recommend(self, user_id: str, n: int = 10, exclude_rated: bool = True) -> RecommendResult:
         """Top-``n`` items over the whole catalogue (minus the user's rated items by default)."""
+        return self.top(user_id, n, exclude_rated).result()
+
+    def top(self, user_id: str, n: int = 10, exclude_rated: bool = True) -> TopItems:
+        """:meth:`recommend` as :class:`TopItems`."""
         self._check_n(n)
         meta, loaded = self._current()
         loc = self.store.locate(meta, user_id, loaded.user_index.get(user_id))
@@ -502,7 +534,7 @@ class Recommender:
             row = self.store.fetch([loc], with_history=exclude_rated)[0]
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from e
-        return self.recommend_from((meta, loaded), user_id, int(n), row)
+        return self.top_from((meta, loaded), user_id, int(n), row)
 
     def recommend_from(
         self,
@@ -513,6 +545,16 @@ class Recommender:
     ) -> RecommendResult:
         """:meth:`recommend` after the Redis read: ``row`` = (record, history) of ``user_id`` in
         ``snapshot`` (served version, loaded model). No I/O (the asynchronous front's second half)."""
+        return self.top_from(snapshot, user_id, n, row).result()
+
+    def top_from(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        user_id: str,
+        n: int,
+        row: tuple[bytes | None, bytes | None],
+    ) -> TopItems:
+        """:meth:`recommend_from` as :class:`TopItems` (indices and scores, no Python objects)."""
         meta, loaded = snapshot
         rec, hist = row
         p = decode_record(meta.record_format, rec) if rec is not None else loaded.population
@@ -524,15 +566,11 @@ class Recommender:
         top_items, top_scores = loaded.scorer.topn(
             p.w, p.bias, p.b_idx, p.b_val, int(n), exclude=exclude
         )
-        keep = top_scores[0] > -np.inf
-        items = list(
-            zip(
-                loaded.item_ids[top_items[0][keep]].tolist(),
-                top_scores[0][keep].astype(np.float64).tolist(),
-                strict=True,
-            )
-        )
-        return RecommendResult(user_id, items, rec is not None, loaded.model.model_version)
+        items, scores = top_items[0], top_scores[0]
+        if scores.size and scores[-1] == -np.inf:  # the filler is last (sorted)
+            keep = scores > -np.inf
+            items, scores = items[keep], scores[keep]
+        return TopItems(user_id, items, scores, rec is not None, loaded)
 
     def recommend_rows(
         self,
@@ -544,8 +582,16 @@ class Recommender:
         Runtime run over all of them, with the largest n, each answer cut to its own n. Equals
         ``[recommend_from(snapshot, *r) for r in requests]`` (tested: ONNX TopK orders ties by
         position, so a top-n is the first n of any longer top list)."""
+        return [t.result() for t in self.top_rows(snapshot, requests)]
+
+    def top_rows(
+        self,
+        snapshot: tuple[VersionMeta, _Loaded],
+        requests: Sequence[tuple[str, int, tuple[bytes | None, bytes | None]]],
+    ) -> list[TopItems]:
+        """:meth:`recommend_rows` as :class:`TopItems`."""
         if len(requests) <= 1:
-            return [self.recommend_from(snapshot, *r) for r in requests]
+            return [self.top_from(snapshot, *r) for r in requests]
         meta, loaded = snapshot
         batch = len(requests)
         pop = loaded.population
@@ -579,25 +625,13 @@ class Recommender:
                     exclude[b, : h.size] = h
         top_n = max(int(n) for _, n, _ in requests)
         top_items, top_scores = loaded.scorer.topn(w, bias, b_idx, b_val, top_n, exclude=exclude)
-        names, version = loaded.item_ids, loaded.model.model_version
         out = []
         for b, (user_id, n, row) in enumerate(requests):
             scores, items = top_scores[b, : int(n)], top_items[b, : int(n)]
-            keep = scores > -np.inf
-            out.append(
-                RecommendResult(
-                    user_id,
-                    list(
-                        zip(
-                            names[items[keep]].tolist(),
-                            scores[keep].astype(np.float64).tolist(),
-                            strict=True,
-                        )
-                    ),
-                    row[0] is not None,
-                    version,
-                )
-            )
+            if scores.size and scores[-1] == -np.inf:
+                keep = scores > -np.inf
+                items, scores = items[keep], scores[keep]
+            out.append(TopItems(user_id, items, scores, row[0] is not None, loaded))
         return out
 
     def score_from(
@@ -742,5 +776,6 @@ __all__ = [
     "ScoreResult",
     "ServingError",
     "StoreUnavailableError",
+    "TopItems",
     "UnknownItemsError",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions as rex
@@ -46,13 +46,66 @@ def pack(commands: Sequence[Sequence[bytes | str | int]]) -> bytes:
     return b"".join(parts)
 
 
-class _Call:
-    __slots__ = ("deadline", "future", "n", "replies")
+Hook = Callable[[list[Any]], None]
 
-    def __init__(self, future: asyncio.Future[list[Any]], n: int, deadline: float) -> None:
+
+class _Incomplete(Exception):
+    """The buffer ends inside a reply."""
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2/RESP3 value at ``pos``: (value, next position); aggregates as lists (a map as its
+    flat key/value list). Raises :class:`_Incomplete` when the buffer ends first."""
+    nl = buf.find(b"\r\n", pos)
+    if nl < 0:
+        raise _Incomplete
+    kind, line = buf[pos], buf[pos + 1 : nl]
+    if kind in (36, 61, 33):  # $ bulk string, = verbatim string, ! bulk error
+        length = int(line)
+        if length < 0:
+            return None, nl + 2
+        nxt = nl + 4 + length
+        if nxt > len(buf):
+            raise _Incomplete
+        value = buf[nl + 2 : nl + 2 + length]
+        if kind == 33:
+            return rex.ResponseError(value.decode("utf-8", "replace")), nxt
+        return (value[4:] if kind == 61 else value), nxt
+    if kind in (43, 40):  # + simple string, ( big number
+        return line, nl + 2
+    if kind == 58:  # : integer
+        return int(line), nl + 2
+    if kind == 45:  # - error
+        return rex.ResponseError(line.decode("utf-8", "replace")), nl + 2
+    if kind == 95:  # _ null
+        return None, nl + 2
+    if kind == 35:  # # boolean
+        return line == b"t", nl + 2
+    if kind == 44:  # , double
+        return float(line), nl + 2
+    if kind in (42, 37, 126, 62, 124):  # * array, % map, ~ set, > push, | attribute
+        count = int(line)
+        if count < 0:
+            return None, nl + 2
+        count *= 2 if kind in (37, 124) else 1
+        items, nxt = [], nl + 2
+        for _ in range(count):
+            item, nxt = _parse(buf, nxt)
+            items.append(item)
+        return items, nxt
+    raise ValueError(f"unexpected reply type {chr(kind)!r}")
+
+
+class _Call:
+    __slots__ = ("deadline", "future", "hook", "n", "replies")
+
+    def __init__(
+        self, future: asyncio.Future[list[Any]], n: int, deadline: float, hook: Hook | None
+    ) -> None:
         self.future = future
         self.n = n
         self.deadline = deadline
+        self.hook = hook
         self.replies: list[Any] = []
 
 
@@ -71,6 +124,9 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # the next deadline check, if armed
         self.timeout = 1.0
         self.describe = "Redis"
+        self.tracking = False  # CLIENT TRACKING on (RESP3): pushes go to ``listener``
+        self.listener: Callable[[list[bytes] | None], None] | None = None
+        self.last_data = time.monotonic()  # last time anything arrived
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,38 +138,48 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         pos, end = 0, len(buf)
-        self.progress = time.monotonic()
+        self.progress = self.last_data = time.monotonic()
         try:
             while pos < end:
-                nl = buf.find(b"\r\n", pos)
-                if nl < 0:
-                    break
-                kind = buf[pos]
-                value: Any
-                if kind == 36:  # $ bulk string
+                if buf[pos] == 36:  # $ bulk string: the hot path, inline
+                    nl = buf.find(b"\r\n", pos)
+                    if nl < 0:
+                        break
                     length = int(buf[pos + 1 : nl])
                     if length < 0:
-                        value, nxt = None, nl + 2
+                        value: Any = None
+                        nxt = nl + 2
                     else:
                         nxt = nl + 4 + length
                         if nxt > end:
                             break
                         value = buf[nl + 2 : nl + 2 + length]
-                elif kind == 43:  # + simple string
-                    value, nxt = buf[pos + 1 : nl], nl + 2
-                elif kind == 58:  # : integer
-                    value, nxt = int(buf[pos + 1 : nl]), nl + 2
-                elif kind == 45:  # - error
-                    message = buf[pos + 1 : nl].decode("utf-8", "replace")
-                    value, nxt = rex.ResponseError(message), nl + 2
+                elif buf[pos] == 62:  # > push (RESP3): client-side-caching invalidation
+                    try:
+                        push, nxt = _parse(buf, pos)
+                    except _Incomplete:
+                        break
+                    pos = nxt
+                    self._push(push)
+                    continue
                 else:
-                    raise ValueError(f"unexpected reply type {chr(kind)!r}")
+                    try:
+                        value, nxt = _parse(buf, pos)
+                    except _Incomplete:
+                        break
                 pos = nxt
                 self._deliver(value)
         except (ValueError, IndexError) as e:
             self.fail(rex.ConnectionError(f"Protocol error from Redis: {e}"))
             return
         self.buf = buf[pos:] if pos < end else b""
+
+    def _push(self, push: Any) -> None:
+        if not isinstance(push, list) or len(push) < 2 or push[0] != b"invalidate":
+            return  # not ours (no other push is subscribed to)
+        keys = push[1]
+        if self.listener is not None:
+            self.listener(list(keys) if isinstance(keys, list) else None)
 
     # -- calls -----------------------------------------------------------------------------------
     def _deliver(self, value: Any) -> None:
@@ -123,12 +189,16 @@ class _Connection(asyncio.Protocol):
         call.replies.append(value)
         if len(call.replies) == call.n:
             self.waiting.popleft()
+            if call.hook is not None and self.tracking:
+                # in stream order: before any invalidation that arrives after this reply
+                call.hook(call.replies)
             if not call.future.done():
                 call.future.set_result(call.replies)
 
-    def send(self, payload: bytes, n: int) -> asyncio.Future[list[Any]]:
+    def send(self, payload: bytes, n: int, hook: Hook | None = None) -> asyncio.Future[list[Any]]:
         """Queue ``payload`` (``n`` commands): a future of their ``n`` replies, failed with
-        :class:`redis.TimeoutError` if they are not all in within ``timeout`` seconds."""
+        :class:`redis.TimeoutError` if they are not all in within ``timeout`` seconds. ``hook``
+        gets the replies the moment they are parsed (tracking connections only)."""
         if self.closed is not None:
             raise self.closed
         if len(self.waiting) >= MAX_WAITING:
@@ -137,7 +207,7 @@ class _Connection(asyncio.Protocol):
         now = time.monotonic()
         if not self.waiting:
             self.progress = now
-        self.waiting.append(_Call(future, n, now + self.timeout))
+        self.waiting.append(_Call(future, n, now + self.timeout, hook))
         if self.timer is None:  # one timer per connection, not one per call
             self.timer = self.loop.call_at(self.loop.time() + self.timeout, self._check_deadlines)
         if self.flush_scheduled:
@@ -190,6 +260,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.out.clear()
+        if self.listener is not None:  # its invalidations may be lost: forget everything
+            self.listener(None)
+            self.listener = None
         while self.waiting:
             call = self.waiting.popleft()
             if not call.future.done():
@@ -214,8 +287,12 @@ class RespPipe:
         db: int = 0,
         timeout: float = 1.0,
         connect_timeout: float = 0.5,
+        tracking: bool = False,
     ) -> None:
         self.path, self.host, self.port = path, host, port
+        # tracking: RESP3 + CLIENT TRACKING ON on every connection, invalidations to ``listener``
+        self.tracking = tracking
+        self.listener: Callable[[list[bytes] | None], None] | None = None
         self.username, self.password, self.db = username, password, int(db)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -232,14 +309,26 @@ class RespPipe:
         new one; no reply within ``timeout`` raises :class:`redis.TimeoutError`."""
         return await self.call_packed(pack(commands), len(commands))
 
-    async def call_packed(self, payload: bytes, n: int) -> list[Any]:
-        """:meth:`call` for ``n`` commands already in RESP (``payload``)."""
+    def tracked(self) -> bool:
+        """True when the open connection tracks its reads and has shown life within one timeout:
+        only then may rows read on it be served from a cache (serving.user_cache)."""
+        conn = self._conn
+        return (
+            conn is not None
+            and conn.closed is None
+            and conn.tracking
+            and time.monotonic() - conn.last_data < self.timeout
+        )
+
+    async def call_packed(self, payload: bytes, n: int, hook: Hook | None = None) -> list[Any]:
+        """:meth:`call` for ``n`` commands already in RESP (``payload``); ``hook(replies)`` runs
+        when they are parsed, in stream order, if the connection tracks its reads."""
         for attempt in (0, 1):
             conn = self._conn
             if conn is None or conn.closed is not None:
                 conn = await self._connection()
             try:
-                replies = await conn.send(payload, n)
+                replies = await conn.send(payload, n, hook)
             except rex.ConnectionError:
                 if attempt:
                     raise
@@ -275,6 +364,8 @@ class RespPipe:
             setup.append(("AUTH", self.username, *auth) if self.username else ("AUTH", *auth))
         if self.db:
             setup.append(("SELECT", self.db))
+        if self.tracking:
+            setup += [("HELLO", 3), ("CLIENT", "TRACKING", "ON")]
         if setup:
             try:
                 replies = await conn.send(pack(setup), len(setup))
@@ -282,9 +373,15 @@ class RespPipe:
                 conn.fail(rex.ConnectionError("connection setup failed"))
                 raise
             for cmd, r in zip(setup, replies, strict=True):
+                if isinstance(r, rex.ResponseError) and cmd[0] in ("HELLO", "CLIENT"):
+                    break  # a server without RESP3 / tracking: no cache, the reads still work
                 if isinstance(r, rex.ResponseError):
                     conn.fail(rex.ConnectionError(str(r)))
                     raise rex.AuthenticationError(str(r)) if cmd[0] == "AUTH" else r
+            else:
+                if self.tracking:
+                    conn.listener = self.listener
+                    conn.tracking = True
         old, self._conn = self._conn, conn
         if old is not None and old is not conn:
             old.fail(rex.ConnectionError("replaced by a new connection"))
@@ -296,7 +393,9 @@ class RespPipe:
             conn.fail(rex.ConnectionError("client closed"))
 
 
-def pipe_for(client: Any, *, timeout: float, connect_timeout: float) -> RespPipe | None:
+def pipe_for(
+    client: Any, *, timeout: float, connect_timeout: float, tracking: bool = False
+) -> RespPipe | None:
     """A :class:`RespPipe` to the server of the synchronous redis-py ``client`` (same socket or
     host/port, credentials and database), or None when it needs what the pipe does not do (TLS, a
     credential provider, RESP3, Cluster)."""
@@ -315,6 +414,7 @@ def pipe_for(client: Any, *, timeout: float, connect_timeout: float) -> RespPipe
         "db": int(kw.get("db") or 0),
         "timeout": timeout,
         "connect_timeout": connect_timeout,
+        "tracking": tracking,
     }
     if cls is redis.UnixDomainSocketConnection and kw.get("path"):
         return RespPipe(path=str(kw["path"]), **common)

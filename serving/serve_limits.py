@@ -16,3 +16,4 @@ class ServeLimits:
     max_connections: int = 1000  # open connections; beyond: 503 and close
     max_concurrency: int = 256  # requests in flight; beyond: 503
     threads: int = 32  # worker threads for Redis / ONNX / onboarding work (serving.offload)
+    user_cache: int = 100_000  # users whose Redis rows recommend keeps (serving.user_cache); 0: off

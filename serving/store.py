@@ -492,6 +492,16 @@ class RedisStore:
         pipe.hset(loc.params_key, loc.field, record)
         pipe.hset(loc.history_key, loc.field, history)
         pipe.execute()
+        self.invalidation_barrier()
+
+    def invalidation_barrier(self) -> None:
+        """One more round trip after a write (single server): Redis writes the client-side-caching
+        invalidations a command causes (serving.user_cache) to the tracking connections before it
+        reads its next command, so once this returns every serving process's connection has
+        them — a request that process starts after this write's acknowledgement is answered from
+        the new data. (Without it they follow within the same Redis event-loop iteration.)"""
+        if not self.handle.is_cluster:
+            self.r.ping()
 
     def onboarded_users(self, version: str) -> dict[str, tuple[int, int | None]]:
         """Users onboarded in ``version``: id -> (write time in ns, the marker's sequence number;
@@ -1000,6 +1010,7 @@ class RedisStore:
                         pipe.hset(loc.params_key, loc.field, record)
                     pipe.hset(loc.history_key, loc.field, history)
                     pipe.execute()
+                    self.invalidation_barrier()
                     return result
                 except redis.WatchError:
                     continue

@@ -319,9 +319,9 @@ def test_population_gram_mode_covers_every_release_and_epsilon_recomputes_from_t
     p = fit.privacy
     assert p is not None
     events = {e["name"]: e for e in p["events"]}
-    assert set(events) == set(POPULATION_SHARES)
+    assert set(events) == set(POPULATION_SHARES) | {"u_init"}  # + the spectral start of U
     assert events["u_step_V"]["count"] == events["u_step_M"]["count"] == cfg.n_iters
-    assert events["u_step_count"]["count"] == 1
+    assert events["u_step_count"]["count"] == events["u_init"]["count"] == 1
     assert {rel for ev in p["events"] for rel in ev["releases"]} == RELEASED
     eps = recompute_epsilon(p)
     assert eps == pytest.approx(p["epsilon"], rel=1e-9)
@@ -335,11 +335,18 @@ def test_defaults_for_the_data_size_follow_the_stated_rule():
     small = PrivateConfig.for_data(np.arange(943), n_items=1682, epsilon=1.0)
     assert (small.rank, small.n_iters, small.max_samples_per_user) == (2, 2, 20)
     big = PrivateConfig.for_data(np.arange(1_000_000), n_items=20_000, epsilon=1.0)
-    assert (big.rank, big.n_iters, big.u_step_gram, big.sparsity) == (8, 6, "population", 0)
+    assert (big.rank, big.n_iters, big.u_step_gram, big.sparsity) == (8, 2, "population", 0)
+    assert (big.u_init, big.u_solve, big.u_select) == ("spectral", "posterior", "weighted")
     plug = PrivateConfig.for_data(np.arange(50), n_items=10, epsilon=1.0, features="plugin")
     assert plug.u_step_gram == "blocks" and plug.rank == PrivateConfig().rank
     with pytest.raises(ValueError, match="one-hot"):
         PrivateConfig(features="plugin", u_step_gram="population")
+    with pytest.raises(ValueError, match="one-hot"):
+        PrivateConfig(features="plugin", u_init="spectral")
+    for bad in ({"u_solve": "exact"}, {"u_select": "all"}, {"u_user_norm": 0.0},
+                {"spectral_items": 0}, {"u_prior_scale": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            PrivateConfig(**bad)
 
 
 def test_cli_population_gram_writes_its_events_and_a_recomputable_ledger(tmp_path, capsys):
@@ -358,3 +365,36 @@ def test_cli_population_gram_writes_its_events_and_a_recomputable_ledger(tmp_pat
     assert recompute_epsilon(privacy) == pytest.approx(privacy["epsilon"], rel=1e-9)
     assert privacy["epsilon"] <= 1.0
     assert load_model_dir(out).lrs.sparsity == 0
+
+
+def test_one_hot_model_is_stored_factored_with_the_same_predictions(tmp_path, capsys):
+    """One-hot features without a sparse part: the model directory holds item features U
+    (n_items × r) and U = I_r — no n_items × n_items identity — and predicts exactly as the fit."""
+    u, i, r, nu, ni = _ratings()
+    cfg = PrivateConfig.for_data(u, n_items=ni, epsilon=2.0, random_state=5)
+    fit = fit_private(
+        u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg
+    )  # fmt: skip
+    lrs, F = fit.stored_factors()
+    assert F.shape == (ni, cfg.rank) and np.array_equal(lrs.U, np.eye(cfg.rank))
+    theta = lrs.W[u] @ lrs.U.T
+    pred = np.clip(
+        fit.global_mean + fit.user_bias[u] + fit.item_bias[i] + np.einsum("nd,nd->n", F[i], theta),
+        1.0, 5.0,
+    )  # fmt: skip
+    np.testing.assert_allclose(pred, fit.predict(u, i, 1.0, 5.0), atol=1e-12)
+    # through the CLI: the written model directory is the factored one and loads
+    csv, catalog = _write_csv(tmp_path)
+    out = tmp_path / "factored"
+    assert cli_main([
+        "train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "1",
+        "--rating-scale", "1", "5", "--out", str(out), "--no-export", "--quiet",
+    ]) == 0  # fmt: skip
+    model = load_model_dir(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert model.lrs.sparsity == 0 and model.lrs.d == model.lrs.rank
+    assert model.item_features.shape == (model.n_items, model.lrs.rank)
+    assert manifest["privacy"]["released_arrays"]["item_features"].startswith(
+        "private: the one-hot model's U"
+    )
+    assert np.all(np.isfinite(model.predict(np.zeros(3, np.int64), np.arange(3))))

@@ -136,12 +136,25 @@ def _redis_pid(home: Path) -> int:
 
 
 # -- D3: never block the event loop -------------------------------------------------------------------
+def _guard(app) -> RequestGuardMiddleware:
+    """The app's RequestGuardMiddleware (its ``in_flight`` counts the requests being served)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, RequestGuardMiddleware):
+        layer = layer.app
+    return layer
+
+
 def test_redis_paused_healthz_answers_and_redis_requests_fail_together(models, home):
     """Repro: with Redis paused, /healthz took 20 s and requests timed out one after another.
     Now /healthz answers while every Redis-bound request waits for its own socket timeout, side by
-    side, and all recover when Redis resumes."""
+    side, and all recover when Redis resumes.
+
+    No timed asserts (the machine may be loaded; the 50 ms target is bench/serving.py's): the
+    server is seen holding all 8 Redis-bound requests at once, and /healthz and /metrics answer
+    while all 8 are still waiting — a loop blocked on Redis would hold /healthz until they had
+    failed one after another, and would never hold more than one of them."""
     _publish(models["a"])
-    timeout = 0.5
+    timeout = 2.0  # generous: the probes below must all be answered within it, however busy the box
     rec = Recommender(models["a"], version_refresh_interval=0, socket_timeout=timeout)
     app = create_app(rec, limits=ServeLimits(threads=16))
     pid = _redis_pid(home)
@@ -149,36 +162,43 @@ def test_redis_paused_healthz_answers_and_redis_requests_fail_together(models, h
         base = f"http://127.0.0.1:{port}"
         body = {"user_id": "u3", "n": 5}
         assert httpx.post(f"{base}/v1/recommend", json=body, timeout=5).status_code == 200
+        guard = _guard(app)
         os.kill(pid, signal.SIGSTOP)
         try:
             with ThreadPoolExecutor(12) as pool:
-                t0 = time.perf_counter()
+                # users not asked for before: nothing of theirs is in the server's user cache
                 slow = [
-                    pool.submit(httpx.post, f"{base}/v1/recommend", json=body, timeout=30)
-                    for _ in range(8)
+                    pool.submit(
+                        httpx.post,
+                        f"{base}/v1/recommend",
+                        json={"user_id": f"u{10 + k}", "n": 5},
+                        timeout=60,
+                    )
+                    for k in range(8)
                 ]
-                time.sleep(0.05)  # the Redis-bound requests are now waiting in worker threads
-                health = []
+                # the precondition, not a timing: wait (bounded) until all 8 are in the server
+                deadline = time.monotonic() + 60
+                while guard.in_flight < 8 and not any(f.done() for f in slow):
+                    assert time.monotonic() < deadline, "the requests never reached the server"
+                    time.sleep(0.005)
+                held = guard.in_flight
                 for _ in range(5):
-                    t = time.perf_counter()
-                    r = httpx.get(f"{base}/healthz", timeout=30)
-                    health.append(time.perf_counter() - t)
+                    r = httpx.get(f"{base}/healthz", timeout=60)
                     assert r.status_code == 200
-                metrics = httpx.get(f"{base}/metrics", timeout=30)
+                    # answered while every Redis-bound request is still waiting for Redis
+                    assert not any(f.done() for f in slow)
+                metrics = httpx.get(f"{base}/metrics", timeout=60)
                 assert metrics.status_code == 200
+                assert not any(f.done() for f in slow)
                 answers = [f.result() for f in slow]
-                wall = time.perf_counter() - t0
-            # a blocked loop would hold /healthz for >= one socket timeout per queued request
-            assert max(health) < timeout, health
+            assert held == 8  # side by side: all 8 waiting on Redis at once
             assert [a.status_code for a in answers] == [503] * 8
             assert all("Redis" in a.json()["error"] for a in answers)
             assert all(a.headers["retry-after"] == "1" for a in answers)
-            # side by side: 8 requests one after another would take >= 8 timeouts
-            assert wall < 4 * timeout, wall
-            assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
+            assert httpx.get(f"{base}/readyz", timeout=60).status_code == 503
         finally:
             os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while (r := httpx.post(f"{base}/v1/recommend", json=body, timeout=5)).status_code != 200:
             assert r.status_code == 503 and time.monotonic() < deadline, r.text
             time.sleep(0.05)

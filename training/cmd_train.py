@@ -251,10 +251,25 @@ def run(args: argparse.Namespace) -> int:
                 f"cleaning: {dict(sorted(rep.counts.items())) or 'nothing to clean'}",
                 file=sys.stderr,
             )
-        result = train(table, cfg, item_features_path=args.item_features, progress=not args.quiet)
+        # the trainer releases the table's columns once encoded (not alive during training)
+        result = train(
+            table,
+            cfg,
+            item_features_path=args.item_features,
+            progress=not args.quiet,
+            release_table=True,
+        )
         n_ratings, cleaning = len(table), rep.counts
-        del table, rep  # the loaded columns are not needed to save (lower peak while saving)
+        del table, rep
     model = save_model_dir(result.model, args.out)
+    del result
+    # what the summary needs of the model; its arrays are released before the export
+    manifest, model_version = model.manifest, model.model_version
+    dims = (model.n_users, model.n_items, model.lrs.d, model.lrs.rank, model.lrs.sparsity)
+    del model
+    from lrs_rec.training.heap import trim
+
+    trim()
     onnx_path: str | None = None
     if not args.no_export:
         try:
@@ -267,18 +282,18 @@ def run(args: argparse.Namespace) -> int:
             onnx_path = str(export_model_dir(args.out))
     summary: dict[str, Any] = {
         "model_dir": str(args.out),
-        "model_version": model.model_version,
+        "model_version": model_version,
         "method": cfg.method,
-        "dims": model.manifest["dims"],
+        "dims": manifest["dims"],
         "n_ratings": n_ratings,
-        "train_rmse": model.manifest["metrics"]["train_rmse"],
-        "val_rmse": model.manifest["metrics"]["val_rmse"],
-        "train_seconds": model.manifest["metrics"]["train_seconds"],
+        "train_rmse": manifest["metrics"]["train_rmse"],
+        "val_rmse": manifest["metrics"]["val_rmse"],
+        "train_seconds": manifest["metrics"]["train_seconds"],
         "onnx": onnx_path,
         "cleaning": cleaning,
-        "selected": model.manifest["metrics"].get("selected"),
-        "start_val_rmse": model.manifest["metrics"].get("start_val_rmse"),
-        "tuned": (model.manifest.get("tuning") or {}).get("chosen"),
+        "selected": manifest["metrics"].get("selected"),
+        "start_val_rmse": manifest["metrics"].get("start_val_rmse"),
+        "tuned": (manifest.get("tuning") or {}).get("chosen"),
         "peak_rss_mb": peak_rss_mb(),  # the whole command's, model directory and ONNX included
     }
     if args.json:  # NaN metrics are null in the saved manifest, so this is strict JSON
@@ -287,11 +302,12 @@ def run(args: argparse.Namespace) -> int:
         val = summary["val_rmse"]
         # manifest value "lrs" = the trained iterate of whichever --method ran
         kept = {"lrs": f"the {cfg.method} fit", "start": "its start", "biases": "biases alone"}
+        n_users, n_items, d, r, k = dims
         print(
-            f"wrote {args.out} (version {model.model_version}): {model.n_users} users, "
-            f"{model.n_items} items, d={model.lrs.d}, r={model.lrs.rank}, k={model.lrs.sparsity}; "
+            f"wrote {args.out} (version {model_version}): {n_users} users, "
+            f"{n_items} items, d={d}, r={r}, k={k}; "
             f"val RMSE {'-' if val is None else f'{val:.4f}'} (best iteration "
-            f"{model.manifest['metrics']['best_iteration']}, kept: {kept.get(summary['selected'], summary['selected'])})"
+            f"{manifest['metrics']['best_iteration']}, kept: {kept.get(summary['selected'], summary['selected'])})"
             + (f"; tuned {summary['tuned']}" if summary["tuned"] else "")
             + (f"; ONNX {onnx_path}" if onnx_path else "")
         )

@@ -73,12 +73,12 @@ def _f32(a: Any) -> np.ndarray:
 
 
 def _basis(model: TrainedModel | SharedModel) -> tuple[np.ndarray, int]:
-    """(U, k) of a whole model or of its shared part (which never reads the per-user arrays)."""
+    """(U, k) of a trained model or of a directory's shared part (read without its users)."""
     from lrs_rec.model_dir import SharedModel
 
     if isinstance(model, SharedModel):
-        return model.U, model.sparsity
-    return model.lrs.U, model.lrs.sparsity
+        return model.U, int(model.sparsity)
+    return model.lrs.U, int(model.lrs.sparsity)
 
 
 def scoring_tables(model: TrainedModel | SharedModel) -> dict[str, np.ndarray]:
@@ -305,7 +305,7 @@ def export_model_dir(model_dir: str | os.PathLike[str], *, opset: int = DEFAULT_
     from lrs_rec.model_dir import MANIFEST, ONNX, load_shared_model_dir
 
     root = Path(model_dir)
-    model = load_shared_model_dir(root)  # the graph needs the shared weights only
+    model = load_shared_model_dir(root)  # the graph holds shared weights only: users not read
     out = export_onnx(model, root / ONNX, opset=opset)
     sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
     manifest_path = root / MANIFEST

@@ -262,6 +262,7 @@ def read_text_fast(
             c = pc.utf8_trim_whitespace(c)
         return bool(pc.any(pc.equal(c, "")).as_py())
 
+    pool = pa.default_memory_pool()
     try:
         reader = pcsv.open_csv(
             path,
@@ -292,6 +293,8 @@ def read_text_fast(
                 t_parts.append(numbers(batch, tcol))
             u_chunks.append(batch.column(names[ucol * stride]))
             i_chunks.append(batch.column(names[icol * stride]))
+            del batch
+            pool.release_unused()  # the block's parsed text: not kept in the pool for reuse
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
         return None  # ragged rows, bytes that are not UTF-8, ...: the reference parser names them
     n = sum(len(x) for x in r_parts)
@@ -317,6 +320,5 @@ def read_text_fast(
     if header is not None:
         report.add("header_lines", f"{path}:1")
     report.rows_read = n
-    offset = 2 if header is not None else 1
-    lines = np.arange(offset, offset + n, dtype=np.int64)
-    return users, items, ratings, times, _LineLocs(f"{path}:", lines)
+    offset = 2 if header is not None else 1  # row j is on line offset + j (no per-row array)
+    return users, items, ratings, times, _LineLocs(f"{path}:", None, offset)

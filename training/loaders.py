@@ -149,6 +149,7 @@ class RatingTable:
 
     __slots__ = (
         "_items",
+        "_released_rows",
         "_users",
         "fingerprint",
         "item_codes",
@@ -181,6 +182,24 @@ class RatingTable:
         self.rating_min, self.rating_max = rating_min, rating_max
         self.report, self.fingerprint = report, fingerprint
         self.user_codes, self.item_codes = user_codes, item_codes
+        self._released_rows: int | None = None
+
+    def release(self, *columns: str) -> None:
+        """Drop columns (``"ids"``, ``"ratings"``, ``"timestamps"``; default all) once a consumer
+        holds what it needs of them (``training.pipeline.train(..., release_table=True)``: the
+        trainer's samples and the model's histories), so that they do not stay alive through
+        training. The report, fingerprint, rating scale and ``len`` remain; a released column is
+        empty afterwards."""
+        if self._released_rows is None:
+            self._released_rows = int(self.ratings.shape[0])
+        for name in columns or ("ids", "ratings", "timestamps"):
+            if name == "ids":
+                self._users, self._items = np.zeros(0, dtype=str), np.zeros(0, dtype=str)
+                self.user_codes = self.item_codes = None
+            elif name in ("ratings", "timestamps"):
+                setattr(self, name, np.zeros(0))
+            else:
+                raise ValueError(f"no column {name!r} to release")
 
     @property
     def users(self) -> np.ndarray:
@@ -197,6 +216,8 @@ class RatingTable:
         return self._items
 
     def __len__(self) -> int:
+        if self._released_rows is not None:
+            return self._released_rows
         return int(self.ratings.shape[0])
 
     def user_ids(self) -> np.ndarray | IdCodes:
@@ -678,16 +699,25 @@ def _read_text(path: Path, fmt: str, opts: LoadOptions, report: CleaningReport) 
 
 
 class _LineLocs:
-    """Lazy ``file:line`` locations of the rows of a fast-path read (no per-row strings)."""
+    """Lazy ``file:line`` locations of the rows of a fast-path read (no per-row strings): row j
+    is on line ``first + j`` (``lines`` None, no per-row array at all) or on ``lines[j]`` once
+    rows were dropped (:meth:`keep`)."""
 
-    def __init__(self, prefix: str, lines: np.ndarray) -> None:
-        self.prefix, self.lines = prefix, lines
+    def __init__(self, prefix: str, lines: np.ndarray | None, first: int = 0) -> None:
+        self.prefix, self.lines, self.first = prefix, lines, first
 
     def __getitem__(self, j: int) -> str:
-        return f"{self.prefix}{int(self.lines[j])}"
+        line = self.first + int(j) if self.lines is None else int(self.lines[j])
+        return f"{self.prefix}{line}"
 
-    def keep(self, mask: np.ndarray) -> _LineLocs:
-        return _LineLocs(self.prefix, self.lines[mask])
+    def keep(self, rows: np.ndarray) -> _LineLocs:
+        """The locations of the kept rows (a boolean mask or row indices)."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if self.lines is None:
+            return _LineLocs(self.prefix, self.first + rows.astype(np.int64))
+        return _LineLocs(self.prefix, self.lines[rows])
 
 
 def _delim_name(delim: str) -> str:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from lrs_rec.training.config import TrainConfig
 from lrs_rec.training.features import als_factors, fit_biases, load_item_features
+from lrs_rec.training.heap import trim as trim_heap
 from lrs_rec.training.loaders import RatingTable
+from lrs_rec.training.spill import Spill, Spilled
+from lrs_rec.training.spill import load as spill_load
 from lrs_rec.training.vocab import Vocabulary
 
 from lrs_rec.engine.steps import (
@@ -74,6 +78,107 @@ def validation_mask(data: Samples, fraction: float, rng: np.random.Generator) ->
         return None
     counts = np.bincount(data.users)
     return np.asarray((rng.random(len(data)) < fraction) & (counts[data.users] > 1))
+
+
+COLUMN_CHUNK = 1 << 20  # values per chunk when compacting a column (bounded temporaries)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A per-rating column held compactly until the model is assembled: integral values as int32
+    offsets from their minimum when they fit (Unix times in seconds, integer ratings), else float32
+    when every value survives the round trip (half-star ratings), else float64; a column of NaN
+    only (no times in the file) as one value. :meth:`values` gives back the float64 column
+    exactly."""
+
+    data: np.ndarray | Spilled
+    base: float = 0.0
+    size: int = -1  # the length of an all-NaN column (``data`` then holds one NaN)
+
+    @classmethod
+    def of(cls, x: np.ndarray, order: np.ndarray | None = None) -> Column:
+        """The column ``x`` (float64), or ``x[order]``, compacted in chunks of
+        :data:`COLUMN_CHUNK` (no full-length float64 temporaries)."""
+        n = int(x.shape[0] if order is None else order.shape[0])
+
+        def chunks() -> Iterator[tuple[int, np.ndarray]]:
+            for a in range(0, n, COLUMN_CHUNK):
+                sl = slice(a, a + COLUMN_CHUNK)
+                yield a, np.asarray(x[sl] if order is None else x[order[sl]], dtype=np.float64)
+
+        finite = integral = exact32 = all_nan = True
+        lo, hi = np.inf, -np.inf
+        for _, c in chunks():
+            f = np.isfinite(c)
+            finite = finite and bool(f.all())
+            all_nan = all_nan and bool(np.isnan(c).all())
+            if c.size and f.any():
+                lo, hi = min(lo, float(c[f].min())), max(hi, float(c[f].max()))
+            integral = integral and finite and bool((np.floor(c) == c).all())
+            exact32 = exact32 and np.array_equal(c.astype(np.float32), c, equal_nan=True)
+        if n and all_nan:
+            return cls(np.full(1, np.nan), size=n)
+        if n and integral and hi - lo < 2**31 - 1:
+            out = np.empty(n, np.int32)
+            for a, c in chunks():
+                out[a : a + c.size] = c - lo
+            return cls(out, lo)
+        out = np.empty(n, np.float32 if exact32 else np.float64)
+        for a, c in chunks():
+            out[a : a + c.size] = c
+        return cls(out)
+
+    def spilled(self, spill: Spill) -> Column:
+        """The same column with its data parked on disk (when large)."""
+        data = self.data
+        if self.size < 0 and isinstance(data, np.ndarray):
+            data = spill.put(data)
+        return Column(data, self.base, self.size)
+
+    def values(self) -> np.ndarray:
+        if self.size >= 0:
+            return np.full(self.size, np.nan)
+        out = np.asarray(spill_load(self.data), dtype=np.float64)
+        if self.base:
+            out += self.base
+        return out
+
+
+def encode_in_history_order(
+    table: RatingTable,
+    users: Vocabulary,
+    items: Vocabulary,
+    fraction: float,
+    rng: np.random.Generator,
+    *,
+    release_table: bool = False,
+) -> tuple[Samples, np.ndarray | None, Column, Column]:
+    """The table as samples sorted by user, then item — the model's history order, and the order
+    the compiled kernels read the ratings by user in (:meth:`Samples.csr` then shares the samples'
+    own arrays) — with the validation mask (drawn in the table's row order, :func:`validation_mask`,
+    then permuted alike) and the ratings and times in that order (:class:`Column`: what the model's
+    histories need from the table, so that the table can be released right after this).
+    ``release_table``: each of the table's columns is released as soon as it is encoded."""
+    u = index_array(users.encode(table.user_ids()), len(users))
+    i = index_array(items.encode(table.item_ids()), len(items))
+    if release_table:
+        table.release("ids")
+    mask = None
+    if fraction > 0.0:
+        counts = np.bincount(u)
+        mask = np.asarray((rng.random(u.shape[0]) < fraction) & (counts[u] > 1))
+        del counts
+    order = np.lexsort((i, u))
+    u, i = u[order], i[order]
+    ratings = np.asarray(table.ratings[order], dtype=np.float64)
+    if release_table:
+        table.release("ratings")
+    times = Column.of(table.timestamps, order)
+    if release_table:
+        table.release("timestamps")
+    if mask is not None:
+        mask = mask[order]
+    return Samples(u, i, ratings), mask, Column.of(ratings), times
 
 
 def take(data: Samples, rows: np.ndarray) -> Samples:
@@ -189,12 +294,30 @@ def init_state(
     elif cfg.method in ("single", "prompt"):
         U = np.eye(d)  # one shared w ∈ R^d; stored as rank 1 at the end
     else:
-        # the top right singular vectors of P, from the d × d Gram PᵀP (as the Dask engine; column
-        # signs may differ from an SVD's, θ_u does not): no n_users × d left factor is computed
-        vals, vecs = np.linalg.eigh(P.T @ P)
-        U = vecs[:, np.argsort(vals)[::-1][: min(cfg.rank, P.shape[0], d)]].copy()
+        U = top_right_singular_vectors(P, cfg.rank)
     W = P @ U
     return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, np.zeros((n_users, d)))
+
+
+SVD_ROWS = 1 << 16  # rows per block of the tall-skinny QR in top_right_singular_vectors
+
+
+def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
+    """The top-``r`` right singular vectors of the tall (n, d) ``P`` as a (d, r) matrix, from the
+    R factor of a blockwise QR (R of the stacked blocks' R factors: P = QR, so P and R have the
+    same singular values and right singular vectors), instead of ``svd(P)``, which would hold a
+    copy of P and its (n, d) left singular vectors. Column signs are LAPACK's (may differ from
+    ``svd(P)``'s; U Uᵀ and θ do not depend on them)."""
+    n = P.shape[0]
+    if n <= SVD_ROWS:
+        R = P
+    else:
+        parts = [
+            np.asarray(np.linalg.qr(P[a : a + SVD_ROWS], mode="r")) for a in range(0, n, SVD_ROWS)
+        ]
+        R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
+    _, _, Vt = np.linalg.svd(R, full_matrices=False)
+    return np.ascontiguousarray(Vt[:r].T)
 
 
 def iterate(
@@ -228,6 +351,7 @@ class FitData:
     learn_u: bool
     refine: bool
     reg_u: float
+    spill: Spill | None = None  # where the fit parks its best-iterate snapshot (None: memory)
 
 
 OVERFIT_RISE = 0.001  # relative rise of the validation RMSE one iteration after the best
@@ -270,6 +394,7 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
     best_state: Snapshot | None = None
     for it in bar:
         iterate(state, cfg, fd.train, params, learn_u=fd.learn_u, refine=fd.refine, reg_u=fd.reg_u)
+        trim_heap()
         row = losses(it)
         history.append(row)
         bar.set_postfix(train=f"{row['train_rmse']:.4f}", val=f"{row['val_rmse']:.4f}")
@@ -280,15 +405,20 @@ def fit_lrs(state: LRSState, cfg: TrainConfig, fd: FitData, *, progress: bool = 
             )
         if early:
             if row["val_rmse"] < best_val:
-                best_val, best_it, best_state = row["val_rmse"], it, Snapshot.of(state)
+                if best_state is not None:
+                    best_state.discard(fd.spill)
+                best_val, best_it = row["val_rmse"], it
+                best_state = Snapshot.of(state, fd.spill)
             elif it - best_it >= cfg.patience or row["val_rmse"] > best_val * (1 + OVERFIT_RISE):
                 break  # patience used up, or a clear rise (overfitting): no further iteration
     if not early:
         return Fit(state, history, len(history) - 1)
     assert best_state is not None
     if best_it == len(history) - 1:
+        best_state.discard(fd.spill)
         return Fit(state, history, best_it)  # the last iterate is the best: no copy needed
     best_state.restore_into(state)  # in place: no second copy of the per-user arrays
+    best_state.discard(fd.spill)
     return Fit(state, history, best_it)
 
 
@@ -321,9 +451,13 @@ def biases_only(
         reg_item=reg_bias,
         n_iter=10,
     )
-    n, d = start.W.shape[0], start.F.shape[1]
-    W = start.W.copy() if copy else start.W
-    B = np.zeros((n, d)) if copy else np.broadcast_to(np.zeros(1), (n, d))
+    n, d, r = start.user_bias.size, start.F.shape[1], start.U.shape[1]
+    if copy:
+        W = start.W  # a snapshot's W read back from disk is already a fresh array
+        W = W.copy() if isinstance(start, LRSState) or W is start.w else W
+        B = np.zeros((n, d))
+    else:  # F = 0: W and B do not change a prediction (read-only zeros, no per-user arrays)
+        W, B = np.broadcast_to(np.zeros(1), (n, r)), np.broadcast_to(np.zeros(1), (n, d))
     return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, B)
 
 
@@ -335,21 +469,39 @@ class Snapshot:
     """A copy of an :class:`LRSState` with the sparse part stored sparsely: each row of B has at
     most k non-zeros, so (column, value) pairs of the widest row's count replace the dense
     (n_users, d) array (which would double the trainer's largest arrays for every copy kept:
-    the start, the best iterate). :meth:`restore` gives back the state exactly."""
+    the start, the best iterate). With a :class:`~lrs_rec.training.spill.Spill`, the large
+    per-user arrays (W, the pairs) are parked on disk until restored. :meth:`restore` gives back
+    the state exactly."""
 
     global_mean: float
     user_bias: np.ndarray
     item_bias: np.ndarray
     F: np.ndarray
     U: np.ndarray
-    W: np.ndarray
-    b_idx: np.ndarray  # (n_users, m) int32 columns (m: the most non-zeros of a row)
-    b_val: np.ndarray  # (n_users, m) their values (zeros pad shorter rows)
+    w: np.ndarray | Spilled  # W (n_users, r), in memory or on disk
+    b_idx_store: np.ndarray | Spilled  # (n_users, m) int32 columns (m: a row's most non-zeros)
+    b_val_store: np.ndarray | Spilled  # (n_users, m) their values (zeros pad shorter rows)
     d: int
     b_dtype: Any
 
+    @property
+    def W(self) -> np.ndarray:
+        return spill_load(self.w)
+
+    @property
+    def b_idx(self) -> np.ndarray:
+        return spill_load(self.b_idx_store)
+
+    @property
+    def b_val(self) -> np.ndarray:
+        return spill_load(self.b_val_store)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_bias.shape[0])
+
     @classmethod
-    def of(cls, state: LRSState) -> Snapshot:
+    def of(cls, state: LRSState, spill: Spill | None = None) -> Snapshot:
         B = state.B
         n, d = B.shape
         m = int(max((np.count_nonzero(B[a : a + SNAPSHOT_ROWS], axis=1).max(initial=0)
@@ -368,42 +520,53 @@ class Snapshot:
             state.item_bias.copy(),
             state.F.copy(),
             state.U.copy(),
-            state.W.copy(),
-            idx,
-            val,
+            state.W.copy() if spill is None else spill.put(state.W),
+            idx if spill is None else spill.put(idx),
+            val if spill is None else spill.put(val),
             d,
             B.dtype,
         )
 
+    def discard(self, spill: Spill | None) -> None:
+        """Remove this snapshot's spilled files (it is superseded)."""
+        if spill is not None:
+            for a in (self.w, self.b_idx_store, self.b_val_store):
+                spill.discard(a)
+
     def dense_b(self) -> np.ndarray:
-        B = np.zeros((self.W.shape[0], self.d), self.b_dtype)
-        if self.b_idx.shape[1]:
-            np.put_along_axis(B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        B = np.zeros((self.n_users, self.d), self.b_dtype)
+        idx = self.b_idx
+        if idx.shape[1]:
+            np.put_along_axis(B, idx.astype(np.int64), self.b_val, axis=1)
         return B
 
     def restore(self) -> LRSState:
         """A fresh state equal to the one snapshotted (its own arrays)."""
+        W = self.W
         return LRSState(
             self.global_mean,
             self.user_bias.copy(),
             self.item_bias.copy(),
             self.F.copy(),
             self.U.copy(),
-            self.W.copy(),
+            W.copy() if W is self.w else W,
             self.dense_b(),
         )
 
     def restore_into(self, state: LRSState) -> None:
         """Make ``state`` (of the same shapes) equal to the snapshot, reusing its arrays."""
         state.global_mean = self.global_mean
-        for name in ("user_bias", "item_bias", "F", "U", "W"):
+        for name in ("user_bias", "item_bias", "F", "U"):
             setattr(state, name, getattr(self, name).copy())
+        W = self.W
+        state.W = W.copy() if W is self.w else W
         state.B[:] = 0
-        if self.b_idx.shape[1]:
-            np.put_along_axis(state.B, self.b_idx.astype(np.int64), self.b_val, axis=1)
+        idx = self.b_idx
+        if idx.shape[1]:
+            np.put_along_axis(state.B, idx.astype(np.int64), self.b_val, axis=1)
 
     def take_users(self, users: np.ndarray) -> Snapshot:
-        """The snapshot of the given users only (items, F, U unchanged)."""
+        """The snapshot of the given users only (items, F, U unchanged), in memory."""
         return Snapshot(
             self.global_mean,
             self.user_bias[users],
@@ -539,6 +702,7 @@ class PhaseLog:
         self.rows.append(
             {"phase": phase, "seconds": round(now - self._t, 3), "peak_rss_mb": peak_rss_mb()}
         )
+        trim_heap()  # the phase's freed temporaries back to the system before the next one
         self._t = now
 
 
@@ -552,15 +716,58 @@ def train(
     item_features_path: str | None = None,
     progress: bool = True,
     extra_manifest: dict[str, Any] | None = None,
+    release_table: bool = False,
 ) -> TrainResult:
-    """Train on a cleaned rating table; returns the model (not yet saved) and the loss history."""
+    """Train on a cleaned rating table; returns the model (not yet saved) and the loss history.
+
+    ``release_table``: drop the table's columns (:meth:`RatingTable.release`) once they are
+    encoded, so that they are not alive during training (``lrs-rec train`` does)."""
+    spill = Spill()  # large copies read only much later go to disk (training/spill.py)
+    try:
+        return _train(
+            table,
+            cfg,
+            item_features_path=item_features_path,
+            progress=progress,
+            extra_manifest=extra_manifest,
+            release_table=release_table,
+            spill=spill,
+        )
+    finally:
+        spill.close()
+
+
+def _train(
+    table: RatingTable,
+    cfg: TrainConfig,
+    *,
+    item_features_path: str | None,
+    progress: bool,
+    extra_manifest: dict[str, Any] | None,
+    release_table: bool,
+    spill: Spill,
+) -> TrainResult:
     t0 = time.perf_counter()
     phases = PhaseLog()
     rng = np.random.default_rng(cfg.seed)
     user_vocab, item_vocab = build_vocabularies(table)
     n_users, n_items = len(user_vocab), len(item_vocab)
-    data = encode(table, user_vocab, item_vocab)
-    val_mask = validation_mask(data, cfg.validation_fraction, rng)
+    data, val_mask, h_ratings_col, h_times_col = encode_in_history_order(
+        table, user_vocab, item_vocab, cfg.validation_fraction, rng, release_table=release_table
+    )
+    table_info = {
+        "source": table.report.source,
+        "format": table.report.format,
+        "fingerprint_sha256": table.fingerprint,
+        "n_ratings": len(table),
+    }
+    cleaning = table.report.to_dict()
+    rating_min, rating_max = table.rating_min, table.rating_max
+    if release_table:
+        table.release()  # (done column by column above) the samples and histories hold it
+        trim_heap()
+    # read again only when the model is assembled
+    h_ratings_col, h_times_col = h_ratings_col.spilled(spill), h_times_col.spilled(spill)
     # the two parts only (the whole is rebuilt from them for the final pass): one copy of the
     # samples is alive during the fits, not the raw, scaled, training and validation ones at once
     if val_mask is None:
@@ -590,10 +797,10 @@ def train(
     hyperparameters, refine, learn_u, reg_u = run_settings(
         cfg, rank=state.U.shape[1], n_users=n_users, plugin=plugin is not None
     )
-    lo, hi = table.rating_min / unit, table.rating_max / unit
-    fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u)
+    lo, hi = rating_min / unit, rating_max / unit
+    fit_data = FitData(train_part, val_part, lo, hi, unit, learn_u, refine, reg_u, spill)
 
-    start = Snapshot.of(state)
+    start = Snapshot.of(state, spill)
     del state
     tuning: dict[str, Any] | None = None
     fit: Fit | None = None
@@ -655,26 +862,26 @@ def train(
     n_val = len(val_part)
     del start, val_part
     phases.mark("final pass")
+    # the history CSR in the ratings' own units (the table's), rating times in the same order
+    # (the onboarding prior learns from users' first ratings): the samples are in that order
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
+    n_train = len(data) - n_val
+    h_items = data.items.astype(np.int64)
+    del data  # with the kernels' layouts of it
     unscale(state, unit)
 
     lrs = to_lrs_model(state, cfg)
+    state.B = state.B[:0]  # stored sparsely in lrs now
     w_mean, w_cov = population_prior(
         LRSState(
             state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W, state.B
         )
     )
-    # the history CSR in the ratings' own units (the table's), rating times in the same order
-    # (the onboarding prior learns from users' first ratings)
-    order = history_order(data)
-    indptr = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(data.users, minlength=n_users), out=indptr[1:])
-    h_items = data.items[order].astype(np.int64)
-    n_train = len(data) - n_val
-    del data
-    state.B = state.B[:0]  # stored sparsely in lrs now
-    h_ratings = np.asarray(table.ratings[order], dtype=np.float64)
-    h_times = np.asarray(table.timestamps[order], dtype=np.float64)
-    del order
+    h_ratings = h_ratings_col.values()
+    del h_ratings_col
+    h_times = h_times_col.values()
+    del h_times_col
     phases.mark("model")
     seconds = time.perf_counter() - t0
     manifest: dict[str, Any] = {
@@ -686,16 +893,13 @@ def train(
             "rating_unit": unit,
         },
         "data": {
-            "source": table.report.source,
-            "format": table.report.format,
-            "fingerprint_sha256": table.fingerprint,
-            "n_ratings": len(table),
+            **table_info,
             "n_users": n_users,
             "n_items": n_items,
             "n_train_part": n_train,
             "n_validation_part": n_val,
         },
-        "cleaning": table.report.to_dict(),
+        "cleaning": cleaning,
         "item_features": plugin_info or {"source": "als", "d": int(state.F.shape[1])},
         "metrics": {
             "train_rmse": train_rmse,
@@ -734,8 +938,8 @@ def train(
         history_indptr=indptr,
         history_items=h_items,
         history_ratings=h_ratings,
-        rating_min=table.rating_min,
-        rating_max=table.rating_max,
+        rating_min=rating_min,
+        rating_max=rating_max,
         manifest=manifest,
         history_timestamps=h_times if np.isfinite(h_times).all() else None,
     )

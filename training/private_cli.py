@@ -58,17 +58,25 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
         "MovieLens catalogue next to --ratings, else the ids of --item-features",
     )
     g.add_argument(
-        "--dp-rank", type=int, default=DEFAULT_RANK, metavar="R", help="rank r (default 4)"
+        "--dp-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="rank r (default 4; one-hot features: from users per item, PrivateConfig.for_data)",
     )
     g.add_argument(
         "--dp-sparsity",
         type=int,
-        default=DEFAULT_SPARSITY,
+        default=None,
         metavar="K",
-        help="k of b_u (default 2)",
+        help="k of b_u (default 2; one-hot features: 0)",
     )
     g.add_argument(
-        "--dp-iters", type=int, default=DEFAULT_ITERS, metavar="L", help="noisy U-steps (default 2)"
+        "--dp-iters",
+        type=int,
+        default=None,
+        metavar="L",
+        help="noisy U-steps (default 2; one-hot features: from users per item)",
     )
     g.add_argument(
         "--dp-noise-seed",
@@ -81,15 +89,16 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dp-max-samples-per-user",
         type=int,
-        default=DEFAULT_MAX_SAMPLES_PER_USER,
+        default=None,
         metavar="M",
-        help="ratings of one user entering the U-step statistics (default 50)",
+        help="ratings of one user entering the U-step statistics (default 50; one-hot: "
+        "PrivateConfig.for_data)",
     )
     g.add_argument(
         "--dp-u-step-gram",
         choices=("blocks", "population"),
-        default="blocks",
-        help="one-hot features: each item's U-step Gram released as a noisy r×r block (blocks, "
-        "default) or as its capped rating count × one global second moment (population: only "
-        "V_i is released per item; needs one-hot features, use with --dp-sparsity 0)",
+        default=None,
+        help="one-hot features: each item's U-step Gram released as a noisy r×r block (blocks) "
+        "or as its capped rating count × one global second moment (population, the one-hot "
+        "default: only V_i is released per item)",
     )

@@ -59,12 +59,10 @@ from lrs_rec.privacy import (
     NEIGHBOURING,
     ClipBounds,
     cap_samples_per_user,
-    capped_item_counts,
     check_distinct_user_items,
     clip_rows,
     clip_scalar,
     clipped_item_block_statistics,
-    clipped_second_moment,
     clipped_u_step_statistics,
     dp_item_block_u_step,
     dp_u_step,
@@ -76,6 +74,18 @@ from lrs_rec.privacy import (
     solve_item_population,
     symmetric_gaussian_noise,
     u_step_sensitivities,
+)
+from lrs_rec.privacy_items import (
+    activity_weights,
+    clipped_item_rows,
+    item_rows_sensitivity,
+    select_popular_per_user,
+    spectral_sensitivity,
+    spectral_start,
+    spectral_statistic,
+    weighted_item_counts,
+    weighted_second_moment,
+    wiener_item_rows,
 )
 from lrs_rec.thresholding import top_k_indices
 
@@ -102,7 +112,13 @@ POPULATION_SHARES: dict[str, float] = {
 releases per item only V_i (r numbers) — the Gram is a_i·M from the capped item counts (released
 once) and one global r×r second moment per iteration — so most of the budget goes to V."""
 
+SPECTRAL_SHARE = 0.1
+"""Share of the spectral start (event ``u_init``; shares are normalised to sum 1)."""
+
 U_STEP_GRAMS = ("blocks", "population")
+U_INITS = ("random", "spectral")
+U_SELECTS = ("random", "popular", "weighted")
+U_SOLVES = ("ridge", "posterior")
 
 
 MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
@@ -142,6 +158,18 @@ class PrivateConfig:
     init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
     u_step_gram: str = "blocks"  # one-hot: "blocks" (noisy r×r Gram per item) or "population"
     shares: tuple[tuple[str, float], ...] | None = None  # None: the mode's default shares
+    # population U-step (one-hot), lrs_rec.privacy_items:
+    # which samples of a user enter V: ≤ m at random ("random"), the ≤ m on the most popular items by
+    # the released Ñ_i ("popular"), or all of them with weight min(1, √(m/n_u)) ("weighted")
+    u_select: str = "random"
+    u_user_norm: float | None = None  # C_V: ‖t_u‖₂ of one user's selected residuals (V)
+    u_solve: str = "ridge"  # "ridge" (one ridge for all items) or "posterior" (per-item Wiener)
+    u_prior_scale: float = 1.0  # posterior: prior variance u0² = scale·(A2/A_w)²/r
+    u_w_sphere: bool = False  # U-step: ŵ_u = A_w·w_u/‖w_u‖ (every user's w at the clip norm)
+    u_min_support: float = 0.0  # items with released Ñ_i below this never enter V (U_i = 0)
+    u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
+    spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
+    spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
     random_state: int | None = (
         None  # None: fresh OS entropy (the DP default); an int reproduces the noise
     )
@@ -168,6 +196,25 @@ class PrivateConfig:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity!r}")
         if self.u_step_gram not in U_STEP_GRAMS:
             raise ValueError(f"u_step_gram must be one of {U_STEP_GRAMS}, got {self.u_step_gram!r}")
+        if self.u_init not in U_INITS:
+            raise ValueError(f"u_init must be one of {U_INITS}, got {self.u_init!r}")
+        if self.u_init == "spectral" and self.features != "onehot":
+            raise ValueError("u_init='spectral' needs one-hot features")
+        if self.u_select not in U_SELECTS:
+            raise ValueError(f"u_select must be one of {U_SELECTS}, got {self.u_select!r}")
+        if self.u_solve not in U_SOLVES:
+            raise ValueError(f"u_solve must be one of {U_SOLVES}, got {self.u_solve!r}")
+        if self.u_user_norm is not None and not self.u_user_norm > 0:
+            raise ValueError(f"u_user_norm must be positive, got {self.u_user_norm!r}")
+        if int(self.spectral_items) < 1 or not self.spectral_user_norm > 0:
+            raise ValueError(
+                "spectral_items must be >= 1 and spectral_user_norm positive, got "
+                f"{self.spectral_items!r}, {self.spectral_user_norm!r}"
+            )
+        if not self.u_min_support >= 0:
+            raise ValueError(f"u_min_support must be >= 0, got {self.u_min_support!r}")
+        if not self.u_prior_scale > 0:
+            raise ValueError(f"u_prior_scale must be positive, got {self.u_prior_scale!r}")
         if self.u_step_gram == "population" and self.features != "onehot":
             raise ValueError("u_step_gram='population' needs one-hot features")
         if self.shares is not None:
@@ -190,14 +237,17 @@ class PrivateConfig:
         """Defaults chosen from the SIZE of the data only — users per item, n_users / n_items
         (sizes are treated as public, like the manifest's counts; nothing else is looked at).
 
-        One-hot features (private ALS): the U-step releases V_i with the population Gram
-        (``u_step_gram="population"``), no sparse part (with one-hot coordinates b_u only moves the
-        user's own already-rated items, never a prediction for a new item, while A3 would add to
-        Δ_V), m = 20 samples per user. The noise on U_i relative to its signal falls with the
-        raters per item, so the rank and the number of noisy U-steps grow with users per item:
-        ρ = n_users / n_items, r = clip(round(ρ / 6), 2, 8), L = clip(round(ρ / 10) + 1, 2, 6)
-        (ML-100K: ρ = 0.56 → r = 2, L = 2; 1M users × 20k items: ρ = 50 → r = 8, L = 6).
-        Plug-in features keep the class defaults. ``overrides`` replace any of these."""
+        One-hot features (private ALS, ``lrs_rec.privacy_items``): a private spectral start of U
+        (event ``u_init``: the noisy co-rating second moment of the 200 items with the largest
+        released Ñ_i, one user's residuals clipped to norm 1), then L = 2 noisy U-steps releasing
+        V_i per item with the population Gram (``u_step_gram="population"``); every user's ratings
+        enter V with weight min(1, √(m/n_u), C_V/‖t_u‖), m = 20, C_V = 3, w_u normalised to the
+        clip norm; each row U_i is the posterior mean under the public prior and the released
+        noise scale (``u_solve="posterior"``). No sparse part (with one-hot coordinates b_u only
+        moves the user's own already-rated items, never a prediction for a new item, while A3
+        would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
+        r = clip(round(ρ / 6), 2, 8) (ML-100K: ρ = 0.56 → r = 2; 1M users × 20k items: ρ = 50 →
+        r = 8). Plug-in features keep the class defaults. ``overrides`` replace any of these."""
         n_users = int(np.unique(np.asarray(users)).size)
         kw: dict[str, Any] = {"epsilon": epsilon, "features": features}
         if features == "onehot":
@@ -207,14 +257,25 @@ class PrivateConfig:
                 sparsity=0,
                 max_samples_per_user=20,
                 rank=int(np.clip(round(rho / 6), 2, 8)),
-                n_iters=int(np.clip(round(rho / 10) + 1, 2, 6)),
+                n_iters=2,
                 init_scale=0.35,
+                u_init="spectral",
+                spectral_items=200,
+                spectral_user_norm=1.0,
+                u_select="weighted",
+                u_user_norm=3.0,
+                u_w_sphere=True,
+                u_solve="posterior",
+                ridge_u=5.0,
             )
         kw.update(overrides)
         return cls(**kw)
 
     def default_shares(self) -> dict[str, float]:
-        return dict(POPULATION_SHARES if self.u_step_gram == "population" else DEFAULT_SHARES)
+        out = dict(POPULATION_SHARES if self.u_step_gram == "population" else DEFAULT_SHARES)
+        if self.u_init == "spectral":
+            out["u_init"] = SPECTRAL_SHARE
+        return out
 
     def share_map(self) -> dict[str, float]:
         """Budget share of each release group (the given ``shares`` or the mode's default)."""
@@ -275,6 +336,17 @@ class PrivateFit:
             return np.eye(self.lrs.d)
         return self.item_features
 
+    def stored_factors(self) -> tuple[LRSModel, np.ndarray]:
+        """(LRS model, item features) to write into a model directory. One-hot features without a
+        sparse part are stored factored — item features U (n_items × r) and U = I_r, the same
+        predictions ⟨e_i, U w_u⟩ = ⟨U_i, w_u⟩ — so no n_items × n_items identity is written; with a
+        sparse part (b_u over item coordinates) the identity is kept."""
+        L = self.lrs
+        if self.item_features is None and L.sparsity == 0:
+            r = L.rank
+            return LRSModel(U=np.eye(r), W=L.W, B_idx=L.B_idx, B_val=L.B_val), L.U
+        return L, self.dense_item_features()
+
 
 # -- the ledger plan -------------------------------------------------------------------------------------
 def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
@@ -293,10 +365,16 @@ def sensitivities(cfg: PrivateConfig, *, one_hot: bool) -> dict[str, float]:
         "u_step_V": dV,
         "w_prior": math.sqrt(cfg.A_w**2 + cfg.A_w**4 + 1.0),  # (ŵ, ŵŵᵀ upper triangle, 1)
     }
+    if cfg.u_init == "spectral":
+        out["u_init"] = spectral_sensitivity(cfg.spectral_user_norm)
     if cfg.u_step_gram == "population":
         dC, dM = population_gram_sensitivities(cfg.bounds())
         del out["u_step_A"]
         out.update(u_step_count=dC, u_step_M=dM)
+        out["u_step_V"] = item_rows_sensitivity(
+            m=cfg.max_samples_per_user, A2=cfg.A2, A3=cfg.A3, A_w=cfg.A_w,
+            user_norm=cfg.u_user_norm, sparse=cfg.sparsity > 0,
+        )  # fmt: skip
     return out
 
 
@@ -309,8 +387,9 @@ RELEASES = {
     "u_step_count": ("U",),
     "u_step_M": ("U",),
     "w_prior": ("w_prior_mean", "w_prior_cov"),
+    "u_init": ("U",),
 }
-ONCE = ("global_mean", "item_bias_sum", "item_bias_count", "u_step_count", "w_prior")
+ONCE = ("global_mean", "item_bias_sum", "item_bias_count", "u_step_count", "w_prior", "u_init")
 
 
 def plan_ledger(cfg: PrivateConfig, *, one_hot: bool) -> CalibratedLedger | None:
@@ -441,6 +520,12 @@ def local_user_step(
     return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)
 
 
+def _sphere(W: np.ndarray, radius: float) -> np.ndarray:
+    """Each row scaled to norm ``radius`` (zero rows stay zero): a per-user map of w_u alone."""
+    norms = np.linalg.norm(W, axis=1, keepdims=True)
+    return np.asarray(np.divide(W * radius, norms, out=np.zeros_like(W), where=norms > 0))
+
+
 # -- the private fit ---------------------------------------------------------------------------------------
 def fit_private(
     users: np.ndarray,
@@ -519,16 +604,43 @@ def fit_private(
     item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
 
     # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
-    if one_hot:
+    if one_hot and cfg.u_init == "spectral":  # release "u_init": the K most popular items by Ñ
+        top = np.argsort(-N, kind="stable")[: min(cfg.spectral_items, n_items)]
+        G = spectral_statistic(
+            users, items, ratings - global_mean - item_bias[items] - c_u[users], top, n_users,
+            A2=cfg.A2, user_norm=cfg.spectral_user_norm,
+        )  # fmt: skip
+        G += symmetric_gaussian_noise(
+            top.size, sensitivity=sens["u_init"], noise_multiplier=z("u_init"), rng=rng
+        )
+        U = np.zeros((d, r))
+        U[top] = cfg.init_scale * spectral_start(G, N[top], r)
+        del G
+    elif one_hot:
         U = cfg.init_scale * rng.standard_normal((d, r))
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
     it = _Iterate(F, U, c_u, item_bias, global_mean, k)
     data = Samples(users, items, ratings)
-    keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
-    uk, ik = users[keep], items[keep]
-    tk = ratings[keep] - global_mean - item_bias[ik]
-    del keep
+    sigma_u = None  # per-user base weights of the U-step statistics (None: 1 on ≤ m samples)
+    if cfg.u_select == "weighted":
+        if cfg.u_min_support > 0:  # by the released noisy counts Ñ_i: post-processing
+            keep = N[items] >= cfg.u_min_support
+            uk, ik = users[keep], items[keep]
+            del keep
+        else:
+            uk, ik = users, items
+        sigma_u = activity_weights(uk, n_users, cfg.max_samples_per_user)
+        tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
+        tk = tk - global_mean - item_bias[ik]
+    else:
+        if cfg.u_select == "popular":  # by the released noisy counts Ñ_i: post-processing
+            keep = select_popular_per_user(users, items, N, cfg.max_samples_per_user, rng)
+        else:
+            keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
+        uk, ik = users[keep], items[keep]
+        tk = ratings[keep] - global_mean - item_bias[ik]
+        del keep
     bounds = cfg.bounds()
     population = cfg.u_step_gram == "population"
     if population:  # public noise scale σ_V; the Gram needs no per-item noise
@@ -537,7 +649,8 @@ def fit_private(
         # (|⟨U_i, ŵ⟩| ≲ A2 spread over r coordinates) — public constants and the public σ_V
         sigma = z("u_step_V") * sens["u_step_V"]
         ridge_u = cfg.ridge_u + sigma**2 * r * (cfg.A_w / cfg.A2) ** 2
-        counts = capped_item_counts(ik, n_items) + gaussian_noise(
+        base = np.ones(n_users) if sigma_u is None else sigma_u
+        counts = weighted_item_counts(ik, uk, base, n_items) + gaussian_noise(
             (n_items,),
             sensitivity=sens["u_step_count"],
             noise_multiplier=z("u_step_count"),
@@ -551,18 +664,31 @@ def fit_private(
         y = tk - it.state.user_bias[uk]
         xb = it.xb(uk, ik)
         if population:
-            _, V = clipped_item_block_statistics(
-                ik, y, xb, uk, it.state.W, n_items, bounds, with_gram=False
-            )
+            Wh = _sphere(it.state.W, cfg.A_w) if cfg.u_w_sphere else it.state.W
+            V, s_u = clipped_item_rows(
+                ik, y, xb, uk, Wh, n_items, A2=cfg.A2, A3=cfg.A3, A_w=cfg.A_w,
+                user_norm=cfg.u_user_norm, base_weights=sigma_u,
+            )  # fmt: skip
             V += gaussian_noise(
                 V.shape, sensitivity=sens["u_step_V"], noise_multiplier=z("u_step_V"), rng=rng
             )
-            M = clipped_second_moment(uk, it.state.W, bounds)
+            M = weighted_second_moment(uk, Wh, s_u, cfg.A_w, cfg.max_samples_per_user)
             M += symmetric_gaussian_noise(
                 r, sensitivity=sens["u_step_M"], noise_multiplier=z("u_step_M"), rng=rng
             )
-            total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
-            U = solve_item_population(V, counts, M / total, ridge=ridge_u)
+            if cfg.u_w_sphere:  # every ŵ has norm A_w: the per-sample average has trace A_w²
+                M = psd_project(M)
+                M = M * (cfg.A_w**2 / max(float(np.trace(M)), 1e-12))
+                total = 1.0
+            else:
+                total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
+            if cfg.u_solve == "posterior":
+                U = wiener_item_rows(
+                    V, counts, M / total, noise_var=sigma**2, ridge=cfg.ridge_u,
+                    prior_var=cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r,
+                )  # fmt: skip
+            else:
+                U = solve_item_population(V, counts, M / total, ridge=ridge_u)
         elif one_hot:
             A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, it.state.W, n_items, bounds)
             U = dp_item_block_u_step(
@@ -654,6 +780,12 @@ def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> 
                 "Eq. 7-8 with the population Gram a_i·M)"
                 if cfg.u_step_gram == "population"
                 else f"private: events u_step_A, u_step_V ({cfg.n_iters} noisy U-steps, Eq. 7-8)"
+            )
+            + (
+                "; its start: event u_init (noisy co-rating second moment of the "
+                f"{cfg.spectral_items} items with the largest released item_bias_count)"
+                if cfg.u_init == "spectral"
+                else ""
             ),
             "w_prior_mean": "private: event w_prior",
             "w_prior_cov": "private: event w_prior",
@@ -834,6 +966,37 @@ def public_rating_scale(declared: tuple[float, float] | None, fmt: str) -> str:
     )
 
 
+_CLI_FIELDS = {
+    "dp_rank": "rank",
+    "dp_sparsity": "sparsity",
+    "dp_iters": "n_iters",
+    "dp_max_samples_per_user": "max_samples_per_user",
+    "dp_u_step_gram": "u_step_gram",
+}
+
+
+def cli_config(
+    args: argparse.Namespace, mode: str, users: np.ndarray, n_items: int
+) -> PrivateConfig:
+    """The PrivateConfig of `lrs-rec train --epsilon`: the flags given explicitly, the rest from
+    :meth:`PrivateConfig.for_data` (one-hot features: chosen from the data sizes) or the class
+    defaults (plug-in features)."""
+    given = {
+        field_: getattr(args, flag) for flag, field_ in _CLI_FIELDS.items()
+        if getattr(args, flag, None) is not None
+    }  # fmt: skip
+    given.update(
+        delta=float(args.delta),
+        accountant=str(args.accountant),
+        random_state=getattr(args, "dp_noise_seed", None),
+    )
+    if mode == "onehot":
+        return PrivateConfig.for_data(
+            users, n_items=n_items, epsilon=float(args.epsilon), features=mode, **given
+        )
+    return PrivateConfig(epsilon=float(args.epsilon), features=mode, **given)
+
+
 def run(args: argparse.Namespace) -> int:
     """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
     import secrets
@@ -875,18 +1038,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     data = Samples(u[ok], i[ok], table.ratings[ok])
-    cfg = PrivateConfig(
-        epsilon=float(args.epsilon),
-        delta=float(args.delta),
-        features=mode,
-        rank=int(args.dp_rank),
-        sparsity=int(args.dp_sparsity),
-        n_iters=int(args.dp_iters),
-        accountant=str(args.accountant),
-        max_samples_per_user=int(args.dp_max_samples_per_user),
-        u_step_gram=str(getattr(args, "dp_u_step_gram", "blocks")),
-        random_state=getattr(args, "dp_noise_seed", None),
-    )
+    cfg = cli_config(args, mode, data.users, len(item_vocab))
     fit = fit_private(
         data.users, data.items, data.ratings,
         n_users=len(user_vocab), n_items=len(item_vocab),
@@ -935,9 +1087,16 @@ def run(args: argparse.Namespace) -> int:
         + "-"
         + secrets.token_hex(5),
     }
+    lrs, item_features = fit.stored_factors()
+    if fit.item_features is None and lrs is not fit.lrs:  # one-hot, stored F = U, U = I_r
+        fit.privacy["released_arrays"]["item_features"] = (
+            "private: the one-hot model's U (events u_step_*), stored as item features "
+            "with U = I_r (⟨e_i, U w⟩ = ⟨U_i, w⟩): no n_items × n_items identity"
+        )
+        manifest["item_features"] = {"source": "onehot-factored", "d": lrs.d}
     model = TrainedModel(
-        lrs=fit.lrs,
-        item_features=fit.dense_item_features(),
+        lrs=lrs,
+        item_features=item_features,
         item_bias=fit.item_bias,
         user_bias=fit.user_bias,
         global_mean=fit.global_mean,

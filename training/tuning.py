@@ -62,7 +62,7 @@ def user_sample(n_users: int, size: int, seed: int) -> np.ndarray:
 def restrict_to_users(start: Snapshot, fd: FitData, users: np.ndarray) -> tuple[Snapshot, FitData]:
     """The start and the training / validation samples of the given users only, renumbered
     0..len(users)-1 (items keep their indices: F, c_i are the start's)."""
-    remap = np.full(start.W.shape[0], -1, fd.train.users.dtype)
+    remap = np.full(start.n_users, -1, fd.train.users.dtype)
     remap[users] = np.arange(users.size)
 
     def sub(s: Samples) -> Samples:
@@ -83,7 +83,7 @@ def tune(
     that many users (their ratings, the same start for them): the ridge strengths are per-user and
     per-item prior strengths, which do not depend on how many users there are. The fit is then
     None: the caller fits all users once with the chosen strengths."""
-    n_users = start.W.shape[0]
+    n_users = start.n_users
     sample = cfg.tune_sample_users
     record_sample: dict[str, Any] = {}
     if sample is not None and n_users > sample:

@@ -57,7 +57,10 @@ class Samples:
     def csr(self, by: str, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The samples sorted once by user (``by="user"``) or by item: (indptr (n_keys + 1,) int64,
         the other side's indices int32, the ratings float64), by the other index within a key; cached for as
-        long as the arrays are the same objects (the compiled kernels read this layout)."""
+        long as the arrays are the same objects (the compiled kernels read this layout).
+
+        Samples already in that order (:meth:`in_order`; the trainer keeps its samples sorted by
+        user, then item) give their own arrays: no copy, when they are int32 / float64 already."""
         key_arr, other = (self.users, self.items) if by == "user" else (self.items, self.users)
         tag = (by, n_keys, id(self.users), id(self.items), id(self.ratings))
         hit = self._csr.get(tag)
@@ -65,20 +68,36 @@ class Samples:
             return hit
         for old in [t for t in self._csr if t[2:] != tag[2:]]:  # arrays replaced since
             del self._csr[old]
-        # by key, then by the other side's index (neighbouring rows read neighbouring memory): one
-        # stable sort of key·n_other + other, the order of np.lexsort((other, key)) (ties keep
-        # their order); much faster on ratings already grouped by user (runs for timsort)
-        n_other = int(other.max()) + 1 if other.size else 1
-        order = np.argsort(key_arr.astype(np.int64) * n_other + other, kind="stable")
         indptr = np.zeros(n_keys + 1, dtype=np.int64)
         np.cumsum(np.bincount(key_arr, minlength=n_keys), out=indptr[1:])
-        out = (
-            indptr,
-            np.ascontiguousarray(other[order], dtype=np.int32),
-            np.ascontiguousarray(self.ratings[order], dtype=np.float64),
-        )
+        if self.in_order(by):
+            out = (indptr, _i32(other), _f64(self.ratings))
+        else:
+            # by key, then by the other side's index (neighbouring rows read neighbouring memory): one
+            # stable sort of key·n_other + other, the order of np.lexsort((other, key)) (ties keep
+            # their order); much faster on ratings already grouped by user (runs for timsort)
+            n_other = int(other.max()) + 1 if other.size else 1
+            order = np.argsort(key_arr.astype(np.int64) * n_other + other, kind="stable")
+            out = (
+                indptr,
+                np.ascontiguousarray(other[order], dtype=np.int32),
+                np.ascontiguousarray(self.ratings[order], dtype=np.float64),
+            )
         self._csr[tag] = out
         return out
+
+    def in_order(self, by: str = "user") -> bool:
+        """Whether the samples are sorted by user (``by="user"``) or item, then by the other index
+        (checked in chunks of :data:`ROW_CHUNK`, no full-length temporaries)."""
+        key_arr, other = (self.users, self.items) if by == "user" else (self.items, self.users)
+        n = key_arr.shape[0]
+        for a in range(0, max(n - 1, 0), ROW_CHUNK):
+            b = min(n, a + ROW_CHUNK + 1)
+            k, o = key_arr[a:b], other[a:b]
+            same = k[1:] == k[:-1]
+            if (k[1:] < k[:-1]).any() or (o[1:][same] < o[:-1][same]).any():
+                return False
+        return True
 
 
 @dataclass
@@ -96,7 +115,12 @@ class LRSState:
     gamma: np.ndarray | None = None  # (n_users,) Algorithm 2's γ per user (b_step "iht")
 
     def theta(self) -> np.ndarray:
-        return np.asarray(self.W @ self.U.T + self.B)
+        """Θ = W Uᵀ + B (n_users × d), one array (B added in place, no second temporary)."""
+        out = np.asarray(self.W @ self.U.T)
+        if out.dtype == np.result_type(out, self.B):
+            out += self.B
+            return out
+        return np.asarray(out + self.B)
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """The same formula as ``TrainedModel.predict`` on known users/items (used for losses).
@@ -117,10 +141,38 @@ class LRSState:
         return np.asarray(np.clip(out, lo, hi))
 
     def _predict_fast(self, K: Any, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Unclipped predictions with the compiled ⟨f_i, θ_u⟩ (θ for all users computed once)."""
-        dots = np.empty(users.shape[0])
-        K.rating_dots(_i32(users), _i32(items), _f64(self.theta()), _f64(self.F), dots)
+        """Unclipped predictions with the compiled ⟨f_i, θ_u⟩ (:func:`rating_dots`)."""
+        dots = rating_dots(K, self, users, items)
         return np.asarray(self.global_mean + self.user_bias[users] + self.item_bias[items] + dots)
+
+    def theta_rows(self, lo: int, hi: int) -> np.ndarray:
+        """θ_u of users lo..hi-1 (rows of :meth:`theta`)."""
+        out = np.asarray(self.W[lo:hi] @ self.U.T)
+        if out.dtype == np.result_type(out, self.B):
+            out += self.B[lo:hi]
+            return out
+        return np.asarray(out + self.B[lo:hi])
+
+
+def rating_dots(K: Any, state: LRSState, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """⟨f_i, θ_u⟩ per sample with the compiled kernel, in chunks of :data:`ROW_CHUNK` samples. A
+    chunk whose users span at most ROW_CHUNK indices (samples sorted by user: the trainer's) gets
+    θ of that user range only; otherwise θ of all users is computed once (n_users × d)."""
+    n = users.shape[0]
+    out = np.empty(n)
+    F = _f64(state.F)
+    full: np.ndarray | None = None
+    for a in range(0, n, ROW_CHUNK):
+        u, i = users[a : a + ROW_CHUNK], items[a : a + ROW_CHUNK]
+        lo, hi = int(u.min()), int(u.max()) + 1
+        if hi - lo <= ROW_CHUNK:
+            theta, u = _f64(state.theta_rows(lo, hi)), u - lo
+        else:
+            if full is None:
+                full = _f64(state.theta())
+            theta = full
+        K.rating_dots(_i32(u), _i32(i), theta, F, out[a : a + ROW_CHUNK])
+    return out
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -683,8 +735,7 @@ def item_bias_statistics(state: LRSState, data: Samples) -> tuple[np.ndarray, np
     resid = np.empty_like(t)
     K = parallel.kernels()
     if K is not None:
-        K.rating_dots(_i32(data.users), _i32(data.items), _f64(state.theta()), _f64(state.F), resid)
-        resid = t - resid
+        resid = t - rating_dots(K, state, data.users, data.items)
     for a in range(0, t.size if K is None else 0, ROW_CHUNK):
         i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
         theta = state.W[u] @ state.U.T + state.B[u]
@@ -802,13 +853,11 @@ def squared_error(state: LRSState, data: Samples, lo: float, hi: float) -> tuple
     if len(data) == 0:
         return 0.0, 0
     K = parallel.kernels()
-    if K is not None:  # row chunks (fixed size), θ computed once; the sum in chunk order
-        theta, F = _f64(state.theta()), _f64(state.F)
+    if K is not None:  # row chunks (fixed size); the sum in chunk order
         total = 0.0
         for a in range(0, len(data), ROW_CHUNK):
             u, i = data.users[a : a + ROW_CHUNK], data.items[a : a + ROW_CHUNK]
-            dots = np.empty(u.shape[0])
-            K.rating_dots(_i32(u), _i32(i), theta, F, dots)
+            dots = rating_dots(K, state, u, i)
             pred = state.global_mean + state.user_bias[u] + state.item_bias[i] + dots
             err = np.clip(pred, lo, hi) - data.ratings[a : a + ROW_CHUNK]
             total += float(np.dot(err, err))

@@ -1,0 +1,239 @@
+"""One-hot private U-step, per item (private ALS with a population Gram): which samples of a user
+enter, how one user's whole contribution is bounded, and the per-item posterior of U_i. Pure numpy.
+
+Released per U-step (add/remove one user, one-hot items distinct per user):
+
+    V_i = Σ_{u rated i, selected} s_u·t_ui·ŵ_u,   t_ui = clip(y_ui, A2) − clip(⟨x, b_u⟩, A3)
+    s_u = min(1, C / ‖t_u‖₂)                         (the user's selected residual vector, ≤ m samples)
+
+so one user's contribution to V (an n_items × r matrix with ≤ m non-zero rows) has Frobenius norm
+s_u·‖t_u‖₂·‖ŵ_u‖ ≤ min(√m·(A2 + A3), C)·A_w (:func:`item_rows_sensitivity`). Which ≤ m samples of a
+user are selected is decided from public values (a released popularity score per item, e.g. the
+noisy item-bias counts Ñ_i) and the user's own ratings only (:func:`select_popular_per_user`), so
+removing a user changes only that user's own rows.
+
+The per-item Gram Σ_u s_u ŵ_uŵ_uᵀ is replaced by a_i·M̂ (a_i: released count of the selected samples
+of item i, M̂: released per-sample second moment Σ_u s_u n_u ŵ_uŵ_uᵀ / Σ a): post-processing.
+:func:`wiener_item_rows` then solves each row for the posterior mean of U_i under a public prior
+N(0, u0² I) with DP noise of constant variance σ_V² on every entry of V_i plus the sampling noise:
+in the eigenbasis (λ_k) of M̂, with g = a_i λ_k,
+
+    U_ik = g·v_ik / (g·(g + ρ0) + σ_V²/u0²),    ρ0 = σ_e²/u0² (the non-private ridge)
+
+— the DP noise does not grow with a_i, so the shrinkage it needs falls as 1/a_i (a ridge of σ_V²/u0²
+in Gram units, the same for every item, over-shrinks popular items by a factor a_i·λ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lrs_rec._types import FloatArray, IntArray
+from lrs_rec.privacy import clip_rows, clip_scalar
+
+
+def select_popular_per_user(
+    users: IntArray,
+    items: IntArray,
+    popularity: FloatArray,
+    m: int,
+    rng: np.random.Generator,
+    *,
+    min_popularity: float = -np.inf,
+) -> np.ndarray:
+    """Boolean mask keeping, for each user, at most ``m`` samples: those on the items with the largest
+    ``popularity`` (a public, released per-item score), ties broken at random, items with popularity
+    below ``min_popularity`` never kept. Depends only on the public score, ``rng`` and the user's own
+    samples."""
+    users = np.asarray(users, dtype=np.int64)
+    pop = np.asarray(popularity, dtype=np.float64)[np.asarray(items, dtype=np.int64)]
+    jitter = rng.random(users.size)
+    # sort by user, then by descending popularity, then by the random jitter
+    order = np.lexsort((jitter, -pop, users))
+    u_sorted = users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1] if users.size else np.zeros(0, int)
+    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
+    keep = np.zeros(users.size, dtype=bool)
+    keep[order[(rank < m) & (pop[order] >= min_popularity)]] = True
+    return keep
+
+
+def user_norm_weights(users: IntArray, t: FloatArray, n_users: int, bound: float) -> FloatArray:
+    """s_u = min(1, C/‖t_u‖₂) per user (‖t_u‖ over the user's samples in ``t``)."""
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"user norm bound must be positive, got {bound!r}")
+    norms = np.sqrt(np.bincount(users, weights=t * t, minlength=n_users))
+    s = np.ones(n_users)
+    big = norms > bound
+    s[big] = bound / norms[big]
+    return s
+
+
+def item_rows_sensitivity(
+    *, m: int, A2: float, A3: float, A_w: float, user_norm: float | None, sparse: bool
+) -> float:
+    """L2 sensitivity of V (:func:`clipped_item_rows`): min(√m·(A2 + A3), C)·A_w (A3 only with a
+    sparse part)."""
+    per_user = math.sqrt(m) * (A2 + (A3 if sparse else 0.0))
+    if user_norm is not None:
+        per_user = min(per_user, user_norm)
+    return per_user * A_w
+
+
+def clipped_item_rows(
+    items: IntArray,
+    y: FloatArray,
+    xb: FloatArray,
+    users: IntArray,
+    W: FloatArray,
+    n_items: int,
+    *,
+    A2: float,
+    A3: float,
+    A_w: float,
+    user_norm: float | None,
+    base_weights: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """(V, s): V_i = Σ_u s_u·t_ui·ŵ_u over the given samples (distinct items per user), and the
+    per-user weights s_u = min(σ_u, C/‖t_u‖₂) (σ_u = ``base_weights``, default 1; the C term only with
+    ``user_norm``). With ≤ m samples per user and σ ≡ 1, or with σ_u ≤ √(m/n_u) (any number of
+    samples: :func:`activity_weights`), one user's V has norm ≤ min(√m·(A2 + A3), C)·A_w."""
+    from lrs_rec.engine.grouped import grouped_sum
+    from lrs_rec.engine.steps import sample_budget
+
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    t = clip_scalar(y, A2) - clip_scalar(xb, A3)
+    n_users = W.shape[0]
+    s = np.ones(n_users) if base_weights is None else np.asarray(base_weights, np.float64).copy()
+    if user_norm is not None:
+        s = np.minimum(s, user_norm_weights(users, t, n_users, user_norm))
+    Wall = clip_rows(W, A_w) * s[:, None]
+    r = Wall.shape[1]
+    V = np.zeros((n_items, r))
+    step = sample_budget(2 * r)
+    for lo in range(0, users.size, step):
+        sl = slice(lo, lo + step)
+        V += grouped_sum(items[sl], n_items, Wall[users[sl]] * t[sl, None])
+    return V, s
+
+
+def activity_weights(users: IntArray, n_users: int, m: int) -> FloatArray:
+    """σ_u = min(1, √(m/n_u)): a user with n_u > m samples enters with all of them, down-weighted
+    so that σ_u·√n_u ≤ √m (instead of a random subset of m)."""
+    n_u = np.bincount(np.asarray(users, dtype=np.int64), minlength=n_users).astype(np.float64)
+    return np.asarray(np.minimum(1.0, np.sqrt(m / np.maximum(n_u, 1.0))), dtype=np.float64)
+
+
+def weighted_item_counts(
+    items: IntArray, users: IntArray, weights: FloatArray, n_items: int
+) -> FloatArray:
+    """a_i = Σ_{u rated i} σ_u; one user's count vector has norm σ_u·√n_u (≤ √m with
+    :func:`activity_weights`, or with σ ≡ 1 and ≤ m samples per user)."""
+    w = np.asarray(weights, np.float64)[np.asarray(users, np.int64)]
+    return np.asarray(np.bincount(np.asarray(items, np.int64), w, minlength=n_items), np.float64)
+
+
+def weighted_second_moment(
+    users: IntArray, W: FloatArray, weights: FloatArray, A_w: float, m: int
+) -> FloatArray:
+    """Σ_u ω_u·ŵ_uŵ_uᵀ (r × r), ω_u = min(n_u·s_u, m) (n_u: the user's samples here); one user's
+    term has Frobenius norm ≤ m·A_w²."""
+    users = np.asarray(users, dtype=np.int64)
+    Wc = clip_rows(W, A_w)
+    n_u = np.bincount(users, minlength=Wc.shape[0]).astype(np.float64)
+    omega = np.minimum(n_u * np.asarray(weights, np.float64), float(m))
+    return np.asarray((Wc * omega[:, None]).T @ Wc, dtype=np.float64)
+
+
+def wiener_item_rows(
+    V: FloatArray,
+    counts: FloatArray,
+    M: FloatArray,
+    *,
+    noise_var: float,
+    prior_var: float,
+    ridge: float,
+) -> FloatArray:
+    """Posterior mean of each row U_i given Ṽ_i ≈ a_i·M̂·U_i + N(0, noise_var·I) + sampling noise,
+    prior U_i ~ N(0, prior_var·I): U_ik = g·v_ik / (g·(g + ridge) + noise_var/prior_var) in the
+    eigenbasis of M̂ = PSD(M), g = max(a_i, 0)·λ_k (module docstring). Post-processing only."""
+    if not (prior_var > 0 and noise_var >= 0 and ridge > 0):
+        raise ValueError("need prior_var > 0, noise_var >= 0, ridge > 0")
+    lam, Q = np.linalg.eigh(0.5 * (M + M.T))
+    lam = np.maximum(lam, 0.0)
+    a = np.maximum(np.asarray(counts, np.float64), 0.0)
+    g = a[:, None] * lam[None, :]
+    denom = g * (g + ridge) + noise_var / prior_var
+    coef = np.divide((V @ Q) * g, denom, out=np.zeros_like(g), where=denom > 0)
+    return np.asarray(coef @ Q.T, dtype=np.float64)
+
+
+def wiener_item_rows_reference(
+    V: FloatArray, counts: FloatArray, M: FloatArray, *, noise_var: float, prior_var: float,
+    ridge: float,
+) -> FloatArray:  # fmt: skip
+    """Slow twin of :func:`wiener_item_rows`: one r×r solve per item of the posterior mean
+    (G² + ridge·G + (noise_var/prior_var)·I)⁻¹ G v with G = a_i·PSD(M)."""
+    lam, Q = np.linalg.eigh(0.5 * (M + M.T))
+    Mp = (Q * np.maximum(lam, 0.0)) @ Q.T
+    out = np.zeros_like(V, dtype=np.float64)
+    r = M.shape[0]
+    for i in range(V.shape[0]):
+        G = max(float(counts[i]), 0.0) * Mp
+        if not G.any():
+            continue
+        lhs = G @ G + ridge * G + (noise_var / prior_var) * np.eye(r)
+        out[i] = np.linalg.lstsq(lhs, G @ V[i], rcond=None)[0]
+    return out
+
+
+# -- a private spectral start for U (one release, before the noisy U-steps) ----------------------------
+def spectral_statistic(
+    users: IntArray,
+    items: IntArray,
+    t: FloatArray,
+    top_items: IntArray,
+    n_users: int,
+    *,
+    A2: float,
+    user_norm: float,
+) -> FloatArray:
+    """G = Σ_u s_u²·(t̂_u t̂_uᵀ − diag(t̂_u²)) over the K items ``top_items`` (K × K), t̂_u the user's
+    residuals clip(t, A2) on those items and s_u = min(1, C/‖t̂_u‖₂): the off-diagonal co-rating
+    second moment of the residuals. One user's term has Frobenius norm ≤ s_u²‖t̂_u‖² ≤ C²
+    (:func:`spectral_sensitivity`). ``top_items`` must be chosen from public values."""
+    import scipy.sparse as sp
+
+    top = np.asarray(top_items, dtype=np.int64)
+    col = np.full(int(max(int(np.max(items, initial=0)), int(np.max(top, initial=0))) + 1), -1)
+    col[top] = np.arange(top.size)
+    c = col[np.asarray(items, dtype=np.int64)]
+    sel = c >= 0
+    u, c, tv = np.asarray(users, np.int64)[sel], c[sel], clip_scalar(np.asarray(t)[sel], A2)
+    s = user_norm_weights(u, tv, n_users, user_norm)
+    Y = sp.csr_matrix((s[u] * tv, (u, c)), shape=(n_users, top.size))
+    G = np.asarray((Y.T @ Y).toarray(), dtype=np.float64)
+    np.fill_diagonal(G, 0.0)
+    return G
+
+
+def spectral_sensitivity(user_norm: float) -> float:
+    """L2 sensitivity of :func:`spectral_statistic`: C²."""
+    return float(user_norm) ** 2
+
+
+def spectral_start(G: FloatArray, counts: FloatArray, r: int) -> FloatArray:
+    """Rows of U for the K items of a released G (post-processing): with random raters
+    G ≈ D·Q·Σ·Qᵀ·D/n (D = diag of the items' rating counts), so the top-r eigenvectors E of
+    D^{-1/2}·G·D^{-1/2} span D^{1/2}·col(Q) and D^{-1/2}·E spans the item factors' subspace.
+    ``counts``: released (noisy) counts of the K items. Rows scaled to mean norm 1."""
+    d = np.maximum(np.asarray(counts, np.float64), 1.0) ** -0.5
+    Gs = 0.5 * (G + G.T) * d[:, None] * d[None, :]
+    lam, E = np.linalg.eigh(Gs)
+    top = E[:, ::-1][:, :r] * np.sqrt(np.maximum(lam[::-1][:r], 0.0))
+    U = top * d[:, None]
+    scale = float(np.mean(np.linalg.norm(U, axis=1)))
+    return np.asarray(U / scale if scale > 0 else U, dtype=np.float64)

@@ -48,6 +48,7 @@ from itertools import pairwise
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 from scipy.linalg.lapack import dposv
 
 from lrs_rec._types import FloatArray, IntArray
@@ -348,7 +349,7 @@ def estimate_prior(
         desc = item_descriptors(item_features, item_bias, np.bincount(items, minlength=n_items))
     if history_timestamps is not None and desc.shape[1]:
         items, users, counts = _first_ratings(
-            items, users, indptr, counts, history_timestamps, episode_size
+            items, users, counts, history_timestamps, episode_size
         )
     m_mean, C_mm, S, C_tm = _implicit_moments(T, desc, items, users, counts)
     return OnboardingPrior(
@@ -382,12 +383,16 @@ def _user_blocks(indptr: IntArray, per_block: int = _BLOCK_RATINGS) -> list[tupl
 def _first_ratings(
     items: IntArray,
     users: IntArray,
-    indptr: IntArray,
     counts: IntArray,
     history_timestamps: FloatArray,
     episode_size: int,
 ) -> tuple[IntArray, IntArray, IntArray]:
-    """Each user's first ``episode_size`` ratings by time (ties by item): (items, users, counts)."""
+    """Each user's first ``episode_size`` ratings by time (ties by item): (items, users, counts),
+    grouped by user (``users`` is the CSR row of every rating, so already grouped).
+
+    Only users with more than ``episode_size`` ratings are sorted (the others keep all theirs), by one
+    int64 key (user, dense rank of the time, item) when it fits in 63 bits, else by ``np.lexsort``.
+    The slow twin (one lexsort of all ratings) is in tests/test_onboarding_prior_fast.py."""
     ts = np.asarray(history_timestamps, dtype=np.float64)
     if ts.shape != items.shape or not np.all(np.isfinite(ts)):
         raise ValueError(
@@ -396,36 +401,77 @@ def _first_ratings(
         )
     if episode_size < 1:
         raise ValueError(f"episode_size must be >= 1, got {episode_size}")
-    order = np.lexsort((items, ts, users))  # by user, then time, then item
-    rank = np.arange(users.size) - indptr[users[order]]
-    keep = order[rank < episode_size]
-    return items[keep], users[keep], np.minimum(counts, episode_size)
+    long_user = counts > episode_size
+    if not np.any(long_user):
+        return items, users, counts
+    sel = np.flatnonzero(long_user[users])  # ratings of the users to cut, grouped by user
+    su, si = users[sel], items[sel].astype(np.int64)
+    t_rank, n_times = _dense_rank(ts[sel])
+    n_items = int(si.max()) + 1
+    group = np.cumsum(long_user) - 1  # 0-based index of each long user among the long users
+    if n_times * n_items * (int(group[-1]) + 1) < 2**_KEY_BITS:
+        key = (group[su] * n_times + t_rank) * n_items + si
+        order = np.argsort(key)  # rows with equal (user, time, item) keys are interchangeable
+    else:
+        order = np.lexsort((si, t_rank, su))
+    starts = np.concatenate([[0], np.cumsum(counts[long_user])[:-1]])
+    rank = np.arange(sel.size) - np.repeat(starts, counts[long_user])
+    cut = sel[order[rank < episode_size]]  # the kept ratings of the long users, by user
+    keep = np.ones(users.size, dtype=bool)
+    keep[sel] = False
+    keep[cut] = True
+    kept = np.flatnonzero(keep)  # every short user's ratings and the long users' first ones
+    return items[kept], users[kept], np.minimum(counts, episode_size)
+
+
+_KEY_BITS = 62  # the one-key sort of _first_ratings while its keys fit
+
+
+def _dense_rank(values: FloatArray) -> tuple[IntArray, int]:
+    """(0-based dense rank of each value, number of distinct values): equal values share a rank."""
+    order = np.argsort(values)
+    v = values[order]
+    new = np.empty(v.size, dtype=np.int64)
+    new[:1] = 0
+    np.not_equal(v[1:], v[:-1], out=new[1:], casting="unsafe")
+    rank = np.empty(v.size, dtype=np.int64)
+    rank[order] = np.cumsum(new)
+    return rank, int(rank[order[-1]]) + 1 if v.size else 0
 
 
 def _implicit_moments(
     T: FloatArray, desc: FloatArray, items: IntArray, users: IntArray, counts: IntArray
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """(m̄, C_mm, S, C_tm) of the users' mean descriptors m_u (empty when ``desc`` has no columns):
-    C_mm is cov(m_u) minus the sampling part mean(S/n_u), projected to PSD relative to S."""
+    C_mm is cov(m_u) minus the sampling part mean(S/n_u), projected to PSD relative to S.
+
+    ``users`` must be grouped (non-decreasing) with ``counts`` ratings each. m_u = (A g)/n_u with the
+    sparse user × item count matrix A (no per-rating descriptor rows); the within-user scatter is
+    Σ_j g_j g_jᵀ − Σ_u n_u m_u m_uᵀ = Gᵀ diag(item counts) G − Σ_u n_u m_u m_uᵀ, on descriptors
+    centred by their rating-weighted mean (so the difference does not cancel digits). The slow twin
+    (per-rating deviations, ``np.add.at``) is in tests/test_onboarding_prior_fast.py."""
     n_users, q = T.shape
     p = desc.shape[1]
     if p == 0:
         return np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((q, 0))
-    # g_i of every rating, in blocks of ratings: memory O(block × p), never O(N × p)
-    blocks = [
-        (s, min(s + _BLOCK_RATINGS, users.size)) for s in range(0, users.size, _BLOCK_RATINGS)
-    ]
-    M = np.zeros((n_users, p))
-    for s, e in blocks:
-        np.add.at(M, users[s:e], desc[items[s:e]])
-    M /= counts[:, None]
-    S = np.zeros((p, p))
-    for s, e in blocks:
-        dev = desc[items[s:e]] - M[users[s:e]]
-        S += dev.T @ dev
+    n_items = desc.shape[0]
+    n_i = np.bincount(items, minlength=n_items).astype(np.float64)
+    g_bar = (n_i @ desc) / max(float(n_i.sum()), 1.0)
+    G = desc - g_bar
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    A = scipy.sparse.csr_matrix(
+        (np.ones(items.size), np.asarray(items, dtype=np.int64), indptr), shape=(n_users, n_items)
+    )
+    Mc = np.asarray(A @ G) / counts[:, None]  # m_u - ḡ
+    # users with one rating add exactly nothing: leave them out rather than add rounding
+    several = np.repeat(counts > 1, counts)
+    n_several = np.bincount(items[several], minlength=n_items).astype(np.float64)
+    Mn = Mc[counts > 1]
+    S = _sym((G * n_several[:, None]).T @ G - (Mn * counts[counts > 1, None]).T @ Mn)
     dof_w = max(int(users.size - n_users), 1)
     S = S / dof_w
     S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
+    M = Mc + g_bar
     m_mean = M.mean(axis=0)
     C_raw = np.cov(M, rowvar=False) - float(np.mean(1.0 / counts)) * S
     lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))  # C Q = S Q Λ, QᵀSQ = I

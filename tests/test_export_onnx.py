@@ -546,3 +546,22 @@ def test_cli_export(
     monkeypatch.setattr(lrs_rec.training.export, "export_model_dir", read_only)
     assert cli_main(["export", "--model", str(mdir)]) == 1  # environment error, not a traceback
     assert "cannot write into" in capsys.readouterr().err
+
+
+def test_export_model_dir_reads_only_the_shared_weights_and_writes_the_same_graph(tmp_path):
+    """export_model_dir builds the graph from load_shared_model_dir (no user shard is read): the
+    bytes equal the graph built from the whole model."""
+    from lrs_rec.training.export import export_model_dir
+    from lrs_rec.training.testing import random_trained_model
+
+    from lrs_rec.model_dir import load_shared_model_dir
+
+    model = random_trained_model(n_users=30, n_items=25, d=6, rank=2, sparsity=2)
+    root = tmp_path / "m"
+    save_model_dir(model, root)
+    full = build_scoring_graph(load_model_dir(root)).SerializeToString()
+    shared = load_shared_model_dir(root)
+    assert build_scoring_graph(shared).SerializeToString() == full
+    assert not shared._full  # the per-user arrays were never loaded
+    out = export_model_dir(root)
+    assert out.read_bytes() == full

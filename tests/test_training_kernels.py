@@ -167,11 +167,19 @@ def test_two_threads_give_the_same_steps_bit_for_bit(backend: None) -> None:
     assert np.array_equal(pa.szz, pb.szz) and np.array_equal(pa.szw, pb.szw)
 
 
-@pytest.mark.parametrize("min_count", [1.0, 5.0])
+@pytest.mark.parametrize(
+    ("min_count", "cg_steps", "one_side"),
+    [(1.0, 0, False), (5.0, 0, False), (1.0, 2, False), (5.0, 3, True)],
+)
 def test_als_initialisation_kernel_equals_the_numpy_reference(
-    min_count: float, backend: None
+    min_count: float, cg_steps: int, one_side: bool, backend: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lrs_rec.training import features
     from lrs_rec.training.features import als_factors
+
+    if one_side:  # CG on the users' half only (the items' factors are the small other side)
+        monkeypatch.setattr(features, "CG_OTHER_BYTES", (N_ITEMS + 3) * (D + 1) * 8)
+        assert features.cg_steps_for(N_USERS, D, 3) == 0 < features.cg_steps_for(N_ITEMS + 3, D, 3)
 
     _, data = _problem(5)
     out = []
@@ -190,6 +198,7 @@ def test_als_initialisation_kernel_equals_the_numpy_reference(
                 n_iter=3,
                 random_state=np.random.default_rng(0),
                 min_count=min_count,
+                cg_steps=cg_steps,
             )
         )
     ref, fast = out
@@ -223,3 +232,73 @@ def test_trainer_with_numba_kernels_equals_the_numpy_trainer_and_threads_agree(
             np.testing.assert_allclose(one[name], ref[name], rtol=1e-8, atol=1e-9, err_msg=name)
         else:
             np.testing.assert_array_equal(one[name], ref[name], err_msg=name)
+
+
+@pytest.mark.parametrize("reg_bias", [1.0, 0.0])
+def test_als_cg_half_step_kernel_equals_the_numpy_steps(reg_bias: float) -> None:
+    """One CG half-step from a given start (users with 0, 1, few and many ratings; items never
+    rated): the kernel's matrix-free passes give als_solve's steps on the formed normal equations."""
+    from lrs_rec.training.features import als_half_step
+    from lrs_rec.training.kernels import als_half_step_cg
+
+    _, data = _problem(7)
+    rng = np.random.default_rng(1)
+    F = rng.normal(size=(N_ITEMS, D))
+    c_i = rng.normal(size=N_ITEMS)
+    x0 = rng.normal(size=(N_USERS, D + 1))
+    n_u = np.bincount(data.users, minlength=N_USERS).astype(float)
+    kw = {"reg": 0.1, "reg_bias": reg_bias, "min_count": 3.0}
+    for steps in (1, 2, 4):
+        t = data.ratings - 0.2 - c_i[data.items]
+        start = (x0[:, 0].copy(), x0[:, 1:].copy())
+        c_ref, P_ref = als_half_step(
+            data.users, N_USERS, n_u, data.items, F, t, **kw, x0=start, cg_steps=steps
+        )
+        out = x0.copy()
+        als_half_step_cg(*data.csr("user", N_USERS), F, c_i, 0.2, 0.1, reg_bias, 3.0, out, steps)
+        np.testing.assert_allclose(out[:, 0], c_ref, **TOL)
+        np.testing.assert_allclose(out[:, 1:], P_ref, **TOL)
+    assert not np.allclose(out, x0)
+
+
+def test_als_cg_converges_to_the_exact_ridge() -> None:
+    """Enough CG steps (more than the dimension) from any start reach the exact solve."""
+    from lrs_rec.training.features import als_solve
+
+    rng = np.random.default_rng(2)
+    Z = rng.normal(size=(6, 30, D + 1))
+    Z[:, :, 0] = 1.0
+    G = np.einsum("nji,njk->nik", Z, Z)
+    h = rng.normal(size=(6, D + 1))
+    counts = np.full(6, 30.0)
+    kw = {"reg": 0.05, "reg_bias": 1.0, "min_count": 1.0}
+    exact = als_solve(G, h, counts, **kw)
+    cg = als_solve(G, h, counts, **kw, x0=rng.normal(size=(6, D + 1)), cg_steps=4 * (D + 1))
+    np.testing.assert_allclose(cg, exact, rtol=1e-8, atol=1e-10)
+    few = als_solve(G, h, counts, **kw, x0=np.zeros((6, D + 1)), cg_steps=2)
+    assert not np.allclose(few, exact)
+
+
+def test_csr_layout_is_the_lexsort_order() -> None:
+    """Samples.csr's one-key stable sort gives np.lexsort((other, key))'s order, duplicates and
+    keys without samples included (the slow twin)."""
+    rng = np.random.default_rng(4)
+    users = rng.integers(0, 30, 500)
+    items = rng.integers(0, 12, 500)  # many duplicate (user, item) pairs
+    ratings = rng.normal(size=500)
+    data = Samples(users, items, ratings)
+    for by, key, other, n in (("user", users, items, 33), ("item", items, users, 15)):
+        indptr, idx, vals = data.csr(by, n)
+        order = np.lexsort((other, key))
+        np.testing.assert_array_equal(idx, other[order])
+        np.testing.assert_array_equal(vals, ratings[order])
+        np.testing.assert_array_equal(np.diff(indptr), np.bincount(key, minlength=n))
+
+
+def test_history_order_is_the_lexsort_order() -> None:
+    from lrs_rec.training.pipeline import history_order
+
+    rng = np.random.default_rng(5)
+    users, items = rng.integers(0, 25, 400), rng.integers(0, 9, 400)
+    order = history_order(Samples(users, items, rng.normal(size=400)))
+    np.testing.assert_array_equal(order, np.lexsort((items, users)))

@@ -38,6 +38,9 @@ class TrainConfig:
     init_reg: float = 0.15  # ALS-WR (λ·n per row) for the initial item features
     init_iter: int = 10
     init_reg_count: float = 20.0  # ALS-WR ridge λ·max(n, this) per row: a floor for sparse rows
+    # after the first ALS iteration, this many conjugate-gradient steps per row from the previous
+    # iterate instead of an exact solve (0: exact every iteration; docs/scale.md)
+    init_cg_steps: int = 2
     refine_features: bool = True  # alternate item features with users' θ (off in plug-in mode)
     validation_fraction: float = 0.05  # internal split of the training ratings for the val loss
     patience: int = 2  # early stopping on the validation loss (0: off); the best iterate is kept
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.init_cg_steps < 0:
+            raise ValueError(f"init_cg_steps must be >= 0, got {self.init_cg_steps}")
         if self.final_passes < 0:
             raise ValueError(f"final_passes must be >= 0, got {self.final_passes}")
         for name in ("reg_w", "reg_b", "reg_features", "reg_bias", "reg_u", "init_reg"):

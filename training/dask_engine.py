@@ -43,7 +43,7 @@ from lrs_rec.training.dask_input import (
     split_by_user,
 )
 from lrs_rec.training.dask_model import merged_report, write_model_dir
-from lrs_rec.training.features import als_solve, load_item_features
+from lrs_rec.training.features import als_solve, cg_steps_for, load_item_features
 from lrs_rec.training.loaders import LoadOptions
 from lrs_rec.training.pipeline import (
     OVERFIT_RISE,
@@ -218,10 +218,17 @@ def _solve_item_block(
 
 
 def _solve_als_block(
-    stats: tuple[np.ndarray, np.ndarray], reg: float, reg_bias: float, min_count: float
+    stats: tuple[np.ndarray, np.ndarray],
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    x0: np.ndarray | None = None,
+    cg_steps: int = 0,
 ) -> np.ndarray:
     G, h = dp.unpack(stats)
-    return als_solve(G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count)
+    return als_solve(
+        G, h, G[:, 0, 0], reg=reg, reg_bias=reg_bias, min_count=min_count, x0=x0, cg_steps=cg_steps
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,7 +410,10 @@ def _init_shared(
             left -= step
         Q = rng.normal(0.0, 0.1, (cl.n_items, d))
         c_i = np.zeros(cl.n_items)
-        for _ in range(cfg.init_iter):
+        cg_u = cg_steps_for(cl.n_items, d, cfg.init_cg_steps)  # as features.als_factors
+        cg_i = cg_steps_for(n_users, d, cfg.init_cg_steps)
+        for it in range(cfg.init_iter):
+            cg = cg_u if it else 0  # the first iteration solves exactly
             cl.each(
                 dp.als_users,
                 mu,
@@ -412,6 +422,7 @@ def _init_shared(
                 cfg.init_reg,
                 cfg.reg_bias,
                 cfg.init_reg_count,
+                cg,
             )
             sols = []
             for a, b in cl.item_blocks(d):
@@ -421,7 +432,13 @@ def _init_shared(
                         a,
                         b,
                         run.submit(
-                            _solve_als_block, stats, cfg.init_reg, cfg.reg_bias, cfg.init_reg_count
+                            _solve_als_block,
+                            stats,
+                            cfg.init_reg,
+                            cfg.reg_bias,
+                            cfg.init_reg_count,
+                            np.column_stack([c_i[a:b], Q[a:b]]) if it and cg_i else None,
+                            cg_i if it else 0,
                         ),
                     )
                 )

@@ -175,7 +175,9 @@ def als_users(
     reg: float,
     reg_bias: float,
     min_count: float,
+    cg_steps: int = 0,
 ) -> Part:
+    """cg_steps > 0: conjugate-gradient steps from the partition's previous (c_u, P)."""
     s = part.train
     K = kernels()
     if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
@@ -193,8 +195,19 @@ def als_users(
         return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]
+    x0 = (part.c_u, part.P) if cg_steps and part.P is not None else None
     c_u, P = als_half_step(
-        s.users, part.n_users, n_u, s.items, Q, t, reg=reg, reg_bias=reg_bias, min_count=min_count
+        s.users,
+        part.n_users,
+        n_u,
+        s.items,
+        Q,
+        t,
+        reg=reg,
+        reg_bias=reg_bias,
+        min_count=min_count,
+        x0=x0,
+        cg_steps=cg_steps if x0 is not None else 0,
     )
     return replace(part, c_u=c_u, P=P)
 

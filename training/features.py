@@ -55,6 +55,17 @@ def ridge_solve_batched(G: np.ndarray, h: np.ndarray, reg: np.ndarray) -> np.nda
     return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
 
 
+CG_OTHER_BYTES = 64 << 20  # CG on a side only while the other side's factors stay this small
+
+
+def cg_steps_for(n_other: int, dim: int, cg_steps: int) -> int:
+    """CG steps for the half-step whose other side has ``n_other`` rows of ``dim`` factors: each
+    step is a pass over the ratings that gathers those rows again, cheap while they fit in cache;
+    beyond ``CG_OTHER_BYTES`` the exact solve (one pass, the Gram by BLAS) is faster (measured at
+    1M users: the users' half 1.7 vs 3.6–4.9 CPU s with CG, the items' half 3.1 vs 2.7 CPU s)."""
+    return cg_steps if n_other * (dim + 1) * 8 <= CG_OTHER_BYTES else 0
+
+
 @dataclass(frozen=True)
 class ALSFactors:
     global_mean: float
@@ -78,6 +89,7 @@ def als_factors(
     random_state: np.random.Generator,
     min_count: float = 1.0,
     samples: Samples | None = None,
+    cg_steps: int = 0,
 ) -> ALSFactors:
     """Biased ALS-WR: y ≈ μ + c_u + c_i + ⟨p_u, q_i⟩, ridge λ·n_u on p_u (λ·n_i on q_i), λ_b on biases.
 
@@ -85,6 +97,11 @@ def als_factors(
     Gram matrices of :func:`training.grouped.grouped_gram`), or, with the engine's compiled kernels
     (``lrs_rec.engine.parallel.kernels()``), row by row from the CSR layouts of ``samples`` (when
     they hold these very arrays: the layouts are then cached for the LRS steps) or of the arrays.
+
+    ``cg_steps`` > 0: the first iteration solves exactly, the later ones take that many
+    preconditioned conjugate-gradient steps from the previous iterate (:func:`als_solve`), as
+    implicit's ALS does, on each side whose other side is small enough (:func:`cg_steps_for`);
+    0: every iteration solves exactly.
     """
     mu = float(np.mean(y))
     P = random_state.normal(0.0, 0.1, (n_users, dim))
@@ -101,19 +118,34 @@ def als_factors(
         by_user, by_item = data.csr("user", n_users), data.csr("item", n_items)
         sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
         mc = max(min_count, 1.0)
-        for _ in range(n_iter):
-            K.als_half_step(*by_user, Q, c_i, mu, float(reg), float(reg_bias), mc, sol_u)
+        args = (mu, float(reg), float(reg_bias), mc)
+        cg_u, cg_i = cg_steps_for(n_items, dim, cg_steps), cg_steps_for(n_users, dim, cg_steps)
+        for it in range(n_iter):
+            if it and cg_u:  # sol_u / sol_i hold the previous iterate: the CG start
+                K.als_half_step_cg(*by_user, Q, c_i, *args, sol_u, int(cg_u))
+            else:
+                K.als_half_step(*by_user, Q, c_i, *args, sol_u)
             c_u, P = sol_u[:, 0].copy(), np.ascontiguousarray(sol_u[:, 1:])
-            K.als_half_step(*by_item, P, c_u, mu, float(reg), float(reg_bias), mc, sol_i)
+            if it and cg_i:
+                K.als_half_step_cg(*by_item, P, c_u, *args, sol_i, int(cg_i))
+            else:
+                K.als_half_step(*by_item, P, c_u, *args, sol_i)
             c_i, Q = sol_i[:, 0].copy(), np.ascontiguousarray(sol_i[:, 1:])
         return ALSFactors(mu, c_u, c_i, P, Q)
     n_u = np.bincount(users, minlength=n_users).astype(float)
     n_i = np.bincount(items, minlength=n_items).astype(float)
 
     kw = {"reg": reg, "reg_bias": reg_bias, "min_count": min_count}
-    for _ in range(n_iter):
-        c_u, P = als_half_step(users, n_users, n_u, items, Q, y - mu - c_i[items], **kw)
-        c_i, Q = als_half_step(items, n_items, n_i, users, P, y - mu - c_u[users], **kw)
+    cg_u, cg_i = cg_steps_for(n_items, dim, cg_steps), cg_steps_for(n_users, dim, cg_steps)
+    for it in range(n_iter):
+        cg = cg_u if it else 0  # the previous iterate is the CG start
+        c_u, P = als_half_step(
+            users, n_users, n_u, items, Q, y - mu - c_i[items], **kw, x0=(c_u, P), cg_steps=cg
+        )
+        cg = cg_i if it else 0
+        c_i, Q = als_half_step(
+            items, n_items, n_i, users, P, y - mu - c_u[users], **kw, x0=(c_i, Q), cg_steps=cg
+        )
     return ALSFactors(mu, c_u, c_i, P, Q)
 
 
@@ -125,16 +157,47 @@ def als_solve(
     reg: float,
     reg_bias: float,
     min_count: float,
+    x0: np.ndarray | None = None,
+    cg_steps: int = 0,
 ) -> np.ndarray:
     """One block of an ALS-WR half-step from its normal equations (design [1, other factors]):
     G (n, d+1, d+1), h (n, d+1), counts (n,) the rows' rating counts; returns [bias, factors]
-    (n, d+1). Ridge λ_b on the bias, λ·max(n, min_count) on the factors."""
+    (n, d+1). Ridge λ_b on the bias, λ·max(n, min_count) on the factors.
+
+    With ``x0`` (n, d+1) and ``cg_steps`` > 0: that many conjugate-gradient steps on
+    (G + D) x = h from x0, preconditioned by the diagonal of G + D (a row stops early once its
+    residual or its step curvature is 0) — the steps of ``kernels.als_half_step_cg``."""
     dim = G.shape[1] - 1
     reg_diag = np.zeros((G.shape[0], dim + 1))
     reg_diag[:, 0] = reg_bias
     reg_diag[:, 1:] = reg * np.maximum(counts, max(min_count, 1.0))[:, None]
     A = G + reg_diag[:, :, None] * np.eye(dim + 1)[None]
-    return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
+    if x0 is None or cg_steps <= 0:
+        return np.asarray(np.linalg.solve(A, h[:, :, None])[:, :, 0])
+    x = np.array(x0, dtype=np.float64)
+    diag = np.diagonal(A, axis1=1, axis2=2)
+    minv = np.divide(1.0, diag, out=np.ones_like(diag), where=diag > 0.0)
+    r = h - np.einsum("nij,nj->ni", A, x)
+    z = minv * r
+    p = z.copy()
+    rz = np.einsum("ni,ni->n", r, z)
+    live = rz > 0.0
+    for _ in range(cg_steps):
+        q = np.einsum("nij,nj->ni", A, p)
+        pq = np.einsum("ni,ni->n", p, q)
+        live &= pq > 0.0
+        if not live.any():
+            break
+        alpha = np.where(live, rz / np.where(live, pq, 1.0), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * q
+        z = minv * r
+        rz_new = np.einsum("ni,ni->n", r, z)
+        beta = np.where(live, rz_new / np.where(live, rz, 1.0), 0.0)
+        p = z + beta[:, None] * p
+        rz = np.where(live, rz_new, rz)
+        live &= rz > 0.0
+    return x
 
 
 def als_half_step(
@@ -148,9 +211,13 @@ def als_half_step(
     reg: float,
     reg_bias: float,
     min_count: float,
+    x0: tuple[np.ndarray, np.ndarray] | None = None,
+    cg_steps: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The biases and factors of the ``own`` side (users or items) given the other side's
-    factors ``other_f`` and the targets ``t`` (ratings minus μ and the other side's bias)."""
+    factors ``other_f`` and the targets ``t`` (ratings minus μ and the other side's bias);
+    ``x0`` = (biases, factors) and ``cg_steps``: conjugate-gradient steps from them
+    (:func:`als_solve`)."""
     # the other side's factor rows are gathered per block of ratings (never for all at once)
     dim = other_f.shape[1]
     bias = np.zeros(n_own)
@@ -162,7 +229,19 @@ def als_half_step(
         Z = np.hstack([np.ones((sl.size, 1)), other_f[other[sl]]])
         G = grouped_gram(own[sl] - lo, hi - lo, Z)
         h = grouped_sum(own[sl] - lo, hi - lo, Z * t[sl, None])
-        sol = als_solve(G, h, counts[lo:hi], reg=reg, reg_bias=reg_bias, min_count=min_count)
+        start = (
+            None if x0 is None or not cg_steps else np.column_stack([x0[0][lo:hi], x0[1][lo:hi]])
+        )
+        sol = als_solve(
+            G,
+            h,
+            counts[lo:hi],
+            reg=reg,
+            reg_bias=reg_bias,
+            min_count=min_count,
+            x0=start,
+            cg_steps=cg_steps,
+        )
         return lo, hi, sol
 
     for lo, hi, sol in block_map(solve_block, blocks):  # results in block order

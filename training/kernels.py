@@ -19,11 +19,15 @@ squared error) return per-chunk partial sums that the engine adds in chunk order
 * :func:`user_projected_means` — z_u = Uᵀ(mean of u's rated items' f_i) for the prior statistics.
 * :func:`fit_items` — the item refinement (``item_block_statistics`` + ``solve_items``) from θ_u rows.
 * :func:`item_statistics` — the item normal equations of a block (the additive form).
-* :func:`als_half_step` — one half-step of the biased ALS-WR initialisation (``als_factors``).
+* :func:`als_half_step` — one half-step of the biased ALS-WR initialisation (``als_factors``);
+  :func:`als_half_step_cg` the same by a few preconditioned conjugate-gradient steps.
 * :func:`rating_dots` — ⟨f_i, θ_u⟩ per rating (predictions, losses, item-bias residuals).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -37,9 +41,37 @@ BLAS_MIN = 48  # rows from which the gathered BLAS product beats the plain loop
 
 
 # ------------------------------------------------------------------------------------------------
+# threads: the row chunks of a kernel on a small pool of Python threads (the compiled range functions
+# release the GIL). Each row's result depends on its row only, so the thread count never changes
+# the result; no numba parfor (whose compilation cost more than the kernels' own at cold start).
+# ------------------------------------------------------------------------------------------------
+_threads = 1
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its size, the pool)
+
+
+def _map_chunks(fn: Any, n_chunks: int, *args: Any) -> None:
+    """fn(c0, c1, *args) over [0, n_chunks) split into ranges, on ``_threads`` threads."""
+    global _pool
+    n = min(_threads, n_chunks)
+    if n <= 1:
+        fn(0, n_chunks, *args)
+        return
+    tasks = min(n_chunks, 8 * n)
+    bounds = [n_chunks * j // tasks for j in range(tasks + 1)]
+    if _pool is None or _pool[0] != _threads:
+        if _pool is not None:
+            _pool[1].shutdown()
+        _pool = (
+            _threads,
+            ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="lrs-kernel"),
+        )
+    list(_pool[1].map(lambda j: fn(bounds[j], bounds[j + 1], *args), range(tasks)))
+
+
+# ------------------------------------------------------------------------------------------------
 # small dense solvers (scratch buffers passed in; no allocation per row)
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def _lu_solve(M: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
     """x = M⁻¹ b for the leading n × n block of M (destroyed), Gaussian elimination with partial
     pivoting (LAPACK gesv's pivot rule: the first largest magnitude)."""
@@ -75,7 +107,7 @@ def _lu_solve(M: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
         x[i] = acc / M[i, i]
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def _cholesky(M: np.ndarray, L: np.ndarray, n: int) -> bool:
     """Lower Cholesky factor L of the leading n × n block of the symmetric M (L may be M: in place,
     lower triangle). False when M is not numerically positive definite."""
@@ -96,7 +128,7 @@ def _cholesky(M: np.ndarray, L: np.ndarray, n: int) -> bool:
     return True
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def _cholesky_solve(L: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None:
     for i in range(n):
         acc = b[i]
@@ -113,8 +145,10 @@ def _cholesky_solve(L: np.ndarray, b: np.ndarray, x: np.ndarray, n: int) -> None
 # ------------------------------------------------------------------------------------------------
 # user step
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, fastmath=FAST)
-def fit_users(
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _fit_users_range(
+    c0: int,
+    c1: int,
     indptr: np.ndarray,  # (n_users + 1,) int64, absolute offsets into items / ratings
     items: np.ndarray,  # int32, the rated items in user order
     ratings: np.ndarray,  # float64, in the same order
@@ -138,17 +172,11 @@ def fit_users(
     A_cond: np.ndarray,  # (r, r), used when conditional
     conditional: bool,
 ) -> None:
-    """Same maths as ``steps._fit_users``. With X the user's n rated feature rows and Y = X U:
-    the (c, w) system [[n + λ_c, Σyᵀ], [Σy, YᵀY + λ_w Σ̃⁻¹]] is factored once per user (Cholesky;
-    LU when not positive definite) and its right-hand side is (Σe, Yᵀe + λ_w Σ̃⁻¹ m_u) with
-    e = t - X b. The b-step's ridge over all d coordinates is (XᵀX + λ_b I)⁻¹ Xᵀg with
-    g = t - c - Y w: for a user with fewer ratings than d in the dual form Xᵀ(XXᵀ + λ_b I)⁻¹ g
-    (an n × n Cholesky), else from the d × d Gram (Cholesky, factored once per user)."""
-    n_users = indptr.shape[0] - 1
-    d, r = U.shape
-    kk_ = max(k, 1)
-    n_chunks = (n_users + CHUNK - 1) // CHUNK
-    for ch in prange(n_chunks):
+    """Row chunks [c0, c1) of :func:`fit_users` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_users = indptr.shape[0] - 1
+        d, r = U.shape
+        kk_ = max(k, 1)
         X = np.empty((d, d))  # the rows of a user with n < d ratings
         Y = np.empty((d, r))
         tt = np.empty(d)
@@ -412,6 +440,66 @@ def fit_users(
                 B[u, a] = b[a]
 
 
+def fit_users(
+    indptr: np.ndarray,  # (n_users + 1,) int64, absolute offsets into items / ratings
+    items: np.ndarray,  # int32, the rated items in user order
+    ratings: np.ndarray,  # float64, in the same order
+    F: np.ndarray,  # (n_items, d)
+    FU: np.ndarray,  # (n_items, r) = F U
+    item_bias: np.ndarray,  # (n_items,)
+    mu: float,
+    U: np.ndarray,  # (d, r)
+    B: np.ndarray,  # (n_users, d) the current b_u (read), overwritten with the new ones
+    W: np.ndarray,  # (n_users, r) output
+    c: np.ndarray,  # (n_users,) output
+    k: int,
+    user_bias: bool,
+    reg_w: float,
+    reg_b: float,
+    reg_bias: float,
+    n_inner: int,
+    prec: np.ndarray,  # (r, r) the prior's precision shape
+    w_bar: np.ndarray,  # (r,)
+    z_bar: np.ndarray,  # (r,)
+    A_cond: np.ndarray,  # (r, r), used when conditional
+    conditional: bool,
+) -> None:
+    """Same maths as ``steps._fit_users``. With X the user's n rated feature rows and Y = X U:
+    the (c, w) system [[n + λ_c, Σyᵀ], [Σy, YᵀY + λ_w Σ̃⁻¹]] is factored once per user (Cholesky;
+    LU when not positive definite) and its right-hand side is (Σe, Yᵀe + λ_w Σ̃⁻¹ m_u) with
+    e = t - X b. The b-step's ridge over all d coordinates is (XᵀX + λ_b I)⁻¹ Xᵀg with
+    g = t - c - Y w: for a user with fewer ratings than d in the dual form Xᵀ(XXᵀ + λ_b I)⁻¹ g
+    (an n × n Cholesky), else from the d × d Gram (Cholesky, factored once per user)."""
+    n_users = indptr.shape[0] - 1
+    n_chunks = (n_users + CHUNK - 1) // CHUNK
+    _map_chunks(
+        _fit_users_range,
+        n_chunks,
+        indptr,
+        items,
+        ratings,
+        F,
+        FU,
+        item_bias,
+        mu,
+        U,
+        B,
+        W,
+        c,
+        k,
+        user_bias,
+        reg_w,
+        reg_b,
+        reg_bias,
+        n_inner,
+        prec,
+        w_bar,
+        z_bar,
+        A_cond,
+        conditional,
+    )
+
+
 @njit(cache=True, parallel=True, fastmath=FAST)
 def user_projected_means(
     indptr: np.ndarray, items: np.ndarray, F: np.ndarray, U: np.ndarray, Z: np.ndarray
@@ -556,8 +644,10 @@ def item_statistics(
 # ------------------------------------------------------------------------------------------------
 # biased ALS-WR initialisation
 # ------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, fastmath=FAST)
-def als_half_step(
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _als_half_step_range(
+    c0: int,
+    c1: int,
     indptr: np.ndarray,  # (n_own + 1,) int64
     other: np.ndarray,  # int32, the other side's index per rating, in own order
     y: np.ndarray,  # ratings in own order
@@ -569,15 +659,11 @@ def als_half_step(
     min_count: float,
     out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
 ) -> None:
-    """Per own row: the ridge of t = y - μ - c_other on z = [1, other_f] with D = diag(λ_b,
-    λ·max(n, min_count), ...): (ZᵀZ + D)⁻¹ Zᵀt. A row with fewer ratings than dim + 1 uses the dual
-    form D⁻¹Zᵀ(Z D⁻¹ Zᵀ + I)⁻¹ t (an n × n Cholesky), the others the (dim + 1) normal equations
-    (Cholesky; LU when not positive definite)."""
-    n_own = indptr.shape[0] - 1
-    dim = other_f.shape[1]
-    e = dim + 1
-    n_chunks = (n_own + CHUNK - 1) // CHUNK
-    for ch in prange(n_chunks):
+    """Row chunks [c0, c1) of :func:`als_half_step` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_own = indptr.shape[0] - 1
+        dim = other_f.shape[1]
+        e = dim + 1
         G = np.empty((e, e))
         L = np.empty((e, e))
         h = np.empty(e)
@@ -632,6 +718,165 @@ def als_half_step(
                 out[o, a] = x[a]
 
 
+def als_half_step(
+    indptr: np.ndarray,  # (n_own + 1,) int64
+    other: np.ndarray,  # int32, the other side's index per rating, in own order
+    y: np.ndarray,  # ratings in own order
+    other_f: np.ndarray,  # (n_other, dim)
+    other_bias: np.ndarray,  # (n_other,)
+    mu: float,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
+) -> None:
+    """Per own row: the ridge of t = y - μ - c_other on z = [1, other_f] with D = diag(λ_b,
+    λ·max(n, min_count), ...): (ZᵀZ + D)⁻¹ Zᵀt. A row with fewer ratings than dim + 1 uses the dual
+    form D⁻¹Zᵀ(Z D⁻¹ Zᵀ + I)⁻¹ t (an n × n Cholesky), the others the (dim + 1) normal equations
+    (Cholesky; LU when not positive definite)."""
+    n_own = indptr.shape[0] - 1
+    n_chunks = (n_own + CHUNK - 1) // CHUNK
+    _map_chunks(
+        _als_half_step_range,
+        n_chunks,
+        indptr,
+        other,
+        y,
+        other_f,
+        other_bias,
+        mu,
+        reg,
+        reg_bias,
+        min_count,
+        out,
+    )
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _als_half_step_cg_range(
+    c0: int,
+    c1: int,
+    indptr: np.ndarray,  # (n_own + 1,) int64
+    other: np.ndarray,  # int32, the other side's index per rating, in own order
+    y: np.ndarray,  # ratings in own order
+    other_f: np.ndarray,  # (n_other, dim)
+    other_bias: np.ndarray,  # (n_other,)
+    mu: float,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    cg_steps: int,
+) -> None:
+    """Row chunks [c0, c1) of :func:`als_half_step_cg` (CHUNK rows each; one task of a thread)."""
+    for ch in range(c0, c1):
+        n_own = indptr.shape[0] - 1
+        dim = other_f.shape[1]
+        e = dim + 1
+        x = np.empty(e)
+        r = np.empty(e)
+        z = np.empty(e)
+        pv = np.empty(e)
+        q = np.empty(e)
+        dg = np.empty(e)
+        minv = np.empty(e)
+        for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
+            lo, hi = indptr[o], indptr[o + 1]
+            lam = reg * max(float(hi - lo), min_count)
+            dg[0] = reg_bias
+            for a in range(1, e):
+                dg[a] = lam
+            for a in range(e):
+                x[a] = out[o, a]
+                r[a] = -dg[a] * x[a]
+                minv[a] = dg[a]
+            # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
+            for j in range(lo, hi):
+                qi = other[j]
+                s = y[j] - mu - other_bias[qi] - x[0]
+                for a in range(dim):
+                    s -= other_f[qi, a] * x[a + 1]
+                r[0] += s
+                minv[0] += 1.0
+                for a in range(dim):
+                    fa = other_f[qi, a]
+                    r[a + 1] += s * fa
+                    minv[a + 1] += fa * fa
+            rz = 0.0
+            for a in range(e):
+                minv[a] = 1.0 / minv[a] if minv[a] > 0.0 else 1.0
+                z[a] = minv[a] * r[a]
+                pv[a] = z[a]
+                rz += r[a] * z[a]
+            for _ in range(cg_steps):
+                if not rz > 0.0:
+                    break
+                for a in range(e):
+                    q[a] = dg[a] * pv[a]
+                for j in range(lo, hi):
+                    qi = other[j]
+                    s = pv[0]
+                    for a in range(dim):
+                        s += other_f[qi, a] * pv[a + 1]
+                    q[0] += s
+                    for a in range(dim):
+                        q[a + 1] += s * other_f[qi, a]
+                pq = 0.0
+                for a in range(e):
+                    pq += pv[a] * q[a]
+                if not pq > 0.0:
+                    break
+                alpha = rz / pq
+                rz_new = 0.0
+                for a in range(e):
+                    x[a] += alpha * pv[a]
+                    r[a] -= alpha * q[a]
+                    z[a] = minv[a] * r[a]
+                    rz_new += r[a] * z[a]
+                beta = rz_new / rz
+                for a in range(e):
+                    pv[a] = z[a] + beta * pv[a]
+                rz = rz_new
+            for a in range(e):
+                out[o, a] = x[a]
+
+
+def als_half_step_cg(
+    indptr: np.ndarray,  # (n_own + 1,) int64
+    other: np.ndarray,  # int32, the other side's index per rating, in own order
+    y: np.ndarray,  # ratings in own order
+    other_f: np.ndarray,  # (n_other, dim)
+    other_bias: np.ndarray,  # (n_other,)
+    mu: float,
+    reg: float,
+    reg_bias: float,
+    min_count: float,
+    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    cg_steps: int,
+) -> None:
+    """The same ridge as :func:`als_half_step`, (ZᵀZ + D) x = Zᵀt, by ``cg_steps`` steps of
+    conjugate gradients preconditioned by diag(ZᵀZ + D), started from ``out`` (the previous
+    iterate). The matrix is never formed: each step is one pass over the row's ratings
+    (q = Σ z (zᵀp) + D p), the steps of ``features.als_solve(x0=..., cg_steps=...)``."""
+    n_own = indptr.shape[0] - 1
+    n_chunks = (n_own + CHUNK - 1) // CHUNK
+    _map_chunks(
+        _als_half_step_cg_range,
+        n_chunks,
+        indptr,
+        other,
+        y,
+        other_f,
+        other_bias,
+        mu,
+        reg,
+        reg_bias,
+        min_count,
+        out,
+        cg_steps,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # predictions
 # ------------------------------------------------------------------------------------------------
@@ -661,13 +906,16 @@ class NumbaKernels:
     fit_items = staticmethod(fit_items)
     item_statistics = staticmethod(item_statistics)
     als_half_step = staticmethod(als_half_step)
+    als_half_step_cg = staticmethod(als_half_step_cg)
     rating_dots = staticmethod(rating_dots)
 
     def set_threads(self, n: int) -> None:
         import numba
 
+        global _threads
         cap = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
         numba.set_num_threads(max(1, min(int(n), cap)))
+        _threads = max(1, int(n))
 
 
 def install(n_threads: int | None = None) -> NumbaKernels:

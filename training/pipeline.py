@@ -248,6 +248,7 @@ def init_state(
             random_state=rng,
             min_count=cfg.init_reg_count,
             samples=train,
+            cg_steps=cfg.init_cg_steps,
         )
         mu, c_u, c_i, F, P = als.global_mean, als.user_bias, als.item_bias, als.Q, als.P
     else:
@@ -664,8 +665,10 @@ def to_lrs_model(state: LRSState, cfg: TrainConfig) -> LRSModel:
 
 
 def history_order(data: Samples) -> np.ndarray:
-    """The permutation of ``data`` into history-CSR order (by user, then item)."""
-    return np.lexsort((data.items, data.users))
+    """The permutation of ``data`` into history-CSR order (by user, then item): np.lexsort((items,
+    users))'s order by one stable sort of an int64 key (fast on ratings grouped by user)."""
+    n_items = int(data.items.max()) + 1 if len(data) else 1
+    return np.argsort(data.users.astype(np.int64) * n_items + data.items, kind="stable")
 
 
 def history_csr(data: Samples, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

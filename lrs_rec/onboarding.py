@@ -310,10 +310,12 @@ def estimate_prior(
     ub = np.asarray(user_bias, dtype=np.float64)
     W = lrs.W
     indptr = np.asarray(history_indptr, dtype=np.int64)
-    items = np.asarray(history_items, dtype=np.int64)
-    ratings = np.asarray(history_ratings, dtype=np.float64)
+    items = np.asarray(history_items)  # int32 stays int32: no O(N) int64 copy
+    if not np.issubdtype(items.dtype, np.integer):
+        items = items.astype(np.int64)
+    ratings = np.asarray(history_ratings)
     counts = np.diff(indptr)
-    users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
+    n_ratings = int(indptr[-1]) if indptr.size else 0
 
     T = np.column_stack([ub, W])  # (n_users, 1+r)
     t_mean = np.concatenate([[float(ub.mean()) if n_users else 0.0], w_prior_mean])
@@ -330,7 +332,7 @@ def estimate_prior(
     b_var = max(float(np.mean(nz**2)) if nz.size else 0.0, 1e-6)
 
     noise_var = 1e-6
-    if users.size:
+    if n_ratings:
         feats = np.asarray(item_features, dtype=np.float64)
         ib = np.asarray(item_bias, dtype=np.float64)
         sse = 0.0
@@ -338,18 +340,19 @@ def estimate_prior(
         for a, b in _user_blocks(indptr):
             lo, hi = int(indptr[a]), int(indptr[b])
             theta = lrs.theta_rows(np.arange(a, b))
-            it, us = items[lo:hi], users[lo:hi] - a
+            it, us = items[lo:hi], np.repeat(np.arange(b - a), counts[a:b])
             pred = global_mean + ub[a:b][us] + ib[it] + np.einsum("nd,nd->n", feats[it], theta[us])
-            sse += float(np.sum((ratings[lo:hi] - pred) ** 2))
-        dof = users.size - n_users * (1 + r + lrs.sparsity)
-        noise_var = max(sse / dof if dof > users.size // 4 else sse / users.size, 1e-6)
+            sse += float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
+        dof = n_ratings - n_users * (1 + r + lrs.sparsity)
+        noise_var = max(sse / dof if dof > n_ratings // 4 else sse / n_ratings, 1e-6)
 
     desc = np.zeros((n_items, 0))
     if implicit and n_users > 2 and np.all(counts > 0):
         desc = item_descriptors(item_features, item_bias, np.bincount(items, minlength=n_items))
+    users = np.repeat(np.arange(n_users, dtype=np.int32), counts) if desc.shape[1] else items[:0]
     if history_timestamps is not None and desc.shape[1]:
-        items, users, counts = _first_ratings(
-            items, users, counts, history_timestamps, episode_size
+        items, users, counts = _first_ratings_blocked(
+            items, users, indptr, history_timestamps, episode_size
         )
     m_mean, C_mm, S, C_tm = _implicit_moments(T, desc, items, users, counts)
     return OnboardingPrior(
@@ -378,6 +381,39 @@ def _user_blocks(indptr: IntArray, per_block: int = _BLOCK_RATINGS) -> list[tupl
         out.append((a, b))
         a = b
     return out
+
+
+def _first_ratings_blocked(
+    items: IntArray,
+    users: IntArray,
+    indptr: IntArray,
+    history_timestamps: FloatArray,
+    episode_size: int,
+) -> tuple[IntArray, IntArray, IntArray]:
+    """``_first_ratings`` over consecutive blocks of users (each user's cut depends on their own
+    ratings only, so the blocks give the whole result): its sort temporaries are O(block), not O(N)."""
+    ts = np.asarray(history_timestamps)
+    if ts.shape != items.shape:
+        raise ValueError(
+            f"history_timestamps must be finite and match history_items {items.shape}, "
+            f"got shape {ts.shape}"
+        )
+    counts = np.diff(indptr)
+    out_items, out_users = [], []
+    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        it, us, _ = _first_ratings(
+            items[lo:hi], users[lo:hi] - a, counts[a:b], ts[lo:hi], episode_size
+        )
+        out_items.append(it)
+        out_users.append((us + a).astype(users.dtype, copy=False))
+    if not out_items:
+        return items, users, counts
+    return (
+        np.concatenate(out_items),
+        np.concatenate(out_users),
+        np.minimum(counts, episode_size),
+    )
 
 
 def _first_ratings(
@@ -459,26 +495,36 @@ def _implicit_moments(
     g_bar = (n_i @ desc) / max(float(n_i.sum()), 1.0)
     G = desc - g_bar
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    A = scipy.sparse.csr_matrix(
-        (np.ones(items.size), np.asarray(items, dtype=np.int64), indptr), shape=(n_users, n_items)
-    )
-    Mc = np.asarray(A @ G) / counts[:, None]  # m_u - ḡ
-    # users with one rating add exactly nothing: leave them out rather than add rounding
-    several = np.repeat(counts > 1, counts)
-    n_several = np.bincount(items[several], minlength=n_items).astype(np.float64)
-    Mn = Mc[counts > 1]
-    S = _sym((G * n_several[:, None]).T @ G - (Mn * counts[counts > 1, None]).T @ Mn)
-    dof_w = max(int(users.size - n_users), 1)
+    # users with one rating add exactly nothing to the scatter: leave them out rather than add rounding
+    n_several = n_i - np.bincount(items[indptr[:-1][counts == 1]], minlength=n_items)
+    Tc = T - T.mean(axis=0)
+    # one pass over blocks of users: m_u - ḡ = (A g)/n_u of each block, never an (N × p) array
+    sum_mc, sum_mcmc, tc_mc = np.zeros(p), np.zeros((p, p)), np.zeros((q, p))
+    within = np.zeros((p, p))
+    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        A = scipy.sparse.csr_matrix(
+            (np.ones(hi - lo), items[lo:hi], indptr[a : b + 1] - lo), shape=(b - a, n_items)
+        )
+        cnt = counts[a:b]
+        Mc = np.asarray(A @ G) / cnt[:, None]
+        Mn = Mc[cnt > 1]
+        within += (Mn * cnt[cnt > 1, None]).T @ Mn
+        sum_mc += Mc.sum(axis=0)
+        sum_mcmc += Mc.T @ Mc
+        tc_mc += Tc[a:b].T @ Mc
+    S = _sym((G * n_several[:, None]).T @ G - within)
+    dof_w = max(int(items.size - n_users), 1)
     S = S / dof_w
     S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
-    M = Mc + g_bar
-    m_mean = M.mean(axis=0)
-    C_raw = np.cov(M, rowvar=False) - float(np.mean(1.0 / counts)) * S
+    mc_mean = sum_mc / n_users
+    cov_m = (sum_mcmc - n_users * np.outer(mc_mean, mc_mean)) / (n_users - 1)
+    m_mean = mc_mean + g_bar
+    C_raw = cov_m - float(np.mean(1.0 / counts)) * S
     lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))  # C Q = S Q Λ, QᵀSQ = I
     SQ = S @ Q
     C_mm = (SQ * np.maximum(lam, 0.0)) @ SQ.T
-    Tc = T - T.mean(axis=0)
-    C_tm = Tc.T @ (M - m_mean) / (n_users - 1)
+    C_tm = (tc_mc - np.outer(Tc.sum(axis=0), mc_mean)) / (n_users - 1)
     return m_mean, C_mm, S, C_tm
 
 

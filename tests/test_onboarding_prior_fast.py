@@ -94,10 +94,13 @@ def _close(fast: ob.OnboardingPrior, slow: ob.OnboardingPrior) -> None:
         (4, 150, 60, 40, False, 100),  # no user longer than the episode
     ],
 )
+@pytest.mark.parametrize("block_ratings", [None, 2, 5])
 def test_estimate_prior_equals_the_slow_twin(
-    monkeypatch, seed, n_users, n_items, max_count, zero_users, episode
+    monkeypatch, seed, n_users, n_items, max_count, zero_users, episode, block_ratings
 ):
     arrays, ts = _arrays(seed, n_users, n_items, max_count, zero_users)
+    if block_ratings is not None:  # many small user blocks (8 × this many ratings each)
+        monkeypatch.setattr(ob, "_BLOCK_RATINGS", block_ratings)
     fast_whole = ob.estimate_prior(**arrays)
     fast_first = ob.estimate_prior(**arrays, history_timestamps=ts, episode_size=episode)
     monkeypatch.setattr(ob, "_first_ratings", _first_ratings_reference)

@@ -109,7 +109,7 @@ def prior_sums(
     if p:
         it, us, cnt = items, users, counts
         if times is not None:
-            it, us, cnt = _first_ratings(items, users, indptr, counts, times, EPISODE_SIZE)
+            it, us, cnt = _first_ratings(items, users, counts, times, EPISODE_SIZE)
         M = np.zeros((n, p))
         blocks = [(s, min(s + BLOCK_RATINGS, us.size)) for s in range(0, us.size, BLOCK_RATINGS)]
         for s, e in blocks:

@@ -182,7 +182,7 @@ def als_users(
     K = kernels()
     if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
         sol = np.empty((part.n_users, Q.shape[1] + 1))
-        K.als_half_step(
+        args = (
             *s.csr("user", part.n_users),
             np.ascontiguousarray(Q, dtype=np.float64),
             np.ascontiguousarray(c_i, dtype=np.float64),
@@ -192,6 +192,11 @@ def als_users(
             max(min_count, 1.0),
             sol,
         )
+        if cg_steps and part.P is not None:  # CG from the previous iterate, as als_factors
+            sol[:, 0], sol[:, 1:] = part.c_u, part.P
+            K.als_half_step_cg(*args, int(cg_steps))
+        else:
+            K.als_half_step(*args)
         return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]

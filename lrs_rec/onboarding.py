@@ -45,6 +45,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
+from typing import cast
 
 import numpy as np
 import scipy.linalg
@@ -349,7 +350,10 @@ def estimate_prior(
     desc = np.zeros((n_items, 0))
     if implicit and n_users > 2 and np.all(counts > 0):
         desc = item_descriptors(item_features, item_bias, np.bincount(items, minlength=n_items))
-    users = np.repeat(np.arange(n_users, dtype=np.int32), counts) if desc.shape[1] else items[:0]
+    # int32 user rows (half the bytes of int64; every consumer only indexes with them)
+    users = items[:0]
+    if desc.shape[1]:
+        users = cast(IntArray, np.repeat(np.arange(n_users, dtype=np.int32), counts))
     if history_timestamps is not None and desc.shape[1]:
         items, users, counts = _first_ratings_blocked(
             items, users, indptr, history_timestamps, episode_size

@@ -160,7 +160,8 @@ class Run:
             return self.keep[id(obj)][1]
         try:
             fut = self.client.scatter(obj, broadcast=True, hash=False)
-        except ValueError as e:  # "Can not use replicate to delete data": no worker left
+        except (ValueError, TimeoutError) as e:  # no worker left: "Can not use replicate to
+            # delete data" (ValueError) or "No valid workers found" (TimeoutError), by timing
             raise ClusterError(
                 f"the Dask cluster has no worker to send the shared arrays to ({e}); no model "
                 "was written — check the workers and rerun"

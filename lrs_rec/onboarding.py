@@ -517,19 +517,30 @@ def _implicit_moments(
         sum_mc += Mc.sum(axis=0)
         sum_mcmc += Mc.T @ Mc
         tc_mc += Tc[a:b].T @ Mc
-    S = _sym((G * n_several[:, None]).T @ G - within)
     dof_w = max(int(items.size - n_users), 1)
-    S = S / dof_w
-    S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
     mc_mean = sum_mc / n_users
     cov_m = (sum_mcmc - n_users * np.outer(mc_mean, mc_mean)) / (n_users - 1)
     m_mean = mc_mean + g_bar
-    C_raw = cov_m - float(np.mean(1.0 / counts)) * S
-    lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))  # C Q = S Q Λ, QᵀSQ = I
-    SQ = S @ Q
-    C_mm = (SQ * np.maximum(lam, 0.0)) @ SQ.T
+    S, C_mm = within_and_between(
+        (G * n_several[:, None]).T @ G - within, dof_w, cov_m, float(np.mean(1.0 / counts))
+    )
     C_tm = (tc_mc - np.outer(Tc.sum(axis=0), mc_mean)) / (n_users - 1)
     return m_mean, C_mm, S, C_tm
+
+
+def within_and_between(
+    scatter: FloatArray, dof: int, cov_m: FloatArray, mean_inv_count: float
+) -> tuple[FloatArray, FloatArray]:
+    """(S, C_mm) from the pooled within-user scatter of the descriptors and cov(m_u): S is the
+    scatter over its degrees of freedom with a 1e-6 relative ridge; C_mm = cov(m_u) − mean(1/n_u)·S
+    projected to PSD relative to S. Shared by this module's blockwise pass and the Dask reduction."""
+    p = scatter.shape[0]
+    S = _sym(scatter) / dof
+    S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
+    C_raw = cov_m - mean_inv_count * S
+    lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))  # C Q = S Q Λ, QᵀSQ = I
+    SQ = S @ Q
+    return S, (SQ * np.maximum(lam, 0.0)) @ SQ.T
 
 
 def public_prior(

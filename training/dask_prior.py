@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrs_rec.model import LRSModel
-from lrs_rec.onboarding import OnboardingPrior, _first_ratings, _sym, item_descriptors
+from lrs_rec.onboarding import (
+    OnboardingPrior,
+    _first_ratings,
+    _sym,
+    item_descriptors,
+    within_and_between,
+)
 
 BLOCK_RATINGS = 1 << 17  # ratings per block of the residual pass (memory O(block × d))
 EPISODE_SIZE = 20  # estimate_prior's default: a new user's first ratings
@@ -187,17 +193,11 @@ def combine(
     if p == 0:
         m_mean, C_mm, S, C_tm = np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((q, 0))
     else:
-        import scipy.linalg
-
         n_imp = sum(s.n_imp for s in parts)
-        S = total("s_dev") / max(n_imp - n, 1)
-        S = S + 1e-6 * max(float(np.trace(S)) / p, 1e-12) * np.eye(p)
         m_mean = total("sum_m") / n
         cov_m = (total("sum_mm") - n * np.outer(m_mean, m_mean)) / (n - 1)
-        C_raw = cov_m - float(sum(s.sum_inv_counts for s in parts) / n) * S
-        lam, Q = scipy.linalg.eigh(_sym(C_raw), _sym(S))
-        SQ = S @ Q
-        C_mm = (SQ * np.maximum(lam, 0.0)) @ SQ.T
+        inv = float(sum(s.sum_inv_counts for s in parts) / n)
+        S, C_mm = within_and_between(total("s_dev"), max(n_imp - n, 1), cov_m, inv)
         C_tm = (total("sum_tm") - n * np.outer(t_bar, m_mean)) / (n - 1)
     return OnboardingPrior(
         t_mean=t_mean,

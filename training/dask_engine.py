@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from lrs_rec.training import dask_parts as dp
 from lrs_rec.training.config import TrainConfig
+from lrs_rec.training.dask_ids import user_index
 from lrs_rec.training.dask_input import (
     build_partition,
     expand_inputs,
@@ -581,17 +582,19 @@ def _train(
     run = Run(client)
     files = expand_inputs(spec)
     loads = [run.submit(load_file, f, opts) for f in files]
-    # the files' distinct ids merged one file at a time (the driver holds one file's ids and the
-    # union, never every file's at once); each summary is kept without its ids
-    users, items = np.zeros(0, str), np.zeros(0, str)
+    # the files' distinct item ids merged one file at a time (items are few: the driver holds one
+    # file's item ids and the union); the user ids stay on the workers (training.dask_ids)
+    items = np.zeros(0, str)
     summaries = []
     for f in [run.submit(file_summary, f, t) for f, t in zip(files, loads, strict=True)]:
         s = run.gather(f)
-        users = merge_sorted_ids([users, s.user_ids])
         items = merge_sorted_ids([items, s.item_ids])
-        summaries.append(replace(s, user_ids=np.zeros(0, str), item_ids=np.zeros(0, str)))
+        summaries.append(replace(s, item_ids=np.zeros(0, str)))
         del f, s
-    n_users, n_items = int(users.size), int(items.size)
+    addresses = sorted(client.scheduler_info()["workers"])
+    n_workers = max(1, len(addresses))
+    index = user_index(run, loads, seed=cfg.seed, n_workers=n_workers)
+    n_users, n_items = index.n_users, int(items.size)
     n_rows = [s.n_rows for s in summaries]
     offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(int)
     if progress:
@@ -605,14 +608,12 @@ def _train(
     rating_min = min(s.rating_min for s in summaries)
     rating_max = max(s.rating_max for s in summaries)
 
-    addresses = sorted(client.scheduler_info()["workers"])
-    n_workers = max(1, len(addresses))
     # one partition per worker by default: the item statistics reduced every iteration are one
     # (n_items, d+1, d+1) array per partition, whatever its size (the user step runs in blocks)
     n_parts = max(1, min(partitions or n_workers, n_users))
     bounds = partition_bounds(n_users, n_parts)
-    splitters = users[bounds[1:-1]]
-    del users  # the partitions' first ids are all the driver keeps of the user ids
+    splitters = index.ids_at(run, bounds[1:-1])  # all the driver keeps of the user ids
+    index.release()
     item_ids = tuple(items.tolist())
     fraction = cfg.validation_fraction
     item_fut = run.broadcast(item_ids)

@@ -4,11 +4,14 @@
   ``.`` or ``_`` skipped, as Spark/Hive write them) or a glob → the list of files, in that order.
 * :func:`load_file` (worker) — one file through :func:`training.loaders.load_ratings`: the same
   cleaning rules and ``file:line`` errors as the local engine, per file.
-* :func:`file_summary` (worker) — what the driver needs to merge the vocabularies: row count,
-  rating range, cleaning report, fingerprint, the file's distinct user and item ids (natural order).
+* :func:`file_summary` (worker) — what the driver needs: row count, rating range, cleaning
+  report, fingerprint, the file's distinct item ids (natural order; the item vocabulary is merged
+  on the driver — items are few). User ids never reach the driver: :mod:`training.dask_ids`
+  numbers them on the cluster.
 * :func:`split_by_user` (worker) — a file's rows cut into user partitions by splitter ids (the
-  first id of each partition in the merged natural order), items encoded, with each row's global
-  row number and its validation draw (the local engine's ``rng.random(n)`` at that row).
+  first id of each partition in the global natural order, from :mod:`training.dask_ids`), items
+  encoded, with each row's global row number and its validation draw (the local engine's
+  ``rng.random(n)`` at that row).
 * :func:`build_partition` (worker) — a partition's pieces from every file: local user indices,
   duplicates across files removed (latest by time, then the later row), the validation split.
 
@@ -65,8 +68,7 @@ class FileSummary:
     rating_max: float
     report: dict[str, Any]
     fingerprint: str
-    user_ids: np.ndarray  # distinct, natural order (str array)
-    item_ids: np.ndarray
+    item_ids: np.ndarray  # distinct, natural order (str array)
 
 
 def _distinct_sorted(ids: Any) -> np.ndarray:
@@ -81,7 +83,6 @@ def file_summary(path: str, table: RatingTable) -> FileSummary:
         table.rating_max,
         table.report.to_dict(),
         table.fingerprint,
-        _distinct_sorted(table.user_ids()),
         _distinct_sorted(table.item_ids()),
     )
 

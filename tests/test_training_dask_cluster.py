@@ -132,6 +132,33 @@ def test_train_through_a_dask_scheduler_and_workers_started_by_their_cli(
         np.testing.assert_allclose(b.predict(users, items), a.predict(users, items), rtol=1e-6)
 
 
+def test_user_ids_numbered_by_separate_worker_processes_are_the_local_vocabulary(
+    cluster: str, tmp_path: Path
+) -> None:
+    """training/dask_ids.py on the real `dask worker` processes: 3 files of mixed id shapes
+    (numbers, leading zeros, 20 digits, strings, non-ASCII), overlapping; forced to 4 ranges."""
+    from distributed import Client
+    from lrs_rec.training.dask_engine import Run
+    from lrs_rec.training.dask_ids import user_index
+    from lrs_rec.training.dask_input import load_file
+    from lrs_rec.training.vocab import Vocabulary
+
+    ids = ["10", "2", "007", "7", "u10", "u9", "b", "a", "99999999999999999999", "²", "é", "0"]
+    files = [ids[:5], ids[3:9], ids[8:] + ids[:2]]
+    for j, users in enumerate(files):
+        (tmp_path / f"{j}.csv").write_text(
+            "user,item,rating\n" + "".join(f"{u},i{k},{1 + k % 5}\n" for k, u in enumerate(users))
+        )
+    with Client(cluster, timeout="30s") as c:
+        run = Run(c)
+        loads = [run.submit(load_file, str(tmp_path / f"{j}.csv"), LoadOptions()) for j in range(3)]
+        index = user_index(run, loads, seed=0, n_workers=4)
+        want = list(Vocabulary.from_ids_reference(ids).ids)
+        assert [i for r in run.gather(index.ranges) for i in r.tolist()] == want
+        assert index.ids_at(run, np.arange(len(want))).tolist() == want
+        assert index.counts.size == 4
+
+
 @pytest.mark.parametrize("when", ["input", "fit"])
 def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
     cluster: str, ratings_csv: Path, tmp_path: Path, when: str, monkeypatch: pytest.MonkeyPatch

@@ -138,9 +138,8 @@ def user_index(
         n_ranges = max(1, n_workers, math.ceil(total / IDS_PER_RANGE))
         want = SAMPLE_PER_RANGE * n_ranges
         sizes = [math.ceil(want * int(c) / max(total, 1)) for c in counts]
-        samples = run.gather(
-            [run.submit(sample_ids, f, n, seed, i) for i, (f, n) in enumerate(zip(ids, sizes))]
-        )
+        samples = run.gather([run.submit(sample_ids, f, n, seed, i) for i, (f, n) in
+                              enumerate(zip(ids, sizes, strict=True))])  # fmt: skip
         splitters = range_splitters(samples, n_ranges)
         del samples
     else:

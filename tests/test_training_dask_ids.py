@@ -21,6 +21,7 @@ from lrs_rec.training.dask_ids import (
     range_ids,
     range_splitters,
     route,
+    route_reference,
     sample_ids,
     user_index,
 )
@@ -42,6 +43,7 @@ def test_route_cuts_sorted_ids_into_natural_order_ranges() -> None:
         sp = np.array(natural(splitters), dtype=str)
         parts = route(ids, sp)
         assert len(parts) == sp.size + 1
+        assert [p.tolist() for p in parts] == [p.tolist() for p in route_reference(ids, sp)]
         assert [i for p in parts for i in p.tolist()] == ids.tolist()  # in order, each once
         for r, p in enumerate(parts):  # range r: at least split point r-1, below split point r
             for i in p.tolist():

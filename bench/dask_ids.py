@@ -90,6 +90,7 @@ def child(path: str, address: str, files: list[str]) -> dict[str, Any]:
         run.wait(loads)
         base = _status_mb("VmRSS")
         t0 = time.perf_counter()
+        ranges = 0
         if path == "driver_merge":  # main before this change: every file's ids, merged here
             users = np.zeros(0, str)
             for f in [run.submit(file_user_ids, t) for t in loads]:
@@ -100,7 +101,7 @@ def child(path: str, address: str, files: list[str]) -> dict[str, Any]:
             del users
         else:
             index = user_index(run, loads, seed=0, n_workers=2)
-            n_users = index.n_users
+            n_users, ranges = index.n_users, int(index.counts.size)
             splitters = index.ids_at(run, partition_bounds(n_users, 2)[1:-1])
             index.release()
         seconds = time.perf_counter() - t0
@@ -108,6 +109,7 @@ def child(path: str, address: str, files: list[str]) -> dict[str, Any]:
         "path": path,
         "n_users": n_users,
         "splitters": splitters.tolist(),
+        "ranges": ranges,
         "seconds": round(seconds, 3),
         "rss_before_mb": round(base, 1),
         "peak_rss_mb": round(_status_mb("VmHWM"), 1),

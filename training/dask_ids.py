@@ -19,8 +19,9 @@ after them). Here:
 
 The split points only balance the ranges: any split points give the same indices (tested with
 every range but one empty). What the driver holds: the per-file and per-range counts, the sample
-(≤ :data:`SAMPLE_PER_RANGE` × ranges ids, ranges = max(workers, distinct ids per file summed /
-:data:`IDS_PER_RANGE`)) and the partitions' first ids — not the users.
+(≤ :data:`SAMPLE_PER_RANGE` × ranges ids, ranges = the distinct ids per file summed /
+:data:`IDS_PER_RANGE`, at least one and at most :data:`RANGES_PER_WORKER` per worker) and the
+partitions' first ids — not the users.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lrs_rec.training.vocab import Vocabulary, _natural_key, natural_order
 
 SAMPLE_PER_RANGE = 100  # sampled ids per range (Spark's RangePartitioner samples ~20–60)
 IDS_PER_RANGE = 1 << 20  # aimed distinct ids per range (≈ 40–80 MB of numpy strings on a worker)
+RANGES_PER_WORKER = 4  # at most: the routing is files × ranges small tasks
 
 
 # ---- worker side ------------------------------------------------------------------------------
@@ -144,7 +146,9 @@ def user_index(
     if splitters is None:
         counts = np.array(run.gather([run.submit(_size, f) for f in ids]), np.int64)
         total = int(counts.sum())
-        n_ranges = max(1, n_workers, math.ceil(total / IDS_PER_RANGE))
+        n_ranges = max(
+            1, n_workers, min(math.ceil(total / IDS_PER_RANGE), RANGES_PER_WORKER * n_workers)
+        )
         want = SAMPLE_PER_RANGE * n_ranges
         sizes = [math.ceil(want * int(c) / max(total, 1)) for c in counts]
         samples = run.gather([run.submit(sample_ids, f, n, seed, i) for i, (f, n) in

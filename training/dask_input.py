@@ -171,7 +171,7 @@ def split_by_user(
 
 @dataclass(frozen=True)
 class PartitionData:
-    """A user partition's ratings (users lo..hi-1 of the merged vocabulary, local indices)."""
+    """A user partition's ratings (users lo..hi-1 of the global natural order, local indices)."""
 
     lo: int
     hi: int

@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -879,9 +881,7 @@ def cli_config(
 
 def run(args: argparse.Namespace) -> int:
     """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
-    import secrets
     import sys
-    import time
 
     from lrs_rec.training.cli_args import load_options
     from lrs_rec.training.loaders import load_ratings
@@ -926,11 +926,6 @@ def run(args: argparse.Namespace) -> int:
         config=cfg, item_features=feats,
     )  # fmt: skip
     assert fit.privacy is not None
-    fit.privacy["released_arrays"]["item_ids"] = provenance
-    fit.privacy["released_arrays"]["rating_scale"] = scale_provenance
-    fit.privacy["features_source"] = source
-    if feature_provenance is not None:
-        fit.privacy["released_arrays"]["item_features"] = feature_provenance
     train_rmse = float(
         np.sqrt(
             np.mean(
@@ -944,10 +939,11 @@ def run(args: argparse.Namespace) -> int:
     )
     indptr, h_items, h_ratings = history_csr(data, len(user_vocab))
     seconds = time.perf_counter() - t0
-    manifest: dict[str, Any] = {
-        "method": "dp-lrs",
-        "hyperparameters": cfg.to_dict(),
-        "data": {
+    lrs, item_features = fit.stored_factors()
+    manifest = private_manifest(
+        cfg,
+        fit.privacy,
+        data={
             "source": table.report.source,
             "format": table.report.format,
             "fingerprint_sha256": table.fingerprint,
@@ -956,24 +952,13 @@ def run(args: argparse.Namespace) -> int:
             "n_items": len(item_vocab),
             "dropped_not_in_catalogue": dropped,
         },
-        "cleaning": table.report.to_dict(),
-        "item_features": {"source": source if source == "onehot" else provenance, "d": fit.lrs.d},
-        "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
-        "params_per_user": fit.lrs.rank + fit.lrs.sparsity,
-        "privacy": fit.privacy,
-        # not the default digest-derived id: a hash of all arrays (per-user ones and the raw history
-        # included) would let anyone holding candidate datasets test them against the model
-        "model_version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        + "-"
-        + secrets.token_hex(5),
-    }
-    lrs, item_features = fit.stored_factors()
-    if fit.item_features is None and lrs is not fit.lrs:  # one-hot, stored F = U, U = I_r
-        fit.privacy["released_arrays"]["item_features"] = (
-            "private: the one-hot model's U (events u_step_*), stored as item features "
-            "with U = I_r (⟨e_i, U w⟩ = ⟨U_i, w⟩): no n_items × n_items identity"
-        )
-        manifest["item_features"] = {"source": "onehot-factored", "d": lrs.d}
+        cleaning=table.report.to_dict(),
+        items=(provenance, scale_provenance, source, feature_provenance),
+        d=fit.lrs.d,
+        factored_d=lrs.d if fit.item_features is None and lrs is not fit.lrs else None,
+        train_rmse=train_rmse,
+        seconds=seconds,
+    )
     model = TrainedModel(
         lrs=lrs,
         item_features=item_features,
@@ -992,18 +977,82 @@ def run(args: argparse.Namespace) -> int:
         manifest=manifest,
     )
     saved = save_model_dir(model, args.out)
+    report_run(
+        args, saved.model_version, saved.manifest, fit.privacy, train_rmse=train_rmse,
+        seconds=seconds, source=source,
+    )  # fmt: skip
+    return 0
+
+
+def private_manifest(
+    cfg: PrivateConfig,
+    privacy: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    cleaning: dict[str, Any],
+    items: tuple[str, str, str, str | None],
+    d: int,
+    factored_d: int | None,
+    train_rmse: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """The manifest of a private model (either engine). ``items``: provenance of the item ids, of
+    the rating scale, the features' source and the features' provenance (:func:`_public_items`);
+    ``factored_d``: the stored d of a one-hot model written factored (item features U, U = I_r)."""
+    provenance, scale_provenance, source, feature_provenance = items
+    privacy["released_arrays"]["item_ids"] = provenance
+    privacy["released_arrays"]["rating_scale"] = scale_provenance
+    privacy["features_source"] = source
+    if feature_provenance is not None:
+        privacy["released_arrays"]["item_features"] = feature_provenance
+    manifest: dict[str, Any] = {
+        "method": "dp-lrs",
+        "hyperparameters": cfg.to_dict(),
+        "data": data,
+        "cleaning": cleaning,
+        "item_features": {"source": source if source == "onehot" else provenance, "d": d},
+        "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
+        "params_per_user": cfg.rank + cfg.sparsity,
+        "privacy": privacy,
+        # not the default digest-derived id: a hash of all arrays (per-user ones and the raw history
+        # included) would let anyone holding candidate datasets test them against the model
+        "model_version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        + "-"
+        + secrets.token_hex(5),
+    }
+    if factored_d is not None:  # one-hot, stored F = U, U = I_r
+        privacy["released_arrays"]["item_features"] = (
+            "private: the one-hot model's U (events u_step_*), stored as item features "
+            "with U = I_r (⟨e_i, U w⟩ = ⟨U_i, w⟩): no n_items × n_items identity"
+        )
+        manifest["item_features"] = {"source": "onehot-factored", "d": factored_d}
+    return manifest
+
+
+def report_run(
+    args: argparse.Namespace,
+    model_version: str,
+    manifest: dict[str, Any],
+    privacy: dict[str, Any],
+    *,
+    train_rmse: float,
+    seconds: float,
+    source: str,
+) -> None:
+    """Export model.onnx (unless --no-export) and print the run's summary (--json: one line)."""
     onnx_path: str | None = None
     if not getattr(args, "no_export", False):
         from lrs_rec.training.export import export_model_dir
 
         onnx_path = str(export_model_dir(args.out))
-    p = fit.privacy
+    p = privacy
+    dims = manifest["dims"]
     summary = {
         "model_dir": str(args.out),
-        "model_version": saved.model_version,
+        "model_version": model_version,
         "method": "dp-lrs",
-        "dims": saved.manifest["dims"],
-        "n_ratings": len(data),
+        "dims": dims,
+        "n_ratings": manifest["data"]["n_ratings"],
         "train_rmse": train_rmse,
         "epsilon": p["epsilon"],
         "delta": p["delta"],
@@ -1017,9 +1066,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True))
     else:
         print(
-            f"wrote {args.out} (version {saved.model_version}): user-level DP ε = {p['epsilon']:.4g} "
+            f"wrote {args.out} (version {model_version}): user-level DP ε = {p['epsilon']:.4g} "
             f"(target {p['target_epsilon']:g}), δ = {p['delta']:g}, {p['accountant']} accountant; "
-            f"{len(user_vocab)} users, {len(item_vocab)} items, features {source}"
-            + (f"; ONNX {onnx_path}" if onnx_path else "")
+            f"{manifest['data']['n_users']} users, {manifest['data']['n_items']} items, "
+            f"features {source}" + (f"; ONNX {onnx_path}" if onnx_path else "")
         )
-    return 0

@@ -163,6 +163,11 @@ class DaskPrivateData:
     def _b(self, a: np.ndarray) -> Any:
         return self.run.broadcast(a)
 
+    @staticmethod
+    def _c(cfg: PrivateConfig) -> PrivateConfig:
+        """The config as the workers get it: without the noise seed (never leaves the driver)."""
+        return replace(cfg, random_state=None)
+
     def mean_statistic(self, mu0: float, mean_clip: float) -> np.ndarray:
         return np.asarray(self._total("mean_statistic", mu0, mean_clip))
 
@@ -172,13 +177,13 @@ class DaskPrivateData:
     def item_bias_statistics(
         self, global_mean: float, cfg: PrivateConfig
     ) -> tuple[np.ndarray, np.ndarray]:
-        S, N = self._total("item_bias_statistics", global_mean, cfg)
+        S, N = self._total("item_bias_statistics", global_mean, self._c(cfg))
         return S, N
 
     def spectral_statistic(
         self, global_mean: float, item_bias: np.ndarray, top: np.ndarray, cfg: PrivateConfig
     ) -> np.ndarray:
-        out = self._total("spectral_statistic", global_mean, self._b(item_bias), top, cfg)
+        out = self._total("spectral_statistic", global_mean, self._b(item_bias), top, self._c(cfg))
         return np.asarray(out)
 
     def select_u_samples(
@@ -191,7 +196,7 @@ class DaskPrivateData:
     ) -> None:
         check_dask_config(cfg)  # the weighted selection: no random draw
         no_rng = cast(np.random.Generator, _NoRandom())
-        args = (cfg, self._b(counts), global_mean, self._b(item_bias), no_rng)
+        args = (self._c(cfg), self._b(counts), global_mean, self._b(item_bias), no_rng)
         self._each("select_u_samples", *args)
 
     def u_step_counts(self) -> np.ndarray:
@@ -210,10 +215,10 @@ class DaskPrivateData:
         self._each("start_iterate", None, self._b(U), self._b(item_bias), global_mean, k)
 
     def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        self._each("user_step", self._b(U), cfg)
+        self._each("user_step", self._b(U), self._c(cfg))
 
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
-        V, M = self._total("population_statistics", cfg)
+        V, M = self._total("population_statistics", self._c(cfg))
         return V, M
 
     def item_block_statistics(self, bounds: ClipBounds) -> tuple[np.ndarray, np.ndarray]:

@@ -659,11 +659,11 @@ def _train(
     ]
     del loads, splits
     if private is not None:  # `--epsilon`: the private trainer on these partitions
-        return private(
-            Inputs(
-                run, spec, summaries, datas, item_ids, n_users, rating_min, rating_max, phase, t0
-            )
+        inputs = Inputs(
+            run, spec, summaries, datas, item_ids, n_users, rating_min, rating_max, phase, t0
         )
+        del datas  # the trainer drops them once its own partitions are built
+        return private(inputs)
     # standardise by the training ratings' spread (pipeline.rating_unit, two passes)
     s, n_train = run.gather(run.reduce(run.map(dp.raw_train_sums, datas)))
     unit = 1.0

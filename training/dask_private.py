@@ -282,6 +282,7 @@ def fit_on_partitions(
         run.submit(make_private_part, d, run.broadcast(item_map.astype(np.int64)), n_items)
         for d in inp.datas
     ]
+    inp.datas = []  # the input partitions are freed once these are built
     counts = run.gather([run.submit(part_counts, p) for p in parts])
     inp.phase["name"] = "fit"  # the partitions are built (a later loss: Dask recomputes them)
     n_kept = sum(c[0] for c in counts)

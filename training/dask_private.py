@@ -26,6 +26,7 @@ import hashlib
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -366,8 +367,6 @@ def fit_on_partitions(
         manifest=manifest,
         params_per_user=r + k,
     )
-    from pathlib import Path
-
     return DaskResult(Path(args.out), written, [], seconds)
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from lrs_rec.training.dask_engine import DaskResult, Inputs, Run
@@ -149,25 +149,33 @@ def write_shards(
 # ------------------------------------------------------------------------------------------------
 class DaskPrivateData:
     """:class:`training.private_data.PrivateData` over the partitions of a Dask run: statistics
-    summed on the cluster, per-user steps on the workers; the driver holds the totals only."""
+    summed on the cluster, per-user steps on the workers; the driver holds the totals only. Each
+    method forwards to the same method of every partition's LocalPrivateData (:meth:`_total` or
+    :meth:`_each`), its arguments as the workers get them (:meth:`_send`)."""
 
     def __init__(self, run: Run, parts: list[Any]) -> None:
         self.run, self.parts = run, parts
 
+    def _send(self, args: tuple[Any, ...]) -> list[Any]:
+        """Arrays broadcast once to every worker; the config without the noise seed (it never
+        leaves the driver); an rng replaced by :class:`_NoRandom` (no draw on a partition)."""
+        out: list[Any] = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                a = self.run.broadcast(a)
+            elif isinstance(a, PrivateConfig):
+                a = replace(a, random_state=None)
+            elif isinstance(a, np.random.Generator):
+                a = _NoRandom()
+            out.append(a)
+        return out
+
     def _total(self, name: str, *args: Any) -> Any:
         run = self.run
-        return run.gather(run.reduce(run.map(statistic, self.parts, name, *args)))
+        return run.gather(run.reduce(run.map(statistic, self.parts, name, *self._send(args))))
 
     def _each(self, name: str, *args: Any) -> None:
-        self.parts = self.run.map(step, self.parts, name, *args)
-
-    def _b(self, a: np.ndarray) -> Any:
-        return self.run.broadcast(a)
-
-    @staticmethod
-    def _c(cfg: PrivateConfig) -> PrivateConfig:
-        """The config as the workers get it: without the noise seed (never leaves the driver)."""
-        return replace(cfg, random_state=None)
+        self.parts = self.run.map(step, self.parts, name, *self._send(args))
 
     def mean_statistic(self, mu0: float, mean_clip: float) -> np.ndarray:
         return np.asarray(self._total("mean_statistic", mu0, mean_clip))
@@ -178,14 +186,13 @@ class DaskPrivateData:
     def item_bias_statistics(
         self, global_mean: float, cfg: PrivateConfig
     ) -> tuple[np.ndarray, np.ndarray]:
-        S, N = self._total("item_bias_statistics", global_mean, self._c(cfg))
+        S, N = self._total("item_bias_statistics", global_mean, cfg)
         return S, N
 
     def spectral_statistic(
         self, global_mean: float, item_bias: np.ndarray, top: np.ndarray, cfg: PrivateConfig
     ) -> np.ndarray:
-        out = self._total("spectral_statistic", global_mean, self._b(item_bias), top, self._c(cfg))
-        return np.asarray(out)
+        return np.asarray(self._total("spectral_statistic", global_mean, item_bias, top, cfg))
 
     def select_u_samples(
         self,
@@ -196,9 +203,7 @@ class DaskPrivateData:
         rng: np.random.Generator,
     ) -> None:
         check_dask_config(cfg)  # the weighted selection: no random draw
-        no_rng = cast(np.random.Generator, _NoRandom())
-        args = (self._c(cfg), self._b(counts), global_mean, self._b(item_bias), no_rng)
-        self._each("select_u_samples", *args)
+        self._each("select_u_samples", cfg, counts, global_mean, item_bias, rng)
 
     def u_step_counts(self) -> np.ndarray:
         return np.asarray(self._total("u_step_counts"))
@@ -213,13 +218,13 @@ class DaskPrivateData:
     ) -> None:
         if F is not None:
             raise ValueError(f"--engine dask with --epsilon needs {SUPPORTED}")
-        self._each("start_iterate", None, self._b(U), self._b(item_bias), global_mean, k)
+        self._each("start_iterate", None, U, item_bias, global_mean, k)
 
     def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        self._each("user_step", self._b(U), self._c(cfg))
+        self._each("user_step", U, cfg)
 
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
-        V, M = self._total("population_statistics", self._c(cfg))
+        V, M = self._total("population_statistics", cfg)
         return V, M
 
     def item_block_statistics(self, bounds: ClipBounds) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +246,7 @@ class DaskPrivateData:
         lo: float,
         hi: float,
     ) -> tuple[float, int]:
-        sse, n = self._total("squared_error", global_mean, self._b(item_bias), self._b(U), lo, hi)
+        sse, n = self._total("squared_error", global_mean, item_bias, U, lo, hi)
         return float(sse), int(n)
 
 

@@ -77,7 +77,10 @@ from lrs_rec.privacy import (
 )
 from lrs_rec.privacy_items import (
     activity_weights,
+    carried_item_rows,
     clipped_item_rows,
+    drifted_precision,
+    item_weights,
     item_rows_sensitivity,
     select_popular_per_user,
     spectral_sensitivity,
@@ -120,6 +123,12 @@ U_INITS = ("random", "spectral")
 U_SELECTS = ("random", "popular", "weighted")
 U_SOLVES = ("ridge", "posterior")
 
+
+PLD_UP_TO = 2.0
+"""One-hot defaults (:meth:`PrivateConfig.for_data`): the PLD accountant for target ε ≤ this (its
+calibration takes seconds there and gives ~7 % less noise than RDP for the same (ε, δ) — where the noise
+costs accuracy), RDP above
+(PLD's grid grows with ε: ~45 s at ε = 8)."""
 
 MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
 
@@ -167,6 +176,14 @@ class PrivateConfig:
     u_prior_scale: float = 1.0  # posterior: prior variance u0² = scale·(A2/A_w)²/r
     u_w_sphere: bool = False  # U-step: ŵ_u = A_w·w_u/‖w_u‖ (every user's w at the clip norm)
     u_min_support: float = 0.0  # items with released Ñ_i below this never enter V (U_i = 0)
+    # posterior: each U-step's prior on U_i is the previous step's posterior (Kalman; post-processing),
+    # widened by u_drift·u0² per coordinate; False: every step starts from the prior N(0, u0²)
+    u_carry: bool = False
+    # weighted selection: items whose released Ñ_i exceeds the knee n0 enter with weight √(n0/Ñ_i)
+    # (privacy_items.item_weights), n0 = u_item_snr·r·σ_V/(A_w²·u0): the weighted count at which an
+    # item's per-coordinate SNR in V is u_item_snr (public: σ_V, u0). 0: every item weight 1
+    u_item_snr: float = 0.0
+    u_drift: float = 0.25
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
     spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
@@ -213,6 +230,14 @@ class PrivateConfig:
             )
         if not self.u_min_support >= 0:
             raise ValueError(f"u_min_support must be >= 0, got {self.u_min_support!r}")
+        if not (math.isfinite(self.u_item_snr) and self.u_item_snr >= 0):
+            raise ValueError(f"u_item_snr must be finite and >= 0, got {self.u_item_snr!r}")
+        if self.u_item_snr > 0 and self.u_select != "weighted":
+            raise ValueError("u_item_snr needs u_select='weighted'")
+        if not (math.isfinite(self.u_drift) and self.u_drift >= 0):
+            raise ValueError(f"u_drift must be finite and >= 0, got {self.u_drift!r}")
+        if self.u_carry and self.u_solve != "posterior":
+            raise ValueError("u_carry needs u_solve='posterior'")
         if not self.u_prior_scale > 0:
             raise ValueError(f"u_prior_scale must be positive, got {self.u_prior_scale!r}")
         if self.u_step_gram == "population" and self.features != "onehot":
@@ -257,7 +282,7 @@ class PrivateConfig:
                 sparsity=0,
                 max_samples_per_user=20,
                 rank=int(np.clip(round(rho / 6), 2, 8)),
-                n_iters=2,
+                n_iters=3,
                 init_scale=0.35,
                 u_init="spectral",
                 spectral_items=200,
@@ -266,6 +291,9 @@ class PrivateConfig:
                 u_user_norm=3.0,
                 u_w_sphere=True,
                 u_solve="posterior",
+                u_carry=True,
+                u_item_snr=4.0,
+                accountant="pld" if epsilon is not None and epsilon <= PLD_UP_TO else "rdp",
                 ridge_u=5.0,
             )
         kw.update(overrides)
@@ -623,6 +651,7 @@ def fit_private(
     it = _Iterate(F, U, c_u, item_bias, global_mean, k)
     data = Samples(users, items, ratings)
     sigma_u = None  # per-user base weights of the U-step statistics (None: 1 on ≤ m samples)
+    c_k = None  # per-sample item weights c_i (weighted selection with u_item_snr), public
     if cfg.u_select == "weighted":
         if cfg.u_min_support > 0:  # by the released noisy counts Ñ_i: post-processing
             keep = N[items] >= cfg.u_min_support
@@ -630,7 +659,16 @@ def fit_private(
             del keep
         else:
             uk, ik = users, items
-        sigma_u = activity_weights(uk, n_users, cfg.max_samples_per_user)
+        if cfg.u_item_snr > 0 and cfg.u_step_gram == "population":
+            knee = (
+                cfg.u_item_snr
+                * r
+                * z("u_step_V")
+                * sens["u_step_V"]
+                / (cfg.A_w**2 * math.sqrt(cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r))
+            )  # public: σ_V, u0 and r (0 without noise: every weight 1)
+            c_k = item_weights(N, knee)[ik]  # by the released Ñ_i: post-processing
+        sigma_u = activity_weights(uk, n_users, cfg.max_samples_per_user, c_k)
         tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
         tk = tk - global_mean - item_bias[ik]
     else:
@@ -650,7 +688,7 @@ def fit_private(
         sigma = z("u_step_V") * sens["u_step_V"]
         ridge_u = cfg.ridge_u + sigma**2 * r * (cfg.A_w / cfg.A2) ** 2
         base = np.ones(n_users) if sigma_u is None else sigma_u
-        counts = weighted_item_counts(ik, uk, base, n_items) + gaussian_noise(
+        counts = weighted_item_counts(ik, uk, base, n_items, c_k) + gaussian_noise(
             (n_items,),
             sensitivity=sens["u_step_count"],
             noise_multiplier=z("u_step_count"),
@@ -659,6 +697,7 @@ def fit_private(
     else:
         sigma_A = z("u_step_A") * sens["u_step_A"]
         ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
+    carried: tuple[np.ndarray, np.ndarray] | None = None  # (mean, precision) of the last posterior
     for _ in range(cfg.n_iters):
         it.user_step(data, cfg)
         y = tk - it.state.user_bias[uk]
@@ -667,7 +706,7 @@ def fit_private(
             Wh = _sphere(it.state.W, cfg.A_w) if cfg.u_w_sphere else it.state.W
             V, s_u = clipped_item_rows(
                 ik, y, xb, uk, Wh, n_items, A2=cfg.A2, A3=cfg.A3, A_w=cfg.A_w,
-                user_norm=cfg.u_user_norm, base_weights=sigma_u,
+                user_norm=cfg.u_user_norm, base_weights=sigma_u, sample_weights=c_k,
             )  # fmt: skip
             V += gaussian_noise(
                 V.shape, sensitivity=sens["u_step_V"], noise_multiplier=z("u_step_V"), rng=rng
@@ -682,7 +721,18 @@ def fit_private(
                 total = 1.0
             else:
                 total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
-            if cfg.u_solve == "posterior":
+            prior_var = cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r
+            if cfg.u_carry:
+                prior = {} if carried is None else {
+                    "prior_mean": carried[0],
+                    "prior_prec": drifted_precision(carried[1], cfg.u_drift * prior_var),
+                }  # fmt: skip
+                U, prec = carried_item_rows(
+                    V, counts, M / total, noise_var=sigma**2, ridge=cfg.ridge_u,
+                    prior_var=prior_var, **prior,
+                )  # fmt: skip
+                carried = (U, prec)
+            elif cfg.u_solve == "posterior":
                 U = wiener_item_rows(
                     V, counts, M / total, noise_var=sigma**2, ridge=cfg.ridge_u,
                     prior_var=cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r,
@@ -987,9 +1037,10 @@ def cli_config(
     }  # fmt: skip
     given.update(
         delta=float(args.delta),
-        accountant=str(args.accountant),
         random_state=getattr(args, "dp_noise_seed", None),
     )
+    if getattr(args, "accountant", None) is not None:  # else the configuration's default
+        given["accountant"] = str(args.accountant)
     if mode == "onehot":
         return PrivateConfig.for_data(
             users, n_items=n_items, epsilon=float(args.epsilon), features=mode, **given

@@ -139,7 +139,7 @@ def activity_weights(
         n_u = np.bincount(users, minlength=n_users).astype(np.float64)
     else:
         c = np.asarray(sample_weights, np.float64)
-        n_u = np.bincount(users, weights=c * c, minlength=n_users)
+        n_u = np.bincount(users, weights=c * c, minlength=n_users).astype(np.float64)
     return np.asarray(np.minimum(1.0, np.sqrt(m / np.maximum(n_u, 1e-300))), dtype=np.float64)
 
 

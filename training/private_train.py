@@ -260,11 +260,15 @@ class PrivateConfig:
 
         One-hot features (private ALS, ``lrs_rec.privacy_items``): a private spectral start of U
         (event ``u_init``: the noisy co-rating second moment of the 200 items with the largest
-        released Ñ_i, one user's residuals clipped to norm 1), then L = 2 noisy U-steps releasing
+        released Ñ_i, one user's residuals clipped to norm 1), then L = 3 noisy U-steps releasing
         V_i per item with the population Gram (``u_step_gram="population"``); every user's ratings
-        enter V with weight min(1, √(m/n_u), C_V/‖t_u‖), m = 20, C_V = 3, w_u normalised to the
-        clip norm; each row U_i is the posterior mean under the public prior and the released
-        noise scale (``u_solve="posterior"``). No sparse part (with one-hot coordinates b_u only
+        enter V with weight σ_u·c_i and the norm clip C_V = 3 on the weighted residuals
+        (σ_u = min(1, √(m/Σ_i c_i²)), m = 20; c_i = min(1, √(n0/Ñ_i)) down-weights items whose
+        released count is above the knee n0 where their SNR in V reaches ``u_item_snr`` = 4), w_u
+        normalised to the clip norm; each row U_i is the posterior mean under the public prior and
+        the released noise scale (``u_solve="posterior"``), the previous U-step's posterior being
+        the next one's prior (``u_carry``). Accountant: PLD for ε ≤ ``PLD_UP_TO``, else RDP. No
+        sparse part (with one-hot coordinates b_u only
         moves the user's own already-rated items, never a prediction for a new item, while A3
         would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
         r = clip(round(ρ / 6), 2, 8) (ML-100K: ρ = 0.56 → r = 2; 1M users × 20k items: ρ = 50 →

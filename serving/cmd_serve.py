@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring, limits=limits)
         if args.metrics_port is not None:
             _metrics_elsewhere(app, args.metrics_host or args.host, args.metrics_port)
-        tune_for_serving()  # after loading: serving.gc_tuning
+        tune_for_serving()  # serving.gc_tuning
         uvicorn.run(app, **common)
         return 0
     # several processes: this one keeps the embedded Redis (if any) alive; workers build their own

@@ -157,7 +157,8 @@ def _fit_users_range(
     item_bias: np.ndarray,  # (n_items,)
     mu: float,
     U: np.ndarray,  # (d, r)
-    B: np.ndarray,  # (n_users, d) the current b_u (read), overwritten with the new ones
+    B_idx: np.ndarray,  # (n_users, k) int32 the current b_u's coordinates (read), overwritten
+    B_val: np.ndarray,  # (n_users, k) their values (read), overwritten with the new ones
     W: np.ndarray,  # (n_users, r) output
     c: np.ndarray,  # (n_users,) output
     k: int,
@@ -322,8 +323,9 @@ def _fit_users_range(
                             L[a, bb] = G[a, bb]
                         L[a, a] += reg_b
                     _cholesky(L, L, d)
-            for a in range(d):
-                b[a] = B[u, a]
+            b[:] = 0.0
+            for p in range(B_idx.shape[1]):
+                b[B_idx[u, p]] += B_val[u, p]
             cu = 0.0
             for _ in range(n_inner):
                 nb = 0  # b's non-zero coordinates (at most k after the first round)
@@ -436,8 +438,10 @@ def _fit_users_range(
             c[u] = cu
             for q in range(r):
                 W[u, q] = sol[q + 1]
-            for a in range(d):
-                B[u, a] = b[a]
+            if k > 0:
+                for p in range(k):
+                    B_idx[u, p] = idx[p]
+                    B_val[u, p] = b[idx[p]]
 
 
 def fit_users(
@@ -449,7 +453,8 @@ def fit_users(
     item_bias: np.ndarray,  # (n_items,)
     mu: float,
     U: np.ndarray,  # (d, r)
-    B: np.ndarray,  # (n_users, d) the current b_u (read), overwritten with the new ones
+    B_idx: np.ndarray,  # (n_users, k) int32 the current b_u's coordinates (read), overwritten
+    B_val: np.ndarray,  # (n_users, k) their values (read), overwritten with the new ones
     W: np.ndarray,  # (n_users, r) output
     c: np.ndarray,  # (n_users,) output
     k: int,
@@ -483,7 +488,8 @@ def fit_users(
         item_bias,
         mu,
         U,
-        B,
+        B_idx,
+        B_val,
         W,
         c,
         k,

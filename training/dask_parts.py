@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training.dask_input import PartitionData
-from lrs_rec.training.features import als_half_step
+from lrs_rec.training.features import USER_FACTORS_DTYPE, als_half_step
 
 from lrs_rec.engine import b_rows
 from lrs_rec.engine.parallel import kernels
@@ -166,7 +166,9 @@ def als_users(
     s = part.train
     K = kernels()
     if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
-        sol = np.empty((part.n_users, Q.shape[1] + 1))
+        # a fresh (c_u, P) each time (a task never modifies its input Part)
+        c_u = np.zeros(part.n_users)
+        P = np.zeros((part.n_users, Q.shape[1]), dtype=USER_FACTORS_DTYPE)
         args = (
             *s.csr("user", part.n_users),
             np.ascontiguousarray(Q, dtype=np.float64),
@@ -175,14 +177,15 @@ def als_users(
             float(reg),
             float(reg_bias),
             max(min_count, 1.0),
-            sol,
+            c_u,
+            P,
         )
         if cg_steps and part.P is not None:  # CG from the previous iterate, as als_factors
-            sol[:, 0], sol[:, 1:] = part.c_u, part.P
+            c_u[:], P[:] = part.c_u, part.P
             K.als_half_step_cg(*args, int(cg_steps))
         else:
             K.als_half_step(*args)
-        return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
+        return replace(part, c_u=c_u, P=P)
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]
     x0 = (part.c_u, part.P) if cg_steps and part.P is not None else None
@@ -199,7 +202,7 @@ def als_users(
         x0=x0,
         cg_steps=cg_steps if x0 is not None else 0,
     )
-    return replace(part, c_u=c_u, P=P)
+    return replace(part, c_u=c_u, P=P.astype(USER_FACTORS_DTYPE, copy=False))
 
 
 def pack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -254,14 +257,15 @@ def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray,
 
 def gram_p(part: Part) -> np.ndarray:
     assert part.P is not None
-    return np.asarray(part.P.T @ part.P)
+    P = np.asarray(part.P, dtype=np.float64)  # (float32 storage: the Gram in float64)
+    return np.asarray(P.T @ P)
 
 
 def start_from_p(part: Part, U: np.ndarray) -> Part:
     """W = P U, B = 0 (the start of the LRS fit); P is dropped."""
     assert part.P is not None
     idx, val = b_rows.zero_b(part.n_users, 0)
-    return replace(part, W=part.P @ U, B_idx=idx, B_val=val, P=None)
+    return replace(part, W=np.asarray(part.P, dtype=np.float64) @ U, B_idx=idx, B_val=val, P=None)
 
 
 def w_as_p(part: Part) -> Part:

@@ -558,7 +558,7 @@ def _biased_normal_equations(
             G[0, 0] += 1.0
             h[0] += t
             for a in range(1, e):
-                za = rows[u, a - 1]
+                za = np.float64(rows[u, a - 1])  # (float32 rows: products in float64)
                 G[a, 0] += za
                 h[a] += za * t
                 for bb in range(1, e):
@@ -663,7 +663,8 @@ def _als_half_step_range(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
+    out_bias: np.ndarray,  # (n_own,) the biases
+    out_f: np.ndarray,  # (n_own, dim) the factors
 ) -> None:
     """Row chunks [c0, c1) of :func:`als_half_step` (CHUNK rows each; one task of a thread)."""
     for ch in range(c0, c1):
@@ -695,7 +696,7 @@ def _als_half_step_range(
                         qk = rows[jj]
                         acc = 0.0
                         for a in range(dim):
-                            acc += other_f[qj, a] * other_f[qk, a]
+                            acc += np.float64(other_f[qj, a]) * other_f[qk, a]
                         v = inv_b + acc * inv_f
                         G[j, jj] = v
                         G[jj, j] = v
@@ -705,12 +706,12 @@ def _als_half_step_range(
                 acc = 0.0
                 for j in range(n):
                     acc += alpha[j]
-                out[o, 0] = acc * inv_b
+                out_bias[o] = acc * inv_b
                 for a in range(dim):
                     acc = 0.0
                     for j in range(n):
                         acc += other_f[rows[j], a] * alpha[j]
-                    out[o, a + 1] = acc * inv_f
+                    out_f[o, a] = acc * inv_f
                 continue
             _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
             G[0, 0] += reg_bias
@@ -720,8 +721,9 @@ def _als_half_step_range(
                 _cholesky_solve(L, h, x, e)
             else:
                 _lu_solve(G, h, x, e)
-            for a in range(e):
-                out[o, a] = x[a]
+            out_bias[o] = x[0]
+            for a in range(dim):
+                out_f[o, a] = x[a + 1]
 
 
 def als_half_step(
@@ -734,7 +736,8 @@ def als_half_step(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
+    out_bias: np.ndarray,  # (n_own,) the biases
+    out_f: np.ndarray,  # (n_own, dim) the factors (float64, or float32 storage)
 ) -> None:
     """Per own row: the ridge of t = y - μ - c_other on z = [1, other_f] with D = diag(λ_b,
     λ·max(n, min_count), ...): (ZᵀZ + D)⁻¹ Zᵀt. A row with fewer ratings than dim + 1 uses the dual
@@ -754,7 +757,8 @@ def als_half_step(
         reg,
         reg_bias,
         min_count,
-        out,
+        out_bias,
+        out_f,
     )
 
 
@@ -771,7 +775,8 @@ def _als_half_step_cg_range(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    out_bias: np.ndarray,  # (n_own,) in the start's biases, out the new ones
+    out_f: np.ndarray,  # (n_own, dim) in the start's factors, out the new ones
     cg_steps: int,
 ) -> None:
     """Row chunks [c0, c1) of :func:`als_half_step_cg` (CHUNK rows each; one task of a thread)."""
@@ -792,8 +797,10 @@ def _als_half_step_cg_range(
             dg[0] = reg_bias
             for a in range(1, e):
                 dg[a] = lam
+            x[0] = out_bias[o]
+            for a in range(dim):
+                x[a + 1] = out_f[o, a]
             for a in range(e):
-                x[a] = out[o, a]
                 r[a] = -dg[a] * x[a]
                 minv[a] = dg[a]
             # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
@@ -805,7 +812,7 @@ def _als_half_step_cg_range(
                 r[0] += s
                 minv[0] += 1.0
                 for a in range(dim):
-                    fa = other_f[qi, a]
+                    fa = np.float64(other_f[qi, a])
                     r[a + 1] += s * fa
                     minv[a + 1] += fa * fa
             rz = 0.0
@@ -843,8 +850,9 @@ def _als_half_step_cg_range(
                 for a in range(e):
                     pv[a] = z[a] + beta * pv[a]
                 rz = rz_new
-            for a in range(e):
-                out[o, a] = x[a]
+            out_bias[o] = x[0]
+            for a in range(dim):
+                out_f[o, a] = x[a + 1]
 
 
 def als_half_step_cg(
@@ -857,12 +865,13 @@ def als_half_step_cg(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    out_bias: np.ndarray,  # (n_own,) in the start's biases, out the new ones
+    out_f: np.ndarray,  # (n_own, dim) in the start's factors, out the new ones
     cg_steps: int,
 ) -> None:
     """The same ridge as :func:`als_half_step`, (ZᵀZ + D) x = Zᵀt, by ``cg_steps`` steps of
     conjugate gradients preconditioned by diag(ZᵀZ + D), started from ``out`` (the previous
-    iterate). The matrix is never formed: each step is one pass over the row's ratings
+    iterate; the biases and factors are solved in float64 whatever their storage). The matrix is never formed: each step is one pass over the row's ratings
     (q = Σ z (zᵀp) + D p), the steps of ``features.als_solve(x0=..., cg_steps=...)``."""
     n_own = indptr.shape[0] - 1
     n_chunks = (n_own + CHUNK - 1) // CHUNK
@@ -878,7 +887,8 @@ def als_half_step_cg(
         reg,
         reg_bias,
         min_count,
-        out,
+        out_bias,
+        out_f,
         cg_steps,
     )
 

@@ -296,7 +296,7 @@ def init_state(
         U = np.eye(d)  # one shared w ∈ R^d; stored as rank 1 at the end
     else:
         U = top_right_singular_vectors(P, cfg.rank)
-    W = P @ U
+    W = project_rows(P, U)
     # B = 0 (width 0: the user step widens it to its k)
     return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, *zero_b(n_users, 0))
 
@@ -312,14 +312,27 @@ def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
     ``svd(P)``'s; U Uᵀ and θ do not depend on them)."""
     n = P.shape[0]
     if n <= SVD_ROWS:
-        R = P
-    else:
+        R = _f64(P)
+    else:  # P may be stored in float32 (the ALS start's user factors): each block in float64
         parts = [
-            np.asarray(np.linalg.qr(P[a : a + SVD_ROWS], mode="r")) for a in range(0, n, SVD_ROWS)
+            np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r"))
+            for a in range(0, n, SVD_ROWS)
         ]
         R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
     _, _, Vt = np.linalg.svd(R, full_matrices=False)
     return np.ascontiguousarray(Vt[:r].T)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def project_rows(P: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """P U in float64, SVD_ROWS rows at a time (P may be float32: no float64 copy of all of it)."""
+    out = np.empty((P.shape[0], U.shape[1]))
+    for a in range(0, P.shape[0], SVD_ROWS):
+        out[a : a + SVD_ROWS] = _f64(P[a : a + SVD_ROWS]) @ U
+    return out
 
 
 def iterate(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training.dask_input import PartitionData
-from lrs_rec.training.features import USER_FACTORS_DTYPE, als_half_step
+from lrs_rec.training.features import FACTORS_DTYPE, als_half_step
 
 from lrs_rec.engine import b_rows
 from lrs_rec.engine.parallel import kernels
@@ -168,10 +168,10 @@ def als_users(
     if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
         # a fresh (c_u, P) each time (a task never modifies its input Part)
         c_u = np.zeros(part.n_users)
-        P = np.zeros((part.n_users, Q.shape[1]), dtype=USER_FACTORS_DTYPE)
+        P = np.zeros((part.n_users, Q.shape[1]), dtype=FACTORS_DTYPE)
         args = (
             *s.csr("user", part.n_users),
-            np.ascontiguousarray(Q, dtype=np.float64),
+            np.ascontiguousarray(Q, dtype=FACTORS_DTYPE),
             np.ascontiguousarray(c_i, dtype=np.float64),
             float(mu),
             float(reg),
@@ -202,7 +202,7 @@ def als_users(
         x0=x0,
         cg_steps=cg_steps if x0 is not None else 0,
     )
-    return replace(part, c_u=c_u, P=P.astype(USER_FACTORS_DTYPE, copy=False))
+    return replace(part, c_u=c_u, P=P.astype(FACTORS_DTYPE, copy=False))
 
 
 def pack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,11 @@ ratings per user), split 90/10, written as CSV under ``--work``. Runs, each a ch
   LRS iterations + final pass) for ``bytes_moved_per_iteration``.
 * ``rmse_local`` / ``rmse_dask``: test RMSE of each model (``evaluate_table``).
 
+``--epsilon E``: private training on both engines (``train --epsilon E --dp-noise-seed 0
+--rating-scale 1 5``; one-hot features, ``PrivateConfig.for_data``); the rows add ``epsilon`` and
+``same_ledger`` (the two manifests' privacy ledgers equal), iterations are the noisy U-steps, and the
+result goes to ``docs/results/distributed_private.json`` (docs table ``distributed-private-table``).
+
 Both engines get the same flags (``--no-tune`` by default: the local engine on main tunes on every
 user, 4 fits; pass ``--tune`` to include tuning). Timing on a shared machine is noisy: the JSON
 records the load average before and after.
@@ -236,6 +241,8 @@ def test_rmse(model_dir: Path, test_csv: Path, caps: dict[str, Any]) -> float | 
 
 def iterations(manifest: dict[str, Any]) -> int:
     hp, m = manifest["hyperparameters"], manifest["metrics"]
+    if manifest.get("privacy"):  # private training: the noisy U-steps (+ the final user step)
+        return int(hp["n_iters"]) + 1
     final = 1 if m.get("final_pass") == "all ratings" else 0
     return int(hp["init_iter"]) + len(m["history"]) - 1 + final
 
@@ -247,6 +254,10 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     cli = [sys.executable, "-m", "lrs_rec.serving.cli", "train", "--ratings", str(train_csv)]
     common = ["--quiet", "--json", "--no-export", "--threads", "1"]
     common += [] if args.tune else ["--no-tune"]
+    if args.epsilon is not None:  # private training on both engines, the same noise seed
+        common += ["--epsilon", str(args.epsilon), "--dp-noise-seed", "0"]
+        common += ["--rating-scale", "1", "5"]
+        row["epsilon"] = args.epsilon
     row["tune"] = bool(args.tune)
     row["caps_gb"] = {"driver": args.mem_cap_gb, "cluster": args.cluster_cap_gb}
     row["load_before"] = os.getloadavg()[0]
@@ -298,11 +309,14 @@ def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
             bytes_to_driver=eng["bytes_to_driver"],
             worker_outgoing_bytes=sum(w["outgoing_bytes"] for w in workers),
             bytes_moved_per_iteration=int(moved / max(1, n_it)),
-            best_iteration_dask=man["metrics"]["best_iteration"],
         )
         local_man = work / "model_local"
         if local_man.exists():
-            row["best_iteration_local"] = read_manifest(local_man)["metrics"]["best_iteration"]
+            lm = read_manifest(local_man)
+            row["best_iteration_local"] = lm["metrics"].get("best_iteration")
+            if args.epsilon is not None:
+                row["same_ledger"] = lm["privacy"] == man["privacy"]
+        row["best_iteration_dask"] = man["metrics"].get("best_iteration")
     row["load_after"] = os.getloadavg()[0]
     print(
         f"[{label}] dask: {row['dask_s']} s, driver {row['driver_peak_rss_mb']} MB", file=sys.stderr
@@ -340,10 +354,11 @@ def table_md(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_docs(result: dict[str, Any]) -> None:
+def write_docs(result: dict[str, Any], private: bool = False) -> None:
     doc = ROOT / "docs" / "scale.md"
     text = doc.read_text()
-    a, b = "<!-- distributed-table:start -->\n", "<!-- distributed-table:end -->"
+    name = "distributed-private-table" if private else "distributed-table"
+    a, b = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
     if a in text and b in text:
         pre, rest = text.split(a, 1)
         doc.write_text(pre + a + table_md(result["rows"]) + b + rest.split(b, 1)[1])
@@ -376,11 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dask-files", type=int, default=8, help="input files of the Dask run")
     ap.add_argument("--time-limit", type=float, default=3600.0)
     ap.add_argument("--tune", action="store_true", help="tune on both engines (default: --no-tune)")
+    ap.add_argument(
+        "--epsilon", type=float, default=None, help="private training (train --epsilon) on both"
+    )
     ap.add_argument("--json", action="store_true", help="print the result object")
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs table from --out")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite docs/scale.md")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "distributed.json")
+    ap.add_argument("--out", type=Path, default=None, help="default docs/results/distributed.json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        name = "distributed.json" if args.epsilon is None else "distributed_private.json"
+        args.out = ROOT / "docs" / "results" / name
     rows = []
     if not args.docs_only:
         rows = [run_size(s.strip().lower(), args) for s in args.sizes.split(",") if s.strip()]
@@ -390,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_write:
-        write_docs(result)
+        write_docs(result, private=args.epsilon is not None)
     if args.json:
         print(json.dumps(result))
     return 0

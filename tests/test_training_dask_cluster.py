@@ -304,3 +304,36 @@ def test_waiting_on_work_no_worker_can_run_stops_with_a_one_line_error() -> None
             assert run.gather(client.submit(sum, [1, 2], pure=False)) == 3  # progress: no error
         finally:
             dask_engine.STALL_SECONDS, dask_engine.STALL_POLL = old
+
+
+def test_private_training_through_a_dask_scheduler_and_workers_started_by_their_cli(
+    cluster: str,
+    ratings_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`train --epsilon --engine dask --scheduler`: the local private trainer's ledger and model
+    (within float tolerance), written by the workers as a model directory load_model_dir reads."""
+    from lrs_rec.serving.cli import main
+
+    from lrs_rec.model_dir import load_model_dir
+
+    monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
+    base = ["train", "--ratings", str(ratings_csv), "--rating-scale", "1", "5", "--epsilon", "1",
+            "--dp-noise-seed", "7", "--quiet", "--no-export", "--json"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "local")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    dask_cmd = [*base, "--out", str(tmp_path / "dask"), "--engine", "dask", "--scheduler", cluster]
+    assert main(dask_cmd) == 0
+    dask = json.loads(capsys.readouterr().out)
+    for key in ("epsilon", "delta", "accountant", "epsilon_theorem2_zcdp", "n_ratings", "dims"):
+        assert dask[key] == local[key], key
+    assert dask["train_rmse"] == pytest.approx(local["train_rmse"], rel=1e-9)
+    a, b = load_model_dir(tmp_path / "local"), load_model_dir(tmp_path / "dask")
+    assert b.manifest["privacy"] == a.manifest["privacy"]
+    assert b.manifest["engine"]["workers"] == 2
+    users = np.arange(a.n_users)
+    for i in (0, 7, 42):
+        items = np.full(a.n_users, i)
+        np.testing.assert_allclose(b.predict(users, items), a.predict(users, items), atol=1e-9)

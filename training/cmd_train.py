@@ -206,10 +206,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         workers = getattr(args, "workers", None)
         if workers is not None and workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
-        if getattr(args, "epsilon", None) is not None:
-            raise ValueError(
-                "--epsilon with --engine dask is not supported yet; use --engine local"
-            )
     check_out_dir(args.out)
 
 
@@ -228,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "epsilon", None) is not None:
         import importlib
 
-        return int(importlib.import_module("lrs_rec.training.private_train").run(args))
+        module = "dask_private" if getattr(args, "engine", "local") == "dask" else "private_train"
+        return int(importlib.import_module(f"lrs_rec.training.{module}").run(args))
 
     from lrs_rec.training.loaders import load_ratings
     from lrs_rec.training.pipeline import peak_rss_mb, train

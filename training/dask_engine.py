@@ -324,6 +324,23 @@ class Cluster:
 
 
 @dataclass
+class Inputs:
+    """The input phase's partitions, for a trainer other than the LRS loop (``--epsilon``:
+    :mod:`training.dask_private`); ``phase["name"]`` is "input" until that trainer sets it."""
+
+    run: Run
+    spec: str
+    summaries: list[Any]  # the files' summaries (without their ids)
+    datas: list[Any]  # futures of the partitions' PartitionData, in user order
+    item_ids: tuple[str, ...]  # the ratings' items (dense index order)
+    n_users: int
+    rating_min: float
+    rating_max: float
+    phase: dict[str, str]
+    t0: float
+
+
+@dataclass
 class DaskResult:
     """A finished run: the model directory it wrote (and its manifest), the loss history."""
 
@@ -493,12 +510,14 @@ def train_dask(
     partitions: int | None = None,
     stats: dict[str, Any] | None = None,
     shard_rows: int | None = None,
+    private: Callable[[Inputs], DaskResult] | None = None,
 ) -> DaskResult:
     """Train on the rating file(s) ``spec`` (file, directory or glob) on the cluster of
     ``client`` and write the model directory ``out_dir`` (the workers write the user shards: a
     file system shared with the driver; at most ``shard_rows`` users per shard, default
     :data:`lrs_rec.model_shards.DEFAULT_SHARD_ROWS`). ``stats`` (when given) receives the run's
-    byte counts and partition count."""
+    byte counts and partition count. ``private`` (``--epsilon``: :mod:`training.dask_private`)
+    trains on the partitions instead of the LRS loop."""
     from lrs_rec.model_shards import DEFAULT_SHARD_ROWS
 
     rows = DEFAULT_SHARD_ROWS if shard_rows is None else int(shard_rows)
@@ -519,6 +538,7 @@ def train_dask(
                 stats,
                 rows,
                 phase,
+                private,
             )
         except Exception as e:
             if not _is_cluster_failure(e):
@@ -574,6 +594,7 @@ def _train(
     stats: dict[str, Any] | None,
     shard_rows: int,
     phase: dict[str, str],
+    private: Callable[[Inputs], DaskResult] | None = None,
 ) -> DaskResult:
     check_config(cfg)
     t0 = time.perf_counter()
@@ -637,6 +658,12 @@ def _train(
         for p in range(n_parts)
     ]
     del loads, splits
+    if private is not None:  # `--epsilon`: the private trainer on these partitions
+        inputs = Inputs(
+            run, spec, summaries, datas, item_ids, n_users, rating_min, rating_max, phase, t0
+        )
+        del datas  # the trainer drops them once its own partitions are built
+        return private(inputs)
     # standardise by the training ratings' spread (pipeline.rating_unit, two passes)
     s, n_train = run.gather(run.reduce(run.map(dp.raw_train_sums, datas)))
     unit = 1.0

@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,27 +51,27 @@ from lrs_rec.training.private_accounting import (
     calibrate_ledger,
     ledger_manifest,
 )
+from lrs_rec.training.private_data import (  # noqa: F401  (re-exported: tests use them)
+    LocalPrivateData,
+    PrivateData,
+    _Local,
+    local_user_step,
+    predict_samples,
+    public_prior,
+    step_params,
+)
 
-from lrs_rec.engine import onehot
-from lrs_rec.engine.b_rows import b_dot, top_k_b, zero_b
-from lrs_rec.engine.onehot import OneHotState
-from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sample_budget
-from lrs_rec.engine.steps import user_step as engine_user_step
+from lrs_rec.engine.steps import Samples
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
     NEIGHBOURING,
     ClipBounds,
-    cap_samples_per_user,
     check_distinct_user_items,
     clip_rows,
-    clip_scalar,
-    clipped_item_block_statistics,
-    clipped_u_step_statistics,
     dp_item_block_u_step,
     dp_u_step,
     gaussian_noise,
     item_sum_sensitivities,
-    item_sum_statistics,
     population_gram_sensitivities,
     psd_project,
     solve_item_population,
@@ -77,15 +79,9 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.privacy_items import (
-    activity_weights,
-    clipped_item_rows,
     item_rows_sensitivity,
-    select_popular_per_user,
     spectral_sensitivity,
     spectral_start,
-    spectral_statistic,
-    weighted_item_counts,
-    weighted_second_moment,
     wiener_item_rows,
 )
 
@@ -313,22 +309,10 @@ class PrivateFit:
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """μ + c_u + c_i + ⟨f_i, U w_u + b_u⟩, clipped; blocks of samples (no N × d array)."""
         L = self.lrs
-        F = self.item_features
-        out = np.empty(users.shape[0])
-        step = sample_budget(2 * (L.rank + L.sparsity + (0 if F is None else F.shape[1])))
-        for a in range(0, users.shape[0], step):
-            u, i = users[a : a + step], items[a : a + step]
-            if F is None:  # one-hot: ⟨e_i, U w_u⟩ = U_i·w_u, ⟨e_i, b_u⟩ = b_u[i]
-                inner = np.einsum("nr,nr->n", L.U[i], L.W[u]) + onehot.sparse_inner(
-                    L.B_idx[u], L.B_val[u], i
-                )
-            else:
-                Fi = F[i]
-                inner = np.einsum("nd,dr,nr->n", Fi, L.U, L.W[u]) + np.einsum(
-                    "nk,nk->n", np.take_along_axis(Fi, L.B_idx[u], axis=1), L.B_val[u]
-                )
-            out[a : a + step] = self.global_mean + self.user_bias[u] + self.item_bias[i] + inner
-        return np.asarray(np.clip(out, lo, hi))
+        return predict_samples(
+            self.global_mean, self.user_bias, self.item_bias, L.U, L.W, L.B_idx, L.B_val,
+            self.item_features, users, items, lo, hi,
+        )  # fmt: skip
 
     def dense_item_features(self) -> np.ndarray:
         """The released item features as an array (the identity for one-hot features)."""
@@ -418,113 +402,6 @@ PUBLIC_PRIOR_NOTE = (
 )
 
 
-def step_params(cfg: PrivateConfig) -> StepParams:
-    """The engine's user-step options of private training: w_u with a fixed public prior (no
-    population / conditional prior: those are cross-user statistics), c_u, and the sparse b_u."""
-    return StepParams(
-        k=cfg.sparsity, per_user_w=True, user_bias=True, reg_w=cfg.reg_w, reg_b=cfg.reg_b,
-        reg_bias=cfg.reg_user_bias, population_prior=False, conditional_prior=False,
-        n_inner=cfg.n_inner,
-    )  # fmt: skip
-
-
-def public_prior(r: int) -> UserPrior:
-    """The prior of the private user step: N(0, I) shape, data-independent."""
-    return UserPrior(np.zeros(r), np.eye(r))
-
-
-@dataclass
-class _Local:
-    user_bias: np.ndarray
-    W: np.ndarray
-    B_idx: np.ndarray
-    B_val: np.ndarray
-
-
-class _Iterate:
-    """The engine iterate of private training: :class:`lrs_rec.engine.onehot.OneHotState` (one-hot
-    features, compressed b) or :class:`lrs_rec.engine.steps.LRSState` (plug-in features F)."""
-
-    def __init__(
-        self, F: np.ndarray | None, U: np.ndarray, c: np.ndarray, item_bias: np.ndarray,
-        global_mean: float, k: int, W: np.ndarray | None = None,
-    ) -> None:  # fmt: skip
-        n_users, r = c.shape[0], U.shape[1]
-        W = np.zeros((n_users, r)) if W is None else W
-        self.F = F
-        if F is None:
-            self.state: OneHotState | LRSState = OneHotState(
-                global_mean, c.copy(), item_bias, U, W.copy(),
-                np.tile(np.arange(k, dtype=np.int64), (n_users, 1)), np.zeros((n_users, k)),
-            )  # fmt: skip
-        else:
-            self.state = LRSState(
-                global_mean, c.copy(), item_bias, F, U, W.copy(), *zero_b(n_users, k)
-            )
-
-    def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
-        """The engine's user step (w, then the sparse b) with the public prior."""
-        p, prior = step_params(cfg), public_prior(self.state.U.shape[1])
-        if isinstance(self.state, OneHotState):
-            onehot.user_step(self.state, data, p, prior=prior)
-        else:
-            engine_user_step(self.state, data, p, prior=prior)
-
-    def set_U(self, U: np.ndarray) -> None:
-        self.state.U = U
-
-    def xb(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """⟨f_i, b_u⟩ per sample (blocks of samples: no N × d array)."""
-        st = self.state
-        if isinstance(st, OneHotState):
-            return onehot.sparse_inner(st.B_idx[users], st.B_val[users], items)
-        out = np.empty(users.shape[0])
-        step = sample_budget(2 * st.F.shape[1])
-        for a in range(0, users.shape[0], step):
-            u, i = users[a : a + step], items[a : a + step]
-            out[a : a + step] = b_dot(st.F[i], st.B_idx[u], st.B_val[u])
-        return out
-
-    def compressed_b(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        st = self.state
-        if isinstance(st, OneHotState):
-            return st.B_idx, st.B_val
-        return top_k_b(st.B_idx, st.B_val, k, st.F.shape[1])
-
-
-def local_user_step(
-    cfg: PrivateConfig,
-    F: np.ndarray | None,
-    U: np.ndarray,
-    users: np.ndarray,
-    items: np.ndarray,
-    t: np.ndarray,
-    n_users: int,
-    st: _Local,
-) -> _Local:
-    """(c_u, w_u) by ridge on [1, f_iᵀU], then b_u by one hard-thresholding-pursuit step (top-k of the
-    ridge solution, Eq. 3) — for every user from that user's residuals t = r − μ − c_i only: the
-    engine's user step (:func:`lrs_rec.engine.steps.user_step`; one-hot features:
-    :func:`lrs_rec.engine.onehot.user_step`) with the public prior."""
-    n_items = U.shape[0] if F is None else F.shape[0]
-    it = _Iterate(F, U, st.user_bias, np.zeros(n_items), 0.0, cfg.sparsity, st.W)
-    if F is None:
-        assert isinstance(it.state, OneHotState)
-        it.state.B_idx, it.state.B_val = st.B_idx.copy(), st.B_val.copy()
-    else:
-        assert isinstance(it.state, LRSState)
-        it.state.set_b(st.B_idx.copy(), st.B_val.copy())
-    it.user_step(Samples(users, items, t), cfg)
-    idx, val = it.compressed_b(cfg.sparsity)
-    return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)
-
-
-def _sphere(W: np.ndarray, radius: float) -> np.ndarray:
-    """Each row scaled to norm ``radius`` (zero rows stay zero): a per-user map of w_u alone."""
-    norms = np.linalg.norm(W, axis=1, keepdims=True)
-    return np.asarray(np.divide(W * radius, norms, out=np.zeros_like(W), where=norms > 0))
-
-
 # -- the private fit ---------------------------------------------------------------------------------------
 def fit_private(
     users: np.ndarray,
@@ -553,6 +430,28 @@ def fit_private(
     if users.size == 0:
         raise ValueError("no ratings to train on")
     check_distinct_user_items(users, items)
+    F = public_features(cfg, item_features, n_items)
+    data = LocalPrivateData(users, items, ratings, n_users=n_users, n_items=n_items, F=F)
+    rel = release(data, cfg, F, n_items=n_items, rating_min=rating_min, rating_max=rating_max,
+                  report_pld=report_pld)  # fmt: skip
+    st = data.user_values(cfg.sparsity)
+    return PrivateFit(
+        lrs=LRSModel(U=rel.U, W=st.W, B_idx=st.B_idx, B_val=st.B_val),
+        item_features=F,
+        item_bias=rel.item_bias,
+        user_bias=st.user_bias,
+        global_mean=rel.global_mean,
+        w_prior_mean=rel.w_prior_mean,
+        w_prior_cov=rel.w_prior_cov,
+        privacy=rel.privacy,
+        noise_multipliers=rel.noise_multipliers,
+    )
+
+
+def public_features(
+    cfg: PrivateConfig, item_features: np.ndarray | None, n_items: int
+) -> np.ndarray | None:
+    """The plug-in item features, rows clipped to norm A1 = 1 (None: one-hot item identity)."""
     one_hot = cfg.features == "onehot"
     if one_hot and item_features is not None:
         raise ValueError("features='onehot' takes no item_features (use features='plugin')")
@@ -564,9 +463,40 @@ def fit_private(
         if F.shape[0] != n_items:
             raise ValueError(f"item_features has {F.shape[0]} rows, expected n_items={n_items}")
     d = n_items if F is None else F.shape[1]
+    if cfg.rank > d or cfg.sparsity > d:
+        raise ValueError(f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={d}")
+    return F
+
+
+@dataclass
+class Released:
+    """What :func:`release` releases (the per-user values stay in the :class:`PrivateData`)."""
+
+    U: np.ndarray
+    item_bias: np.ndarray
+    global_mean: float
+    w_prior_mean: np.ndarray
+    w_prior_cov: np.ndarray
+    privacy: dict[str, Any] | None
+    noise_multipliers: dict[str, float]
+
+
+def release(
+    data: PrivateData,
+    cfg: PrivateConfig,
+    F: np.ndarray | None,
+    *,
+    n_items: int,
+    rating_min: float,
+    rating_max: float,
+    report_pld: bool = True,
+) -> Released:
+    """The private fit on ``data``: every release is a noisy sum from ``data`` (noise from one rng
+    seeded by ``cfg.random_state``, drawn in a fixed order), the solves on public values only; the
+    per-user steps run inside ``data``, which ends holding the final per-user values."""
+    one_hot = F is None
+    d = n_items if F is None else F.shape[1]
     r, k = cfg.rank, cfg.sparsity
-    if r > d or k > d:
-        raise ValueError(f"rank {r} and sparsity {k} must not exceed d={d}")
     rng = np.random.default_rng(cfg.random_state)
     ledger = plan_ledger(cfg, one_hot=one_hot)
     sens = sensitivities(cfg, one_hot=one_hot)
@@ -574,25 +504,17 @@ def fit_private(
     def z(name: str) -> float:
         return 0.0 if ledger is None else ledger.noise_multiplier(name)
 
-    n_u = np.bincount(users, minlength=n_users).astype(np.float64)
-    active = n_u > 0
-
     # 1. global mean μ (release "global_mean")
     mu0 = 0.5 * (rating_min + rating_max)
-    mean_u = np.bincount(users, ratings, minlength=n_users)[active] / n_u[active]
-    stats = np.array([clip_scalar(mean_u - mu0, cfg.mean_clip).sum(), float(active.sum())])
+    stats = data.mean_statistic(mu0, cfg.mean_clip)
     stats += gaussian_noise(
         (2,), sensitivity=sens["global_mean"], noise_multiplier=z("global_mean"), rng=rng
     )
     global_mean = float(np.clip(mu0 + stats[0] / max(stats[1], 1.0), rating_min, rating_max))
 
     # 2. local user bias, then item biases (releases "item_bias_sum", "item_bias_count")
-    c_u = np.bincount(users, ratings - global_mean, minlength=n_users) / (n_u + cfg.reg_user_bias)
-    S, N = item_sum_statistics(
-        items, ratings - global_mean - c_u[users], users, n_items,
-        A2=cfg.A2, max_samples_per_user=cfg.bias_samples_per_user,
-        user_norm_bound=cfg.bias_user_norm,
-    )  # fmt: skip
+    data.start_user_bias(global_mean, cfg.reg_user_bias)
+    S, N = data.item_bias_statistics(global_mean, cfg)
     S = S + gaussian_noise(
         S.shape, sensitivity=sens["item_bias_sum"], noise_multiplier=z("item_bias_sum"), rng=rng
     )
@@ -605,10 +527,7 @@ def fit_private(
     # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot and cfg.u_init == "spectral":  # release "u_init": the K most popular items by Ñ
         top = np.argsort(-N, kind="stable")[: min(cfg.spectral_items, n_items)]
-        G = spectral_statistic(
-            users, items, ratings - global_mean - item_bias[items] - c_u[users], top, n_users,
-            A2=cfg.A2, user_norm=cfg.spectral_user_norm,
-        )  # fmt: skip
+        G = data.spectral_statistic(global_mean, item_bias, top, cfg)
         G += symmetric_gaussian_noise(
             top.size, sensitivity=sens["u_init"], noise_multiplier=z("u_init"), rng=rng
         )
@@ -619,27 +538,8 @@ def fit_private(
         U = cfg.init_scale * rng.standard_normal((d, r))
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
-    it = _Iterate(F, U, c_u, item_bias, global_mean, k)
-    data = Samples(users, items, ratings)
-    sigma_u = None  # per-user base weights of the U-step statistics (None: 1 on ≤ m samples)
-    if cfg.u_select == "weighted":
-        if cfg.u_min_support > 0:  # by the released noisy counts Ñ_i: post-processing
-            keep = N[items] >= cfg.u_min_support
-            uk, ik = users[keep], items[keep]
-            del keep
-        else:
-            uk, ik = users, items
-        sigma_u = activity_weights(uk, n_users, cfg.max_samples_per_user)
-        tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
-        tk = tk - global_mean - item_bias[ik]
-    else:
-        if cfg.u_select == "popular":  # by the released noisy counts Ñ_i: post-processing
-            keep = select_popular_per_user(users, items, N, cfg.max_samples_per_user, rng)
-        else:
-            keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
-        uk, ik = users[keep], items[keep]
-        tk = ratings[keep] - global_mean - item_bias[ik]
-        del keep
+    data.start_iterate(F, U, item_bias, global_mean, k)
+    data.select_u_samples(cfg, N, global_mean, item_bias, rng)
     bounds = cfg.bounds()
     population = cfg.u_step_gram == "population"
     if population:  # public noise scale σ_V; the Gram needs no per-item noise
@@ -648,8 +548,7 @@ def fit_private(
         # (|⟨U_i, ŵ⟩| ≲ A2 spread over r coordinates) — public constants and the public σ_V
         sigma = z("u_step_V") * sens["u_step_V"]
         ridge_u = cfg.ridge_u + sigma**2 * r * (cfg.A_w / cfg.A2) ** 2
-        base = np.ones(n_users) if sigma_u is None else sigma_u
-        counts = weighted_item_counts(ik, uk, base, n_items) + gaussian_noise(
+        counts = data.u_step_counts() + gaussian_noise(
             (n_items,),
             sensitivity=sens["u_step_count"],
             noise_multiplier=z("u_step_count"),
@@ -659,19 +558,12 @@ def fit_private(
         sigma_A = z("u_step_A") * sens["u_step_A"]
         ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     for _ in range(cfg.n_iters):
-        it.user_step(data, cfg)
-        y = tk - it.state.user_bias[uk]
-        xb = it.xb(uk, ik)
+        data.user_step(U, cfg)
         if population:
-            Wh = _sphere(it.state.W, cfg.A_w) if cfg.u_w_sphere else it.state.W
-            V, s_u = clipped_item_rows(
-                ik, y, xb, uk, Wh, n_items, A2=cfg.A2, A3=cfg.A3, A_w=cfg.A_w,
-                user_norm=cfg.u_user_norm, base_weights=sigma_u,
-            )  # fmt: skip
+            V, M = data.population_statistics(cfg)
             V += gaussian_noise(
                 V.shape, sensitivity=sens["u_step_V"], noise_multiplier=z("u_step_V"), rng=rng
             )
-            M = weighted_second_moment(uk, Wh, s_u, cfg.A_w, cfg.max_samples_per_user)
             M += symmetric_gaussian_noise(
                 r, sensitivity=sens["u_step_M"], noise_multiplier=z("u_step_M"), rng=rng
             )
@@ -689,30 +581,24 @@ def fit_private(
             else:
                 U = solve_item_population(V, counts, M / total, ridge=ridge_u)
         elif one_hot:
-            A_blk, V = clipped_item_block_statistics(ik, y, xb, uk, it.state.W, n_items, bounds)
+            A_blk, V = data.item_block_statistics(bounds)
             U = dp_item_block_u_step(
                 A_blk, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
         else:
-            A, V = clipped_u_step_statistics(None, y, xb, uk, it.state.W, bounds, F=F, items=ik)
+            A, V = data.dense_statistics(bounds)
             U = dp_u_step(
                 A, V, sensitivity_A=sens["u_step_A"], sensitivity_V=sens["u_step_V"],
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
-        it.set_U(U)
-        del y, xb
-    it.user_step(data, cfg)
-    B_idx, B_val = it.compressed_b(k)
-    st = _Local(it.state.user_bias, it.state.W, B_idx.astype(np.int64), B_val)
+    data.user_step(U, cfg)
 
     # 4. population prior of w (release "w_prior")
-    Wc = clip_rows(st.W[active], cfg.A_w)
     iu = np.triu_indices(r)
-    outer = np.einsum("ua,ub->uab", Wc, Wc)[:, iu[0], iu[1]]
-    vec = np.concatenate([Wc.sum(axis=0), outer.sum(axis=0), [float(active.sum())]])
+    vec = data.w_prior_statistic(cfg.A_w, r)
     vec += gaussian_noise(
         vec.shape, sensitivity=sens["w_prior"], noise_multiplier=z("w_prior"), rng=rng
     )
@@ -723,17 +609,14 @@ def fit_private(
     second = (second + np.triu(second, 1).T) / n_tilde
     w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
 
-    lrs = LRSModel(U=U, W=st.W, B_idx=st.B_idx, B_val=st.B_val)
     privacy = None
     if ledger is not None:
         privacy = ledger_manifest(
             ledger, extra=_ledger_extra(cfg, one_hot, sens), with_pld=report_pld
         )
-    return PrivateFit(
-        lrs=lrs,
-        item_features=F,
+    return Released(
+        U=U,
         item_bias=item_bias,
-        user_bias=st.user_bias,
         global_mean=global_mean,
         w_prior_mean=w_mean,
         w_prior_cov=w_cov,
@@ -998,9 +881,7 @@ def cli_config(
 
 def run(args: argparse.Namespace) -> int:
     """`lrs-rec train --epsilon E [--delta D] ...`: private training into a model directory."""
-    import secrets
     import sys
-    import time
 
     from lrs_rec.training.cli_args import load_options
     from lrs_rec.training.loaders import load_ratings
@@ -1045,11 +926,6 @@ def run(args: argparse.Namespace) -> int:
         config=cfg, item_features=feats,
     )  # fmt: skip
     assert fit.privacy is not None
-    fit.privacy["released_arrays"]["item_ids"] = provenance
-    fit.privacy["released_arrays"]["rating_scale"] = scale_provenance
-    fit.privacy["features_source"] = source
-    if feature_provenance is not None:
-        fit.privacy["released_arrays"]["item_features"] = feature_provenance
     train_rmse = float(
         np.sqrt(
             np.mean(
@@ -1063,10 +939,11 @@ def run(args: argparse.Namespace) -> int:
     )
     indptr, h_items, h_ratings = history_csr(data, len(user_vocab))
     seconds = time.perf_counter() - t0
-    manifest: dict[str, Any] = {
-        "method": "dp-lrs",
-        "hyperparameters": cfg.to_dict(),
-        "data": {
+    lrs, item_features = fit.stored_factors()
+    manifest = private_manifest(
+        cfg,
+        fit.privacy,
+        data={
             "source": table.report.source,
             "format": table.report.format,
             "fingerprint_sha256": table.fingerprint,
@@ -1075,24 +952,13 @@ def run(args: argparse.Namespace) -> int:
             "n_items": len(item_vocab),
             "dropped_not_in_catalogue": dropped,
         },
-        "cleaning": table.report.to_dict(),
-        "item_features": {"source": source if source == "onehot" else provenance, "d": fit.lrs.d},
-        "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
-        "params_per_user": fit.lrs.rank + fit.lrs.sparsity,
-        "privacy": fit.privacy,
-        # not the default digest-derived id: a hash of all arrays (per-user ones and the raw history
-        # included) would let anyone holding candidate datasets test them against the model
-        "model_version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        + "-"
-        + secrets.token_hex(5),
-    }
-    lrs, item_features = fit.stored_factors()
-    if fit.item_features is None and lrs is not fit.lrs:  # one-hot, stored F = U, U = I_r
-        fit.privacy["released_arrays"]["item_features"] = (
-            "private: the one-hot model's U (events u_step_*), stored as item features "
-            "with U = I_r (⟨e_i, U w⟩ = ⟨U_i, w⟩): no n_items × n_items identity"
-        )
-        manifest["item_features"] = {"source": "onehot-factored", "d": lrs.d}
+        cleaning=table.report.to_dict(),
+        items=(provenance, scale_provenance, source, feature_provenance),
+        d=fit.lrs.d,
+        factored_d=lrs.d if fit.item_features is None and lrs is not fit.lrs else None,
+        train_rmse=train_rmse,
+        seconds=seconds,
+    )
     model = TrainedModel(
         lrs=lrs,
         item_features=item_features,
@@ -1111,18 +977,82 @@ def run(args: argparse.Namespace) -> int:
         manifest=manifest,
     )
     saved = save_model_dir(model, args.out)
+    report_run(
+        args, saved.model_version, saved.manifest, fit.privacy, train_rmse=train_rmse,
+        seconds=seconds, source=source,
+    )  # fmt: skip
+    return 0
+
+
+def private_manifest(
+    cfg: PrivateConfig,
+    privacy: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    cleaning: dict[str, Any],
+    items: tuple[str, str, str, str | None],
+    d: int,
+    factored_d: int | None,
+    train_rmse: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """The manifest of a private model (either engine). ``items``: provenance of the item ids, of
+    the rating scale, the features' source and the features' provenance (:func:`_public_items`);
+    ``factored_d``: the stored d of a one-hot model written factored (item features U, U = I_r)."""
+    provenance, scale_provenance, source, feature_provenance = items
+    privacy["released_arrays"]["item_ids"] = provenance
+    privacy["released_arrays"]["rating_scale"] = scale_provenance
+    privacy["features_source"] = source
+    if feature_provenance is not None:
+        privacy["released_arrays"]["item_features"] = feature_provenance
+    manifest: dict[str, Any] = {
+        "method": "dp-lrs",
+        "hyperparameters": cfg.to_dict(),
+        "data": data,
+        "cleaning": cleaning,
+        "item_features": {"source": source if source == "onehot" else provenance, "d": d},
+        "metrics": {"train_rmse": train_rmse, "val_rmse": None, "train_seconds": round(seconds, 3)},
+        "params_per_user": cfg.rank + cfg.sparsity,
+        "privacy": privacy,
+        # not the default digest-derived id: a hash of all arrays (per-user ones and the raw history
+        # included) would let anyone holding candidate datasets test them against the model
+        "model_version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        + "-"
+        + secrets.token_hex(5),
+    }
+    if factored_d is not None:  # one-hot, stored F = U, U = I_r
+        privacy["released_arrays"]["item_features"] = (
+            "private: the one-hot model's U (events u_step_*), stored as item features "
+            "with U = I_r (⟨e_i, U w⟩ = ⟨U_i, w⟩): no n_items × n_items identity"
+        )
+        manifest["item_features"] = {"source": "onehot-factored", "d": factored_d}
+    return manifest
+
+
+def report_run(
+    args: argparse.Namespace,
+    model_version: str,
+    manifest: dict[str, Any],
+    privacy: dict[str, Any],
+    *,
+    train_rmse: float,
+    seconds: float,
+    source: str,
+) -> None:
+    """Export model.onnx (unless --no-export) and print the run's summary (--json: one line)."""
     onnx_path: str | None = None
     if not getattr(args, "no_export", False):
         from lrs_rec.training.export import export_model_dir
 
         onnx_path = str(export_model_dir(args.out))
-    p = fit.privacy
+    p = privacy
+    dims = manifest["dims"]
     summary = {
         "model_dir": str(args.out),
-        "model_version": saved.model_version,
+        "model_version": model_version,
         "method": "dp-lrs",
-        "dims": saved.manifest["dims"],
-        "n_ratings": len(data),
+        "dims": dims,
+        "n_ratings": manifest["data"]["n_ratings"],
         "train_rmse": train_rmse,
         "epsilon": p["epsilon"],
         "delta": p["delta"],
@@ -1136,9 +1066,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True))
     else:
         print(
-            f"wrote {args.out} (version {saved.model_version}): user-level DP ε = {p['epsilon']:.4g} "
+            f"wrote {args.out} (version {model_version}): user-level DP ε = {p['epsilon']:.4g} "
             f"(target {p['target_epsilon']:g}), δ = {p['delta']:g}, {p['accountant']} accountant; "
-            f"{len(user_vocab)} users, {len(item_vocab)} items, features {source}"
-            + (f"; ONNX {onnx_path}" if onnx_path else "")
+            f"{manifest['data']['n_users']} users, {manifest['data']['n_items']} items, "
+            f"features {source}" + (f"; ONNX {onnx_path}" if onnx_path else "")
         )
-    return 0

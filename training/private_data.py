@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from lrs_rec.engine import onehot
+from lrs_rec.engine.b_rows import b_dot, top_k_b, zero_b
 from lrs_rec.engine.onehot import OneHotState
 from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sample_budget
 from lrs_rec.engine.steps import user_step as engine_user_step
@@ -37,7 +38,6 @@ from lrs_rec.privacy_items import (
     weighted_item_counts,
     weighted_second_moment,
 )
-from lrs_rec.thresholding import top_k_indices
 
 if TYPE_CHECKING:
     from lrs_rec.training.private_train import PrivateConfig
@@ -172,7 +172,7 @@ class _Iterate:
             )  # fmt: skip
         else:
             self.state = LRSState(
-                global_mean, c.copy(), item_bias, F, U, W.copy(), np.zeros((n_users, F.shape[1]))
+                global_mean, c.copy(), item_bias, F, U, W.copy(), *zero_b(n_users, k)
             )
 
     def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
@@ -195,15 +195,14 @@ class _Iterate:
         step = sample_budget(2 * st.F.shape[1])
         for a in range(0, users.shape[0], step):
             u, i = users[a : a + step], items[a : a + step]
-            out[a : a + step] = np.einsum("nd,nd->n", st.F[i], st.B[u])
+            out[a : a + step] = b_dot(st.F[i], st.B_idx[u], st.B_val[u])
         return out
 
     def compressed_b(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         st = self.state
         if isinstance(st, OneHotState):
             return st.B_idx, st.B_val
-        idx = top_k_indices(st.B, k)
-        return idx, np.take_along_axis(st.B, idx, axis=1)
+        return top_k_b(st.B_idx, st.B_val, k, st.F.shape[1])
 
 
 def local_user_step(
@@ -227,7 +226,7 @@ def local_user_step(
         it.state.B_idx, it.state.B_val = st.B_idx.copy(), st.B_val.copy()
     else:
         assert isinstance(it.state, LRSState)
-        np.put_along_axis(it.state.B, st.B_idx, st.B_val, axis=1)
+        it.state.set_b(st.B_idx.copy(), st.B_val.copy())
     it.user_step(Samples(users, items, t), cfg)
     idx, val = it.compressed_b(cfg.sparsity)
     return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)

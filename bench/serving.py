@@ -53,7 +53,20 @@ def log(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+_PORTS: list[int] = []  # --ports LO-HI: take the servers' ports from this range
+
+
 def _free_port() -> int:
+    if _PORTS:
+        while _PORTS:
+            port = _PORTS.pop(0)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError("--ports: no free port left in the range")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -198,6 +211,7 @@ def _compare(
         row[f"{key}_server_cpu_us"] = round(used / max(n, 1) * 1e6, 1)
         row[f"{key}_client_cpu_us"] = round(own / max(n, 1) * 1e6, 1)  # the load generator's
     row["recommend_over_constant_rps"] = round(row["recommend_rps"] / row["constant_rps"], 3)
+    row["loadavg_1m"] = round(os.getloadavg()[0], 2)  # the machine's load when the cell ended
     if hits + misses:
         row["cache_hit_rate"] = round(hits / (hits + misses), 3)
     return row
@@ -472,9 +486,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also train on DIR/u1.base and report the served RMSE on u1.test with "
         "float16 vs float32 records",
     )
+    p.add_argument(
+        "--ports",
+        default=None,
+        metavar="LO-HI",
+        help="bind the lrs-rec serve processes to ports of this range (default: any free port)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-write", action="store_true", help="do not write docs/ results")
     args = p.parse_args(argv)
+    if args.ports:
+        lo, _, hi = args.ports.partition("-")
+        _PORTS[:] = range(int(lo), int(hi or lo) + 1)
 
     sys.path.insert(0, str(ROOT))
     from lrs_rec.serving.connection import connect, stop_embedded
@@ -485,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lrs_rec.model_dir import ONNX, load_model_dir
 
+    load_at_start = round(os.getloadavg()[0], 2)
     tmp = Path(tempfile.mkdtemp(prefix="lrs-bench-"))
     home = tmp / "home"
     if args.model:
@@ -704,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         out["machine"] = {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "loadavg_1m_at_start": load_at_start,
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         }
         rec.close()

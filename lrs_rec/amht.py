@@ -42,7 +42,7 @@ from lrs_rec.engine.steps import (
 )
 from lrs_rec.engine.steps import u_step_statistics as engine_u_statistics
 from lrs_rec.engine.u_solve import orthonormalize, u_step_cg
-from lrs_rec.engine.user_rows import JITTER, dense_b, gather_rows, sparse_predict
+from lrs_rec.engine.user_rows import JITTER, gather_rows, sparse_predict
 from lrs_rec.init import moments_init, random_orthonormal
 from lrs_rec.model import LRSModel
 from lrs_rec.validation import (
@@ -116,7 +116,7 @@ def paper_params(
 def paper_state(
     X: FloatArray, n_users: int, U: FloatArray, W: FloatArray, B_idx: IntArray, B_val: FloatArray
 ) -> LRSState:
-    """Fixed features ``F = X`` (sample j is item j), no biases, B dense with its supports."""
+    """Fixed features ``F = X`` (sample j is item j), no biases, b_u on its support (k-sparse)."""
     return LRSState(
         global_mean=0.0,
         user_bias=np.zeros(n_users),
@@ -124,10 +124,8 @@ def paper_state(
         F=X,
         U=np.asarray(U, dtype=np.float64),
         W=np.array(W, dtype=np.float64),
-        B=dense_b(
-            np.asarray(B_idx, dtype=np.int64), np.asarray(B_val, dtype=np.float64), X.shape[1]
-        ),
-        support=np.array(B_idx, dtype=np.int64),
+        B_idx=np.array(B_idx, dtype=np.int64),
+        B_val=np.array(B_val, dtype=np.float64),
     )
 
 
@@ -136,9 +134,7 @@ def _samples(users: IntArray, y: FloatArray, rows: IntArray) -> Samples:
 
 
 def _model(state: LRSState) -> LRSModel:
-    assert state.support is not None
-    B_val = np.take_along_axis(state.B, state.support, axis=1)
-    return LRSModel(U=state.U, W=state.W, B_idx=state.support, B_val=B_val)
+    return LRSModel(U=state.U, W=state.W, B_idx=state.B_idx, B_val=state.B_val)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,8 +483,7 @@ class AMHTLRS:
             user_step(state, data, self._params(k, it), block=BLOCK)  # Eq. 3, (ζ), Eq. 4
             active = None
             if joint and self.zeta is not None:  # slots zeroed by the row sparsity stay out
-                assert state.support is not None
-                active = (np.take_along_axis(state.B, state.support, axis=1) != 0).astype(float)
+                active = (state.B_val != 0).astype(float)
             u_step(  # Eq. 5 (jointly with b on its support by default), then QR
                 state,
                 data,

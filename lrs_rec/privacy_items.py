@@ -95,17 +95,25 @@ def clipped_item_rows(
     A_w: float,
     user_norm: float | None,
     base_weights: FloatArray | None = None,
+    sample_weights: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray]:
     """(V, s): V_i = Σ_u s_u·t_ui·ŵ_u over the given samples (distinct items per user), and the
     per-user weights s_u = min(σ_u, C/‖t_u‖₂) (σ_u = ``base_weights``, default 1; the C term only with
     ``user_norm``). With ≤ m samples per user and σ ≡ 1, or with σ_u ≤ √(m/n_u) (any number of
-    samples: :func:`activity_weights`), one user's V has norm ≤ min(√m·(A2 + A3), C)·A_w."""
+    samples: :func:`activity_weights`), one user's V has norm ≤ min(√m·(A2 + A3), C)·A_w.
+    ``sample_weights`` c_ui ∈ [0, 1] (:func:`item_weights`) multiply the clipped residuals,
+    t_ui ← c_ui·t_ui, before the norm clip; with σ_u·‖c_u‖₂ ≤ √m the same bound holds."""
     from lrs_rec.engine.grouped import grouped_sum
     from lrs_rec.engine.steps import sample_budget
 
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     t = clip_scalar(y, A2) - clip_scalar(xb, A3)
+    if sample_weights is not None:
+        c = np.asarray(sample_weights, np.float64)
+        if c.shape != t.shape or np.any(c < 0) or np.any(c > 1):
+            raise ValueError("sample_weights must be in [0, 1], one per sample")
+        t = t * c
     n_users = W.shape[0]
     s = np.ones(n_users) if base_weights is None else np.asarray(base_weights, np.float64).copy()
     if user_norm is not None:
@@ -120,19 +128,49 @@ def clipped_item_rows(
     return V, s
 
 
-def activity_weights(users: IntArray, n_users: int, m: int) -> FloatArray:
+def activity_weights(
+    users: IntArray, n_users: int, m: int, sample_weights: FloatArray | None = None
+) -> FloatArray:
     """σ_u = min(1, √(m/n_u)): a user with n_u > m samples enters with all of them, down-weighted
-    so that σ_u·√n_u ≤ √m (instead of a random subset of m)."""
-    n_u = np.bincount(np.asarray(users, dtype=np.int64), minlength=n_users).astype(np.float64)
-    return np.asarray(np.minimum(1.0, np.sqrt(m / np.maximum(n_u, 1.0))), dtype=np.float64)
+    so that σ_u·√n_u ≤ √m (instead of a random subset of m). With per-sample weights c_ui ∈ [0, 1]
+    (:func:`item_weights`) n_u is replaced by Σ_i c_ui², so that σ_u·‖c_u‖₂ ≤ √m."""
+    users = np.asarray(users, dtype=np.int64)
+    if sample_weights is None:
+        n_u = np.bincount(users, minlength=n_users).astype(np.float64)
+    else:
+        c = np.asarray(sample_weights, np.float64)
+        n_u = np.bincount(users, weights=c * c, minlength=n_users).astype(np.float64)
+    return np.asarray(np.minimum(1.0, np.sqrt(m / np.maximum(n_u, 1e-300))), dtype=np.float64)
+
+
+def item_weights(popularity: FloatArray, knee: float) -> FloatArray:
+    """c_i = min(1, √(knee / p_i)) from a released (public) per-item popularity p_i: items with more
+    (noisy, weighted) raters than ``knee`` enter a user's statistics down-weighted, so that one
+    user's bounded contribution (norm ≤ C) goes mostly to the items that still need signal — the
+    adaptive weights of Krichene et al. (2023) for skewed tasks. ``knee`` ≤ 0 or not finite: c ≡ 1.
+    With c_i the weighted count c_i·p_i = √(knee·p_i) still grows with p_i."""
+    p = np.asarray(popularity, np.float64)
+    if not (math.isfinite(knee) and knee > 0):
+        return np.ones(p.shape)
+    out = np.ones(p.shape)
+    big = p > knee
+    out[big] = np.sqrt(knee / p[big])
+    return out
 
 
 def weighted_item_counts(
-    items: IntArray, users: IntArray, weights: FloatArray, n_items: int
+    items: IntArray,
+    users: IntArray,
+    weights: FloatArray,
+    n_items: int,
+    sample_weights: FloatArray | None = None,
 ) -> FloatArray:
-    """a_i = Σ_{u rated i} σ_u; one user's count vector has norm σ_u·√n_u (≤ √m with
-    :func:`activity_weights`, or with σ ≡ 1 and ≤ m samples per user)."""
+    """a_i = Σ_{u rated i} σ_u·c_ui; one user's count vector has norm σ_u·‖c_u‖₂ ≤ σ_u·√n_u (≤ √m
+    with :func:`activity_weights`, or with σ ≡ 1 and ≤ m samples per user). ``sample_weights``:
+    c_ui ∈ [0, 1] (default 1)."""
     w = np.asarray(weights, np.float64)[np.asarray(users, np.int64)]
+    if sample_weights is not None:
+        w = w * np.asarray(sample_weights, np.float64)
     return np.asarray(np.bincount(np.asarray(items, np.int64), w, minlength=n_items), np.float64)
 
 
@@ -237,3 +275,78 @@ def spectral_start(G: FloatArray, counts: FloatArray, r: int) -> FloatArray:
     U = top * d[:, None]
     scale = float(np.mean(np.linalg.norm(U, axis=1)))
     return np.asarray(U / scale if scale > 0 else U, dtype=np.float64)
+
+
+# -- combining the L noisy U-step releases (post-processing) --------------------------------------------
+def carried_item_rows(
+    V: FloatArray,
+    counts: FloatArray,
+    M: FloatArray,
+    *,
+    noise_var: float,
+    prior_var: float,
+    ridge: float,
+    prior_mean: FloatArray | None = None,
+    prior_prec: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """(posterior mean, posterior precision) of each row U_i given this U-step's release
+    Ṽ_i ≈ G_i·U_i + N(0, noise_var·I + ridge·prior_var·G_i) (G_i = a_i·PSD(M), the DP noise plus the
+    sampling noise of :func:`wiener_item_rows`) and a Gaussian prior N(prior_mean_i, prior_prec_i⁻¹)
+    per item — the previous U-step's posterior (a Kalman update: each release's information is kept
+    instead of being discarded at the next step). Without ``prior_mean`` / ``prior_prec`` the prior is
+    N(0, prior_var·I) and the mean equals :func:`wiener_item_rows`. In the eigenbasis (λ_k, Q) of
+    M̂, with g = a_i·λ_k the likelihood adds precision g²/(noise_var + ridge·prior_var·g) and
+    information g·v_k/(noise_var + ridge·prior_var·g); one r×r solve per item (batched).
+    Post-processing of released values and public constants only. Precisions are returned in the
+    standard basis, (n_items, r, r)."""
+    if not (prior_var > 0 and noise_var >= 0 and ridge > 0):
+        raise ValueError("need prior_var > 0, noise_var >= 0, ridge > 0")
+    n, r = V.shape
+    lam, Q = np.linalg.eigh(0.5 * (M + M.T))
+    lam = np.maximum(lam, 0.0)
+    a = np.maximum(np.asarray(counts, np.float64), 0.0)
+    g = a[:, None] * lam[None, :]
+    nv = noise_var + ridge * prior_var * g
+    h = np.divide(g * g, nv, out=np.zeros_like(g), where=nv > 0)  # likelihood precision, eigenbasis
+    info = np.divide((V @ Q) * g, nv, out=np.zeros_like(g), where=nv > 0)
+    if prior_prec is None:
+        P0 = np.broadcast_to(np.eye(r) / prior_var, (n, r, r))
+    else:
+        P0 = np.einsum("ka,nkl,lb->nab", Q, prior_prec, Q)  # into the eigenbasis
+    m0 = np.zeros((n, r)) if prior_mean is None else np.asarray(prior_mean, np.float64) @ Q
+    prec = P0 + h[:, :, None] * np.eye(r)[None]
+    rhs = info + np.einsum("nab,nb->na", P0, m0)
+    mean = np.linalg.solve(prec, rhs[:, :, None])[:, :, 0]
+    prec_std = np.einsum("ak,nkl,bl->nab", Q, prec, Q)
+    return np.asarray(mean @ Q.T, np.float64), np.asarray(prec_std, np.float64)
+
+
+def drifted_precision(prec: FloatArray, drift_var: float) -> FloatArray:
+    """The precision of N(m, P + drift_var·I) from that of N(m, P): the previous step's posterior
+    as the next step's prior, widened for the change of the target between alternating steps."""
+    if not drift_var > 0:
+        return np.asarray(prec, np.float64)
+    r = prec.shape[-1]
+    cov = np.linalg.inv(prec) + drift_var * np.eye(r)[None]
+    return np.asarray(np.linalg.inv(cov), np.float64)
+
+
+def carried_item_rows_reference(
+    V: FloatArray, counts: FloatArray, M: FloatArray, *, noise_var: float, prior_var: float,
+    ridge: float, prior_mean: FloatArray, prior_prec: FloatArray,
+) -> FloatArray:  # fmt: skip
+    """Slow twin of :func:`carried_item_rows`' mean: per item, the Gaussian posterior of
+    v = G u + n, n ~ N(0, noise_var·I + ridge·prior_var·G), u ~ N(m, P⁻¹), written with the
+    likelihood's covariance inverted directly: (Gᵀ Σ⁻¹ G + P)⁻¹ (Gᵀ Σ⁻¹ v + P m)."""
+    lam, Q = np.linalg.eigh(0.5 * (M + M.T))
+    Mp = (Q * np.maximum(lam, 0.0)) @ Q.T
+    r = M.shape[0]
+    out = np.zeros_like(V, dtype=np.float64)
+    for i in range(V.shape[0]):
+        G = max(float(counts[i]), 0.0) * Mp
+        Sigma = noise_var * np.eye(r) + ridge * prior_var * G
+        Gt_Si = G.T @ np.linalg.pinv(Sigma) if noise_var == 0 else G.T @ np.linalg.inv(Sigma)
+        out[i] = np.linalg.solve(
+            Gt_Si @ G + prior_prec[i], Gt_Si @ V[i] + prior_prec[i] @ prior_mean[i]
+        )
+    return out

@@ -39,6 +39,7 @@ from lrs_rec.serving.async_front import AsyncFront
 from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
+from lrs_rec.serving.fast_request import parse_recommend
 from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
     ASGIApp,
@@ -385,14 +386,20 @@ def create_app(
         responses=_with_auth(_ERRORS),
     )
     async def recommend(request: Request) -> Response:
-        req = _parse(RecommendRequest, await request.body())
-        if isinstance(req, Response):
-            return req
-        if not 1 <= req.n <= rec.max_n:
-            return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {req.n}")
-        if (bad := _bad_user_id(req.user_id)) is not None:
+        body = await request.body()
+        # plainly valid bodies without pydantic (serving.fast_request); else its reference twin
+        fields = parse_recommend(body)
+        if fields is None:
+            req = _parse(RecommendRequest, body)
+            if isinstance(req, Response):
+                return req
+            fields = (req.user_id, req.n, req.exclude_rated)
+        user_id, n, exclude_rated = fields
+        if not 1 <= n <= rec.max_n:
+            return _error(422, f"n: must be an integer in [1, {rec.max_n}], got {n}")
+        if (bad := _bad_user_id(user_id)) is not None:
             return bad
-        top = await front.recommend_top(req.user_id, req.n, req.exclude_rated)
+        top = await front.recommend_top(user_id, n, exclude_rated)
         _personalized("/v1/recommend", top.personalized).inc()
         # written from the item indices and scores (serving.render; == orjson of the dict, tested)
         return Response(recommend_json(top), media_type="application/json")

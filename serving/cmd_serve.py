@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.serving.app import create_app
     from lrs_rec.serving.cli import BLAS_THREAD_VARS
     from lrs_rec.serving.connection import lrs_home
+    from lrs_rec.serving.gc_tuning import tune_for_serving
     from lrs_rec.serving.guards import fit_to_fd_limit
     from lrs_rec.serving.recommender import Recommender
 
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(rec, max_body_bytes=args.max_body_bytes, api_keys=keyring, limits=limits)
         if args.metrics_port is not None:
             _metrics_elsewhere(app, args.metrics_host or args.host, args.metrics_port)
+        tune_for_serving()  # serving.gc_tuning
         uvicorn.run(app, **common)
         return 0
     # several processes: this one keeps the embedded Redis (if any) alive; workers build their own
@@ -266,6 +268,7 @@ def app_from_env() -> Any:
     """uvicorn factory of a worker process (``--workers N``): configuration from $LRS_SERVE_CONFIG."""
     from lrs_rec.serving.app import create_app
     from lrs_rec.serving.auth import load_api_keys
+    from lrs_rec.serving.gc_tuning import tune_for_serving
     from lrs_rec.serving.guards import GuardedH11Protocol, ServeLimits
     from lrs_rec.serving.recommender import Recommender
 
@@ -285,7 +288,9 @@ def app_from_env() -> Any:
     keyring = load_api_keys(keys) if keys else None
     rec.warm_onboarding = True
     rec.warm()
-    return create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring, limits=limits)
+    app = create_app(rec, max_body_bytes=cfg["max_body_bytes"], api_keys=keyring, limits=limits)
+    tune_for_serving()  # after loading: serving.gc_tuning
+    return app
 
 
 def _metrics_elsewhere(app: Any, host: str, port: int) -> None:

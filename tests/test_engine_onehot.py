@@ -41,7 +41,7 @@ def test_one_hot_user_step_equals_the_dense_step_with_identity_features(seed, us
     onehot.user_step(state, data, p, prior=prior, block=7)  # several user blocks
     np.testing.assert_allclose(state.user_bias, dense.user_bias, rtol=0, atol=1e-10)
     np.testing.assert_allclose(state.W, dense.W, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(state.to_dense().B, dense.B, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(state.to_dense().dense_b(), dense.dense_b(), rtol=0, atol=1e-10)
     assert np.all(np.diff(state.B_idx, axis=1) > 0)
     lo, hi = 1.0, 5.0
     np.testing.assert_allclose(

@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
+from lrs_rec.engine.b_rows import pairs_of_dense
 from lrs_rec.engine.steps import (
     LRSState,
     Samples,
@@ -40,7 +41,7 @@ def _problem(seed: int = 0) -> tuple[LRSState, Samples]:
         rng.normal(size=(N_ITEMS, D)),
         U,
         rng.normal(size=(N_USERS, R)),
-        B,
+        *pairs_of_dense(B, K),
     )
     return state, Samples(users, items, ratings)
 
@@ -55,7 +56,8 @@ def _partition(state: LRSState, data: Samples, lo: int, hi: int) -> tuple[LRSSta
         state.F,
         state.U,
         state.W[lo:hi].copy(),
-        state.B[lo:hi].copy(),
+        state.B_idx[lo:hi].copy(),
+        state.B_val[lo:hi].copy(),
     )
     return part, Samples(data.users[keep] - lo, data.items[keep], data.ratings[keep])
 
@@ -98,9 +100,9 @@ def test_partitioned_user_step_with_the_reduced_prior_equals_the_whole_step(
     for (a, b), (ps, pd) in zip(SPANS, parts, strict=True):
         user_step(ps, pd, p, prior=prior)
         np.testing.assert_allclose(ps.W, state.W[a:b], rtol=1e-9, atol=1e-10)
-        np.testing.assert_allclose(ps.B, state.B[a:b], rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(ps.dense_b(), state.dense_b()[a:b], rtol=1e-9, atol=1e-10)
         np.testing.assert_allclose(ps.user_bias, state.user_bias[a:b], rtol=1e-9, atol=1e-10)
-    assert np.count_nonzero(state.B, axis=1).max() <= K
+    assert state.B_idx.shape == (N_USERS, K)
 
 
 def test_u_step_and_item_statistics_and_losses_are_additive() -> None:

@@ -55,7 +55,13 @@ class _Partitioned:
 
 CONFIGS = {
     "for_data": {},
-    "ridge_random_start": {"u_solve": "ridge", "u_init": "random", "u_w_sphere": False},
+    "ridge_random_start": {
+        "u_solve": "ridge",
+        "u_init": "random",
+        "u_w_sphere": False,
+        "u_carry": False,
+    },
+    "item_weights_below_one": {"u_item_snr": 1e-3},  # knee ≪ counts: c_i < 1 for most items
     "min_support": {"u_min_support": 3.0},
 }
 
@@ -96,7 +102,9 @@ PINNED_RMSE = {
 
 def _pinned_config(name: str, u: np.ndarray, ni: int) -> tuple[PrivateConfig, np.ndarray | None]:
     if name == "for_data":
-        return PrivateConfig.for_data(u, n_items=ni, epsilon=2.0, random_state=3), None
+        # the for_data defaults of 1c7531e (item weights, carried posterior, L = 3, PLD came later)
+        old = {"u_item_snr": 0.0, "u_carry": False, "n_iters": 2, "accountant": "rdp"}
+        return PrivateConfig.for_data(u, n_items=ni, epsilon=2.0, random_state=3, **old), None
     if name == "blocks":
         return PrivateConfig(epsilon=1.0, rank=2, sparsity=2, random_state=4), None
     F = np.random.default_rng(5).random((ni, 6))

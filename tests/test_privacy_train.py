@@ -9,8 +9,10 @@ import json
 import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from lrs_rec.serving.cli import main as cli_main
+from lrs_rec.training.private_accounting import PLD_DISCRETIZATION
 from lrs_rec.training.private_train import PrivateConfig, fit_private, read_catalogue
 
 from lrs_rec.model_dir import load_model_dir
@@ -154,12 +156,16 @@ def test_cli_train_with_epsilon_writes_a_ledger_recomputable_from_the_manifest(t
         )
         for e in privacy["events"]
     ]
-    acc = rdp_privacy_accountant.RdpAccountant()
+    # one-hot features at ε <= 2 default to the PLD accountant (PrivateConfig.for_data)
+    assert privacy["accountant"] == "pld"
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     acc.compose(dp_accounting.ComposedDpEvent(events))
     eps = acc.get_epsilon(privacy["delta"])
-    assert privacy["accountant"] == "rdp"
     assert eps == pytest.approx(privacy["epsilon"], rel=1e-9)
     assert eps <= 1.5
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(dp_accounting.ComposedDpEvent(events))
+    assert eps <= rdp.get_epsilon(privacy["delta"])  # PLD is the tighter of the two
     assert privacy["noise_seed"].startswith("fresh OS entropy")
 
 
@@ -171,7 +177,7 @@ def test_cli_noise_seed_reproduces_and_is_not_written(tmp_path, capsys):
         out = tmp_path / run
         args = ["train", "--ratings", str(csv), "--item-catalog", str(catalog), "--epsilon", "2",
                 "--rating-scale", "1", "5", "--dp-rank", "2", "--dp-sparsity", "1", "--dp-noise-seed", seed, "--out", str(out),
-                "--no-export", "--quiet"]  # fmt: skip
+                "--no-export", "--quiet", "--accountant", "rdp"]  # fmt: skip
         assert cli_main(args) == 0
         manifest = json.loads((out / "manifest.json").read_text())
         assert "FIXED seed" in manifest["privacy"]["noise_seed"]
@@ -333,10 +339,13 @@ def test_population_gram_mode_covers_every_release_and_epsilon_recomputes_from_t
 
 def test_defaults_for_the_data_size_follow_the_stated_rule():
     small = PrivateConfig.for_data(np.arange(943), n_items=1682, epsilon=1.0)
-    assert (small.rank, small.n_iters, small.max_samples_per_user) == (2, 2, 20)
+    assert (small.rank, small.n_iters, small.max_samples_per_user) == (2, 3, 20)
     big = PrivateConfig.for_data(np.arange(1_000_000), n_items=20_000, epsilon=1.0)
-    assert (big.rank, big.n_iters, big.u_step_gram, big.sparsity) == (8, 2, "population", 0)
+    assert (big.rank, big.n_iters, big.u_step_gram, big.sparsity) == (8, 3, "population", 0)
     assert (big.u_init, big.u_solve, big.u_select) == ("spectral", "posterior", "weighted")
+    assert (big.u_carry, big.u_item_snr, big.accountant) == (True, 4.0, "pld")
+    loose = PrivateConfig.for_data(np.arange(50), n_items=10, epsilon=8.0)
+    assert loose.accountant == "rdp"  # PLD's calibration grows with ε: RDP above PLD_UP_TO
     plug = PrivateConfig.for_data(np.arange(50), n_items=10, epsilon=1.0, features="plugin")
     assert plug.u_step_gram == "blocks" and plug.rank == PrivateConfig().rank
     with pytest.raises(ValueError, match="one-hot"):
@@ -344,7 +353,8 @@ def test_defaults_for_the_data_size_follow_the_stated_rule():
     with pytest.raises(ValueError, match="one-hot"):
         PrivateConfig(features="plugin", u_init="spectral")
     for bad in ({"u_solve": "exact"}, {"u_select": "all"}, {"u_user_norm": 0.0},
-                {"spectral_items": 0}, {"u_prior_scale": -1.0}):  # fmt: skip
+                {"spectral_items": 0}, {"u_prior_scale": -1.0}, {"u_item_snr": -1.0},
+                {"u_item_snr": 1.0}, {"u_carry": True}, {"u_drift": float("nan")}):  # fmt: skip
         with pytest.raises(ValueError):
             PrivateConfig(**bad)
 

@@ -452,10 +452,17 @@ def test_serve_refuses_to_start_with_an_unloadable_onnx(models, home, tmp_path, 
         assert f"lrs-rec serve: error: {d / ONNX}" in err
 
 
-def test_failed_reload_backs_off_and_is_not_retried_per_request(models, home, tmp_path):
+def test_failed_reload_backs_off_and_is_not_retried_per_request(
+    models, home, tmp_path, monkeypatch
+):
     """A newly published version whose model.onnx in the served directory is broken: the server
     keeps serving the version it served, tries the directory once (not once per request), and
-    picks the new model up as soon as the file is fixed."""
+    picks the new model up as soon as the file is fixed. The back-off is made longer than any
+    run of the 20 requests can take (a loaded CI machine once took > 1 s for them, and the
+    background retry after the 1 s default back-off then counted as a second attempt)."""
+    import lrs_rec.serving.recommender as recommender_module
+
+    monkeypatch.setattr(recommender_module, "RELOAD_BACKOFF_MIN", 600.0)
     served = tmp_path / "served"
     shutil.copytree(models["a"], served)
     _publish(served)

@@ -14,6 +14,7 @@ from lrs_rec.training.pipeline import Snapshot, merge, take, train, validation_m
 from lrs_rec.training.sample_data import make_sample_ratings, write_sample_ratings
 from lrs_rec.training.tuning import user_sample
 
+from lrs_rec.engine.b_rows import pairs_of_dense, zero_b
 from lrs_rec.engine.steps import LRSState, Samples
 
 FAST: dict[str, Any] = {"n_iter": 3, "init_iter": 3, "dim": 8, "rank": 3, "sparsity": 2}
@@ -32,32 +33,29 @@ def _state(rng: np.random.Generator, n: int = 50, d: int = 6, r: int = 3, k: int
         B[u, cols] = rng.normal(size=cols.size)
     return LRSState(
         0.3, rng.normal(size=n), rng.normal(size=9), rng.normal(size=(9, d)),
-        np.linalg.qr(rng.normal(size=(d, r)))[0], rng.normal(size=(n, r)), B,
+        np.linalg.qr(rng.normal(size=(d, r)))[0], rng.normal(size=(n, r)), *pairs_of_dense(B, k),
     )  # fmt: skip
 
 
-def test_snapshot_restores_the_state_exactly_and_keeps_b_sparse(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import lrs_rec.training.pipeline as pl
-
-    monkeypatch.setattr(pl, "SNAPSHOT_ROWS", 7)  # several chunks
+def test_snapshot_restores_the_state_exactly_and_keeps_b_sparse() -> None:
     state = _state(np.random.default_rng(0))
     snap = Snapshot.of(state)
     assert snap.b_idx.shape == (50, 2) and snap.b_idx.dtype == np.int32
-    saved = {n: np.array(getattr(state, n)) for n in ("user_bias", "item_bias", "F", "U", "W", "B")}
+    names = ("user_bias", "item_bias", "F", "U", "W", "B_idx", "B_val")
+    saved = {n: np.array(getattr(state, n)) for n in names}
     state.W += 1.0  # the snapshot owns its arrays
-    state.B[:] = 0.0
+    state.B_val[:] = 0.0
     back = snap.restore()
     for name, value in saved.items():
         np.testing.assert_array_equal(getattr(back, name), value, err_msg=name)
     users = np.array([3, 10, 11, 40])
     sub = snap.take_users(users).restore()
-    np.testing.assert_array_equal(sub.B, saved["B"][users])
+    np.testing.assert_array_equal(sub.B_idx, saved["B_idx"][users])
+    np.testing.assert_array_equal(sub.B_val, saved["B_val"][users])
     np.testing.assert_array_equal(sub.W, saved["W"][users])
     empty = Snapshot.of(LRSState(0.0, np.zeros(4), np.zeros(2), np.zeros((2, 3)), np.eye(3),
-                                 np.zeros((4, 3)), np.zeros((4, 3))))  # fmt: skip
-    assert empty.b_idx.shape == (4, 0) and not empty.restore().B.any()
+                                 np.zeros((4, 3)), *zero_b(4, 0)))  # fmt: skip
+    assert empty.b_idx.shape == (4, 0) and not empty.restore().dense_b().any()
 
 
 def test_merge_inverts_the_validation_split() -> None:
@@ -138,6 +136,6 @@ def test_restore_into_reuses_the_state() -> None:
     snap = Snapshot.of(a)
     b = _state(rng)
     snap.restore_into(b)
-    for name in ("user_bias", "item_bias", "F", "U", "W", "B"):
+    for name in ("user_bias", "item_bias", "F", "U", "W", "B_idx", "B_val"):
         np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
     assert b.global_mean == a.global_mean

@@ -109,15 +109,20 @@ def test_expand_inputs_names_what_is_missing(tmp_path) -> None:  # type: ignore[
         expand_inputs(str(tmp_path / "d"))
 
 
-def test_a_saved_copy_stores_b_sparsely_and_restores_it_exactly() -> None:
+def test_a_saved_copy_keeps_b_sparse_and_restores_it_exactly() -> None:
     from lrs_rec.training.dask_parts import Saved
+
+    from lrs_rec.engine.b_rows import pairs_of_dense
 
     rng = np.random.default_rng(2)
     B = np.zeros((300, 8))
     for i in range(0, 300, 3):
         j = rng.choice(8, int(rng.integers(0, 4)), replace=False)
         B[i, j] = rng.normal(size=j.size)
-    s = Saved.of(rng.normal(size=300), rng.normal(size=(300, 2)), B)
-    assert s.b_idx.shape == (300, 3)  # the widest row's count, not d
-    np.testing.assert_array_equal(s.dense_b(), B)
-    assert Saved.of(np.zeros(4), np.zeros((4, 2)), np.zeros((4, 8))).b_idx.shape == (4, 0)
+    idx, val = pairs_of_dense(B, 3)
+    s = Saved.of(rng.normal(size=300), rng.normal(size=(300, 2)), idx, val)
+    assert s.b_idx.shape == (300, 3)  # k, not d
+    idx[:] = 0  # the copy owns its arrays
+    back = np.zeros_like(B)
+    np.put_along_axis(back, s.b_idx.astype(np.int64), s.b_val, axis=1)
+    np.testing.assert_array_equal(back, B)

@@ -17,6 +17,7 @@ pytest.importorskip("numba")
 from lrs_rec.training.kernels import NumbaKernels
 
 from lrs_rec.engine import parallel
+from lrs_rec.engine.b_rows import pairs_of_dense
 from lrs_rec.engine.steps import (
     LRSState,
     Samples,
@@ -63,7 +64,7 @@ def _problem(seed: int = 0) -> tuple[LRSState, Samples]:
         rng.normal(size=(N_ITEMS, D)),
         U,
         rng.normal(size=(N_USERS, R)),
-        B,
+        *pairs_of_dense(B, K),
     )
     return state, Samples(users, items, ratings)
 
@@ -76,7 +77,8 @@ def _copy(s: LRSState) -> LRSState:
         s.F.copy(),
         s.U.copy(),
         s.W.copy(),
-        s.B.copy(),
+        s.B_idx.copy(),
+        s.B_val.copy(),
     )
 
 
@@ -100,16 +102,17 @@ VARIANTS = [
 )
 def test_user_step_kernel_equals_the_numpy_reference(p: StepParams, backend: None) -> None:
     state, data = _problem(1)
+    state.ensure_b_width(p.k)  # a state holds at most k non-zeros per row
     ref = _copy(state)
     _use(False)
     user_step(ref, data, p)
     _use(True)
     user_step(state, data, p)
     np.testing.assert_allclose(state.W, ref.W, **TOL)
-    np.testing.assert_allclose(state.B, ref.B, **TOL)
+    np.testing.assert_allclose(state.dense_b(), ref.dense_b(), **TOL)
     np.testing.assert_allclose(state.user_bias, ref.user_bias, **TOL)
-    assert np.array_equal(state.B != 0, ref.B != 0)  # the same supports
-    assert np.count_nonzero(state.B, axis=1).max() <= p.k
+    assert np.array_equal(state.dense_b() != 0, ref.dense_b() != 0)  # the same supports
+    assert state.B_idx.shape == ref.B_idx.shape == (N_USERS, p.k)
 
 
 def test_prior_statistics_kernel_equals_the_numpy_reference(backend: None) -> None:
@@ -161,7 +164,7 @@ def test_two_threads_give_the_same_steps_bit_for_bit(backend: None) -> None:
         user_step(s, data, BASE)
         out.append((s, squared_error(s, data, -2.0, 2.0), prior_statistics(s, data)))
     (a, ea, pa), (b, eb, pb) = out
-    for name in ("W", "B", "F", "user_bias", "item_bias"):
+    for name in ("W", "B_idx", "B_val", "F", "user_bias", "item_bias"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
     assert ea == eb
     assert np.array_equal(pa.szz, pb.szz) and np.array_equal(pa.szw, pb.szw)
@@ -254,11 +257,11 @@ def test_als_cg_half_step_kernel_equals_the_numpy_steps(reg_bias: float) -> None
         c_ref, P_ref = als_half_step(
             data.users, N_USERS, n_u, data.items, F, t, **kw, x0=start, cg_steps=steps
         )
-        out = x0.copy()
-        als_half_step_cg(*data.csr("user", N_USERS), F, c_i, 0.2, 0.1, reg_bias, 3.0, out, steps)
-        np.testing.assert_allclose(out[:, 0], c_ref, **TOL)
-        np.testing.assert_allclose(out[:, 1:], P_ref, **TOL)
-    assert not np.allclose(out, x0)
+        c, P = x0[:, 0].copy(), x0[:, 1:].copy()
+        als_half_step_cg(*data.csr("user", N_USERS), F, c_i, 0.2, 0.1, reg_bias, 3.0, c, P, steps)
+        np.testing.assert_allclose(c, c_ref, **TOL)
+        np.testing.assert_allclose(P, P_ref, **TOL)
+    assert not np.allclose(P, x0[:, 1:])
 
 
 def test_als_cg_converges_to_the_exact_ridge() -> None:

@@ -18,6 +18,7 @@ from lrs_rec.training.sample_data import make_sample_ratings, write_sample_ratin
 
 from lrs_rec.engine import parallel
 from lrs_rec.engine import steps as st
+from lrs_rec.engine.b_rows import pairs_of_dense
 from lrs_rec.engine.steps import LRSState, Samples
 
 FAST: dict[str, Any] = {"n_iter": 3, "init_iter": 3, "dim": 8, "rank": 3, "sparsity": 2}
@@ -119,18 +120,18 @@ def test_snapshot_spilled_to_disk_restores_exactly() -> None:
     B = np.zeros((n, d))
     B[np.arange(n), rng.integers(0, d, n)] = rng.normal(size=n)
     state = LRSState(0.1, rng.normal(size=n), rng.normal(size=5), rng.normal(size=(5, d)),
-                     np.linalg.qr(rng.normal(size=(d, r)))[0], rng.normal(size=(n, r)), B)  # fmt: skip
+                     np.linalg.qr(rng.normal(size=(d, r)))[0], rng.normal(size=(n, r)), *pairs_of_dense(B, 1))  # fmt: skip
     spill = spill_mod.Spill(threshold=0)
     try:
         snap = Snapshot.of(state, spill)
         assert isinstance(snap.w, spill_mod.Spilled)
-        W0, B0 = state.W.copy(), state.B.copy()
+        W0 = state.W.copy()
         state.W += 1.0
-        state.B[:] = 0.0
+        state.B_val[:] = 0.0
         snap.restore_into(state)
         np.testing.assert_array_equal(state.W, W0)
-        np.testing.assert_array_equal(state.B, B0)
-        np.testing.assert_array_equal(snap.restore().B, B0)
+        np.testing.assert_array_equal(state.dense_b(), B)
+        np.testing.assert_array_equal(snap.restore().dense_b(), B)
         path = snap.w.path  # type: ignore[union-attr]
         snap.discard(spill)
         assert not Path(path).exists()
@@ -165,7 +166,7 @@ def test_chunked_rating_dots_equal_the_reference(
     n, d, r, n_items = 60, 5, 2, 11
     state = LRSState(0.2, rng.normal(size=n), rng.normal(size=n_items),
                      rng.normal(size=(n_items, d)), np.linalg.qr(rng.normal(size=(d, r)))[0],
-                     rng.normal(size=(n, r)), rng.normal(size=(n, d)))  # fmt: skip
+                     rng.normal(size=(n, r)), *pairs_of_dense(rng.normal(size=(n, d)), d))  # fmt: skip
     users = rng.integers(0, n, 500)
     items = rng.integers(0, n_items, 500)
     if sort:

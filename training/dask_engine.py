@@ -44,7 +44,7 @@ from lrs_rec.training.dask_input import (
     split_by_user,
 )
 from lrs_rec.training.dask_model import merged_report, write_model_dir
-from lrs_rec.training.features import als_solve, cg_steps_for, load_item_features
+from lrs_rec.training.features import FACTORS_DTYPE, als_solve, cg_steps_for, load_item_features
 from lrs_rec.training.loaders import LoadOptions
 from lrs_rec.training.pipeline import (
     OVERFIT_RISE,
@@ -427,7 +427,7 @@ def _init_shared(
             step = min(left, 1 << 22)
             rng.normal(0.0, 0.1, step)
             left -= step
-        Q = rng.normal(0.0, 0.1, (cl.n_items, d))
+        Q = rng.normal(0.0, 0.1, (cl.n_items, d)).astype(FACTORS_DTYPE)  # as features.als_factors
         c_i = np.zeros(cl.n_items)
         cg_u = cg_steps_for(cl.n_items, d, cfg.init_cg_steps)  # as features.als_factors
         cg_i = cg_steps_for(n_users, d, cfg.init_cg_steps)
@@ -461,11 +461,11 @@ def _init_shared(
                         ),
                     )
                 )
-            c_i, Q = np.empty(cl.n_items), np.empty((cl.n_items, d))
+            c_i, Q = np.empty(cl.n_items), np.empty((cl.n_items, d), dtype=FACTORS_DTYPE)
             for a, b, fut in sols:
                 sol = run.gather(fut)
                 c_i[a:b], Q[a:b] = sol[:, 0], sol[:, 1:]
-        F = Q
+        F = Q.astype(np.float64)
     else:
         F = plugin
         d = F.shape[1]

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 from lrs_rec.training.dask_input import PartitionData
-from lrs_rec.training.features import als_half_step
+from lrs_rec.training.features import FACTORS_DTYPE, als_half_step
 
+from lrs_rec.engine import b_rows
 from lrs_rec.engine.parallel import kernels
 from lrs_rec.engine.steps import (
     LRSState,
@@ -48,32 +49,16 @@ class Shared:
 
 @dataclass(frozen=True)
 class Saved:
-    """A copy of a partition's user parameters, B stored sparsely (its rows have at most k
-    non-zeros): the (column, value) pairs of the widest row's count, zero-padded."""
+    """A copy of a partition's user parameters (b_u as the engine's k-sparse pairs)."""
 
     c_u: np.ndarray
     W: np.ndarray
-    b_idx: np.ndarray  # (n, m) int32
-    b_val: np.ndarray  # (n, m)
-    d: int
+    b_idx: np.ndarray  # (n, k)
+    b_val: np.ndarray  # (n, k)
 
     @classmethod
-    def of(cls, c_u: np.ndarray, W: np.ndarray, B: np.ndarray) -> Saved:
-        n, step = B.shape[0], 1 << 16  # rows per chunk (bounded temporaries)
-        m = max((int(np.count_nonzero(B[a : a + step], axis=1).max(initial=0))
-                 for a in range(0, n, step)), default=0)  # fmt: skip
-        idx = np.zeros((n, m), np.int32)
-        val = np.zeros((n, m))
-        for a in range(0, n, step):
-            blk = B[a : a + step]
-            j = np.argsort(blk == 0, axis=1, kind="stable")[:, :m]  # the non-zeros first
-            idx[a : a + step], val[a : a + step] = j, np.take_along_axis(blk, j, axis=1)
-        return cls(c_u.copy(), W.copy(), idx, val, B.shape[1])
-
-    def dense_b(self) -> np.ndarray:
-        B = np.zeros((self.W.shape[0], self.d))
-        np.put_along_axis(B, self.b_idx.astype(np.int64), self.b_val, axis=1)
-        return B
+    def of(cls, c_u: np.ndarray, W: np.ndarray, B_idx: np.ndarray, B_val: np.ndarray) -> Saved:
+        return cls(c_u.copy(), W.copy(), B_idx.copy(), B_val.copy())
 
 
 @dataclass(frozen=True)
@@ -86,7 +71,8 @@ class Part:
     train_bounds: np.ndarray  # (n_items + 1,) item boundaries in train_order
     c_u: np.ndarray
     W: np.ndarray
-    B: np.ndarray
+    B_idx: np.ndarray  # (n, k) b_u as the engine's k-sparse pairs (width 0: B = 0)
+    B_val: np.ndarray
     P: np.ndarray | None = None  # ALS user factors (initialisation only)
     saved: dict[str, Saved] = field(default_factory=dict)
 
@@ -113,7 +99,7 @@ def make_part(data: PartitionData, unit: float, n_items: int, d: int) -> Part:
         bounds,
         np.zeros(n),
         np.zeros((n, 0)),
-        np.zeros((n, d)),
+        *b_rows.zero_b(n, 0),
     )
 
 
@@ -126,10 +112,9 @@ def samples(part: Part, which: str) -> Samples:
 
 
 def state(part: Part, sh: Shared, *, copy: bool = False) -> LRSState:
-    c_u, W, B = (
-        (part.c_u.copy(), part.W.copy(), part.B.copy()) if copy else (part.c_u, part.W, part.B)
-    )
-    return LRSState(sh.global_mean, c_u, sh.item_bias, sh.F, sh.U, W, B)
+    arrays = (part.c_u, part.W, part.B_idx, part.B_val)
+    c_u, W, B_idx, B_val = (a.copy() for a in arrays) if copy else arrays
+    return LRSState(sh.global_mean, c_u, sh.item_bias, sh.F, sh.U, W, B_idx, B_val)
 
 
 # ---- standardisation ---------------------------------------------------------------------------
@@ -181,23 +166,26 @@ def als_users(
     s = part.train
     K = kernels()
     if K is not None:  # the local engine's compiled half-step (features.als_factors), same CSR
-        sol = np.empty((part.n_users, Q.shape[1] + 1))
+        # a fresh (c_u, P) each time (a task never modifies its input Part)
+        c_u = np.zeros(part.n_users)
+        P = np.zeros((part.n_users, Q.shape[1]), dtype=FACTORS_DTYPE)
         args = (
             *s.csr("user", part.n_users),
-            np.ascontiguousarray(Q, dtype=np.float64),
+            np.ascontiguousarray(Q, dtype=FACTORS_DTYPE),
             np.ascontiguousarray(c_i, dtype=np.float64),
             float(mu),
             float(reg),
             float(reg_bias),
             max(min_count, 1.0),
-            sol,
+            c_u,
+            P,
         )
         if cg_steps and part.P is not None:  # CG from the previous iterate, as als_factors
-            sol[:, 0], sol[:, 1:] = part.c_u, part.P
+            c_u[:], P[:] = part.c_u, part.P
             K.als_half_step_cg(*args, int(cg_steps))
         else:
             K.als_half_step(*args)
-        return replace(part, c_u=sol[:, 0].copy(), P=np.ascontiguousarray(sol[:, 1:]))
+        return replace(part, c_u=c_u, P=P)
     n_u = np.bincount(s.users, minlength=part.n_users).astype(float)
     t = s.ratings - mu - c_i[s.items]
     x0 = (part.c_u, part.P) if cg_steps and part.P is not None else None
@@ -214,7 +202,7 @@ def als_users(
         x0=x0,
         cg_steps=cg_steps if x0 is not None else 0,
     )
-    return replace(part, c_u=c_u, P=P)
+    return replace(part, c_u=c_u, P=P.astype(FACTORS_DTYPE, copy=False))
 
 
 def pack(stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -260,21 +248,24 @@ def als_item_stats(part: Part, mu: float, lo: int, hi: int) -> tuple[np.ndarray,
     with U = I, W = P, B = 0 (design [1, p_u], target y - μ - c_u)."""
     assert part.P is not None
     d = part.P.shape[1]
+    n = part.P.shape[0]
     st = LRSState(
-        mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, np.zeros_like(part.P)
+        mu, part.c_u, np.zeros(0), np.zeros((0, d)), np.eye(d), part.P, *b_rows.zero_b(n, 0)
     )
     return pack(_item_statistics(st, part.train, part.train_order, part.train_bounds, lo, hi))
 
 
 def gram_p(part: Part) -> np.ndarray:
     assert part.P is not None
-    return np.asarray(part.P.T @ part.P)
+    P = np.asarray(part.P, dtype=np.float64)  # (float32 storage: the Gram in float64)
+    return np.asarray(P.T @ P)
 
 
 def start_from_p(part: Part, U: np.ndarray) -> Part:
     """W = P U, B = 0 (the start of the LRS fit); P is dropped."""
     assert part.P is not None
-    return replace(part, W=part.P @ U, B=np.zeros_like(part.P), P=None)
+    idx, val = b_rows.zero_b(part.n_users, 0)
+    return replace(part, W=np.asarray(part.P, dtype=np.float64) @ U, B_idx=idx, B_val=val, P=None)
 
 
 def w_as_p(part: Part) -> Part:
@@ -283,7 +274,8 @@ def w_as_p(part: Part) -> Part:
 
 
 def zero_w(part: Part, d: int) -> Part:
-    return replace(part, W=np.zeros((part.n_users, d)), B=np.zeros((part.n_users, d)))
+    idx, val = b_rows.zero_b(part.n_users, 0)
+    return replace(part, W=np.zeros((part.n_users, d)), B_idx=idx, B_val=val)
 
 
 # ---- the LRS steps --------------------------------------------------------------------------
@@ -294,7 +286,7 @@ def prior_stats(part: Part, sh: Shared, which: str) -> PriorStatistics:
 def user_update(part: Part, sh: Shared, prior: UserPrior, p: StepParams, which: str) -> Part:
     st = state(part, sh, copy=True)
     user_step(st, samples(part, which), p, prior=prior)
-    return replace(part, c_u=st.user_bias, W=st.W, B=st.B)
+    return replace(part, c_u=st.user_bias, W=st.W, B_idx=st.B_idx, B_val=st.B_val)
 
 
 def u_stats(part: Part, sh: Shared, which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -332,12 +324,16 @@ def sq_errors_val(part: Part, sh: Shared, lo: float, hi: float) -> np.ndarray:
 
 # ---- copies ---------------------------------------------------------------------------------
 def save(part: Part, name: str) -> Part:
-    return replace(part, saved={**part.saved, name: Saved.of(part.c_u, part.W, part.B)})
+    return replace(
+        part, saved={**part.saved, name: Saved.of(part.c_u, part.W, part.B_idx, part.B_val)}
+    )
 
 
 def restore(part: Part, name: str) -> Part:
     sv = part.saved[name]
-    return replace(part, c_u=sv.c_u.copy(), W=sv.W.copy(), B=sv.dense_b())
+    return replace(
+        part, c_u=sv.c_u.copy(), W=sv.W.copy(), B_idx=sv.b_idx.copy(), B_val=sv.b_val.copy()
+    )
 
 
 def drop(part: Part, *names: str) -> Part:
@@ -349,7 +345,8 @@ def with_bias(part: Part, c_u: np.ndarray) -> Part:
 
 
 def zero_b(part: Part) -> Part:
-    return replace(part, B=np.zeros_like(part.B))
+    idx, val = b_rows.zero_b(part.n_users, 0)
+    return replace(part, B_idx=idx, B_val=val)
 
 
 # ---- the stored model -------------------------------------------------------------------------
@@ -389,7 +386,8 @@ def write_shards(
     from lrs_rec.model_shards import write_user_shard
 
     unit = part.unit
-    lrs = LRSModel.from_dense_b(U, part.W * unit, part.B * unit, k)
+    idx, val = b_rows.top_k_b(part.B_idx, part.B_val * unit, k, U.shape[0])  # as from_dense_b
+    lrs = LRSModel(U=U, W=part.W * unit, B_idx=idx, B_val=val)
     W, B_idx, B_val = np.asarray(lrs.W), np.asarray(lrs.B_idx), np.asarray(lrs.B_val)
     c_u = part.c_u * unit
     d = part.data
@@ -447,7 +445,8 @@ class UserSample:
 
     c_u: np.ndarray
     W: np.ndarray
-    B: np.ndarray
+    B_idx: np.ndarray
+    B_val: np.ndarray
     train: Samples
     val: Samples
 
@@ -465,4 +464,7 @@ def sample_users(part: Part, sample: np.ndarray) -> UserSample:
         keep = new >= 0
         return Samples(new[keep].astype(s.users.dtype), s.items[keep], s.ratings[keep])
 
-    return UserSample(part.c_u[local], part.W[local], part.B[local], sub(part.train), sub(part.val))
+    return UserSample(
+        part.c_u[local], part.W[local], part.B_idx[local], part.B_val[local], sub(part.train),
+        sub(part.val),
+    )  # fmt: skip

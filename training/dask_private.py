@@ -201,9 +201,10 @@ class DaskPrivateData:
         global_mean: float,
         item_bias: np.ndarray,
         rng: np.random.Generator,
+        item_w: np.ndarray | None = None,
     ) -> None:
         check_dask_config(cfg)  # the weighted selection: no random draw
-        self._each("select_u_samples", cfg, counts, global_mean, item_bias, rng)
+        self._each("select_u_samples", cfg, counts, global_mean, item_bias, rng, item_w)
 
     def u_step_counts(self) -> np.ndarray:
         return np.asarray(self._total("u_step_counts"))

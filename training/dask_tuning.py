@@ -65,7 +65,8 @@ def tune_on_sample(
         start.F.copy(),
         start.U.copy(),
         np.concatenate([g.W for g in got]),
-        np.concatenate([g.B for g in got]),
+        np.concatenate([g.B_idx for g in got]),
+        np.concatenate([g.B_val for g in got]),
     )
     fd = FitData(
         _concat([g.train for g in got]),

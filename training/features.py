@@ -66,12 +66,31 @@ def cg_steps_for(n_other: int, dim: int, cg_steps: int) -> int:
     return cg_steps if n_other * (dim + 1) * 8 <= CG_OTHER_BYTES else 0
 
 
+FACTORS_DTYPE = np.float32
+"""Storage of the ALS start's factors P (n_users × d, the initialisation's largest array; only U and
+W = P U are taken from it, in float64) and Q (the item features F, float64 from there on). Every
+half-step solves in float64 and rounds its factors once; the numpy twin stores them the same way.
+Both sides in one dtype: each compiled half-step has one signature (one numba compilation).
+Measured: the same test RMSE to 5 digits at 100k users, ML-100K u1..u5 unchanged."""
+DRAW_ROWS = 1 << 16  # rows per chunk of a random draw that is not kept
+
+
+def _draw_factors(rng: np.random.Generator, n: int, dim: int, *, keep: bool) -> np.ndarray:
+    """N(0, 0.1²) factors (n, dim), or (``keep=False``) the same draw in chunks, discarded: the
+    generator ends in the same state (its normals are drawn one after another in C order)."""
+    if keep:
+        return rng.normal(0.0, 0.1, (n, dim))
+    for a in range(0, n, DRAW_ROWS):
+        rng.normal(0.0, 0.1, (min(n, a + DRAW_ROWS) - a, dim))
+    return np.zeros((0, dim))
+
+
 @dataclass(frozen=True)
 class ALSFactors:
     global_mean: float
     user_bias: np.ndarray  # (n_users,)
     item_bias: np.ndarray  # (n_items,)
-    P: np.ndarray  # (n_users, d) user factors (initialisation only, never stored)
+    P: np.ndarray  # (n_users, d) user factors (initialisation only, never stored; may be a view)
     Q: np.ndarray  # (n_items, d) item features
 
 
@@ -104,8 +123,10 @@ def als_factors(
     0: every iteration solves exactly.
     """
     mu = float(np.mean(y))
-    P = random_state.normal(0.0, 0.1, (n_users, dim))
-    Q = random_state.normal(0.0, 0.1, (n_items, dim))
+    # the first half-step solves P from Q alone: the random P is drawn (so that Q is the same
+    # draw) but kept only when there is no half-step
+    P = _draw_factors(random_state, n_users, dim, keep=n_iter == 0)
+    Q = random_state.normal(0.0, 0.1, (n_items, dim)).astype(FACTORS_DTYPE)
     c_u = np.zeros(n_users)
     c_i = np.zeros(n_items)
     K = parallel.kernels()
@@ -116,21 +137,23 @@ def als_factors(
         # the caller's samples (their CSR layouts are cached for the LRS steps), else our own
         data = samples if samples is not None and same else Samples(users, items, y)
         by_user, by_item = data.csr("user", n_users), data.csr("item", n_items)
-        sol_u, sol_i = np.empty((n_users, dim + 1)), np.empty((n_items, dim + 1))
+        if n_iter == 0:
+            return ALSFactors(mu, c_u, c_i, P, Q)
+        # the users' biases and factors are updated in place (no copies of the largest array
+        # of the initialisation); the items' are small
+        c_u, P = np.zeros(n_users), np.zeros((n_users, dim), dtype=FACTORS_DTYPE)
         mc = max(min_count, 1.0)
         args = (mu, float(reg), float(reg_bias), mc)
         cg_u, cg_i = cg_steps_for(n_items, dim, cg_steps), cg_steps_for(n_users, dim, cg_steps)
         for it in range(n_iter):
-            if it and cg_u:  # sol_u / sol_i hold the previous iterate: the CG start
-                K.als_half_step_cg(*by_user, Q, c_i, *args, sol_u, int(cg_u))
+            if it and cg_u:  # (c_u, P) / (c_i, Q) hold the previous iterate: the CG start
+                K.als_half_step_cg(*by_user, Q, c_i, *args, c_u, P, int(cg_u))
             else:
-                K.als_half_step(*by_user, Q, c_i, *args, sol_u)
-            c_u, P = sol_u[:, 0].copy(), np.ascontiguousarray(sol_u[:, 1:])
+                K.als_half_step(*by_user, Q, c_i, *args, c_u, P)
             if it and cg_i:
-                K.als_half_step_cg(*by_item, P, c_u, *args, sol_i, int(cg_i))
+                K.als_half_step_cg(*by_item, P, c_u, *args, c_i, Q, int(cg_i))
             else:
-                K.als_half_step(*by_item, P, c_u, *args, sol_i)
-            c_i, Q = sol_i[:, 0].copy(), np.ascontiguousarray(sol_i[:, 1:])
+                K.als_half_step(*by_item, P, c_u, *args, c_i, Q)
         return ALSFactors(mu, c_u, c_i, P, Q)
     n_u = np.bincount(users, minlength=n_users).astype(float)
     n_i = np.bincount(items, minlength=n_items).astype(float)
@@ -142,10 +165,12 @@ def als_factors(
         c_u, P = als_half_step(
             users, n_users, n_u, items, Q, y - mu - c_i[items], **kw, x0=(c_u, P), cg_steps=cg
         )
+        P = P.astype(FACTORS_DTYPE, copy=False)  # stored as the compiled path stores them
         cg = cg_i if it else 0
         c_i, Q = als_half_step(
             items, n_items, n_i, users, P, y - mu - c_u[users], **kw, x0=(c_i, Q), cg_steps=cg
         )
+        Q = Q.astype(FACTORS_DTYPE, copy=False)
     return ALSFactors(mu, c_u, c_i, P, Q)
 
 

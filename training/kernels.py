@@ -157,7 +157,8 @@ def _fit_users_range(
     item_bias: np.ndarray,  # (n_items,)
     mu: float,
     U: np.ndarray,  # (d, r)
-    B: np.ndarray,  # (n_users, d) the current b_u (read), overwritten with the new ones
+    B_idx: np.ndarray,  # (n_users, k) int32 the current b_u's coordinates (read), overwritten
+    B_val: np.ndarray,  # (n_users, k) their values (read), overwritten with the new ones
     W: np.ndarray,  # (n_users, r) output
     c: np.ndarray,  # (n_users,) output
     k: int,
@@ -322,8 +323,9 @@ def _fit_users_range(
                             L[a, bb] = G[a, bb]
                         L[a, a] += reg_b
                     _cholesky(L, L, d)
-            for a in range(d):
-                b[a] = B[u, a]
+            b[:] = 0.0
+            for p in range(B_idx.shape[1]):
+                b[B_idx[u, p]] += B_val[u, p]
             cu = 0.0
             for _ in range(n_inner):
                 nb = 0  # b's non-zero coordinates (at most k after the first round)
@@ -436,8 +438,10 @@ def _fit_users_range(
             c[u] = cu
             for q in range(r):
                 W[u, q] = sol[q + 1]
-            for a in range(d):
-                B[u, a] = b[a]
+            if k > 0:
+                for p in range(k):
+                    B_idx[u, p] = idx[p]
+                    B_val[u, p] = b[idx[p]]
 
 
 def fit_users(
@@ -449,7 +453,8 @@ def fit_users(
     item_bias: np.ndarray,  # (n_items,)
     mu: float,
     U: np.ndarray,  # (d, r)
-    B: np.ndarray,  # (n_users, d) the current b_u (read), overwritten with the new ones
+    B_idx: np.ndarray,  # (n_users, k) int32 the current b_u's coordinates (read), overwritten
+    B_val: np.ndarray,  # (n_users, k) their values (read), overwritten with the new ones
     W: np.ndarray,  # (n_users, r) output
     c: np.ndarray,  # (n_users,) output
     k: int,
@@ -483,7 +488,8 @@ def fit_users(
         item_bias,
         mu,
         U,
-        B,
+        B_idx,
+        B_val,
         W,
         c,
         k,
@@ -552,7 +558,7 @@ def _biased_normal_equations(
             G[0, 0] += 1.0
             h[0] += t
             for a in range(1, e):
-                za = rows[u, a - 1]
+                za = np.float64(rows[u, a - 1])  # (float32 rows: products in float64)
                 G[a, 0] += za
                 h[a] += za * t
                 for bb in range(1, e):
@@ -657,7 +663,8 @@ def _als_half_step_range(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
+    out_bias: np.ndarray,  # (n_own,) the biases
+    out_f: np.ndarray,  # (n_own, dim) the factors
 ) -> None:
     """Row chunks [c0, c1) of :func:`als_half_step` (CHUNK rows each; one task of a thread)."""
     for ch in range(c0, c1):
@@ -689,7 +696,7 @@ def _als_half_step_range(
                         qk = rows[jj]
                         acc = 0.0
                         for a in range(dim):
-                            acc += other_f[qj, a] * other_f[qk, a]
+                            acc += np.float64(other_f[qj, a]) * other_f[qk, a]
                         v = inv_b + acc * inv_f
                         G[j, jj] = v
                         G[jj, j] = v
@@ -699,12 +706,12 @@ def _als_half_step_range(
                 acc = 0.0
                 for j in range(n):
                     acc += alpha[j]
-                out[o, 0] = acc * inv_b
+                out_bias[o] = acc * inv_b
                 for a in range(dim):
                     acc = 0.0
                     for j in range(n):
                         acc += other_f[rows[j], a] * alpha[j]
-                    out[o, a + 1] = acc * inv_f
+                    out_f[o, a] = acc * inv_f
                 continue
             _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
             G[0, 0] += reg_bias
@@ -714,8 +721,9 @@ def _als_half_step_range(
                 _cholesky_solve(L, h, x, e)
             else:
                 _lu_solve(G, h, x, e)
-            for a in range(e):
-                out[o, a] = x[a]
+            out_bias[o] = x[0]
+            for a in range(dim):
+                out_f[o, a] = x[a + 1]
 
 
 def als_half_step(
@@ -728,7 +736,8 @@ def als_half_step(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): (bias, factors)
+    out_bias: np.ndarray,  # (n_own,) the biases
+    out_f: np.ndarray,  # (n_own, dim) the factors (float64, or float32 storage)
 ) -> None:
     """Per own row: the ridge of t = y - μ - c_other on z = [1, other_f] with D = diag(λ_b,
     λ·max(n, min_count), ...): (ZᵀZ + D)⁻¹ Zᵀt. A row with fewer ratings than dim + 1 uses the dual
@@ -748,7 +757,8 @@ def als_half_step(
         reg,
         reg_bias,
         min_count,
-        out,
+        out_bias,
+        out_f,
     )
 
 
@@ -765,7 +775,8 @@ def _als_half_step_cg_range(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    out_bias: np.ndarray,  # (n_own,) in the start's biases, out the new ones
+    out_f: np.ndarray,  # (n_own, dim) in the start's factors, out the new ones
     cg_steps: int,
 ) -> None:
     """Row chunks [c0, c1) of :func:`als_half_step_cg` (CHUNK rows each; one task of a thread)."""
@@ -786,8 +797,10 @@ def _als_half_step_cg_range(
             dg[0] = reg_bias
             for a in range(1, e):
                 dg[a] = lam
+            x[0] = out_bias[o]
+            for a in range(dim):
+                x[a + 1] = out_f[o, a]
             for a in range(e):
-                x[a] = out[o, a]
                 r[a] = -dg[a] * x[a]
                 minv[a] = dg[a]
             # r = Zᵀt − (ZᵀZ + D) x and the preconditioner's diagonal, in one pass
@@ -799,7 +812,7 @@ def _als_half_step_cg_range(
                 r[0] += s
                 minv[0] += 1.0
                 for a in range(dim):
-                    fa = other_f[qi, a]
+                    fa = np.float64(other_f[qi, a])
                     r[a + 1] += s * fa
                     minv[a + 1] += fa * fa
             rz = 0.0
@@ -837,8 +850,9 @@ def _als_half_step_cg_range(
                 for a in range(e):
                     pv[a] = z[a] + beta * pv[a]
                 rz = rz_new
-            for a in range(e):
-                out[o, a] = x[a]
+            out_bias[o] = x[0]
+            for a in range(dim):
+                out_f[o, a] = x[a + 1]
 
 
 def als_half_step_cg(
@@ -851,12 +865,13 @@ def als_half_step_cg(
     reg: float,
     reg_bias: float,
     min_count: float,
-    out: np.ndarray,  # (n_own, dim + 1): in the start (bias, factors), out the new ones
+    out_bias: np.ndarray,  # (n_own,) in the start's biases, out the new ones
+    out_f: np.ndarray,  # (n_own, dim) in the start's factors, out the new ones
     cg_steps: int,
 ) -> None:
     """The same ridge as :func:`als_half_step`, (ZᵀZ + D) x = Zᵀt, by ``cg_steps`` steps of
     conjugate gradients preconditioned by diag(ZᵀZ + D), started from ``out`` (the previous
-    iterate). The matrix is never formed: each step is one pass over the row's ratings
+    iterate; the biases and factors are solved in float64 whatever their storage). The matrix is never formed: each step is one pass over the row's ratings
     (q = Σ z (zᵀp) + D p), the steps of ``features.als_solve(x0=..., cg_steps=...)``."""
     n_own = indptr.shape[0] - 1
     n_chunks = (n_own + CHUNK - 1) // CHUNK
@@ -872,7 +887,8 @@ def als_half_step_cg(
         reg,
         reg_bias,
         min_count,
-        out,
+        out_bias,
+        out_f,
         cg_steps,
     )
 

@@ -27,6 +27,7 @@ from lrs_rec.training.spill import Spill, Spilled
 from lrs_rec.training.spill import load as spill_load
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine.b_rows import top_k_b, zero_b
 from lrs_rec.engine.steps import (
     LRSState,
     Samples,
@@ -269,7 +270,7 @@ def init_state(
             F,
             np.eye(F.shape[1]),
             np.zeros((n_users, F.shape[1])),
-            np.zeros((n_users, F.shape[1])),
+            *zero_b(n_users, 0),
         )
         user_step(
             full,
@@ -295,8 +296,9 @@ def init_state(
         U = np.eye(d)  # one shared w ∈ R^d; stored as rank 1 at the end
     else:
         U = top_right_singular_vectors(P, cfg.rank)
-    W = P @ U
-    return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, np.zeros((n_users, d)))
+    W = project_rows(P, U)
+    # B = 0 (width 0: the user step widens it to its k)
+    return LRSState(mu, c_u, c_i, np.array(F, dtype=np.float64), U, W, *zero_b(n_users, 0))
 
 
 SVD_ROWS = 1 << 16  # rows per block of the tall-skinny QR in top_right_singular_vectors
@@ -310,14 +312,27 @@ def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
     ``svd(P)``'s; U Uᵀ and θ do not depend on them)."""
     n = P.shape[0]
     if n <= SVD_ROWS:
-        R = P
-    else:
+        R = _f64(P)
+    else:  # P may be stored in float32 (the ALS start's user factors): each block in float64
         parts = [
-            np.asarray(np.linalg.qr(P[a : a + SVD_ROWS], mode="r")) for a in range(0, n, SVD_ROWS)
+            np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r"))
+            for a in range(0, n, SVD_ROWS)
         ]
         R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
     _, _, Vt = np.linalg.svd(R, full_matrices=False)
     return np.ascontiguousarray(Vt[:r].T)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def project_rows(P: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """P U in float64, SVD_ROWS rows at a time (P may be float32: no float64 copy of all of it)."""
+    out = np.empty((P.shape[0], U.shape[1]))
+    for a in range(0, P.shape[0], SVD_ROWS):
+        out[a : a + SVD_ROWS] = _f64(P[a : a + SVD_ROWS]) @ U
+    return out
 
 
 def iterate(
@@ -440,7 +455,7 @@ def biases_only(
     neither the LRS fit nor its start beats biases alone on validation. U, W stay the start's (the
     population prior keeps its shape for onboarding; with F = 0 they do not change a prediction),
     B is zero. ``copy=False`` shares the start's W and a read-only zero B (enough to score it on
-    validation without a copy of the per-user arrays)."""
+    validation without a copy of the per-user arrays). B = 0 is stored at width 0."""
     mu, c_u, c_i = fit_biases(
         data.users,
         data.items,
@@ -451,27 +466,20 @@ def biases_only(
         reg_item=reg_bias,
         n_iter=10,
     )
-    n, d, r = start.user_bias.size, start.F.shape[1], start.U.shape[1]
+    n, r = start.user_bias.size, start.U.shape[1]
     if copy:
         W = start.W  # a snapshot's W read back from disk is already a fresh array
         W = W.copy() if isinstance(start, LRSState) or W is start.w else W
-        B = np.zeros((n, d))
-    else:  # F = 0: W and B do not change a prediction (read-only zeros, no per-user arrays)
-        W, B = np.broadcast_to(np.zeros(1), (n, r)), np.broadcast_to(np.zeros(1), (n, d))
-    return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, B)
-
-
-SNAPSHOT_ROWS = 1 << 16  # users per chunk when compacting B (bounded temporaries)
+    else:  # F = 0: W does not change a prediction (read-only zeros, no per-user array)
+        W = np.broadcast_to(np.zeros(1), (n, r))
+    return LRSState(mu, c_u, c_i, np.zeros_like(start.F), start.U.copy(), W, *zero_b(n, 0))
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A copy of an :class:`LRSState` with the sparse part stored sparsely: each row of B has at
-    most k non-zeros, so (column, value) pairs of the widest row's count replace the dense
-    (n_users, d) array (which would double the trainer's largest arrays for every copy kept:
-    the start, the best iterate). With a :class:`~lrs_rec.training.spill.Spill`, the large
-    per-user arrays (W, the pairs) are parked on disk until restored. :meth:`restore` gives back
-    the state exactly."""
+    """A copy of an :class:`LRSState` (whose b_u are k-sparse pairs). With a
+    :class:`~lrs_rec.training.spill.Spill`, the large per-user arrays (W, the pairs) are parked on
+    disk until restored. :meth:`restore` gives back the state exactly."""
 
     global_mean: float
     user_bias: np.ndarray
@@ -479,8 +487,8 @@ class Snapshot:
     F: np.ndarray
     U: np.ndarray
     w: np.ndarray | Spilled  # W (n_users, r), in memory or on disk
-    b_idx_store: np.ndarray | Spilled  # (n_users, m) int32 columns (m: a row's most non-zeros)
-    b_val_store: np.ndarray | Spilled  # (n_users, m) their values (zeros pad shorter rows)
+    b_idx_store: np.ndarray | Spilled  # (n_users, k) the state's B_idx
+    b_val_store: np.ndarray | Spilled  # (n_users, k) its B_val
     d: int
     b_dtype: Any
 
@@ -502,18 +510,7 @@ class Snapshot:
 
     @classmethod
     def of(cls, state: LRSState, spill: Spill | None = None) -> Snapshot:
-        B = state.B
-        n, d = B.shape
-        m = int(max((np.count_nonzero(B[a : a + SNAPSHOT_ROWS], axis=1).max(initial=0)
-                     for a in range(0, n, SNAPSHOT_ROWS)), default=0))  # fmt: skip
-        idx = np.zeros((n, m), np.int32)
-        val = np.zeros((n, m), B.dtype)
-        if m:
-            for a in range(0, n, SNAPSHOT_ROWS):
-                blk = B[a : a + SNAPSHOT_ROWS]
-                j = np.argsort(blk == 0, axis=1, kind="stable")[:, :m]  # non-zeros first
-                idx[a : a + SNAPSHOT_ROWS] = j
-                val[a : a + SNAPSHOT_ROWS] = np.take_along_axis(blk, j, axis=1)
+        idx, val = state.B_idx.copy(), state.B_val.copy()
         return cls(
             state.global_mean,
             state.user_bias.copy(),
@@ -523,8 +520,8 @@ class Snapshot:
             state.W.copy() if spill is None else spill.put(state.W),
             idx if spill is None else spill.put(idx),
             val if spill is None else spill.put(val),
-            d,
-            B.dtype,
+            state.F.shape[1],
+            val.dtype,
         )
 
     def discard(self, spill: Spill | None) -> None:
@@ -534,11 +531,20 @@ class Snapshot:
                 spill.discard(a)
 
     def dense_b(self) -> np.ndarray:
+        """B as a dense (n_users, d) array (tests only)."""
         B = np.zeros((self.n_users, self.d), self.b_dtype)
         idx = self.b_idx
         if idx.shape[1]:
             np.put_along_axis(B, idx.astype(np.int64), self.b_val, axis=1)
         return B
+
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh copies of the pairs (arrays read back from disk are fresh already)."""
+        idx, val = self.b_idx, self.b_val
+        return (
+            idx.copy() if idx is self.b_idx_store else idx,
+            val.copy() if val is self.b_val_store else val,
+        )
 
     def restore(self) -> LRSState:
         """A fresh state equal to the one snapshotted (its own arrays)."""
@@ -550,7 +556,7 @@ class Snapshot:
             self.F.copy(),
             self.U.copy(),
             W.copy() if W is self.w else W,
-            self.dense_b(),
+            *self._pairs(),
         )
 
     def restore_into(self, state: LRSState) -> None:
@@ -560,10 +566,7 @@ class Snapshot:
             setattr(state, name, getattr(self, name).copy())
         W = self.W
         state.W = W.copy() if W is self.w else W
-        state.B[:] = 0
-        idx = self.b_idx
-        if idx.shape[1]:
-            np.put_along_axis(state.B, idx.astype(np.int64), self.b_val, axis=1)
+        state.B_idx, state.B_val = self._pairs()
 
     def take_users(self, users: np.ndarray) -> Snapshot:
         """The snapshot of the given users only (items, F, U unchanged), in memory."""
@@ -632,7 +635,7 @@ def unscale(state: LRSState, unit: float) -> None:
     state.user_bias *= unit
     state.item_bias *= unit
     state.W *= unit
-    state.B *= unit
+    state.B_val *= unit
 
 
 def population_prior(state: LRSState) -> tuple[np.ndarray, np.ndarray]:
@@ -661,7 +664,12 @@ def to_lrs_model(state: LRSState, cfg: TrainConfig) -> LRSModel:
             B_idx=np.zeros((W.shape[0], 0), np.int64),
             B_val=np.zeros((W.shape[0], 0)),
         )
-    return LRSModel.from_dense_b(state.U, state.W, state.B, k)
+    if np.any(np.count_nonzero(state.B_val, axis=1) > k):
+        raise ValueError(f"some row of B has more than k={k} non-zeros")
+    # the pairs as LRSModel.from_dense_b gives them (sorted top-k, zero padding to the lowest
+    # indices), without a dense B
+    idx, val = top_k_b(state.B_idx, state.B_val, k, state.F.shape[1])
+    return LRSModel(U=state.U, W=state.W, B_idx=idx, B_val=val)
 
 
 def history_order(data: Samples) -> np.ndarray:
@@ -872,12 +880,13 @@ def _train(
     unscale(state, unit)
 
     lrs = to_lrs_model(state, cfg)
-    state.B = state.B[:0]  # stored sparsely in lrs now
+    state.set_b(*zero_b(0, 0))  # stored in lrs now
     w_mean, w_cov = population_prior(
         LRSState(
-            state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W, state.B
+            state.global_mean, state.user_bias, state.item_bias, state.F, lrs.U, lrs.W,
+            state.B_idx, state.B_val,
         )
-    )
+    )  # fmt: skip
     h_ratings = h_ratings_col.values()
     del h_ratings_col
     h_times = h_times_col.values()

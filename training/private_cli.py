@@ -41,8 +41,9 @@ def add_private_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--accountant",
         choices=("rdp", "pld"),
-        default=DEFAULT_ACCOUNTANT,
-        help="dp_accounting accountant for calibration and the ledger (default rdp)",
+        default=None,
+        help="dp_accounting accountant for calibration and the ledger (default: pld for one-hot "
+        "item features, rdp for plug-in features)",
     )
     g.add_argument(
         "--dp-features",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from lrs_rec.engine import onehot
+from lrs_rec.engine.b_rows import b_dot, top_k_b, zero_b
 from lrs_rec.engine.onehot import OneHotState
 from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sample_budget
 from lrs_rec.engine.steps import user_step as engine_user_step
@@ -37,7 +38,6 @@ from lrs_rec.privacy_items import (
     weighted_item_counts,
     weighted_second_moment,
 )
-from lrs_rec.thresholding import top_k_indices
 
 if TYPE_CHECKING:
     from lrs_rec.training.private_train import PrivateConfig
@@ -75,9 +75,12 @@ class PrivateData(Protocol):
         global_mean: float,
         item_bias: np.ndarray,
         rng: np.random.Generator,
+        item_w: np.ndarray | None = None,
     ) -> None:
         """Choose the samples (and per-user base weights) entering the U-step statistics, from the
-        released item counts ``counts`` and each user's own ratings (``rng``: random choices)."""
+        released item counts ``counts`` and each user's own ratings (``rng``: random choices).
+        ``item_w``: public per-item weights c_i ∈ [0, 1] of the weighted selection
+        (:func:`lrs_rec.privacy_items.item_weights`), None for 1."""
         ...
 
     def u_step_counts(self) -> np.ndarray:
@@ -169,7 +172,7 @@ class _Iterate:
             )  # fmt: skip
         else:
             self.state = LRSState(
-                global_mean, c.copy(), item_bias, F, U, W.copy(), np.zeros((n_users, F.shape[1]))
+                global_mean, c.copy(), item_bias, F, U, W.copy(), *zero_b(n_users, k)
             )
 
     def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
@@ -192,15 +195,14 @@ class _Iterate:
         step = sample_budget(2 * st.F.shape[1])
         for a in range(0, users.shape[0], step):
             u, i = users[a : a + step], items[a : a + step]
-            out[a : a + step] = np.einsum("nd,nd->n", st.F[i], st.B[u])
+            out[a : a + step] = b_dot(st.F[i], st.B_idx[u], st.B_val[u])
         return out
 
     def compressed_b(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         st = self.state
         if isinstance(st, OneHotState):
             return st.B_idx, st.B_val
-        idx = top_k_indices(st.B, k)
-        return idx, np.take_along_axis(st.B, idx, axis=1)
+        return top_k_b(st.B_idx, st.B_val, k, st.F.shape[1])
 
 
 def local_user_step(
@@ -224,7 +226,7 @@ def local_user_step(
         it.state.B_idx, it.state.B_val = st.B_idx.copy(), st.B_val.copy()
     else:
         assert isinstance(it.state, LRSState)
-        np.put_along_axis(it.state.B, st.B_idx, st.B_val, axis=1)
+        it.state.set_b(st.B_idx.copy(), st.B_val.copy())
     it.user_step(Samples(users, items, t), cfg)
     idx, val = it.compressed_b(cfg.sparsity)
     return _Local(it.state.user_bias, it.state.W, idx.astype(np.int64), val)
@@ -287,6 +289,7 @@ class LocalPrivateData:
         self.c_u = np.zeros(n_users)
         self.uk, self.ik, self.tk = users, items, ratings
         self.sigma_u: np.ndarray | None = None  # U-step base weights (None: 1 on ≤ m samples)
+        self.c_k: np.ndarray | None = None  # U-step per-sample item weights (None: 1)
         self.it: _Iterate | None = None
         self.k = 0
 
@@ -329,8 +332,10 @@ class LocalPrivateData:
         global_mean: float,
         item_bias: np.ndarray,
         rng: np.random.Generator,
+        item_w: np.ndarray | None = None,
     ) -> None:
         users, items, ratings, N = self.users, self.items, self.ratings, counts
+        self.c_k = None  # set again below with public item weights
         if cfg.u_select == "weighted":
             if cfg.u_min_support > 0:  # by the released noisy counts Ñ_i: post-processing
                 keep = N[items] >= cfg.u_min_support
@@ -338,7 +343,9 @@ class LocalPrivateData:
                 del keep
             else:
                 uk, ik = users, items
-            self.sigma_u = activity_weights(uk, self.n_users, cfg.max_samples_per_user)
+            if item_w is not None:
+                self.c_k = np.asarray(item_w, np.float64)[ik]
+            self.sigma_u = activity_weights(uk, self.n_users, cfg.max_samples_per_user, self.c_k)
             tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
             tk = tk - global_mean - item_bias[ik]
         else:
@@ -353,7 +360,7 @@ class LocalPrivateData:
 
     def u_step_counts(self) -> np.ndarray:
         base = np.ones(self.n_users) if self.sigma_u is None else self.sigma_u
-        return weighted_item_counts(self.ik, self.uk, base, self.n_items)
+        return weighted_item_counts(self.ik, self.uk, base, self.n_items, self.c_k)
 
     def start_iterate(
         self,
@@ -381,7 +388,7 @@ class LocalPrivateData:
         Wh = _sphere(W, cfg.A_w) if cfg.u_w_sphere else W
         V, s_u = clipped_item_rows(
             self.ik, y, xb, self.uk, Wh, self.n_items, A2=cfg.A2, A3=cfg.A3, A_w=cfg.A_w,
-            user_norm=cfg.u_user_norm, base_weights=self.sigma_u,
+            user_norm=cfg.u_user_norm, base_weights=self.sigma_u, sample_weights=self.c_k,
         )  # fmt: skip
         M = weighted_second_moment(self.uk, Wh, s_u, cfg.A_w, cfg.max_samples_per_user)
         return V, M

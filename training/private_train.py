@@ -79,7 +79,10 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.privacy_items import (
+    carried_item_rows,
+    drifted_precision,
     item_rows_sensitivity,
+    item_weights,
     spectral_sensitivity,
     spectral_start,
     wiener_item_rows,
@@ -116,6 +119,12 @@ U_INITS = ("random", "spectral")
 U_SELECTS = ("random", "popular", "weighted")
 U_SOLVES = ("ridge", "posterior")
 
+
+PLD_UP_TO = 2.0
+"""One-hot defaults (:meth:`PrivateConfig.for_data`): the PLD accountant for target ε ≤ this (its
+calibration takes seconds there and gives ~7 % less noise than RDP for the same (ε, δ) — where the noise
+costs accuracy), RDP above
+(PLD's grid grows with ε: ~45 s at ε = 8)."""
 
 MAX_EPSILON = 256.0  # largest accepted target ε (the ML-100K sweep in docs/privacy.md goes to 128)
 
@@ -163,6 +172,14 @@ class PrivateConfig:
     u_prior_scale: float = 1.0  # posterior: prior variance u0² = scale·(A2/A_w)²/r
     u_w_sphere: bool = False  # U-step: ŵ_u = A_w·w_u/‖w_u‖ (every user's w at the clip norm)
     u_min_support: float = 0.0  # items with released Ñ_i below this never enter V (U_i = 0)
+    # posterior: each U-step's prior on U_i is the previous step's posterior (Kalman; post-processing),
+    # widened by u_drift·u0² per coordinate; False: every step starts from the prior N(0, u0²)
+    u_carry: bool = False
+    # weighted selection: items whose released Ñ_i exceeds the knee n0 enter with weight √(n0/Ñ_i)
+    # (privacy_items.item_weights), n0 = u_item_snr·r·σ_V/(A_w²·u0): the weighted count at which an
+    # item's per-coordinate SNR in V is u_item_snr (public: σ_V, u0). 0: every item weight 1
+    u_item_snr: float = 0.0
+    u_drift: float = 0.25
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
     spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
@@ -209,6 +226,14 @@ class PrivateConfig:
             )
         if not self.u_min_support >= 0:
             raise ValueError(f"u_min_support must be >= 0, got {self.u_min_support!r}")
+        if not (math.isfinite(self.u_item_snr) and self.u_item_snr >= 0):
+            raise ValueError(f"u_item_snr must be finite and >= 0, got {self.u_item_snr!r}")
+        if self.u_item_snr > 0 and self.u_select != "weighted":
+            raise ValueError("u_item_snr needs u_select='weighted'")
+        if not (math.isfinite(self.u_drift) and self.u_drift >= 0):
+            raise ValueError(f"u_drift must be finite and >= 0, got {self.u_drift!r}")
+        if self.u_carry and self.u_solve != "posterior":
+            raise ValueError("u_carry needs u_solve='posterior'")
         if not self.u_prior_scale > 0:
             raise ValueError(f"u_prior_scale must be positive, got {self.u_prior_scale!r}")
         if self.u_step_gram == "population" and self.features != "onehot":
@@ -235,11 +260,15 @@ class PrivateConfig:
 
         One-hot features (private ALS, ``lrs_rec.privacy_items``): a private spectral start of U
         (event ``u_init``: the noisy co-rating second moment of the 200 items with the largest
-        released Ñ_i, one user's residuals clipped to norm 1), then L = 2 noisy U-steps releasing
+        released Ñ_i, one user's residuals clipped to norm 1), then L = 3 noisy U-steps releasing
         V_i per item with the population Gram (``u_step_gram="population"``); every user's ratings
-        enter V with weight min(1, √(m/n_u), C_V/‖t_u‖), m = 20, C_V = 3, w_u normalised to the
-        clip norm; each row U_i is the posterior mean under the public prior and the released
-        noise scale (``u_solve="posterior"``). No sparse part (with one-hot coordinates b_u only
+        enter V with weight σ_u·c_i and the norm clip C_V = 3 on the weighted residuals
+        (σ_u = min(1, √(m/Σ_i c_i²)), m = 20; c_i = min(1, √(n0/Ñ_i)) down-weights items whose
+        released count is above the knee n0 where their SNR in V reaches ``u_item_snr`` = 4), w_u
+        normalised to the clip norm; each row U_i is the posterior mean under the public prior and
+        the released noise scale (``u_solve="posterior"``), the previous U-step's posterior being
+        the next one's prior (``u_carry``). Accountant: PLD for ε ≤ ``PLD_UP_TO``, else RDP. No
+        sparse part (with one-hot coordinates b_u only
         moves the user's own already-rated items, never a prediction for a new item, while A3
         would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
         r = clip(round(ρ / 6), 2, 8) (ML-100K: ρ = 0.56 → r = 2; 1M users × 20k items: ρ = 50 →
@@ -253,7 +282,7 @@ class PrivateConfig:
                 sparsity=0,
                 max_samples_per_user=20,
                 rank=int(np.clip(round(rho / 6), 2, 8)),
-                n_iters=2,
+                n_iters=3,
                 init_scale=0.35,
                 u_init="spectral",
                 spectral_items=200,
@@ -262,6 +291,9 @@ class PrivateConfig:
                 u_user_norm=3.0,
                 u_w_sphere=True,
                 u_solve="posterior",
+                u_carry=True,
+                u_item_snr=4.0,
+                accountant="pld" if epsilon is not None and epsilon <= PLD_UP_TO else "rdp",
                 ridge_u=5.0,
             )
         kw.update(overrides)
@@ -539,7 +571,12 @@ def release(
     else:
         U = np.linalg.qr(rng.standard_normal((d, r)))[0]
     data.start_iterate(F, U, item_bias, global_mean, k)
-    data.select_u_samples(cfg, N, global_mean, item_bias, rng)
+    item_w = None  # per-item weights c_i of the weighted selection (u_item_snr), public
+    if cfg.u_select == "weighted" and cfg.u_item_snr > 0 and cfg.u_step_gram == "population":
+        u0 = math.sqrt(cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r)
+        knee = cfg.u_item_snr * r * z("u_step_V") * sens["u_step_V"] / (cfg.A_w**2 * u0)
+        item_w = item_weights(N, knee)  # the released Ñ_i and public σ_V, u0, r (no noise: 1)
+    data.select_u_samples(cfg, N, global_mean, item_bias, rng, item_w)
     bounds = cfg.bounds()
     population = cfg.u_step_gram == "population"
     if population:  # public noise scale σ_V; the Gram needs no per-item noise
@@ -557,6 +594,7 @@ def release(
     else:
         sigma_A = z("u_step_A") * sens["u_step_A"]
         ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
+    carried: tuple[np.ndarray, np.ndarray] | None = None  # (mean, precision) of the last posterior
     for _ in range(cfg.n_iters):
         data.user_step(U, cfg)
         if population:
@@ -573,7 +611,18 @@ def release(
                 total = 1.0
             else:
                 total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
-            if cfg.u_solve == "posterior":
+            prior_var = cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r
+            if cfg.u_carry:
+                prior = {} if carried is None else {
+                    "prior_mean": carried[0],
+                    "prior_prec": drifted_precision(carried[1], cfg.u_drift * prior_var),
+                }  # fmt: skip
+                U, prec = carried_item_rows(
+                    V, counts, M / total, noise_var=sigma**2, ridge=cfg.ridge_u,
+                    prior_var=prior_var, **prior,
+                )  # fmt: skip
+                carried = (U, prec)
+            elif cfg.u_solve == "posterior":
                 U = wiener_item_rows(
                     V, counts, M / total, noise_var=sigma**2, ridge=cfg.ridge_u,
                     prior_var=cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r,
@@ -869,9 +918,10 @@ def cli_config(
     }  # fmt: skip
     given.update(
         delta=float(args.delta),
-        accountant=str(args.accountant),
         random_state=getattr(args, "dp_noise_seed", None),
     )
+    if getattr(args, "accountant", None) is not None:  # else the configuration's default
+        given["accountant"] = str(args.accountant)
     if mode == "onehot":
         return PrivateConfig.for_data(
             users, n_items=n_items, epsilon=float(args.epsilon), features=mode, **given

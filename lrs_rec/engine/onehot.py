@@ -43,11 +43,9 @@ class OneHotState:
     def to_dense(self) -> steps.LRSState:
         """The same iterate as a dense :class:`~lrs_rec.engine.steps.LRSState` (small data only)."""
         n_items = self.U.shape[0]
-        B = np.zeros((self.W.shape[0], n_items))
-        np.put_along_axis(B, self.B_idx, self.B_val, axis=1)
         return steps.LRSState(
             self.global_mean, self.user_bias.copy(), self.item_bias.copy(), np.eye(n_items),
-            self.U.copy(), self.W.copy(), B,
+            self.U.copy(), self.W.copy(), self.B_idx.copy(), self.B_val.copy(),
         )  # fmt: skip
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -336,19 +336,17 @@ def sparse_b_step(
     state: LRSState, data: Samples, p: StepParams, *, block: int | None = None
 ) -> None:
     """Eq. 3 for every user, block by block: the sparse update of b_u (and, for HTP, w_u) given U,
-    the features and the biases. Updates ``state.W`` (HTP), ``state.B``, ``state.support`` and
-    ``state.gamma`` (IHT). Every user needs at least one sample."""
+    the features and the biases. Updates ``state.W`` (HTP), ``state.B_idx`` (the supports),
+    ``state.B_val`` and ``state.gamma`` (IHT). Every user needs at least one sample."""
     from lrs_rec.engine.steps import key_blocks, user_block_size
 
     k, sb = p.k, p.sparse
-    n_users, d = state.B.shape
+    n_users, d = state.W.shape[0], state.F.shape[1]
     if k == 0 or p.b_step not in ("htp", "iht"):
         return
-    S = state.support
-    if S is None or S.shape != (n_users, k):
-        S = top_k_indices(state.B, k)
-    S = np.array(S, dtype=np.int64)
-    B_val = np.take_along_axis(state.B, S, axis=1)
+    state.ensure_b_width(k)
+    S = np.array(state.B_idx, dtype=np.int64)
+    B_val = np.array(state.B_val, dtype=np.float64)
     W = np.array(state.W, dtype=np.float64)
     t = data.ratings - state.global_mean - state.item_bias[data.items] - state.user_bias[data.users]
     blocks = list(key_blocks(data.users, n_users, block or user_block_size(d)))
@@ -426,5 +424,4 @@ def sparse_b_step(
     if sb.zeta is not None:
         B_val = enforce_row_sparsity(S, B_val, zeta=int(sb.zeta), d=d)
     state.W = W
-    state.support = S
-    state.B = dense_b(S, B_val, d)
+    state.B_idx, state.B_val = S, np.asarray(B_val, dtype=np.float64)

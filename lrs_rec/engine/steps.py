@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from lrs_rec.engine import parallel
+from lrs_rec.engine.b_rows import add_b, b_dot, gram_b, with_width, zero_b
 from lrs_rec.engine.grouped import grouped_gram, grouped_sum
 from lrs_rec.engine.parallel import block_map
 from lrs_rec.engine.sparse_b import SparseB, sparse_b_step
 from lrs_rec.engine.u_solve import cg_u_solve, joint_block, orthonormalize, refit_b
+from lrs_rec.engine.user_rows import dense_b
 from lrs_rec.thresholding import ridge_top_k_refit
 
 
@@ -102,7 +104,11 @@ class Samples:
 
 @dataclass
 class LRSState:
-    """The current iterate of the alternating minimisation (mutable, owned by the training loop)."""
+    """The current iterate of the alternating minimisation (mutable, owned by the training loop).
+
+    b_u is stored k-sparse (``lrs_rec.engine.b_rows``): ``B_idx`` (n_users, k) coordinates, distinct
+    within a row, and ``B_val`` their values (0.0 pads rows with fewer non-zeros); width 0 is B = 0.
+    There is no dense (n_users, d) B: :meth:`dense_b` is the slow twin for tests."""
 
     global_mean: float
     user_bias: np.ndarray  # (n_users,)
@@ -110,17 +116,36 @@ class LRSState:
     F: np.ndarray  # (n_items, d) item features
     U: np.ndarray  # (d, r) orthonormal
     W: np.ndarray  # (n_users, r)
-    B: np.ndarray  # (n_users, d), each row at most k non-zeros
-    support: np.ndarray | None = None  # (n_users, k) sorted supports S_u of b_u (paper b-step)
+    B_idx: np.ndarray  # (n_users, k) int32 (int64 accepted) coordinates of b_u
+    B_val: np.ndarray  # (n_users, k) their values
     gamma: np.ndarray | None = None  # (n_users,) Algorithm 2's γ per user (b_step "iht")
+
+    @property
+    def support(self) -> np.ndarray:
+        """The supports S_u of b_u (the paper b-step's; sorted there): ``B_idx``."""
+        return self.B_idx
+
+    @property
+    def k(self) -> int:
+        return int(self.B_idx.shape[1])
+
+    def dense_b(self) -> np.ndarray:
+        """B as a dense (n_users, d) array (tests and small data only)."""
+        return dense_b(self.B_idx.astype(np.int64), self.B_val, self.F.shape[1])
 
     def theta(self) -> np.ndarray:
         """Θ = W Uᵀ + B (n_users × d), one array (B added in place, no second temporary)."""
         out = np.asarray(self.W @ self.U.T)
-        if out.dtype == np.result_type(out, self.B):
-            out += self.B
-            return out
-        return np.asarray(out + self.B)
+        if out.dtype != np.result_type(out, self.B_val):
+            out = out.astype(np.result_type(out, self.B_val))
+        return add_b(out, self.B_idx, self.B_val)
+
+    def theta_of(self, users: np.ndarray) -> np.ndarray:
+        """θ_u of the given users (one row per entry of ``users``)."""
+        out = np.asarray(self.W[users] @ self.U.T)
+        if out.dtype != np.result_type(out, self.B_val):
+            out = out.astype(np.result_type(out, self.B_val))
+        return add_b(out, self.B_idx[users], self.B_val[users])
 
     def predict(self, users: np.ndarray, items: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """The same formula as ``TrainedModel.predict`` on known users/items (used for losses).
@@ -131,7 +156,7 @@ class LRSState:
         out = np.empty(users.shape[0])
         for a in range(0, users.shape[0], ROW_CHUNK):
             u, i = users[a : a + ROW_CHUNK], items[a : a + ROW_CHUNK]
-            theta = self.W[u] @ self.U.T + self.B[u]
+            theta = self.theta_of(u)
             out[a : a + ROW_CHUNK] = (
                 self.global_mean
                 + self.user_bias[u]
@@ -148,10 +173,16 @@ class LRSState:
     def theta_rows(self, lo: int, hi: int) -> np.ndarray:
         """θ_u of users lo..hi-1 (rows of :meth:`theta`)."""
         out = np.asarray(self.W[lo:hi] @ self.U.T)
-        if out.dtype == np.result_type(out, self.B):
-            out += self.B[lo:hi]
-            return out
-        return np.asarray(out + self.B[lo:hi])
+        if out.dtype != np.result_type(out, self.B_val):
+            out = out.astype(np.result_type(out, self.B_val))
+        return add_b(out, self.B_idx[lo:hi], self.B_val[lo:hi])
+
+    def set_b(self, idx: np.ndarray, val: np.ndarray) -> None:
+        self.B_idx, self.B_val = idx, val
+
+    def ensure_b_width(self, k: int) -> None:
+        """B at width k (see :func:`lrs_rec.engine.b_rows.with_width`)."""
+        self.B_idx, self.B_val = with_width(self.B_idx, self.B_val, k, self.F.shape[1])
 
 
 def rating_dots(K: Any, state: LRSState, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -438,13 +469,14 @@ def user_step(
     n_users = state.W.shape[0]
     if prior is None:
         prior = user_prior(state, data, p, block=block)
+    state.ensure_b_width(p.k)
     sparse_b_step(state, data, p, block=block)  # the paper's b-step (a no-op for the trainer's)
     K = parallel.kernels()
     # the trainer's user step (the paper's b-steps, a jitter or an unregularised b-ridge: numpy)
     if K is not None and p.b_step == "ridge" and not p.jitter and p.n_inner >= 1 and p.reg_b > 0:
         _user_step_fast(K, state, data, p, prior)
         return
-    size = block or user_block_size(state.B.shape[1])
+    size = block or user_block_size(state.F.shape[1])
 
     def fit_block(blk: tuple[int, int, Samples]) -> tuple[int, int, tuple[np.ndarray, ...]]:
         lo, hi, sub = blk
@@ -453,14 +485,18 @@ def user_step(
         return (
             lo,
             hi,
-            _fit_users(state.U, st, p, state.W[lo:hi], state.B[lo:hi], means, prior.prec),
-        )
+            _fit_users(
+                state.U, st, p, state.W[lo:hi], state.B_idx[lo:hi], state.B_val[lo:hi], means,
+                prior.prec,
+            ),
+        )  # fmt: skip
 
     # blocks are independent: each reads and writes only its own users' rows
-    for lo, hi, (c, W, B) in block_map(fit_block, _user_blocks(data, n_users, size)):
+    for lo, hi, (c, W, idx, val) in block_map(fit_block, _user_blocks(data, n_users, size)):
         state.user_bias[lo:hi] = c
         state.W[lo:hi] = W
-        state.B[lo:hi] = B
+        state.B_idx[lo:hi] = idx
+        state.B_val[lo:hi] = val
 
 
 def _user_step_fast(
@@ -472,7 +508,8 @@ def _user_step_fast(
     indptr, items, ratings = data.csr("user", n_users)
     # written in place when the state's arrays are C-contiguous float64 (the kernel reads a user's
     # b_u before it overwrites it); otherwise into copies that are then assigned
-    W, B, c = (_out(a) for a in (state.W, state.B, state.user_bias))
+    W, B_val, c = (_out(a) for a in (state.W, state.B_val, state.user_bias))
+    B_idx = _out_i32(state.B_idx)
     z_bar, A_cond = prior.z_bar, prior.A
     conditional = A_cond is not None and z_bar is not None
     F = _f64(state.F)
@@ -485,7 +522,8 @@ def _user_step_fast(
         _f64(state.item_bias),
         float(state.global_mean),
         _f64(state.U),
-        B,
+        B_idx,
+        B_val,
         W,
         c,
         int(p.k),
@@ -500,9 +538,10 @@ def _user_step_fast(
         _f64(A_cond) if A_cond is not None and conditional else np.zeros((r, r)),
         conditional,
     )
-    for name, arr in (("user_bias", c), ("W", W), ("B", B)):
+    for name, arr in (("user_bias", c), ("W", W), ("B_val", B_val)):
         if arr is not getattr(state, name):
             getattr(state, name)[...] = arr
+    state.B_idx = B_idx
 
 
 def _out(a: np.ndarray) -> np.ndarray:
@@ -510,26 +549,32 @@ def _out(a: np.ndarray) -> np.ndarray:
     return a if ok else np.array(a, dtype=np.float64, order="C")
 
 
+def _out_i32(a: np.ndarray) -> np.ndarray:
+    ok = a.dtype == np.int32 and a.flags.c_contiguous and a.flags.writeable
+    return a if ok else np.array(a, dtype=np.int32, order="C")
+
+
 def _fit_users(
     U: np.ndarray,
     st: _UserStats,
     p: StepParams,
     W: np.ndarray,
-    B: np.ndarray,
+    B_idx: np.ndarray,
+    B_val: np.ndarray,
     w_prior: np.ndarray,
     prec: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-user problems of one block of users, all solved together (batched).
-    ``w_prior`` (n, r) holds each user's prior mean of w."""
-    n_users, d = B.shape
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The per-user problems of one block of users, all solved together (batched) → (c, W,
+    B_idx, B_val). ``w_prior`` (n, r) holds each user's prior mean of w; b_u as k-sparse pairs."""
+    n_users = B_idx.shape[0]
     r = U.shape[1]
-    B = B.copy()
+    idx, val = B_idx.copy(), B_val.copy()
     c = np.zeros(n_users)
     GU = st.G @ U  # (n, d, r)
     UGU = np.einsum("dr,nds->nrs", U, GU)
     sU = st.s @ U
     for _ in range(p.n_inner):
-        Gb = np.einsum("uab,ub->ua", st.G, B)  # XᵀX b
+        Gb = gram_b(st.G, idx, val)  # XᵀX b
         # (c_u, w_u): design [1, X U]; ridge λ_bias on c_u, λ_w (w - w̄)ᵀ Σ̃⁻¹ (w - w̄) on w_u
         A = np.zeros((n_users, r + 1, r + 1))
         A[:, 0, 0] = st.n + (p.reg_bias if p.user_bias else 0.0)
@@ -540,7 +585,7 @@ def _fit_users(
             tr = np.maximum(np.trace(UGU, axis1=1, axis2=2) / r, 1e-30)
             A[:, 1:, 1:] += (p.jitter * tr)[:, None, None] * np.eye(r)[None]
         rhs = np.zeros((n_users, r + 1))
-        rhs[:, 0] = st.T - np.einsum("ud,ud->u", st.s, B)
+        rhs[:, 0] = st.T - b_dot(st.s, idx, val)
         rhs[:, 1:] = (st.h - Gb) @ U + p.reg_w * (w_prior @ prec)  # prec is symmetric
         if not p.user_bias:
             A[:, 0, :] = 0.0
@@ -554,12 +599,11 @@ def _fit_users(
         if p.k > 0:
             # b_u: ridge on all d coordinates, hard-threshold to the top k, refit on the support
             xr = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", GU, W)
-            idx, bs = ridge_top_k_refit(st.G, xr, p.k, p.reg_b)
-            B = np.zeros((n_users, d))
-            np.put_along_axis(B, idx, bs, axis=1)
+            top, val = ridge_top_k_refit(st.G, xr, p.k, p.reg_b)
+            idx = top.astype(B_idx.dtype)
         else:
-            B = np.zeros((n_users, d))
-    return c, W, B
+            idx, val = zero_b(n_users, 0)
+    return c, W, idx, val
 
 
 def conditional_prior_means(state: LRSState, data: Samples, *, ridge: float = 1e-3) -> np.ndarray:
@@ -578,7 +622,7 @@ def conditional_prior_means(state: LRSState, data: Samples, *, ridge: float = 1e
 
 def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
     """single / prompt: one shared w for all users (pooled ridge), then per-user biases given it."""
-    n_users, d = state.B.shape
+    n_users = state.W.shape[0]
     U = state.U
     r = U.shape[1]
     X = state.F[data.items]
@@ -593,7 +637,7 @@ def _pooled_user_step(state: LRSState, data: Samples, p: StepParams) -> None:
             c = np.bincount(data.users, t - X @ (U @ w), minlength=n_users) / (n + p.reg_bias)
     state.W = np.repeat(w[None, :], n_users, axis=0)
     state.user_bias = np.asarray(c, dtype=np.float64).copy()
-    state.B = np.zeros((n_users, d))
+    state.set_b(*zero_b(n_users, p.k))
 
 
 _JointTerms = list[tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray]]]
@@ -616,19 +660,18 @@ def u_step_statistics(
     With ``joint_ridge_b`` (the paper estimator) each b_u is eliminated on ``state.support``
     (variable projection, :func:`lrs_rec.engine.u_solve.joint_block`); the per-block terms that refit
     it afterwards are appended to ``joint_terms``."""
-    n_users, d = state.B.shape
+    n_users, d = state.W.shape[0], state.F.shape[1]
     r = state.U.shape[1]
     A = np.zeros((d, d, r, r))
     rhs = np.zeros((d, r))
     for lo, hi, sub in _user_blocks(data, n_users, block or user_block_size(d)):
         st = _user_stats(state, sub, hi - lo)
-        W, B, c = state.W[lo:hi], state.B[lo:hi], state.user_bias[lo:hi]
+        W, c = state.W[lo:hi], state.user_bias[lo:hi]
         WW = np.einsum("up,uq->upq", W, W).reshape(hi - lo, r * r)
         A += (st.G.reshape(hi - lo, d * d).T @ WW).reshape(d, d, r, r)
         if joint_ridge_b is None:
-            resid = st.h - c[:, None] * st.s - np.einsum("uab,ub->ua", st.G, B)
+            resid = st.h - c[:, None] * st.s - gram_b(st.G, state.B_idx[lo:hi], state.B_val[lo:hi])
         else:
-            assert state.support is not None
             act = None if joint_active is None else joint_active[lo:hi]
             corr, resid, t = joint_block(
                 st.G, st.h - c[:, None] * st.s, state.support[lo:hi], W, joint_ridge_b, jitter, act
@@ -715,15 +758,12 @@ def u_step(
         Q, R = solve_u(A, rhs, ridge=ridge, ridge_relative=ridge_relative, jitter=jitter)
         b_new = None
         if terms:  # b re-optimised on the supports with the new U (θ = U_ls w = Q (R w))
-            b_new = np.zeros((state.B.shape[0], terms[0][2][1].shape[1]))
+            b_new = np.zeros((state.W.shape[0], terms[0][2][1].shape[1]))
             WR = state.W @ R.T
             for lo, hi, t in terms:
                 b_new[lo:hi] = refit_b(t, Q, WR[lo:hi])
-    if b_new is not None:
-        assert state.support is not None
-        B = np.zeros_like(state.B)
-        np.put_along_axis(B, state.support, b_new, axis=1)
-        state.B = B
+    if b_new is not None:  # the values on the (unchanged) supports
+        state.B_val = np.asarray(b_new, dtype=np.float64)
     state.U = Q
     state.W = state.W @ R.T
 
@@ -738,7 +778,7 @@ def item_bias_statistics(state: LRSState, data: Samples) -> tuple[np.ndarray, np
         resid = t - rating_dots(K, state, data.users, data.items)
     for a in range(0, t.size if K is None else 0, ROW_CHUNK):
         i, u = data.items[a : a + ROW_CHUNK], data.users[a : a + ROW_CHUNK]
-        theta = state.W[u] @ state.U.T + state.B[u]
+        theta = state.theta_of(u)
         resid[a : a + ROW_CHUNK] = t[a : a + ROW_CHUNK] - np.einsum("nd,nd->n", state.F[i], theta)
     return (
         np.bincount(data.items, resid, minlength=n_items),
@@ -757,7 +797,7 @@ def item_block_statistics(
         return _item_block_statistics_fast(K, state, data, lo, hi, sl)
     u = data.users[sl]
     t = data.ratings[sl] - state.global_mean - state.user_bias[u]
-    Z = np.hstack([np.ones((sl.size, 1)), state.W[u] @ state.U.T + state.B[u]])
+    Z = np.hstack([np.ones((sl.size, 1)), state.theta_of(u)])
     return (
         grouped_gram(data.items[sl] - lo, hi - lo, Z),
         grouped_sum(data.items[sl] - lo, hi - lo, Z * t[:, None]),
@@ -775,7 +815,7 @@ def _item_block_statistics_fast(
     u = data.users[sl]
     indptr = np.zeros(hi - lo + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=hi - lo), out=indptr[1:])
-    theta = _f64(state.W[u] @ state.U.T + state.B[u])
+    theta = _f64(state.theta_of(u))
     e = state.F.shape[1] + 1
     G, h = np.empty((hi - lo, e, e)), np.empty((hi - lo, e))
     rows = np.arange(sl.size, dtype=np.int32)

@@ -93,17 +93,15 @@ def cg_u_solve(
 ) -> tuple[FloatArray, FloatArray | None]:
     """Eq. 5 by CG on the samples' rows (warm-started at ``state.U``), optionally jointly with b on
     ``state.support``. Returns (the un-orthonormalised U, b on the supports or None)."""
-    n_users = state.B.shape[0]
+    n_users = state.W.shape[0]
     t = data.ratings - state.global_mean - state.item_bias[data.items] - state.user_bias[data.users]
     ud, _ = UserData.build(state.F[data.items], t, data.users, n_users)
     if joint_ridge_b is not None:
-        assert state.support is not None
         return _joint_u_step_cg(
             ud, state.W, state.support, state.U, joint_ridge_b, ridge, active, jitter,
             maxiter=maxiter,
         )  # fmt: skip
-    S = state.support if state.support is not None else np.zeros((n_users, 0), dtype=np.int64)
-    B_val = np.take_along_axis(state.B, S, axis=1)
+    S, B_val = state.B_idx, state.B_val
     U_ls, _ = u_step_cg(
         ud.X, ud.y, ud.user_of, state.W, S, B_val, U0=state.U, ridge=ridge, maxiter=maxiter
     )

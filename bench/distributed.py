@@ -379,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "distributed")
     ap.add_argument("--mem-cap-gb", type=float, default=6.0, help="cap of each measured child")
     ap.add_argument(
-        "--cluster-cap-gb", type=float, default=4.0, help="cap of the scheduler + workers together"
+        "--cluster-cap-gb",
+        type=float,
+        default=8.0,
+        help="cap of the scheduler + workers together (a guard; 1M users peaked at 5.5 GB)",
     )
     ap.add_argument(
         "--data",

@@ -344,8 +344,7 @@ def estimate_prior(
             it, us = items[lo:hi], np.repeat(np.arange(b - a), counts[a:b])
             pred = global_mean + ub[a:b][us] + ib[it] + np.einsum("nd,nd->n", feats[it], theta[us])
             sse += float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
-        dof = n_ratings - n_users * (1 + r + lrs.sparsity)
-        noise_var = max(sse / dof if dof > n_ratings // 4 else sse / n_ratings, 1e-6)
+        noise_var = residual_noise_var(sse, n_ratings, n_users * (1 + r + lrs.sparsity))
 
     desc = np.zeros((n_items, 0))
     if implicit and n_users > 2 and np.all(counts > 0):
@@ -526,6 +525,14 @@ def _implicit_moments(
     )
     C_tm = (tc_mc - np.outer(Tc.sum(axis=0), mc_mean)) / (n_users - 1)
     return m_mean, C_mm, S, C_tm
+
+
+def residual_noise_var(sse: float, n_ratings: int, n_params: int) -> float:
+    """σ² of the rating noise from the training residuals: SSE over the degrees of freedom left
+    after the n_params per-user parameters (SSE / N when fewer than N/4 remain), at least 1e-6.
+    Used by the local and the Dask (per-partition sums) onboarding priors alike."""
+    dof = n_ratings - n_params
+    return max(sse / dof if dof > n_ratings // 4 else sse / n_ratings, 1e-6)
 
 
 def within_and_between(

@@ -251,12 +251,26 @@ def test_a_worker_killed_mid_run_gives_the_same_model_or_a_clear_error(
     np.testing.assert_allclose(model.user_bias, local.model.user_bias, rtol=1e-6, atol=1e-8)
 
 
+def _one_thread_cluster() -> Any:
+    """A LocalCluster of one in-process worker thread (the stall-guard tests scale it to 0)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        scheduler_port=0,
+        dashboard_address=None,
+        silence_logs=50,
+    )
+
+
 def test_a_cluster_left_without_workers_fails_with_one_line_instead_of_hanging(
     ratings_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every worker gone for good (no nanny brings one back): the run stops with ClusterError
     after STALL_SECONDS without progress, and writes nothing."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from lrs_rec.training import dask_engine
     from lrs_rec.training.dask_engine import ClusterError, train_dask
 
@@ -265,14 +279,7 @@ def test_a_cluster_left_without_workers_fails_with_one_line_instead_of_hanging(
     cfg = replace(TrainConfig(dim=8, rank=3, sparsity=2, n_iter=50, patience=0), tune=False)
     out: dict[str, Any] = {}
     with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=False,
-            scheduler_port=0,
-            dashboard_address=None,
-            silence_logs=50,
-        ) as lc,
+        _one_thread_cluster() as lc,
         Client(lc) as client,
     ):
 
@@ -305,18 +312,11 @@ def test_a_cluster_left_without_workers_fails_with_one_line_instead_of_hanging(
 def test_waiting_on_work_no_worker_can_run_stops_with_a_one_line_error() -> None:
     """The stall guard itself: a task that no worker may run (restricted to a worker that does
     not exist) waits forever in Dask; Run.wait gives up after STALL_SECONDS without progress."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from lrs_rec.training import dask_engine
 
     with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=False,
-            scheduler_port=0,
-            dashboard_address=None,
-            silence_logs=50,
-        ) as lc,
+        _one_thread_cluster() as lc,
         Client(lc) as client,
     ):
         old = dask_engine.STALL_SECONDS, dask_engine.STALL_POLL

@@ -19,6 +19,7 @@ from lrs_rec.onboarding import (
     _first_ratings,
     _sym,
     item_descriptors,
+    residual_noise_var,
     within_and_between,
 )
 
@@ -186,8 +187,7 @@ def combine(
     noise_var = 1e-6
     if N:
         sse = sum(s.sse for s in parts)
-        dof = N - n * (1 + rank + sparsity)
-        noise_var = max(sse / dof if dof > N // 4 else sse / N, 1e-6)
+        noise_var = residual_noise_var(sse, N, n * (1 + rank + sparsity))
     p = desc.shape[1]
     q = 1 + rank
     if p == 0:

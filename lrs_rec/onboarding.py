@@ -53,6 +53,7 @@ import scipy.sparse
 from scipy.linalg.lapack import dposv
 
 from lrs_rec._types import FloatArray, IntArray
+from lrs_rec.engine.parallel import block_map
 from lrs_rec.model import LRSModel
 
 __all__ = [
@@ -336,14 +337,20 @@ def estimate_prior(
     if n_ratings:
         feats = np.asarray(item_features, dtype=np.float64)
         ib = np.asarray(item_bias, dtype=np.float64)
-        sse = 0.0
-        # by blocks of users (CSR order), so memory stays bounded: O(block × d), never O(N × d)
-        for a, b in _user_blocks(indptr):
+
+        # by blocks of users (CSR order), so memory stays bounded: O(block × d), never O(N × d);
+        # the blocks on the trainer's worker threads, their sums added in block order
+        def block_sse(blk: tuple[int, int]) -> float:
+            a, b = blk
             lo, hi = int(indptr[a]), int(indptr[b])
             theta = lrs.theta_rows(np.arange(a, b))
             it, us = items[lo:hi], np.repeat(np.arange(b - a), counts[a:b])
             pred = global_mean + ub[a:b][us] + ib[it] + np.einsum("nd,nd->n", feats[it], theta[us])
-            sse += float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
+            return float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
+
+        sse = 0.0
+        for part in block_map(block_sse, _user_blocks(indptr)):
+            sse += part
         noise_var = residual_noise_var(sse, n_ratings, n_users * (1 + r + lrs.sparsity))
 
     desc = np.zeros((n_items, 0))
@@ -403,13 +410,19 @@ def _first_ratings_blocked(
         )
     counts = np.diff(indptr)
     out_items, out_users = [], []
-    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
+
+    def block(blk: tuple[int, int]) -> tuple[IntArray, IntArray]:
+        a, b = blk
         lo, hi = int(indptr[a]), int(indptr[b])
         it, us, _ = _first_ratings(
             items[lo:hi], users[lo:hi] - a, counts[a:b], ts[lo:hi], episode_size
         )
+        return it, (us + a).astype(users.dtype, copy=False)
+
+    # the blocks on the trainer's worker threads, concatenated in block order
+    for it, us in block_map(block, _user_blocks(indptr, _BLOCK_RATINGS * 8)):
         out_items.append(it)
-        out_users.append((us + a).astype(users.dtype, copy=False))
+        out_users.append(us)
     if not out_items:
         return items, users, counts
     return (
@@ -504,7 +517,9 @@ def _implicit_moments(
     # one pass over blocks of users: m_u - ḡ = (A g)/n_u of each block, never an (N × p) array
     sum_mc, sum_mcmc, tc_mc = np.zeros(p), np.zeros((p, p)), np.zeros((q, p))
     within = np.zeros((p, p))
-    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
+
+    def block(blk: tuple[int, int]) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        a, b = blk
         lo, hi = int(indptr[a]), int(indptr[b])
         A = scipy.sparse.csr_matrix(
             (np.ones(hi - lo), items[lo:hi], indptr[a : b + 1] - lo), shape=(b - a, n_items)
@@ -512,10 +527,16 @@ def _implicit_moments(
         cnt = counts[a:b]
         Mc = np.asarray(A @ G) / cnt[:, None]
         Mn = Mc[cnt > 1]
-        within += (Mn * cnt[cnt > 1, None]).T @ Mn
-        sum_mc += Mc.sum(axis=0)
-        sum_mcmc += Mc.T @ Mc
-        tc_mc += Tc[a:b].T @ Mc
+        return (Mn * cnt[cnt > 1, None]).T @ Mn, Mc.sum(axis=0), Mc.T @ Mc, Tc[a:b].T @ Mc
+
+    # the blocks' products on the trainer's worker threads, added in block order (the one-thread sums)
+    for w_part, s_part, ss_part, t_part in block_map(
+        block, _user_blocks(indptr, _BLOCK_RATINGS * 8)
+    ):
+        within += w_part
+        sum_mc += s_part
+        sum_mcmc += ss_part
+        tc_mc += t_part
     dof_w = max(int(items.size - n_users), 1)
     mc_mean = sum_mc / n_users
     cov_m = (sum_mcmc - n_users * np.outer(mc_mean, mc_mean)) / (n_users - 1)

@@ -27,6 +27,7 @@ from lrs_rec.training.spill import Spill, Spilled
 from lrs_rec.training.spill import load as spill_load
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine import parallel
 from lrs_rec.engine.b_rows import top_k_b, zero_b
 from lrs_rec.engine.steps import (
     LRSState,
@@ -169,7 +170,9 @@ def encode_in_history_order(
         counts = np.bincount(u)
         mask = np.asarray((rng.random(u.shape[0]) < fraction) & (counts[u] > 1))
         del counts
-    order = np.lexsort((i, u))
+    K = parallel.kernels()
+    # by user, then item (ties keep the table's order); the compiled twin is two counting sorts
+    order = np.lexsort((i, u)) if K is None else K.lex_order(u, len(users), i, len(items))
     u, i = u[order], i[order]
     ratings = np.asarray(table.ratings[order], dtype=np.float64)
     if release_table:
@@ -314,10 +317,13 @@ def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
     if n <= SVD_ROWS:
         R = _f64(P)
     else:  # P may be stored in float32 (the ALS start's user factors): each block in float64
-        parts = [
-            np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r"))
-            for a in range(0, n, SVD_ROWS)
-        ]
+        # (the blocks' QRs on the worker threads, LAPACK releases the GIL; stacked in block order)
+        parts = list(
+            parallel.block_map(
+                lambda a: np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r")),
+                range(0, n, SVD_ROWS),
+            )
+        )
         R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
     _, _, Vt = np.linalg.svd(R, full_matrices=False)
     return np.ascontiguousarray(Vt[:r].T)
@@ -330,8 +336,12 @@ def _f64(a: np.ndarray) -> np.ndarray:
 def project_rows(P: np.ndarray, U: np.ndarray) -> np.ndarray:
     """P U in float64, SVD_ROWS rows at a time (P may be float32: no float64 copy of all of it)."""
     out = np.empty((P.shape[0], U.shape[1]))
-    for a in range(0, P.shape[0], SVD_ROWS):
+
+    def block(a: int) -> None:
         out[a : a + SVD_ROWS] = _f64(P[a : a + SVD_ROWS]) @ U
+
+    for _ in parallel.block_map(block, range(0, P.shape[0], SVD_ROWS)):
+        pass
     return out
 
 
@@ -465,6 +475,7 @@ def biases_only(
         reg_user=reg_bias,
         reg_item=reg_bias,
         n_iter=10,
+        samples=data,
     )
     n, r = start.user_bias.size, start.U.shape[1]
     if copy:
@@ -697,21 +708,28 @@ def peak_rss_mb() -> float | None:
 
 
 class PhaseLog:
-    """Wall seconds of each training phase and the process's peak RSS at its end (a high-water
-    mark: the phase where it jumps is the one that needed the memory); written to the manifest
-    (``metrics.phases``)."""
+    """Wall seconds of each training phase, the process's CPU seconds in it (every thread's; less
+    sensitive than the wall time to other jobs on the machine) and the process's peak RSS at its
+    end (a high-water mark: the phase where it jumps is the one that needed the memory); written
+    to the manifest (``metrics.phases``)."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self._t = time.perf_counter()
+        self._cpu = time.process_time()
 
     def mark(self, phase: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.rows.append(
-            {"phase": phase, "seconds": round(now - self._t, 3), "peak_rss_mb": peak_rss_mb()}
+            {
+                "phase": phase,
+                "seconds": round(now - self._t, 3),
+                "cpu_seconds": round(cpu - self._cpu, 3),
+                "peak_rss_mb": peak_rss_mb(),
+            }
         )
         trim_heap()  # the phase's freed temporaries back to the system before the next one
-        self._t = now
+        self._t, self._cpu = now, cpu
 
 
 # ------------------------------------------------------------------------------------------------

@@ -349,7 +349,7 @@ def estimate_prior(
             return float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
 
         sse = 0.0
-        for part in block_map(block_sse, _user_blocks(indptr)):
+        for part in block_map(block_sse, _user_blocks(indptr, _BLOCK_RATINGS // _IN_FLIGHT)):
             sse += part
         noise_var = residual_noise_var(sse, n_ratings, n_users * (1 + r + lrs.sparsity))
 
@@ -379,6 +379,11 @@ def estimate_prior(
 
 
 _BLOCK_RATINGS = 1 << 17  # ratings per block of the prior's passes over the histories
+# the passes' blocks run on the trainer's worker threads (block_map keeps up to 2 × threads blocks
+# in flight): blocks of 1 / _IN_FLIGHT of the size the passes had on one thread keep the
+# temporaries of 4 blocks (2 threads) within what one block held (the command's peak RSS at 1M
+# users is in this estimate). Fixed sizes: the sums do not depend on the thread count.
+_IN_FLIGHT = 4
 
 
 def _user_blocks(indptr: IntArray, per_block: int = _BLOCK_RATINGS) -> list[tuple[int, int]]:
@@ -420,7 +425,7 @@ def _first_ratings_blocked(
         return it, (us + a).astype(users.dtype, copy=False)
 
     # the blocks on the trainer's worker threads, concatenated in block order
-    for it, us in block_map(block, _user_blocks(indptr, _BLOCK_RATINGS * 8)):
+    for it, us in block_map(block, _user_blocks(indptr, _BLOCK_RATINGS * 8 // _IN_FLIGHT)):
         out_items.append(it)
         out_users.append(us)
     if not out_items:
@@ -531,7 +536,7 @@ def _implicit_moments(
 
     # the blocks' products on the trainer's worker threads, added in block order (the one-thread sums)
     for w_part, s_part, ss_part, t_part in block_map(
-        block, _user_blocks(indptr, _BLOCK_RATINGS * 8)
+        block, _user_blocks(indptr, _BLOCK_RATINGS * 8 // _IN_FLIGHT)
     ):
         within += w_part
         sum_mc += s_part

@@ -53,7 +53,6 @@ import scipy.sparse
 from scipy.linalg.lapack import dposv
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.engine.parallel import block_map
 from lrs_rec.model import LRSModel
 
 __all__ = [
@@ -337,20 +336,14 @@ def estimate_prior(
     if n_ratings:
         feats = np.asarray(item_features, dtype=np.float64)
         ib = np.asarray(item_bias, dtype=np.float64)
-
-        # by blocks of users (CSR order), so memory stays bounded: O(block × d), never O(N × d);
-        # the blocks on the trainer's worker threads, their sums added in block order
-        def block_sse(blk: tuple[int, int]) -> float:
-            a, b = blk
+        sse = 0.0
+        # by blocks of users (CSR order), so memory stays bounded: O(block × d), never O(N × d)
+        for a, b in _user_blocks(indptr):
             lo, hi = int(indptr[a]), int(indptr[b])
             theta = lrs.theta_rows(np.arange(a, b))
             it, us = items[lo:hi], np.repeat(np.arange(b - a), counts[a:b])
             pred = global_mean + ub[a:b][us] + ib[it] + np.einsum("nd,nd->n", feats[it], theta[us])
-            return float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
-
-        sse = 0.0
-        for part in block_map(block_sse, _user_blocks(indptr, _BLOCK_RATINGS // _IN_FLIGHT)):
-            sse += part
+            sse += float(np.sum((np.asarray(ratings[lo:hi], dtype=np.float64) - pred) ** 2))
         noise_var = residual_noise_var(sse, n_ratings, n_users * (1 + r + lrs.sparsity))
 
     desc = np.zeros((n_items, 0))
@@ -379,11 +372,6 @@ def estimate_prior(
 
 
 _BLOCK_RATINGS = 1 << 17  # ratings per block of the prior's passes over the histories
-# the passes' blocks run on the trainer's worker threads (block_map keeps up to 2 × threads blocks
-# in flight): blocks of 1 / _IN_FLIGHT of the size the passes had on one thread keep the
-# temporaries of 4 blocks (2 threads) within what one block held (the command's peak RSS at 1M
-# users is in this estimate). Fixed sizes: the sums do not depend on the thread count.
-_IN_FLIGHT = 4
 
 
 def _user_blocks(indptr: IntArray, per_block: int = _BLOCK_RATINGS) -> list[tuple[int, int]]:
@@ -415,19 +403,13 @@ def _first_ratings_blocked(
         )
     counts = np.diff(indptr)
     out_items, out_users = [], []
-
-    def block(blk: tuple[int, int]) -> tuple[IntArray, IntArray]:
-        a, b = blk
+    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
         lo, hi = int(indptr[a]), int(indptr[b])
         it, us, _ = _first_ratings(
             items[lo:hi], users[lo:hi] - a, counts[a:b], ts[lo:hi], episode_size
         )
-        return it, (us + a).astype(users.dtype, copy=False)
-
-    # the blocks on the trainer's worker threads, concatenated in block order
-    for it, us in block_map(block, _user_blocks(indptr, _BLOCK_RATINGS * 8 // _IN_FLIGHT)):
         out_items.append(it)
-        out_users.append(us)
+        out_users.append((us + a).astype(users.dtype, copy=False))
     if not out_items:
         return items, users, counts
     return (
@@ -522,9 +504,7 @@ def _implicit_moments(
     # one pass over blocks of users: m_u - ḡ = (A g)/n_u of each block, never an (N × p) array
     sum_mc, sum_mcmc, tc_mc = np.zeros(p), np.zeros((p, p)), np.zeros((q, p))
     within = np.zeros((p, p))
-
-    def block(blk: tuple[int, int]) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        a, b = blk
+    for a, b in _user_blocks(indptr, _BLOCK_RATINGS * 8):
         lo, hi = int(indptr[a]), int(indptr[b])
         A = scipy.sparse.csr_matrix(
             (np.ones(hi - lo), items[lo:hi], indptr[a : b + 1] - lo), shape=(b - a, n_items)
@@ -532,16 +512,10 @@ def _implicit_moments(
         cnt = counts[a:b]
         Mc = np.asarray(A @ G) / cnt[:, None]
         Mn = Mc[cnt > 1]
-        return (Mn * cnt[cnt > 1, None]).T @ Mn, Mc.sum(axis=0), Mc.T @ Mc, Tc[a:b].T @ Mc
-
-    # the blocks' products on the trainer's worker threads, added in block order (the one-thread sums)
-    for w_part, s_part, ss_part, t_part in block_map(
-        block, _user_blocks(indptr, _BLOCK_RATINGS * 8 // _IN_FLIGHT)
-    ):
-        within += w_part
-        sum_mc += s_part
-        sum_mcmc += ss_part
-        tc_mc += t_part
+        within += (Mn * cnt[cnt > 1, None]).T @ Mn
+        sum_mc += Mc.sum(axis=0)
+        sum_mcmc += Mc.T @ Mc
+        tc_mc += Tc[a:b].T @ Mc
     dof_w = max(int(items.size - n_users), 1)
     mc_mean = sum_mc / n_users
     cov_m = (sum_mcmc - n_users * np.outer(mc_mean, mc_mean)) / (n_users - 1)

@@ -118,23 +118,3 @@ def test_first_ratings_lexsort_fallback_equals_the_key_sort(monkeypatch):
     fast = ob.estimate_prior(**arrays, history_timestamps=ts, episode_size=3)
     monkeypatch.setattr(ob, "_KEY_BITS", 1)
     _close(ob.estimate_prior(**arrays, history_timestamps=ts, episode_size=3), fast)
-
-
-def test_estimate_prior_blocks_on_two_threads_give_the_one_thread_prior(monkeypatch):
-    """The blockwise passes (residuals, first-rating episodes, implicit moments) run their user
-    blocks on the worker threads and add them in block order: the same prior bit for bit."""
-    from lrs_rec.engine import parallel
-
-    arrays, ts = _arrays(6, 300, 40, 25, False)
-    monkeypatch.setattr(ob, "_BLOCK_RATINGS", 3)  # dozens of blocks
-    kw = {**arrays, "history_timestamps": ts, "episode_size": 4}
-    try:
-        parallel.configure(n_threads=1)
-        one = ob.estimate_prior(**kw)
-        parallel.configure(n_threads=2)
-        two = ob.estimate_prior(**kw)
-    finally:
-        parallel.configure(n_threads=1)
-    for name in ("t_mean", "t_cov", "item_desc", "m_mean", "C_mm", "S_within", "C_tm"):
-        np.testing.assert_array_equal(getattr(two, name), getattr(one, name), err_msg=name)
-    assert two.noise_var == one.noise_var and two.b_var == one.b_var

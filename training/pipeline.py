@@ -317,13 +317,10 @@ def top_right_singular_vectors(P: np.ndarray, r: int) -> np.ndarray:
     if n <= SVD_ROWS:
         R = _f64(P)
     else:  # P may be stored in float32 (the ALS start's user factors): each block in float64
-        # (the blocks' QRs on the worker threads, LAPACK releases the GIL; stacked in block order)
-        parts = list(
-            parallel.block_map(
-                lambda a: np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r")),
-                range(0, n, SVD_ROWS),
-            )
-        )
+        parts = [
+            np.asarray(np.linalg.qr(_f64(P[a : a + SVD_ROWS]), mode="r"))
+            for a in range(0, n, SVD_ROWS)
+        ]
         R = np.asarray(np.linalg.qr(np.vstack(parts), mode="r"))
     _, _, Vt = np.linalg.svd(R, full_matrices=False)
     return np.ascontiguousarray(Vt[:r].T)
@@ -336,12 +333,8 @@ def _f64(a: np.ndarray) -> np.ndarray:
 def project_rows(P: np.ndarray, U: np.ndarray) -> np.ndarray:
     """P U in float64, SVD_ROWS rows at a time (P may be float32: no float64 copy of all of it)."""
     out = np.empty((P.shape[0], U.shape[1]))
-
-    def block(a: int) -> None:
+    for a in range(0, P.shape[0], SVD_ROWS):
         out[a : a + SVD_ROWS] = _f64(P[a : a + SVD_ROWS]) @ U
-
-    for _ in parallel.block_map(block, range(0, P.shape[0], SVD_ROWS)):
-        pass
     return out
 
 

@@ -158,6 +158,8 @@ class _App(FastAPI):
         if scope["type"] == "http" and self.fast_lanes:
             lane = self.fast_lanes.get((scope["method"], scope["path"]))
             if lane is not None:
+                if self.middleware_stack is None:  # as Starlette would on a first request
+                    self.middleware_stack = self.build_middleware_stack()
                 await lane(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

@@ -87,6 +87,8 @@ class FastLane:
         self.limit = max_body_bytes
         self.authorize = authorize
         self._children: dict[int, tuple[Any, Any]] = {}
+        self.answered = 0  # requests the lane answered itself (tests)
+        self.fallbacks = 0  # requests it handed to the reference path
 
     def _plain(self, scope: Scope) -> bool:
         """Headers the lane answers as the reference path would: one Content-Length within the
@@ -111,6 +113,7 @@ class FastLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._plain(scope):
+            self.fallbacks += 1
             await self.full(scope, receive, send)
             return
         read: list[Message] = []
@@ -127,6 +130,7 @@ class FastLane:
             except _BodyTimeout:
                 log.warning("request body not received within %g s: 408", self.body_timeout)
                 status = 408
+                self.answered += 1
                 await _reject_timeout(send, self.body_timeout)
                 return
             except Exception:
@@ -142,7 +146,10 @@ class FastLane:
             if counted:
                 self._observe(status, start)
         if answer is None:
+            self.fallbacks += 1
             await self.full(scope, _replay(read, receive), send)
+        else:
+            self.answered += 1
 
     async def _body(self, receive: Receive, read: list[Message]) -> bytes | None:
         """The request body (None: not within the limit, or the client went away), read within

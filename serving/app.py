@@ -21,6 +21,9 @@ slow or paused Redis never blocks the loop: ``/healthz`` and ``/metrics`` answer
 requests fail with 503 within their timeout.
 Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI document:
 ``serving.openapi``.
+score and recommend of plain requests are answered by the lean lanes of ``serving.fast_lane`` in
+front of FastAPI (same checks, same bytes); anything else, and ``create_app(fast_lane=False)``,
+goes through the routes below.
 """
 
 from __future__ import annotations

@@ -381,9 +381,7 @@ def create_app(
     @app.exception_handler(StoreUnavailableError)
     @app.exception_handler(NotReadyError)
     async def _known(_: Request, exc: Exception) -> JSONResponse:
-        response = _known_error(exc)
-        assert response is not None
-        return response
+        return _known_error(exc) or _error(500, f"internal error ({type(exc).__name__})")
 
     @app.exception_handler(RecordError)
     async def _corrupt(_: Request, exc: RecordError) -> JSONResponse:

@@ -7,7 +7,7 @@ L2 (Frobenius) norm of ONE user's whole contribution to the released statistic.
 
 Clipping (paper Sec. 2.2): covariates x̂ = clip(x, A1), responses ŷ = clip(y, A2),
 ⟨x, b_u⟩ clipped to A3, ŵ_u = clip(w_u, A_w), and at most ``m = max_samples_per_user`` samples of each user
-enter the statistics (``cap_samples_per_user``; a user's other samples are still used for that user's own
+enter the statistics (``cap_samples_by_key`` / ``cap_samples_per_user``; a user's other samples are still used for that user's own
 w_u, b_u, which are never released). One user's contribution to Eq. 7–8 is then
 
     A_u = Σ_j (x̂_j x̂_jᵀ) ⊗ (ŵ ŵᵀ)        ‖A_u‖_F ≤ ‖ŵ‖² Σ_j ‖x̂_j‖²          ≤ m·A1²·A_w²
@@ -27,6 +27,7 @@ the noised upper triangle, whose sensitivity is ≤ ‖A_u‖_F.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +126,9 @@ def item_sum_sensitivities(
 def cap_samples_per_user(users: IntArray, m: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask keeping at most ``m`` samples of each user, chosen uniformly at random.
 
-    The choice for one user depends only on that user's own samples and ``rng``."""
+    The choice for one user depends only on that user's own samples and ``rng`` — through one
+    permutation of ALL samples, so it cannot be reproduced partition by partition: private
+    training selects by :func:`cap_samples_by_key` (keyed, order-independent draws) instead."""
     users = np.asarray(users, dtype=np.int64)
     order = rng.permutation(users.size)
     # stable sort by user of a random permutation = random order within each user
@@ -135,6 +138,122 @@ def cap_samples_per_user(users: IntArray, m: int, rng: np.random.Generator) -> n
     rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
     keep = np.zeros(users.size, dtype=bool)
     keep[by_user[rank < m]] = True
+    return keep
+
+
+# -- keyed per-user caps: the same choice on any partition of the users --------------------------------
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+ID_HASH_SALT = 0x6C72732D72656331  # "lrs-rec1": the start of every id hash
+_HASH_ROWS = 1 << 16  # ids hashed per block (bounded memory: rows × longest id code points)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise on uint64 (wrapping arithmetic): a bijection of the
+    64-bit integers whose outputs look uniform (Steele, Lea & Flood 2014)."""
+    z = np.asarray(x, dtype=np.uint64).reshape(-1) + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64).reshape(np.shape(x))
+
+
+def splitmix64_reference(x: int) -> int:
+    """Slow, obvious twin of :func:`splitmix64` on one Python int."""
+    z = (x + _GOLDEN) & _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def id_hash(ids: np.ndarray | Sequence[str]) -> np.ndarray:
+    """A 64-bit hash (uint64) of each id string — of its text only (length, then each code
+    point folded in by :func:`splitmix64`), so the same id hashes the same in every process and
+    every array, whatever the array's string width. Ids are numpy strings: trailing NULs dropped."""
+    a = np.asarray(ids, dtype=str).reshape(-1)
+    out = np.empty(a.size, dtype=np.uint64)
+    for lo in range(0, a.size, _HASH_ROWS):
+        blk = np.ascontiguousarray(a[lo : lo + _HASH_ROWS])
+        width = blk.dtype.itemsize // 4
+        codes = blk.view(np.uint32).reshape(blk.size, width)
+        n = np.char.str_len(blk).astype(np.int64)
+        h = splitmix64(n.astype(np.uint64) ^ np.uint64(ID_HASH_SALT))
+        for j in range(int(n.max()) if n.size else 0):
+            h = np.where(j < n, splitmix64(h ^ codes[:, j].astype(np.uint64)), h)
+        out[lo : lo + blk.size] = h
+    return out
+
+
+def id_hash_reference(ids: Sequence[str]) -> list[int]:
+    """Slow, obvious twin of :func:`id_hash` (one id, one code point at a time)."""
+    out = []
+    for s in ids:
+        s = str(s).rstrip("\x00")
+        h = splitmix64_reference(len(s) ^ ID_HASH_SALT)
+        for ch in s:
+            h = splitmix64_reference(h ^ ord(ch))
+        out.append(h)
+    return out
+
+
+def draw_selection_seed(rng: np.random.Generator) -> int:
+    """The public seed of the keyed selections (:func:`selection_keys`): one draw of the run's rng."""
+    return int(rng.integers(0, 1 << 63))
+
+
+def selection_keys(
+    seed: int, user_hash: np.ndarray, item_hash: np.ndarray, users: IntArray, items: IntArray
+) -> np.ndarray:
+    """A uniform 64-bit key per sample, a function of (``seed``, the hash of the sample's user id,
+    the hash of its item id) only: key = splitmix64(splitmix64(seed ⊕ h(user)) ⊕ h(item)).
+    ``user_hash`` / ``item_hash``: :func:`id_hash` of the user / item ids by index. Keys of one
+    user's distinct items differ unless two item ids' 64-bit hashes collide (splitmix64 is a
+    bijection)."""
+    per_user = splitmix64(np.asarray(user_hash, np.uint64) ^ np.uint64(seed & _M64))
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    return splitmix64(per_user[users] ^ np.asarray(item_hash, np.uint64)[items])
+
+
+def selection_keys_reference(
+    seed: int, user_ids: Sequence[str], item_ids: Sequence[str], users: IntArray, items: IntArray
+) -> list[int]:
+    """Slow, obvious twin of :func:`selection_keys` from the id strings."""
+    hu, hi = id_hash_reference(user_ids), id_hash_reference(item_ids)
+    return [
+        splitmix64_reference(splitmix64_reference(hu[int(u)] ^ seed) ^ hi[int(i)])
+        for u, i in zip(users, items, strict=True)
+    ]
+
+
+def cap_samples_by_key(users: IntArray, keys: np.ndarray, m: int) -> np.ndarray:
+    """Boolean mask keeping, for each user, its (at most) ``m`` samples with the smallest ``keys``
+    (:func:`selection_keys`): a uniformly random m-subset of the user's samples when the keys are
+    uniform. With keyed draws the choice for one user is a function of that user's own samples
+    and the public seed only — not of the row order, the other users, or how the users are cut
+    into partitions — so each Dask partition picks exactly what the local engine picks, and it
+    still keeps ≤ m samples per user (the sensitivities are unchanged). The seed need not be
+    secret: the bounds hold for every seed."""
+    users = np.asarray(users, dtype=np.int64)
+    order = np.lexsort((np.asarray(keys, np.uint64), users))
+    u_sorted = users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1] if users.size else np.zeros(0, int)
+    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
+    keep = np.zeros(users.size, dtype=bool)
+    keep[order[rank < m]] = True
+    return keep
+
+
+def cap_samples_by_key_reference(users: IntArray, keys: Sequence[int], m: int) -> np.ndarray:
+    """Slow, obvious twin of :func:`cap_samples_by_key`: per user, sort its samples by key and keep
+    the first m."""
+    by_user: dict[int, list[tuple[int, int]]] = {}
+    for j, (u, k) in enumerate(zip(np.asarray(users).tolist(), keys, strict=True)):
+        by_user.setdefault(int(u), []).append((int(k), j))
+    keep = np.zeros(len(keys), dtype=bool)
+    for samples in by_user.values():
+        for _, j in sorted(samples)[:m]:
+            keep[j] = True
     return keep
 
 

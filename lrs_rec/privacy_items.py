@@ -39,17 +39,25 @@ def select_popular_per_user(
     items: IntArray,
     popularity: FloatArray,
     m: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     *,
     min_popularity: float = -np.inf,
+    keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean mask keeping, for each user, at most ``m`` samples: those on the items with the largest
     ``popularity`` (a public, released per-item score), ties broken at random, items with popularity
-    below ``min_popularity`` never kept. Depends only on the public score, ``rng`` and the user's own
-    samples."""
+    below ``min_popularity`` never kept. Depends only on the public score, the random tie-breaks and
+    the user's own samples. The tie-breaks: ``keys`` per sample (keyed draws,
+    :func:`lrs_rec.privacy.selection_keys`: the same on any partition of the users, what private
+    training uses), else one ``rng`` draw per sample."""
     users = np.asarray(users, dtype=np.int64)
     pop = np.asarray(popularity, dtype=np.float64)[np.asarray(items, dtype=np.int64)]
-    jitter = rng.random(users.size)
+    if keys is not None:
+        jitter: np.ndarray = np.asarray(keys, dtype=np.uint64)
+    elif rng is not None:
+        jitter = rng.random(users.size)
+    else:
+        raise ValueError("select_popular_per_user needs keys or an rng for its tie-breaks")
     # sort by user, then by descending popularity, then by the random jitter
     order = np.lexsort((jitter, -pop, users))
     u_sorted = users[order]

@@ -21,6 +21,9 @@ slow or paused Redis never blocks the loop: ``/healthz`` and ``/metrics`` answer
 requests fail with 503 within their timeout.
 Connection, timeout and concurrency limits: ``serving.guards``; the OpenAPI document:
 ``serving.openapi``.
+score and recommend of plain requests are answered by the lean lanes of ``serving.fast_lane`` in
+front of FastAPI (same checks, same bytes); anything else, and ``create_app(fast_lane=False)``,
+goes through the routes below.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from lrs_rec.serving.async_front import AsyncFront
 from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
+from lrs_rec.serving.fast_lane import Answer, FastLane, InFlight, bearer_check
 from lrs_rec.serving.fast_request import parse_recommend
 from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
@@ -147,6 +151,27 @@ class OnboardRequest(BaseModel):
     ratings: list[RatingIn]
 
 
+class _App(FastAPI):
+    """FastAPI with the fast lanes of ``serving.fast_lane`` in front: a request of exactly a lane's
+    method and path goes to the lane, everything else (and every lane's fallback) to FastAPI."""
+
+    fast_lanes: dict[tuple[str, str], FastLane]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.fast_lanes:
+            lane = self.fast_lanes.get((scope["method"], scope["path"]))
+            if lane is not None:
+                if self.middleware_stack is None:  # as Starlette would on a first request
+                    self.middleware_stack = self.build_middleware_stack()
+                await lane(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def reference(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The whole FastAPI application, without the lanes (their fallback)."""
+        await super().__call__(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``limit`` bytes, by Content-Length or while streaming (chunked)."""
 
@@ -223,6 +248,31 @@ def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=code, headers=headers)
 
 
+def _known_error(exc: Exception) -> JSONResponse | None:
+    """The answer of the app's exception handlers for the errors score/recommend raise on
+    purpose (the fast lane answers them itself, the same way); None for anything else."""
+    if isinstance(exc, UnknownItemsError):
+        return _error(422, str(exc), unknown_item_ids=exc.item_ids[:100])
+    if isinstance(exc, (StoreUnavailableError, NotReadyError)):
+        return _error(503, str(exc))
+    return None
+
+
+def _answer(response: Response) -> Answer:
+    """A response as the fast lane sends it: the same status, headers and body bytes."""
+    return response.status_code, response.raw_headers, bytes(response.body)
+
+
+def _score_answer(res: Any) -> dict[str, Any]:
+    return {
+        "user_id": res.user_id,
+        "scores": res.scores,
+        "personalized": res.personalized,
+        "model_version": res.model_version,
+        "unknown_item_ids": res.unknown_item_ids,
+    }
+
+
 def _invalid(errors: Sequence[Any]) -> JSONResponse:
     """422 naming the offending fields, for FastAPI's and our own pydantic validation errors."""
     parts = []
@@ -248,6 +298,7 @@ def _parse(model: type[ModelT], body: bytes) -> ModelT | JSONResponse:
     return parsed
 
 
+_JSON_TYPE = (b"content-type", b"application/json")
 _body_schema = openapi.body_schema
 _ERRORS = openapi.errors(400, 408, 413, 422, 503)
 _USER_ERRORS = openapi.errors(400, 404, 422, 503)  # the stored-ratings and erasure routes
@@ -259,12 +310,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_keys: auth.KeyRing | None = None,
     limits: ServeLimits | None = None,
+    fast_lane: bool = True,
 ) -> FastAPI:
+    """The service. ``fast_lane=False``: score and recommend only through their FastAPI routes
+    (the reference the fast lanes of ``serving.fast_lane`` are compared with in the tests)."""
     # redirect_slashes=False: "/v1/score/" is an unknown route (404 with {"error"}), not a 307 with
     # an empty body that a client following redirects would replay as a second POST
-    app = FastAPI(
-        title="lrs-rec", version="1", docs_url=None, redoc_url=None, redirect_slashes=False
-    )
+    app = _App(title="lrs-rec", version="1", docs_url=None, redoc_url=None, redirect_slashes=False)
+    app.fast_lanes = {}
     add_offline_docs(app)  # /docs with Swagger UI served locally (no CDN: serving.docs)
     metrics = Metrics()
     limits = limits or ServeLimits()
@@ -325,12 +378,10 @@ def create_app(
         return _invalid(exc.errors())
 
     @app.exception_handler(UnknownItemsError)
-    async def _unknown_items(_: Request, exc: UnknownItemsError) -> JSONResponse:
-        return _error(422, str(exc), unknown_item_ids=exc.item_ids[:100])
-
     @app.exception_handler(StoreUnavailableError)
-    async def _unavailable(_: Request, exc: StoreUnavailableError) -> JSONResponse:
-        return _error(503, str(exc))
+    @app.exception_handler(NotReadyError)
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        return _known_error(exc) or _error(500, f"internal error ({type(exc).__name__})")
 
     @app.exception_handler(RecordError)
     async def _corrupt(_: Request, exc: RecordError) -> JSONResponse:
@@ -345,10 +396,6 @@ def create_app(
     @app.exception_handler(UnknownUserError)
     async def _unknown_user(_: Request, exc: UnknownUserError) -> JSONResponse:
         return _error(404, str(exc))
-
-    @app.exception_handler(NotReadyError)
-    async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
-        return _error(503, str(exc))
 
     # The routes with a body parse and validate it in one pydantic-core call
     # (``model_validate_json``) instead of FastAPI's body/dependency machinery (~2x less overhead);
@@ -369,15 +416,7 @@ def create_app(
             return bad
         res = await front.score(req.user_id, req.item_ids)
         _personalized("/v1/score", res.personalized).inc()
-        return JSONResponse(
-            {
-                "user_id": res.user_id,
-                "scores": res.scores,
-                "personalized": res.personalized,
-                "model_version": res.model_version,
-                "unknown_item_ids": res.unknown_item_ids,
-            }
-        )
+        return JSONResponse(_score_answer(res))
 
     @app.post(
         "/v1/recommend",
@@ -517,12 +556,61 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # the fast lanes (serving.fast_lane): score and recommend without the framework's layers,
+    # answering only what the routes above would answer the same; anything else goes to them
+    async def fast_score(body: bytes) -> Answer | None:
+        req = _parse(ScoreRequest, body)
+        if isinstance(req, Response) or len(req.item_ids) > rec.max_items:
+            return None
+        if _bad_user_id(req.user_id) is not None:
+            return None
+        try:
+            res = await front.score(req.user_id, req.item_ids)
+        except (UnknownItemsError, StoreUnavailableError, NotReadyError) as e:
+            return _answer(_known_error(e) or _error(500, "unreachable"))
+        answer = _answer(JSONResponse(_score_answer(res)))
+        _personalized("/v1/score", res.personalized).inc()
+        return answer
+
+    async def fast_recommend(body: bytes) -> Answer | None:
+        fields = parse_recommend(body)
+        if fields is None:
+            return None
+        user_id, n, exclude_rated = fields
+        if not 1 <= n <= rec.max_n or _bad_user_id(user_id) is not None:
+            return None
+        try:
+            top = await front.recommend_top(user_id, n, exclude_rated)
+        except (StoreUnavailableError, NotReadyError) as e:
+            return _answer(_known_error(e) or _error(500, "unreachable"))
+        data = recommend_json(top)
+        _personalized("/v1/recommend", top.personalized).inc()
+        return 200, [(b"content-length", b"%d" % len(data)), _JSON_TYPE], data
+
+    in_flight = InFlight()
+    if fast_lane:
+        authorize = None if api_keys is None else bearer_check(api_keys, "read")
+        for path, handler in (("/v1/score", fast_score), ("/v1/recommend", fast_recommend)):
+            app.fast_lanes["POST", path] = FastLane(
+                app.reference,
+                handler,
+                method="POST",
+                route=path,
+                metrics=metrics,
+                in_flight=in_flight,
+                max_concurrency=limits.max_concurrency,
+                body_timeout=limits.body_timeout,
+                max_body_bytes=max_body_bytes,
+                authorize=authorize,
+            )
+
     # the last added is the outermost: metrics also see the 413s of the body limit
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     app.add_middleware(
         RequestGuardMiddleware,
         body_timeout=limits.body_timeout,
         max_concurrency=limits.max_concurrency,
+        counter=in_flight,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
     openapi.install(app)

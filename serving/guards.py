@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import anyio
 import h11
+from lrs_rec.serving.fast_lane import InFlight
 from lrs_rec.serving.metrics import ASGIApp, Message, Receive, Scope, Send
 from lrs_rec.serving.serve_limits import ServeLimits as ServeLimits  # re-exported
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -169,12 +170,18 @@ class RequestGuardMiddleware:
         body_timeout: float,
         max_concurrency: int,
         exempt: frozenset[str] = frozenset({"/healthz"}),
+        counter: InFlight | None = None,
     ) -> None:
         self.app = app
         self.body_timeout = body_timeout
         self.max_concurrency = max_concurrency
         self.exempt = exempt
-        self.in_flight = 0
+        # shared with the app's fast lane (serving.fast_lane), which counts its requests in it
+        self.counter = counter if counter is not None else InFlight()
+
+    @property
+    def in_flight(self) -> int:
+        return self.counter.n
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -222,7 +229,7 @@ class RequestGuardMiddleware:
             await send(message)
 
         if counted:
-            self.in_flight += 1
+            self.counter.n += 1
         try:
             await self.app(scope, guarded_receive, tracked_send)
         except _BodyTimeout:
@@ -232,7 +239,7 @@ class RequestGuardMiddleware:
             await _reject(send, 408, f"request body not received within {self.body_timeout:g} s")
         finally:
             if counted:
-                self.in_flight -= 1
+                self.counter.n -= 1
 
 
 async def _reject(send: Send, status: int, message: str, *, close: bool = True) -> None:

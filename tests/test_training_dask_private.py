@@ -1,7 +1,7 @@
 """`lrs-rec train --engine dask --epsilon E`: private training on a LocalCluster of 2 worker processes
 gives the local private trainer's ledger (the same events, noise multipliers and ε) and its model
-within float tolerance (held-out RMSE within 0.2 %), written as shards that `load_model_dir` reads;
-unsupported feature modes are refused with one line. (Through a real `dask scheduler` / `dask worker`
+within float tolerance (held-out RMSE within 0.2 %), written as shards that `load_model_dir` reads —
+with one-hot, plug-in and genre item features. (Through a real `dask scheduler` / `dask worker`
 cluster: tests/test_training_dask_cluster.py.)"""
 
 from __future__ import annotations
@@ -121,33 +121,64 @@ def test_dask_private_with_a_catalogue_missing_items_and_a_sparse_part(
     _assert_same(a, b, split[1])
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--dp-features", "genres"], "needs one-hot item features"),
-        (["--item-features", "FEATS", "--dp-features", "plugin"], "got plugin features"),
-    ],
-)
-def test_unsupported_private_modes_on_dask_are_one_line_errors(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    flags: list[str],
-    message: str,
+@pytest.mark.ml100k
+def test_dask_private_with_plug_in_features(
+    client: Any, split: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Refused before any cluster is started (the plug-in U-step's random per-user cap of the
-    samples is one permutation of all ratings: not distributed)."""
+    """Plug-in item features (--item-features, no catalogue: their ids are the vocabulary, the
+    ratings of items 1201.. dropped): the U-step keeps ≤ m random samples per user — keyed draws
+    of (seed, user id, item id), the same on the workers as in the local run."""
+    monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
+    feats = tmp_path / "f.npy"
+    np.save(feats, np.random.default_rng(0).normal(size=(1200, 8)))
+    (tmp_path / "f.ids.txt").write_text("".join(f"{i}\n" for i in range(1, 1201)))
+    flags = ["--item-features", str(feats), "--dp-max-samples-per-user", "20"]
+    a, b = _local_and_dask(split[0], tmp_path, client, flags)
+    assert a.manifest["privacy"]["features_source"] == "plugin"
+    assert a.manifest["hyperparameters"]["u_select"] == "random"
+    assert a.manifest["item_features"] == {"source": f"ids of the plug-in features {feats}", "d": 8}
+    assert b.manifest["item_features"] == a.manifest["item_features"]
+    assert a.manifest["data"]["dropped_not_in_catalogue"] > 0
+    assert a.lrs.sparsity > 0 and a.item_features.shape == (1200, 8)
+    _assert_same(a, b, split[1])
+
+
+@pytest.mark.ml100k
+def test_dask_private_with_the_genres_of_a_catalogue_next_to_the_ratings(
+    client: Any,
+    ml100k_dir: Path,
+    split: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--dp-features auto with MovieLens's u.item next to --ratings: genre + period features."""
+    monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
+    d = tmp_path / "ml"
+    d.mkdir()
+    train = d / "train.csv"
+    train.write_bytes(split[0].read_bytes())
+    (d / "u.item").write_bytes((ml100k_dir / "u.item").read_bytes())
+    a, b = _local_and_dask(train, tmp_path, client, ["--dp-max-samples-per-user", "20"])
+    assert a.manifest["privacy"]["features_source"] == "genres"
+    assert a.item_features.shape == (1682, 24)
+    assert b.manifest["item_features"] == a.manifest["item_features"]
+    _assert_same(a, b, split[1])
+
+
+def test_private_feature_errors_on_dask_are_one_line_before_a_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad feature flag fails on the driver before any cluster is started (the scheduler address
+    is unreachable)."""
     monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
     ratings = tmp_path / "r.csv"
     ratings.write_text("user,item,rating\n1,a,4\n2,b,3\n")
-    feats = tmp_path / "f.npy"
-    np.save(feats, np.eye(2))
-    (tmp_path / "f.ids.txt").write_text("a\nb\n")
-    genres = "|".join(["0"] * 18 + ["1"])
-    (tmp_path / "u.item").write_text(f"a|A (1995)|01-Jan-1995||http://x|{genres}\n")
-    flags = [str(feats) if f == "FEATS" else f for f in flags]
     cmd = ["train", "--ratings", str(ratings), "--epsilon", "1", "--engine", "dask",
-           "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path / "m"), *flags]  # fmt: skip
-    assert cli_main(cmd) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+           "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path / "m")]  # fmt: skip
+    for flags, message in (
+        (["--dp-features", "plugin"], "--dp-features plugin needs --item-features"),
+        (["--item-features", str(tmp_path / "none.npy")], "no such item-feature file"),
+    ):
+        assert cli_main([*cmd, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

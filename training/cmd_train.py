@@ -219,7 +219,12 @@ def run(args: argparse.Namespace) -> int:
     )
     from lrs_rec.training.kernels_select import select_kernels
 
-    select_kernels(getattr(args, "kernels", "auto"))
+    backend = select_kernels(getattr(args, "kernels", "auto"))
+    local = getattr(args, "engine", "local") != "dask"
+    if backend == "numba" and local and getattr(args, "epsilon", None) is None:
+        from lrs_rec.training import kernel_warmup
+
+        kernel_warmup.start()  # compiles while the ratings load (a no-op cost when cached)
     # privacy hook: `--epsilon/--delta` (added by the private trainer) dispatch to training.private_train
     if getattr(args, "epsilon", None) is not None:
         import importlib

@@ -12,10 +12,13 @@ local one and the model the same within float tolerance — solves, and broadcas
 arrays. The per-user steps (c_u, w_u, b_u: not released) run on the workers; the workers write
 their users as model shards, the driver the small shared part, in the local private model's format.
 
-Supported: one-hot item features with the all-ratings weighted U-step selection (the configuration
-of ``PrivateConfig.for_data``, i.e. every ``--epsilon`` run without plug-in or genre features).
-Plug-in / genre features cap each user's U-step samples with one random permutation of all ratings
-(``cap_samples_per_user``), which would need every rating's draw on the driver: refused.
+Every feature mode of the local trainer: one-hot item features, plug-in features
+(``--item-features``) and the genres of a MovieLens catalogue (``--dp-features auto`` / ``genres``),
+broadcast to the workers (public, n_items × d). The random U-step selections (plug-in / genre
+features keep ≤ m random samples per user; ``u_select="popular"`` breaks ties at random) are keyed
+draws: each rating's key is a hash of (a seed drawn once from the run's rng, its user id, its item
+id) and each user keeps its m smallest keys (:func:`lrs_rec.privacy.cap_samples_by_key`), so every
+partition picks exactly the local engine's samples given the broadcast seed.
 """
 
 from __future__ import annotations
@@ -37,34 +40,6 @@ from lrs_rec.training.private_train import PrivateConfig
 
 from lrs_rec.privacy import ClipBounds, check_distinct_user_items
 
-SUPPORTED = "one-hot item features (--dp-features onehot) with the weighted U-step selection"
-
-
-def check_dask_config(cfg: PrivateConfig) -> None:
-    """One-line refusal of what the Dask engine cannot reproduce exactly."""
-    if cfg.features != "onehot":
-        raise ValueError(
-            f"--engine dask with --epsilon needs {SUPPORTED}: plug-in or genre features cap each "
-            "user's U-step samples by one random permutation of all ratings, not distributed; "
-            "pass --dp-features onehot or use --engine local"
-        )
-    if cfg.u_select != "weighted":
-        raise ValueError(
-            f"--engine dask with --epsilon needs {SUPPORTED}, got u_select={cfg.u_select!r} "
-            "(a random choice over all ratings); use --engine local"
-        )
-
-
-class _NoRandom:
-    """The rng of a partition's selection step: the supported selection draws nothing."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # probes by Dask / copy / pickle: not a draw
-            raise AttributeError(name)
-        raise RuntimeError(
-            f"a random draw ({name}) on a Dask partition would differ from the local run"
-        )
-
 
 # ------------------------------------------------------------------------------------------------
 # the worker side: one partition's users
@@ -81,9 +56,15 @@ class PrivatePart:
     dropped: int
 
 
-def make_private_part(pdata: PartitionData, item_map: np.ndarray, n_items: int) -> PrivatePart:
-    """The partition's ratings on the public item vocabulary (``item_map``: the ratings' item
-    index → catalogue index, -1 for items not in it: dropped, as the local trainer does)."""
+def make_private_part(
+    pdata: PartitionData,
+    item_map: np.ndarray,
+    item_ids: np.ndarray,
+    F: np.ndarray | None,
+) -> PrivatePart:
+    """The partition's ratings on the public item vocabulary ``item_ids`` (``item_map``: the
+    ratings' item index → catalogue index, -1 for items not in it: dropped, as the local trainer
+    does); ``F``: the public plug-in features (rows clipped), None for one-hot."""
     items = item_map[pdata.items.astype(np.int64)]
     keep = items >= 0
     users = pdata.users[keep].astype(np.int64)
@@ -91,7 +72,8 @@ def make_private_part(pdata: PartitionData, item_map: np.ndarray, n_items: int) 
     check_distinct_user_items(users, items)
     data = LocalPrivateData(
         users, items, np.asarray(pdata.ratings[keep], np.float64),
-        n_users=pdata.hi - pdata.lo, n_items=n_items, F=None,
+        n_users=pdata.hi - pdata.lo, n_items=len(item_ids), F=F, user_ids=pdata.user_ids,
+        item_ids=item_ids,
     )  # fmt: skip
     return PrivatePart(pdata.lo, pdata.user_ids, data, int(keep.size - keep.sum()))
 
@@ -158,7 +140,8 @@ class DaskPrivateData:
 
     def _send(self, args: tuple[Any, ...]) -> list[Any]:
         """Arrays broadcast once to every worker; the config without the noise seed (it never
-        leaves the driver); an rng replaced by :class:`_NoRandom` (no draw on a partition)."""
+        leaves the driver); never an rng (a draw on a partition would differ from the local run:
+        the selections take the public seed drawn on the driver)."""
         out: list[Any] = []
         for a in args:
             if isinstance(a, np.ndarray):
@@ -166,7 +149,7 @@ class DaskPrivateData:
             elif isinstance(a, PrivateConfig):
                 a = replace(a, random_state=None)
             elif isinstance(a, np.random.Generator):
-                a = _NoRandom()
+                raise TypeError("an rng is never sent to a partition: pass a drawn seed")
             out.append(a)
         return out
 
@@ -200,11 +183,10 @@ class DaskPrivateData:
         counts: np.ndarray,
         global_mean: float,
         item_bias: np.ndarray,
-        rng: np.random.Generator,
+        seed: int | None,
         item_w: np.ndarray | None = None,
     ) -> None:
-        check_dask_config(cfg)  # the weighted selection: no random draw
-        self._each("select_u_samples", cfg, counts, global_mean, item_bias, rng, item_w)
+        self._each("select_u_samples", cfg, counts, global_mean, item_bias, seed, item_w)
 
     def u_step_counts(self) -> np.ndarray:
         return np.asarray(self._total("u_step_counts"))
@@ -217,9 +199,7 @@ class DaskPrivateData:
         global_mean: float,
         k: int,
     ) -> None:
-        if F is not None:
-            raise ValueError(f"--engine dask with --epsilon needs {SUPPORTED}")
-        self._each("start_iterate", None, U, item_bias, global_mean, k)
+        self._each("start_iterate", F, U, item_bias, global_mean, k)
 
     def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
         self._each("user_step", U, cfg)
@@ -254,16 +234,18 @@ class DaskPrivateData:
 def fit_on_partitions(
     inp: Inputs,
     args: argparse.Namespace,
-    public_items: tuple[tuple[str, ...], str, str | None],
+    public_items: PublicItems,
     rating_scale: tuple[float, float] | None,
 ) -> DaskResult:
     """The private trainer on the Dask engine's partitions (the hook of
     :func:`training.dask_engine.train_dask`): releases, shards, manifest. ``public_items``: the
-    item ids (empty: none public), their provenance and the features' provenance."""
+    item ids (empty: none public), the public features (None: one-hot), where they come from,
+    the ids' provenance and the features' provenance (``_public_items``)."""
     from lrs_rec.training.dask_model import merged_report, shard_starts
     from lrs_rec.training.private_train import (
         cli_config,
         private_manifest,
+        public_features,
         public_rating_scale,
         release,
     )
@@ -274,8 +256,8 @@ def fit_on_partitions(
     run = inp.run
     fmt = inp.summaries[0].report["format"] if len(inp.summaries) == 1 else "multiple"
     scale_provenance = public_rating_scale(rating_scale, fmt)
-    item_ids, provenance, feature_provenance = public_items
-    source = "onehot"
+    item_ids, feats, source, provenance, feature_provenance = public_items
+    mode = "onehot" if source == "onehot" else "plugin"  # the algorithm: fixed public features
     if not item_ids:  # no public catalogue: the vocabulary comes from the data (not private)
         item_ids = inp.item_ids
         provenance = (
@@ -285,10 +267,15 @@ def fit_on_partitions(
         print(f"warning: item vocabulary {provenance}", file=sys.stderr)
     n_items = len(item_ids)
     item_map = np.asarray(Vocabulary(tuple(item_ids)).encode(np.asarray(inp.item_ids, str)))
-    parts = [
-        run.submit(make_private_part, d, run.broadcast(item_map.astype(np.int64)), n_items)
-        for d in inp.datas
-    ]
+    F = None  # plug-in features: rows clipped, rank and sparsity checked (a data-free config)
+    if mode == "plugin":
+        F = public_features(cli_config(args, mode, np.zeros(0), n_items), feats, n_items)
+    shared = (
+        run.broadcast(item_map.astype(np.int64)),
+        run.broadcast(np.asarray(item_ids, dtype=str)),
+        None if F is None else run.broadcast(F),
+    )
+    parts = [run.submit(make_private_part, d, *shared) for d in inp.datas]
     inp.datas = []  # the input partitions are freed once these are built
     counts = run.gather([run.submit(part_counts, p) for p in parts])
     inp.phase["name"] = "fit"  # the partitions are built (a later loss: Dask recomputes them)
@@ -302,21 +289,26 @@ def fit_on_partitions(
         )
     if n_kept == 0:
         raise ValueError("no ratings to train on")
-    # the configuration depends on the number of users with ratings only (PrivateConfig.for_data)
-    cfg = cli_config(args, "onehot", np.arange(n_active), n_items)
-    check_dask_config(cfg)
-    if cfg.rank > n_items or cfg.sparsity > n_items:
-        raise ValueError(f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={n_items}")
+    # one-hot: the configuration depends on the number of users with ratings (PrivateConfig.for_data)
+    cfg = cli_config(args, mode, np.arange(n_active), n_items)
+    if F is None:
+        public_features(cfg, None, n_items)  # rank and sparsity ≤ d
     data = DaskPrivateData(run, parts)
     lo, hi = inp.rating_min, inp.rating_max
-    rel = release(data, cfg, None, n_items=n_items, rating_min=lo, rating_max=hi)
+    rel = release(data, cfg, F, n_items=n_items, rating_min=lo, rating_max=hi)
     sse, n = data.squared_error(rel.global_mean, rel.item_bias, rel.U, lo, hi)
     train_rmse = float(np.sqrt(sse / n))
     assert rel.privacy is not None
     seconds = time.perf_counter() - inp.t0
 
     r, k = cfg.rank, cfg.sparsity
-    factored = k == 0  # as PrivateFit.stored_factors: item features U, U = I_r
+    # as PrivateFit.stored_factors: one-hot without b stored factored (item features U, U = I_r);
+    # one-hot with b: U and the identity; plug-in: U and the features
+    factored = F is None and k == 0
+    if factored:
+        U_out, item_features = np.eye(r), rel.U
+    else:
+        U_out, item_features = rel.U, np.eye(n_items) if F is None else F
     manifest = private_manifest(
         cfg,
         rel.privacy,
@@ -333,7 +325,7 @@ def fit_on_partitions(
         },
         cleaning=merged_report(inp.summaries, inp.spec, 0),
         items=(provenance, scale_provenance, source, feature_provenance),
-        d=n_items,
+        d=rel.U.shape[0],
         factored_d=r if factored else None,
         train_rmse=train_rmse,
         seconds=seconds,
@@ -361,8 +353,8 @@ def fit_on_partitions(
         staging,
         args.out,
         shards=shards,
-        U=np.eye(r) if factored else rel.U,
-        item_features=rel.U if factored else np.eye(n_items),
+        U=U_out,
+        item_features=item_features,
         item_bias=rel.item_bias,
         global_mean=rel.global_mean,
         w_prior_mean=rel.w_prior_mean,
@@ -387,12 +379,12 @@ def run(args: argparse.Namespace) -> int:
     from lrs_rec.training.private_train import report_run
 
     expand_inputs(args.ratings)  # a missing input fails before a cluster is started
-    public_items(args)  # so does a refused feature mode
+    items = public_items(args)  # so does a bad feature file or mode
     with dask_client(args.scheduler, args.workers) as client:
         if not args.quiet:
             n = len(client.scheduler_info()["workers"])
             print(f"dask: {n} workers ({client.scheduler.address})", file=sys.stderr)
-        result = run_on(args, client)
+        result = run_on(args, client, items)
     m = result.manifest
     report_run(
         args, m["model_version"], m, m["privacy"], train_rmse=m["metrics"]["train_rmse"],
@@ -401,23 +393,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def public_items(args: argparse.Namespace) -> tuple[tuple[str, ...], str, str | None]:
-    """(public item ids — empty: none —, their provenance, the features' provenance); refuses
-    plug-in and genre features."""
+PublicItems = tuple[tuple[str, ...], np.ndarray | None, str, str, str | None]
+
+
+def public_items(args: argparse.Namespace) -> PublicItems:
+    """The local trainer's public items (``_public_items``): item ids — empty: none public —, the
+    public features (None: one-hot), their source ("plugin", "genres", "onehot"), the ids'
+    provenance, the features' provenance. Read on the driver (public, n_items × d)."""
     from lrs_rec.training.private_train import _public_items
 
-    item_ids, _, source, provenance, feature_provenance = _public_items(args)
-    if source != "onehot":
-        raise ValueError(
-            f"--engine dask with --epsilon needs {SUPPORTED}, got {source} features "
-            "(--dp-features auto picks --item-features, else the genres of a MovieLens catalogue "
-            "next to --ratings); pass --dp-features onehot or use --engine local"
-        )
-    return item_ids, provenance, feature_provenance
+    return _public_items(args)
 
 
-def run_on(args: argparse.Namespace, client: Any) -> DaskResult:
-    """Private training of ``args`` on the cluster of ``client``; the model directory written."""
+def run_on(args: argparse.Namespace, client: Any, items: PublicItems | None = None) -> DaskResult:
+    """Private training of ``args`` on the cluster of ``client``; the model directory written.
+    ``items``: :func:`public_items` of ``args`` if already read."""
     from functools import partial
 
     from lrs_rec.training.cli_args import load_options
@@ -435,7 +425,7 @@ def run_on(args: argparse.Namespace, client: Any) -> DaskResult:
         private=partial(
             fit_on_partitions,
             args=args,
-            public_items=public_items(args),
+            public_items=public_items(args) if items is None else items,
             rating_scale=opts.rating_scale,
         ),
     )

@@ -11,6 +11,7 @@ the same functions on each user partition and reduces the sums on the cluster.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,12 +24,14 @@ from lrs_rec.engine.steps import LRSState, Samples, StepParams, UserPrior, sampl
 from lrs_rec.engine.steps import user_step as engine_user_step
 from lrs_rec.privacy import (
     ClipBounds,
-    cap_samples_per_user,
+    cap_samples_by_key,
     clip_rows,
     clip_scalar,
     clipped_item_block_statistics,
     clipped_u_step_statistics,
+    id_hash,
     item_sum_statistics,
+    selection_keys,
 )
 from lrs_rec.privacy_items import (
     activity_weights,
@@ -74,12 +77,14 @@ class PrivateData(Protocol):
         counts: np.ndarray,
         global_mean: float,
         item_bias: np.ndarray,
-        rng: np.random.Generator,
+        seed: int | None,
         item_w: np.ndarray | None = None,
     ) -> None:
         """Choose the samples (and per-user base weights) entering the U-step statistics, from the
-        released item counts ``counts`` and each user's own ratings (``rng``: random choices).
-        ``item_w``: public per-item weights c_i ∈ [0, 1] of the weighted selection
+        released item counts ``counts`` and each user's own ratings. ``seed``: the public seed of
+        the random choices ("random", "popular": keyed draws of each (user id, item id),
+        :func:`lrs_rec.privacy.selection_keys`; None for the weighted selection, which draws
+        nothing). ``item_w``: public per-item weights c_i ∈ [0, 1] of the weighted selection
         (:func:`lrs_rec.privacy_items.item_weights`), None for 1."""
         ...
 
@@ -270,7 +275,11 @@ def predict_samples(
 
 class LocalPrivateData:
     """:class:`PrivateData` on the ratings of this process (dense user/item indices, one rating per
-    (user, item)); also used by each user partition of the Dask engine."""
+    (user, item)); also used by each user partition of the Dask engine (local user indices).
+
+    ``user_ids`` / ``item_ids``: the id strings by index (None: the decimal index), the only
+    inputs of the random U-step selections besides the public seed (keyed draws): the same ids
+    give the same choice on every partition of the users."""
 
     def __init__(
         self,
@@ -281,9 +290,12 @@ class LocalPrivateData:
         n_users: int,
         n_items: int,
         F: np.ndarray | None,
+        user_ids: np.ndarray | Sequence[str] | None = None,
+        item_ids: np.ndarray | Sequence[str] | None = None,
     ) -> None:
         self.users, self.items, self.ratings = users, items, ratings
         self.n_users, self.n_items, self.F = n_users, n_items, F
+        self.user_ids, self.item_ids = user_ids, item_ids
         self.n_u = np.bincount(users, minlength=n_users).astype(np.float64)
         self.active = self.n_u > 0
         self.c_u = np.zeros(n_users)
@@ -331,7 +343,7 @@ class LocalPrivateData:
         counts: np.ndarray,
         global_mean: float,
         item_bias: np.ndarray,
-        rng: np.random.Generator,
+        seed: int | None,
         item_w: np.ndarray | None = None,
     ) -> None:
         users, items, ratings, N = self.users, self.items, self.ratings, counts
@@ -349,14 +361,31 @@ class LocalPrivateData:
             tk = ratings[:] if uk is users else ratings[N[items] >= cfg.u_min_support]
             tk = tk - global_mean - item_bias[ik]
         else:
+            if seed is None:
+                raise ValueError(f"u_select={cfg.u_select!r} needs the selection seed")
+            keys = self.selection_keys(seed)
+            m = cfg.max_samples_per_user
             if cfg.u_select == "popular":  # by the released noisy counts Ñ_i: post-processing
-                keep = select_popular_per_user(users, items, N, cfg.max_samples_per_user, rng)
+                keep = select_popular_per_user(users, items, N, m, None, keys=keys)
             else:
-                keep = cap_samples_per_user(users, cfg.max_samples_per_user, rng)
+                keep = cap_samples_by_key(users, keys, m)
+            del keys
             uk, ik = users[keep], items[keep]
             tk = ratings[keep] - global_mean - item_bias[ik]
             del keep
         self.uk, self.ik, self.tk = uk, ik, tk
+
+    def selection_keys(self, seed: int) -> np.ndarray:
+        """Every rating's key of the random selections (:func:`lrs_rec.privacy.selection_keys`
+        of its user's and item's id strings)."""
+        uids = np.arange(self.n_users).astype(str) if self.user_ids is None else self.user_ids
+        iids = np.arange(self.n_items).astype(str) if self.item_ids is None else self.item_ids
+        if len(uids) != self.n_users or len(iids) != self.n_items:
+            raise ValueError(
+                f"{len(uids)} user ids and {len(iids)} item ids for {self.n_users} users and "
+                f"{self.n_items} items"
+            )
+        return selection_keys(seed, id_hash(uids), id_hash(iids), self.users, self.items)
 
     def u_step_counts(self) -> np.ndarray:
         base = np.ones(self.n_users) if self.sigma_u is None else self.sigma_u

@@ -39,6 +39,7 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ from lrs_rec.privacy import (
     clip_rows,
     dp_item_block_u_step,
     dp_u_step,
+    draw_selection_seed,
     gaussian_noise,
     item_sum_sensitivities,
     population_gram_sensitivities,
@@ -447,12 +449,15 @@ def fit_private(
     config: PrivateConfig,
     item_features: np.ndarray | None = None,
     report_pld: bool = True,
+    user_ids: Sequence[str] | np.ndarray | None = None,
+    item_ids: Sequence[str] | np.ndarray | None = None,
 ) -> PrivateFit:
     """DP-AMHT-LRS on ratings (dense user/item indices, one rating per (user, item)).
 
     ``item_features`` must be public and data-independent (plug-in mode); with ``features="onehot"``
     it must be None and the item identity is used. ``report_pld=False`` skips the (slow) PLD ε in the
-    ledger when the accountant is RDP."""
+    ledger when the accountant is RDP. ``user_ids`` / ``item_ids``: the id strings by index (None:
+    the decimal index), keys of the random U-step selections (:class:`LocalPrivateData`)."""
     cfg = config
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -463,7 +468,10 @@ def fit_private(
         raise ValueError("no ratings to train on")
     check_distinct_user_items(users, items)
     F = public_features(cfg, item_features, n_items)
-    data = LocalPrivateData(users, items, ratings, n_users=n_users, n_items=n_items, F=F)
+    data = LocalPrivateData(
+        users, items, ratings, n_users=n_users, n_items=n_items, F=F, user_ids=user_ids,
+        item_ids=item_ids,
+    )  # fmt: skip
     rel = release(data, cfg, F, n_items=n_items, rating_min=rating_min, rating_max=rating_max,
                   report_pld=report_pld)  # fmt: skip
     st = data.user_values(cfg.sparsity)
@@ -576,7 +584,10 @@ def release(
         u0 = math.sqrt(cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r)
         knee = cfg.u_item_snr * r * z("u_step_V") * sens["u_step_V"] / (cfg.A_w**2 * u0)
         item_w = item_weights(N, knee)  # the released Ñ_i and public σ_V, u0, r (no noise: 1)
-    data.select_u_samples(cfg, N, global_mean, item_bias, rng, item_w)
+    # the random selections ("random", "popular") are keyed draws of (seed, user id, item id): one
+    # seed from the rng here, the same on every partition of the users (the weighted one: none)
+    seed = None if cfg.u_select == "weighted" else draw_selection_seed(rng)
+    data.select_u_samples(cfg, N, global_mean, item_bias, seed, item_w)
     bounds = cfg.bounds()
     population = cfg.u_step_gram == "population"
     if population:  # public noise scale σ_V; the Gram needs no per-item noise
@@ -973,7 +984,7 @@ def run(args: argparse.Namespace) -> int:
         data.users, data.items, data.ratings,
         n_users=len(user_vocab), n_items=len(item_vocab),
         rating_min=table.rating_min, rating_max=table.rating_max,
-        config=cfg, item_features=feats,
+        config=cfg, item_features=feats, user_ids=user_vocab.ids, item_ids=item_vocab.ids,
     )  # fmt: skip
     assert fit.privacy is not None
     train_rmse = float(

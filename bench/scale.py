@@ -5,7 +5,8 @@ Data: a seeded planted biased-MF log (``lrs_rec.training.synthetic_scale.make_bi
 90/10 by a seeded draw per row, written as CSV (``user,item,rating,timestamp``, string ids) under
 ``--work``. Every measured run is its own child process; its wall time is taken around the child and
 its peak RSS from ``os.wait4`` (the child's own ``ru_maxrss``). Children run with the same thread
-count (``--threads``: OpenBLAS/OpenMP threads for lrs-rec, ``num_threads`` for implicit). A
+count (``--threads`` for lrs-rec, ``num_threads`` for implicit, OpenMP threads; BLAS at one
+thread in every child, :func:`thread_env`). A
 watchdog kills a child above ``--mem-cap-gb`` or ``--time-limit`` and records null with the reason.
 
 * ``lrs_*``: ``lrs-rec train --ratings train.csv --out M --quiet --json`` (defaults, model.onnx
@@ -146,9 +147,15 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def thread_env(threads: int) -> dict[str, str]:
+    """Every child: BLAS at one thread, OpenMP at ``threads``. The thread count is each library's
+    own knob (``--threads`` for lrs-rec, ``num_threads`` for implicit, OpenMP for LensKit's
+    backend); BLAS inside their worker threads stays at one, as both implicit (which warns
+    otherwise: "can lead to severe performance issues") and lrs-rec (``serving.cli.blas_threads``)
+    recommend. Until 2026-12-07 BLAS had ``threads`` too: lrs-rec's 1M train then spent ~14 CPU s
+    more (103.5 vs 117 CPU s, same model)."""
     env = dict(os.environ)
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["OPENBLAS_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -282,12 +282,15 @@ def test_als_cg_converges_to_the_exact_ridge() -> None:
     assert not np.allclose(few, exact)
 
 
-def test_csr_layout_is_the_lexsort_order() -> None:
-    """Samples.csr's one-key stable sort gives np.lexsort((other, key))'s order, duplicates and
-    keys without samples included (the slow twin)."""
+@pytest.mark.parametrize("kernels", [False, True])
+def test_csr_layout_is_the_lexsort_order(kernels: bool, backend: None) -> None:
+    """Samples.csr's one-key stable sort (numpy) and its two counting sorts (kernels) give
+    np.lexsort((other, key))'s order, duplicates and keys without samples included (the slow
+    twin)."""
+    _use(kernels)
     rng = np.random.default_rng(4)
-    users = rng.integers(0, 30, 500)
-    items = rng.integers(0, 12, 500)  # many duplicate (user, item) pairs
+    users = rng.integers(0, 30, 500).astype(np.int32)
+    items = rng.integers(0, 12, 500).astype(np.int32)  # many duplicate (user, item) pairs
     ratings = rng.normal(size=500)
     data = Samples(users, items, ratings)
     for by, key, other, n in (("user", users, items, 33), ("item", items, users, 15)):
@@ -298,6 +301,21 @@ def test_csr_layout_is_the_lexsort_order() -> None:
         np.testing.assert_array_equal(np.diff(indptr), np.bincount(key, minlength=n))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_lex_order_kernel_is_np_lexsort(dtype: type) -> None:
+    """The counting-sort twin of np.lexsort((minor, major)): the same permutation (ties in both
+    keys keep their positions), keys absent from the data, one row, no rows."""
+    from lrs_rec.training.kernels import lex_order
+
+    rng = np.random.default_rng(8)
+    for n, n_major, n_minor in ((3000, 40, 17), (1, 5, 5), (0, 3, 2), (900, 1, 300)):
+        major = rng.integers(0, max(n_major - 2, 1), n).astype(dtype)  # the top keys unused
+        minor = rng.integers(0, n_minor, n).astype(dtype)
+        got = lex_order(major, n_major, minor, n_minor)
+        np.testing.assert_array_equal(got, np.lexsort((minor, major)))
+        assert got.dtype == np.intp
+
+
 def test_history_order_is_the_lexsort_order() -> None:
     from lrs_rec.training.pipeline import history_order
 
@@ -305,3 +323,26 @@ def test_history_order_is_the_lexsort_order() -> None:
     users, items = rng.integers(0, 25, 400), rng.integers(0, 9, 400)
     order = history_order(Samples(users, items, rng.normal(size=400)))
     np.testing.assert_array_equal(order, np.lexsort((items, users)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_kernel_equals_the_bincount_reference_bit_for_bit(threads: int, backend: None) -> None:
+    """fit_biases from the samples' CSR layouts (kernels, row-parallel) gives the np.bincount
+    reference's μ, c_u, c_i bit for bit on samples in the trainer's order (users and items
+    without ratings included); samples in another order take the reference path."""
+    from lrs_rec.training.features import fit_biases
+
+    _, data = _problem(9)
+    order = np.lexsort((data.items, data.users))
+    data = Samples(data.users[order], data.items[order], data.ratings[order])
+    assert data.in_order("user")
+    kw = {"n_users": N_USERS, "n_items": N_ITEMS + 3, "reg_user": 2.0, "reg_item": 3.0}
+    out = []
+    for kernels in (False, True):
+        _use(kernels, threads)
+        out.append(fit_biases(data.users, data.items, data.ratings, **kw, n_iter=4, samples=data))
+    (mu_r, cu_r, ci_r), (mu, cu, ci) = out
+    assert mu == mu_r
+    np.testing.assert_array_equal(cu, cu_r)
+    np.testing.assert_array_equal(ci, ci_r)
+    assert ci[-1] == 0.0 and np.any(cu != 0.0)

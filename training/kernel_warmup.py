@@ -44,6 +44,12 @@ def signatures() -> dict[str, list[tuple[Any, ...]]]:
         "fit_items": [(offsets, idx32, vec, mat, vec, f64, f64, f64, mat)],
         "rating_dots": [(idx32, idx32, mat, mat, vec)],
         "user_projected_means": [(offsets, idx32, mat, mat, mat)],
+        # the two counting sorts of lex_order (history order, by-item CSR): minor, then major
+        "_stable_counting_pass": [
+            (idx32, i64, t.none, idx32),
+            (idx32, i64, idx32, A(t.intp, 1)),
+        ],
+        "_bias_half_step_range": [(i64, i64, offsets, idx32, vec, f64, vec, f64, vec)],
     }
 
 

@@ -22,6 +22,9 @@ squared error) return per-chunk partial sums that the engine adds in chunk order
 * :func:`als_half_step` — one half-step of the biased ALS-WR initialisation (``als_factors``);
   :func:`als_half_step_cg` the same by a few preconditioned conjugate-gradient steps.
 * :func:`rating_dots` — ⟨f_i, θ_u⟩ per rating (predictions, losses, item-bias residuals).
+* :func:`bias_half_step` — one half-step of the biases-alone fit (``features.fit_biases``).
+* :func:`lex_order` — ``np.lexsort((minor, major))`` by two counting sorts (the samples' history
+  order and the by-item CSR layout).
 """
 
 from __future__ import annotations
@@ -545,8 +548,8 @@ def _biased_normal_equations(
     mu: float,
     G: np.ndarray,  # (p + 1, p + 1) out: Σ z zᵀ with z = [1, row]
     h: np.ndarray,  # (p + 1,) out: Σ z t with t = rating - μ - bias
-    Zb: np.ndarray,  # (BLAS_ROWS, p + 1) scratch
-    tb: np.ndarray,  # (BLAS_ROWS,) scratch
+    Zb: np.ndarray,  # (BLAS_ROWS, p + 2) scratch: [z, t] rows
+    Gt: np.ndarray,  # (p + 2, p + 2) scratch
 ) -> None:
     e = rows.shape[1] + 1
     G[:, :] = 0.0
@@ -566,19 +569,26 @@ def _biased_normal_equations(
         for a in range(1, e):
             G[0, a] = G[a, 0]
         return
+    # gathered blocks of rows [z, t], reduced by one BLAS product (dgemm) each: [z, t]ᵀ[z, t]
+    # holds ZᵀZ and Zᵀt (one pass over the block instead of a dgemm and a dgemv: 12 % less time
+    # in the ALS start's item half-step at 1M users)
+    Gt[:, :] = 0.0
     m = 0
-    for j in range(lo, hi):  # gathered blocks of rows, reduced by BLAS (dgemm / dgemv)
+    for j in range(lo, hi):
         u = other[j]
-        tb[m] = ratings[j] - mu - bias[u]
+        Zb[m, e] = ratings[j] - mu - bias[u]
         Zb[m, 0] = 1.0
         for a in range(1, e):
             Zb[m, a] = rows[u, a - 1]
         m += 1
         if m == BLAS_ROWS or j == hi - 1:
             Zm = Zb[:m]
-            G += np.dot(Zm.T, Zm)
-            h += np.dot(Zm.T, tb[:m])
+            Gt += np.dot(Zm.T, Zm)
             m = 0
+    for a in range(e):
+        h[a] = Gt[a, e]
+        for bb in range(e):
+            G[a, bb] = Gt[a, bb]
 
 
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -600,11 +610,11 @@ def fit_items(
         G = np.empty((e, e))
         h = np.empty(e)
         x = np.empty(e)
-        Zb = np.empty((BLAS_ROWS, e))
-        tb = np.empty(BLAS_ROWS)
+        Zb = np.empty((BLAS_ROWS, e + 1))
+        Gt = np.empty((e + 1, e + 1))
         for i in range(ch * CHUNK, min(n_items, (ch + 1) * CHUNK)):
             _biased_normal_equations(
-                indptr[i], indptr[i + 1], users, ratings, Theta, user_bias, mu, G, h, Zb, tb
+                indptr[i], indptr[i + 1], users, ratings, Theta, user_bias, mu, G, h, Zb, Gt
             )
             G[0, 0] += reg_bias
             for a in range(1, e):
@@ -629,8 +639,8 @@ def item_statistics(
     e = Theta.shape[1] + 1
     n_chunks = (n_items + CHUNK - 1) // CHUNK
     for ch in prange(n_chunks):
-        Zb = np.empty((BLAS_ROWS, e))
-        tb = np.empty(BLAS_ROWS)
+        Zb = np.empty((BLAS_ROWS, e + 1))
+        Gt = np.empty((e + 1, e + 1))
         for i in range(ch * CHUNK, min(n_items, (ch + 1) * CHUNK)):
             _biased_normal_equations(
                 indptr[i],
@@ -643,7 +653,7 @@ def item_statistics(
                 G_out[i],
                 h_out[i],
                 Zb,
-                tb,
+                Gt,
             )
 
 
@@ -678,8 +688,8 @@ def _als_half_step_range(
         tt = np.empty(e)
         alpha = np.empty(e)
         rows = np.empty(e, dtype=np.int64)
-        Zb = np.empty((BLAS_ROWS, e))
-        tb = np.empty(BLAS_ROWS)
+        Zb = np.empty((BLAS_ROWS, e + 1))
+        Gt = np.empty((e + 1, e + 1))
         for o in range(ch * CHUNK, min(n_own, (ch + 1) * CHUNK)):
             lo, hi = indptr[o], indptr[o + 1]
             n = hi - lo
@@ -713,7 +723,7 @@ def _als_half_step_range(
                         acc += other_f[rows[j], a] * alpha[j]
                     out_f[o, a] = acc * inv_f
                 continue
-            _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, tb)
+            _biased_normal_equations(lo, hi, other, y, other_f, other_bias, mu, G, h, Zb, Gt)
             G[0, 0] += reg_bias
             for a in range(1, e):
                 G[a, a] += lam
@@ -894,6 +904,82 @@ def als_half_step_cg(
 
 
 # ------------------------------------------------------------------------------------------------
+# biases alone
+# ------------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, error_model="numpy")
+def _bias_half_step_range(
+    c0: int,
+    c1: int,
+    indptr: np.ndarray,
+    other: np.ndarray,
+    y: np.ndarray,
+    mu: float,
+    other_bias: np.ndarray,
+    reg: float,
+    out: np.ndarray,
+) -> None:
+    """Rows [c0 · CHUNK, c1 · CHUNK) of :func:`bias_half_step` (no fastmath: each row's sum is
+    added in its CSR order, as ``np.bincount`` adds it in the samples' order)."""
+    n_own = indptr.shape[0] - 1
+    for o in range(c0 * CHUNK, min(n_own, c1 * CHUNK)):
+        acc = 0.0
+        for j in range(indptr[o], indptr[o + 1]):
+            acc += y[j] - mu - other_bias[other[j]]
+        out[o] = acc / (float(indptr[o + 1] - indptr[o]) + reg)
+
+
+def bias_half_step(
+    indptr: np.ndarray,  # (n_own + 1,) int64
+    other: np.ndarray,  # int32, the other side's index per rating, in own order
+    y: np.ndarray,  # ratings in own order
+    mu: float,
+    other_bias: np.ndarray,  # (n_other,)
+    reg: float,
+    out: np.ndarray,  # (n_own,) the biases
+) -> None:
+    """One half-step of ``features.fit_biases``: out[o] = Σ (y − μ − c_other) / (n_o + reg) over
+    the row's ratings. On samples sorted by user, then item, the CSR orders list every row's
+    ratings in the samples' order, so the result equals the ``np.bincount`` reference bit for bit."""
+    n_chunks = (indptr.shape[0] - 1 + CHUNK - 1) // CHUNK
+    _map_chunks(_bias_half_step_range, n_chunks, indptr, other, y, mu, other_bias, reg, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# orders
+# ------------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _stable_counting_pass(
+    keys: np.ndarray, n_keys: int, src: np.ndarray | None, out: np.ndarray
+) -> None:
+    """out = the rows (``src``'s entries, or 0..n-1) stably ordered by ``keys[row]``: one counting
+    sort (a histogram of the keys, its prefix sums, one scatter in the rows' order)."""
+    n = out.shape[0]
+    start = np.zeros(n_keys + 1, dtype=np.int64)
+    for j in range(n):
+        start[keys[j] + 1] += 1
+    for kk in range(n_keys):
+        start[kk + 1] += start[kk]
+    for t in range(n):
+        j = t if src is None else src[t]
+        kk = keys[j]
+        out[start[kk]] = j
+        start[kk] += 1
+
+
+def lex_order(major: np.ndarray, n_major: int, minor: np.ndarray, n_minor: int) -> np.ndarray:
+    """The rows ordered by ``major``, then ``minor``, then their own position: exactly
+    ``np.lexsort((minor, major))`` (and the stable ``argsort`` of major·n_minor + minor) for
+    non-negative integer keys below ``n_major`` / ``n_minor``, by two stable counting sorts (O(n +
+    n_keys), against a comparison sort's O(n log n): 0.2 s instead of 2–6 s at 17.9M ratings)."""
+    n = int(major.shape[0])
+    by_minor = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    _stable_counting_pass(minor, int(n_minor), None, by_minor)
+    out = np.empty(n, dtype=np.intp)
+    _stable_counting_pass(major, int(n_major), by_minor, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # predictions
 # ------------------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True, fastmath=FAST)
@@ -924,6 +1010,8 @@ class NumbaKernels:
     als_half_step = staticmethod(als_half_step)
     als_half_step_cg = staticmethod(als_half_step_cg)
     rating_dots = staticmethod(rating_dots)
+    lex_order = staticmethod(lex_order)
+    bias_half_step = staticmethod(bias_half_step)
 
     def set_threads(self, n: int) -> None:
         import numba

@@ -27,6 +27,7 @@ from lrs_rec.training.spill import Spill, Spilled
 from lrs_rec.training.spill import load as spill_load
 from lrs_rec.training.vocab import Vocabulary
 
+from lrs_rec.engine import parallel
 from lrs_rec.engine.b_rows import top_k_b, zero_b
 from lrs_rec.engine.steps import (
     LRSState,
@@ -169,7 +170,9 @@ def encode_in_history_order(
         counts = np.bincount(u)
         mask = np.asarray((rng.random(u.shape[0]) < fraction) & (counts[u] > 1))
         del counts
-    order = np.lexsort((i, u))
+    K = parallel.kernels()
+    # by user, then item (ties keep the table's order); the compiled twin is two counting sorts
+    order = np.lexsort((i, u)) if K is None else K.lex_order(u, len(users), i, len(items))
     u, i = u[order], i[order]
     ratings = np.asarray(table.ratings[order], dtype=np.float64)
     if release_table:
@@ -465,6 +468,7 @@ def biases_only(
         reg_user=reg_bias,
         reg_item=reg_bias,
         n_iter=10,
+        samples=data,
     )
     n, r = start.user_bias.size, start.U.shape[1]
     if copy:
@@ -697,21 +701,28 @@ def peak_rss_mb() -> float | None:
 
 
 class PhaseLog:
-    """Wall seconds of each training phase and the process's peak RSS at its end (a high-water
-    mark: the phase where it jumps is the one that needed the memory); written to the manifest
-    (``metrics.phases``)."""
+    """Wall seconds of each training phase, the process's CPU seconds in it (every thread's; less
+    sensitive than the wall time to other jobs on the machine) and the process's peak RSS at its
+    end (a high-water mark: the phase where it jumps is the one that needed the memory); written
+    to the manifest (``metrics.phases``)."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self._t = time.perf_counter()
+        self._cpu = time.process_time()
 
     def mark(self, phase: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.rows.append(
-            {"phase": phase, "seconds": round(now - self._t, 3), "peak_rss_mb": peak_rss_mb()}
+            {
+                "phase": phase,
+                "seconds": round(now - self._t, 3),
+                "cpu_seconds": round(cpu - self._cpu, 3),
+                "peak_rss_mb": peak_rss_mb(),
+            }
         )
         trim_heap()  # the phase's freed temporaries back to the system before the next one
-        self._t = now
+        self._t, self._cpu = now, cpu
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,11 @@ class Samples:
             # stable sort of key·n_other + other, the order of np.lexsort((other, key)) (ties keep
             # their order); much faster on ratings already grouped by user (runs for timsort)
             n_other = int(other.max()) + 1 if other.size else 1
-            order = np.argsort(key_arr.astype(np.int64) * n_other + other, kind="stable")
+            K = parallel.kernels()
+            if K is not None:  # the same order by two counting sorts
+                order = K.lex_order(key_arr, n_keys, other, n_other)
+            else:
+                order = np.argsort(key_arr.astype(np.int64) * n_other + other, kind="stable")
             out = (
                 indptr,
                 np.ascontiguousarray(other[order], dtype=np.int32),

@@ -1,7 +1,7 @@
 """Compile the default training path's numba kernels in a background thread while the ratings load.
 
 On a fresh checkout numba compiles the kernels (``training.kernels``, ``cache=True``) at their first
-call: ≈ 12–14 s of a first ``lrs-rec train`` on this machine, paid in the middle of the run. The
+call: ≈ 12–17 CPU s of a first ``lrs-rec train`` on this machine, paid in the middle of the run. The
 signatures the default pipeline calls are fixed (int32 item indices, int64 offsets, float64
 ratings, float32 ALS factors; C-contiguous arrays), so :func:`start` compiles exactly those — from
 the on-disk cache when it is warm (≈ 0.1 s), else from scratch — on a daemon thread started before

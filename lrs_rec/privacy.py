@@ -123,6 +123,17 @@ def item_sum_sensitivities(
 
 
 # -- per-user caps -------------------------------------------------------------------------------------
+def first_per_user(users: np.ndarray, order: np.ndarray, m: int) -> np.ndarray:
+    """Boolean mask over the samples: the first ``m`` of each user in ``order``, an ordering of the
+    sample indices that groups each user's samples together (e.g. sorted by user, then by a key)."""
+    u_sorted = users[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1] if users.size else np.zeros(0, int)
+    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
+    keep = np.zeros(users.size, dtype=bool)
+    keep[order[rank < m]] = True
+    return keep
+
+
 def cap_samples_per_user(users: IntArray, m: int, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask keeping at most ``m`` samples of each user, chosen uniformly at random.
 
@@ -132,13 +143,7 @@ def cap_samples_per_user(users: IntArray, m: int, rng: np.random.Generator) -> n
     users = np.asarray(users, dtype=np.int64)
     order = rng.permutation(users.size)
     # stable sort by user of a random permutation = random order within each user
-    by_user = order[np.argsort(users[order], kind="stable")]
-    u_sorted = users[by_user]
-    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1]
-    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
-    keep = np.zeros(users.size, dtype=bool)
-    keep[by_user[rank < m]] = True
-    return keep
+    return first_per_user(users, order[np.argsort(users[order], kind="stable")], m)
 
 
 # -- keyed per-user caps: the same choice on any partition of the users --------------------------------
@@ -235,13 +240,7 @@ def cap_samples_by_key(users: IntArray, keys: np.ndarray, m: int) -> np.ndarray:
     still keeps ≤ m samples per user (the sensitivities are unchanged). The seed need not be
     secret: the bounds hold for every seed."""
     users = np.asarray(users, dtype=np.int64)
-    order = np.lexsort((np.asarray(keys, np.uint64), users))
-    u_sorted = users[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1] if users.size else np.zeros(0, int)
-    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
-    keep = np.zeros(users.size, dtype=bool)
-    keep[order[rank < m]] = True
-    return keep
+    return first_per_user(users, np.lexsort((np.asarray(keys, np.uint64), users)), m)
 
 
 def cap_samples_by_key_reference(users: IntArray, keys: Sequence[int], m: int) -> np.ndarray:

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from lrs_rec._types import FloatArray, IntArray
-from lrs_rec.privacy import clip_rows, clip_scalar
+from lrs_rec.privacy import clip_rows, clip_scalar, first_per_user
 
 
 def select_popular_per_user(
@@ -59,12 +59,8 @@ def select_popular_per_user(
     else:
         raise ValueError("select_popular_per_user needs keys or an rng for its tie-breaks")
     # sort by user, then by descending popularity, then by the random jitter
-    order = np.lexsort((jitter, -pop, users))
-    u_sorted = users[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(u_sorted)) + 1] if users.size else np.zeros(0, int)
-    rank = np.arange(users.size) - np.repeat(starts, np.diff(np.r_[starts, users.size]))
-    keep = np.zeros(users.size, dtype=bool)
-    keep[order[(rank < m) & (pop[order] >= min_popularity)]] = True
+    keep = first_per_user(users, np.lexsort((jitter, -pop, users)), m)
+    keep &= pop >= min_popularity
     return keep
 
 

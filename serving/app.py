@@ -42,9 +42,9 @@ from lrs_rec.serving.async_front import AsyncFront
 from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
-from lrs_rec.serving.fast_lane import Answer, FastLane, InFlight, bearer_check
+from lrs_rec.serving.fast_lane import Answer, FastLane, bearer_check
 from lrs_rec.serving.fast_request import parse_recommend
-from lrs_rec.serving.guards import RequestGuardMiddleware, ServeLimits
+from lrs_rec.serving.guards import InFlight, RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
     ASGIApp,
     Message,

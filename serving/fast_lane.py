@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from lrs_rec.serving.guards import InFlight, _reject
 from lrs_rec.serving.metrics import ASGIApp, Message, Metrics, Receive, Scope, Send, outcome_of
 
 log = logging.getLogger(
@@ -43,15 +44,6 @@ log = logging.getLogger(
 # status, raw headers, body — or None: "not plainly valid, let the reference route answer"
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 Handler = Callable[[bytes], Awaitable[Answer | None]]
-
-
-class InFlight:
-    """Requests being served (counted ones: every route but the guard's exempt ones)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
 
 
 class _BodyTimeout(Exception):
@@ -206,8 +198,6 @@ def _replay(read: list[Message], receive: Receive) -> Receive:
 
 
 async def _reject_timeout(send: Send, body_timeout: float) -> None:
-    from lrs_rec.serving.guards import _reject
-
     await _reject(send, 408, f"request body not received within {body_timeout:g} s")
 
 
@@ -223,7 +213,7 @@ def bearer_check(keyring: Any, scope: str) -> Callable[[bytes], bool]:
         credentials = credentials.strip()
         if not (text and scheme and credentials) or scheme.lower() != "bearer":
             return False
-        key = keyring.authenticate(credentials.strip())
+        key = keyring.authenticate(credentials)
         return key is not None and bool(key.allows(scope))
 
     return check

@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 
 import anyio
 import h11
-from lrs_rec.serving.fast_lane import InFlight
 from lrs_rec.serving.metrics import ASGIApp, Message, Receive, Scope, Send
 from lrs_rec.serving.serve_limits import ServeLimits as ServeLimits  # re-exported
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -158,6 +157,15 @@ class GuardedH11Protocol(H11Protocol):
 
 class _BodyTimeout(Exception):
     pass
+
+
+class InFlight:
+    """Requests being served (counted ones: every route but the guard's exempt ones)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
 
 
 class RequestGuardMiddleware:

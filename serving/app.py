@@ -43,7 +43,7 @@ from lrs_rec.serving.docs import add_offline_docs
 from lrs_rec.serving.encoding import RecordError
 from lrs_rec.serving.erasure import UnknownUserError, erase_user, user_ratings
 from lrs_rec.serving.fast_lane import Answer, FastLane, bearer_check
-from lrs_rec.serving.fast_request import parse_recommend
+from lrs_rec.serving.fast_request import parse_recommend, parse_score
 from lrs_rec.serving.guards import InFlight, RequestGuardMiddleware, ServeLimits
 from lrs_rec.serving.metrics import (
     ASGIApp,
@@ -261,6 +261,13 @@ def _known_error(exc: Exception) -> JSONResponse | None:
 def _answer(response: Response) -> Answer:
     """A response as the fast lane sends it: the same status, headers and body bytes."""
     return response.status_code, response.raw_headers, bytes(response.body)
+
+
+def _known_answer(exc: Exception) -> Answer | None:
+    """The fast lane's answer to an error score/recommend raise on purpose; None (the reference
+    route answers, and logs) for anything else."""
+    known = _known_error(exc)
+    return None if known is None else _answer(known)
 
 
 def _score_answer(res: Any) -> dict[str, Any]:
@@ -559,15 +566,16 @@ def create_app(
     # the fast lanes (serving.fast_lane): score and recommend without the framework's layers,
     # answering only what the routes above would answer the same; anything else goes to them
     async def fast_score(body: bytes) -> Answer | None:
-        req = _parse(ScoreRequest, body)
-        if isinstance(req, Response) or len(req.item_ids) > rec.max_items:
+        fields = parse_score(body)
+        if fields is None:
             return None
-        if _bad_user_id(req.user_id) is not None:
+        user_id, item_ids = fields
+        if len(item_ids) > rec.max_items or _bad_user_id(user_id) is not None:
             return None
         try:
-            res = await front.score(req.user_id, req.item_ids)
+            res = await front.score(user_id, item_ids)
         except (UnknownItemsError, StoreUnavailableError, NotReadyError) as e:
-            return _answer(_known_error(e) or _error(500, "unreachable"))
+            return _known_answer(e)
         answer = _answer(JSONResponse(_score_answer(res)))
         _personalized("/v1/score", res.personalized).inc()
         return answer
@@ -582,7 +590,7 @@ def create_app(
         try:
             top = await front.recommend_top(user_id, n, exclude_rated)
         except (StoreUnavailableError, NotReadyError) as e:
-            return _answer(_known_error(e) or _error(500, "unreachable"))
+            return _known_answer(e)
         data = recommend_json(top)
         _personalized("/v1/recommend", top.personalized).inc()
         return 200, [(b"content-length", b"%d" % len(data)), _JSON_TYPE], data

@@ -10,8 +10,8 @@ import random
 
 import pytest
 from fastapi.responses import Response
-from lrs_rec.serving.app import RecommendRequest, _parse
-from lrs_rec.serving.fast_request import parse_recommend
+from lrs_rec.serving.app import RecommendRequest, ScoreRequest, _parse
+from lrs_rec.serving.fast_request import parse_recommend, parse_score
 
 from lrs_rec.ids import MAX_ID_LENGTH
 
@@ -157,3 +157,99 @@ def test_fast_parse_agrees_on_random_mutations():
         if slow is None:
             assert fast is None, body
     assert answered > 100  # the comparison covered accepted bodies too
+
+
+def _slow_score(body: bytes) -> tuple[str, list[str]] | None:
+    req = _parse(ScoreRequest, body)
+    if isinstance(req, Response):
+        return None
+    return req.user_id, req.item_ids
+
+
+SCORE_TRICKY = [
+    b'{"user_id": "196", "item_ids": ["1", "2", "3"]}',
+    b'{"item_ids": [], "user_id": "u"}',
+    b'{"user_id": "u", "item_ids": [""]}',
+    b'{"user_id": "u", "item_ids": ["' + b"i" * MAX_ID_LENGTH + b'"]}',
+    b'{"user_id": "u", "item_ids": ["' + b"i" * (MAX_ID_LENGTH + 1) + b'"]}',
+    '{"user_id": "u", "item_ids": ["' + "é" * MAX_ID_LENGTH + '"]}',
+    '{"user_id": "u", "item_ids": ["' + "é" * (MAX_ID_LENGTH + 1) + '"]}',
+    '{"user_id": "ユーザー", "item_ids": ["映画"]}',
+    b'{"user_id": "u"}',
+    b'{"item_ids": ["1"]}',
+    b'{"user_id": "", "item_ids": ["1"]}',
+    b'{"user_id": 1, "item_ids": ["1"]}',
+    b'{"user_id": "u", "item_ids": [1]}',
+    b'{"user_id": "u", "item_ids": ["1", null]}',
+    b'{"user_id": "u", "item_ids": "1"}',
+    b'{"user_id": "u", "item_ids": null}',
+    b'{"user_id": "u", "item_ids": {"1": 1}}',
+    b'{"user_id": "u", "item_ids": [["1"]]}',
+    b'{"user_id": "u", "item_ids": ["1"], "n": 3}',
+    b'{"user_id": "u", "item_ids": ["1"], "user_id": "v"}',
+    b'{"user_id": "u", "item_ids": ["1"], "item_ids": ["2"]}',
+    b'{"user_id": "u", "item_ids": ["user_id"]}',
+    b'{"user_id": "u", "item_ids": ["\\"user_id\\""]}',
+    b'{"user_id": "u", "item_ids": ["a\\u0041"]}',
+    b'{"user\\u005fid": "u", "item_ids": []}',
+    b'{"user_id": "u", "item_ids": ["1",]}',
+    b'{"user_id": "u", "item_ids": ["1"]} []',
+    b'{"user_id": "u", "item_ids": ["\xff"]}',
+    b"[]",
+    b"null",
+    b"",
+    b'\xef\xbb\xbf{"user_id": "u", "item_ids": []}',
+]
+
+
+@pytest.mark.parametrize("body", SCORE_TRICKY)
+def test_fast_score_parse_agrees_with_pydantic(body):
+    body = body if isinstance(body, bytes) else body.encode()
+    fast, slow = parse_score(body), _slow_score(body)
+    if fast is not None:
+        assert fast == slow
+    if slow is None:
+        assert fast is None
+
+
+def test_fast_score_parse_answers_the_common_bodies():
+    for body in (
+        {"user_id": "196", "item_ids": ["242", "302", "377"]},
+        {"user_id": "u 42", "item_ids": []},
+        {"item_ids": [str(i) for i in range(500)], "user_id": "7"},
+    ):
+        raw = json.dumps(body).encode()
+        assert parse_score(raw) == _slow_score(raw) is not None
+
+
+def test_fast_score_parse_agrees_on_random_mutations():
+    """Seeded random score bodies (keys repeated or odd, item lists of mixed types, truncations
+    and byte flips): the fast parser answers only what pydantic accepts, with the same fields."""
+    rng = random.Random(1)
+    keys = ["user_id", "item_ids", "x", "items"]
+    items = ['"1"', '"i 2"', '""', '"user_id"', "3", "null", "true", '["1"]', '"a\\u0041"']
+    answered = 0
+    for _ in range(3000):
+        if rng.random() < 0.6:
+            pairs = [("user_id", rng.choice(['"u"', '"item_ids"', '""', "7"]))]
+            listed = ",".join(rng.choice(items[:3] if rng.random() < 0.7 else items)
+                              for _ in range(rng.randint(0, 5)))  # fmt: skip
+            pairs.append(("item_ids", "[" + listed + "]"))
+            pairs += [(rng.choice(keys), '"v"')] * (rng.random() < 0.15)
+            rng.shuffle(pairs)
+        else:
+            pairs = [(rng.choice(keys), rng.choice(items)) for _ in range(rng.randint(0, 3))]
+        body = ("{" + ", ".join(f'"{k}": {v}' for k, v in pairs) + "}").encode()
+        r = rng.random()
+        if r < 0.1 and body:
+            body = body[: rng.randrange(len(body))]
+        elif r < 0.2 and body:
+            i = rng.randrange(len(body))
+            body = body[:i] + bytes([rng.randrange(256)]) + body[i + 1 :]
+        fast, slow = parse_score(body), _slow_score(body)
+        if fast is not None:
+            answered += 1
+            assert fast == slow, body
+        if slow is None:
+            assert fast is None, body
+    assert answered > 100

@@ -19,6 +19,8 @@ body goes to the slow path, which decides exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from lrs_rec.ids import MAX_ID_LENGTH
@@ -33,13 +35,8 @@ _SCORE_ALLOWED = frozenset({"user_id", "item_ids"})
 
 def parse_recommend(body: bytes) -> tuple[str, int, bool] | None:
     """``(user_id, n, exclude_rated)`` of a valid recommend body, or None: let pydantic decide."""
-    if b"\\" in body:
-        return None
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if type(obj) is not dict or not obj.keys() <= _ALLOWED:
+    obj = _object(body)
+    if obj is None or not obj.keys() <= _ALLOWED:
         return None
     user_id = obj.get("user_id")
     n = obj.get("n", DEFAULT_N)
@@ -58,13 +55,8 @@ def parse_recommend(body: bytes) -> tuple[str, int, bool] | None:
 
 def parse_score(body: bytes) -> tuple[str, list[str]] | None:
     """``(user_id, item_ids)`` of a valid score body, or None: let pydantic decide."""
-    if b"\\" in body:
-        return None
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if type(obj) is not dict or obj.keys() != _SCORE_ALLOWED:
+    obj = _object(body)
+    if obj is None or obj.keys() != _SCORE_ALLOWED:
         return None
     user_id, item_ids = obj["user_id"], obj["item_ids"]
     if type(user_id) is not str or not 1 <= len(user_id) <= MAX_ID_LENGTH:
@@ -77,6 +69,17 @@ def parse_score(body: bytes) -> tuple[str, list[str]] | None:
     if _repeated(body, _SCORE_KEYS):
         return None
     return user_id, item_ids
+
+
+def _object(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of a body without escape sequences, or None (not one, or not sure)."""
+    if b"\\" in body:
+        return None
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if type(obj) is dict else None
 
 
 def _repeated(body: bytes, keys: tuple[bytes, ...]) -> bool:

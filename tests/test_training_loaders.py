@@ -610,3 +610,23 @@ def test_header_naming_only_one_of_user_item_keeps_the_positional_fallback(
     p = write(tmp_path, "one.csv", "customer,product_id,rating\nu1,i1,4\nu2,i1,3\n")
     t = load_ratings(p, LoadOptions(fast=fast))
     assert t.report.rows_kept == 2
+
+
+@BOTH
+@pytest.mark.parametrize(("delim", "fmt"), [("\t", "tsv"), (";", "csv"), ("|", "csv")])
+def test_movielens_latest_header_with_another_delimiter_is_a_generic_file(
+    tmp_path: Path, fast: bool, delim: str, fmt: str
+) -> None:
+    # was detected as ml-latest, whose reader splits on commas: "expected at least 3
+    # comma-separated fields (user, item, rating), got 1: 'userId\tmovieId\trating'"
+    for head in ("userId,movieId,rating,timestamp", "userId,movieId,rating"):
+        n = head.count(",") + 1
+        lines = [head.replace(",", delim)] + [
+            delim.join([u, i, f"{r:g}", str(t)][:n]) for u, i, r, t in ROWS
+        ]
+        p = write(tmp_path, "ratings.txt", "\ufeff" + "\n".join(lines) + "\n")
+        assert detect_format(p) == fmt
+        t = load_ratings(p, LoadOptions(fast=fast))
+        assert as_rows(t) == EXPECTED
+        assert (t.rating_min, t.rating_max) == (1.0, 5.0)  # the observed scale, not ml-latest's
+        assert t.report.counts == {"header_lines": 1}

@@ -412,11 +412,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if delim == "::":
         return "ml-1m"
     first = [c.strip().lower() for c in lines[0].split(delim)]
-    if first[:4] == ["userid", "movieid", "rating", "timestamp"] or first[:3] == [
-        "userid",
-        "movieid",
-        "rating",
-    ]:
+    # MovieLens latest is comma-separated: the same header with tabs or semicolons is a generic
+    # file of that delimiter (the ml-latest reader splits on commas only)
+    if delim == "," and (
+        first[:4] == ["userid", "movieid", "rating", "timestamp"]
+        or first[:3] == ["userid", "movieid", "rating"]
+    ):
         return "ml-latest"
     if delim == "\t":
         fields = [ln.split("\t") for ln in lines]

@@ -39,6 +39,8 @@ def _read_lines(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
+    except UnicodeDecodeError as e:  # as `serve --api-keys` says it, naming the file
+        raise ValueError(f"--file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -247,6 +247,21 @@ def test_keys_add_to_a_missing_directory_or_a_directory_is_one_clear_line(tmp_pa
     assert not missing.parent.exists()
 
 
+@pytest.mark.parametrize("action", ["list", "add"])
+def test_keys_file_not_utf8_is_one_line_naming_the_file(tmp_path, capsys, action):
+    # regression: `keys list` printed "'utf-8' codec can't decode byte 0xff in position 0: ..."
+    path = tmp_path / "keys"
+    path.write_bytes(b"read k1 " + b"0" * 64 + b"\n\xff\xfe\n")
+    args = ["keys", action, "--file", str(path)] + (["--scope", "read"] if action == "add" else [])
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"lrs-rec keys: error: --file {path}: not UTF-8 text (invalid start byte at byte 73)\n"
+    )
+    assert path.read_bytes().endswith(b"\xff\xfe\n")  # nothing appended
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

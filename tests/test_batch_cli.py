@@ -188,6 +188,24 @@ def test_predict_bad_input_is_one_line_naming_file_line_and_column(model_dir, tm
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("out", ["o.csv", "o.parquet"])
+@pytest.mark.parametrize("command", ["predict", "recommend"])
+def test_an_unwritable_out_is_one_line_naming_out(model_dir, tmp_path, capsys, command, out):
+    # was "[Errno 2] Failed to open local file '.../.o.csv.<pid>.<hex>.tmp'. Detail: ..." (the
+    # temporary file, pyarrow's wording) or "[Errno 17] File exists" for a parent that is a file
+    src = _write_csv(tmp_path / "in.csv", ["user", "item"], [["u1", "i1"]])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    dst = blocker / "sub" / out
+    flag = "--pairs" if command == "predict" else "--users"
+    assert _run(command, "--model", model_dir, flag, src, "--out", dst, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lrs-rec {command}: error: --out {dst}: cannot write there ({blocker} is not a directory)\n"
+    )
+    assert blocker.read_text() == "x"
+
+
 def test_predict_bad_input_later_in_a_stream_and_other_formats(model_dir, tmp_path, capsys):
     rows = [[f"u{j % 30}", f"i{j % 25}"] for j in range(3000)]
     rows[2500][0] = ""

@@ -238,19 +238,30 @@ class TableWriter:
         import pyarrow.parquet as pq
 
         fmt = table_format(self.path, "output")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # a fresh name next to the output (created by the writer with the usual permissions)
         self._tmp = self.path.with_name(
             f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         )
-        if fmt == "parquet":
-            self._writer = pq.ParquetWriter(self._tmp, self.schema)
-        else:
-            self._writer = pcsv.CSVWriter(
-                self._tmp,
-                self.schema,
-                write_options=pcsv.WriteOptions(delimiter=fmt, quoting_style="needed"),
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fmt == "parquet":
+                self._writer = pq.ParquetWriter(self._tmp, self.schema)
+            else:
+                self._writer = pcsv.CSVWriter(
+                    self._tmp,
+                    self.schema,
+                    write_options=pcsv.WriteOptions(delimiter=fmt, quoting_style="needed"),
+                )
+        except OSError as e:  # named by --out, not by the temporary file (pyarrow's message)
+            base = next((q for q in self.path.parents if q.exists()), None)
+            why = (
+                f"{base} is not a directory"
+                if base is not None and not base.is_dir()
+                else os.strerror(e.errno)
+                if e.errno
+                else str(e)
             )
+            raise BatchInputError(f"--out {self.path}: cannot write there ({why})") from None
         return self
 
     def write(self, columns: dict[str, Any]) -> None:

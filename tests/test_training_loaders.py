@@ -630,3 +630,35 @@ def test_movielens_latest_header_with_another_delimiter_is_a_generic_file(
         assert as_rows(t) == EXPECTED
         assert (t.rating_min, t.rating_max) == (1.0, 5.0)  # the observed scale, not ml-latest's
         assert t.report.counts == {"header_lines": 1}
+
+
+@pytest.mark.parametrize(
+    ("kind", "tool"),
+    [("gzip", "gunzip -k"), ("bzip2", "bunzip2 -k"), ("zip", "unzip"), ("xz", "unxz -k")],
+)
+def test_a_compressed_rating_file_names_the_compression(
+    tmp_path: Path, kind: str, tool: str
+) -> None:
+    # a ratings.csv.gz was "cannot tell the delimiter: this line has no tab, ... ('<binary>')"
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    text = "user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r, _ in ROWS)
+    p = tmp_path / f"ratings.csv.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("ratings.csv", text)
+    else:
+        p.write_bytes({"gzip": gzip, "bzip2": bz2, "xz": lzma}[kind].compress(text.encode()))
+    for fmt in ("auto", "csv"):
+        with pytest.raises(RatingFileError) as e:
+            load_ratings(p, LoadOptions(format=fmt))
+        assert str(e.value) == (
+            f"{p}: the file is {kind}-compressed; decompress it first (e.g. {tool} {p}): ratings "
+            "are read from plain text or Parquet"
+        )
+    # text that merely starts like bzip2's magic is text
+    q = write(tmp_path, "bz.csv", "BZh9,10,4\nBZh8,20,3\n")
+    assert as_rows(load_ratings(q)) == [("BZh8", "20", 3.0), ("BZh9", "10", 4.0)]

@@ -60,6 +60,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -391,6 +392,27 @@ def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
         else:
             hint = "expected a text rating file with one (user, item, rating[, time]) row a line"
         raise RatingFileError(f"{e} ({hint})") from None
+
+
+# magic bytes of compressed files (a ratings.csv.gz read as text was "cannot tell the delimiter"
+# with a line of binary shown); bzip2 with its first block's magic, so no text line matches
+_COMPRESSED = (
+    (re.compile(rb"\x1f\x8b"), "gzip", "gunzip -k"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2", "bunzip2 -k"),
+    (re.compile(rb"PK\x03\x04"), "zip", "unzip"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz", "unxz -k"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd", "unzstd"),
+)
+
+
+def _compression(path: Path) -> tuple[str, str] | None:
+    """(kind, a command that decompresses it) when ``path`` starts like a compressed file."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    for magic, kind, tool in _COMPRESSED:
+        if magic.match(head):
+            return kind, tool
+    return None
 
 
 def _is_parquet(path: Path) -> bool:
@@ -917,6 +939,13 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         )
     if p.stat().st_size == 0:
         raise RatingFileError(f"{p}: empty file (0 bytes)")
+    packed = _compression(p)
+    if packed is not None:
+        kind, tool = packed
+        raise RatingFileError(
+            f"{p}: the file is {kind}-compressed; decompress it first (e.g. {tool} {p}): ratings "
+            "are read from plain text or Parquet"
+        )
     scan = None
     if opts.format != "parquet" and not _is_parquet(p):
         try:  # one bounded pass: fingerprint, line-length limit, what the fast reader can take

@@ -308,6 +308,9 @@ def test_item_features_matching_no_item(
         (["--reg-bias", "inf"], "--reg-bias must be a finite number >= 0"),
         (["--reg-w", "inf"], "--reg-w must be a finite number >= 0"),
         (["--reg-b", "nan"], "--reg-b must be"),
+        # was "rating scale must be finite with min < max, got 5.0..1.0", naming no flag
+        (["--rating-scale", "5", "1"], "min < max, got 5..1 (--rating-scale MIN MAX)"),
+        (["--rating-scale", "4", "4"], "min < max, got 4..4 (--rating-scale MIN MAX)"),
     ],
 )
 def test_bad_train_flags_name_the_flag(

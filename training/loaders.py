@@ -268,7 +268,10 @@ class LoadOptions:
         if self.rating_scale is not None:
             lo, hi = self.rating_scale
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"rating scale must be finite with min < max, got {lo}..{hi}")
+                raise ValueError(
+                    f"rating scale must be finite with min < max, got {lo:g}..{hi:g} "
+                    "(--rating-scale MIN MAX)"
+                )
             if max(abs(lo), abs(hi)) > MAX_ABS_RATING:
                 raise ValueError(
                     f"rating scale {lo:g}..{hi:g} is beyond ±{MAX_ABS_RATING:g} (--rating-scale)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if not path.parent.is_dir():
         raise ValueError(f"--file {path}: directory {path.parent} does not exist")
     ring = parse_keys(_read_lines(path), str(path))  # a broken file is reported, not appended to
+    if path.exists() and path.stat().st_mode & stat.S_IWOTH:  # serve --api-keys refuses it too
+        raise ValueError(
+            f"--file {path}: the file is world-writable, so anyone could add a key: chmod o-w {path}"
+        )
     key_id = args.key_id if args.key_id is not None else f"key-{secrets.token_hex(4)}"
     if not KEY_ID_RE.fullmatch(key_id):
         raise ValueError(f"--key-id {key_id[:80]!r}: must be 1-64 of A-Z a-z 0-9 . _ -")

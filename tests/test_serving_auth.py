@@ -247,6 +247,21 @@ def test_keys_add_to_a_missing_directory_or_a_directory_is_one_clear_line(tmp_pa
     assert not missing.parent.exists()
 
 
+def test_keys_add_refuses_a_world_writable_file_as_serve_does(tmp_path, capsys):
+    # keys add appended to it, and serve --api-keys then refused the file
+    path = tmp_path / "keys"
+    assert cli_main(["keys", "add", "--scope", "read", "--file", str(path), "--key-id", "a"]) == 0
+    os.chmod(path, 0o666)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert cli_main(["keys", "add", "--scope", "admin", "--file", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"lrs-rec keys: error: --file {path}: the file is world-writable, so anyone could add a "
+        f"key: chmod o-w {path}\n"
+    )
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("action", ["list", "add"])
 def test_keys_file_not_utf8_is_one_line_naming_the_file(tmp_path, capsys, action):
     # regression: `keys list` printed "'utf-8' codec can't decode byte 0xff in position 0: ..."

@@ -308,3 +308,35 @@ def test_a_bad_file_is_one_line_even_with_the_progress_bar(model_dir, tmp_path, 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"lrs-rec {command}: error: "), err
         assert match in err and "rows" not in err
+
+
+def test_sigterm_removes_the_partial_output_and_exits_143(model_dir, tmp_path):
+    # SIGTERM (timeout, a job scheduler) killed the process on the spot and left
+    # .out.csv.<pid>.<hex>.tmp; now it unwinds like Ctrl-C (serving.cli._sigterm_unwinds)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    users, items = _pairs(200_000, seed=3)
+    src = _write_csv(tmp_path / "in.csv", ["user", "item"], [[u, i] for u, i in zip(users, items, strict=True)])  # fmt: skip
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = [sys.executable, "-m", "lrs_rec.serving.cli", "predict", "--model", str(model_dir)]
+    argv += ["--pairs", str(src), "--out", str(out_dir / "o.csv"), "--chunk-size", "2", "--quiet"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.listdir(out_dir):  # the temporary output exists: mid-run
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err == "terminated\n", err
+    assert os.listdir(out_dir) == []
+    # the handler is only there while a command runs
+    assert main(["predict", "--model", str(model_dir), "--pairs", str(src), "--out", str(tmp_path / "x.csv"), "--chunk-size", "100000", "--quiet"]) == 0  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

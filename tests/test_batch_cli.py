@@ -206,6 +206,19 @@ def test_an_unwritable_out_is_one_line_naming_out(model_dir, tmp_path, capsys, c
     assert blocker.read_text() == "x"
 
 
+def test_a_utf16_input_is_one_line_naming_the_encoding(model_dir, tmp_path, capsys):
+    # was "no user column in header ['\\ufffd\\ufffdu\\x00s\\x00e\\x00r\\x00', ...]"
+    src = tmp_path / "pairs.tsv"
+    src.write_bytes("\ufeffuser\titem\nu1\ti1\n".encode("utf-16-le"))
+    assert _run("predict", "--model", model_dir, "--pairs", src, "--out", tmp_path / "o.csv", "--quiet") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"lrs-rec predict: error: {src}: the file is UTF-16 text")
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_predict_bad_input_later_in_a_stream_and_other_formats(model_dir, tmp_path, capsys):
     rows = [[f"u{j % 30}", f"i{j % 25}"] for j in range(3000)]
     rows[2500][0] = ""

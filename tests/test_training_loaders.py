@@ -662,3 +662,20 @@ def test_a_compressed_rating_file_names_the_compression(
     # text that merely starts like bzip2's magic is text
     q = write(tmp_path, "bz.csv", "BZh9,10,4\nBZh8,20,3\n")
     assert as_rows(load_ratings(q)) == [("BZh8", "20", 3.0), ("BZh9", "10", 4.0)]
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])  # fmt: skip
+def test_utf16_and_utf32_text_is_named_with_the_way_to_utf8(tmp_path: Path, encoding: str, name: str) -> None:  # fmt: skip
+    # Excel's "Unicode Text" (UTF-16, tab-separated): was "cannot tell the delimiter: this line has
+    # no tab, ... ('\x00') ... (it looks binary, not a text rating file)"
+    text = "user\titem\trating\n" + "".join(f"{u}\t{i}\t{r:g}\n" for u, i, r, _ in ROWS)
+    p = tmp_path / "export.txt"
+    p.write_bytes(("\ufeff" + text).encode(encoding))
+    with pytest.raises(RatingFileError) as e:
+        load_ratings(p)
+    assert str(e.value) == (
+        f"{p}: the file is {name} text (it starts with a {name} byte-order mark); re-encode it as "
+        f"UTF-8 (e.g. iconv -f {name} -t UTF-8 {p} > {tmp_path / 'export-utf8.txt'})"
+    )
+    p.write_text(text)  # the same text in UTF-8 reads
+    assert as_rows(load_ratings(p)) == EXPECTED

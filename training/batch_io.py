@@ -27,6 +27,7 @@ from lrs_rec.training.loaders import (
     _find_col,
     _first_non_utf8,
     id_text,
+    utf16_or_32,
 )
 
 TEXT_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -117,6 +118,9 @@ def _read_text(
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
+    wide = utf16_or_32(p)
+    if wide is not None:
+        raise BatchInputError(wide)
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter=sep), None)
     if not header:

@@ -408,6 +408,30 @@ _COMPRESSED = (
 )
 
 
+_WIDE_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def utf16_or_32(path: str | os.PathLike[str]) -> str | None:
+    """The error for a text file in UTF-16 or UTF-32 (by its byte-order mark; Excel's "Unicode
+    Text" is UTF-16), else None: it was read as UTF-8 and said to "look binary"."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return (
+                f"{path}: the file is {name} text (it starts with a {name} byte-order mark); "
+                f"re-encode it as UTF-8 (e.g. iconv -f {name} -t UTF-8 {path} > "
+                f"{p.with_name(p.stem + '-utf8' + p.suffix)})"
+            )
+    return None
+
+
 def _compression(path: Path) -> tuple[str, str] | None:
     """(kind, a command that decompresses it) when ``path`` starts like a compressed file."""
     with open(path, "rb") as f:
@@ -942,6 +966,9 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         )
     if p.stat().st_size == 0:
         raise RatingFileError(f"{p}: empty file (0 bytes)")
+    wide = utf16_or_32(p)
+    if wide is not None:
+        raise RatingFileError(wide)
     packed = _compression(p)
     if packed is not None:
         kind, tool = packed

@@ -437,3 +437,13 @@ def test_one_hot_default_rank_never_exceeds_a_small_catalogue(tmp_path, capsys, 
     )
     pred = model.predict(np.arange(10), np.zeros(10, dtype=np.int64))
     assert np.all(np.isfinite(pred)) and pred.min() >= 1.0 and pred.max() <= 5.0
+    # a rank the user asks for beyond d is still an error, now naming the flags
+    rc = cli_main([
+        "train", "--ratings", str(csv), "--epsilon", "1", "--rating-scale", "1", "5",
+        "--dp-rank", str(n_items + 1), "--out", str(tmp_path / "m2"), "--no-export", "--quiet",
+    ])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err.endswith(
+        f"must not exceed d={n_items} (--dp-rank, --dp-sparsity; d is the number of items with "
+        "one-hot features)\n"
+    )

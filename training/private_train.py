@@ -504,7 +504,11 @@ def public_features(
             raise ValueError(f"item_features has {F.shape[0]} rows, expected n_items={n_items}")
     d = n_items if F is None else F.shape[1]
     if cfg.rank > d or cfg.sparsity > d:
-        raise ValueError(f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={d}")
+        what = "the number of items with one-hot" if one_hot else "the width of the plug-in"
+        raise ValueError(
+            f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={d} (--dp-rank, "
+            f"--dp-sparsity; d is {what} features)"
+        )
     return F
 
 

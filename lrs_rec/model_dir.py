@@ -246,8 +246,33 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
     """Raise :class:`ModelDirError` unless ``out_dir`` may be (re)written by :func:`save_model_dir`:
     it is absent, an empty directory, or an lrs-rec model directory (a manifest.json of ours and
     only model files). Nothing else is ever replaced: not a file, the current directory, or a
-    directory holding other files."""
+    directory holding other files. And its staging directory can be created next to it (probed),
+    so that `lrs-rec train` finds an unwritable --out before training, not after."""
     out = Path(out_dir)
+    _check_replaceable(out)
+    _check_creatable(out)
+
+
+def _check_creatable(out: Path) -> None:
+    """A directory can be created where ``out``'s staging directory goes: in its parent, or else
+    in the nearest ancestor that exists (the parents are made on saving). Probed with a temporary
+    directory, removed at once."""
+    import tempfile
+
+    base = out.absolute().parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ModelDirError(f"{out}: cannot be created: {base} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=base)
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise ModelDirError(f"{out}: cannot be created in {base} ({why})") from None
+    os.rmdir(probe)
+
+
+def _check_replaceable(out: Path) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():

@@ -177,6 +177,26 @@ def check_bind(
     )
 
 
+def check_port(host: str, port: int, flag: str = "--port") -> None:
+    """Raise ValueError naming ``flag`` when ``host:port`` cannot be bound (in use, not an
+    address of this machine), before a command prints that it listens there or does any work.
+    Bound the way uvicorn binds (SO_REUSEADDR) and released at once; port 0 always passes."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise ValueError(f"{flag} {port}: cannot listen on {host}:{port} ({why})") from None
+
+
 # -- FastAPI dependencies -------------------------------------------------------------------------------
 def guard(keyring: KeyRing | None, scope: str) -> list[Any]:
     """Route ``dependencies`` requiring ``scope`` (none at all without a keyring: no per-request

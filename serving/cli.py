@@ -11,8 +11,10 @@ import contextlib
 import importlib
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 # name -> (module, one-line help). Owners: training/* by the training pipeline, serving/* by serving.
@@ -113,15 +115,45 @@ def blas_threads() -> contextlib.AbstractContextManager[object]:
     return limits
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, a job scheduler, ``docker stop``): unwinds like Ctrl-C, so
+    that ``finally`` blocks and context managers remove what the command created."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` in the main thread meanwhile (unless the host process
+    handles SIGTERM itself). With the default action the process died on the spot and left its
+    temporary files: predict's ``.OUT.<pid>.<hex>.tmp``, train's spill directory in $TMPDIR."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         mod = importlib.import_module(args._module)
-        with blas_threads():
+        with _sigterm_unwinds(), blas_threads():
             return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
         print(f"lrs-rec {args.command}: error: {e}", file=sys.stderr)
         return 2

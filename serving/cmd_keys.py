@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def _read_lines(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
+    except UnicodeDecodeError as e:  # as `serve --api-keys` says it, naming the file
+        raise ValueError(f"--file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if not path.parent.is_dir():
         raise ValueError(f"--file {path}: directory {path.parent} does not exist")
     ring = parse_keys(_read_lines(path), str(path))  # a broken file is reported, not appended to
+    if path.exists() and path.stat().st_mode & stat.S_IWOTH:  # serve --api-keys refuses it too
+        raise ValueError(
+            f"--file {path}: the file is world-writable, so anyone could add a key: chmod o-w {path}"
+        )
     key_id = args.key_id if args.key_id is not None else f"key-{secrets.token_hex(4)}"
     if not KEY_ID_RE.fullmatch(key_id):
         raise ValueError(f"--key-id {key_id[:80]!r}: must be 1-64 of A-Z a-z 0-9 . _ -")

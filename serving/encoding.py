@@ -216,10 +216,18 @@ def pack_params(fmt: RecordFormat, bias: Any, W: Any, B_idx: Any, B_val: Any) ->
         rec["w"] = W
         rec["b_val"] = B_val
     rec["b_idx"] = B_idx
-    for name in ("bias", "w", "b_val"):
+    for name, src in (("bias", bias), ("w", W), ("b_val", B_val)):
         if not np.all(np.isfinite(rec[name])):
+            if not np.all(np.isfinite(src)):
+                raise ValueError(f"{name} is not finite")
+            # a model of large ratings (e.g. a 0..1e6 scale): name the way out
+            hint = " (`lrs-rec publish --precision float32` stores it)" * (
+                fmt.precision == "float16"
+            )
             raise ValueError(
-                f"{name} overflows {fmt.precision} (|value| too large) or is not finite"
+                f"{name} overflows {fmt.precision} (|value| too large: up to "
+                f"{float(np.abs(src).max()):.4g}, {fmt.precision} holds ±"
+                f"{float(np.finfo(rec[name].dtype).max):.5g}){hint}"
             )
     raw = rec.view(np.uint8).reshape(bias.shape[0], fmt.size)
     rec["crc"] = crc32_rows(raw[:, :-4])

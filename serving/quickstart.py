@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import uvicorn
     from lrs_rec.serving.app import create_app
-    from lrs_rec.serving.auth import check_bind
+    from lrs_rec.serving.auth import check_bind, check_port
     from lrs_rec.serving.connection import connect, lrs_home
     from lrs_rec.serving.recommender import Recommender
     from lrs_rec.serving.store import RedisStore
@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    if args.port:  # before the training and publishing (0: a free port, found later)
+        check_port(args.host, args.port)
     t0 = time.perf_counter()
     home = lrs_home(args.home).resolve()
     work = home / "quickstart"

@@ -188,6 +188,37 @@ def test_predict_bad_input_is_one_line_naming_file_line_and_column(model_dir, tm
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("out", ["o.csv", "o.parquet"])
+@pytest.mark.parametrize("command", ["predict", "recommend"])
+def test_an_unwritable_out_is_one_line_naming_out(model_dir, tmp_path, capsys, command, out):
+    # was "[Errno 2] Failed to open local file '.../.o.csv.<pid>.<hex>.tmp'. Detail: ..." (the
+    # temporary file, pyarrow's wording) or "[Errno 17] File exists" for a parent that is a file
+    src = _write_csv(tmp_path / "in.csv", ["user", "item"], [["u1", "i1"]])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    dst = blocker / "sub" / out
+    flag = "--pairs" if command == "predict" else "--users"
+    assert _run(command, "--model", model_dir, flag, src, "--out", dst, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lrs-rec {command}: error: --out {dst}: cannot write there ({blocker} is not a directory)\n"
+    )
+    assert blocker.read_text() == "x"
+
+
+def test_a_utf16_input_is_one_line_naming_the_encoding(model_dir, tmp_path, capsys):
+    # was "no user column in header ['\\ufffd\\ufffdu\\x00s\\x00e\\x00r\\x00', ...]"
+    src = tmp_path / "pairs.tsv"
+    src.write_bytes("\ufeffuser\titem\nu1\ti1\n".encode("utf-16-le"))
+    assert _run("predict", "--model", model_dir, "--pairs", src, "--out", tmp_path / "o.csv", "--quiet") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"lrs-rec predict: error: {src}: the file is UTF-16 text")
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_predict_bad_input_later_in_a_stream_and_other_formats(model_dir, tmp_path, capsys):
     rows = [[f"u{j % 30}", f"i{j % 25}"] for j in range(3000)]
     rows[2500][0] = ""
@@ -290,3 +321,35 @@ def test_a_bad_file_is_one_line_even_with_the_progress_bar(model_dir, tmp_path, 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"lrs-rec {command}: error: "), err
         assert match in err and "rows" not in err
+
+
+def test_sigterm_removes_the_partial_output_and_exits_143(model_dir, tmp_path):
+    # SIGTERM (timeout, a job scheduler) killed the process on the spot and left
+    # .out.csv.<pid>.<hex>.tmp; now it unwinds like Ctrl-C (serving.cli._sigterm_unwinds)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    users, items = _pairs(200_000, seed=3)
+    src = _write_csv(tmp_path / "in.csv", ["user", "item"], [[u, i] for u, i in zip(users, items, strict=True)])  # fmt: skip
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = [sys.executable, "-m", "lrs_rec.serving.cli", "predict", "--model", str(model_dir)]
+    argv += ["--pairs", str(src), "--out", str(out_dir / "o.csv"), "--chunk-size", "2", "--quiet"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.listdir(out_dir):  # the temporary output exists: mid-run
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err == "terminated\n", err
+    assert os.listdir(out_dir) == []
+    # the handler is only there while a command runs
+    assert main(["predict", "--model", str(model_dir), "--pairs", str(src), "--out", str(tmp_path / "x.csv"), "--chunk-size", "100000", "--quiet"]) == 0  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -162,6 +162,23 @@ def test_data_files_are_private(home, model_dir, monkeypatch):
     assert stat.S_IMODE(os.lstat(embedded_socket(home)).st_mode) & 0o077 == 0
 
 
+def test_a_home_with_spaces_and_quotes_starts_the_server(tmp_path):
+    """LRS_HOME with a space (macOS: ~/Library/Application Support/lrs-rec) or a quote: the
+    generated redis.conf left the logfile path unquoted and redis-server exited with "Bad
+    directive or wrong number of arguments"."""
+    home = tmp_path / "a b'c"  # short enough for the socket to live in it (quoted as well)
+    try:
+        sock = embedded_server(home)
+        assert Path(sock).parent == home
+        handle = connect(home=home)
+        assert handle.client.ping()
+        handle.close()
+        assert (home / "redis.log").is_file()  # the log went where it was asked to
+    finally:
+        stop_embedded(home, save=False)
+    assert not os.path.exists(sock)
+
+
 def test_long_home_uses_a_private_socket_directory_and_removes_it(tmp_path, monkeypatch):
     """D7: a too-long LRS_HOME puts the socket in a per-user 0700 directory (never a predictable
     shared path), removed again after a clean stop."""

@@ -408,3 +408,42 @@ def test_one_hot_model_is_stored_factored_with_the_same_predictions(tmp_path, ca
         "private: the one-hot model's U"
     )
     assert np.all(np.isfinite(model.predict(np.zeros(3, np.int64), np.arange(3))))
+
+
+@pytest.mark.parametrize("n_items", [1, 5])
+def test_one_hot_default_rank_never_exceeds_a_small_catalogue(tmp_path, capsys, n_items):
+    # 300 users over fewer than 8 items: ρ / 6 asks for r = 8, but one-hot features have d = n_items
+    # (this was "rank 8 and sparsity 0 must not exceed d=5", naming no flag the user had given)
+    cfg = PrivateConfig.for_data(np.arange(300), n_items=n_items, epsilon=1.0)
+    assert cfg.rank == n_items
+    rng = np.random.default_rng(0)
+    csv = tmp_path / "few.csv"
+    lines = ["user,item,rating"]
+    for u in range(300):
+        for i in rng.choice(n_items, size=min(3, n_items), replace=False):
+            lines.append(f"u{u},i{i},{int(rng.integers(1, 6))}")
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "model"
+    rc = cli_main([
+        "train", "--ratings", str(csv), "--epsilon", "1", "--rating-scale", "1", "5",
+        "--out", str(out), "--no-export", "--quiet",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    model = load_model_dir(out)
+    assert (
+        model.n_items == n_items
+        and model.lrs.d == n_items
+        and model.lrs.U.shape == (n_items, n_items)
+    )
+    pred = model.predict(np.arange(10), np.zeros(10, dtype=np.int64))
+    assert np.all(np.isfinite(pred)) and pred.min() >= 1.0 and pred.max() <= 5.0
+    # a rank the user asks for beyond d is still an error, now naming the flags
+    rc = cli_main([
+        "train", "--ratings", str(csv), "--epsilon", "1", "--rating-scale", "1", "5",
+        "--dp-rank", str(n_items + 1), "--out", str(tmp_path / "m2"), "--no-export", "--quiet",
+    ])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err.endswith(
+        f"must not exceed d={n_items} (--dp-rank, --dp-sparsity; d is the number of items with "
+        "one-hot features)\n"
+    )

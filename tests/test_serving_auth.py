@@ -247,6 +247,36 @@ def test_keys_add_to_a_missing_directory_or_a_directory_is_one_clear_line(tmp_pa
     assert not missing.parent.exists()
 
 
+def test_keys_add_refuses_a_world_writable_file_as_serve_does(tmp_path, capsys):
+    # keys add appended to it, and serve --api-keys then refused the file
+    path = tmp_path / "keys"
+    assert cli_main(["keys", "add", "--scope", "read", "--file", str(path), "--key-id", "a"]) == 0
+    os.chmod(path, 0o666)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert cli_main(["keys", "add", "--scope", "admin", "--file", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"lrs-rec keys: error: --file {path}: the file is world-writable, so anyone could add a "
+        f"key: chmod o-w {path}\n"
+    )
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("action", ["list", "add"])
+def test_keys_file_not_utf8_is_one_line_naming_the_file(tmp_path, capsys, action):
+    # regression: `keys list` printed "'utf-8' codec can't decode byte 0xff in position 0: ..."
+    path = tmp_path / "keys"
+    path.write_bytes(b"read k1 " + b"0" * 64 + b"\n\xff\xfe\n")
+    args = ["keys", action, "--file", str(path)] + (["--scope", "read"] if action == "add" else [])
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"lrs-rec keys: error: --file {path}: not UTF-8 text (invalid start byte at byte 73)\n"
+    )
+    assert path.read_bytes().endswith(b"\xff\xfe\n")  # nothing appended
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -315,12 +345,15 @@ def test_serve_refuses_a_public_address_without_keys(
     err = capsys.readouterr().err
     assert "refusing to listen on '0.0.0.0' without authentication" in err and "--api-keys" in err
     assert len(err.strip().splitlines()) == 1 and ran == []
-    args = ["serve", "--model", str(model_dir), "--host", "0.0.0.0", "--allow-unauthenticated"]
+    # --port 0: uvicorn.run is mocked, and serve now binds --port once to check it is free
+    args = ["serve", "--model", str(model_dir), "--host", "0.0.0.0", "--allow-unauthenticated", "--port", "0"]  # fmt: skip
     assert cli_main(args) == 0
     assert "WARNING: listening on 0.0.0.0 WITHOUT authentication" in capsys.readouterr().err
-    assert cli_main(["serve", "--model", str(model_dir), "--host", "::", "--api-keys", str(keys_file)]) == 0  # fmt: skip
+    assert cli_main(["serve", "--model", str(model_dir), "--host", "::", "--api-keys", str(keys_file), "--port", "0"]) == 0  # fmt: skip
     assert "WARNING" not in capsys.readouterr().err
-    assert cli_main(["serve", "--model", str(model_dir)]) == 0  # 127.0.0.1 by default
+    assert (
+        cli_main(["serve", "--model", str(model_dir), "--port", "0"]) == 0
+    )  # 127.0.0.1 by default
     assert ran == ["0.0.0.0", "::", "127.0.0.1"]
     # trace logging prints request headers: refused with keys
     args = [
@@ -353,6 +386,43 @@ def test_worker_processes_load_the_keys_too(model_dir, home, keys_file, monkeypa
         assert c.get("/v1/model").status_code == 401
         ok = c.get("/v1/model", headers={"Authorization": "Bearer " + SECRETS["read"]})
         assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("command", ["serve", "quickstart"])
+def test_a_port_in_use_is_one_line_before_any_work(
+    model_dir, home, tmp_path, monkeypatch, capsys, command
+):
+    """serve printed "listening on http://127.0.0.1:P", then uvicorn's "ERROR: [Errno 98] ...
+    address already in use" (exit 3); quickstart trained and published first, then said "the HTTP
+    service did not start"."""
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setenv("LRS_HOME", str(home))
+    monkeypatch.delenv("LRS_REDIS_URL", raising=False)
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: ran.append(k))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = {
+            "serve": ["serve", "--model", str(model_dir), "--port", str(port)],
+            "quickstart": ["quickstart", "--home", str(tmp_path / "q"), "--port", str(port)],
+        }[command]
+        assert cli_main(argv) == 2
+        out, err = capsys.readouterr()
+        assert err == (
+            f"lrs-rec {command}: error: --port {port}: cannot listen on 127.0.0.1:{port} "
+            "(Address already in use)\n"
+        )
+        assert "listening" not in out and ran == [] and not (tmp_path / "q").exists()
+        if command == "serve":  # the metrics port is checked the same way
+            free = _free_port()
+            argv = ["serve", "--model", str(model_dir), "--port", str(free), "--metrics-port", str(port)]  # fmt: skip
+            assert cli_main(argv) == 2
+            assert f"--metrics-port {port}: cannot listen" in capsys.readouterr().err
 
 
 def test_quickstart_refuses_a_public_address_too(tmp_path, capsys):

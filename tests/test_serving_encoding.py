@@ -102,6 +102,22 @@ def test_float16_overflow_is_an_error_not_inf():
         encode_records(fmt, [0.0], [[1e6, 0.0]], [[0]], [[0.0]])
 
 
+def test_float16_overflow_names_the_value_and_the_float32_way_out():
+    # a model of ratings in the millions: `lrs-rec publish` said only "bias overflows float16
+    # (|value| too large) or is not finite", not how to publish it
+    fmt = RecordFormat(2, 1, "float16", 1)
+    with pytest.raises(
+        ValueError, match=r"^bias overflows float16 .*up to 3e\+06.*±65504.*--precision float32"
+    ):
+        encode_records(fmt, [3e6], [[1.0, 0.0]], [[0]], [[0.0]])
+    with pytest.raises(ValueError, match=r"^b_val is not finite$"):
+        encode_records(fmt, [0.0], [[1.0, 0.0]], [[0]], [[float("nan")]])
+    f32 = RecordFormat(2, 1, "float32", 1)
+    assert (
+        decode_record(f32, encode_records(f32, [3e6], [[1.0, 0.0]], [[0]], [[0.0]])[0]).bias == 3e6
+    )
+
+
 def test_history_round_trip_and_corruption():
     items = np.array([5, 0, 70000, 3])
     ratings = np.array([4.0, 3.5, 1.0, 5.0])

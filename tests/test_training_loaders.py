@@ -610,3 +610,72 @@ def test_header_naming_only_one_of_user_item_keeps_the_positional_fallback(
     p = write(tmp_path, "one.csv", "customer,product_id,rating\nu1,i1,4\nu2,i1,3\n")
     t = load_ratings(p, LoadOptions(fast=fast))
     assert t.report.rows_kept == 2
+
+
+@BOTH
+@pytest.mark.parametrize(("delim", "fmt"), [("\t", "tsv"), (";", "csv"), ("|", "csv")])
+def test_movielens_latest_header_with_another_delimiter_is_a_generic_file(
+    tmp_path: Path, fast: bool, delim: str, fmt: str
+) -> None:
+    # was detected as ml-latest, whose reader splits on commas: "expected at least 3
+    # comma-separated fields (user, item, rating), got 1: 'userId\tmovieId\trating'"
+    for head in ("userId,movieId,rating,timestamp", "userId,movieId,rating"):
+        n = head.count(",") + 1
+        lines = [head.replace(",", delim)] + [
+            delim.join([u, i, f"{r:g}", str(t)][:n]) for u, i, r, t in ROWS
+        ]
+        p = write(tmp_path, "ratings.txt", "\ufeff" + "\n".join(lines) + "\n")
+        assert detect_format(p) == fmt
+        t = load_ratings(p, LoadOptions(fast=fast))
+        assert as_rows(t) == EXPECTED
+        assert (t.rating_min, t.rating_max) == (1.0, 5.0)  # the observed scale, not ml-latest's
+        assert t.report.counts == {"header_lines": 1}
+
+
+@pytest.mark.parametrize(
+    ("kind", "tool"),
+    [("gzip", "gunzip -k"), ("bzip2", "bunzip2 -k"), ("zip", "unzip"), ("xz", "unxz -k")],
+)
+def test_a_compressed_rating_file_names_the_compression(
+    tmp_path: Path, kind: str, tool: str
+) -> None:
+    # a ratings.csv.gz was "cannot tell the delimiter: this line has no tab, ... ('<binary>')"
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    text = "user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r, _ in ROWS)
+    p = tmp_path / f"ratings.csv.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("ratings.csv", text)
+    else:
+        p.write_bytes({"gzip": gzip, "bzip2": bz2, "xz": lzma}[kind].compress(text.encode()))
+    for fmt in ("auto", "csv"):
+        with pytest.raises(RatingFileError) as e:
+            load_ratings(p, LoadOptions(format=fmt))
+        assert str(e.value) == (
+            f"{p}: the file is {kind}-compressed; decompress it first (e.g. {tool} {p}): ratings "
+            "are read from plain text or Parquet"
+        )
+    # text that merely starts like bzip2's magic is text
+    q = write(tmp_path, "bz.csv", "BZh9,10,4\nBZh8,20,3\n")
+    assert as_rows(load_ratings(q)) == [("BZh8", "20", 3.0), ("BZh9", "10", 4.0)]
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])  # fmt: skip
+def test_utf16_and_utf32_text_is_named_with_the_way_to_utf8(tmp_path: Path, encoding: str, name: str) -> None:  # fmt: skip
+    # Excel's "Unicode Text" (UTF-16, tab-separated): was "cannot tell the delimiter: this line has
+    # no tab, ... ('\x00') ... (it looks binary, not a text rating file)"
+    text = "user\titem\trating\n" + "".join(f"{u}\t{i}\t{r:g}\n" for u, i, r, _ in ROWS)
+    p = tmp_path / "export.txt"
+    p.write_bytes(("\ufeff" + text).encode(encoding))
+    with pytest.raises(RatingFileError) as e:
+        load_ratings(p)
+    assert str(e.value) == (
+        f"{p}: the file is {name} text (it starts with a {name} byte-order mark); re-encode it as "
+        f"UTF-8 (e.g. iconv -f {name} -t UTF-8 {p} > {tmp_path / 'export-utf8.txt'})"
+    )
+    p.write_text(text)  # the same text in UTF-8 reads
+    assert as_rows(load_ratings(p)) == EXPECTED

@@ -89,6 +89,33 @@ def test_out_refuses_foreign_dir_file_and_cwd(
     assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "ratings.csv"]
 
 
+def test_an_out_that_cannot_be_created_fails_before_training(
+    ratings: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # was "[Errno 17] File exists: '...'" (or "[Errno 2] ... '/proc/.m.<random>'", the staging
+    # directory) raised when saving, after the whole training run
+    import lrs_rec.training.pipeline as pipeline
+
+    def no_training(*a: object, **k: object) -> None:
+        raise AssertionError("trained although --out cannot be written")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile / "m", afile / "a" / "b"):
+        _cli_error(
+            capsys,
+            ["train", "--ratings", str(ratings), "--out", str(out), *FAST],
+            f"{out}: cannot be created: {afile} is not a directory",
+        )
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    check_out_dir(tmp_path / "new" / "deeper" / "m")  # parents made on saving: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
+
+
 def test_out_replaces_only_model_dirs(ratings: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()  # an empty directory is fine
@@ -281,6 +308,9 @@ def test_item_features_matching_no_item(
         (["--reg-bias", "inf"], "--reg-bias must be a finite number >= 0"),
         (["--reg-w", "inf"], "--reg-w must be a finite number >= 0"),
         (["--reg-b", "nan"], "--reg-b must be"),
+        # was "rating scale must be finite with min < max, got 5.0..1.0", naming no flag
+        (["--rating-scale", "5", "1"], "min < max, got 5..1 (--rating-scale MIN MAX)"),
+        (["--rating-scale", "4", "4"], "min < max, got 4..4 (--rating-scale MIN MAX)"),
     ],
 )
 def test_bad_train_flags_name_the_flag(

@@ -27,6 +27,7 @@ from lrs_rec.training.loaders import (
     _find_col,
     _first_non_utf8,
     id_text,
+    utf16_or_32,
 )
 
 TEXT_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -117,6 +118,9 @@ def _read_text(
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
+    wide = utf16_or_32(p)
+    if wide is not None:
+        raise BatchInputError(wide)
     with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter=sep), None)
     if not header:
@@ -238,19 +242,30 @@ class TableWriter:
         import pyarrow.parquet as pq
 
         fmt = table_format(self.path, "output")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # a fresh name next to the output (created by the writer with the usual permissions)
         self._tmp = self.path.with_name(
             f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         )
-        if fmt == "parquet":
-            self._writer = pq.ParquetWriter(self._tmp, self.schema)
-        else:
-            self._writer = pcsv.CSVWriter(
-                self._tmp,
-                self.schema,
-                write_options=pcsv.WriteOptions(delimiter=fmt, quoting_style="needed"),
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fmt == "parquet":
+                self._writer = pq.ParquetWriter(self._tmp, self.schema)
+            else:
+                self._writer = pcsv.CSVWriter(
+                    self._tmp,
+                    self.schema,
+                    write_options=pcsv.WriteOptions(delimiter=fmt, quoting_style="needed"),
+                )
+        except OSError as e:  # named by --out, not by the temporary file (pyarrow's message)
+            base = next((q for q in self.path.parents if q.exists()), None)
+            why = (
+                f"{base} is not a directory"
+                if base is not None and not base.is_dir()
+                else os.strerror(e.errno)
+                if e.errno
+                else str(e)
             )
+            raise BatchInputError(f"--out {self.path}: cannot write there ({why})") from None
         return self
 
     def write(self, columns: dict[str, Any]) -> None:

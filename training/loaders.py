@@ -60,6 +60,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -267,7 +268,10 @@ class LoadOptions:
         if self.rating_scale is not None:
             lo, hi = self.rating_scale
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"rating scale must be finite with min < max, got {lo}..{hi}")
+                raise ValueError(
+                    f"rating scale must be finite with min < max, got {lo:g}..{hi:g} "
+                    "(--rating-scale MIN MAX)"
+                )
             if max(abs(lo), abs(hi)) > MAX_ABS_RATING:
                 raise ValueError(
                     f"rating scale {lo:g}..{hi:g} is beyond ±{MAX_ABS_RATING:g} (--rating-scale)"
@@ -393,6 +397,51 @@ def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
         raise RatingFileError(f"{e} ({hint})") from None
 
 
+# magic bytes of compressed files (a ratings.csv.gz read as text was "cannot tell the delimiter"
+# with a line of binary shown); bzip2 with its first block's magic, so no text line matches
+_COMPRESSED = (
+    (re.compile(rb"\x1f\x8b"), "gzip", "gunzip -k"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2", "bunzip2 -k"),
+    (re.compile(rb"PK\x03\x04"), "zip", "unzip"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz", "unxz -k"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd", "unzstd"),
+)
+
+
+_WIDE_BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def utf16_or_32(path: str | os.PathLike[str]) -> str | None:
+    """The error for a text file in UTF-16 or UTF-32 (by its byte-order mark; Excel's "Unicode
+    Text" is UTF-16), else None: it was read as UTF-8 and said to "look binary"."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return (
+                f"{path}: the file is {name} text (it starts with a {name} byte-order mark); "
+                f"re-encode it as UTF-8 (e.g. iconv -f {name} -t UTF-8 {path} > "
+                f"{p.with_name(p.stem + '-utf8' + p.suffix)})"
+            )
+    return None
+
+
+def _compression(path: Path) -> tuple[str, str] | None:
+    """(kind, a command that decompresses it) when ``path`` starts like a compressed file."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    for magic, kind, tool in _COMPRESSED:
+        if magic.match(head):
+            return kind, tool
+    return None
+
+
 def _is_parquet(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == _PARQUET_MAGIC
@@ -412,11 +461,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if delim == "::":
         return "ml-1m"
     first = [c.strip().lower() for c in lines[0].split(delim)]
-    if first[:4] == ["userid", "movieid", "rating", "timestamp"] or first[:3] == [
-        "userid",
-        "movieid",
-        "rating",
-    ]:
+    # MovieLens latest is comma-separated: the same header with tabs or semicolons is a generic
+    # file of that delimiter (the ml-latest reader splits on commas only)
+    if delim == "," and (
+        first[:4] == ["userid", "movieid", "rating", "timestamp"]
+        or first[:3] == ["userid", "movieid", "rating"]
+    ):
         return "ml-latest"
     if delim == "\t":
         fields = [ln.split("\t") for ln in lines]
@@ -916,6 +966,16 @@ def load_ratings(path: str | os.PathLike[str], options: LoadOptions | None = Non
         )
     if p.stat().st_size == 0:
         raise RatingFileError(f"{p}: empty file (0 bytes)")
+    wide = utf16_or_32(p)
+    if wide is not None:
+        raise RatingFileError(wide)
+    packed = _compression(p)
+    if packed is not None:
+        kind, tool = packed
+        raise RatingFileError(
+            f"{p}: the file is {kind}-compressed; decompress it first (e.g. {tool} {p}): ratings "
+            "are read from plain text or Parquet"
+        )
     scan = None
     if opts.format != "parquet" and not _is_parquet(p):
         try:  # one bounded pass: fingerprint, line-length limit, what the fast reader can take

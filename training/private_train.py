@@ -274,7 +274,7 @@ class PrivateConfig:
         moves the user's own already-rated items, never a prediction for a new item, while A3
         would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
         r = clip(round(ρ / 6), 2, 8) (ML-100K: ρ = 0.56 → r = 2; 1M users × 20k items: ρ = 50 →
-        r = 8). Plug-in features keep the class defaults. ``overrides`` replace any of these."""
+        r = 8), never above d = n_items (a catalogue of fewer than 8 items). Plug-in features keep the class defaults. ``overrides`` replace any of these."""
         n_users = int(np.unique(np.asarray(users)).size)
         kw: dict[str, Any] = {"epsilon": epsilon, "features": features}
         if features == "onehot":
@@ -283,7 +283,7 @@ class PrivateConfig:
                 u_step_gram="population",
                 sparsity=0,
                 max_samples_per_user=20,
-                rank=int(np.clip(round(rho / 6), 2, 8)),
+                rank=int(min(np.clip(round(rho / 6), 2, 8), max(n_items, 1))),
                 n_iters=3,
                 init_scale=0.35,
                 u_init="spectral",
@@ -504,7 +504,11 @@ def public_features(
             raise ValueError(f"item_features has {F.shape[0]} rows, expected n_items={n_items}")
     d = n_items if F is None else F.shape[1]
     if cfg.rank > d or cfg.sparsity > d:
-        raise ValueError(f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={d}")
+        what = "the number of items with one-hot" if one_hot else "the width of the plug-in"
+        raise ValueError(
+            f"rank {cfg.rank} and sparsity {cfg.sparsity} must not exceed d={d} (--dp-rank, "
+            f"--dp-sparsity; d is {what} features)"
+        )
     return F
 
 

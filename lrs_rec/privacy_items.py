@@ -232,6 +232,59 @@ def wiener_item_rows_reference(
     return out
 
 
+def wiener_item_bias(
+    S: FloatArray, N: FloatArray, *, noise_var: float, prior_var: float, ridge: float
+) -> FloatArray:
+    """Posterior mean of each item bias c_i given the released weighted residual sum
+    S̃_i ≈ N_i·c_i + N(0, noise_var + ridge·prior_var·N_i) (DP noise plus sampling noise) and the
+    released weighted count Ñ_i (plugged in as N_i = max(Ñ_i, 0)), prior c_i ~ N(0, prior_var):
+    c_i = N·S̃ / (N·(N + ridge) + noise_var/prior_var) — the scalar case of
+    :func:`wiener_item_rows`: the DP noise has the same variance for every item, so its shrinkage
+    falls as 1/N² (the ratio S̃/(Ñ + λ + κ·σ_S) shrinks as 1/N). Without noise it is the ridge
+    S̃/(N + ridge). Post-processing only."""
+    if not (prior_var > 0 and noise_var >= 0 and ridge > 0):
+        raise ValueError("need prior_var > 0, noise_var >= 0, ridge > 0")
+    n = np.maximum(np.asarray(N, np.float64), 0.0)
+    denom = n * (n + ridge) + noise_var / prior_var
+    s = np.asarray(S, np.float64)
+    return np.asarray(np.divide(n * s, denom, out=np.zeros_like(s), where=denom > 0), np.float64)
+
+
+def item_bias_prior_var(
+    S: FloatArray, N: FloatArray, *, noise_var: float, min_count_per_std: float = 10.0,
+    min_items: int = 20, fallback: float = 0.25,
+) -> float:
+    """Empirical-Bayes prior variance of the item biases from the released S̃, Ñ (post-processing):
+    over the items whose released count is at least ``min_count_per_std``·σ_S (their ratio S̃/Ñ has
+    DP noise ≤ 1/``min_count_per_std`` of a unit), the mean of (S̃² − σ_S²)/Ñ² (the second moment
+    of the ratio minus its DP noise variance). ``fallback`` with fewer than ``min_items`` such items
+    (small data: no item is well determined)."""
+    n = np.asarray(N, np.float64)
+    s = np.asarray(S, np.float64)
+    sel = n >= max(min_count_per_std * math.sqrt(max(noise_var, 0.0)), 1.0)
+    if int(sel.sum()) < min_items:
+        return float(fallback)
+    est = float(np.mean((s[sel] ** 2 - noise_var) / n[sel] ** 2))
+    return est if math.isfinite(est) and est > 0 else float(fallback)
+
+
+def wiener_item_bias_reference(
+    S: FloatArray, N: FloatArray, *, noise_var: float, prior_var: float, ridge: float
+) -> FloatArray:
+    """Slow twin of :func:`wiener_item_bias`: per item, the Gaussian posterior of c from
+    s = n·c + e, e ~ N(0, noise_var + ridge·prior_var·n), c ~ N(0, prior_var), written as
+    precision-weighted information: (n²/v) s/n / (n²/v + 1/prior_var), v the noise variance."""
+    out = np.zeros(len(S))
+    for i, (s, nn) in enumerate(zip(S, N, strict=True)):
+        n = max(float(nn), 0.0)
+        v = noise_var + ridge * prior_var * n
+        if n == 0.0 or v == 0.0:
+            out[i] = 0.0 if n == 0.0 else float(s) / n
+            continue
+        out[i] = (n * float(s) / v) / (n * n / v + 1.0 / prior_var)
+    return out
+
+
 # -- a private spectral start for U (one release, before the noisy U-steps) ----------------------------
 def spectral_statistic(
     users: IntArray,

@@ -83,10 +83,12 @@ from lrs_rec.privacy import (
 from lrs_rec.privacy_items import (
     carried_item_rows,
     drifted_precision,
+    item_bias_prior_var,
     item_rows_sensitivity,
     item_weights,
     spectral_sensitivity,
     spectral_start,
+    wiener_item_bias,
     wiener_item_rows,
 )
 
@@ -120,6 +122,7 @@ U_STEP_GRAMS = ("blocks", "population")
 U_INITS = ("random", "spectral")
 U_SELECTS = ("random", "popular", "weighted")
 U_SOLVES = ("ridge", "posterior")
+ITEM_BIAS_SOLVES = ("ratio", "posterior")
 
 
 PLD_UP_TO = 2.0
@@ -160,6 +163,10 @@ class PrivateConfig:
     reg_user_bias: float = 5.0
     item_bias_shrink: float = 5.0  # λ in c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S)
     bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
+    # "ratio": c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S); "posterior": the posterior mean of c_i under the
+    # public prior N(0, item_bias_prior_var) with the public σ_S (privacy_items.wiener_item_bias)
+    item_bias_solve: str = "ratio"
+    item_bias_prior_var: float | None = 0.25  # None: empirical Bayes (privacy_items.item_bias_prior_var)
     u_noise_ridge: float = 2.0  # κ_u (blocks): U-step ridge += κ_u·σ_A·√(block size) (public σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
     init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
@@ -217,6 +224,16 @@ class PrivateConfig:
             raise ValueError("u_init='spectral' needs one-hot features")
         if self.u_select not in U_SELECTS:
             raise ValueError(f"u_select must be one of {U_SELECTS}, got {self.u_select!r}")
+        if self.item_bias_solve not in ITEM_BIAS_SOLVES:
+            raise ValueError(
+                f"item_bias_solve must be one of {ITEM_BIAS_SOLVES}, got {self.item_bias_solve!r}"
+            )
+        if self.item_bias_prior_var is not None and not (
+            math.isfinite(self.item_bias_prior_var) and self.item_bias_prior_var > 0
+        ):
+            raise ValueError(
+                f"item_bias_prior_var must be positive and finite, got {self.item_bias_prior_var!r}"
+            )
         if self.u_solve not in U_SOLVES:
             raise ValueError(f"u_solve must be one of {U_SOLVES}, got {self.u_solve!r}")
         if self.u_user_norm is not None and not self.u_user_norm > 0:
@@ -562,7 +579,18 @@ def release(
         N.shape, sensitivity=sens["item_bias_count"], noise_multiplier=z("item_bias_count"), rng=rng
     )
     sigma_S = z("item_bias_sum") * sens["item_bias_sum"]
-    item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
+    if cfg.item_bias_solve == "posterior":  # post-processing: released S̃, Ñ, public σ_S
+        tau2 = cfg.item_bias_prior_var
+        if tau2 is None:
+            tau2 = item_bias_prior_var(S, N, noise_var=sigma_S**2)
+        item_bias = wiener_item_bias(
+            S, N, noise_var=sigma_S**2, prior_var=tau2,
+            ridge=cfg.item_bias_shrink,
+        )  # fmt: skip
+    else:
+        item_bias = S / (
+            np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S
+        )
 
     # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot and cfg.u_init == "spectral":  # release "u_init": the K most popular items by Ñ

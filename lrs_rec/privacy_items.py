@@ -251,8 +251,13 @@ def wiener_item_bias(
 
 
 def item_bias_prior_var(
-    S: FloatArray, N: FloatArray, *, noise_var: float, min_count_per_std: float = 10.0,
-    min_items: int = 20, fallback: float = 0.25,
+    S: FloatArray,
+    N: FloatArray,
+    *,
+    noise_var: float,
+    min_count_per_std: float = 10.0,
+    min_items: int = 20,
+    fallback: float = 0.25,
 ) -> float:
     """Empirical-Bayes prior variance of the item biases from the released S̃, Ñ (post-processing):
     over the items whose released count is at least ``min_count_per_std``·σ_S (their ratio S̃/Ñ has

@@ -166,7 +166,8 @@ class PrivateConfig:
     # "ratio": c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S); "posterior": the posterior mean of c_i under the
     # public prior N(0, item_bias_prior_var) with the public σ_S (privacy_items.wiener_item_bias)
     item_bias_solve: str = "ratio"
-    item_bias_prior_var: float | None = 0.25  # None: empirical Bayes (privacy_items.item_bias_prior_var)
+    # None: empirical Bayes from the released S̃, Ñ (privacy_items.item_bias_prior_var)
+    item_bias_prior_var: float | None = 0.25
     u_noise_ridge: float = 2.0  # κ_u (blocks): U-step ridge += κ_u·σ_A·√(block size) (public σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
     init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries

@@ -412,3 +412,114 @@ def carried_item_rows_reference(
             Gt_Si @ G + prior_prec[i], Gt_Si @ V[i] + prior_prec[i] @ prior_mean[i]
         )
     return out
+
+
+# -- the final user step: heteroscedastic weights and the released w prior (post-processing) -----------
+def final_user_step(
+    users: IntArray,
+    items: IntArray,
+    t: FloatArray,
+    n_users: int,
+    U: FloatArray,
+    W: FloatArray,
+    c: FloatArray,
+    *,
+    reg_w: float,
+    reg_bias: float,
+    row_cov: FloatArray | None = None,
+    noise_var: float = 0.5625,
+    noise_count: float = 5.0,
+    prior_mean: FloatArray | None = None,
+    prior_prec: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """(c_u, w_u) of every user by one weighted ridge on [1, U_i] against t = r − μ − c_i, from the
+    released rows U (their posterior covariances ``row_cov``, (n_items, r, r)), the released w
+    prior and the user's own ratings only. With ``row_cov`` each rating is weighted
+    s_u²/(s_u² + w_uᵀ Cov(U_i) w_u) (generalised least squares: the noisy row adds that variance to
+    the rating's error), w_u the user's current ``W`` row and s_u² the user's residual variance under
+    (c, W), shrunk towards the public ``noise_var`` with ``noise_count`` pseudo-ratings. The prior
+    on w_u is reg_w·(w − m)ᵀ P (w − m) (m = ``prior_mean``, P = ``prior_prec``; default 0 and I:
+    the public prior of the trainer's user step). Users are processed in blocks of at most
+    ``steps.sample_budget`` ratings; ``users`` must be sorted."""
+    from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+    from lrs_rec.engine.steps import sample_budget
+
+    users = np.asarray(users, np.int64)
+    items = np.asarray(items, np.int64)
+    t = np.asarray(t, np.float64)
+    if users.size and np.any(np.diff(users) < 0):
+        raise ValueError("final_user_step needs the samples sorted by user")
+    r = U.shape[1]
+    m = np.zeros(r) if prior_mean is None else np.asarray(prior_mean, np.float64)
+    P = np.eye(r) if prior_prec is None else np.asarray(prior_prec, np.float64)
+    c_out = np.zeros(n_users)
+    W_out = np.zeros((n_users, r))
+    step = max(sample_budget(4 * (r + 1) ** 2), 1)
+    starts = np.append(np.flatnonzero(np.r_[True, users[1:] != users[:-1]]), users.size)
+    lo_s = 0
+    # blocks of whole users, at most `step` samples (unless one user alone has more)
+    while lo_s < users.size:
+        k = int(np.searchsorted(starts, lo_s + step, side="right")) - 1
+        hi_s = (
+            int(starts[k])
+            if starts[k] > lo_s
+            else int(starts[np.searchsorted(starts, lo_s, side="right")])
+        )
+        u0 = int(users[lo_s])
+        u = users[lo_s:hi_s] - u0
+        n = int(u[-1]) + 1
+        i, tt = items[lo_s:hi_s], t[lo_s:hi_s]
+        Z = U[i]
+        omega = np.ones(u.size)
+        if row_cov is not None:
+            Wu = np.asarray(W, np.float64)[u0 : u0 + n]
+            e = tt - np.asarray(c, np.float64)[u0 : u0 + n][u] - np.einsum("nr,nr->n", Z, Wu[u])
+            cnt = np.bincount(u, minlength=n).astype(np.float64)
+            s2 = (np.bincount(u, e * e, minlength=n) + noise_count * noise_var) / (
+                cnt + noise_count
+            )
+            q = np.einsum("na,nab,nb->n", Wu[u], row_cov[i], Wu[u])
+            omega = s2[u] / (s2[u] + q)
+        X = np.hstack([np.ones((u.size, 1)), Z])
+        A = grouped_gram(u, n, X * np.sqrt(omega)[:, None])
+        A[:, 0, 0] += reg_bias
+        A[:, 1:, 1:] += reg_w * P[None]
+        rhs = grouped_sum(u, n, X * (omega * tt)[:, None])
+        rhs[:, 1:] += reg_w * (P @ m)[None]
+        has = np.bincount(u, minlength=n) > 0
+        sol = np.zeros((n, r + 1))
+        sol[has] = np.linalg.solve(A[has], rhs[has][:, :, None])[:, :, 0]
+        c_out[u0 : u0 + n][has] = sol[has, 0]
+        W_out[u0 : u0 + n][has] = sol[has, 1:]
+        lo_s = hi_s
+    return c_out, W_out
+
+
+def final_user_step_reference(
+    users: IntArray, items: IntArray, t: FloatArray, n_users: int, U: FloatArray,
+    W: FloatArray, c: FloatArray, *, reg_w: float, reg_bias: float,
+    row_cov: FloatArray | None = None, noise_var: float = 0.5625, noise_count: float = 5.0,
+    prior_mean: FloatArray | None = None, prior_prec: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:  # fmt: skip
+    """Slow twin of :func:`final_user_step`: one user at a time, the weighted ridge written out."""
+    r = U.shape[1]
+    m = np.zeros(r) if prior_mean is None else np.asarray(prior_mean, np.float64)
+    P = np.eye(r) if prior_prec is None else np.asarray(prior_prec, np.float64)
+    c_out, W_out = np.zeros(n_users), np.zeros((n_users, r))
+    for uu in np.unique(users):
+        sel = np.flatnonzero(users == uu)
+        Z, tt = U[items[sel]], t[sel]
+        wts = np.ones(sel.size)
+        if row_cov is not None:
+            e = tt - c[uu] - Z @ W[uu]
+            s2 = (float(e @ e) + noise_count * noise_var) / (sel.size + noise_count)
+            wts = np.array([s2 / (s2 + W[uu] @ row_cov[j] @ W[uu]) for j in items[sel]])
+        X = np.hstack([np.ones((sel.size, 1)), Z])
+        A = X.T @ np.diag(wts) @ X
+        A[0, 0] += reg_bias
+        A[1:, 1:] += reg_w * P
+        b = X.T @ (wts * tt)
+        b[1:] += reg_w * P @ m
+        sol = np.linalg.solve(A, b)
+        c_out[uu], W_out[uu] = sol[0], sol[1:]
+    return c_out, W_out

@@ -204,6 +204,15 @@ class DaskPrivateData:
     def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
         self._each("user_step", U, cfg)
 
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        self._each("final_user_step", U, cfg, row_cov, prior)
+
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
         V, M = self._total("population_statistics", cfg)
         return V, M

@@ -36,6 +36,7 @@ from lrs_rec.privacy import (
 from lrs_rec.privacy_items import (
     activity_weights,
     clipped_item_rows,
+    final_user_step,
     select_popular_per_user,
     spectral_statistic,
     weighted_item_counts,
@@ -105,6 +106,19 @@ class PrivateData(Protocol):
 
     def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
         """Every user's (c_u, w_u, b_u) from the released U and the user's own ratings."""
+        ...
+
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """One more (c_u, w_u) step (one-hot, no sparse part) by
+        :func:`lrs_rec.privacy_items.final_user_step`: GLS weights from the released rows'
+        covariances ``row_cov`` (None: 1) and the prior (mean, precision shape) ``prior`` (None:
+        the public N(0, I/reg_w))."""
         ...
 
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -406,6 +420,29 @@ class LocalPrivateData:
         it = self._iterate()
         it.set_U(U)
         it.user_step(Samples(self.users, self.items, self.ratings), cfg)
+
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        st = self._iterate().state
+        if not isinstance(st, OneHotState) or self.k > 0:
+            raise ValueError(
+                "final_gls / final_w_prior need one-hot features without a sparse part"
+            )
+        order = np.argsort(self.users, kind="stable")
+        users, items = self.users[order], self.items[order]
+        t = self.ratings[order] - st.global_mean - st.item_bias[items]
+        c, W = final_user_step(
+            users, items, t, self.n_users, U, st.W, st.user_bias, reg_w=cfg.reg_w,
+            reg_bias=cfg.reg_user_bias, row_cov=row_cov,
+            prior_mean=None if prior is None else prior[0],
+            prior_prec=None if prior is None else prior[1],
+        )  # fmt: skip
+        st.U, st.user_bias, st.W = U, c, W
 
     def _residuals(self) -> tuple[np.ndarray, np.ndarray]:
         it = self._iterate()

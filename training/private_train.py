@@ -190,6 +190,12 @@ class PrivateConfig:
     # item's per-coordinate SNR in V is u_item_snr (public: σ_V, u0). 0: every item weight 1
     u_item_snr: float = 0.0
     u_drift: float = 0.25
+    # post-processing of the last user step (release order unchanged; not released): each rating
+    # weighted by s_u²/(s_u² + w_uᵀCov(U_i)w_u) with the carried posterior's row covariances
+    # (final_gls, needs u_carry), and/or the released w prior (w_prior_mean, the shape of
+    # w_prior_cov) as the prior of w_u (final_w_prior); privacy_items.final_user_step
+    final_gls: bool = False
+    final_w_prior: bool = False
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
     spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
@@ -252,6 +258,8 @@ class PrivateConfig:
             raise ValueError("u_item_snr needs u_select='weighted'")
         if not (math.isfinite(self.u_drift) and self.u_drift >= 0):
             raise ValueError(f"u_drift must be finite and >= 0, got {self.u_drift!r}")
+        if self.final_gls and not (self.u_carry and self.u_step_gram == "population"):
+            raise ValueError("final_gls needs u_carry with u_step_gram='population'")
         if self.u_carry and self.u_solve != "posterior":
             raise ValueError("u_carry needs u_solve='posterior'")
         if not self.u_prior_scale > 0:
@@ -698,6 +706,16 @@ def release(
     second = (second + np.triu(second, 1).T) / n_tilde
     w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
 
+    # 5. (post-processing) one more user step: GLS weights from the rows' posterior covariance
+    # and / or the released w prior; per-user values only, nothing more is released
+    if cfg.final_gls or cfg.final_w_prior:
+        row_cov = None
+        if cfg.final_gls:
+            assert carried is not None  # __post_init__: final_gls needs u_carry
+            row_cov = np.linalg.inv(carried[1])
+        prior = (w_mean, prior_precision_shape(w_cov)) if cfg.final_w_prior else None
+        data.final_user_step(U, cfg, row_cov, prior)
+
     privacy = None
     if ledger is not None:
         privacy = ledger_manifest(
@@ -714,6 +732,16 @@ def release(
         if ledger is None
         else {e["name"]: e["noise_multiplier"] for e in ledger.events},
     )
+
+
+def prior_precision_shape(cov: np.ndarray) -> np.ndarray:
+    """Precision shape of a (released) covariance: (cov / mean diagonal + 1e-6·I)⁻¹, as the
+    engine's population prior (``lrs_rec.engine.steps._precision_from_moments``); scaled by reg_w."""
+    c = 0.5 * (cov + cov.T)
+    scale = float(np.mean(np.diag(c)))
+    if not (math.isfinite(scale) and scale > 0):
+        return np.eye(c.shape[0])
+    return np.asarray(np.linalg.inv(c / scale + 1e-6 * np.eye(c.shape[0])), np.float64)
 
 
 def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> dict[str, Any]:

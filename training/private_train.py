@@ -713,8 +713,8 @@ def release(
         if cfg.final_gls:
             assert carried is not None  # __post_init__: final_gls needs u_carry
             row_cov = np.linalg.inv(carried[1])
-        prior = (w_mean, prior_precision_shape(w_cov)) if cfg.final_w_prior else None
-        data.final_user_step(U, cfg, row_cov, prior)
+        w_prior = (w_mean, prior_precision_shape(w_cov)) if cfg.final_w_prior else None
+        data.final_user_step(U, cfg, row_cov, w_prior)
 
     privacy = None
     if ledger is not None:

@@ -523,3 +523,63 @@ def final_user_step_reference(
         sol = np.linalg.solve(A, b)
         c_out[uu], W_out[uu] = sol[0], sol[1:]
     return c_out, W_out
+
+
+# -- an empirical-Bayes prior of the rows from the released U-steps (post-processing) ------------------
+def carried_chain(
+    releases: list[tuple[FloatArray, FloatArray, FloatArray]],
+    *,
+    noise_var: float,
+    ridge: float,
+    prior_var: float,
+    prior_cov: FloatArray,
+    drift: float,
+) -> tuple[FloatArray, FloatArray]:
+    """(mean, precision) of every row after the released U-steps ``releases`` = [(Ṽ, ã, M̂), ...]
+    in order (:func:`carried_item_rows` one step after the other) from the prior N(0, prior_cov)
+    for every item, each step's posterior covariance widened by drift·prior_cov as the next one's
+    prior (``prior_var``: the public u0² of the likelihood's sampling-noise term). With
+    prior_cov = prior_var·I it is the trainer's carried posterior (``u_carry``)."""
+    if not releases:
+        raise ValueError("carried_chain needs at least one release")
+    r = prior_cov.shape[0]
+    n = releases[0][0].shape[0]
+    mean: FloatArray = np.zeros((n, r))
+    prec: FloatArray = np.broadcast_to(np.linalg.inv(prior_cov), (n, r, r))
+    for step, (V, counts, M) in enumerate(releases):
+        pp = prec
+        if step > 0 and drift > 0:
+            pp = np.linalg.inv(np.linalg.inv(prec) + drift * prior_cov[None])
+        mean, prec = carried_item_rows(
+            V, counts, M, noise_var=noise_var, prior_var=prior_var, ridge=ridge,
+            prior_mean=mean, prior_prec=pp,
+        )  # fmt: skip
+    return mean, prec
+
+
+def eb_row_prior(
+    release: tuple[FloatArray, FloatArray, FloatArray],
+    *,
+    noise_var: float,
+    ridge: float,
+    prior_var: float,
+    n_iter: int = 30,
+    floor: float = 1e-2,
+) -> FloatArray:
+    """Empirical-Bayes prior covariance Σ of the rows U_i (r × r) from one released U-step
+    (Ṽ, ã, M̂) only (post-processing): EM for a Gaussian prior N(0, Σ) shared by all items,
+    Σ ← mean over items of (m_i m_iᵀ + C_i) with (m_i, C_i) the rows' posterior under the current
+    Σ (:func:`carried_item_rows`), from the public prior_var·I; eigenvalues floored at
+    ``floor``·prior_var. With a true rank below r the unused directions get a small variance."""
+    V, counts, M = release
+    n, r = V.shape
+    S = prior_var * np.eye(r)
+    for _ in range(n_iter):
+        m, P = carried_item_rows(
+            V, counts, M, noise_var=noise_var, prior_var=prior_var, ridge=ridge,
+            prior_mean=np.zeros((n, r)), prior_prec=np.broadcast_to(np.linalg.inv(S), (n, r, r)),
+        )  # fmt: skip
+        S = (m.T @ m + np.linalg.inv(P).sum(axis=0)) / n
+        lam, Q = np.linalg.eigh(0.5 * (S + S.T))
+        S = (Q * np.maximum(lam, floor * prior_var)) @ Q.T
+    return np.asarray(S, np.float64)

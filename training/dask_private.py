@@ -201,8 +201,10 @@ class DaskPrivateData:
     ) -> None:
         self._each("start_iterate", F, U, item_bias, global_mean, k)
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        self._each("user_step", U, cfg)
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        self._each("user_step", U, cfg, prior_prec)
 
     def final_user_step(
         self,

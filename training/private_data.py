@@ -104,8 +104,11 @@ class PrivateData(Protocol):
         """Per-user parameters: c_u from :meth:`start_user_bias`, w_u = 0, b_u = 0."""
         ...
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        """Every user's (c_u, w_u, b_u) from the released U and the user's own ratings."""
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        """Every user's (c_u, w_u, b_u) from the released U and the user's own ratings;
+        ``prior_prec``: the shape of the prior precision of w_u, from released values (None: I)."""
         ...
 
     def final_user_step(
@@ -194,9 +197,14 @@ class _Iterate:
                 global_mean, c.copy(), item_bias, F, U, W.copy(), *zero_b(n_users, k)
             )
 
-    def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
-        """The engine's user step (w, then the sparse b) with the public prior."""
+    def user_step(
+        self, data: Samples, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        """The engine's user step (w, then the sparse b) with the public prior (its precision
+        shape ``prior_prec`` when given: a released value, e.g. the U-step's M̂)."""
         p, prior = step_params(cfg), public_prior(self.state.U.shape[1])
+        if prior_prec is not None:
+            prior = UserPrior(np.zeros(self.state.U.shape[1]), np.asarray(prior_prec, np.float64))
         if isinstance(self.state, OneHotState):
             onehot.user_step(self.state, data, p, prior=prior)
         else:
@@ -416,10 +424,12 @@ class LocalPrivateData:
         self.it = _Iterate(F, U, self.c_u, item_bias, global_mean, k)
         self.k = k
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
         it = self._iterate()
         it.set_U(U)
-        it.user_step(Samples(self.users, self.items, self.ratings), cfg)
+        it.user_step(Samples(self.users, self.items, self.ratings), cfg, prior_prec)
 
     def final_user_step(
         self,

@@ -81,8 +81,10 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.privacy_items import (
+    carried_chain,
     carried_item_rows,
     drifted_precision,
+    eb_row_prior,
     item_bias_prior_var,
     item_rows_sensitivity,
     item_weights,
@@ -195,6 +197,13 @@ class PrivateConfig:
     # (final_gls, needs u_carry), and/or the released w prior (w_prior_mean, the shape of
     # w_prior_cov) as the prior of w_u (final_w_prior); privacy_items.final_user_step
     final_gls: bool = False
+    # u_carry: the rows' prior N(0, Σ) with Σ estimated by EM from the released U-steps so far
+    # (privacy_items.eb_row_prior; post-processing), instead of the public u0²·I
+    u_prior_eb: bool = False
+    # population Gram: the user steps after the first U-step use the shape of the released M̂ (the
+    # second moment of the normalised ŵ) as the precision shape of their prior on w_u (the public
+    # N(0, I/reg_w) otherwise); post-processing
+    u_step_w_prior: bool = False
     final_w_prior: bool = False
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
@@ -258,6 +267,10 @@ class PrivateConfig:
             raise ValueError("u_item_snr needs u_select='weighted'")
         if not (math.isfinite(self.u_drift) and self.u_drift >= 0):
             raise ValueError(f"u_drift must be finite and >= 0, got {self.u_drift!r}")
+        if self.u_step_w_prior and self.u_step_gram != "population":
+            raise ValueError("u_step_w_prior needs u_step_gram='population'")
+        if self.u_prior_eb and not self.u_carry:
+            raise ValueError("u_prior_eb needs u_carry")
         if self.final_gls and not (self.u_carry and self.u_step_gram == "population"):
             raise ValueError("final_gls needs u_carry with u_step_gram='population'")
         if self.u_carry and self.u_solve != "posterior":
@@ -643,8 +656,10 @@ def release(
         sigma_A = z("u_step_A") * sens["u_step_A"]
         ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     carried: tuple[np.ndarray, np.ndarray] | None = None  # (mean, precision) of the last posterior
+    released_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # u_prior_eb: (Ṽ, ã, M̂)
+    w_shape: np.ndarray | None = None  # u_step_w_prior: precision shape from the last released M̂
     for _ in range(cfg.n_iters):
-        data.user_step(U, cfg)
+        data.user_step(U, cfg, w_shape)
         if population:
             V, M = data.population_statistics(cfg)
             V += gaussian_noise(
@@ -660,7 +675,17 @@ def release(
             else:
                 total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
             prior_var = cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r
-            if cfg.u_carry:
+            if cfg.u_step_w_prior:
+                w_shape = prior_precision_shape(M)
+            if cfg.u_carry and cfg.u_prior_eb:  # post-processing of the releases so far
+                released_steps.append((V, counts, M / total))
+                kw_eb = dict(noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var)
+                row_prior = eb_row_prior(released_steps[-1], **kw_eb)
+                U, prec = carried_chain(
+                    released_steps, prior_cov=row_prior, drift=cfg.u_drift, **kw_eb
+                )
+                carried = (U, prec)
+            elif cfg.u_carry:
                 prior = {} if carried is None else {
                     "prior_mean": carried[0],
                     "prior_prec": drifted_precision(carried[1], cfg.u_drift * prior_var),
@@ -691,7 +716,7 @@ def release(
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
-    data.user_step(U, cfg)
+    data.user_step(U, cfg, w_shape)
 
     # 4. population prior of w (release "w_prior")
     iu = np.triu_indices(r)

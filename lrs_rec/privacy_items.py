@@ -549,7 +549,9 @@ def carried_chain(
     for step, (V, counts, M) in enumerate(releases):
         pp = prec
         if step > 0 and drift > 0:
-            pp = np.linalg.inv(np.linalg.inv(prec) + drift * prior_cov[None])
+            pp = np.asarray(
+                np.linalg.inv(np.linalg.inv(prec) + drift * prior_cov[None]), np.float64
+            )
         mean, prec = carried_item_rows(
             V, counts, M, noise_var=noise_var, prior_var=prior_var, ridge=ridge,
             prior_mean=mean, prior_prec=pp,

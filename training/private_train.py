@@ -679,11 +679,13 @@ def release(
                 w_shape = prior_precision_shape(M)
             if cfg.u_carry and cfg.u_prior_eb:  # post-processing of the releases so far
                 released_steps.append((V, counts, M / total))
-                kw_eb = dict(noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var)
-                row_prior = eb_row_prior(released_steps[-1], **kw_eb)
-                U, prec = carried_chain(
-                    released_steps, prior_cov=row_prior, drift=cfg.u_drift, **kw_eb
+                row_prior = eb_row_prior(
+                    released_steps[-1], noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var
                 )
+                U, prec = carried_chain(
+                    released_steps, noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var,
+                    prior_cov=row_prior, drift=cfg.u_drift,
+                )  # fmt: skip
                 carried = (U, prec)
             elif cfg.u_carry:
                 prior = {} if carried is None else {

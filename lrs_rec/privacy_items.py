@@ -232,6 +232,64 @@ def wiener_item_rows_reference(
     return out
 
 
+def wiener_item_bias(
+    S: FloatArray, N: FloatArray, *, noise_var: float, prior_var: float, ridge: float
+) -> FloatArray:
+    """Posterior mean of each item bias c_i given the released weighted residual sum
+    S̃_i ≈ N_i·c_i + N(0, noise_var + ridge·prior_var·N_i) (DP noise plus sampling noise) and the
+    released weighted count Ñ_i (plugged in as N_i = max(Ñ_i, 0)), prior c_i ~ N(0, prior_var):
+    c_i = N·S̃ / (N·(N + ridge) + noise_var/prior_var) — the scalar case of
+    :func:`wiener_item_rows`: the DP noise has the same variance for every item, so its shrinkage
+    falls as 1/N² (the ratio S̃/(Ñ + λ + κ·σ_S) shrinks as 1/N). Without noise it is the ridge
+    S̃/(N + ridge). Post-processing only."""
+    if not (prior_var > 0 and noise_var >= 0 and ridge > 0):
+        raise ValueError("need prior_var > 0, noise_var >= 0, ridge > 0")
+    n = np.maximum(np.asarray(N, np.float64), 0.0)
+    denom = n * (n + ridge) + noise_var / prior_var
+    s = np.asarray(S, np.float64)
+    return np.asarray(np.divide(n * s, denom, out=np.zeros_like(s), where=denom > 0), np.float64)
+
+
+def item_bias_prior_var(
+    S: FloatArray,
+    N: FloatArray,
+    *,
+    noise_var: float,
+    min_count_per_std: float = 10.0,
+    min_items: int = 20,
+    fallback: float = 0.25,
+) -> float:
+    """Empirical-Bayes prior variance of the item biases from the released S̃, Ñ (post-processing):
+    over the items whose released count is at least ``min_count_per_std``·σ_S (their ratio S̃/Ñ has
+    DP noise ≤ 1/``min_count_per_std`` of a unit), the mean of (S̃² − σ_S²)/Ñ² (the second moment
+    of the ratio minus its DP noise variance). ``fallback`` with fewer than ``min_items`` such items
+    (small data: no item is well determined)."""
+    n = np.asarray(N, np.float64)
+    s = np.asarray(S, np.float64)
+    sel = n >= max(min_count_per_std * math.sqrt(max(noise_var, 0.0)), 1.0)
+    if int(sel.sum()) < min_items:
+        return float(fallback)
+    est = float(np.mean((s[sel] ** 2 - noise_var) / n[sel] ** 2))
+    return est if math.isfinite(est) and est > 0 else float(fallback)
+
+
+def wiener_item_bias_reference(
+    S: FloatArray, N: FloatArray, *, noise_var: float, prior_var: float, ridge: float
+) -> FloatArray:
+    """Slow twin of :func:`wiener_item_bias`: per item, the Gaussian posterior of c from
+    s = n·c + e, e ~ N(0, noise_var + ridge·prior_var·n), c ~ N(0, prior_var), written as
+    precision-weighted information: (n²/v) s/n / (n²/v + 1/prior_var), v the noise variance."""
+    out = np.zeros(len(S))
+    for i, (s, nn) in enumerate(zip(S, N, strict=True)):
+        n = max(float(nn), 0.0)
+        v = noise_var + ridge * prior_var * n
+        if n == 0.0 or v == 0.0:
+            out[i] = 0.0 if n == 0.0 else float(s) / n
+            continue
+        out[i] = (n * float(s) / v) / (n * n / v + 1.0 / prior_var)
+    return out
+
+
 # -- a private spectral start for U (one release, before the noisy U-steps) ----------------------------
 def spectral_statistic(
     users: IntArray,
@@ -354,3 +412,176 @@ def carried_item_rows_reference(
             Gt_Si @ G + prior_prec[i], Gt_Si @ V[i] + prior_prec[i] @ prior_mean[i]
         )
     return out
+
+
+# -- the final user step: heteroscedastic weights and the released w prior (post-processing) -----------
+def final_user_step(
+    users: IntArray,
+    items: IntArray,
+    t: FloatArray,
+    n_users: int,
+    U: FloatArray,
+    W: FloatArray,
+    c: FloatArray,
+    *,
+    reg_w: float,
+    reg_bias: float,
+    row_cov: FloatArray | None = None,
+    noise_var: float = 0.5625,
+    noise_count: float = 5.0,
+    prior_mean: FloatArray | None = None,
+    prior_prec: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """(c_u, w_u) of every user by one weighted ridge on [1, U_i] against t = r − μ − c_i, from the
+    released rows U (their posterior covariances ``row_cov``, (n_items, r, r)), the released w
+    prior and the user's own ratings only. With ``row_cov`` each rating is weighted
+    s_u²/(s_u² + w_uᵀ Cov(U_i) w_u) (generalised least squares: the noisy row adds that variance to
+    the rating's error), w_u the user's current ``W`` row and s_u² the user's residual variance under
+    (c, W), shrunk towards the public ``noise_var`` with ``noise_count`` pseudo-ratings. The prior
+    on w_u is reg_w·(w − m)ᵀ P (w − m) (m = ``prior_mean``, P = ``prior_prec``; default 0 and I:
+    the public prior of the trainer's user step). Users are processed in blocks of at most
+    ``steps.sample_budget`` ratings; ``users`` must be sorted."""
+    from lrs_rec.engine.grouped import grouped_gram, grouped_sum
+    from lrs_rec.engine.steps import sample_budget
+
+    users = np.asarray(users, np.int64)
+    items = np.asarray(items, np.int64)
+    t = np.asarray(t, np.float64)
+    if users.size and np.any(np.diff(users) < 0):
+        raise ValueError("final_user_step needs the samples sorted by user")
+    r = U.shape[1]
+    m = np.zeros(r) if prior_mean is None else np.asarray(prior_mean, np.float64)
+    P = np.eye(r) if prior_prec is None else np.asarray(prior_prec, np.float64)
+    c_out = np.zeros(n_users)
+    W_out = np.zeros((n_users, r))
+    step = max(sample_budget(4 * (r + 1) ** 2), 1)
+    starts = np.append(np.flatnonzero(np.r_[True, users[1:] != users[:-1]]), users.size)
+    lo_s = 0
+    # blocks of whole users, at most `step` samples (unless one user alone has more)
+    while lo_s < users.size:
+        k = int(np.searchsorted(starts, lo_s + step, side="right")) - 1
+        hi_s = (
+            int(starts[k])
+            if starts[k] > lo_s
+            else int(starts[np.searchsorted(starts, lo_s, side="right")])
+        )
+        u0 = int(users[lo_s])
+        u = users[lo_s:hi_s] - u0
+        n = int(u[-1]) + 1
+        i, tt = items[lo_s:hi_s], t[lo_s:hi_s]
+        Z = U[i]
+        omega = np.ones(u.size)
+        if row_cov is not None:
+            Wu = np.asarray(W, np.float64)[u0 : u0 + n]
+            e = tt - np.asarray(c, np.float64)[u0 : u0 + n][u] - np.einsum("nr,nr->n", Z, Wu[u])
+            cnt = np.bincount(u, minlength=n).astype(np.float64)
+            s2 = (np.bincount(u, e * e, minlength=n) + noise_count * noise_var) / (
+                cnt + noise_count
+            )
+            q = np.einsum("na,nab,nb->n", Wu[u], row_cov[i], Wu[u])
+            omega = s2[u] / (s2[u] + q)
+        X = np.hstack([np.ones((u.size, 1)), Z])
+        A = grouped_gram(u, n, X * np.sqrt(omega)[:, None])
+        A[:, 0, 0] += reg_bias
+        A[:, 1:, 1:] += reg_w * P[None]
+        rhs = grouped_sum(u, n, X * (omega * tt)[:, None])
+        rhs[:, 1:] += reg_w * (P @ m)[None]
+        has = np.bincount(u, minlength=n) > 0
+        sol = np.zeros((n, r + 1))
+        sol[has] = np.linalg.solve(A[has], rhs[has][:, :, None])[:, :, 0]
+        c_out[u0 : u0 + n][has] = sol[has, 0]
+        W_out[u0 : u0 + n][has] = sol[has, 1:]
+        lo_s = hi_s
+    return c_out, W_out
+
+
+def final_user_step_reference(
+    users: IntArray, items: IntArray, t: FloatArray, n_users: int, U: FloatArray,
+    W: FloatArray, c: FloatArray, *, reg_w: float, reg_bias: float,
+    row_cov: FloatArray | None = None, noise_var: float = 0.5625, noise_count: float = 5.0,
+    prior_mean: FloatArray | None = None, prior_prec: FloatArray | None = None,
+) -> tuple[FloatArray, FloatArray]:  # fmt: skip
+    """Slow twin of :func:`final_user_step`: one user at a time, the weighted ridge written out."""
+    r = U.shape[1]
+    m = np.zeros(r) if prior_mean is None else np.asarray(prior_mean, np.float64)
+    P = np.eye(r) if prior_prec is None else np.asarray(prior_prec, np.float64)
+    c_out, W_out = np.zeros(n_users), np.zeros((n_users, r))
+    for uu in np.unique(users):
+        sel = np.flatnonzero(users == uu)
+        Z, tt = U[items[sel]], t[sel]
+        wts = np.ones(sel.size)
+        if row_cov is not None:
+            e = tt - c[uu] - Z @ W[uu]
+            s2 = (float(e @ e) + noise_count * noise_var) / (sel.size + noise_count)
+            wts = np.array([s2 / (s2 + W[uu] @ row_cov[j] @ W[uu]) for j in items[sel]])
+        X = np.hstack([np.ones((sel.size, 1)), Z])
+        A = X.T @ np.diag(wts) @ X
+        A[0, 0] += reg_bias
+        A[1:, 1:] += reg_w * P
+        b = X.T @ (wts * tt)
+        b[1:] += reg_w * P @ m
+        sol = np.linalg.solve(A, b)
+        c_out[uu], W_out[uu] = sol[0], sol[1:]
+    return c_out, W_out
+
+
+# -- an empirical-Bayes prior of the rows from the released U-steps (post-processing) ------------------
+def carried_chain(
+    releases: list[tuple[FloatArray, FloatArray, FloatArray]],
+    *,
+    noise_var: float,
+    ridge: float,
+    prior_var: float,
+    prior_cov: FloatArray,
+    drift: float,
+) -> tuple[FloatArray, FloatArray]:
+    """(mean, precision) of every row after the released U-steps ``releases`` = [(Ṽ, ã, M̂), ...]
+    in order (:func:`carried_item_rows` one step after the other) from the prior N(0, prior_cov)
+    for every item, each step's posterior covariance widened by drift·prior_cov as the next one's
+    prior (``prior_var``: the public u0² of the likelihood's sampling-noise term). With
+    prior_cov = prior_var·I it is the trainer's carried posterior (``u_carry``)."""
+    if not releases:
+        raise ValueError("carried_chain needs at least one release")
+    r = prior_cov.shape[0]
+    n = releases[0][0].shape[0]
+    mean: FloatArray = np.zeros((n, r))
+    prec: FloatArray = np.broadcast_to(np.linalg.inv(prior_cov), (n, r, r))
+    for step, (V, counts, M) in enumerate(releases):
+        pp = prec
+        if step > 0 and drift > 0:
+            pp = np.asarray(
+                np.linalg.inv(np.linalg.inv(prec) + drift * prior_cov[None]), np.float64
+            )
+        mean, prec = carried_item_rows(
+            V, counts, M, noise_var=noise_var, prior_var=prior_var, ridge=ridge,
+            prior_mean=mean, prior_prec=pp,
+        )  # fmt: skip
+    return mean, prec
+
+
+def eb_row_prior(
+    release: tuple[FloatArray, FloatArray, FloatArray],
+    *,
+    noise_var: float,
+    ridge: float,
+    prior_var: float,
+    n_iter: int = 30,
+    floor: float = 1e-2,
+) -> FloatArray:
+    """Empirical-Bayes prior covariance Σ of the rows U_i (r × r) from one released U-step
+    (Ṽ, ã, M̂) only (post-processing): EM for a Gaussian prior N(0, Σ) shared by all items,
+    Σ ← mean over items of (m_i m_iᵀ + C_i) with (m_i, C_i) the rows' posterior under the current
+    Σ (:func:`carried_item_rows`), from the public prior_var·I; eigenvalues floored at
+    ``floor``·prior_var. With a true rank below r the unused directions get a small variance."""
+    V, counts, M = release
+    n, r = V.shape
+    S = prior_var * np.eye(r)
+    for _ in range(n_iter):
+        m, P = carried_item_rows(
+            V, counts, M, noise_var=noise_var, prior_var=prior_var, ridge=ridge,
+            prior_mean=np.zeros((n, r)), prior_prec=np.broadcast_to(np.linalg.inv(S), (n, r, r)),
+        )  # fmt: skip
+        S = (m.T @ m + np.linalg.inv(P).sum(axis=0)) / n
+        lam, Q = np.linalg.eigh(0.5 * (S + S.T))
+        S = (Q * np.maximum(lam, floor * prior_var)) @ Q.T
+    return np.asarray(S, np.float64)

@@ -182,3 +182,28 @@ def test_private_feature_errors_on_dask_are_one_line_before_a_cluster(
         assert cli_main([*cmd, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.ml100k
+def test_dask_private_with_the_post_processing_options_gives_the_local_model(
+    client: Any, split: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opt-in post-processing steps (posterior item biases, the rows' EB prior, the released
+    M̂ / w prior as priors of the user steps, GLS weights) run on the partitions as locally."""
+    import dataclasses
+
+    from lrs_rec.training import private_train
+
+    monkeypatch.setenv("LRS_HOME", str(tmp_path / "home"))
+    plain = private_train.cli_config
+
+    def with_options(*a: Any, **k: Any) -> Any:
+        return dataclasses.replace(
+            plain(*a, **k), item_bias_solve="posterior", item_bias_prior_var=None,
+            u_prior_eb=True, u_step_w_prior=True, final_gls=True, final_w_prior=True,
+        )  # fmt: skip
+
+    monkeypatch.setattr(private_train, "cli_config", with_options)
+    a, b = _local_and_dask(split[0], tmp_path, client, [])
+    assert a.manifest["hyperparameters"]["final_gls"] is True
+    _assert_same(a, b, split[1])

@@ -201,8 +201,19 @@ class DaskPrivateData:
     ) -> None:
         self._each("start_iterate", F, U, item_bias, global_mean, k)
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        self._each("user_step", U, cfg)
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        self._each("user_step", U, cfg, prior_prec)
+
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        self._each("final_user_step", U, cfg, row_cov, prior)
 
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
         V, M = self._total("population_statistics", cfg)

@@ -36,6 +36,7 @@ from lrs_rec.privacy import (
 from lrs_rec.privacy_items import (
     activity_weights,
     clipped_item_rows,
+    final_user_step,
     select_popular_per_user,
     spectral_statistic,
     weighted_item_counts,
@@ -103,8 +104,24 @@ class PrivateData(Protocol):
         """Per-user parameters: c_u from :meth:`start_user_bias`, w_u = 0, b_u = 0."""
         ...
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
-        """Every user's (c_u, w_u, b_u) from the released U and the user's own ratings."""
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        """Every user's (c_u, w_u, b_u) from the released U and the user's own ratings;
+        ``prior_prec``: the shape of the prior precision of w_u, from released values (None: I)."""
+        ...
+
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """One more (c_u, w_u) step (one-hot, no sparse part) by
+        :func:`lrs_rec.privacy_items.final_user_step`: GLS weights from the released rows'
+        covariances ``row_cov`` (None: 1) and the prior (mean, precision shape) ``prior`` (None:
+        the public N(0, I/reg_w))."""
         ...
 
     def population_statistics(self, cfg: PrivateConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -180,9 +197,14 @@ class _Iterate:
                 global_mean, c.copy(), item_bias, F, U, W.copy(), *zero_b(n_users, k)
             )
 
-    def user_step(self, data: Samples, cfg: PrivateConfig) -> None:
-        """The engine's user step (w, then the sparse b) with the public prior."""
+    def user_step(
+        self, data: Samples, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
+        """The engine's user step (w, then the sparse b) with the public prior (its precision
+        shape ``prior_prec`` when given: a released value, e.g. the U-step's M̂)."""
         p, prior = step_params(cfg), public_prior(self.state.U.shape[1])
+        if prior_prec is not None:
+            prior = UserPrior(np.zeros(self.state.U.shape[1]), np.asarray(prior_prec, np.float64))
         if isinstance(self.state, OneHotState):
             onehot.user_step(self.state, data, p, prior=prior)
         else:
@@ -402,10 +424,35 @@ class LocalPrivateData:
         self.it = _Iterate(F, U, self.c_u, item_bias, global_mean, k)
         self.k = k
 
-    def user_step(self, U: np.ndarray, cfg: PrivateConfig) -> None:
+    def user_step(
+        self, U: np.ndarray, cfg: PrivateConfig, prior_prec: np.ndarray | None = None
+    ) -> None:
         it = self._iterate()
         it.set_U(U)
-        it.user_step(Samples(self.users, self.items, self.ratings), cfg)
+        it.user_step(Samples(self.users, self.items, self.ratings), cfg, prior_prec)
+
+    def final_user_step(
+        self,
+        U: np.ndarray,
+        cfg: PrivateConfig,
+        row_cov: np.ndarray | None,
+        prior: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        st = self._iterate().state
+        if not isinstance(st, OneHotState) or self.k > 0:
+            raise ValueError(
+                "final_gls / final_w_prior need one-hot features without a sparse part"
+            )
+        order = np.argsort(self.users, kind="stable")
+        users, items = self.users[order], self.items[order]
+        t = self.ratings[order] - st.global_mean - st.item_bias[items]
+        c, W = final_user_step(
+            users, items, t, self.n_users, U, st.W, st.user_bias, reg_w=cfg.reg_w,
+            reg_bias=cfg.reg_user_bias, row_cov=row_cov,
+            prior_mean=None if prior is None else prior[0],
+            prior_prec=None if prior is None else prior[1],
+        )  # fmt: skip
+        st.U, st.user_bias, st.W = U, c, W
 
     def _residuals(self) -> tuple[np.ndarray, np.ndarray]:
         it = self._iterate()

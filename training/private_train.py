@@ -81,12 +81,16 @@ from lrs_rec.privacy import (
     u_step_sensitivities,
 )
 from lrs_rec.privacy_items import (
+    carried_chain,
     carried_item_rows,
     drifted_precision,
+    eb_row_prior,
+    item_bias_prior_var,
     item_rows_sensitivity,
     item_weights,
     spectral_sensitivity,
     spectral_start,
+    wiener_item_bias,
     wiener_item_rows,
 )
 
@@ -120,6 +124,7 @@ U_STEP_GRAMS = ("blocks", "population")
 U_INITS = ("random", "spectral")
 U_SELECTS = ("random", "popular", "weighted")
 U_SOLVES = ("ridge", "posterior")
+ITEM_BIAS_SOLVES = ("ratio", "posterior")
 
 
 PLD_UP_TO = 2.0
@@ -160,6 +165,11 @@ class PrivateConfig:
     reg_user_bias: float = 5.0
     item_bias_shrink: float = 5.0  # λ in c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S)
     bias_noise_shrink: float = 3.0  # κ_b: extra shrinkage per unit of the public noise std σ_S
+    # "ratio": c_i = S̃_i / (Ñ_i + λ + κ_b·σ_S); "posterior": the posterior mean of c_i under the
+    # public prior N(0, item_bias_prior_var) with the public σ_S (privacy_items.wiener_item_bias)
+    item_bias_solve: str = "ratio"
+    # None: empirical Bayes from the released S̃, Ñ (privacy_items.item_bias_prior_var)
+    item_bias_prior_var: float | None = 0.25
     u_noise_ridge: float = 2.0  # κ_u (blocks): U-step ridge += κ_u·σ_A·√(block size) (public σ_A)
     n_inner: int = 2  # local (c_u, w_u, b_u) rounds per user step
     init_scale: float = 0.1  # one-hot features: the initial U has i.i.d. N(0, init_scale²) entries
@@ -182,6 +192,19 @@ class PrivateConfig:
     # item's per-coordinate SNR in V is u_item_snr (public: σ_V, u0). 0: every item weight 1
     u_item_snr: float = 0.0
     u_drift: float = 0.25
+    # post-processing of the last user step (release order unchanged; not released): each rating
+    # weighted by s_u²/(s_u² + w_uᵀCov(U_i)w_u) with the carried posterior's row covariances
+    # (final_gls, needs u_carry), and/or the released w prior (w_prior_mean, the shape of
+    # w_prior_cov) as the prior of w_u (final_w_prior); privacy_items.final_user_step
+    final_gls: bool = False
+    # u_carry: the rows' prior N(0, Σ) with Σ estimated by EM from the released U-steps so far
+    # (privacy_items.eb_row_prior; post-processing), instead of the public u0²·I
+    u_prior_eb: bool = False
+    # population Gram: the user steps after the first U-step use the shape of the released M̂ (the
+    # second moment of the normalised ŵ) as the precision shape of their prior on w_u (the public
+    # N(0, I/reg_w) otherwise); post-processing
+    u_step_w_prior: bool = False
+    final_w_prior: bool = False
     u_init: str = "random"  # one-hot start of U: "random" or "spectral" (event u_init)
     spectral_items: int = 1000  # K: the most popular items (by the released Ñ_i) of the start
     spectral_user_norm: float = 3.0  # C_G: ‖residuals‖₂ of one user in the spectral statistic
@@ -217,6 +240,16 @@ class PrivateConfig:
             raise ValueError("u_init='spectral' needs one-hot features")
         if self.u_select not in U_SELECTS:
             raise ValueError(f"u_select must be one of {U_SELECTS}, got {self.u_select!r}")
+        if self.item_bias_solve not in ITEM_BIAS_SOLVES:
+            raise ValueError(
+                f"item_bias_solve must be one of {ITEM_BIAS_SOLVES}, got {self.item_bias_solve!r}"
+            )
+        if self.item_bias_prior_var is not None and not (
+            math.isfinite(self.item_bias_prior_var) and self.item_bias_prior_var > 0
+        ):
+            raise ValueError(
+                f"item_bias_prior_var must be positive and finite, got {self.item_bias_prior_var!r}"
+            )
         if self.u_solve not in U_SOLVES:
             raise ValueError(f"u_solve must be one of {U_SOLVES}, got {self.u_solve!r}")
         if self.u_user_norm is not None and not self.u_user_norm > 0:
@@ -234,6 +267,12 @@ class PrivateConfig:
             raise ValueError("u_item_snr needs u_select='weighted'")
         if not (math.isfinite(self.u_drift) and self.u_drift >= 0):
             raise ValueError(f"u_drift must be finite and >= 0, got {self.u_drift!r}")
+        if self.u_step_w_prior and self.u_step_gram != "population":
+            raise ValueError("u_step_w_prior needs u_step_gram='population'")
+        if self.u_prior_eb and not self.u_carry:
+            raise ValueError("u_prior_eb needs u_carry")
+        if self.final_gls and not (self.u_carry and self.u_step_gram == "population"):
+            raise ValueError("final_gls needs u_carry with u_step_gram='population'")
         if self.u_carry and self.u_solve != "posterior":
             raise ValueError("u_carry needs u_solve='posterior'")
         if not self.u_prior_scale > 0:
@@ -566,7 +605,18 @@ def release(
         N.shape, sensitivity=sens["item_bias_count"], noise_multiplier=z("item_bias_count"), rng=rng
     )
     sigma_S = z("item_bias_sum") * sens["item_bias_sum"]
-    item_bias = S / (np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S)
+    if cfg.item_bias_solve == "posterior":  # post-processing: released S̃, Ñ, public σ_S
+        tau2 = cfg.item_bias_prior_var
+        if tau2 is None:
+            tau2 = item_bias_prior_var(S, N, noise_var=sigma_S**2)
+        item_bias = wiener_item_bias(
+            S, N, noise_var=sigma_S**2, prior_var=tau2,
+            ridge=cfg.item_bias_shrink,
+        )  # fmt: skip
+    else:
+        item_bias = S / (
+            np.maximum(N, 0.0) + cfg.item_bias_shrink + cfg.bias_noise_shrink * sigma_S
+        )
 
     # 3. L noisy U-steps (releases "u_step_A", "u_step_V"), per-user steps local (the engine's)
     if one_hot and cfg.u_init == "spectral":  # release "u_init": the K most popular items by Ñ
@@ -610,8 +660,10 @@ def release(
         sigma_A = z("u_step_A") * sens["u_step_A"]
         ridge_u = cfg.ridge_u + cfg.u_noise_ridge * sigma_A * math.sqrt(r if one_hot else d * r)
     carried: tuple[np.ndarray, np.ndarray] | None = None  # (mean, precision) of the last posterior
+    released_steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # u_prior_eb: (Ṽ, ã, M̂)
+    w_shape: np.ndarray | None = None  # u_step_w_prior: precision shape from the last released M̂
     for _ in range(cfg.n_iters):
-        data.user_step(U, cfg)
+        data.user_step(U, cfg, w_shape)
         if population:
             V, M = data.population_statistics(cfg)
             V += gaussian_noise(
@@ -627,7 +679,19 @@ def release(
             else:
                 total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
             prior_var = cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r
-            if cfg.u_carry:
+            if cfg.u_step_w_prior:
+                w_shape = prior_precision_shape(M)
+            if cfg.u_carry and cfg.u_prior_eb:  # post-processing of the releases so far
+                released_steps.append((V, counts, M / total))
+                row_prior = eb_row_prior(
+                    released_steps[-1], noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var
+                )
+                U, prec = carried_chain(
+                    released_steps, noise_var=sigma**2, ridge=cfg.ridge_u, prior_var=prior_var,
+                    prior_cov=row_prior, drift=cfg.u_drift,
+                )  # fmt: skip
+                carried = (U, prec)
+            elif cfg.u_carry:
                 prior = {} if carried is None else {
                     "prior_mean": carried[0],
                     "prior_prec": drifted_precision(carried[1], cfg.u_drift * prior_var),
@@ -658,7 +722,7 @@ def release(
                 noise_multiplier_A=z("u_step_A"), noise_multiplier_V=z("u_step_V"),
                 ridge=ridge_u, rng=rng,
             )  # fmt: skip
-    data.user_step(U, cfg)
+    data.user_step(U, cfg, w_shape)
 
     # 4. population prior of w (release "w_prior")
     iu = np.triu_indices(r)
@@ -672,6 +736,16 @@ def release(
     second[iu] = vec[r : r + len(iu[0])]
     second = (second + np.triu(second, 1).T) / n_tilde
     w_cov = psd_project(second - np.outer(w_mean, w_mean)) + 1e-6 * np.eye(r)
+
+    # 5. (post-processing) one more user step: GLS weights from the rows' posterior covariance
+    # and / or the released w prior; per-user values only, nothing more is released
+    if cfg.final_gls or cfg.final_w_prior:
+        row_cov = None
+        if cfg.final_gls:
+            assert carried is not None  # __post_init__: final_gls needs u_carry
+            row_cov = np.linalg.inv(carried[1])
+        w_prior = (w_mean, prior_precision_shape(w_cov)) if cfg.final_w_prior else None
+        data.final_user_step(U, cfg, row_cov, w_prior)
 
     privacy = None
     if ledger is not None:
@@ -689,6 +763,16 @@ def release(
         if ledger is None
         else {e["name"]: e["noise_multiplier"] for e in ledger.events},
     )
+
+
+def prior_precision_shape(cov: np.ndarray) -> np.ndarray:
+    """Precision shape of a (released) covariance: (cov / mean diagonal + 1e-6·I)⁻¹, as the
+    engine's population prior (``lrs_rec.engine.steps._precision_from_moments``); scaled by reg_w."""
+    c = 0.5 * (cov + cov.T)
+    scale = float(np.mean(np.diag(c)))
+    if not (math.isfinite(scale) and scale > 0):
+        return np.eye(c.shape[0])
+    return np.asarray(np.linalg.inv(c / scale + 1e-6 * np.eye(c.shape[0])), np.float64)
 
 
 def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> dict[str, Any]:

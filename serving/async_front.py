@@ -11,9 +11,7 @@ Micro-batching: the recommendations whose Redis replies arrive in the same loop 
 scored together — one batched record decode and one ONNX Runtime run for all of them
 (:meth:`Recommender.recommend_rows`, equal to one :meth:`Recommender.recommend_from` per request,
 tested) — so under concurrent load the per-request cost of the ONNX run and the Redis round trip
-shrinks; a lone request is scored alone, in the next loop iteration. A batch is scored on a
-thread of its own (``score_thread``): ONNX Runtime releases the GIL, so the loop goes on with the
-other requests on the other core meanwhile, at the cost of one hand-over per batch. With Redis paused, every
+shrinks; a lone request is scored alone, in the next loop iteration. With Redis paused, every
 request waits for its own socket timeout side by side and gets 503; ``/healthz`` is not held up.
 
 Why not the thread pool for every request: on a busy machine each hand-over to a worker thread and
@@ -24,9 +22,7 @@ than the whole recommendation.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from lrs_rec.serving.offload import Offload
@@ -66,7 +62,6 @@ class AsyncFront:
         pipe: bool = True,
         batch: bool = True,
         cache: int = 0,
-        score_thread: bool = True,
     ) -> None:
         self.rec = rec
         self.offload = offload
@@ -82,20 +77,12 @@ class AsyncFront:
         self._reading = 0  # recommendations waiting for their Redis replies
         self.batches = 0  # scoring runs of more than one request (tests, metrics)
         self.batched = 0  # requests scored in those runs
-        # batches are scored on one thread of their own (created on first use)
-        self.score_thread = score_thread
-        self._scorer: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def aclose(self) -> None:
         """Close the asyncio Redis clients (at the app's shutdown): a connection left open would
         keep the embedded server from being stopped by the last process leaving it."""
         client, self._client, self._loop = self._client, None, None
         pipe, self._pipe = self._pipe, None
-        scorer, self._scorer = self._scorer, None
-        if scorer is not None:
-            scorer.shutdown(
-                wait=False
-            )  # a batch still running delivers to its closed loop: dropped
         if pipe is not None:
             await pipe.aclose()
         if client is not None:
@@ -307,12 +294,8 @@ class AsyncFront:
             self.cache.drop_user(user_id)
 
     def _score_pending(self) -> None:
-        """Score the queued recommendations: one run per snapshot (almost always one). A batch of
-        several runs on the scoring thread (ONNX Runtime releases the GIL: the event loop goes on
-        reading, parsing and answering other requests on the other core meanwhile; one hand-over
-        per batch, not per request), a single request on the loop. If a run fails (a corrupt
-        record), each request of it is scored alone on the loop, so only the bad one gets the
-        error."""
+        """Score the queued recommendations: one run per snapshot (almost always one); if that
+        fails (a corrupt record), each request alone, so only the bad one gets the error."""
         pending, self._pending = self._pending, []
         groups: dict[int, list[tuple[Any, str, int, Any, asyncio.Future[TopItems]]]] = {}
         for item in pending:
@@ -321,54 +304,24 @@ class AsyncFront:
             g[i : i + MAX_BATCH] for g in groups.values() for i in range(0, len(g), MAX_BATCH)
         ]
         for group in chunks:
+            snap = group[0][0]
+            try:
+                results = self.rec.top_rows(snap, [(u, n, row) for _, u, n, row, _ in group])
+            except Exception:
+                results = None
             if len(group) > 1:
                 self.batches += 1
                 self.batched += len(group)
-            rows = [(u, n, row) for _, u, n, row, _ in group]
-            if len(group) == 1 or not self.score_thread:
+            for k, (_, user_id, n, row, future) in enumerate(group):
+                if future.done():  # the request was cancelled meanwhile
+                    continue
+                if results is not None:
+                    future.set_result(results[k])
+                    continue
                 try:
-                    results = self.rec.top_rows(group[0][0], rows)
-                except Exception:
-                    results = None
-                self._deliver(group, results)
-                continue
-            if self._scorer is None:
-                self._scorer = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="lrs-score"
-                )
-            job = self._scorer.submit(self.rec.top_rows, group[0][0], rows)
-            job.add_done_callback(partial(self._scored, group[0][4].get_loop(), group))
-
-    def _scored(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        group: list[tuple[Any, str, int, Any, asyncio.Future[TopItems]]],
-        job: concurrent.futures.Future[list[TopItems]],
-    ) -> None:
-        """(scoring thread) hand a batch's results back to its event loop."""
-        results = None if job.cancelled() or job.exception() is not None else job.result()
-        try:
-            loop.call_soon_threadsafe(self._deliver, group, results)
-        except RuntimeError:  # the loop is closed (the app shut down): nobody waits for them
-            pass
-
-    def _deliver(
-        self,
-        group: list[tuple[Any, str, int, Any, asyncio.Future[TopItems]]],
-        results: list[TopItems] | None,
-    ) -> None:
-        """Resolve each request of a batch with its result; without results (the run failed),
-        score each request alone so that only the bad one fails."""
-        for k, (snap, user_id, n, row, future) in enumerate(group):
-            if future.done():  # the request was cancelled meanwhile
-                continue
-            if results is not None:
-                future.set_result(results[k])
-                continue
-            try:
-                future.set_result(self.rec.top_from(snap, user_id, n, row))
-            except Exception as e:
-                future.set_exception(e)
+                    future.set_result(self.rec.top_from(snap, user_id, n, row))
+                except Exception as e:
+                    future.set_exception(e)
 
     async def score(self, user_id: str, item_ids: Sequence[str]) -> ScoreResult:
         rec = self.rec

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -287,10 +286,7 @@ def test_prepacked_hgets_equal_store_locate(model_dir, home):
             assert front._hgets(meta, u, index, with_history) == pack(cmds)
 
 
-@pytest.mark.parametrize("score_thread", [True, False])
-def test_front_batches_concurrent_requests_and_equals_the_library(model_dir, home, score_thread):
-    """Batches scored on the scoring thread or on the loop: the same answers as one request at a
-    time through redis.asyncio, and as the library."""
+def test_front_batches_concurrent_requests_and_equals_the_library(model_dir, home):
     rec = _published(model_dir, home)
     users = [f"u{i}" for i in range(0, N_USERS, 7)] + ["stranger"]
 
@@ -307,20 +303,8 @@ def test_front_batches_concurrent_requests_and_equals_the_library(model_dir, hom
         finally:
             await front.aclose()
 
-    threads: list[str] = []  # where each batch of several requests was scored
-    top_rows = rec.top_rows
-
-    def recording(snapshot: object, requests: list[object]) -> object:
-        if len(requests) > 1:
-            threads.append(threading.current_thread().name.split("_")[0])
-        return top_rows(snapshot, requests)  # type: ignore[arg-type]
-
-    rec.top_rows = recording  # type: ignore[method-assign]
-    fast = AsyncFront(rec, Offload(2), score_thread=score_thread)
+    fast = AsyncFront(rec, Offload(2))
     got = asyncio.run(run(fast))
-    del rec.top_rows
-    assert len(threads) == fast.batches
-    assert set(threads) == ({"lrs-score"} if score_thread else {"MainThread"})
     assert piped == [True] and fast.batches >= 1 and fast.batched >= 2
     assert fast.batches <= len(users)
     reference = AsyncFront(rec, Offload(2), pipe=False, batch=False)  # redis.asyncio, alone
@@ -331,8 +315,7 @@ def test_front_batches_concurrent_requests_and_equals_the_library(model_dir, hom
     assert got == library
 
 
-@pytest.mark.parametrize("score_thread", [True, False])
-def test_a_corrupt_record_fails_only_its_own_request_in_a_batch(model_dir, home, score_thread):
+def test_a_corrupt_record_fails_only_its_own_request_in_a_batch(model_dir, home):
     rec = _published(model_dir, home)
     meta, loaded = rec.snapshot()
     loc = rec.store.locate(meta, "u9", loaded.user_index.get("u9"))
@@ -340,7 +323,7 @@ def test_a_corrupt_record_fails_only_its_own_request_in_a_batch(model_dir, home,
     users = ["u1", "u9", "u2", "u3"]
 
     async def run() -> list[object]:
-        front = AsyncFront(rec, Offload(2), score_thread=score_thread)
+        front = AsyncFront(rec, Offload(2))
         try:
             return await asyncio.gather(
                 *(front.recommend(u, 4, True) for u in users), return_exceptions=True
@@ -353,21 +336,6 @@ def test_a_corrupt_record_fails_only_its_own_request_in_a_batch(model_dir, home,
     assert [o == rec.recommend(u, 4) for u, o in zip(users, out, strict=True) if u != "u9"] == [
         True
     ] * 3
-
-
-def test_a_batch_finished_after_its_loop_closed_is_dropped_quietly():
-    """The scoring thread hands results to a loop that has shut down meanwhile: nothing raised
-    (concurrent.futures would log it from the thread), nobody is waiting for them."""
-    import concurrent.futures
-
-    front = AsyncFront(object(), Offload(1))  # type: ignore[arg-type]
-    loop = asyncio.new_event_loop()
-    future = loop.create_future()
-    loop.close()
-    job: concurrent.futures.Future[list[object]] = concurrent.futures.Future()
-    job.set_result(["late"])
-    front._scored(loop, [(None, "u1", 3, None, future)], job)  # type: ignore[arg-type]
-    assert not future.done()
 
 
 def test_front_fails_fast_with_redis_paused_and_recovers(model_dir, home):

@@ -132,8 +132,10 @@ PINNED_RMSE = {
 
 def _pinned_config(name: str, u: np.ndarray, ni: int) -> tuple[PrivateConfig, np.ndarray | None]:
     if name == "for_data":
-        # the for_data defaults of 1c7531e (item weights, carried posterior, L = 3, PLD came later)
+        # the for_data defaults of 1c7531e (item weights, carried posterior, L = 3, PLD, the posterior
+        # item bias and the final step's released w prior came later)
         old = {"u_item_snr": 0.0, "u_carry": False, "n_iters": 2, "accountant": "rdp"}
+        old |= {"item_bias_solve": "ratio", "item_bias_prior_var": 0.25, "final_w_prior": False}
         return PrivateConfig.for_data(u, n_items=ni, epsilon=2.0, random_state=3, **old), None
     if name == "blocks":
         return PrivateConfig(epsilon=1.0, rank=2, sparsity=2, random_state=4), None

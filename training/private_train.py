@@ -308,7 +308,9 @@ class PrivateConfig:
         released count is above the knee n0 where their SNR in V reaches ``u_item_snr`` = 4), w_u
         normalised to the clip norm; each row U_i is the posterior mean under the public prior and
         the released noise scale (``u_solve="posterior"``), the previous U-step's posterior being
-        the next one's prior (``u_carry``). Accountant: PLD for ε ≤ ``PLD_UP_TO``, else RDP. No
+        the next one's prior (``u_carry``); the item biases are their posterior means under an
+        empirical-Bayes prior from the released sums and counts, and the last user step takes the
+        released w prior as its prior (``final_w_prior``). Accountant: PLD for ε ≤ ``PLD_UP_TO``, else RDP. No
         sparse part (with one-hot coordinates b_u only
         moves the user's own already-rated items, never a prediction for a new item, while A3
         would add to Δ_V). The rank grows with users per item ρ = n_users / n_items:
@@ -336,8 +338,15 @@ class PrivateConfig:
                 u_item_snr=4.0,
                 accountant="pld" if epsilon is not None and epsilon <= PLD_UP_TO else "rdp",
                 ridge_u=5.0,
+                # post-processing only (no release added): the item biases' posterior mean under
+                # a prior whose variance is estimated from the released sums and counts, and (below)
+                # the released w prior as the prior of the last user step
+                item_bias_solve="posterior",
+                item_bias_prior_var=None,
             )
         kw.update(overrides)
+        if features == "onehot" and "final_w_prior" not in overrides:
+            kw["final_w_prior"] = kw["sparsity"] == 0  # the final step has no sparse part
         return cls(**kw)
 
     def default_shares(self) -> dict[str, float]:

@@ -12,19 +12,11 @@ import numpy as np
 import pytest
 from lrs_rec.training.private_data import LocalPrivateData
 from lrs_rec.training.private_train import PrivateConfig, fit_private, release
+from private_ratings import small_ratings
 
 
-def _ratings(seed: int = 0, n_users: int = 120, n_items: int = 30):
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=int(rng.integers(2, 14)), replace=False)
-        users += [u] * len(its)
-        items += its.tolist()
-    u, i = np.array(users), np.array(items)
-    quality = rng.normal(0, 0.7, n_items)
-    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
-    return u, i, r.astype(float), n_users, n_items
+def _ratings(seed: int = 0):
+    return small_ratings(seed, n_users=120, per_user=(2, 14))
 
 
 class _Partitioned:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from lrs_rec.training.private_train import PrivateConfig, fit_private
+from private_ratings import small_ratings
 
 from lrs_rec.privacy_items import (
     carried_chain,
@@ -58,22 +59,9 @@ def test_em_recovers_a_planted_anisotropic_row_covariance():
     assert ev[2] < 0.1 and ev[3] < 0.05  # the weak directions get a small prior variance
 
 
-def _ratings(seed: int = 0, n_users: int = 300, n_items: int = 30):
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=int(rng.integers(3, 15)), replace=False)
-        users += [u] * len(its)
-        items += its.tolist()
-    u, i = np.array(users), np.array(items)
-    quality = rng.normal(0, 0.7, n_items)
-    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
-    return u, i, r.astype(float), n_users, n_items
-
-
 @pytest.mark.parametrize("option", ["u_prior_eb", "u_step_w_prior"])
 def test_eb_options_change_no_release_event(option):
-    u, i, r, nu, ni = _ratings()
+    u, i, r, nu, ni = small_ratings()
     fits = {}
     for on in (False, True):
         cfg = PrivateConfig.for_data(u, n_items=ni, epsilon=1.0, random_state=6, **{option: on})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from lrs_rec.training.private_train import PrivateConfig, fit_private
+from private_ratings import small_ratings
 
 from lrs_rec.engine import onehot
 from lrs_rec.engine.steps import Samples, StepParams, UserPrior
@@ -81,21 +82,8 @@ def test_each_users_final_values_depend_on_their_own_ratings_only():
         np.testing.assert_allclose(W_n[others], W_all[others], atol=1e-12)
 
 
-def _ratings(seed: int = 0, n_users: int = 300, n_items: int = 30):
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=int(rng.integers(3, 15)), replace=False)
-        users += [u] * len(its)
-        items += its.tolist()
-    u, i = np.array(users), np.array(items)
-    quality = rng.normal(0, 0.7, n_items)
-    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
-    return u, i, r.astype(float), n_users, n_items
-
-
 def test_final_step_options_add_no_release_and_change_only_the_per_user_values():
-    u, i, r, nu, ni = _ratings()
+    u, i, r, nu, ni = small_ratings()
     fits = {}
     for on in (False, True):
         cfg = PrivateConfig.for_data(

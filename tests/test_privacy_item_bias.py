@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from lrs_rec.training.private_train import PrivateConfig, fit_private
+from private_ratings import small_ratings
 
 from lrs_rec.privacy_items import (
     item_bias_prior_var,
@@ -51,22 +52,9 @@ def test_empirical_bayes_prior_variance_recovers_a_planted_one():
     assert item_bias_prior_var(S[:5], Nn[:5], noise_var=sigma**2, fallback=0.25) == 0.25
 
 
-def _ratings(seed: int = 0, n_users: int = 300, n_items: int = 30):
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=int(rng.integers(3, 15)), replace=False)
-        users += [u] * len(its)
-        items += its.tolist()
-    u, i = np.array(users), np.array(items)
-    quality = rng.normal(0, 0.7, n_items)
-    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
-    return u, i, r.astype(float), n_users, n_items
-
-
 @pytest.mark.parametrize("prior_var", [None, 0.25])
 def test_posterior_item_bias_changes_no_release_only_the_solve(prior_var):
-    u, i, r, nu, ni = _ratings()
+    u, i, r, nu, ni = small_ratings()
     fits = {}
     for solve in ("ratio", "posterior"):
         cfg = PrivateConfig.for_data(

@@ -14,23 +14,15 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from lrs_rec.serving.cli import main as cli_main
 from lrs_rec.training.private_accounting import PLD_DISCRETIZATION
 from lrs_rec.training.private_train import PrivateConfig, fit_private, read_catalogue
+from private_ratings import small_ratings
 
 from lrs_rec.model_dir import load_model_dir
 
 RELEASED = {"U", "item_bias", "global_mean", "w_prior_mean", "w_prior_cov"}
 
 
-def _ratings(seed: int = 0, n_users: int = 80, n_items: int = 25):
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        its = rng.choice(n_items, size=int(rng.integers(3, 12)), replace=False)
-        users += [u] * len(its)
-        items += its.tolist()
-    u, i = np.array(users), np.array(items)
-    quality = rng.normal(0, 0.7, n_items)
-    r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
-    return u, i, r.astype(float), n_users, n_items
+def _ratings(seed: int = 0, n_users: int = 80):
+    return small_ratings(seed, n_users=n_users, n_items=25, per_user=(3, 12))
 
 
 def _fit(cfg: PrivateConfig, features: np.ndarray | None = None):

@@ -36,6 +36,14 @@ before the CRC, the list of those ratings by external item id, oldest first::
 
 ``decode_history`` returns the known part of either version (what scoring and fits use);
 ``decode_history_unknown`` the ``(item_id, rating)`` list (empty for version 1).
+
+Provenance (header bit 3, either version): a uint32 ``n_trained`` just before the CRC — the first
+``n_trained`` entries of the known part came from a model's training data (a published training
+history), the rest through the service. Publish, onboarding and carry-over keep it (the trained
+entries always form a prefix: merges keep the old entries in order and append the new ones), so a
+publish can carry over what a user rated through the service without their old training ratings
+overriding the new model's (``decode_history_trained``; a record without the bit: 0, every entry
+counted as the service's — what records written before the bit existed mean).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import numpy as np
 FORMAT_VERSION = 1
 HISTORY_FORMAT_VERSION = 1
 HISTORY_FORMAT_UNKNOWN = 2  # the same plus the ratings of unknown items by external id
+HISTORY_TRAINED_BIT = 0x08  # header bit 3: a uint32 count of training-data entries before the CRC
 Precision = Literal["float16", "float32"]
 PRECISIONS: tuple[str, ...] = ("float16", "float32")
 _INDEX_WIDTHS = {0: 1, 1: 2, 2: 4}
@@ -368,9 +377,11 @@ def encode_history(
     *,
     n_items: int,
     unknown: Sequence[tuple[str, float]] = (),
+    n_trained: int = 0,
 ) -> bytes:
     """Encode one user's rating history (item indices into the version's vocabulary + ratings;
-    ``unknown``: ``(external item id, rating)`` of items outside it, format version 2)."""
+    ``unknown``: ``(external item id, rating)`` of items outside it, format version 2;
+    ``n_trained``: how many leading entries came from training data, header bit 3 when > 0)."""
     items = np.asarray(items, dtype=np.int64).reshape(-1)
     ratings = np.asarray(ratings, dtype=np.float64).reshape(-1)
     if items.shape != ratings.shape:
@@ -379,9 +390,11 @@ def encode_history(
         raise ValueError(f"history item indices must lie in [0, {n_items})")
     if not np.all(np.isfinite(ratings)):
         raise ValueError("history ratings must be finite")
+    if not 0 <= n_trained <= items.size:
+        raise ValueError(f"n_trained must lie in [0, {items.size}], got {n_trained}")
     iw = max(2, index_width_for(n_items))
     version = HISTORY_FORMAT_UNKNOWN if unknown else HISTORY_FORMAT_VERSION
-    header = (version << 4) | (_INDEX_CODE[iw] << 1)
+    header = (version << 4) | (_INDEX_CODE[iw] << 1) | (HISTORY_TRAINED_BIT if n_trained else 0)
     body = (
         struct.pack("<BI", header, items.size)
         + items.astype(_UINT[iw]).tobytes()
@@ -395,30 +408,52 @@ def encode_history(
         body += struct.pack("<I", len(ids))
         body += b"".join(struct.pack("<H", len(b)) + b for b in ids)
         body += values.astype("<f4").tobytes()
+    if n_trained:
+        body += struct.pack("<I", n_trained)
     return bytes(body + struct.pack("<I", zlib.crc32(body)))
 
 
 def _parse_history(blob: bytes) -> tuple[int, int, int, int]:
     """Check a history record; ``(format version, index width, n, end of the known part)``."""
+    version, iw, n, end, _ = _parse_history_full(blob)
+    return version, iw, n, end
+
+
+def _parse_history_full(blob: bytes) -> tuple[int, int, int, int, int]:
+    """:func:`_parse_history` and the record's length without its provenance count and CRC."""
     if len(blob) < 9:
         raise RecordError(f"history record of {len(blob)} bytes is truncated")
     header, n = struct.unpack("<BI", blob[:5])
     version = header >> 4
-    if version not in (HISTORY_FORMAT_VERSION, HISTORY_FORMAT_UNKNOWN) or (header >> 1) & 3 not in (
-        1,
-        2,
+    if (
+        version not in (HISTORY_FORMAT_VERSION, HISTORY_FORMAT_UNKNOWN)
+        or (header >> 1) & 3 not in (1, 2)
+        or header & 1
     ):
         raise RecordError(f"history header 0x{header:02x} is not a supported format")
     iw = _INDEX_WIDTHS[(header >> 1) & 3]
     end = 5 + n * (iw + 4)
-    if version == HISTORY_FORMAT_VERSION and len(blob) != end + 4:
+    stop = len(blob) - 4 - (4 if header & HISTORY_TRAINED_BIT else 0)  # before count and CRC
+    if version == HISTORY_FORMAT_VERSION and stop != end:
         raise RecordError(f"history record length {len(blob)} does not match n={n}")
-    if version == HISTORY_FORMAT_UNKNOWN and len(blob) < end + 8:
+    if version == HISTORY_FORMAT_UNKNOWN and stop < end + 4:
         raise RecordError(f"history record length {len(blob)} does not match n={n}")
     (crc,) = struct.unpack("<I", blob[-4:])
     if zlib.crc32(blob[:-4]) != crc:
         raise RecordError("history checksum mismatch (corrupt record)")
-    return version, iw, n, end
+    return version, iw, n, end, stop
+
+
+def decode_history_trained(blob: bytes) -> int:
+    """How many leading entries of a history record's known part came from training data (0 for a
+    record without the provenance bit)."""
+    _, _, n, _, stop = _parse_history_full(blob)
+    if not blob[0] & HISTORY_TRAINED_BIT:
+        return 0
+    (n_trained,) = struct.unpack_from("<I", blob, stop)
+    if n_trained > n:
+        raise RecordError(f"history record's training count {n_trained} exceeds its {n} entries")
+    return int(n_trained)
 
 
 def decode_history(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -433,10 +468,9 @@ def decode_history(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
 def decode_history_unknown(blob: bytes) -> list[tuple[str, float]]:
     """The ``(external item id, rating)`` ratings of items outside the version's vocabulary
     stored in a history record, oldest first (none in a format-version-1 record)."""
-    version, _, _, pos = _parse_history(blob)
+    version, _, _, pos, stop = _parse_history_full(blob)
     if version == HISTORY_FORMAT_VERSION:
         return []
-    stop = len(blob) - 4
     try:
         (m,) = struct.unpack_from("<I", blob, pos)
         pos += 4
@@ -455,8 +489,9 @@ def decode_history_unknown(blob: bytes) -> list[tuple[str, float]]:
 
 class HistoryEncoder:
     """Fast history records for many users stored as CSR (``indptr``, ``items``, ``ratings``): the
-    arrays are cast and serialised once, each record is then a few byte slices and one CRC. Equals
-    ``encode_history(items[lo:hi][-cap:], ratings[lo:hi][-cap:], n_items=n_items)`` (tested)."""
+    arrays are cast and serialised once, each record is then a few byte slices and one CRC. Every
+    entry is training data (a published training history). Equals ``encode_history(items[lo:hi]
+    [-cap:], ratings[lo:hi][-cap:], n_items=n_items, n_trained=<their number>)`` (tested)."""
 
     def __init__(
         self, indptr: Any, items: Any, ratings: Any, *, n_items: int, cap: int | None = None
@@ -482,16 +517,18 @@ class HistoryEncoder:
         longest = int(counts.max()) if counts.size else 0
         if self.cap is not None:
             longest = min(longest, self.cap)
-        return 9 + longest * (self.iw + 4)
+        return 9 + longest * (self.iw + 4) + (4 if longest else 0)
 
     def record(self, u: int) -> bytes:
         lo, hi = int(self.indptr[u]), int(self.indptr[u + 1])
         if self.cap is not None:
             lo = max(lo, hi - self.cap)
-        iw = self.iw
+        iw, n = self.iw, hi - lo
         body = (
-            struct.pack("<BI", self.header, hi - lo)
+            struct.pack("<BI", self.header | (HISTORY_TRAINED_BIT if n else 0), n)
             + self._items[lo * iw : hi * iw]
             + self._ratings[lo * 4 : hi * 4]
         )
+        if n:
+            body += struct.pack("<I", n)
         return bytes(body + struct.pack("<I", zlib.crc32(body)))

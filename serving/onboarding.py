@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from lrs_rec.serving.encoding import (
     decode_history,
+    decode_history_trained,
     decode_history_unknown,
     encode_history,
     encode_records,
 )
-from lrs_rec.serving.history import merge_history, merge_unknown
+from lrs_rec.serving.history import merge_history as merge_history  # re-exported
+from lrs_rec.serving.history import merge_trained, merge_unknown
 from lrs_rec.serving.recommender import (
     NotReadyError,
     ServingError,
@@ -357,21 +359,29 @@ def _onboard_once(
         if hist is not None:
             old_items, old_ratings = decode_history(hist)
             old_unknown = decode_history_unknown(hist)
+            old_trained = decode_history_trained(hist)
         elif index is not None and cap and not meta.with_history:
             # published without histories: the training history from the model directory (the one
             # case where the server reads per-user arrays: the whole directory, on first need)
             old_items, old_ratings = model.user_history_by_time(index)
             old_items, old_ratings = old_items[-cap:], old_ratings[-cap:]
+            old_trained = int(old_items.size)
         else:
             old_items, old_ratings = np.zeros(0, np.int64), np.zeros(0)
-        items, values = merge_history(old_items, old_ratings, new_items, new_ratings, cap)
+            old_trained = 0
+        # the request's ratings come after the (training) ones kept: provenance stays a prefix
+        items, values, n_trained = merge_trained(
+            old_items, old_ratings, old_trained, new_items, new_ratings, 0, cap
+        )
         # ratings of items outside the vocabulary: stored (by external id) for the next training
         # run and carried over by publish, never used by the fit
         unknown = merge_unknown(old_unknown, new_unknown, cap)
         bias, w, b_idx, b_val = _fit_or_population(onb, model, items, values)
         record = encode_records(fmt, [bias], [w], [b_idx], [b_val])[0]
         stored = (items, values) if cap else (items[:0], values[:0])
-        history = encode_history(*stored, n_items=model.n_items, unknown=unknown)
+        history = encode_history(
+            *stored, n_items=model.n_items, unknown=unknown, n_trained=n_trained if cap else 0
+        )
         return record, history, int(items.size)
 
     try:

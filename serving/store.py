@@ -25,13 +25,14 @@ from lrs_rec.serving.encoding import (
     RecordError,
     RecordFormat,
     decode_history,
+    decode_history_trained,
     decode_history_unknown,
     decode_record,
     encode_history,
     encode_records,
     pack_params,
 )
-from lrs_rec.serving.history import merge_history, merge_unknown
+from lrs_rec.serving.history import merge_trained, merge_unknown
 from lrs_rec.serving.keys import KeyLayout, onboarded_slot, trained_slot
 
 from lrs_rec.model_dir import SharedModel, TrainedModel
@@ -1133,26 +1134,41 @@ class RedisStore:
         rec, hist = stored
         new_item_index, new_user_index = new_index
         items_old, ratings = decode_history(hist)
+        idx = new_user_index.get(user_id)
+        trained = decode_history_trained(hist)  # leading entries from the old training data
+        if idx is not None:
+            # the new model was trained on this user: their training ratings are its own (already
+            # in ``new``), only what they rated through the service is carried over — the old
+            # training ratings must not override the newer log's
+            items_old, ratings, trained = items_old[trained:], ratings[trained:], 0
         ext = [old_items[i] for i in items_old]
         keep = np.array([e in new_item_index for e in ext], dtype=bool)
         items_carried = np.array(
             [new_item_index[e] for e in ext if e in new_item_index], dtype=np.int64
         )
-        idx = new_user_index.get(user_id)
         carried = (items_carried, ratings[keep])
+        carried_trained = int(keep[:trained].sum())
         # ratings of items outside a vocabulary are kept by external id: those the new model knows
         # join the fitted history, items it no longer knows move to the unknown-item list
         cap = job.new.history_cap
         unknown_old = decode_history_unknown(hist)
         now_known = [(new_item_index[i], r) for i, r in unknown_old if i in new_item_index]
         if now_known:
-            carried = merge_history(
+            c_items, c_ratings, carried_trained = merge_trained(
                 *carried,
+                carried_trained,
                 np.array([i for i, _ in now_known], dtype=np.int64),
                 np.array([r for _, r in now_known]),
+                0,
                 cap,
             )
-        dropped = [(e, float(r)) for e, r, k in zip(ext, ratings, keep, strict=True) if not k]
+            carried = (c_items, c_ratings)
+        # (old training ratings of items the new model does not know are not service ratings: dropped)
+        dropped = [
+            (e, float(r))
+            for k, (e, r, kept) in enumerate(zip(ext, ratings, keep, strict=True))
+            if not kept and k >= trained
+        ]
         still_unknown = [(i, r) for i, r in unknown_old if i not in new_item_index]
         carried_unknown = merge_unknown(dropped, still_unknown, cap)
         mark = f"{time.time_ns()}:{-1 if idx is None else int(idx)}"
@@ -1165,6 +1181,7 @@ class RedisStore:
             user_id=user_id,
             rec=rec,
             carried=carried,
+            carried_trained=carried_trained,
             ours=before,
             carried_unknown=carried_unknown,
         )
@@ -1214,12 +1231,15 @@ class _CarryOver:
         user_id: str,
         rec: bytes,
         carried: tuple[np.ndarray, np.ndarray],
+        carried_trained: int = 0,
         ours: _Written | None = None,
         carried_unknown: list[tuple[str, float]] | None = None,
     ) -> tuple[bytes | None, bytes, tuple[bool, bytes]]:
         """``(record or None, history, (refitted?, history))`` for :meth:`RedisStore.update_user`;
-        ``ours``: what this publish wrote for the user into ``new`` in an earlier pass;
-        ``carried_unknown``: the user's ratings of items outside the new vocabulary (by id)."""
+        ``carried_trained``: how many leading entries of ``carried`` are old training data (only
+        for a user the new model was not trained on); ``ours``: what this publish wrote for the
+        user into ``new`` in an earlier pass; ``carried_unknown``: the user's ratings of items
+        outside the new vocabulary (by id)."""
         live = self.switched and is_live()
         # what the new version already holds for the user: their new training history (published
         # moments ago), what this publish carried there in an earlier pass and, once the new
@@ -1229,17 +1249,24 @@ class _CarryOver:
         # merge_history: the second one wins.
         cap = self.new.history_cap
         present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
-        items, ratings = merge_history(present[0], present[1], carried[0], carried[1], cap)
+        present_trained = decode_history_trained(new_hist) if new_hist is not None else 0
+        items, ratings, n_trained = merge_trained(
+            present[0], present[1], present_trained, carried[0], carried[1], carried_trained, cap
+        )
         # unknown-item ratings (never fitted) merge the same way, by id
         present_unknown = decode_history_unknown(new_hist) if new_hist is not None else []
         unknown = merge_unknown(present_unknown, list(carried_unknown or ()), cap)
         if live:
             since_i, since_r = _written_since(present, ours)
-            items, ratings = merge_history(items, ratings, since_i, since_r, cap)
+            items, ratings, n_trained = merge_trained(
+                items, ratings, n_trained, since_i, since_r, 0, cap
+            )
             # what servers wrote since ours, by value (order aside, exact: these are never fitted)
             mine = set(decode_history_unknown(ours.history)) if ours and ours.history else set()
             unknown = merge_unknown(unknown, [e for e in present_unknown if e not in mine], cap)
-        history = encode_history(items, ratings, n_items=self.model.n_items, unknown=unknown)
+        history = encode_history(
+            items, ratings, n_items=self.model.n_items, unknown=unknown, n_trained=n_trained
+        )
         fmt = self.new.record_format
         if self.same_model and not live:  # same parameters: carry the record as it is
             if self.old.record_format == fmt:

@@ -654,3 +654,89 @@ def test_grace_pass_tells_server_writes_by_position_not_value():
     # left ambiguous: the publish's LAST entry re-rated to the same value looks like no write
     assert [a.tolist() for a in _written_since(capped, ours)] == [[9], [1.0]]
     assert _written_since(present, None) is present
+
+
+def test_merge_trained_equals_its_reference_on_random_histories():
+    """Provenance through a merge (re-rated items leave the trained prefix, the cap cuts the
+    oldest): the fast merge against the tagged-list twin, on seeded random histories."""
+    from lrs_rec.serving.history import merge_trained, merge_trained_reference
+
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        old_items = rng.choice(20, size=rng.integers(0, 12), replace=False)
+        new_items = rng.choice(20, size=rng.integers(0, 6), replace=False)
+        old_r, new_r = (
+            rng.integers(1, 6, old_items.size) * 1.0,
+            rng.integers(1, 6, new_items.size) * 1.0,
+        )
+        old_t, new_t = (
+            int(rng.integers(0, old_items.size + 1)),
+            int(rng.integers(0, new_items.size + 1)),
+        )
+        if rng.random() < 0.5:
+            new_t = 0  # the usual case: the new side is the service's
+        cap = int(rng.choice([0, 3, 8, 100]))
+        items, ratings, lead = merge_trained(old_items, old_r, old_t, new_items, new_r, new_t, cap)
+        want, want_lead = merge_trained_reference(
+            [
+                (int(i), float(r), k < old_t)
+                for k, (i, r) in enumerate(zip(old_items, old_r, strict=True))
+            ],
+            [
+                (int(i), float(r), k < new_t)
+                for k, (i, r) in enumerate(zip(new_items, new_r, strict=True))
+            ],
+            cap,
+        )
+        assert (
+            list(zip(items.tolist(), ratings.tolist(), strict=True)) == want and lead == want_lead
+        )
+
+
+@pytest.mark.redis
+def test_publish_keeps_the_new_training_ratings_of_an_onboarded_trained_user(model_dirs, home):
+    """A user both models were trained on rated one item through the service: after publishing
+    the newer model, their history is the newer model's training ratings plus that one rating —
+    the older model's training ratings no longer override the newer log's (robustness campaign,
+    2026-12-07: such a user was served 1.74 away from the new model's own fit)."""
+    from lrs_rec.serving.encoding import decode_history, decode_history_trained
+
+    rec = _serve(model_dirs["a"], home)
+    a_items, _ = rec.model.user_history(7)
+    b_model = load_model_dir(model_dirs["b"])
+    b_items, b_ratings = b_model.user_history_by_time(b_model.user_index()["u7"])
+    new_item = next(
+        j for j in range(N_ITEMS) if j not in set(a_items.tolist()) | set(b_items.tolist())
+    )
+    rec.onboard("u7", [(f"i{new_item}", 4.0)])
+    meta_a = rec.store.meta(rec.store.current_version())
+    at_a = rec.store.locate(meta_a, "u7", rec.model.user_index()["u7"])
+    _, hist = rec.store.fetch([at_a], with_history=True)[0]
+    assert decode_history_trained(hist) == a_items.size  # the training prefix, then the service's
+    meta = _publish_refitting(rec.store, model_dirs["b"], 0.0)
+    assert meta.n_carried_over == 1
+    want = sorted([*zip(b_items.tolist(), b_ratings.tolist(), strict=True), (new_item, 4.0)])
+    at_b = rec.store.locate(meta, "u7", b_model.user_index()["u7"])
+    _, hist = rec.store.fetch([at_b], with_history=True)[0]
+    items, ratings = decode_history(hist)
+    assert sorted(zip(items.tolist(), ratings.tolist(), strict=True)) == want
+    assert decode_history_trained(hist) == b_items.size
+    rec_b = Recommender(model_dirs["b"], home=home, version_refresh_interval=0)
+    got = rec_b.score("u7", ["i0", "i1", "i2"])
+    scores = _expected_scores(
+        b_model, [*b_items.tolist(), new_item], [*b_ratings.tolist(), 4.0], [0, 1, 2]
+    )
+    np.testing.assert_allclose(got.scores, scores, atol=2e-2)
+
+
+@pytest.mark.redis
+def test_rerating_a_training_item_moves_it_out_of_the_training_prefix(model_dirs, home):
+    from lrs_rec.serving.encoding import decode_history_trained
+
+    rec = _serve(model_dirs["a"], home)
+    a_items, _ = rec.model.user_history(9)
+    rec.onboard("u9", [(f"i{int(a_items[0])}", 1.0)])
+    meta = rec.store.meta(rec.store.current_version())
+    at = rec.store.locate(meta, "u9", rec.model.user_index()["u9"])
+    _, hist = rec.store.fetch([at], with_history=True)[0]
+    assert decode_history_trained(hist) == a_items.size - 1

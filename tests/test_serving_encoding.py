@@ -13,6 +13,8 @@ from lrs_rec.serving.encoding import (
     RecordFormat,
     crc32_rows,
     decode_history,
+    decode_history_trained,
+    decode_history_unknown,
     decode_record,
     decode_record_reference,
     decode_records,
@@ -188,6 +190,41 @@ def test_fast_history_encoder_matches_reference(cap):
         its, rs = items[indptr[u] : indptr[u + 1]], ratings[indptr[u] : indptr[u + 1]]
         if cap is not None:
             its, rs = its[len(its) - min(cap, len(its)) :], rs[len(rs) - min(cap, len(rs)) :]
-        assert enc.record(u) == encode_history(its, rs, n_items=300)
+        assert enc.record(u) == encode_history(its, rs, n_items=300, n_trained=len(its))
+        assert decode_history_trained(enc.record(u)) == len(its)  # a training history
     with pytest.raises(ValueError, match="item indices"):
         HistoryEncoder([0, 1], [300], [1.0], n_items=300)
+
+
+def test_history_provenance_round_trip_to_the_byte():
+    """Header bit 3 and a uint32 training count before the CRC, in both formats; a record without
+    the bit (written before it existed) counts 0; a count over n, a set bit 0 or a missing count
+    is refused."""
+    items, ratings = np.array([3, 1, 2]), np.array([4.0, 5.0, 2.5])
+    plain = encode_history(items, ratings, n_items=10)
+    marked = encode_history(items, ratings, n_items=10, n_trained=2)
+    body = plain[:-4] + struct.pack("<I", 2)
+    body = bytes([plain[0] | 0x08]) + body[1:]
+    assert marked == body + struct.pack("<I", zlib.crc32(body))
+    assert decode_history_trained(plain) == 0 and decode_history_trained(marked) == 2
+    for blob in (plain, marked):
+        got = decode_history(blob)
+        np.testing.assert_array_equal(got[0], items)
+        np.testing.assert_array_equal(got[1], ratings)
+    unknown = [("x", 3.0), ("ü", 1.0)]
+    both = encode_history(items, ratings, n_items=10, unknown=unknown, n_trained=3)
+    assert decode_history_unknown(both) == unknown and decode_history_trained(both) == 3
+    assert decode_history(both)[0].tolist() == [3, 1, 2]
+    with pytest.raises(ValueError, match="n_trained"):
+        encode_history(items, ratings, n_items=10, n_trained=4)
+
+    def resealed(body: bytes) -> bytes:
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    over = resealed(marked[:-8] + struct.pack("<I", 9))
+    with pytest.raises(RecordError, match="training count"):
+        decode_history_trained(over)
+    with pytest.raises(RecordError):
+        decode_history(resealed(bytes([marked[0] | 1]) + marked[1:-4]))
+    with pytest.raises(RecordError):  # the bit without its count
+        decode_history(resealed(bytes([plain[0] | 0x08]) + plain[1:-4]))

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -741,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(10)
         stop_embedded(home, save=False)
+        shutil.rmtree(tmp, ignore_errors=True)  # the random model and the embedded Redis's files
     if args.json:
         print(json.dumps(out))
     else:

@@ -492,6 +492,7 @@ def test_iso_times_without_a_zone_are_utc_whatever_the_machine(tmp_path, monkeyp
     [
         (bytes(range(256)) * 4, "auto", "looks binary"),
         (b"PAR1" + bytes(200), "csv", "use --format parquet"),
+        (b"1 10 4\n2 11 5\n3  10 3.5 881250949\n", "auto", "separated by spaces.*tr -s"),
     ],
 )
 def test_undetectable_delimiter_names_the_file(

@@ -388,10 +388,20 @@ def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
     except RatingFileError as e:
         with open(path, "rb") as f:
             raw = f.read(4096)
+        texts = [t for _, t in head] if lines is None else lines
         if raw[:4] == _PARQUET_MAGIC:
             hint = "it is a Parquet file; use --format parquet or auto"
         elif b"\0" in raw:
             hint = "it looks binary, not a text rating file"
+        elif (
+            texts
+            and all(len(t.split()) >= 3 for t in texts)
+            and not any(d in t for t in texts for d in _DELIMS)
+        ):
+            hint = (
+                "its fields are separated by spaces, which is not a supported delimiter; "
+                f"convert it to tabs, e.g. tr -s ' ' '\\t' < {path} > ratings.tsv"
+            )
         else:
             hint = "expected a text rating file with one (user, item, rating[, time]) row a line"
         raise RatingFileError(f"{e} ({hint})") from None

@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+FLOAT16_SMALL_SCALE = 0.01  # rating scales narrower than this warn with float16 records
+
+
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -181,7 +184,16 @@ def _run(args: argparse.Namespace) -> int:
         # would switch to a version they cannot serve)
         from lrs_rec.serving.model_check import load_checked_scorer
 
-        load_checked_scorer(args.model)
+        scorer = load_checked_scorer(args.model)
+        span = scorer.rating_max - scorer.rating_min
+        if args.precision == "float16" and 0 < span < FLOAT16_SMALL_SCALE:
+            # float16 has no normal numbers below 6.1e-5: parameters of a tiny rating scale are
+            # stored with a few % relative error (a 1e-6 scale: ~1 %), a 1-5 scale with ~0.05 %
+            print(
+                f"lrs-rec publish: warning: the model's rating scale spans only {span:.3g}; "
+                "float16 records lose precision below 6.1e-5: use --precision float32",
+                file=sys.stderr,
+            )
 
     handle = connect(args.redis, socket_timeout=60.0, connect_timeout=5.0)
     store = RedisStore(handle)

@@ -492,7 +492,7 @@ def test_iso_times_without_a_zone_are_utc_whatever_the_machine(tmp_path, monkeyp
     [
         (bytes(range(256)) * 4, "auto", "looks binary"),
         (b"PAR1" + bytes(200), "csv", "use --format parquet"),
-        (b"1 10 4\n2 11 5\n3  10 3.5 881250949\n", "auto", "separated by spaces.*tr -s"),
+        (b"1 10 4\n2 11\n", "auto", "separated by spaces, but line 2 has fewer than three"),
     ],
 )
 def test_undetectable_delimiter_names_the_file(
@@ -680,3 +680,23 @@ def test_utf16_and_utf32_text_is_named_with_the_way_to_utf8(tmp_path: Path, enco
     )
     p.write_text(text)  # the same text in UTF-8 reads
     assert as_rows(load_ratings(p)) == EXPECTED
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_a_space_separated_file_reads_like_its_tab_separated_twin(tmp_path: Path, header: bool):
+    """LibRec-style ``ratings.txt`` (FilmTrust, Epinions, CiaoDVD: "user item rating" with single
+    spaces; here also runs of spaces, leading/trailing ones and an optional time column): the same
+    table as the tab-separated file with the same fields (it was "cannot tell the delimiter")."""
+    rows = [["1", "10", "4"], ["2", "11", "0.5", "881250949"], ["1", "12", "3.5"], ["3", "10", "2"]]
+    spaced = ["1 10 4", "  2   11 0.5 881250949 ", "1 12  3.5", "3 10 2"]
+    head = ["user item rating"] if header else []
+    (tmp_path / "r.txt").write_text("\n".join([*head, *spaced]) + "\n")
+    tab_head = ["user\titem\trating"] if header else []
+    (tmp_path / "r.tsv").write_text("\n".join([*tab_head, *("\t".join(r) for r in rows)]) + "\n")
+    assert detect_format(tmp_path / "r.txt") == "csv"
+    a, b = load_ratings(tmp_path / "r.txt"), load_ratings(tmp_path / "r.tsv")
+    for name in ("users", "items", "ratings"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(np.isnan(a.timestamps), np.isnan(b.timestamps))
+    assert a.ratings.tolist() == [4.0, 0.5, 3.5, 2.0]
+    assert (a.rating_min, a.rating_max) == (b.rating_min, b.rating_max)

@@ -187,6 +187,7 @@ def read_text_fast(
     import pyarrow.csv as pcsv
     from lrs_rec.training.loaders import (
         _FIXED_FIELDS,
+        SPACE,
         _head_numbered,
         _LineLocs,
         _resolve_columns,
@@ -202,6 +203,8 @@ def read_text_fast(
     delim = {"ml-100k": "\t", "ml-1m": "::", "ml-latest": ",", "tsv": "\t"}.get(fmt)
     if delim is None:
         delim = _sniff_file(path)
+    if delim == SPACE:
+        return None  # runs of spaces: the reference parser's split
     fields = first.split(delim)
     header, ucol, icol, rcol, tcol = _resolve_columns(fields, first, delim, opts, f"{path}:1")
     n_fields = len(fields)

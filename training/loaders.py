@@ -1,4 +1,5 @@
-"""Rating-log loaders: MovieLens 100K / 1M / latest, generic CSV/TSV and Parquet, with cleaning.
+"""Rating-log loaders: MovieLens 100K / 1M / latest, generic CSV/TSV (or space-separated) and
+Parquet, with cleaning.
 
 Every file is read into a :class:`RatingTable` (external ids as strings, float ratings, optional
 timestamps) plus a :class:`CleaningReport`. Real files are messy; each kind of mess has exactly one
@@ -320,7 +321,8 @@ def sniff_delimiter(
     source: str | os.PathLike[str] | None = None,
     numbers: list[int] | None = None,
 ) -> str:
-    """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent).
+    """The delimiter of a text rating file: ``::``, tab, comma, semicolon or pipe (most consistent);
+    with none of them, runs of spaces (:data:`SPACE`) when every line has three or more fields.
 
     ``source`` (the file) and ``numbers`` (the lines' numbers in it) are named in the error."""
     if lines and all("::" in ln for ln in lines[: min(5, len(lines))]):
@@ -335,11 +337,22 @@ def sniff_delimiter(
         if score > best_score:
             best, best_score = delim, score
     if best_score < 0:
+        if _space_separated(lines):
+            return SPACE
         raise RatingFileError(_no_common_delimiter(lines, source, numbers))
     return best
 
 
 _DELIMS = ("\t", ",", ";", "|", "::")
+SPACE = " "  # the delimiter of a space-separated file: fields are split on runs of spaces
+
+
+def _space_separated(lines: list[str]) -> bool:
+    """Lines with none of the other delimiters (nor a quote) and at least three space-separated
+    fields each (user, item, rating[, time]: LibRec-style ``ratings.txt``)."""
+    if not lines or any('"' in ln or any(d in ln for d in _DELIMS) for ln in lines):
+        return False
+    return all(len(split_fields(ln, SPACE)) >= 3 for ln in lines)
 
 
 def _no_common_delimiter(
@@ -395,12 +408,14 @@ def _sniff_file(path: Path, lines: list[str] | None = None) -> str:
             hint = "it looks binary, not a text rating file"
         elif (
             texts
-            and all(len(t.split()) >= 3 for t in texts)
+            and any(len(split_fields(t, SPACE)) >= 3 for t in texts)
             and not any(d in t for t in texts for d in _DELIMS)
         ):
+            short = next(t for t in texts if len(split_fields(t, SPACE)) < 3)
+            at = next((f"line {n} " for n, t in head if t == short), "")
             hint = (
-                "its fields are separated by spaces, which is not a supported delimiter; "
-                f"convert it to tabs, e.g. tr -s ' ' '\\t' < {path} > ratings.tsv"
+                f"its fields are separated by spaces, but {at or 'a line '}has fewer than three "
+                f"(user, item, rating): {_shown(short)}"
             )
         else:
             hint = "expected a text rating file with one (user, item, rating[, time]) row a line"
@@ -470,7 +485,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     delim = _sniff_file(p, lines)
     if delim == "::":
         return "ml-1m"
-    first = [c.strip().lower() for c in lines[0].split(delim)]
+    first = [c.strip().lower() for c in split_fields(lines[0], delim)]
     # MovieLens latest is comma-separated: the same header with tabs or semicolons is a generic
     # file of that delimiter (the ml-latest reader splits on commas only)
     if delim == "," and (
@@ -572,10 +587,10 @@ def _iter_rows(path: Path, delim: str) -> Iterator[tuple[int, list[str] | None, 
     # utf-8-sig: a leading byte-order mark is dropped, not read into the first id or column name
     with open(path, encoding="utf-8-sig", errors="strict", newline="") as f:
         try:
-            if delim == "::":
+            if delim in ("::", SPACE):
                 for n, line in enumerate(f, start=1):
                     raw = line.rstrip("\r\n")
-                    yield n, raw.split("::"), raw
+                    yield n, split_fields(raw, delim), raw
             else:
                 for n, line in enumerate(f, start=1):
                     raw = line.rstrip("\r\n")
@@ -781,7 +796,16 @@ class _LineLocs:
 
 
 def _delim_name(delim: str) -> str:
-    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'"}[delim]
+    names = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'", SPACE: "space"}
+    return names[delim]
+
+
+def split_fields(line: str, delim: str) -> list[str]:
+    """A line's fields: split on ``delim``; a space-separated line on runs of spaces (leading and
+    trailing spaces ignored)."""
+    if delim == SPACE:
+        return [c for c in line.split(" ") if c != ""]
+    return line.split(delim)
 
 
 def _collect(

@@ -440,40 +440,30 @@ def final_user_step(
     (c, W), shrunk towards the public ``noise_var`` with ``noise_count`` pseudo-ratings. The prior
     on w_u is reg_w·(w − m)ᵀ P (w − m) (m = ``prior_mean``, P = ``prior_prec``; default 0 and I:
     the public prior of the trainer's user step). Users are processed in blocks of at most
-    ``steps.sample_budget`` ratings; ``users`` must be sorted."""
+    ``steps.sample_budget`` ratings (``steps.key_blocks``)."""
     from lrs_rec.engine.grouped import grouped_gram, grouped_sum
-    from lrs_rec.engine.steps import sample_budget
+    from lrs_rec.engine.steps import key_blocks, sample_budget
 
     users = np.asarray(users, np.int64)
     items = np.asarray(items, np.int64)
     t = np.asarray(t, np.float64)
-    if users.size and np.any(np.diff(users) < 0):
-        raise ValueError("final_user_step needs the samples sorted by user")
     r = U.shape[1]
     m = np.zeros(r) if prior_mean is None else np.asarray(prior_mean, np.float64)
     P = np.eye(r) if prior_prec is None else np.asarray(prior_prec, np.float64)
     c_out = np.zeros(n_users)
     W_out = np.zeros((n_users, r))
-    step = max(sample_budget(4 * (r + 1) ** 2), 1)
-    starts = np.append(np.flatnonzero(np.r_[True, users[1:] != users[:-1]]), users.size)
-    lo_s = 0
-    # blocks of whole users, at most `step` samples (unless one user alone has more)
-    while lo_s < users.size:
-        k = int(np.searchsorted(starts, lo_s + step, side="right")) - 1
-        hi_s = (
-            int(starts[k])
-            if starts[k] > lo_s
-            else int(starts[np.searchsorted(starts, lo_s, side="right")])
-        )
-        u0 = int(users[lo_s])
-        u = users[lo_s:hi_s] - u0
-        n = int(u[-1]) + 1
-        i, tt = items[lo_s:hi_s], t[lo_s:hi_s]
+    budget = sample_budget(4 * (r + 1) ** 2)
+    for u0, hi, sl in key_blocks(users, n_users, n_users, budget):
+        if sl.size == 0:  # users without ratings keep (0, 0)
+            continue
+        n = hi - u0
+        u = users[sl] - u0
+        i, tt = items[sl], t[sl]
         Z = U[i]
         omega = np.ones(u.size)
         if row_cov is not None:
-            Wu = np.asarray(W, np.float64)[u0 : u0 + n]
-            e = tt - np.asarray(c, np.float64)[u0 : u0 + n][u] - np.einsum("nr,nr->n", Z, Wu[u])
+            Wu = np.asarray(W, np.float64)[u0:hi]
+            e = tt - np.asarray(c, np.float64)[u0:hi][u] - np.einsum("nr,nr->n", Z, Wu[u])
             cnt = np.bincount(u, minlength=n).astype(np.float64)
             s2 = (np.bincount(u, e * e, minlength=n) + noise_count * noise_var) / (
                 cnt + noise_count
@@ -489,9 +479,8 @@ def final_user_step(
         has = np.bincount(u, minlength=n) > 0
         sol = np.zeros((n, r + 1))
         sol[has] = np.linalg.solve(A[has], rhs[has][:, :, None])[:, :, 0]
-        c_out[u0 : u0 + n][has] = sol[has, 0]
-        W_out[u0 : u0 + n][has] = sol[has, 1:]
-        lo_s = hi_s
+        c_out[u0:hi][has] = sol[has, 0]
+        W_out[u0:hi][has] = sol[has, 1:]
     return c_out, W_out
 
 

@@ -443,11 +443,9 @@ class LocalPrivateData:
             raise ValueError(
                 "final_gls / final_w_prior need one-hot features without a sparse part"
             )
-        order = np.argsort(self.users, kind="stable")
-        users, items = self.users[order], self.items[order]
-        t = self.ratings[order] - st.global_mean - st.item_bias[items]
+        t = self.ratings - st.global_mean - st.item_bias[self.items]
         c, W = final_user_step(
-            users, items, t, self.n_users, U, st.W, st.user_bias, reg_w=cfg.reg_w,
+            self.users, self.items, t, self.n_users, U, st.W, st.user_bias, reg_w=cfg.reg_w,
             reg_bias=cfg.reg_user_bias, row_cov=row_cov,
             prior_mean=None if prior is None else prior[0],
             prior_prec=None if prior is None else prior[1],

@@ -62,7 +62,7 @@ from lrs_rec.training.private_data import (  # noqa: F401  (re-exported: tests u
     step_params,
 )
 
-from lrs_rec.engine.steps import Samples
+from lrs_rec.engine.steps import Samples, precision_shape
 from lrs_rec.model import LRSModel
 from lrs_rec.privacy import (
     NEIGHBOURING,
@@ -689,7 +689,7 @@ def release(
                 total = max(float(np.maximum(counts, 0.0).sum()), 1.0)
             prior_var = cfg.u_prior_scale * (cfg.A2 / cfg.A_w) ** 2 / r
             if cfg.u_step_w_prior:
-                w_shape = prior_precision_shape(M)
+                w_shape = precision_shape(M)
             if cfg.u_carry and cfg.u_prior_eb:  # post-processing of the releases so far
                 released_steps.append((V, counts, M / total))
                 row_prior = eb_row_prior(
@@ -753,7 +753,7 @@ def release(
         if cfg.final_gls:
             assert carried is not None  # __post_init__: final_gls needs u_carry
             row_cov = np.linalg.inv(carried[1])
-        w_prior = (w_mean, prior_precision_shape(w_cov)) if cfg.final_w_prior else None
+        w_prior = (w_mean, precision_shape(w_cov)) if cfg.final_w_prior else None
         data.final_user_step(U, cfg, row_cov, w_prior)
 
     privacy = None
@@ -772,16 +772,6 @@ def release(
         if ledger is None
         else {e["name"]: e["noise_multiplier"] for e in ledger.events},
     )
-
-
-def prior_precision_shape(cov: np.ndarray) -> np.ndarray:
-    """Precision shape of a (released) covariance: (cov / mean diagonal + 1e-6·I)⁻¹, as the
-    engine's population prior (``lrs_rec.engine.steps._precision_from_moments``); scaled by reg_w."""
-    c = 0.5 * (cov + cov.T)
-    scale = float(np.mean(np.diag(c)))
-    if not (math.isfinite(scale) and scale > 0):
-        return np.eye(c.shape[0])
-    return np.asarray(np.linalg.inv(c / scale + 1e-6 * np.eye(c.shape[0])), np.float64)
 
 
 def _ledger_extra(cfg: PrivateConfig, one_hot: bool, sens: dict[str, float]) -> dict[str, Any]:

@@ -252,7 +252,13 @@ def _precision_from_moments(n: float, sw: np.ndarray, sww: np.ndarray) -> np.nda
     if n <= r:
         return np.eye(r)
     mean = sw / n
-    cov = sww / n - np.outer(mean, mean)
+    return precision_shape(sww / n - np.outer(mean, mean))
+
+
+def precision_shape(cov: np.ndarray) -> np.ndarray:
+    """The prior's precision shape from a covariance: (cov / its mean diagonal + 1e-6·I)⁻¹ (the
+    overall level is reg_w's); the identity for a covariance without a positive finite diagonal."""
+    r = cov.shape[0]
     cov = (cov + cov.T) / 2
     scale = float(np.mean(np.diag(cov)))
     if not np.isfinite(scale) or scale <= 0:

@@ -3,6 +3,8 @@ the 1–5 stars, each user rating a random set of items (how many: uniform in ``
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -26,3 +28,23 @@ def small_ratings(
     quality = rng.normal(0, 0.7, n_items)
     r = np.clip(np.round(3.5 + quality[i] + rng.normal(0, 0.8, u.size)), 1, 5)
     return u, i, r.astype(float), n_users, n_items
+
+
+def fit_without_and_with(
+    data: tuple[Any, ...], random_state: int, **options: bool
+) -> tuple[Any, Any]:
+    """``fit_private`` on ``data`` (:func:`small_ratings`) with ``PrivateConfig.for_data`` and the
+    given boolean ``options`` off, then on (the same seed): the two fits."""
+    from lrs_rec.training.private_train import PrivateConfig, fit_private
+
+    u, i, r, nu, ni = data
+    fits = []
+    for on in (False, True):
+        opts = {name: on and value for name, value in options.items()}
+        cfg = PrivateConfig.for_data(u, n_items=ni, epsilon=1.0, random_state=random_state, **opts)
+        fit = fit_private(
+            u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg,
+            report_pld=False,
+        )  # fmt: skip
+        fits.append(fit)
+    return fits[0], fits[1]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lrs_rec.training.private_train import PrivateConfig, fit_private
-from private_ratings import small_ratings
+from lrs_rec.training.private_train import PrivateConfig
+from private_ratings import fit_without_and_with, small_ratings
 
 from lrs_rec.privacy_items import (
     carried_chain,
@@ -61,15 +61,7 @@ def test_em_recovers_a_planted_anisotropic_row_covariance():
 
 @pytest.mark.parametrize("option", ["u_prior_eb", "u_step_w_prior"])
 def test_eb_options_change_no_release_event(option):
-    u, i, r, nu, ni = small_ratings()
-    fits = {}
-    for on in (False, True):
-        cfg = PrivateConfig.for_data(u, n_items=ni, epsilon=1.0, random_state=6, **{option: on})
-        fits[on] = fit_private(
-            u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg,
-            report_pld=False,
-        )  # fmt: skip
-    a, b = fits[False], fits[True]
+    a, b = fit_without_and_with(small_ratings(), 6, **{option: True})
     assert a.privacy is not None and b.privacy is not None
     assert a.privacy["events"] == b.privacy["events"]
     np.testing.assert_array_equal(a.item_bias, b.item_bias)  # released before the U-steps

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lrs_rec.training.private_train import PrivateConfig, fit_private
-from private_ratings import small_ratings
+from lrs_rec.training.private_train import PrivateConfig
+from private_ratings import fit_without_and_with, small_ratings
 
 from lrs_rec.engine import onehot
 from lrs_rec.engine.steps import Samples, StepParams, UserPrior
@@ -83,17 +83,7 @@ def test_each_users_final_values_depend_on_their_own_ratings_only():
 
 
 def test_final_step_options_add_no_release_and_change_only_the_per_user_values():
-    u, i, r, nu, ni = small_ratings()
-    fits = {}
-    for on in (False, True):
-        cfg = PrivateConfig.for_data(
-            u, n_items=ni, epsilon=1.0, random_state=2, final_gls=on, final_w_prior=on
-        )
-        fits[on] = fit_private(
-            u, i, r, n_users=nu, n_items=ni, rating_min=1.0, rating_max=5.0, config=cfg,
-            report_pld=False,
-        )  # fmt: skip
-    a, b = fits[False], fits[True]
+    a, b = fit_without_and_with(small_ratings(), 2, final_gls=True, final_w_prior=True)
     assert a.privacy is not None and b.privacy is not None
     assert a.privacy["events"] == b.privacy["events"]
     for name in ("item_bias", "w_prior_mean", "w_prior_cov"):

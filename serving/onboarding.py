@@ -47,7 +47,6 @@ from lrs_rec.serving.encoding import (
     encode_history,
     encode_records,
 )
-from lrs_rec.serving.history import merge_history as merge_history  # re-exported
 from lrs_rec.serving.history import merge_trained, merge_unknown
 from lrs_rec.serving.recommender import (
     NotReadyError,

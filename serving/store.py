@@ -1246,7 +1246,7 @@ class _CarryOver:
         # version is live, what servers wrote there since the switch. The service's ratings win
         # over training data and the old version's copy (the latest before the switch) over an
         # earlier pass's; only ratings written into the new version since then win over it.
-        # merge_history: the second one wins.
+        # merge_trained: the second one wins.
         cap = self.new.history_cap
         present = decode_history(new_hist) if new_hist is not None else _NO_HISTORY
         present_trained = decode_history_trained(new_hist) if new_hist is not None else 0

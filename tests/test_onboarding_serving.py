@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from lrs_rec.serving.app import create_app
 from lrs_rec.serving.connection import connect, embedded_server, stop_embedded
+from lrs_rec.serving.history import merge_history
 from lrs_rec.serving.onboarding import (
     OnboardingInputError,
-    merge_history,
     onboarder_for,
     parse_ratings,
     refit_for_publish,
@@ -641,7 +641,6 @@ def test_grace_pass_tells_server_writes_by_position_not_value():
     very value the publish had written is still a later write (stress: i44 4.0 -> 2.0 carried, 3.5
     in the old version, then 2.0 again in the new one, was reverted to 3.5)."""
     from lrs_rec.serving.encoding import encode_history
-    from lrs_rec.serving.history import merge_history
     from lrs_rec.serving.store import _Written, _written_since
 
     ours_i, ours_r = np.array([1, 44, 2]), np.array([4.0, 2.0, 3.0])
